@@ -41,6 +41,14 @@ class Confidence:
         """Rows whose logits were all finite."""
         return self.label >= 0
 
+    def select(self, rows: Any) -> Confidence:
+        """The confidence of a subset of rows (a boolean mask or an index array)."""
+        return Confidence(self.max_prob[rows], self.entropy[rows], self.margin[rows], self.label[rows])
+
+    def stacked(self, xp: Any = np) -> Any:
+        """(B, 3) float32: max-prob, entropy, margin, the tensor contract's CONFIDENCE."""
+        return xp.stack([self.max_prob, self.entropy, self.margin], axis=1).astype(xp.float32)
+
 
 def _confidence(logits: Any, temperature: float, xp: Any, dtype: Any) -> Confidence:
     z = logits.astype(dtype) / dtype(temperature)  # (B, C)

@@ -1,0 +1,46 @@
+# offramp: early-exit inference on NVIDIA Triton. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The venv is rebuilt when what it is made from changes.
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+APT_PACKAGES := dataset-fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test test-all lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv and install everything (pip and apt), pinned
+
+$(STAMP): requirements.txt pyproject.toml
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt: installing $$missing"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$missing; \
+	fi
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	@# The wheel carries the real tritonserver and its Python backend; its own pins (numpy<2,
+	@# tritonclient~=2.50) would fight ours, so it comes without dependencies.
+	$(BIN)/pip install -q --no-deps nvidia-pytriton==0.7.0
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: $(STAMP) ## build, serve and measure the early-exit CNN on the embedded Triton server (CPU)
+	$(BIN)/offramp demo
+
+test: $(STAMP) ## run the tests (slow ones excluded; see test-all)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP) ## run every test, slow ones included
+	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
+
+clean: ## remove the venv, caches and the generated repository
+	rm -rf $(VENV) .cache .pytest_cache
+	find model_repository -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

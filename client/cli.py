@@ -1,0 +1,136 @@
+"""The ``offramp`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_WORKDIR = Path(".cache/offramp")
+DEFAULT_REPOSITORY = Path("model_repository")
+
+
+def _build(args: argparse.Namespace) -> int:
+    from offramp.build.recipes import build_fashion_mnist_cnn, quick_train_config
+    from offramp.build.train import TrainConfig
+
+    train = quick_train_config() if args.quick else TrainConfig(epochs=args.epochs, seed=args.seed)
+    artifacts = build_fashion_mnist_cnn(Path(args.out), train=train, data_dir=args.data)
+    for index, (accuracy, cost) in enumerate(zip(artifacts.exit_test_accuracy, artifacts.exit_costs)):
+        print(f"exit {index}: test accuracy {accuracy:.2%}, compute fraction {cost:.3f}")
+    print(f"full network: test accuracy {artifacts.full_test_accuracy:.2%}; artifacts in {args.out}")
+    return 0
+
+
+def _repository(args: argparse.Namespace) -> int:
+    from offramp.backend.environment import prepare_execution_env
+    from offramp.backend.policy import Policy
+    from offramp.build.artifacts import ModelArtifacts
+    from offramp.build.repository import RepositoryOptions, write_repository
+
+    artifacts_dir = Path(args.artifacts)
+    artifacts = ModelArtifacts.load(artifacts_dir)
+    policy = (
+        Policy.load(Path(args.policy))
+        if args.policy
+        else Policy.fixed(artifacts.fingerprint, artifacts.num_exits, threshold=args.threshold)
+    )
+    env = None if args.no_execution_env else prepare_execution_env(Path(args.execution_env) if args.execution_env else None)
+    options = RepositoryOptions(target=args.target, execution_env=env)
+    for model_dir in write_repository(artifacts, artifacts_dir, policy, Path(args.repository), options):
+        print(model_dir)
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from offramp.client.client import OfframpClient, predictions_to_json
+
+    images = np.load(args.npy).astype(np.float32) if args.npy else None
+    if images is None:
+        from offramp.build.fashion_mnist import load_fashion_mnist
+
+        images = load_fashion_mnist("test")[0][args.first : args.first + args.rows]
+    with OfframpClient(args.url) as client:
+        predictions = client.classify(
+            args.model,
+            images,
+            force_full=args.force_full or None,
+            min_exit=args.min_exit,
+            max_exit=args.max_exit,
+            request_id=args.request_id,
+        )
+    print(predictions_to_json(predictions))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from offramp.client.demo import main_demo
+
+    return main_demo(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from offramp.client.server import serve
+
+    return serve(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    from offramp.client.server import add_serve_arguments
+
+    root = argparse.ArgumentParser(prog="offramp", description="Early-exit inference on Triton.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="train (or reuse) and export the multi-exit Fashion-MNIST CNN")
+    build.add_argument("--out", default=str(DEFAULT_WORKDIR / "fashion_cnn"), help="artifacts folder")
+    build.add_argument("--epochs", type=int, default=3)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="folder of the IDX files")
+    build.add_argument("--quick", action="store_true", help="a small, fast build for tests")
+    build.set_defaults(run=_build)
+
+    repository = commands.add_parser("repository", help="write a Triton model repository from build artifacts")
+    repository.add_argument("--artifacts", default=str(DEFAULT_WORKDIR / "fashion_cnn"))
+    repository.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    repository.add_argument("--target", default="embedded", choices=["embedded", "triton-onnx"])
+    repository.add_argument("--policy", help="policy.json to serve (default: one fixed max-prob threshold)")
+    repository.add_argument("--threshold", type=float, default=0.9, help="the fixed threshold without --policy")
+    repository.add_argument("--execution-env", help="virtualenv of the Python stubs (default: this one)")
+    repository.add_argument("--no-execution-env", action="store_true", help="use the server's own Python")
+    repository.set_defaults(run=_repository)
+
+    serve = commands.add_parser("serve", help="start the embedded tritonserver on a repository")
+    add_serve_arguments(serve)
+    serve.set_defaults(run=_serve)
+
+    infer = commands.add_parser("infer", help="classify images through gRPC; one JSON line per row")
+    infer.add_argument("--url", default="127.0.0.1:8001")
+    infer.add_argument("--model", default="fashion_cnn")
+    infer.add_argument("--npy", help="a .npy of images (n, 1, 28, 28) in [0, 1]; default: Fashion-MNIST test rows")
+    infer.add_argument("--first", type=int, default=0)
+    infer.add_argument("--rows", type=int, default=4)
+    infer.add_argument("--force-full", action="store_true")
+    infer.add_argument("--min-exit", type=int)
+    infer.add_argument("--max-exit", type=int)
+    infer.add_argument("--request-id")
+    infer.set_defaults(run=_infer)
+
+    demo = commands.add_parser("demo", help="build, serve and measure the early-exit CNN against the full one")
+    demo.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    demo.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("--concurrency", type=int, default=8)
+    demo.add_argument("--rows-per-request", type=int, default=16)
+    demo.set_defaults(run=_demo)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""gRPC client of an offramp service: per-row label, exit, confidence and cost."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
+
+OUTPUT_NAMES = ("LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """The answers for n rows, in the order sent."""
+
+    logits: np.ndarray  # (n, C) float32, temperature-scaled
+    label: np.ndarray  # (n,) int64
+    exit: np.ndarray  # (n,) int32, 0-based exit index
+    confidence: np.ndarray  # (n, 3) float32: max-prob, entropy, margin
+    cost: np.ndarray  # (n,) float32: fraction of the full network's compute used
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    @staticmethod
+    def concatenate(parts: list[Predictions]) -> Predictions:
+        return Predictions(*(np.concatenate([getattr(p, f) for p in parts]) for f in Predictions.__dataclass_fields__))
+
+
+class OfframpClient:
+    """A synchronous gRPC client; one per thread (gRPC channels are not shared across threads here)."""
+
+    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self._client = grpcclient.InferenceServerClient(url)
+        self._input_names: dict[str, list[str]] = {}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> OfframpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def input_names(self, model: str) -> list[str]:
+        """The model's input names, from the server's metadata (asked once per model)."""
+        if model not in self._input_names:
+            metadata = self._client.get_model_metadata(model, as_json=True)
+            self._input_names[model] = [i["name"] for i in metadata["inputs"]]
+        return self._input_names[model]
+
+    def _infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...], parameters: Mapping[str, Any]
+    ) -> grpcclient.InferResult:
+        tensors = []
+        for name, array in inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+            tensors.append(tensor)
+        return self._client.infer(
+            model,
+            tensors,
+            outputs=[grpcclient.InferRequestedOutput(n) for n in outputs],
+            parameters=dict(parameters) or None,
+            client_timeout=self.timeout_s,
+        )
+
+    def classify(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray] | np.ndarray,
+        *,
+        force_full: bool | None = None,
+        min_exit: int | None = None,
+        max_exit: int | None = None,
+        request_id: str | None = None,
+    ) -> Predictions:
+        """Sends one request (all rows of ``inputs``) to the early-exit model ``model``.
+
+        A bare array is taken as the model's only input. Request policies travel as parameters.
+        """
+        if isinstance(inputs, np.ndarray):
+            inputs = {self.input_names(model)[0]: inputs}
+        parameters = {
+            k: v
+            for k, v in dict(force_full=force_full, min_exit=min_exit, max_exit=max_exit, request_id=request_id).items()
+            if v is not None
+        }
+        result = self._infer(model, inputs, OUTPUT_NAMES, parameters)
+        rows = len(next(iter(inputs.values())))
+        return Predictions(
+            logits=result.as_numpy("LOGITS"),
+            # Triton serves a per-row scalar as (n, 1): the config needs one dim besides the batch.
+            label=result.as_numpy("LABEL").reshape(rows),
+            exit=result.as_numpy("EXIT").reshape(rows),
+            confidence=result.as_numpy("CONFIDENCE"),
+            cost=result.as_numpy("COST").reshape(rows),
+        )
+
+    def full_logits(self, model: str, inputs: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
+        """Logits (n, C) of the network without early exits (``<name>_full``)."""
+        if isinstance(inputs, np.ndarray):
+            inputs = {self.input_names(model)[0]: inputs}
+        return self._infer(model, inputs, ("LOGITS",), {}).as_numpy("LOGITS")
+
+
+def predictions_to_json(predictions: Predictions, class_names: tuple[str, ...] | None = None) -> str:
+    """One JSON object per row, for the command line."""
+    lines = []
+    for row in range(len(predictions)):
+        label = int(predictions.label[row])
+        item = {
+            "label": label,
+            "exit": int(predictions.exit[row]),
+            "max_prob": round(float(predictions.confidence[row, 0]), 6),
+            "entropy": round(float(predictions.confidence[row, 1]), 6),
+            "margin": round(float(predictions.confidence[row, 2]), 6),
+            "cost": round(float(predictions.cost[row]), 6),
+        }
+        if class_names and 0 <= label < len(class_names):
+            item["class"] = class_names[label]
+        lines.append(json.dumps(item))
+    return "\n".join(lines)

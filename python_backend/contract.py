@@ -1,0 +1,51 @@
+"""Names and shapes shared by the build, the repository writer, the orchestrator and the client.
+
+Kept free of torch so that the orchestrator's Triton stub imports only NumPy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Between segments: segment k > 0 takes HIDDEN_IN (plus side inputs), every segment returns both outputs.
+HIDDEN_IN = "hidden_in"
+HIDDEN_OUT = "hidden"
+LOGITS_OUT = "logits"
+# The full network (no early exits) answers with one tensor.
+FULL_LOGITS_OUT = "LOGITS"
+
+BATCH_AXIS = "batch"
+SEQUENCE_AXIS = "sequence"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor without its batch axis; -1 marks a variable axis (a sequence length)."""
+
+    name: str
+    dtype: str  # NumPy dtype name: "float32", "int64"
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TensorSpec:
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+
+# What the early-exit service answers per row (DESIGN.md, tensor contract).
+OUTPUTS = (
+    TensorSpec("LOGITS", "float32", (-1,)),  # (B, C); C is filled in per model
+    TensorSpec("LABEL", "int64", ()),
+    TensorSpec("EXIT", "int32", ()),
+    TensorSpec("CONFIDENCE", "float32", (3,)),  # max-prob, entropy, margin
+    TensorSpec("COST", "float32", ()),
+)
+
+
+def output_specs(num_classes: int) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(s.name, s.dtype, (num_classes,)) if s.name == "LOGITS" else s for s in OUTPUTS)
+
+
+def numpy_dtype(spec: TensorSpec) -> np.dtype:
+    return np.dtype(spec.dtype)

@@ -1,0 +1,211 @@
+"""The orchestrator's logic: requests in, one cascade over all of them, one answer (or error) per request.
+
+``triton_orchestrator.py`` adapts Triton's request objects to ``RequestView`` and BLS calls to
+``run_segment``; everything here runs in plain Python, so tests drive it with fakes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from offramp.backend.cascade import CascadeBatch, RunFull, RunSegment, run_cascade
+from offramp.backend.contract import TensorSpec
+from offramp.backend.policy import Policy
+
+SPEC_FILE = "orchestrator.json"
+POLICY_FILE = "policy.json"
+
+
+class RequestError(ValueError):
+    """What is wrong with one request; it is answered with this message and its batch-mates go on."""
+
+
+class RequestView(Protocol):
+    def input(self, name: str) -> np.ndarray | None: ...
+    def parameters(self) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class OrchestratorSpec:
+    """What the orchestrator needs of the model; written beside it by the repository writer."""
+
+    model_name: str
+    segment_models: tuple[str, ...]
+    full_model: str
+    inputs: tuple[TensorSpec, ...]
+    side_inputs: tuple[str, ...]
+    exit_costs: tuple[float, ...]
+    class_names: tuple[str, ...]
+    fingerprint: str
+
+    def save(self, path: Path) -> Path:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> OrchestratorSpec:
+        data = json.loads(Path(path).read_text())
+        return cls(
+            model_name=data["model_name"],
+            segment_models=tuple(data["segment_models"]),
+            full_model=data["full_model"],
+            inputs=tuple(TensorSpec.from_dict(d) for d in data["inputs"]),
+            side_inputs=tuple(data["side_inputs"]),
+            exit_costs=tuple(data["exit_costs"]),
+            class_names=tuple(data["class_names"]),
+            fingerprint=data["fingerprint"],
+        )
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    inputs: dict[str, np.ndarray]  # each (n, ...)
+    rows: int
+    force_full: bool
+    min_exit: int
+    max_exit: int
+    request_id: str | None
+
+
+def _bool_parameter(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise RequestError(f"parameter {name!r} must be a boolean, not {value!r}")
+
+
+def _int_parameter(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise RequestError(f"parameter {name!r} must be an integer, not {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise RequestError(f"parameter {name!r} must be an integer, not {value!r}") from None
+    if not low <= number <= high:
+        raise RequestError(f"parameter {name!r} must lie in [{low}, {high}], not {number}")
+    return number
+
+
+class Orchestrator:
+    """Serves one multi-exit model under one policy."""
+
+    PARAMETERS = ("force_full", "min_exit", "max_exit", "request_id")
+
+    def __init__(self, spec: OrchestratorSpec, policy: Policy) -> None:
+        self.spec = spec
+        self.policy = policy.validate(len(spec.segment_models), len(spec.class_names), spec.fingerprint)
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> Orchestrator:
+        """The spec and policy files a repository writer put into a model version folder."""
+        return cls(OrchestratorSpec.load(directory / SPEC_FILE), Policy.load(directory / POLICY_FILE))
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.spec.segment_models)
+
+    def parse(self, request: RequestView) -> ParsedRequest:
+        """Checks one request's inputs and parameters; raises RequestError naming the first problem."""
+        inputs: dict[str, np.ndarray] = {}
+        rows = None
+        for spec in self.spec.inputs:
+            array = request.input(spec.name)
+            if array is None:
+                raise RequestError(f"input {spec.name!r} is missing")
+            if array.dtype != np.dtype(spec.dtype):
+                raise RequestError(f"input {spec.name!r} must be {spec.dtype}, not {array.dtype}")
+            if array.ndim != 1 + len(spec.shape) or any(
+                e != -1 and a != e for a, e in zip(array.shape[1:], spec.shape)
+            ):
+                shape = ", ".join(str(d) for d in (-1, *spec.shape))
+                raise RequestError(f"input {spec.name!r} must have shape [{shape}], not {list(array.shape)}")
+            if rows is not None and array.shape[0] != rows:
+                raise RequestError(f"input {spec.name!r} has {array.shape[0]} rows, the other inputs {rows}")
+            rows = array.shape[0]
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise RequestError(f"input {spec.name!r} holds NaN or infinite values")
+            inputs[spec.name] = array
+        if not rows:
+            raise RequestError("the request has no rows")
+
+        parameters = dict(request.parameters())
+        unknown = sorted(set(parameters) - set(self.PARAMETERS))
+        if unknown:
+            raise RequestError(f"unknown request parameters {unknown}; known: {list(self.PARAMETERS)}")
+        last = self.num_exits - 1
+        min_exit = _int_parameter("min_exit", parameters.get("min_exit", 0), 0, last)
+        max_exit = _int_parameter("max_exit", parameters.get("max_exit", last), 0, last)
+        if min_exit > max_exit:
+            raise RequestError(f"min_exit {min_exit} is above max_exit {max_exit}")
+        request_id = parameters.get("request_id")
+        if request_id is not None and not isinstance(request_id, str):
+            raise RequestError(f"parameter 'request_id' must be a string, not {request_id!r}")
+        return ParsedRequest(
+            inputs=inputs,
+            rows=rows,
+            force_full=_bool_parameter("force_full", parameters.get("force_full", False)),
+            min_exit=min_exit,
+            max_exit=max_exit,
+            request_id=request_id,
+        )
+
+    def merge(self, parsed: Sequence[ParsedRequest]) -> CascadeBatch:
+        """One batch of all rows, in request order, with each row's own constraints."""
+        repeat = lambda value, dtype: np.concatenate(  # noqa: E731
+            [np.full(p.rows, getattr(p, value), dtype=dtype) for p in parsed]
+        )
+        return CascadeBatch(
+            inputs={s.name: np.concatenate([p.inputs[s.name] for p in parsed]) for s in self.spec.inputs},
+            force_full=repeat("force_full", bool),
+            min_exit=repeat("min_exit", np.int64),
+            max_exit=repeat("max_exit", np.int64),
+        )
+
+    def execute(
+        self, requests: Sequence[RequestView], run_segment: RunSegment, run_full: RunFull | None
+    ) -> list[dict[str, np.ndarray] | Exception]:
+        """One answer per request, in order: its output tensors, or the error that concerns it alone."""
+        answers: list[dict[str, np.ndarray] | Exception] = []
+        parsed: list[ParsedRequest] = []
+        for request in requests:
+            try:
+                parsed.append(self.parse(request))
+                answers.append({})
+            except RequestError as error:
+                answers.append(error)
+        if not parsed:
+            return answers
+        try:
+            result = run_cascade(
+                self.merge(parsed),
+                run_segment,
+                self.policy,
+                self.spec.exit_costs,
+                self.spec.side_inputs,
+                run_full,
+            )
+        except Exception as error:  # a failed segment fails the rows that needed it, not the server
+            return [a if isinstance(a, Exception) else error for a in answers]
+        outputs = {
+            "LOGITS": result.logits,
+            "LABEL": result.label,
+            "EXIT": result.exit,
+            "CONFIDENCE": result.confidence,
+            "COST": result.cost,
+        }
+        start = 0
+        good = iter(parsed)
+        for position, answer in enumerate(answers):
+            if isinstance(answer, Exception):
+                continue
+            rows = next(good).rows
+            answers[position] = {name: array[start : start + rows] for name, array in outputs.items()}
+            start += rows
+        return answers

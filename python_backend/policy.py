@@ -1,0 +1,124 @@
+"""The exit policy: versioned apart from the weights, read by the orchestrator at load.
+
+``policy.json`` holds one rule per exit (metric, threshold, temperature), cohort overrides and
+provenance. The last exit always answers, so its threshold is never consulted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from offramp.kernels.confidence import METRICS
+
+FULL_DEPTH_ROUTES = ("full_model", "segments")
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be served; the message says which field is wrong."""
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    metric: str = "max_prob"
+    threshold: float | tuple[float, ...] = 1.0  # scalar, or one per class (by the row's label)
+    temperature: float = 1.0
+
+    def validate(self, where: str, num_classes: int) -> None:
+        if self.metric not in METRICS:
+            raise PolicyError(f"{where}: metric {self.metric!r} is not one of {METRICS}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise PolicyError(f"{where}: temperature must be a positive number, not {self.temperature!r}")
+        values = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,)
+        if isinstance(self.threshold, tuple) and len(values) != num_classes:
+            raise PolicyError(f"{where}: {len(values)} per-class thresholds for {num_classes} classes")
+        if not all(isinstance(v, int | float) and not math.isnan(v) for v in values):
+            raise PolicyError(f"{where}: thresholds must be numbers, not {self.threshold!r}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    version: str
+    model_fingerprint: str
+    exits: tuple[ExitRule, ...]
+    # Where rows forced to full depth run: the `<name>_full` model, or on through every segment.
+    full_depth_route: str = "full_model"
+    cohorts: dict[str, tuple[ExitRule, ...]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fixed(cls, fingerprint: str, num_exits: int, metric: str = "max_prob", threshold: float = 0.9) -> Policy:
+        """One uncalibrated threshold for every exit: a starting point, with no guarantee."""
+        return cls(
+            version="fixed-1",
+            model_fingerprint=fingerprint,
+            exits=(ExitRule(metric, threshold),) * num_exits,
+            provenance={"method": f"fixed {metric} threshold {threshold}, not calibrated"},
+        )
+
+    def rules_for(self, cohort: str | None) -> tuple[ExitRule, ...]:
+        """The exit rules of ``cohort``, or the global ones where it has no override."""
+        return self.cohorts.get(cohort, self.exits) if cohort else self.exits
+
+    def validate(self, num_exits: int, num_classes: int, fingerprint: str | None = None) -> Policy:
+        if not self.version:
+            raise PolicyError("policy: version is empty")
+        if fingerprint is not None and self.model_fingerprint != fingerprint:
+            raise PolicyError(
+                f"policy {self.version} was made for model {self.model_fingerprint[:12]}, "
+                f"not for the served model {fingerprint[:12]}"
+            )
+        if self.full_depth_route not in FULL_DEPTH_ROUTES:
+            raise PolicyError(f"policy: full_depth_route must be one of {FULL_DEPTH_ROUTES}")
+        for name, rules in {"exits": self.exits, **{f"cohort {c}": r for c, r in self.cohorts.items()}}.items():
+            if len(rules) != num_exits:
+                raise PolicyError(f"policy {name}: {len(rules)} rules for a model with {num_exits} exits")
+            for index, rule in enumerate(rules):
+                rule.validate(f"policy {name}[{index}]", num_classes)
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def save(self, path: Path) -> Path:
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Policy:
+        try:
+            return cls(
+                version=str(data["version"]),
+                model_fingerprint=str(data["model_fingerprint"]),
+                exits=_rules(data["exits"]),
+                full_depth_route=data.get("full_depth_route", "full_model"),
+                cohorts={str(k): _rules(v) for k, v in data.get("cohorts", {}).items()},
+                provenance=dict(data.get("provenance", {})),
+            )
+        except (KeyError, TypeError, AttributeError) as error:
+            raise PolicyError(f"policy: malformed ({type(error).__name__}: {error})") from error
+
+    @classmethod
+    def load(cls, path: Path) -> Policy:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise PolicyError(f"policy {path}: {error}") from error
+        return cls.from_dict(data)
+
+
+def _rules(items: list[dict[str, Any]]) -> tuple[ExitRule, ...]:
+    rules = []
+    for item in items:
+        threshold = item.get("threshold", 1.0)
+        rules.append(
+            ExitRule(
+                metric=item.get("metric", "max_prob"),
+                threshold=tuple(threshold) if isinstance(threshold, list) else threshold,
+                temperature=item.get("temperature", 1.0),
+            )
+        )
+    return tuple(rules)

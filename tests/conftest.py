@@ -1,0 +1,78 @@
+"""Shared fixtures: real ``tritonserver`` processes for tests marked ``integration``."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ContextManager
+
+import pytest
+
+from offramp.backend.environment import prepare_execution_env
+from offramp.client.server import EmbeddedTritonServer, ServerPorts, ServerStartError, tritonserver_binary
+
+RunningServer = Callable[..., ContextManager[EmbeddedTritonServer]]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip integration tests, saying why, where the pytriton wheel (and so tritonserver) is missing."""
+    try:
+        tritonserver_binary()
+    except ServerStartError as error:
+        skip = pytest.mark.skip(reason=f"no tritonserver: {error}")
+        for item in items:
+            if "integration" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def execution_env() -> Path:
+    """The virtualenv the Python stubs run in (this one), ready for ``EXECUTION_ENV_PATH``."""
+    return prepare_execution_env()
+
+
+@pytest.fixture(scope="session")
+def running_server(tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+    """Return ``running_server(repository, **kwargs)``, a context manager yielding a ready server.
+
+    It takes :class:`EmbeddedTritonServer`'s keyword arguments; by default the server gets free
+    loopback ports and a log file in pytest's temporary directory. Start-up fails fast (the error
+    carries the log tail). On exit the server is stopped with SIGTERM, and a test that ended
+    normally fails if the server left shared-memory regions behind.
+    """
+    logs = tmp_path_factory.mktemp("tritonserver-logs")
+    counter = itertools.count()
+
+    @contextlib.contextmanager
+    def run(repository: Path, **kwargs: Any) -> Iterator[EmbeddedTritonServer]:
+        kwargs.setdefault("ports", ServerPorts.free())
+        kwargs.setdefault("log_path", logs / f"server-{next(counter)}.log")
+        kwargs.setdefault("startup_timeout_s", 120.0)
+        server = EmbeddedTritonServer(repository, **kwargs)
+        server.start()
+        try:
+            yield server
+        finally:
+            left = server.stop()
+        assert not left, f"tritonserver left shared memory behind: {left}; log {server.log_path}"
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def fashion_test() -> tuple:
+    """Fashion-MNIST test images (N, 1, 28, 28) float32 in [0, 1] and labels (N,)."""
+    from offramp.build.fashion_mnist import load_fashion_mnist
+
+    return load_fashion_mnist("test")
+
+
+@pytest.fixture(scope="session")
+def quick_cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A multi-exit CNN trained briefly (seconds) and exported: (ModelArtifacts, artifacts folder)."""
+    from offramp.build.recipes import build_fashion_mnist_cnn, quick_train_config
+
+    directory = tmp_path_factory.mktemp("quick_cnn")
+    return build_fashion_mnist_cnn(directory, train=quick_train_config(), progress=False), directory

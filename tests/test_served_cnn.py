@@ -1,0 +1,131 @@
+"""The multi-exit CNN served by a real tritonserver equals the in-process cascade, request by request."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from offramp.backend.cascade import CascadeBatch, run_cascade
+from offramp.backend.contract import HIDDEN_OUT, LOGITS_OUT
+from offramp.backend.policy import ExitRule, Policy
+from offramp.backend.segment_runner import OnnxRunner
+from offramp.build.calibrate import exit_logits_from_onnx
+from offramp.build.repository import RepositoryOptions, write_repository
+from offramp.client.client import OfframpClient, Predictions
+from offramp.kernels.confidence import compute_confidence
+
+pytestmark = pytest.mark.integration
+ROWS = 256
+
+
+@pytest.fixture(scope="module")
+def served_cnn(quick_cnn, tmp_path_factory, running_server, execution_env, fashion_test):
+    artifacts, directory = quick_cnn
+    repository = tmp_path_factory.mktemp("repo")
+    policy = spread_policy(artifacts, directory, fashion_test[0][:ROWS])
+    write_repository(artifacts, directory, policy, repository, RepositoryOptions(execution_env=execution_env))
+    with running_server(repository) as server:
+        yield server, artifacts, directory, policy
+
+
+def spread_policy(artifacts, directory, images) -> Policy:
+    """Thresholds at quantiles of the briefly trained model's confidence, so every exit is used."""
+    logits = exit_logits_from_onnx(artifacts, directory, {"IMAGE": images})
+    quantiles = [0.7, 0.5] + [0.0] * (artifacts.num_exits - 2)
+    rules = tuple(
+        ExitRule("max_prob", float(np.quantile(compute_confidence(l).max_prob, q))) for l, q in zip(logits, quantiles)
+    )
+    return Policy("spread-1", artifacts.fingerprint, rules)
+
+
+def in_process(artifacts, directory, policy, images, force_full=None):
+    runners = [OnnxRunner(directory / s.onnx) for s in artifacts.segments]
+
+    def run_segment(index, tensors, need_hidden):
+        out = runners[index].run(tensors)
+        return (out[HIDDEN_OUT] if need_hidden else None), out[LOGITS_OUT]
+
+    full = OnnxRunner(directory / artifacts.full_onnx)
+    batch = CascadeBatch.plain({"IMAGE": images}, artifacts.num_exits)
+    if force_full is not None:
+        batch = CascadeBatch(batch.inputs, force_full, batch.min_exit, batch.max_exit)
+    return run_cascade(batch, run_segment, policy, artifacts.exit_costs, (), lambda t: full.run(t)["LOGITS"])
+
+
+def assert_matches(served: Predictions, expected, rows=slice(None)):
+    # Same ONNX files, same ONNX Runtime: labels and exits agree exactly; floats to ORT's batch noise.
+    np.testing.assert_array_equal(served.exit, expected.exit[rows])
+    np.testing.assert_array_equal(served.label, expected.label[rows])
+    np.testing.assert_allclose(served.logits, expected.logits[rows], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(served.confidence, expected.confidence[rows], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(served.cost, expected.cost[rows])
+
+
+def test_served_answers_equal_the_in_process_cascade(served_cnn, fashion_test):
+    server, artifacts, directory, policy = served_cnn
+    images = fashion_test[0][:ROWS]
+    expected = in_process(artifacts, directory, policy, images)
+    assert len(set(expected.exit.tolist())) == artifacts.num_exits, "the policy should use every exit"
+    with OfframpClient(server.grpc_url) as client:
+        whole = client.classify(artifacts.name, images)
+        assert_matches(whole, expected)
+
+        # Many small concurrent requests: merged by the dynamic batchers, compacted, answered apart.
+        def one(start):
+            with OfframpClient(server.grpc_url) as own:
+                return start, own.classify(artifacts.name, images[start : start + 4])
+
+        with ThreadPoolExecutor(8) as pool:
+            for start, part in pool.map(one, range(0, ROWS, 4)):
+                assert_matches(part, expected, slice(start, start + 4))
+
+
+def test_full_model_and_forced_rows(served_cnn, fashion_test):
+    server, artifacts, directory, policy = served_cnn
+    images = fashion_test[0][:64]
+    with OfframpClient(server.grpc_url) as client:
+        forced = client.classify(artifacts.name, images, force_full=True)
+        full = client.full_logits(f"{artifacts.name}_full", images)
+    assert (forced.exit == artifacts.num_exits - 1).all() and (forced.cost == 1.0).all()
+    np.testing.assert_allclose(forced.logits, full, rtol=0, atol=1e-5)
+    assert_matches(forced, in_process(artifacts, directory, policy, images, np.ones(64, dtype=bool)))
+
+
+def _raw_infer(url, model, images, parameters=None):
+    with grpcclient.InferenceServerClient(url) as client:
+        tensor = grpcclient.InferInput("IMAGE", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        return client.infer(model, [tensor], parameters=parameters)
+
+
+@pytest.mark.parametrize(
+    "images,parameters,message",
+    [
+        (np.zeros((2, 1, 27, 28), np.float32), None, "unexpected shape"),
+        (np.full((2, 1, 28, 28), np.nan, np.float32), None, "NaN or infinite"),
+        (np.zeros((2, 1, 28, 28), np.float32), {"max_exit": 9}, "max_exit"),
+        (np.zeros((2, 1, 28, 28), np.float32), {"depth": 1}, "unknown request parameters"),
+    ],
+)
+def test_a_bad_request_fails_alone(served_cnn, fashion_test, images, parameters, message):
+    server, artifacts, directory, policy = served_cnn
+    good = fashion_test[0][:ROWS]
+    expected = in_process(artifacts, directory, policy, good)
+
+    def good_request(start):
+        with OfframpClient(server.grpc_url) as client:
+            return start, client.classify(artifacts.name, good[start : start + 16])
+
+    with ThreadPoolExecutor(6) as pool:
+        goods = [pool.submit(good_request, s) for s in range(0, ROWS, 16)]
+        bads = [pool.submit(_raw_infer, server.grpc_url, artifacts.name, images, parameters) for _ in range(4)]
+        for future in bads:
+            with pytest.raises(InferenceServerException, match=message):
+                future.result()
+        for future in goods:
+            start, part = future.result()
+            assert_matches(part, expected, slice(start, start + 16))
