@@ -11,7 +11,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
-OUTPUT_NAMES = ("LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST")
+from offramp.backend.contract import describe_flags
+
+OUTPUT_NAMES = ("LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST", "FLAGS")
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Predictions:
     exit: np.ndarray  # (n,) int32, 0-based exit index
     confidence: np.ndarray  # (n, 3) float32: max-prob, entropy, margin
     cost: np.ndarray  # (n,) float32: fraction of the full network's compute used
+    flags: np.ndarray  # (n,) int32: why each row answered where it did (offramp.backend.contract.FLAG_*)
 
     def __len__(self) -> int:
         return len(self.label)
@@ -81,6 +84,8 @@ class OfframpClient:
         force_full: bool | None = None,
         min_exit: int | None = None,
         max_exit: int | None = None,
+        cohort: str | None = None,
+        deadline_ms: int | None = None,
         request_id: str | None = None,
     ) -> Predictions:
         """Sends one request (all rows of ``inputs``) to the early-exit model ``model``.
@@ -91,7 +96,14 @@ class OfframpClient:
             inputs = {self.input_names(model)[0]: inputs}
         parameters = {
             k: v
-            for k, v in dict(force_full=force_full, min_exit=min_exit, max_exit=max_exit, request_id=request_id).items()
+            for k, v in dict(
+                force_full=force_full,
+                min_exit=min_exit,
+                max_exit=max_exit,
+                cohort=cohort,
+                deadline_ms=deadline_ms,
+                request_id=request_id,
+            ).items()
             if v is not None
         }
         result = self._infer(model, inputs, OUTPUT_NAMES, parameters)
@@ -103,6 +115,7 @@ class OfframpClient:
             exit=result.as_numpy("EXIT").reshape(rows),
             confidence=result.as_numpy("CONFIDENCE"),
             cost=result.as_numpy("COST").reshape(rows),
+            flags=result.as_numpy("FLAGS").reshape(rows),
         )
 
     def full_logits(self, model: str, inputs: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
@@ -124,6 +137,7 @@ def predictions_to_json(predictions: Predictions, class_names: tuple[str, ...] |
             "entropy": round(float(predictions.confidence[row, 1]), 6),
             "margin": round(float(predictions.confidence[row, 2]), 6),
             "cost": round(float(predictions.cost[row]), 6),
+            "flags": describe_flags(int(predictions.flags[row])),
         }
         if class_names and 0 <= label < len(class_names):
             item["class"] = class_names[label]

@@ -10,13 +10,14 @@ plain function in tests.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from offramp.backend.policy import Policy
-from offramp.backend.contract import HIDDEN_IN
+from offramp.backend.policy import ExitRule, Policy
+from offramp.backend.contract import FLAG_DEADLINE, FLAG_DEPTH_CAP, FLAG_FORCED_FULL, HIDDEN_IN
 from offramp.kernels.confidence import Confidence, compute_confidence, exits_by_threshold
 
 # run_segment(index, tensors, need_hidden) -> (hidden or None, logits (B, C))
@@ -33,6 +34,8 @@ class CascadeBatch:
     force_full: Any  # (B,) bool: never exit early
     min_exit: Any  # (B,) int: earliest exit a row may take
     max_exit: Any  # (B,) int: the row exits here at the latest, confident or not
+    rule_set: Any = None  # (B,) int: 0 = the policy's global rules, i > 0 = its i-th cohort (sorted names)
+    deadline: Any = None  # (B,) float: time.monotonic() after which a row takes the next exit; inf = none
 
     @property
     def rows(self) -> int:
@@ -59,7 +62,34 @@ class CascadeResult:
     exit: Any  # (B,) int32, 0-based exit index
     confidence: Any  # (B, 3) float32: max-prob, entropy, margin
     cost: Any  # (B,) float32: fraction of the full network's compute the row used
+    flags: Any  # (B,) int32: FLAG_* bits saying why a row answered where it did
     rows_per_segment: tuple[int, ...]  # how many rows each segment ran (0 after the batch emptied)
+
+
+def rule_sets(policy: Policy) -> list[tuple[ExitRule, ...]]:
+    """The policy's rule sets as ``CascadeBatch.rule_set`` indexes them: global first, then cohorts by name."""
+    return [policy.exits, *(policy.cohorts[name] for name in sorted(policy.cohorts))]
+
+
+def _decide(
+    logits: Any, exit_index: int, groups: Any, sets: list[tuple[ExitRule, ...]], xp: Any
+) -> tuple[Any, Confidence, Any]:
+    """Temperature-scaled logits (n, C), their confidence, and which rows pass their own threshold (n,).
+
+    Rows are grouped by rule set (global or a cohort's), each group judged by its own rule.
+    """
+    present = [int(g) for g in xp.unique(groups)] if groups is not None else [0]
+    temperature = xp.empty(len(logits), dtype=xp.float32)
+    for g in present:
+        temperature[groups == g if groups is not None else slice(None)] = sets[g][exit_index].temperature
+    scaled = logits.astype(xp.float32) / temperature[:, None]
+    confidence = compute_confidence(scaled, 1.0, xp)
+    passes = xp.zeros(len(logits), dtype=bool)
+    for g in present:
+        rule = sets[g][exit_index]
+        rows = groups == g if groups is not None else xp.ones(len(logits), dtype=bool)
+        passes[rows] = exits_by_threshold(confidence.select(rows), rule.metric, rule.threshold, xp)
+    return scaled, confidence, passes
 
 
 def run_cascade(
@@ -70,62 +100,78 @@ def run_cascade(
     side_inputs: Sequence[str] = (),
     run_full: RunFull | None = None,
     xp: Any = np,
+    compact: bool = True,
+    clock: Callable[[], float] = time.monotonic,
 ) -> CascadeResult:
     """Answers every row of ``batch`` at the first exit confident enough for it.
 
     ``exit_costs[k]`` is the compute fraction of leaving at exit k. Rows forced to full depth go to
     ``run_full`` when the policy routes them to the full model and it is given; otherwise they run
-    through every segment and answer at the last exit.
+    through every segment and answer at the last exit. With ``compact=False`` the batch is not
+    shrunk: it runs on whole until its last row has answered (batch-level early exit, kept to
+    measure what compaction gains).
     """
     num_exits = len(exit_costs)
-    rules = policy.exits
+    sets = rule_sets(policy)
     rows = batch.rows
     logits_out = None  # (B, C), allocated once the class count is known
     label_out = xp.full(rows, -1, dtype=xp.int64)
     exit_out = xp.full(rows, -1, dtype=xp.int32)
     confidence_out = xp.full((rows, 3), xp.nan, dtype=xp.float32)
     cost_out = xp.zeros(rows, dtype=xp.float32)
+    flags_out = xp.where(batch.force_full, FLAG_FORCED_FULL, 0).astype(xp.int32)
     rows_per_segment = [0] * num_exits
 
-    def scatter(positions: Any, logits: Any, confidence: Confidence, exit_index: int, cost: float) -> None:
+    def scatter(positions: Any, scaled: Any, confidence: Confidence, exit_index: int, cost: float) -> None:
         nonlocal logits_out
         if logits_out is None:
-            logits_out = xp.full((rows, logits.shape[1]), xp.nan, dtype=xp.float32)
-        logits_out[positions] = logits.astype(xp.float32) / xp.float32(rules[exit_index].temperature)
+            logits_out = xp.full((rows, scaled.shape[1]), xp.nan, dtype=xp.float32)
+        logits_out[positions] = scaled
         label_out[positions] = confidence.label
         exit_out[positions] = exit_index
         confidence_out[positions] = confidence.stacked(xp)
         cost_out[positions] = cost
 
-    active = xp.arange(rows)  # original positions of the rows still running
+    def groups_of(positions: Any) -> Any:
+        return None if batch.rule_set is None else batch.rule_set[positions]
+
+    running = xp.arange(rows)  # original positions of the rows in the current segment batch
     if run_full is not None and policy.full_depth_route == "full_model" and bool(batch.force_full.any()):
         forced = xp.nonzero(batch.force_full)[0]
         logits = run_full({n: t[forced] for n, t in batch.inputs.items()})
-        confidence = compute_confidence(logits, rules[-1].temperature, xp)
-        scatter(forced, logits, confidence, num_exits - 1, 1.0)
-        active = xp.nonzero(~batch.force_full)[0]
+        scaled, confidence, _ = _decide(logits, num_exits - 1, groups_of(forced), sets, xp)
+        scatter(forced, scaled, confidence, num_exits - 1, 1.0)
+        running = xp.nonzero(~batch.force_full)[0]
+    pending = xp.ones(len(running), dtype=bool)  # rows of the segment batch not yet answered
 
-    tensors: dict[str, Any] = {n: t[active] for n, t in batch.inputs.items()}
+    tensors: dict[str, Any] = {n: t[running] for n, t in batch.inputs.items()}
     for index in range(num_exits):
-        if len(active) == 0:
+        if not bool(pending.any()):
             break
         last = index == num_exits - 1
-        rows_per_segment[index] = len(active)
+        rows_per_segment[index] = len(running)
         hidden, logits = run_segment(index, tensors, not last)  # hidden (n, ...), logits (n, C)
-        rule = rules[index]
-        confidence = compute_confidence(logits, rule.temperature, xp)
+        scaled, confidence, passes = _decide(logits, index, groups_of(running), sets, xp)
         if last:
-            leaving = xp.ones(len(active), dtype=bool)
+            leaving = pending.copy()
         else:
-            leaving = exits_by_threshold(confidence, rule.metric, rule.threshold, xp)
-            leaving &= ~batch.force_full[active] & (batch.min_exit[active] <= index)
-            leaving |= batch.max_exit[active] <= index
+            capped = batch.max_exit[running] <= index
+            late = (
+                xp.zeros(len(running), dtype=bool)
+                if batch.deadline is None
+                else batch.deadline[running] <= clock()
+            )
+            leaving = passes & ~batch.force_full[running] & (batch.min_exit[running] <= index)
+            leaving = pending & (leaving | capped | (late & ~batch.force_full[running]))
+            flags_out[running[leaving & capped & ~passes]] |= FLAG_DEPTH_CAP
+            flags_out[running[leaving & late & ~passes & ~capped]] |= FLAG_DEADLINE
         if bool(leaving.any()):
-            scatter(active[leaving], logits[leaving], confidence.select(leaving), index, exit_costs[index])
-        staying = ~leaving
-        active = active[staying]
-        tensors = {HIDDEN_IN: hidden[staying] if hidden is not None else None}
-        tensors.update({name: batch.inputs[name][active] for name in side_inputs})
+            scatter(running[leaving], scaled[leaving], confidence.select(leaving), index, exit_costs[index])
+        pending &= ~leaving
+        if compact:
+            running, pending = running[pending], pending[pending]
+            hidden = hidden[~leaving] if hidden is not None else None
+        tensors = {HIDDEN_IN: hidden, **{name: batch.inputs[name][running] for name in side_inputs}}
 
     return CascadeResult(
         logits=logits_out if logits_out is not None else xp.zeros((rows, 0), dtype=xp.float32),
@@ -133,5 +179,6 @@ def run_cascade(
         exit=exit_out,
         confidence=confidence_out,
         cost=cost_out,
+        flags=flags_out,
         rows_per_segment=tuple(rows_per_segment),
     )

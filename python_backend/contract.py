@@ -33,6 +33,17 @@ class TensorSpec:
         return cls(data["name"], data["dtype"], tuple(data["shape"]))
 
 
+# Why a row answered where it did: bits of the FLAGS output.
+FLAG_FORCED_FULL = 1  # the request asked for full depth
+FLAG_DEPTH_CAP = 2  # max_exit reached: answered whatever its confidence
+FLAG_DEADLINE = 4  # the request's deadline passed: answered at the next exit whatever its confidence
+FLAG_NAMES = {FLAG_FORCED_FULL: "forced_full", FLAG_DEPTH_CAP: "depth_cap", FLAG_DEADLINE: "deadline"}
+
+
+def describe_flags(flags: int) -> list[str]:
+    return [name for bit, name in FLAG_NAMES.items() if flags & bit]
+
+
 # What the early-exit service answers per row (DESIGN.md, tensor contract).
 OUTPUTS = (
     TensorSpec("LOGITS", "float32", (-1,)),  # (B, C); C is filled in per model
@@ -40,6 +51,7 @@ OUTPUTS = (
     TensorSpec("EXIT", "int32", ()),
     TensorSpec("CONFIDENCE", "float32", (3,)),  # max-prob, entropy, margin
     TensorSpec("COST", "float32", ()),
+    TensorSpec("FLAGS", "int32", ()),  # why the row answered where it did: FLAG_* bits
 )
 
 

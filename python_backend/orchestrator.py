@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +72,8 @@ class ParsedRequest:
     force_full: bool
     min_exit: int
     max_exit: int
+    rule_set: int  # 0: global rules; i > 0: the policy's i-th cohort
+    deadline: float  # time.monotonic() after which rows take the next exit; inf: none
     request_id: str | None
 
 
@@ -79,6 +83,12 @@ def _bool_parameter(name: str, value: Any) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
         return value.lower() in ("true", "1")
     raise RequestError(f"parameter {name!r} must be a boolean, not {value!r}")
+
+
+def _str_parameter(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise RequestError(f"parameter {name!r} must be a string, not {value!r}")
+    return value
 
 
 def _int_parameter(name: str, value: Any, low: int, high: int) -> int:
@@ -96,11 +106,12 @@ def _int_parameter(name: str, value: Any, low: int, high: int) -> int:
 class Orchestrator:
     """Serves one multi-exit model under one policy."""
 
-    PARAMETERS = ("force_full", "min_exit", "max_exit", "request_id")
+    PARAMETERS = ("force_full", "min_exit", "max_exit", "cohort", "deadline_ms", "request_id")
 
     def __init__(self, spec: OrchestratorSpec, policy: Policy) -> None:
         self.spec = spec
         self.policy = policy.validate(len(spec.segment_models), len(spec.class_names), spec.fingerprint)
+        self.cohort_rule_set = {name: i + 1 for i, name in enumerate(sorted(policy.cohorts))}
 
     @classmethod
     def from_directory(cls, directory: Path) -> Orchestrator:
@@ -111,8 +122,11 @@ class Orchestrator:
     def num_exits(self) -> int:
         return len(self.spec.segment_models)
 
-    def parse(self, request: RequestView) -> ParsedRequest:
-        """Checks one request's inputs and parameters; raises RequestError naming the first problem."""
+    def parse(self, request: RequestView, received: float | None = None) -> ParsedRequest:
+        """Checks one request's inputs and parameters; raises RequestError naming the first problem.
+
+        ``received`` (time.monotonic()) starts the request's deadline clock.
+        """
         inputs: dict[str, np.ndarray] = {}
         rows = None
         for spec in self.spec.inputs:
@@ -144,15 +158,24 @@ class Orchestrator:
         max_exit = _int_parameter("max_exit", parameters.get("max_exit", last), 0, last)
         if min_exit > max_exit:
             raise RequestError(f"min_exit {min_exit} is above max_exit {max_exit}")
-        request_id = parameters.get("request_id")
-        if request_id is not None and not isinstance(request_id, str):
-            raise RequestError(f"parameter 'request_id' must be a string, not {request_id!r}")
+        force_full = _bool_parameter("force_full", parameters.get("force_full", False))
+        if force_full and max_exit < last:
+            raise RequestError(f"force_full contradicts max_exit {max_exit}")
+        request_id = _str_parameter("request_id", parameters.get("request_id"))
+        # A cohort without calibrated overrides is served by the global rules.
+        cohort = _str_parameter("cohort", parameters.get("cohort"))
+        deadline = math.inf
+        if "deadline_ms" in parameters:
+            budget_ms = _int_parameter("deadline_ms", parameters["deadline_ms"], 0, 24 * 3600 * 1000)
+            deadline = (time.monotonic() if received is None else received) + budget_ms / 1000.0
         return ParsedRequest(
             inputs=inputs,
             rows=rows,
-            force_full=_bool_parameter("force_full", parameters.get("force_full", False)),
+            force_full=force_full,
             min_exit=min_exit,
             max_exit=max_exit,
+            rule_set=self.cohort_rule_set.get(cohort, 0) if cohort else 0,
+            deadline=deadline,
             request_id=request_id,
         )
 
@@ -166,6 +189,8 @@ class Orchestrator:
             force_full=repeat("force_full", bool),
             min_exit=repeat("min_exit", np.int64),
             max_exit=repeat("max_exit", np.int64),
+            rule_set=repeat("rule_set", np.int64),
+            deadline=repeat("deadline", np.float64),
         )
 
     def execute(
@@ -174,9 +199,10 @@ class Orchestrator:
         """One answer per request, in order: its output tensors, or the error that concerns it alone."""
         answers: list[dict[str, np.ndarray] | Exception] = []
         parsed: list[ParsedRequest] = []
+        received = time.monotonic()
         for request in requests:
             try:
-                parsed.append(self.parse(request))
+                parsed.append(self.parse(request, received))
                 answers.append({})
             except RequestError as error:
                 answers.append(error)
@@ -199,6 +225,7 @@ class Orchestrator:
             "EXIT": result.exit,
             "CONFIDENCE": result.confidence,
             "COST": result.cost,
+            "FLAGS": result.flags,
         }
         start = 0
         good = iter(parsed)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from offramp.backend.cascade import CascadeBatch, CascadeResult, run_cascade
+from offramp.backend.contract import FLAG_DEADLINE, FLAG_DEPTH_CAP, FLAG_FORCED_FULL
 from offramp.backend.policy import ExitRule, Policy
 from tests.fakes import FakeNetwork
 
@@ -127,3 +128,50 @@ def test_non_finite_logits_never_exit_early():
     assert (result.exit[::2] == 2).all() and (result.label[::2] == -1).all()
     assert np.isnan(result.confidence[::2]).all()
     assert (result.exit[1::2] == 0).all()
+
+
+def test_without_compaction_the_answers_are_the_same_but_the_whole_batch_runs_on():
+    net = FakeNetwork()
+    batch = CascadeBatch.plain(net.inputs(100), 3)
+    compacted = cascade(net, batch, policy(0.6))
+    whole = run_cascade(batch, FakeNetwork().run_segment, policy(0.6), COSTS, compact=False)
+    assert_same_rows(compacted, whole, slice(None))
+    assert whole.rows_per_segment == (100, 100, 100)
+    assert compacted.rows_per_segment[2] < 100
+
+
+def test_cohorts_use_their_own_rules_and_unknown_rows_the_global_ones():
+    net = FakeNetwork()
+    inputs = net.inputs(60)
+    strict = (ExitRule("max_prob", 1.01, temperature=2.0),) * 3
+    pol = Policy("p", "fp", (ExitRule("max_prob", 0.0),) * 3, cohorts={"high_risk": strict})
+    base = CascadeBatch.plain(inputs, 3)
+    rule_set = np.where(np.arange(60) % 2 == 0, 1, 0)
+    result = run_cascade(
+        CascadeBatch(inputs, base.force_full, base.min_exit, base.max_exit, rule_set=rule_set), net.run_segment, pol, COSTS
+    )
+    assert (result.exit[0::2] == 2).all() and (result.exit[1::2] == 0).all()
+    # The cohort's temperature scales its logits and confidence; the global rows keep theirs.
+    alone = run_cascade(CascadeBatch.plain(inputs, 3), FakeNetwork().run_segment, policy(1.01), COSTS)
+    np.testing.assert_allclose(result.logits[0::2], alone.logits[0::2] / 2.0, rtol=1e-6)
+
+
+def test_a_passed_deadline_takes_the_next_exit_and_says_so():
+    net = FakeNetwork()
+    inputs = net.inputs(10)
+    base = CascadeBatch.plain(inputs, 3)
+    deadline = np.where(np.arange(10) < 5, 0.0, np.inf)  # half the rows are out of time already
+    force = np.arange(10) == 0  # forced rows ignore deadlines
+    batch = CascadeBatch(inputs, force, base.min_exit, base.max_exit, deadline=deadline)
+    result = run_cascade(batch, net.run_segment, policy(1.01), COSTS, clock=lambda: 1.0)
+    assert result.exit.tolist() == [2, 0, 0, 0, 0, 2, 2, 2, 2, 2]
+    assert result.flags.tolist() == [FLAG_FORCED_FULL] + [FLAG_DEADLINE] * 4 + [0] * 5
+
+
+def test_flags_say_why_a_row_answered():
+    net = FakeNetwork()
+    inputs = net.inputs(4)
+    base = CascadeBatch.plain(inputs, 3)
+    batch = CascadeBatch(inputs, base.force_full, base.min_exit, np.array([0, 1, 2, 2]))
+    result = run_cascade(batch, net.run_segment, policy(1.01), COSTS)
+    assert result.flags.tolist() == [FLAG_DEPTH_CAP, FLAG_DEPTH_CAP, 0, 0]

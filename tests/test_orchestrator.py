@@ -73,7 +73,7 @@ def test_a_bad_request_fails_alone_and_its_neighbours_are_answered_as_if_alone(o
     assert re.search(message, str(answers[1])), answers[1]
     for request, answer in [(requests[0], answers[0]), (requests[2], answers[2])]:
         alone = orchestrator.execute([request], FakeNetwork().run_segment, None)[0]
-        assert set(answer) == {"LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST"}
+        assert set(answer) == {"LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST", "FLAGS"}
         for name in answer:
             np.testing.assert_array_equal(answer[name], alone[name], err_msg=name)
 

@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from offramp.backend.cascade import CascadeBatch, run_cascade
-from offramp.backend.contract import HIDDEN_OUT, LOGITS_OUT
+from offramp.backend.contract import FLAG_DEADLINE, HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.policy import ExitRule, Policy
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.calibrate import exit_logits_from_onnx
@@ -129,3 +129,17 @@ def test_a_bad_request_fails_alone(served_cnn, fashion_test, images, parameters,
         for future in goods:
             start, part = future.result()
             assert_matches(part, expected, slice(start, start + 16))
+
+
+def test_request_policies_through_the_server(served_cnn, fashion_test):
+    server, artifacts, _, policy = served_cnn
+    images = fashion_test[0][:64]
+    with OfframpClient(server.grpc_url) as client:
+        late = client.classify(artifacts.name, images, deadline_ms=0, request_id="late")
+        capped = client.classify(artifacts.name, images, max_exit=1)
+        deep = client.classify(artifacts.name, images, min_exit=2, cohort="no-such-cohort")
+    assert (late.exit == 0).all()
+    unsure = late.confidence[:, 0] < policy.exits[0].threshold
+    assert unsure.any() and (late.flags[unsure] == FLAG_DEADLINE).all() and (late.flags[~unsure] == 0).all()
+    assert (capped.exit <= 1).all()
+    assert (deep.exit == 2).all()
