@@ -164,9 +164,11 @@ def full_model_config(artifacts: ModelArtifacts, options: RepositoryOptions) -> 
     )
 
 
-def orchestrator_model_config(artifacts: ModelArtifacts, options: RepositoryOptions) -> ModelConfig:
+def orchestrator_model_config(
+    artifacts: ModelArtifacts, options: RepositoryOptions, name: str | None = None
+) -> ModelConfig:
     return ModelConfig(
-        name=artifacts.name,
+        name=name or artifacts.name,
         backend="python",
         inputs=tuple(TensorConfig.of(s) for s in artifacts.inputs),
         outputs=tuple(TensorConfig.of(s) for s in output_specs(artifacts.num_classes)),
@@ -185,9 +187,9 @@ def full_model_name(name: str) -> str:
     return f"{name}_full"
 
 
-def orchestrator_spec(artifacts: ModelArtifacts) -> OrchestratorSpec:
+def orchestrator_spec(artifacts: ModelArtifacts, name: str | None = None, compact: bool = True) -> OrchestratorSpec:
     return OrchestratorSpec(
-        model_name=artifacts.name,
+        model_name=name or artifacts.name,
         segment_models=tuple(segment_model_name(artifacts.name, k) for k in range(artifacts.num_exits)),
         full_model=full_model_name(artifacts.name),
         inputs=artifacts.inputs,
@@ -195,6 +197,7 @@ def orchestrator_spec(artifacts: ModelArtifacts) -> OrchestratorSpec:
         exit_costs=artifacts.exit_costs,
         class_names=artifacts.class_names,
         fingerprint=artifacts.fingerprint,
+        compact=compact,
     )
 
 
@@ -229,10 +232,27 @@ def write_repository(
             repository, full_model_config(artifacts, options), {"model.onnx": artifacts_dir / artifacts.full_onnx, **runner}
         )
     )
-    orchestrator = _write_model(
-        repository, orchestrator_model_config(artifacts, options), {"model.py": ORCHESTRATOR_ADAPTER}
-    )
-    orchestrator_spec(artifacts).save(orchestrator / "1" / SPEC_FILE)
-    policy.save(orchestrator / "1" / POLICY_FILE)
-    written.append(orchestrator)
+    written.append(write_orchestrator(artifacts, policy, repository, options))
     return written
+
+
+def write_orchestrator(
+    artifacts: ModelArtifacts,
+    policy: Policy,
+    repository: Path,
+    options: RepositoryOptions = RepositoryOptions(),
+    name: str | None = None,
+    compact: bool = True,
+) -> Path:
+    """The orchestrator model alone, under ``name`` (default: the model's public name).
+
+    Another name serves a variant beside the main one over the same segments, e.g. ``compact=False``
+    for batch-level early exit in benchmarks.
+    """
+    policy.validate(artifacts.num_exits, artifacts.num_classes, artifacts.fingerprint)
+    model_dir = _write_model(
+        repository, orchestrator_model_config(artifacts, options, name), {"model.py": ORCHESTRATOR_ADAPTER}
+    )
+    orchestrator_spec(artifacts, name, compact).save(model_dir / "1" / SPEC_FILE)
+    policy.save(model_dir / "1" / POLICY_FILE)
+    return model_dir

@@ -45,6 +45,8 @@ class OrchestratorSpec:
     exit_costs: tuple[float, ...]
     class_names: tuple[str, ...]
     fingerprint: str
+    # False serves batch-level early exit (no compaction): kept to measure what compaction gains.
+    compact: bool = True
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -62,6 +64,7 @@ class OrchestratorSpec:
             exit_costs=tuple(data["exit_costs"]),
             class_names=tuple(data["class_names"]),
             fingerprint=data["fingerprint"],
+            compact=data.get("compact", True),
         )
 
 
@@ -216,6 +219,7 @@ class Orchestrator:
                 self.spec.exit_costs,
                 self.spec.side_inputs,
                 run_full,
+                compact=self.spec.compact,
             )
         except Exception as error:  # a failed segment fails the rows that needed it, not the server
             return [a if isinstance(a, Exception) else error for a in answers]
