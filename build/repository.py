@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 import offramp.backend
 from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_IN, HIDDEN_OUT, LOGITS_OUT, TensorSpec, output_specs
-from offramp.backend.orchestrator import POLICY_FILE, SPEC_FILE, OrchestratorSpec
+from offramp.backend.orchestrator import POLICY_FILE, SPEC_FILE, OrchestratorSpec, ServingOptions
 from offramp.backend.policy import Policy
 from offramp.build.artifacts import ModelArtifacts
 
@@ -110,6 +110,7 @@ class RepositoryOptions:
     segment_instances: int = 1
     threads_per_instance: int = 1
     max_queue_delay_us: int = 0
+    serving: ServingOptions = ServingOptions()  # audit and drift settings of the orchestrator
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -175,7 +176,7 @@ def orchestrator_model_config(
         max_batch_size=options.max_batch_size,
         instances=options.orchestrator_instances,
         max_queue_delay_us=options.max_queue_delay_us,
-        parameters=_env_parameters(options),
+        parameters={**_env_parameters(options), **options.serving.to_parameters()},
     )
 
 

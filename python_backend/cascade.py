@@ -63,6 +63,9 @@ class CascadeResult:
     confidence: Any  # (B, 3) float32: max-prob, entropy, margin
     cost: Any  # (B,) float32: fraction of the full network's compute the row used
     flags: Any  # (B,) int32: FLAG_* bits saying why a row answered where it did
+    # (B,) int: the first exit whose threshold the row passed (the last if none), where request
+    # constraints did not hide it; -1 where they did. The drift monitor watches these free choices.
+    policy_exit: Any
     rows_per_segment: tuple[int, ...]  # how many rows each segment ran (0 after the batch emptied)
 
 
@@ -120,6 +123,7 @@ def run_cascade(
     confidence_out = xp.full((rows, 3), xp.nan, dtype=xp.float32)
     cost_out = xp.zeros(rows, dtype=xp.float32)
     flags_out = xp.where(batch.force_full, FLAG_FORCED_FULL, 0).astype(xp.int32)
+    policy_exit_out = xp.full(rows, -1, dtype=xp.int64)
     rows_per_segment = [0] * num_exits
 
     def scatter(positions: Any, scaled: Any, confidence: Confidence, exit_index: int, cost: float) -> None:
@@ -152,6 +156,8 @@ def run_cascade(
         rows_per_segment[index] = len(running)
         hidden, logits = run_segment(index, tensors, not last)  # hidden (n, ...), logits (n, C)
         scaled, confidence, passes = _decide(logits, index, groups_of(running), sets, xp)
+        undecided = policy_exit_out[running] < 0
+        policy_exit_out[running[undecided & (passes | last)]] = index
         if last:
             leaving = pending.copy()
         else:
@@ -180,5 +186,6 @@ def run_cascade(
         confidence=confidence_out,
         cost=cost_out,
         flags=flags_out,
+        policy_exit=policy_exit_out,
         rows_per_segment=tuple(rows_per_segment),
     )

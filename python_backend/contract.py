@@ -37,7 +37,19 @@ class TensorSpec:
 FLAG_FORCED_FULL = 1  # the request asked for full depth
 FLAG_DEPTH_CAP = 2  # max_exit reached: answered whatever its confidence
 FLAG_DEADLINE = 4  # the request's deadline passed: answered at the next exit whatever its confidence
-FLAG_NAMES = {FLAG_FORCED_FULL: "forced_full", FLAG_DEPTH_CAP: "depth_cap", FLAG_DEADLINE: "deadline"}
+FLAG_ABSTAINED = 8  # below the policy's abstention band at its last allowed exit: flagged for review
+FLAG_FALLBACK = 16  # answered by the policy's fallback model instead
+FLAG_FALLBACK_FAILED = 32  # the fallback model failed; the row keeps its own answer, flagged for review
+FLAG_CONSERVATIVE = 64  # served at full depth because the drift monitor's conservative mode is on
+FLAG_NAMES = {
+    FLAG_FORCED_FULL: "forced_full",
+    FLAG_DEPTH_CAP: "depth_cap",
+    FLAG_DEADLINE: "deadline",
+    FLAG_ABSTAINED: "abstained",
+    FLAG_FALLBACK: "fallback",
+    FLAG_FALLBACK_FAILED: "fallback_failed",
+    FLAG_CONSERVATIVE: "conservative",
+}
 
 
 def describe_flags(flags: int) -> list[str]:

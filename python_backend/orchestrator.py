@@ -9,16 +9,32 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from offramp.backend.cascade import CascadeBatch, RunFull, RunSegment, run_cascade
-from offramp.backend.contract import TensorSpec
+from offramp.backend.audit import AuditConfig, AuditLog
+from offramp.backend.cascade import CascadeBatch, RunSegment, rule_sets, run_cascade
+from offramp.backend.contract import (
+    FLAG_ABSTAINED,
+    FLAG_CONSERVATIVE,
+    FLAG_FALLBACK,
+    FLAG_FALLBACK_FAILED,
+    FLAG_FORCED_FULL,
+    TensorSpec,
+    describe_flags,
+)
+from offramp.backend.drift import DriftConfig, DriftMonitor
 from offramp.backend.policy import Policy
+from offramp.backend.telemetry import ServingTelemetry
+from offramp.kernels.confidence import Confidence, compute_confidence, exits_by_threshold
+
+# run_model(model name, raw inputs) -> logits (n, C): another model of the repository, over BLS.
+RunModel = Callable[[str, Mapping[str, Any]], Any]
 
 SPEC_FILE = "orchestrator.json"
 POLICY_FILE = "policy.json"
@@ -69,6 +85,51 @@ class OrchestratorSpec:
 
 
 @dataclass(frozen=True)
+class ServingOptions:
+    """Operational settings of one orchestrator, carried as parameters of its Triton config."""
+
+    audit_path: str = ""  # JSON-lines audit file; empty: no audit
+    audit_sample_rate: float = 1.0
+    audit_max_bytes: int = 64 * 1024 * 1024
+    drift_window: int = 2000
+    drift_alarm_level: float = 0.25
+    drift_clear_level: float = 0.1
+    drift_conservative: bool = False  # force full depth while the drift alarm is raised
+
+    def to_parameters(self) -> dict[str, str]:
+        return {f"offramp_{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> ServingOptions:
+        values: dict[str, Any] = {}
+        for name, field_type in ((f, type(getattr(cls(), f))) for f in cls.__dataclass_fields__):
+            raw = parameters.get(f"offramp_{name}")
+            if raw is None:
+                continue
+            values[name] = raw.lower() == "true" if field_type is bool else field_type(raw)
+        return cls(**values)
+
+    def hooks(self, policy: Policy) -> dict[str, Any]:
+        """The audit log and drift monitor these options ask for (drift needs the policy's profile)."""
+        hooks: dict[str, Any] = {}
+        if self.audit_path:
+            config = AuditConfig(Path(self.audit_path), self.audit_max_bytes, sample_rate=self.audit_sample_rate)
+            hooks["audit"] = AuditLog(config)
+        if policy.exit_rate_profile is not None:
+            hooks["drift"] = DriftMonitor(
+                DriftConfig(
+                    reference=policy.exit_rate_profile,
+                    window=self.drift_window,
+                    min_rows=min(500, self.drift_window),
+                    alarm_level=self.drift_alarm_level,
+                    clear_level=self.drift_clear_level,
+                    conservative=self.drift_conservative,
+                )
+            )
+        return hooks
+
+
+@dataclass(frozen=True)
 class ParsedRequest:
     inputs: dict[str, np.ndarray]  # each (n, ...)
     rows: int
@@ -78,6 +139,7 @@ class ParsedRequest:
     rule_set: int  # 0: global rules; i > 0: the policy's i-th cohort
     deadline: float  # time.monotonic() after which rows take the next exit; inf: none
     request_id: str | None
+    cohort: str | None
 
 
 def _bool_parameter(name: str, value: Any) -> bool:
@@ -111,15 +173,32 @@ class Orchestrator:
 
     PARAMETERS = ("force_full", "min_exit", "max_exit", "cohort", "deadline_ms", "request_id")
 
-    def __init__(self, spec: OrchestratorSpec, policy: Policy) -> None:
+    def __init__(
+        self,
+        spec: OrchestratorSpec,
+        policy: Policy,
+        *,
+        telemetry: ServingTelemetry | None = None,
+        audit: AuditLog | None = None,
+        drift: DriftMonitor | None = None,
+    ) -> None:
         self.spec = spec
         self.policy = policy.validate(len(spec.segment_models), len(spec.class_names), spec.fingerprint)
+        # Conservative mode runs rows through every segment, so the drift monitor keeps seeing
+        # which exit the policy would have chosen, and can clear.
+        self.conservative_policy = replace(self.policy, full_depth_route="segments")
         self.cohort_rule_set = {name: i + 1 for i, name in enumerate(sorted(policy.cohorts))}
+        self.rule_sets = rule_sets(self.policy)
+        self.telemetry = telemetry
+        self.audit = audit
+        self.drift = drift
+        if telemetry is not None:
+            telemetry.policy(policy.version, spec.fingerprint)
 
     @classmethod
-    def from_directory(cls, directory: Path) -> Orchestrator:
+    def from_directory(cls, directory: Path, **hooks: Any) -> Orchestrator:
         """The spec and policy files a repository writer put into a model version folder."""
-        return cls(OrchestratorSpec.load(directory / SPEC_FILE), Policy.load(directory / POLICY_FILE))
+        return cls(OrchestratorSpec.load(directory / SPEC_FILE), Policy.load(directory / POLICY_FILE), **hooks)
 
     @property
     def num_exits(self) -> int:
@@ -180,6 +259,7 @@ class Orchestrator:
             rule_set=self.cohort_rule_set.get(cohort, 0) if cohort else 0,
             deadline=deadline,
             request_id=request_id,
+            cohort=cohort,
         )
 
     def merge(self, parsed: Sequence[ParsedRequest]) -> CascadeBatch:
@@ -197,9 +277,13 @@ class Orchestrator:
         )
 
     def execute(
-        self, requests: Sequence[RequestView], run_segment: RunSegment, run_full: RunFull | None
+        self, requests: Sequence[RequestView], run_segment: RunSegment, run_model: RunModel | None
     ) -> list[dict[str, np.ndarray] | Exception]:
-        """One answer per request, in order: its output tensors, or the error that concerns it alone."""
+        """One answer per request, in order: its output tensors, or the error that concerns it alone.
+
+        ``run_model(name, raw_inputs) -> logits`` reaches other models: `<name>_full` for forced rows
+        and the policy's fallback model.
+        """
         answers: list[dict[str, np.ndarray] | Exception] = []
         parsed: list[ParsedRequest] = []
         received = time.monotonic()
@@ -211,11 +295,18 @@ class Orchestrator:
                 answers.append(error)
         if not parsed:
             return answers
+        batch = self.merge(parsed)
+        policy = self.policy
+        conservative = self.drift is not None and self.drift.conservative
+        if conservative:
+            batch = replace(batch, force_full=np.ones(batch.rows, dtype=bool))
+            policy = self.conservative_policy
+        run_full = None if run_model is None else lambda tensors: run_model(self.spec.full_model, tensors)
         try:
             result = run_cascade(
-                self.merge(parsed),
+                batch,
                 run_segment,
-                self.policy,
+                policy,
                 self.spec.exit_costs,
                 self.spec.side_inputs,
                 run_full,
@@ -229,8 +320,11 @@ class Orchestrator:
             "EXIT": result.exit,
             "CONFIDENCE": result.confidence,
             "COST": result.cost,
-            "FLAGS": result.flags,
+            "FLAGS": result.flags | (FLAG_CONSERVATIVE if conservative else 0),
         }
+        if self.policy.abstention is not None:
+            self._abstain(outputs, batch, run_model)
+        self._observe(outputs, result.policy_exit, parsed, batch)
         start = 0
         good = iter(parsed)
         for position, answer in enumerate(answers):
@@ -240,3 +334,93 @@ class Orchestrator:
             answers[position] = {name: array[start : start + rows] for name, array in outputs.items()}
             start += rows
         return answers
+
+    def _abstain(self, outputs: dict[str, np.ndarray], batch: CascadeBatch, run_model: RunModel | None) -> None:
+        """Flags, or sends to the fallback model, the rows still unsure at their last allowed exit."""
+        band = self.policy.abstention
+        confidence = Confidence(*(outputs["CONFIDENCE"][:, i] for i in range(3)), outputs["LABEL"])
+        unsure = ~exits_by_threshold(confidence, band.metric, band.threshold)
+        flags = outputs["FLAGS"]
+        if band.action == "fallback":
+            model = band.fallback_model or self.spec.full_model
+            # Rows already answered by the full network gain nothing from running it again.
+            ask = unsure & ((outputs["EXIT"] < self.num_exits - 1) | (model != self.spec.full_model))
+            if ask.any() and run_model is not None:
+                try:
+                    logits = run_model(model, {n: t[ask] for n, t in batch.inputs.items()})
+                    answer = compute_confidence(logits)
+                    outputs["LOGITS"][ask] = logits
+                    outputs["LABEL"][ask] = answer.label
+                    outputs["CONFIDENCE"][ask] = answer.stacked()
+                    outputs["COST"][ask] += np.float32(band.fallback_cost)
+                    flags[ask] |= FLAG_FALLBACK
+                except Exception:  # the fallback is a second opinion: without it, the row is flagged
+                    flags[ask] |= FLAG_FALLBACK_FAILED | FLAG_ABSTAINED
+                unsure &= ~ask
+        flags[unsure] |= FLAG_ABSTAINED
+
+    def _observe(
+        self, outputs: dict[str, np.ndarray], policy_exit: np.ndarray, parsed: Sequence[ParsedRequest], batch: CascadeBatch
+    ) -> None:
+        """Metrics, drift and audit for the answered rows; none of it may fail the requests."""
+        if self.drift is not None:
+            free = policy_exit[(policy_exit >= 0) & ((outputs["FLAGS"] & FLAG_FORCED_FULL) == 0)]
+            if len(free):
+                self.drift.update(free)
+        if self.telemetry is not None:
+            cohorts = np.concatenate([np.full(p.rows, p.cohort or "", dtype=object) for p in parsed])
+            self.telemetry.answered(
+                outputs["EXIT"], outputs["CONFIDENCE"][:, 0], outputs["COST"], outputs["FLAGS"], cohorts
+            )
+            if self.drift is not None:
+                self.telemetry.drift(self.drift.score, self.drift.alarm, self.drift.conservative)
+            if self.audit is not None:
+                self.telemetry.audit(self.audit.written, self.audit.dropped, self.audit.lost)
+        if self.audit is not None:
+            self.audit.record(self.audit_records(outputs, parsed, batch))
+
+    def audit_records(
+        self, outputs: dict[str, np.ndarray], parsed: Sequence[ParsedRequest], batch: CascadeBatch
+    ) -> list[dict[str, Any]]:
+        """One record per answered row: which exit decided it, how sure, under which rule and policy."""
+        stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        records = []
+        position = 0
+        last = self.num_exits - 1
+        for request in parsed:
+            for row in range(request.rows):
+                exit_index = int(outputs["EXIT"][position])
+                label = int(outputs["LABEL"][position])
+                rule = self.rule_sets[int(batch.rule_set[position])][exit_index]
+                threshold = rule.threshold
+                if isinstance(threshold, tuple):
+                    threshold = threshold[label] if label >= 0 else None
+                confidence = outputs["CONFIDENCE"][position]
+                records.append(
+                    {
+                        "time": stamp,
+                        "model": self.spec.model_name,
+                        "request_id": request.request_id,
+                        "row": row,
+                        "exit": exit_index,
+                        "label": label,
+                        "max_prob": _finite_or_none(confidence[0]),
+                        "entropy": _finite_or_none(confidence[1]),
+                        "margin": _finite_or_none(confidence[2]),
+                        "metric": rule.metric,
+                        # The last exit answers whatever its confidence: no threshold applied there.
+                        "threshold": None if exit_index == last else threshold,
+                        "temperature": rule.temperature,
+                        "cohort": request.cohort,
+                        "flags": describe_flags(int(outputs["FLAGS"][position])),
+                        "cost": round(float(outputs["COST"][position]), 6),
+                        "policy_version": self.policy.version,
+                        "model_fingerprint": self.spec.fingerprint,
+                    }
+                )
+                position += 1
+        return records
+
+
+def _finite_or_none(value: float) -> float | None:
+    return round(float(value), 6) if math.isfinite(float(value)) else None

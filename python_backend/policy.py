@@ -15,6 +15,7 @@ from typing import Any
 from offramp.kernels.confidence import METRICS
 
 FULL_DEPTH_ROUTES = ("full_model", "segments")
+ABSTENTION_ACTIONS = ("flag", "fallback")
 
 
 class PolicyError(ValueError):
@@ -40,6 +41,25 @@ class ExitRule:
 
 
 @dataclass(frozen=True)
+class Abstention:
+    """Rows whose answer is still unsure at their last allowed exit: flag them, or ask another model."""
+
+    metric: str = "max_prob"
+    threshold: float = 0.5  # a row abstains when its confidence fails this (as an exit threshold would)
+    action: str = "flag"  # "flag": answer with FLAG_ABSTAINED; "fallback": answer with fallback_model's
+    fallback_model: str | None = None  # None: the model's own `<name>_full`
+    fallback_cost: float = 1.0  # compute fraction the fallback adds, for COST
+
+    def validate(self) -> None:
+        if self.metric not in METRICS:
+            raise PolicyError(f"policy abstention: metric {self.metric!r} is not one of {METRICS}")
+        if self.action not in ABSTENTION_ACTIONS:
+            raise PolicyError(f"policy abstention: action must be one of {ABSTENTION_ACTIONS}")
+        if not math.isfinite(self.threshold) or not math.isfinite(self.fallback_cost) or self.fallback_cost < 0:
+            raise PolicyError("policy abstention: threshold and fallback_cost must be finite numbers")
+
+
+@dataclass(frozen=True)
 class Policy:
     version: str
     model_fingerprint: str
@@ -47,7 +67,17 @@ class Policy:
     # Where rows forced to full depth run: the `<name>_full` model, or on through every segment.
     full_depth_route: str = "full_model"
     cohorts: dict[str, tuple[ExitRule, ...]] = field(default_factory=dict)
+    abstention: Abstention | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_rate_profile(self) -> tuple[float, ...] | None:
+        """Fraction of calibration rows per exit, the drift monitor's reference, if calibration stored it."""
+        profile = self.provenance.get("exit_rate_profile")
+        if not profile:
+            return None
+        total = float(sum(profile))
+        return tuple(float(p) / total for p in profile) if total > 0 else None
 
     @classmethod
     def fixed(cls, fingerprint: str, num_exits: int, metric: str = "max_prob", threshold: float = 0.9) -> Policy:
@@ -78,6 +108,8 @@ class Policy:
                 raise PolicyError(f"policy {name}: {len(rules)} rules for a model with {num_exits} exits")
             for index, rule in enumerate(rules):
                 rule.validate(f"policy {name}[{index}]", num_classes)
+        if self.abstention is not None:
+            self.abstention.validate()
         return self
 
     def to_json(self) -> str:
@@ -96,6 +128,7 @@ class Policy:
                 exits=_rules(data["exits"]),
                 full_depth_route=data.get("full_depth_route", "full_model"),
                 cohorts={str(k): _rules(v) for k, v in data.get("cohorts", {}).items()},
+                abstention=Abstention(**data["abstention"]) if data.get("abstention") else None,
                 provenance=dict(data.get("provenance", {})),
             )
         except (KeyError, TypeError, AttributeError) as error:

@@ -1,7 +1,8 @@
 """Triton Python model of the orchestrator (copied into the repository as ``<name>/1/model.py``).
 
-A thin adapter: Triton requests to ``RequestView``, BLS calls to ``run_segment``, results to
-responses. The logic lives in ``offramp.backend.orchestrator`` and ``offramp.backend.cascade``.
+A thin adapter: Triton requests to ``RequestView``, BLS calls to ``run_segment`` and ``run_model``,
+``pb_utils.MetricFamily`` to ``MetricsSink``, results to responses. The logic lives in
+``offramp.backend.orchestrator`` and ``offramp.backend.cascade``.
 """
 
 import json
@@ -10,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from offramp.backend.contract import HIDDEN_OUT, LOGITS_OUT, FULL_LOGITS_OUT
-from offramp.backend.orchestrator import Orchestrator
+from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_OUT, LOGITS_OUT
+from offramp.backend.orchestrator import POLICY_FILE, Orchestrator, ServingOptions
+from offramp.backend.policy import Policy
+from offramp.backend.telemetry import ServingTelemetry
 
 
 class SegmentError(RuntimeError):
@@ -30,6 +33,44 @@ class _Request:
         return json.loads(self._request.parameters() or "{}")
 
 
+class _TritonMetrics:
+    """MetricsSink over pb_utils.MetricFamily. Families and metrics are kept alive on the object and
+    released in ``close`` (NOTES.md: deleting them late segfaults the stub at unload)."""
+
+    def __init__(self):
+        # The stub attaches MetricFamily to pb_utils after the module is imported: look it up here.
+        family = pb_utils.MetricFamily
+        self.kinds = {"counter": family.COUNTER, "gauge": family.GAUGE, "histogram": family.HISTOGRAM}
+        self.families = {}
+        self.metrics = {}
+
+    def _metric(self, kind, name, description, labels, buckets=None):
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self.metrics:
+            if name not in self.families:
+                self.families[name] = pb_utils.MetricFamily(name=name, description=description, kind=self.kinds[kind])
+            family = self.families[name]
+            self.metrics[key] = (
+                family.Metric(labels=dict(labels), buckets=list(buckets)) if buckets else family.Metric(labels=dict(labels))
+            )
+        return self.metrics[key]
+
+    def increment(self, name, description, labels, value):
+        self._metric("counter", name, description, labels).increment(float(value))
+
+    def set(self, name, description, labels, value):
+        self._metric("gauge", name, description, labels).set(float(value))
+
+    def observe(self, name, description, labels, buckets, values):
+        metric = self._metric("histogram", name, description, labels, buckets)
+        for value in np.asarray(values, dtype=np.float64).tolist():
+            metric.observe(value)
+
+    def close(self):
+        self.metrics.clear()
+        self.families.clear()
+
+
 def _bls(model_name, tensors, output_names):
     request = pb_utils.InferenceRequest(
         model_name=model_name,
@@ -44,7 +85,13 @@ def _bls(model_name, tensors, output_names):
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.orchestrator = Orchestrator.from_directory(Path(args["model_repository"]) / args["model_version"])
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        parameters = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        options = ServingOptions.from_parameters(parameters)
+        self.metrics = _TritonMetrics()
+        hooks = options.hooks(Policy.load(version_dir / POLICY_FILE))
+        telemetry = ServingTelemetry(self.metrics, args["model_name"])
+        self.orchestrator = Orchestrator.from_directory(version_dir, telemetry=telemetry, **hooks)
         self.spec = self.orchestrator.spec
 
     def _run_segment(self, index, tensors, need_hidden):
@@ -52,11 +99,11 @@ class TritonPythonModel:
             return tuple(_bls(self.spec.segment_models[index], tensors, [HIDDEN_OUT, LOGITS_OUT]))
         return None, _bls(self.spec.segment_models[index], tensors, [LOGITS_OUT])[0]
 
-    def _run_full(self, tensors):
-        return _bls(self.spec.full_model, tensors, [FULL_LOGITS_OUT])[0]
+    def _run_model(self, model_name, tensors):
+        return _bls(model_name, tensors, [FULL_LOGITS_OUT])[0]
 
     def execute(self, requests):
-        answers = self.orchestrator.execute([_Request(r) for r in requests], self._run_segment, self._run_full)
+        answers = self.orchestrator.execute([_Request(r) for r in requests], self._run_segment, self._run_model)
         responses = []
         for answer in answers:
             if isinstance(answer, Exception):
@@ -65,3 +112,8 @@ class TritonPythonModel:
                 tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in answer.items()]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
+
+    def finalize(self):
+        if self.orchestrator.audit is not None:
+            self.orchestrator.audit.close()
+        self.metrics.close()

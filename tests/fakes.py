@@ -50,6 +50,10 @@ class FakeNetwork:
         logits = body[:, 1 : 1 + self.num_classes] * self.sharpness[index] * 3
         return (body if need_hidden else None), logits.astype(np.float32)
 
+    def run_model(self, name: str, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The orchestrator's way to reach other models: any name is this network's full depth."""
+        return self.run_full(tensors)
+
     def run_full(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         hidden = {HIDDEN_IN: tensors["X"], **{k: v for k, v in tensors.items() if k != "X"}}
         logits = None

@@ -68,7 +68,7 @@ def test_a_bad_request_fails_alone_and_its_neighbours_are_answered_as_if_alone(o
     net = FakeNetwork()
     before, after = good_rows(net, 0, 5), good_rows(net, 5, 3)
     requests = [FakeRequest({"X": before}), FakeRequest(inputs, parameters), FakeRequest({"X": after})]
-    answers = orchestrator.execute(requests, net.run_segment, net.run_full)
+    answers = orchestrator.execute(requests, net.run_segment, net.run_model)
     assert isinstance(answers[1], RequestError)
     assert re.search(message, str(answers[1])), answers[1]
     for request, answer in [(requests[0], answers[0]), (requests[2], answers[2])]:
@@ -88,7 +88,7 @@ def test_request_parameters_apply_per_request(orchestrator):
             FakeRequest({"X": x}, {"min_exit": "1", "force_full": "false"}),
         ],
         net.run_segment,
-        net.run_full,
+        net.run_model,
     )
     assert (answers[0]["EXIT"] == 2).all() and (answers[0]["COST"] == 1.0).all()
     assert (answers[1]["EXIT"] == 0).all()

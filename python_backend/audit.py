@@ -1,0 +1,135 @@
+"""Audit records: one JSON line per answered row, written off the serving path.
+
+``AuditLog.record`` only enqueues; a background thread writes, rotates by size and survives a
+full disk (records it cannot write are counted as lost, and serving goes on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: Path
+    max_bytes: int = 64 * 1024 * 1024  # rotate the file past this size
+    backups: int = 5  # rotated files kept: path.1 (newest) .. path.N
+    sample_rate: float = 1.0  # fraction of rows recorded
+    queue_rows: int = 100_000  # rows waiting for the writer; beyond, rows are dropped and counted
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_rate <= 1.0:
+            raise ValueError(f"audit sample_rate must lie in [0, 1], not {self.sample_rate}")
+
+
+class AuditLog:
+    """Asynchronous, size-rotated JSON-lines writer with counters for what it lost."""
+
+    def __init__(self, config: AuditConfig) -> None:
+        self.config = config
+        self._queue: queue.Queue[list[Mapping[str, Any]] | None] = queue.Queue()
+        self._pending_rows = 0
+        self._lock = threading.Lock()
+        self._sampler = random.Random(config.seed)
+        self.written = 0
+        self.dropped = 0  # rows not queued: the writer fell behind
+        self.lost = 0  # rows queued but not written: the disk refused them
+        self.last_error: str | None = None
+        config.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._write_loop, name="offramp-audit", daemon=True)
+        self._thread.start()
+
+    def record(self, rows: list[Mapping[str, Any]]) -> None:
+        """Queues rows for writing, after sampling; never blocks on the disk."""
+        if self.config.sample_rate < 1.0:
+            rows = [r for r in rows if self._sampler.random() < self.config.sample_rate]
+        if not rows:
+            return
+        with self._lock:
+            if self._pending_rows + len(rows) > self.config.queue_rows:
+                self.dropped += len(rows)
+                return
+            self._pending_rows += len(rows)
+        self._queue.put(rows)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Writes what is queued, then stops the writer."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _write_loop(self) -> None:
+        handle = None
+        while True:
+            rows = self._queue.get()
+            if rows is None:
+                break
+            with self._lock:
+                self._pending_rows -= len(rows)
+            text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
+            try:
+                if handle is None:
+                    handle = open(self.config.path, "a", encoding="utf-8")
+                if handle.tell() + len(text) > self.config.max_bytes and handle.tell() > 0:
+                    handle.close()
+                    self._rotate()
+                    handle = open(self.config.path, "a", encoding="utf-8")
+                handle.write(text)
+                handle.flush()
+                self.written += len(rows)
+            except OSError as error:  # a full or failing disk: count the loss, keep serving
+                self.lost += len(rows)
+                self.last_error = str(error)
+                if handle is not None:
+                    try:
+                        handle.close()
+                    except OSError:
+                        pass
+                    handle = None
+        if handle is not None:
+            handle.close()
+
+    def _rotate(self) -> None:
+        path = self.config.path
+        for index in range(self.config.backups, 0, -1):
+            older = path.with_name(f"{path.name}.{index}")
+            newer = path if index == 1 else path.with_name(f"{path.name}.{index - 1}")
+            if newer.exists():
+                if index == self.config.backups and older.exists():
+                    older.unlink()
+                os.replace(newer, older)
+
+
+def read_audit(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    """Records from audit files and their rotated siblings (oldest first); broken lines are skipped."""
+    for path in paths:
+        siblings = sorted(path.parent.glob(path.name + ".*"), key=lambda p: -int(p.suffix[1:]))
+        for file in [*siblings, path]:
+            if not file.exists():
+                continue
+            with open(file, encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+
+
+def summarize_audit(records: Iterable[Mapping[str, Any]]) -> dict[str, Counter]:
+    """Row counts by exit, by cohort, by policy version and by (version, exit)."""
+    summary = {"exit": Counter(), "cohort": Counter(), "policy_version": Counter(), "version_exit": Counter()}
+    for record in records:
+        summary["exit"][record.get("exit")] += 1
+        summary["cohort"][record.get("cohort") or "-"] += 1
+        summary["policy_version"][record.get("policy_version")] += 1
+        summary["version_exit"][(record.get("policy_version"), record.get("exit"))] += 1
+    return summary
