@@ -1,0 +1,827 @@
+"""Exit policies calibrated with a stated guarantee: Learn-then-Test over a path of candidates.
+
+Everything here is NumPy/SciPy on per-exit logits (exits, N, C), labels (N,) and per-exit compute
+costs; nothing needs a server or torch.
+
+The guarantee (method :class:`LearnThenTest`). Let ``R(policy)`` be the expected loss of a policy on
+a fresh row from the distribution the calibration rows were drawn from (i.i.d.). With probability at
+least ``1 - delta`` over the draw of the calibration rows, the chosen policy has ``R <= epsilon``.
+The procedure is Learn-then-Test (Angelopoulos, Bates, Candès, Jordan, Lei 2021, "Learn then Test:
+Calibrating Predictive Algorithms to Achieve Risk Control", arXiv:2110.01052) with fixed-sequence
+testing: the candidates ``0, 1, ..., K-1`` form a path fixed before the calibration losses are seen,
+ordered from the most conservative (candidate 0: no early exit, whose risk is 0) to the most
+aggressive; the nulls ``H_j: R(candidate j) > epsilon`` are tested in that order with a valid
+p-value each and testing stops at the first ``p_j > delta``. Every candidate before the stop is
+certified (the family-wise error of the certified set is at most ``delta``, so any choice among them
+keeps the guarantee); the one with the least expected compute on the calibration rows is chosen.
+Only the order of the path matters for validity; it is never chosen by looking at the certification
+rows' losses (see :func:`shared_path` and :func:`fitted_path`).
+
+Risks (the loss of one row under a policy, ``answer`` = the label at the exit the row takes, ``full``
+= the label of the last exit, the full model's prediction):
+
+- ``"disagreement"`` (default): ``1[answer != full]``, in {0, 1}; needs no labels.
+- ``"error_increase"``: ``1[answer wrong and full right]``, in {0, 1}. It is an upper bound of the
+  per-row error-rate increase ``1[answer wrong] - 1[full wrong]``, so controlling it controls the
+  accuracy lost to early exit (conservatively: rows the early exit gets right and the full model
+  wrong are not credited).
+- ``"error_increase_net"``: ``1[answer wrong] - 1[full wrong]`` in [-1, 1], the exact increase. It is
+  not a {0, 1} loss, so only the Hoeffding–Bentkus p-value applies, to the loss shifted to
+  ``(loss + 1) / 2`` in [0, 1] against ``(epsilon + 1) / 2``. That bound ignores the small variance of
+  the increase and is loose; prefer ``"error_increase"`` unless gains must be credited.
+
+p-values (for ``H: R > epsilon`` from n rows with mean loss ``r``):
+
+- ``"binomial"``: exact for {0, 1} losses, ``p = P(Binomial(n, epsilon) <= n r)``.
+- ``"hoeffding_bentkus"``: for losses in [0, 1] (Bates, Angelopoulos, Lei, Malik, Jordan 2021,
+  "Distribution-free, risk-controlling prediction sets", J. ACM; arXiv:2101.02703),
+  ``p = min(exp(-n h(min(r, epsilon), epsilon)), e P(Binomial(n, epsilon) <= ceil(n r)))`` with
+  ``h(a, b) = a log(a / b) + (1 - a) log((1 - a) / (1 - b))``.
+
+Policy semantics (the same as ``build.calibrate.simulate_exits`` and the cascade): at exit ``k`` a
+row leaves when ``exits_by_threshold(compute_confidence(logits_k, T_k), metric, threshold_k)``
+holds, a per-class threshold being indexed by the row's label at that exit; the last exit always
+answers; a row with a non-finite logit never passes (its label is -1), so it never leaves early.
+
+Per-class thresholds (``per_class=``) and per-cohort thresholds (``cohorts=``) are documented on
+:func:`calibrate_exit_policy`. :class:`EmpiricalSearch` is the same search with the test replaced by
+"empirical risk <= epsilon": it has NO guarantee, and is kept to compare against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.special import xlogy
+from scipy.stats import binom
+
+from offramp.backend.policy import ExitRule, Policy
+from offramp.build.temperature import fit_temperatures
+from offramp.kernels.confidence import METRICS, Confidence, compute_confidence, exits_by_threshold
+
+RISKS = ("disagreement", "error_increase", "error_increase_net")
+P_VALUES = ("binomial", "hoeffding_bentkus")
+PER_CLASS = (None, "marginal", "class_conditional")
+LOSS_BOUNDS = {"disagreement": (0.0, 1.0), "error_increase": (0.0, 1.0), "error_increase_net": (-1.0, 1.0)}
+
+# Thresholds no row passes: max_prob and margin lie in [0, 1], entropy is >= 0 (and NaN fails all).
+NEVER = {"max_prob": 2.0, "margin": 2.0, "entropy": -1.0}
+
+
+class CalibrationWarning(UserWarning):
+    """A calibration that fell back or certified nothing; the result records the same message."""
+
+
+# ---------------------------------------------------------------------------------------------
+# p-values and fixed-sequence testing
+
+
+def binomial_p_value(losses: Any, rows: Any, epsilon: float) -> np.ndarray:
+    """Exact p-value of ``H: risk > epsilon`` from ``losses`` (count of 1s) among ``rows`` {0, 1} losses.
+
+    ``p = P(Binomial(rows, epsilon) <= losses)`` (the binomial test of Learn-then-Test,
+    Angelopoulos et al. 2021, arXiv:2110.01052). Broadcasts; ``epsilon <= 0`` gives 1 (nothing can be
+    certified), no rows give 1.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    rows = np.asarray(rows, dtype=np.float64)
+    if epsilon <= 0:
+        return np.ones(np.broadcast(losses, rows).shape)
+    if epsilon >= 1:
+        return np.where(rows > 0, 0.0, 1.0) * np.ones(np.broadcast(losses, rows).shape)
+    # Counts of a {0, 1} loss are integers; round away float noise from sums of weights.
+    p = binom.cdf(np.floor(losses + 1e-9), rows, epsilon)
+    return np.where(rows > 0, p, 1.0)
+
+
+def hoeffding_bentkus_p_value(mean: Any, rows: Any, epsilon: float) -> np.ndarray:
+    """Hoeffding–Bentkus p-value of ``H: risk > epsilon`` for losses in [0, 1] with sample ``mean``.
+
+    Bates, Angelopoulos, Lei, Malik, Jordan 2021, "Distribution-free, risk-controlling prediction
+    sets" (arXiv:2101.02703), as used by Learn-then-Test:
+    ``min(exp(-n h(min(mean, eps), eps)), e * P(Binomial(n, eps) <= ceil(n mean)))``, clipped to 1.
+    Non-decreasing in ``mean``, non-increasing in ``epsilon``; ``epsilon <= 0`` gives 1.
+    """
+    mean = np.clip(np.asarray(mean, dtype=np.float64), 0.0, 1.0)
+    rows = np.asarray(rows, dtype=np.float64)
+    shape = np.broadcast(mean, rows).shape
+    if epsilon <= 0:
+        return np.ones(shape)
+    if epsilon >= 1:
+        return np.where(rows > 0, 0.0, 1.0) * np.ones(shape)
+    a = np.minimum(mean, epsilon)
+    divergence = xlogy(a, a / epsilon) + xlogy(1 - a, (1 - a) / (1 - epsilon))
+    hoeffding = np.exp(-rows * divergence)
+    bentkus = math.e * binom.cdf(np.ceil(rows * mean - 1e-9), rows, epsilon)
+    p = np.minimum(np.minimum(hoeffding, bentkus), 1.0)
+    return np.where(rows > 0, p, 1.0)
+
+
+def fixed_sequence_test(p_values: Any, delta: float) -> np.ndarray:
+    """Index of the last candidate of the leading run with ``p <= delta`` along the last axis; -1 if none.
+
+    Fixed-sequence testing (Learn-then-Test, Angelopoulos et al. 2021): hypotheses are tested in
+    their given order at level ``delta`` each and testing stops at the first non-rejection, which
+    controls the family-wise error at ``delta`` with no multiplicity correction. Shape (..., K) in,
+    (...) out.
+    """
+    rejected = np.asarray(p_values) <= delta  # (..., K)
+    run = np.cumprod(rejected, axis=-1)  # 1 while every earlier hypothesis was rejected
+    return run.sum(axis=-1) - 1
+
+
+def p_values_of(losses: np.ndarray, risk: str, p_value: str, epsilon: float) -> np.ndarray:
+    """p-values (K,) of ``H_j: risk > epsilon`` from per-row losses (K, n) of one group."""
+    if p_value not in P_VALUES:
+        raise ValueError(f"unknown p-value {p_value!r}; expected one of {P_VALUES}")
+    rows = losses.shape[1]
+    if p_value == "binomial":
+        if LOSS_BOUNDS[risk] != (0.0, 1.0):
+            raise ValueError(f"the binomial p-value needs a {{0, 1}} loss; risk {risk!r} is not one")
+        return binomial_p_value(losses.sum(axis=1), rows, epsilon)
+    low, high = LOSS_BOUNDS[risk]
+    mean = (losses.mean(axis=1) - low) / (high - low) if rows else np.zeros(losses.shape[0])
+    return hoeffding_bentkus_p_value(mean, rows, (epsilon - low) / (high - low))
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods: what makes a candidate acceptable
+
+
+@dataclass(frozen=True)
+class LearnThenTest:
+    """Certified: fixed-sequence Learn-then-Test at level ``delta`` (see the module docstring)."""
+
+    epsilon: float
+    delta: float = 0.1
+    p_value: str = "binomial"
+
+    name = "learn_then_test"
+
+    def accepted(
+        self, group_losses: Sequence[np.ndarray], risk: str, delta: float | None = None
+    ) -> np.ndarray:
+        """(K,) bool: the certified candidates, given the losses (K, n_g) of every group that must hold.
+
+        A candidate is tested with the largest p-value over the groups (an intersection-union test:
+        under ``H_j`` some group's risk exceeds ``epsilon`` and that group's p-value is valid), so
+        the certified candidates have every group's risk at most ``epsilon``, together, with
+        probability at least ``1 - delta``. Candidate 0 (no early exit, risk 0) is always accepted.
+        """
+        if self.epsilon <= 0:  # no loss at all: no finite sample shows it, so no early exit
+            return np.arange(group_losses[0].shape[0]) == 0
+        delta = self.delta if delta is None else delta
+        p = self.p_values(group_losses, risk)
+        p[0] = 0.0
+        last = int(fixed_sequence_test(p, delta))
+        return np.arange(len(p)) <= last
+
+    def p_values(self, group_losses: Sequence[np.ndarray], risk: str) -> np.ndarray:
+        """(K,) the largest p-value over the groups, per candidate."""
+        return np.max(
+            [p_values_of(losses, risk, self.p_value, self.epsilon) for losses in group_losses], axis=0
+        )
+
+    def describe(self, delta: float) -> str:
+        return (
+            f"learn-then-test, fixed-sequence, {self.p_value} p-values: with probability >= {1 - delta:.4g} "
+            f"over the calibration rows, the risk is <= {self.epsilon:.4g}"
+        )
+
+
+@dataclass(frozen=True)
+class EmpiricalSearch:
+    """NO GUARANTEE: every candidate whose calibration (empirical) risk is <= ``epsilon`` is accepted.
+
+    Thresholds chosen this way overshoot ``epsilon`` on fresh data about half the time (NOTES.md);
+    kept as a baseline and for comparison only.
+    """
+
+    epsilon: float
+    delta: float = float("nan")  # no confidence level: present so results read the same
+    p_value: str = "none"
+
+    name = "empirical_search"
+
+    def accepted(
+        self, group_losses: Sequence[np.ndarray], risk: str, delta: float | None = None
+    ) -> np.ndarray:
+        if self.epsilon <= 0:  # "risk <= 0" is never shown by finitely many rows: no early exit
+            return np.arange(group_losses[0].shape[0]) == 0
+        means = [
+            losses.mean(axis=1) if losses.shape[1] else np.zeros(losses.shape[0]) for losses in group_losses
+        ]
+        ok = np.all([m <= self.epsilon for m in means], axis=0)
+        ok[0] = True
+        return ok
+
+    def p_values(self, group_losses: Sequence[np.ndarray], risk: str) -> np.ndarray:
+        return np.full(group_losses[0].shape[0], np.nan)
+
+    def describe(self, delta: float) -> str:
+        return f"empirical search, calibration risk <= {self.epsilon:.4g}: NO statistical guarantee"
+
+
+Method = LearnThenTest | EmpiricalSearch
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate paths
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
+class CandidatePath:
+    """Candidates ordered from the most conservative (index 0: no early exit) to the most aggressive.
+
+    ``thresholds`` holds the early exits' thresholds only (the last exit always answers): (K, E-1)
+    for one threshold per exit, (K, E-1, C) for one per class (indexed by the row's label at that
+    exit). Every step relaxes every threshold or keeps it, so a row's exit never moves later.
+    """
+
+    metric: str
+    levels: np.ndarray  # (K,) the path's parameter (lambda or alpha), 0 for candidate 0
+    thresholds: np.ndarray  # (K, E-1) or (K, E-1, C), float64 holding float32 values
+    kind: str  # "shared", "per_exit" or "per_class"
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown exit metric {self.metric!r}; expected one of {METRICS}")
+        if len(self.levels) != len(self.thresholds):
+            raise ValueError("one level per candidate")
+        sign = -1.0 if self.metric == "entropy" else 1.0
+        steps = np.diff(sign * self.thresholds, axis=0)
+        if (steps > 0).any():
+            raise ValueError("a candidate path must relax (or keep) every threshold at every step")
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+    @property
+    def per_class(self) -> bool:
+        return self.thresholds.ndim == 3
+
+    @property
+    def num_exits(self) -> int:
+        return self.thresholds.shape[1] + 1
+
+    def rules(self, candidate: int, temperatures: Sequence[float]) -> tuple[ExitRule, ...]:
+        """The policy's exit rules for ``candidate``; the last exit's threshold is never consulted."""
+        rules = []
+        for k in range(self.num_exits - 1):
+            value = self.thresholds[candidate, k]
+            threshold = tuple(float(v) for v in value) if self.per_class else float(value)
+            rules.append(ExitRule(self.metric, threshold, float(temperatures[k])))
+        rules.append(ExitRule(self.metric, NEVER[self.metric], float(temperatures[-1])))
+        return tuple(rules)
+
+
+def _as_float32_values(values: np.ndarray) -> np.ndarray:
+    # exits_by_threshold compares in float32: store exactly the float32 value it will use.
+    return np.asarray(values, dtype=np.float32).astype(np.float64)
+
+
+def shared_path(
+    metric: str, num_exits: int, num_classes: int, steps: int = 401, smallest: float = 1e-6
+) -> CandidatePath:
+    """One threshold shared by every early exit, along ``lambda`` in (0, 1]: a geometric grid from
+    ``smallest`` (fine where confident exits live) merged with a linear one (fine further out).
+
+    max_prob: exit if ``p >= 1 - lambda (1 - 1/C)``; entropy: exit if ``H <= lambda log C``;
+    margin: exit if ``margin >= 1 - lambda``. Candidate 0 (lambda = 0) uses thresholds no row passes,
+    so it is exactly "no early exit" even for rows whose float32 max-prob rounds to 1. The path
+    depends on no data.
+    """
+    half = (steps - 1) // 2
+    lam = np.unique(
+        np.concatenate([[0.0], np.geomspace(smallest, 1.0, half), np.linspace(0.0, 1.0, steps - half)])
+    )
+    if metric == "max_prob":
+        values = 1.0 - lam * (1.0 - 1.0 / num_classes)
+    elif metric == "entropy":
+        values = lam * math.log(num_classes)
+    elif metric == "margin":
+        values = 1.0 - lam
+    else:
+        raise ValueError(f"unknown exit metric {metric!r}; expected one of {METRICS}")
+    values = _as_float32_values(values)
+    values[0] = NEVER[metric]
+    thresholds = np.repeat(values[:, None], num_exits - 1, axis=1)  # (K, E-1)
+    return _without_repeats(CandidatePath(metric, lam, thresholds, "shared"))
+
+
+def _without_repeats(path: CandidatePath) -> CandidatePath:
+    flat = path.thresholds.reshape(len(path), -1)
+    keep = np.ones(len(path), dtype=bool)
+    keep[1:] = (flat[1:] != flat[:-1]).any(axis=1)
+    return CandidatePath(path.metric, path.levels[keep], path.thresholds[keep], path.kind)
+
+
+def _risk_matched_thresholds(
+    value: np.ndarray, loss: np.ndarray, rows: int, metric: str, levels: np.ndarray
+) -> np.ndarray:
+    """Per level alpha, the loosest threshold whose rows passing have sum(loss) / rows <= alpha.
+
+    ``value`` (n,) are finite confidences of the group's rows, ``loss`` (n,) in {0, 1} the loss of
+    exiting there. Returns (len(levels),) thresholds, NEVER where no threshold qualifies.
+    """
+    out = np.full(len(levels), NEVER[metric])
+    if len(value) == 0:
+        return out
+    order = np.argsort(value if metric == "entropy" else -value, kind="stable")
+    ordered = value[order]
+    cumulative = np.cumsum(loss[order]) / rows  # (n,) non-decreasing
+    # A threshold passes every row with the same value, so cuts sit at the end of runs of ties.
+    ends = np.flatnonzero(np.append(ordered[1:] != ordered[:-1], True))
+    last = np.searchsorted(cumulative[ends], levels, side="right") - 1  # (L,) index into ends, -1: none
+    out[last >= 0] = ordered[ends[last[last >= 0]]]
+    return out
+
+
+def fitted_path(
+    fit_logits: np.ndarray,
+    temperatures: Sequence[float],
+    metric: str = "max_prob",
+    per_class: bool = False,
+    fit_labels: np.ndarray | None = None,
+    risk: str = "disagreement",
+    steps: int = 121,
+    smallest: float = 1e-4,
+    min_class_rows: int = 30,
+) -> CandidatePath:
+    """Per-exit (or per exit and class) thresholds shaped on a FIT split, along ``alpha``.
+
+    For each level ``alpha`` (0, then a geometric grid up to 1) and each early exit k, the threshold
+    is the loosest one whose fit rows passing at exit k have an exit loss (the risk's {0, 1} loss of
+    answering at k: disagreement with the last exit, or wrong where the last exit is right) of at
+    most ``alpha`` per fit row; with ``per_class`` the same per (k, c) among the fit rows whose label
+    at exit k is c, a class with fewer than ``min_class_rows`` such rows taking exit k's pooled
+    threshold. The path is valid for Learn-then-Test only if ``fit_logits`` are NOT the rows it
+    then certifies on: the shape is learnt on one split, the order tested on another.
+    """
+    confidences = exit_confidences(fit_logits, temperatures)
+    num_exits, rows, num_classes = fit_logits.shape
+    full = confidences[-1].label
+    truth = None if fit_labels is None else np.asarray(fit_labels)
+    if risk != "disagreement" and truth is None:
+        raise ValueError(f"risk {risk!r} needs the fit rows' labels")
+    levels = np.concatenate([[0.0], np.geomspace(smallest, 1.0, steps - 1)])
+    shape = (len(levels), num_exits - 1) + ((num_classes,) if per_class else ())
+    thresholds = np.empty(shape)
+    for k in range(num_exits - 1):
+        conf = confidences[k]
+        loss = _exit_loss(conf.label, full, truth, risk)
+        valid = conf.valid
+        value = getattr(conf, metric).astype(np.float32)
+        pooled = _risk_matched_thresholds(value[valid], loss[valid], rows, metric, levels)
+        if not per_class:
+            thresholds[:, k] = pooled
+            continue
+        for c in range(num_classes):
+            members = valid & (conf.label == c)
+            count = int(members.sum())
+            if count < min_class_rows:
+                thresholds[:, k, c] = pooled
+            else:
+                thresholds[:, k, c] = _risk_matched_thresholds(
+                    value[members], loss[members], count, metric, levels
+                )
+    thresholds[0] = NEVER[metric]
+    return _without_repeats(
+        CandidatePath(metric, levels, thresholds, "per_class" if per_class else "per_exit")
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates applied to rows
+
+
+def exit_confidences(exit_logits: np.ndarray, temperatures: Sequence[float]) -> list[Confidence]:
+    """The serving-path confidence (float32) of every exit: what the cascade thresholds."""
+    if len(temperatures) != exit_logits.shape[0]:
+        raise ValueError(f"{len(temperatures)} temperatures for {exit_logits.shape[0]} exits")
+    return [compute_confidence(exit_logits[k], float(t)) for k, t in enumerate(temperatures)]
+
+
+def exits_taken(confidences: Sequence[Confidence], path: CandidatePath) -> np.ndarray:
+    """(K, N) int: the exit each row takes under each candidate, as ``simulate_exits`` decides it."""
+    num_exits = len(confidences)
+    if path.num_exits != num_exits:
+        raise ValueError(f"a path for {path.num_exits} exits applied to {num_exits}")
+    rows = len(confidences[0].label)
+    taken = np.full((len(path), rows), num_exits - 1, dtype=np.int16)
+    for j in range(len(path)):
+        undecided = np.ones(rows, dtype=bool)
+        for k in range(num_exits - 1):
+            leaving = undecided & exits_by_threshold(confidences[k], path.metric, path.thresholds[j, k])
+            taken[j, leaving] = k
+            undecided &= ~leaving
+    return taken
+
+
+def _exit_loss(answer: np.ndarray, full: np.ndarray, truth: np.ndarray | None, risk: str) -> np.ndarray:
+    if risk == "disagreement":
+        return (answer != full).astype(np.float64)
+    if truth is None:
+        raise ValueError(f"risk {risk!r} needs labels")
+    if risk == "error_increase":
+        return ((answer != truth) & (full == truth)).astype(np.float64)
+    if risk == "error_increase_net":
+        return (answer != truth).astype(np.float64) - (full != truth).astype(np.float64)
+    raise ValueError(f"unknown risk {risk!r}; expected one of {RISKS}")
+
+
+def candidate_losses(
+    taken: np.ndarray,
+    confidences: Sequence[Confidence],
+    risk: str = "disagreement",
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """(K, N) per-row loss of every candidate, from the exits taken (K, N) and every exit's labels."""
+    exit_labels = np.stack([c.label for c in confidences])  # (E, N)
+    answer = exit_labels[taken, np.arange(taken.shape[1])]  # (K, N)
+    return _exit_loss(answer, exit_labels[-1], None if labels is None else np.asarray(labels), risk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class Certification:
+    """The outcome of the procedure on one group of rows (all rows, or one cohort)."""
+
+    candidate: int  # index into the path
+    level: float  # the path parameter of the candidate
+    thresholds: tuple[float | tuple[float, ...], ...]  # per early exit: scalar, or one per class
+    risk: float  # calibration (empirical) risk of the chosen candidate
+    expected_cost: float  # mean exit cost of the calibration rows under it
+    exit_rates: tuple[float, ...]  # fraction of calibration rows answering at each exit
+    rows: int  # calibration rows of the group
+    certified: int  # candidates past candidate 0 accepted (certified, under Learn-then-Test)
+    p_value: float  # largest group p-value of the choice; 0 for candidate 0 (trivially safe), NaN: empirical
+    delta: float  # the level this group was tested at (delta, or delta / groups under Bonferroni)
+    class_risks: dict[int, float] = field(default_factory=dict)  # per full-model class, where tested
+    fell_back: bool = False  # True: the group uses the global thresholds (see the warning)
+
+
+@dataclass(frozen=True)
+class CalibratedExitPolicy:
+    """A calibrated policy with what it was calibrated on; ``to_policy`` makes the served form."""
+
+    metric: str
+    temperatures: tuple[float, ...]
+    path: CandidatePath
+    result: Certification  # the global thresholds
+    cohorts: dict[str, Certification]  # per cohort; fell_back ones carry the global thresholds
+    method: str
+    guarantee: str
+    risk: str
+    epsilon: float
+    delta: float
+    p_value: str
+    per_class: str | None
+    bonferroni: bool
+    calibration_rows: int
+    fit_rows: int
+    exit_costs: tuple[float, ...]
+    data_fingerprint: str
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def thresholds(self) -> tuple[float | tuple[float, ...], ...]:
+        return self.result.thresholds
+
+    def rules(self, cohort: str | None = None) -> tuple[ExitRule, ...]:
+        """Exit rules for all rows, or for ``cohort`` (the global ones where it fell back)."""
+        chosen = self.result if cohort is None else self.cohorts.get(cohort, self.result)
+        return self.path.rules(chosen.candidate, self.temperatures)
+
+    def to_policy(self, version: str, model_fingerprint: str) -> Policy:
+        """The served ``Policy``: per-exit rules, cohort overrides (not for fallbacks), provenance."""
+        overrides = {name: self.rules(name) for name, c in self.cohorts.items() if not c.fell_back}
+        return Policy(
+            version=version,
+            model_fingerprint=model_fingerprint,
+            exits=self.rules(),
+            cohorts=overrides,
+            provenance=self.provenance(),
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        def summary(c: Certification) -> dict[str, Any]:
+            return {
+                "candidate": c.candidate,
+                "level": c.level,
+                "achieved_risk": c.risk,
+                "expected_cost": c.expected_cost,
+                "exit_rate_profile": list(c.exit_rates),
+                "calibration_rows": c.rows,
+                "certified_candidates": c.certified,
+                "p_value": None if math.isnan(c.p_value) else c.p_value,
+                "delta": None if math.isnan(c.delta) else c.delta,
+                "class_risks": {str(k): v for k, v in c.class_risks.items()},
+                "fell_back": c.fell_back,
+            }
+
+        return {
+            "method": self.method,
+            "guarantee": self.guarantee,
+            "risk": self.risk,
+            "epsilon": self.epsilon,
+            "delta": None if math.isnan(self.delta) else self.delta,
+            "p_value": self.p_value,
+            "per_class": self.per_class,
+            "bonferroni": self.bonferroni,
+            "path": {"kind": self.path.kind, "candidates": len(self.path)},
+            "calibration_rows": self.calibration_rows,
+            "fit_rows": self.fit_rows,
+            "exit_costs": list(self.exit_costs),
+            "data_fingerprint": self.data_fingerprint,
+            **{k: v for k, v in summary(self.result).items() if k != "fell_back"},
+            "cohorts": {name: summary(c) for name, c in self.cohorts.items()},
+            "warnings": list(self.warnings),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The procedure
+
+
+def data_fingerprint(*arrays: np.ndarray | None) -> str:
+    """sha256 (16 hex digits) over the calibration arrays, for the policy's provenance."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        if array is None:
+            digest.update(b"none")
+            continue
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.astype(str).tobytes() if array.dtype.kind in "OU" else array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def fit_split(rows: int, fit_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (fit, certify): a seeded permutation cut at ``fit_fraction``, each part sorted."""
+    order = np.random.default_rng(seed).permutation(rows)
+    cut = round(rows * fit_fraction)
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def _certify_group(
+    losses: np.ndarray,  # (K, n) of the group
+    taken: np.ndarray,  # (K, n)
+    full_label: np.ndarray,  # (n,)
+    path: CandidatePath,
+    costs: np.ndarray,  # (E,)
+    method: Method,
+    risk: str,
+    delta: float,
+    per_class: str | None,
+    min_group_rows: int,
+    warn: list[str],
+    where: str,
+) -> Certification:
+    rows = losses.shape[1]
+    groups = [losses]
+    tested_classes: list[int] = []
+    if per_class == "class_conditional":
+        for c in np.unique(full_label[full_label >= 0]):
+            members = full_label == c
+            if members.sum() >= min_group_rows:
+                groups.append(losses[:, members])
+                tested_classes.append(int(c))
+            else:
+                warn.append(
+                    f"{where}: class {int(c)} has {int(members.sum())} calibration rows "
+                    f"(< {min_group_rows}): no class-conditional guarantee for it, only the marginal one"
+                )
+    accepted = method.accepted(groups, risk, delta)  # (K,)
+    cost = costs[taken].mean(axis=1) if rows else np.zeros(len(path))  # (K,)
+    choice = np.flatnonzero(accepted)[np.argmin(cost[accepted])]  # ties: the most conservative
+    p = method.p_values(groups, risk)
+    exit_rates = np.bincount(taken[choice], minlength=path.num_exits) / max(rows, 1)
+    value = path.thresholds[choice]
+    thresholds = tuple(tuple(float(v) for v in t) if path.per_class else float(t) for t in value)
+    class_risks = {c: float(g[choice].mean()) for c, g in zip(tested_classes, groups[1:])}
+    return Certification(
+        candidate=int(choice),
+        level=float(path.levels[choice]),
+        thresholds=thresholds,
+        risk=float(losses[choice].mean()) if rows else 0.0,
+        expected_cost=float(cost[choice]),
+        exit_rates=tuple(float(r) for r in exit_rates),
+        rows=rows,
+        certified=int(accepted.sum()) - 1,
+        p_value=float(p[choice]) if choice > 0 or method.name != "learn_then_test" else 0.0,
+        delta=delta,
+        class_risks=class_risks,
+    )
+
+
+def calibrate_exit_policy(
+    exit_logits: np.ndarray,
+    exit_costs: Sequence[float],
+    method: Method,
+    *,
+    labels: np.ndarray | None = None,
+    risk: str = "disagreement",
+    metric: str = "max_prob",
+    temperatures: Sequence[float] | None = None,
+    path: CandidatePath | str = "shared",
+    per_class: str | None = None,
+    cohorts: np.ndarray | None = None,
+    bonferroni: bool = False,
+    min_group_rows: int = 50,
+    fit_fraction: float = 0.25,
+    seed: int = 0,
+) -> CalibratedExitPolicy:
+    """Calibrate exit thresholds on logits (exits, N, C) so that ``method`` holds for ``risk``.
+
+    Fit and certify splits. What is chosen from data before the test (temperatures when not given,
+    and the shape of a ``"per_exit"`` or ``"per_class"`` path) is fitted on a seeded ``fit_fraction``
+    of the rows and the procedure certifies on the rest; the candidates' order is so never learnt
+    from the rows that test it. When nothing is fitted (``temperatures`` given, and ``path`` is
+    ``"shared"``, which is data-free, or a :class:`CandidatePath` built on other rows) every row
+    certifies. ``labels`` are needed to fit temperatures and for the error risks; ``"disagreement"``
+    itself needs none. The result's ``calibration_rows`` counts the certifying rows.
+
+    ``path``: ``"shared"`` (:func:`shared_path`), ``"per_exit"`` or ``"per_class"``
+    (:func:`fitted_path` on the fit split), or a :class:`CandidatePath`.
+
+    Per-class thresholds (``per_class``, a per-class path). The threshold applied to a row at exit k
+    is the one of its label AT EXIT k, so rows cannot be split by "their class" into fixed groups
+    that each depend on one class's thresholds alone: a row's label changes from exit to exit, and
+    whether it reaches exit k at all depends on the earlier exits' thresholds of other classes.
+    Running an independent procedure per exit-label class is therefore not valid as such (it would
+    need a union bound over the exits a row can predict different classes at). Instead the per-class
+    thresholds move together along one path whose shape per (exit, class) was fitted on the fit
+    split, and the guarantee is chosen with ``per_class``:
+
+    - ``"marginal"``: Learn-then-Test on all rows; the marginal risk is <= epsilon w.p. >= 1 - delta.
+    - ``"class_conditional"``: the groups are the rows' FULL-MODEL class (the last exit's label, a
+      partition fixed before any threshold is chosen and known without labels); each step of the
+      path is tested with the largest p-value over all rows and every class with at least
+      ``min_group_rows`` calibration rows (an intersection-union test), so with probability >=
+      1 - delta, SIMULTANEOUSLY, every tested class's risk among rows the full model labels with it
+      is <= epsilon, and so is the marginal risk (a mixture of class risks; it is also tested
+      directly, which covers the classes too small to test). No Bonferroni split is needed. Classes
+      below ``min_group_rows`` get a warning and only the marginal guarantee.
+
+    Cohorts (``cohorts``, one string per row; "" for none). Each cohort with at least
+    ``min_group_rows`` calibration rows runs the same procedure on its own rows (same path, risk,
+    epsilon, per-class mode). Per-group validity (default): for each cohort separately, its risk is
+    <= epsilon with probability >= 1 - delta. ``bonferroni=True`` tests each cohort at
+    delta / (number of cohorts) instead, making the statement hold for all cohorts at once with
+    probability >= 1 - delta. A cohort that is too small, or whose procedure certifies nothing past
+    "no early exit", falls back to the global thresholds (a ``CalibrationWarning`` and a record in
+    ``warnings``); it then has no guarantee of its own: the global thresholds are certified on all
+    rows together (marginal over cohorts).
+    """
+    exit_logits = np.asarray(exit_logits)
+    num_exits, rows, num_classes = exit_logits.shape
+    costs = np.asarray(exit_costs, dtype=np.float64)
+    if costs.shape != (num_exits,):
+        raise ValueError(f"{costs.shape[0]} exit costs for {num_exits} exits")
+    if risk not in RISKS:
+        raise ValueError(f"unknown risk {risk!r}; expected one of {RISKS}")
+    if per_class not in PER_CLASS:
+        raise ValueError(f"per_class must be one of {PER_CLASS}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (rows,):
+            raise ValueError(f"labels {labels.shape} for {rows} rows")
+    if risk != "disagreement" and labels is None:
+        raise ValueError(f"risk {risk!r} needs labels")
+    if cohorts is not None:
+        cohorts = np.array(["" if c is None else str(c) for c in cohorts])
+        if cohorts.shape != (rows,):
+            raise ValueError(f"cohorts {cohorts.shape} for {rows} rows")
+    if method.epsilon < 0:
+        raise ValueError("epsilon must be >= 0")
+
+    builds_path = isinstance(path, str) and path != "shared"
+    if temperatures is None or builds_path:
+        if fit_fraction <= 0:
+            raise ValueError("fitting temperatures or a path needs a fit split (fit_fraction > 0)")
+        fit, certify = fit_split(rows, fit_fraction, seed)
+    else:
+        fit, certify = np.arange(0), np.arange(rows)
+    if temperatures is None:
+        if labels is None:
+            raise ValueError("fitting temperatures needs labels; pass temperatures=... otherwise")
+        temperatures = fit_temperatures(exit_logits[:, fit], labels[fit])
+    temperatures = tuple(float(t) for t in temperatures)
+    fit_labels = None if labels is None else labels[fit]
+    if isinstance(path, CandidatePath):
+        candidates = path
+    elif path == "shared":
+        candidates = shared_path(metric, num_exits, num_classes)
+    elif path in ("per_exit", "per_class"):
+        candidates = fitted_path(
+            exit_logits[:, fit],
+            temperatures,
+            metric,
+            path == "per_class",
+            fit_labels,
+            risk,
+            min_class_rows=30,
+        )
+    else:
+        raise ValueError(f"unknown path {path!r}")
+    if per_class is not None and not candidates.per_class:
+        raise ValueError("per_class needs a per-class path (path='per_class')")
+
+    logits = exit_logits[:, certify]
+    truth = None if labels is None else labels[certify]
+    confidences = exit_confidences(logits, temperatures)
+    taken = exits_taken(confidences, candidates)  # (K, n)
+    losses = candidate_losses(taken, confidences, risk, truth)  # (K, n)
+    full_label = confidences[-1].label
+    warn: list[str] = []
+
+    def certify_rows(members: np.ndarray | slice, delta: float, where: str) -> Certification:
+        return _certify_group(
+            losses[:, members], taken[:, members], full_label[members], candidates, costs,
+            method, risk, delta, per_class, min_group_rows, warn, where,
+        )  # fmt: skip
+
+    result = certify_rows(slice(None), method.delta, "global")
+    if result.certified == 0 and method.epsilon > 0:
+        warn.append("global: nothing certified past 'no early exit'; every row answers at the last exit")
+
+    overrides: dict[str, Certification] = {}
+    if cohorts is not None:
+        names = sorted(set(cohorts[certify].tolist()) - {""})
+        cohort_delta = method.delta / len(names) if bonferroni and names else method.delta
+        for name in names:
+            members = cohorts[certify] == name
+            count = int(members.sum())
+            if count < min_group_rows:
+                reason = f"{count} calibration rows (< {min_group_rows})"
+                own = None
+            else:
+                own = certify_rows(members, cohort_delta, f"cohort {name!r}")
+                nothing = own.certified == 0 and method.epsilon > 0
+                reason = "nothing certified past 'no early exit'" if nothing else ""
+            if reason:
+                warn.append(f"cohort {name!r}: {reason}; falls back to the global thresholds")
+                fallback = _fallback(result, taken[:, members], losses[:, members], costs, cohort_delta)
+                overrides[name] = fallback
+            else:
+                overrides[name] = own
+
+    for message in warn:
+        warnings.warn(message, CalibrationWarning, stacklevel=2)
+    return CalibratedExitPolicy(
+        metric=candidates.metric,
+        temperatures=temperatures,
+        path=candidates,
+        result=result,
+        cohorts=overrides,
+        method=method.name,
+        guarantee=method.describe(method.delta)
+        + ("" if per_class != "class_conditional" else ", for every tested full-model class and overall")
+        + (
+            ""
+            if cohorts is None
+            else f"; cohorts: {'all at once (Bonferroni)' if bonferroni else 'each separately'}"
+        ),
+        risk=risk,
+        epsilon=float(method.epsilon),
+        delta=float(method.delta),
+        p_value=method.p_value,
+        per_class=per_class,
+        bonferroni=bonferroni,
+        calibration_rows=len(certify),
+        fit_rows=len(fit),
+        exit_costs=tuple(float(c) for c in costs),
+        data_fingerprint=data_fingerprint(exit_logits, labels, cohorts),
+        warnings=tuple(warn),
+    )
+
+
+def _fallback(
+    global_result: Certification, taken: np.ndarray, losses: np.ndarray, costs: np.ndarray, delta: float
+) -> Certification:
+    """The global thresholds, with the cohort's own figures under them (for the record only)."""
+    j = global_result.candidate
+    rows = taken.shape[1]
+    return Certification(
+        candidate=j,
+        level=global_result.level,
+        thresholds=global_result.thresholds,
+        risk=float(losses[j].mean()) if rows else float("nan"),
+        expected_cost=float(costs[taken[j]].mean()) if rows else float("nan"),
+        exit_rates=tuple(float(r) for r in np.bincount(taken[j], minlength=len(costs)) / max(rows, 1)),
+        rows=rows,
+        certified=0,
+        p_value=float("nan"),
+        delta=delta,
+        fell_back=True,
+    )

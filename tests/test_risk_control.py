@@ -1,0 +1,433 @@
+"""Calibrated exit policies: the Learn-then-Test guarantee in simulation on real exit logits, and the
+procedure's contracts (monotone in epsilon, fallbacks, invalid rows, temperatures, p-values, policy form).
+
+The simulation treats a pool of real Fashion-MNIST exit logits as the population: each calibration
+set is drawn i.i.d. from it, and the risk of the chosen policy is the pool's (the population's) risk,
+computed exactly. That is the guarantee as stated ("with probability >= 1 - delta over the calibration
+sample, the risk is <= epsilon"). A held-out test half instead adds its own sampling noise (and, drawn
+without replacement from a finite pool, is anti-correlated with the calibration half), which the
+guarantee does not cover; that design is reported, not asserted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import warnings
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from offramp.backend.policy import Policy
+from offramp.build.calibrate import exit_logits_from_onnx, simulate_exits
+from offramp.build.risk_control import (
+    NEVER,
+    CalibrationWarning,
+    EmpiricalSearch,
+    LearnThenTest,
+    binomial_p_value,
+    calibrate_exit_policy,
+    candidate_losses,
+    exit_confidences,
+    exits_taken,
+    fit_split,
+    fitted_path,
+    fixed_sequence_test,
+    hoeffding_bentkus_p_value,
+    shared_path,
+)
+from offramp.build.temperature import (
+    expected_calibration_error,
+    fit_temperature,
+    fit_temperatures,
+    negative_log_likelihood,
+    reliability_bins,
+)
+
+EPSILON, DELTA = 0.05, 0.1
+DRAWS, CALIBRATION_ROWS, MIN_GROUP_ROWS = 400, 2000, 50
+
+
+def synthetic_exits(
+    rows: int = 3000, classes: int = 5, exits: int = 3, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (exits, rows, classes) that grow more accurate exit by exit, and labels (rows,)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, rows)
+    ease = rng.uniform(0.2, 1.6, rows)  # (rows,) per-row difficulty shared by every exit
+    logits = np.empty((exits, rows, classes), dtype=np.float32)
+    for k in range(exits):
+        z = rng.normal(0.0, 1.0, (rows, classes))
+        z[np.arange(rows), labels] += 1.5 * (k + 1) * ease
+        logits[k] = z
+    return logits, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the guarantee, in simulation on real exit logits
+
+
+@pytest.fixture(scope="module")
+def real_exits(quick_cnn, fashion_test):
+    """Exit logits of the quick CNN on the Fashion-MNIST test images, cached in its tmp folder.
+
+    Returns (logits (E, N, C), labels (N,), exit costs (E,)).
+    """
+    artifacts, directory = quick_cnn
+    images, labels = fashion_test
+    cache = directory / f"exit_logits_test_{artifacts.fingerprint[:12]}.npz"
+    if cache.exists():
+        logits = np.load(cache)["logits"]
+    else:
+        logits = exit_logits_from_onnx(artifacts, directory, {"IMAGE": images})
+        np.savez(cache, logits=logits)
+    return logits, labels, np.asarray(artifacts.exit_costs)
+
+
+@pytest.fixture(scope="module")
+def population(real_exits):
+    """Temperatures and per-class path fitted on 2,000 rows; the other rows are the population."""
+    logits, labels, costs = real_exits
+    fit, pool = fit_split(logits.shape[1], 0.2, seed=1)
+    temperatures = fit_temperatures(logits[:, fit], labels[fit])
+    paths = {
+        "global": shared_path("max_prob", logits.shape[0], logits.shape[2]),
+        "per_class": fitted_path(
+            logits[:, fit], temperatures, "max_prob", per_class=True, fit_labels=labels[fit]
+        ),
+    }
+    return logits[:, pool], costs, temperatures, paths
+
+
+def draw_weights(rows: int, draws: int, size: int, seed: int) -> np.ndarray:
+    """(draws, rows) multiplicities of ``size`` rows drawn i.i.d. (with replacement) per draw."""
+    picks = np.random.default_rng(seed).integers(0, rows, (draws, size))
+    flat = (picks + rows * np.arange(draws)[:, None]).ravel()
+    return np.bincount(flat, minlength=draws * rows).reshape(draws, rows).astype(np.float64)
+
+
+def split_weights(rows: int, draws: int, size: int, seed: int) -> np.ndarray:
+    """(draws, rows) 0/1: ``size`` rows drawn without replacement per draw (the rest is its test half)."""
+    order = np.argsort(np.random.default_rng(seed).random((draws, rows)), axis=1)
+    weights = np.zeros((draws, rows))
+    np.put_along_axis(weights, order[:, :size], 1.0, axis=1)
+    return weights
+
+
+def simulated_choices(
+    loss: np.ndarray, cost: np.ndarray, weights: np.ndarray, groups: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates LTT (binomial, fixed sequence) and the empirical search choose, for every draw.
+
+    ``loss``/``cost`` (K, N) per candidate and row, ``weights`` (S, N) the draws, ``groups`` boolean
+    masks (N,) of extra groups that must each hold (class-conditional), tested where they have at
+    least MIN_GROUP_ROWS rows. Mirrors ``calibrate_exit_policy`` in matrix form: (S,), (S,).
+    """
+    rows = weights.sum(axis=1, keepdims=True)  # (S, 1)
+    mean_cost = weights @ cost.T / rows  # (S, K)
+    p_values, empirical_ok = [], []
+    for members in [np.ones(loss.shape[1], dtype=bool), *groups]:
+        w = weights * members  # (S, N)
+        count, losses = w.sum(axis=1, keepdims=True), w @ loss.T  # (S, 1), (S, K)
+        tested = count >= MIN_GROUP_ROWS
+        p_values.append(np.where(tested, binomial_p_value(losses, count, EPSILON), 0.0))
+        empirical_ok.append(~tested | (losses <= EPSILON * count))
+    p = np.max(p_values, axis=0)
+    p[:, 0] = 0.0
+    certified = np.arange(loss.shape[0])[None, :] <= fixed_sequence_test(p, DELTA)[:, None]
+    ok = np.all(empirical_ok, axis=0)
+    ok[:, 0] = True
+    ltt = np.where(certified, mean_cost, np.inf).argmin(axis=1)
+    empirical = np.where(ok, mean_cost, np.inf).argmin(axis=1)
+    return ltt, empirical
+
+
+@pytest.mark.parametrize("variant", ["global", "per_class_marginal", "per_class_conditional"])
+def test_learn_then_test_risk_exceeds_epsilon_in_at_most_delta_of_calibration_draws(population, variant):
+    logits, costs, temperatures, paths = population
+    started = time.perf_counter()
+    path = paths["global" if variant == "global" else "per_class"]
+    confidences = exit_confidences(logits, temperatures)
+    taken = exits_taken(confidences, path)  # (K, N)
+    loss = candidate_losses(taken, confidences)  # (K, N) disagreement with the last exit
+    cost = costs[taken]  # (K, N)
+    full = confidences[-1].label
+    classes = [full == c for c in range(logits.shape[2])] if variant == "per_class_conditional" else []
+
+    weights = draw_weights(logits.shape[1], DRAWS, CALIBRATION_ROWS, seed=7)
+    ltt, empirical = simulated_choices(loss, cost, weights, classes)
+    # The population risk of every candidate; class-conditional: the worst of overall and each class.
+    risk = np.max([loss.mean(axis=1)] + [loss[:, m].mean(axis=1) for m in classes], axis=0)  # (K,)
+    ltt_rate, empirical_rate = float(np.mean(risk[ltt] > EPSILON)), float(np.mean(risk[empirical] > EPSILON))
+
+    split = split_weights(logits.shape[1], DRAWS, CALIBRATION_ROWS, seed=8)
+    split_ltt, split_empirical = simulated_choices(loss, cost, split, classes)
+    rest = 1.0 - split
+    test_risk = np.max(
+        [rest @ loss.T / rest.sum(1, keepdims=True)]
+        + [(rest * m) @ loss.T / (rest * m).sum(1, keepdims=True) for m in classes],
+        axis=0,
+    )  # (S, K)
+    draws = np.arange(DRAWS)
+    draw_cost = weights @ cost.T / CALIBRATION_ROWS  # (S, K)
+    held_out = test_risk[draws, split_ltt] > EPSILON, test_risk[draws, split_empirical] > EPSILON
+    print(
+        f"\n{variant}: {len(path)} candidates, eps={EPSILON} delta={DELTA}, {DRAWS} draws of "
+        f"{CALIBRATION_ROWS} rows from {logits.shape[1]}\n"
+        f"  population risk > eps: LTT {ltt_rate:.3f}, empirical {empirical_rate:.3f}; "
+        f"mean risk LTT {risk[ltt].mean():.4f}, empirical {risk[empirical].mean():.4f}; "
+        f"mean cost LTT {draw_cost[draws, ltt].mean():.3f}, "
+        f"empirical {draw_cost[draws, empirical].mean():.3f}\n"
+        f"  held-out half risk > eps (reported only): LTT {held_out[0].mean():.3f}, "
+        f"empirical {held_out[1].mean():.3f}\n"
+        f"  {time.perf_counter() - started:.2f} s"
+    )
+    slack = 3 * math.sqrt(DELTA * (1 - DELTA) / DRAWS)
+    assert ltt_rate <= DELTA + slack, f"LTT violated eps in {ltt_rate:.3f} of draws (delta {DELTA})"
+    assert ltt.mean() > 1, "the simulation should certify more than 'no early exit'"
+    assert empirical_rate >= ltt_rate
+
+
+@pytest.mark.filterwarnings("ignore::offramp.build.risk_control.CalibrationWarning")
+@pytest.mark.parametrize("per_class", [None, "class_conditional"])
+def test_the_simulation_chooses_what_calibrate_exit_policy_chooses(population, per_class):
+    logits, costs, temperatures, paths = population
+    path = paths["global" if per_class is None else "per_class"]
+    confidences = exit_confidences(logits, temperatures)
+    taken = exits_taken(confidences, path)
+    loss, cost = candidate_losses(taken, confidences), costs[taken]
+    classes = [confidences[-1].label == c for c in range(logits.shape[2])] if per_class else []
+    picks = np.random.default_rng(11).integers(0, logits.shape[1], (3, CALIBRATION_ROWS))
+    weights = np.stack([np.bincount(p, minlength=logits.shape[1]) for p in picks]).astype(np.float64)
+    ltt, empirical = simulated_choices(loss, cost, weights, classes)
+    for index, rows in enumerate(picks):
+        for method, expected in ((LearnThenTest(EPSILON, DELTA), ltt), (EmpiricalSearch(EPSILON), empirical)):
+            result = calibrate_exit_policy(
+                logits[:, rows], costs, method, temperatures=temperatures, path=path, per_class=per_class,
+                fit_fraction=0, min_group_rows=MIN_GROUP_ROWS,
+            )  # fmt: skip
+            assert result.result.candidate == expected[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) monotone in epsilon; epsilon = 0 exits nowhere early
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        (LearnThenTest, {}),
+        (LearnThenTest, {"path": "per_class", "per_class": "class_conditional"}),
+        (lambda eps: LearnThenTest(eps, p_value="hoeffding_bentkus"), {"risk": "error_increase"}),
+        (lambda eps: LearnThenTest(eps, p_value="hoeffding_bentkus"), {"risk": "error_increase_net"}),
+        (EmpiricalSearch, {"metric": "entropy"}),
+    ],
+)
+def test_a_larger_epsilon_never_costs_more_and_zero_exits_nowhere_early(method, options):
+    logits, labels = synthetic_exits()
+    costs = (0.3, 0.6, 1.0)
+    spent = []
+    for epsilon in (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            result = calibrate_exit_policy(logits, costs, method(epsilon), labels=labels, **options)
+        spent.append(result.result.expected_cost)
+        if epsilon == 0:
+            assert result.result.candidate == 0
+            assert result.result.exit_rates == (0.0, 0.0, 1.0)
+            taken = simulate_exits(logits, result.to_policy("v", "fp").exits)
+            assert (taken == 2).all()
+    assert all(later <= earlier for earlier, later in itertools.pairwise(spent)), spent
+    assert spent[-1] < 1.0, "the synthetic exits should let a loose epsilon exit early"
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) small cohorts fall back; cohort overrides
+
+
+def test_a_cohort_of_three_rows_falls_back_to_the_global_thresholds_with_a_warning():
+    logits, labels = synthetic_exits(rows=3000)
+    cohorts = np.where(np.arange(3000) % 2 == 0, "even", "odd").astype(object)
+    _, certify = fit_split(3000, 0.25, seed=0)  # the rows the default split certifies on
+    cohorts[certify[:3]] = "tiny"
+    with pytest.warns(CalibrationWarning, match="cohort 'tiny'"):
+        result = calibrate_exit_policy(
+            logits, (0.3, 0.6, 1.0), LearnThenTest(0.1, 0.1), labels=labels, cohorts=cohorts
+        )
+    tiny = result.cohorts["tiny"]
+    assert tiny.fell_back and tiny.rows == 3 and tiny.thresholds == result.thresholds
+    assert any("tiny" in message and "falls back" in message for message in result.warnings)
+    assert not result.cohorts["even"].fell_back and result.cohorts["even"].certified > 0
+    policy = result.to_policy("v1", "fp")
+    assert set(policy.cohorts) == {"even", "odd"}
+    assert policy.rules_for("tiny") == policy.exits
+    assert policy.provenance["cohorts"]["tiny"]["fell_back"] is True
+
+
+def test_bonferroni_splits_delta_across_cohorts():
+    logits, labels = synthetic_exits(rows=3000)
+    cohorts = np.array(["a", "b", "c"])[np.arange(3000) % 3]
+    result = calibrate_exit_policy(
+        logits, (0.3, 0.6, 1.0), LearnThenTest(0.1, 0.1), labels=labels, cohorts=cohorts, bonferroni=True
+    )
+    assert all(math.isclose(c.delta, 0.1 / 3) for c in result.cohorts.values())
+    assert result.result.delta == 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) invalid rows
+
+
+def test_rows_with_non_finite_logits_never_exit_early():
+    logits, labels = synthetic_exits(rows=2000)
+    bad = np.arange(0, 2000, 10)
+    logits[0, bad, 1] = np.nan
+    logits[1, bad[::2], 0] = np.inf
+    logits[:, bad[1::4], 2] = -np.inf  # invalid at every exit, the last included
+    result = calibrate_exit_policy(
+        logits,
+        (0.3, 0.6, 1.0),
+        LearnThenTest(0.3, 0.1),
+        labels=labels,
+        path="per_class",
+        per_class="marginal",
+    )
+    assert result.result.exit_rates[0] > 0.3, "loose thresholds: most valid rows should leave early"
+    confidences = exit_confidences(logits, result.temperatures)
+    taken = exits_taken(confidences, result.path)
+    assert (taken[:, ~confidences[0].valid] >= 1).all()
+    assert (taken[:, ~confidences[0].valid & ~confidences[1].valid] == 2).all()
+    served = simulate_exits(logits, result.to_policy("v", "fp").exits)
+    assert (served[~confidences[0].valid] != 0).all() and (served[~confidences[1].valid] == 2).all()
+    assert all(math.isfinite(t) for t in result.temperatures)
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) temperatures
+
+
+def test_temperature_fit_recovers_a_known_temperature():
+    rng = np.random.default_rng(3)
+    true_logits = rng.normal(0.0, 2.0, (20000, 10))
+    probabilities = np.exp(true_logits - true_logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    labels = (probabilities.cumsum(1) > rng.random((20000, 1))).argmax(1)  # labels drawn from the model
+    for temperature in (0.4, 1.0, 2.5):
+        observed = (true_logits * temperature).astype(np.float32)  # over-/under-confident by T
+        fitted = fit_temperature(observed, labels)
+        assert abs(fitted / temperature - 1) < 0.03, (temperature, fitted)
+        nll = negative_log_likelihood(observed, labels, fitted)
+        assert nll <= negative_log_likelihood(observed, labels, fitted * 1.05)
+        assert nll <= negative_log_likelihood(observed, labels, fitted / 1.05)
+        if temperature != 1.0:
+            assert expected_calibration_error(observed, labels, fitted) < expected_calibration_error(
+                observed, labels
+            )
+    bins = reliability_bins(observed, labels, fitted, bins=10)
+    assert bins.rows == 20000 and len(bins.edges) == 11
+    filled = bins.counts > 0
+    assert (
+        (bins.confidence[filled] >= bins.edges[:-1][filled])
+        & (bins.confidence[filled] <= bins.edges[1:][filled])
+    ).all()
+
+
+def test_temperature_fit_skips_rows_with_non_finite_logits():
+    logits, labels = synthetic_exits(rows=2000)
+    clean = fit_temperature(logits[2], labels)
+    dirty = logits[2].copy()
+    dirty[::7, 0] = np.nan
+    assert fit_temperature(dirty, labels) == pytest.approx(
+        fit_temperature(logits[2][np.isfinite(dirty).all(1)], labels[np.isfinite(dirty).all(1)])
+    )
+    assert math.isfinite(clean)
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) p-values and the fixed-sequence test
+
+
+def test_binomial_p_value_is_the_binomial_cdf():
+    for k, n, eps in [(0, 45, 0.05), (3, 100, 0.05), (40, 1000, 0.05), (7, 7, 0.5), (12, 200, 0.1)]:
+        assert binomial_p_value(k, n, eps) == pytest.approx(binom.cdf(k, n, eps), rel=1e-12)
+    assert binomial_p_value(0, 45, 0.05) == pytest.approx(0.95**45)
+    assert binomial_p_value(0, 1000, 0.0) == 1.0
+    assert binomial_p_value(0, 0, 0.05) == 1.0
+    np.testing.assert_allclose(
+        binomial_p_value(np.array([[0, 5], [10, 20]]), np.array([[100], [200]]), 0.05),
+        binom.cdf([[0, 5], [10, 20]], [[100], [200]], 0.05),
+    )
+
+
+def test_hoeffding_bentkus_is_monotone_bounded_and_no_sharper_than_the_exact_test():
+    for n in (10, 100, 1000):
+        means = np.arange(n + 1) / n  # every mean n {0, 1} losses can have
+        for eps in (0.01, 0.05, 0.2):
+            p = hoeffding_bentkus_p_value(means, n, eps)
+            assert ((p >= 0) & (p <= 1)).all()
+            assert (np.diff(p) >= -1e-15).all(), "non-decreasing in the mean"
+            assert (p[means >= eps] == 1.0).all()
+            exact = binomial_p_value(np.arange(n + 1), n, eps)
+            assert (p >= exact - 1e-12).all(), "HB is a bound: never below the exact binomial p-value"
+        by_eps = [float(hoeffding_bentkus_p_value(0.03, n, e)) for e in (0.035, 0.05, 0.1, 0.2)]
+        assert all(b <= a for a, b in itertools.pairwise(by_eps)), "non-increasing in epsilon"
+    # Zero losses: the Hoeffding term (1 - eps)^n is the smaller one.
+    assert hoeffding_bentkus_p_value(0.0, 45, 0.05) == pytest.approx(0.95**45)
+    assert hoeffding_bentkus_p_value(0.5, 0, 0.05) == 1.0
+
+
+def test_fixed_sequence_test_stops_at_the_first_non_rejection():
+    p = np.array([[0.0, 0.01, 0.2, 0.01], [0.0, 0.05, 0.09, 0.1], [0.3, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(fixed_sequence_test(p, 0.1), [1, 3, -1])
+
+
+def test_the_binomial_test_needs_a_zero_one_loss():
+    logits, labels = synthetic_exits(rows=1000)
+    with pytest.raises(ValueError, match="binomial"):
+        calibrate_exit_policy(
+            logits, (0.3, 0.6, 1.0), LearnThenTest(0.05), labels=labels, risk="error_increase_net"
+        )
+    with pytest.raises(ValueError, match="labels"):
+        calibrate_exit_policy(
+            logits, (0.3, 0.6, 1.0), LearnThenTest(0.05), risk="error_increase", temperatures=(1, 1, 1)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The served form
+
+
+@pytest.mark.parametrize(
+    "path, per_class", [("shared", None), ("per_exit", None), ("per_class", "class_conditional")]
+)
+def test_the_policy_round_trips_and_the_cascade_takes_the_calibrated_exits(tmp_path, path, per_class):
+    logits, labels = synthetic_exits(rows=3000)
+    result = calibrate_exit_policy(
+        logits, (0.3, 0.6, 1.0), LearnThenTest(0.05, 0.1), labels=labels, path=path, per_class=per_class
+    )
+    assert result.result.certified > 0
+    policy = result.to_policy("ltt-1", "fp").validate(num_exits=3, num_classes=5, fingerprint="fp")
+    loaded = Policy.load(policy.save(tmp_path / "policy.json"))
+    assert loaded == policy
+    provenance = loaded.provenance
+    for key in (
+        "method",
+        "guarantee",
+        "epsilon",
+        "delta",
+        "achieved_risk",
+        "expected_cost",
+        "exit_rate_profile",
+        "data_fingerprint",
+    ):
+        assert key in provenance, key
+    assert loaded.exits[-1].threshold == NEVER["max_prob"]
+    assert [rule.temperature for rule in loaded.exits] == list(result.temperatures)
+    # The served rules take, row for row, the exits the calibration measured.
+    _, certify = fit_split(3000, 0.25, seed=0)
+    taken = simulate_exits(logits[:, certify], loaded.exits)
+    confidences = exit_confidences(logits[:, certify], result.temperatures)
+    np.testing.assert_array_equal(taken, exits_taken(confidences, result.path)[result.result.candidate])
+    np.testing.assert_allclose(np.bincount(taken, minlength=3) / len(certify), result.result.exit_rates)
