@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,7 @@ from offramp.backend.contract import HIDDEN_IN, HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.policy import ExitRule, Policy
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.artifacts import ModelArtifacts
+from offramp.build.risk_control import CalibratedExitPolicy, EmpiricalSearch, LearnThenTest, calibrate_exit_policy
 from offramp.kernels.confidence import compute_confidence, exits_by_threshold
 
 
@@ -81,3 +86,86 @@ def empirical_threshold_policy(
             "expected_cost": float(np.asarray(artifacts.exit_costs)[taken].mean()),
         },
     )
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """A held-out labelled split: the model's raw inputs, labels (N,) and optional cohorts (N,) str."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray
+    cohorts: np.ndarray | None = None
+
+    @classmethod
+    def from_npz(cls, path: Path, input_names: Sequence[str]) -> CalibrationData:
+        """An ``.npz`` with one array per model input, ``labels`` and optionally ``cohorts``."""
+        with np.load(path, allow_pickle=False) as data:
+            missing = [n for n in [*input_names, "labels"] if n not in data]
+            if missing:
+                raise ValueError(f"{path}: missing arrays {missing}; it holds {sorted(data.files)}")
+            cohorts = data["cohorts"].astype(str) if "cohorts" in data else None
+            return cls({n: data[n] for n in input_names}, data["labels"].astype(np.int64), cohorts)
+
+
+def recipe_calibration_data(artifacts: ModelArtifacts) -> CalibrationData:
+    """The held-out calibration split the model's own recipe set aside (never trained on)."""
+    recipe = artifacts.build.get("recipe")
+    if recipe == "fashion_mnist_cnn":
+        from offramp.build.recipes import fashion_mnist_train_and_calibration
+
+        _, (images, labels) = fashion_mnist_train_and_calibration(
+            artifacts.build["data"], artifacts.build["calibration_rows"]
+        )
+        return CalibrationData({"IMAGE": images}, labels)
+    raise ValueError(f"no calibration split known for recipe {recipe!r}; pass --data FILE.npz")
+
+
+def policy_version(method: str, rules: Sequence[ExitRule], cohorts: dict) -> str:
+    """A version that names the policy's content: the same calibration gives the same version."""
+    digest = hashlib.sha256(json.dumps([rules, cohorts], default=str, sort_keys=True).encode()).hexdigest()
+    return f"{method}-{digest[:10]}"
+
+
+def calibrate_artifacts(
+    artifacts: ModelArtifacts,
+    artifacts_dir: Path,
+    data: CalibrationData,
+    *,
+    epsilon: float = 0.01,
+    delta: float = 0.05,
+    method: str = "ltt",
+    risk: str = "disagreement",
+    metric: str = "max_prob",
+    p_value: str = "binomial",
+    per_class: str | None = None,
+    bonferroni: bool = False,
+    min_group_rows: int = 50,
+    seed: int = 0,
+) -> tuple[Policy, CalibratedExitPolicy, np.ndarray]:
+    """Runs ``data`` through the exported segments and calibrates a policy on the recorded logits.
+
+    ``method``: "ltt" (Learn-then-Test, the stated guarantee) or "empirical" (no guarantee).
+    Returns the served policy, the full calibration result and the logits (exits, N, C).
+    """
+    logits = exit_logits_from_onnx(artifacts, artifacts_dir, data.inputs)
+    procedure = LearnThenTest(epsilon, delta, p_value) if method == "ltt" else EmpiricalSearch(epsilon)
+    if method not in ("ltt", "empirical"):
+        raise ValueError(f"method must be 'ltt' or 'empirical', not {method!r}")
+    calibrated = calibrate_exit_policy(
+        logits,
+        artifacts.exit_costs,
+        procedure,
+        labels=data.labels,
+        risk=risk,
+        metric=metric,
+        path="per_class" if per_class else "shared",
+        per_class=per_class,
+        cohorts=data.cohorts,
+        bonferroni=bonferroni,
+        min_group_rows=min_group_rows,
+        seed=seed,
+    )
+    rules = calibrated.rules()
+    cohorts = {name: calibrated.rules(name) for name, c in calibrated.cohorts.items() if not c.fell_back}
+    policy = calibrated.to_policy(policy_version(method, rules, cohorts), artifacts.fingerprint)
+    return policy, calibrated, logits

@@ -42,6 +42,46 @@ def _repository(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from offramp.build.artifacts import ModelArtifacts
+    from offramp.build.calibrate import CalibrationData, calibrate_artifacts, recipe_calibration_data
+
+    artifacts_dir = Path(args.artifacts)
+    artifacts = ModelArtifacts.load(artifacts_dir)
+    names = [spec.name for spec in artifacts.inputs]
+    data = CalibrationData.from_npz(Path(args.data), names) if args.data else recipe_calibration_data(artifacts)
+    policy, calibrated, logits = calibrate_artifacts(
+        artifacts,
+        artifacts_dir,
+        data,
+        epsilon=args.epsilon,
+        delta=args.delta,
+        method=args.method,
+        risk=args.risk,
+        metric=args.metric,
+        p_value=args.p_value,
+        per_class=args.per_class,
+        bonferroni=args.bonferroni,
+        min_group_rows=args.min_group_rows,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    policy.save(out)
+    provenance = policy.provenance
+    print(f"policy {policy.version} -> {out}")
+    print(f"  {calibrated.guarantee}")
+    print(f"  achieved calibration risk {provenance['achieved_risk']:.4f}, expected compute {provenance['expected_cost']:.3f}")
+    print("  exit-rate profile: " + ", ".join(f"{r:.1%}" for r in provenance["exit_rate_profile"]))
+    for warning in calibrated.warnings:
+        print(f"  warning: {warning}")
+    if args.report:
+        from offramp.build.calibration_report import write_calibration_report
+
+        report = write_calibration_report(Path(args.report), policy, calibrated, logits, data, artifacts.class_names)
+        print(f"  report: {report}")
+    return 0
+
+
 def _infer(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -100,6 +140,23 @@ def parser() -> argparse.ArgumentParser:
     repository.add_argument("--execution-env", help="virtualenv of the Python stubs (default: this one)")
     repository.add_argument("--no-execution-env", action="store_true", help="use the server's own Python")
     repository.set_defaults(run=_repository)
+
+    calibrate = commands.add_parser("calibrate", help="calibrate exit thresholds with a stated guarantee")
+    calibrate.add_argument("--artifacts", default=str(DEFAULT_WORKDIR / "fashion_cnn"))
+    calibrate.add_argument("--data", help=".npz with the model's inputs, labels (and cohorts); default: the recipe's split")
+    calibrate.add_argument("--out", default=str(DEFAULT_WORKDIR / "policy.json"))
+    calibrate.add_argument("--epsilon", type=float, default=0.01, help="allowed risk (default 1%%)")
+    calibrate.add_argument("--delta", type=float, default=0.05, help="the guarantee holds with probability 1-delta")
+    calibrate.add_argument("--method", choices=["ltt", "empirical"], default="ltt",
+                           help="ltt: Learn-then-Test (guarantee); empirical: plain search, NO guarantee")  # fmt: skip
+    calibrate.add_argument("--risk", choices=["disagreement", "error_increase", "error_increase_net"], default="disagreement")
+    calibrate.add_argument("--metric", choices=["max_prob", "entropy", "margin"], default="max_prob")
+    calibrate.add_argument("--p-value", choices=["binomial", "hoeffding_bentkus"], default="binomial")
+    calibrate.add_argument("--per-class", choices=["marginal", "class_conditional"], help="per-class thresholds")
+    calibrate.add_argument("--bonferroni", action="store_true", help="one guarantee for all cohorts at once")
+    calibrate.add_argument("--min-group-rows", type=int, default=50, help="smaller cohorts fall back to global")
+    calibrate.add_argument("--report", help="folder for report.md and its plots")
+    calibrate.set_defaults(run=_calibrate)
 
     serve = commands.add_parser("serve", help="start the embedded tritonserver on a repository")
     add_serve_arguments(serve)

@@ -18,9 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from offramp.backend.environment import prepare_execution_env
-from offramp.build.calibrate import empirical_threshold_policy, exit_logits_from_onnx
+from offramp.build.calibrate import calibrate_artifacts, recipe_calibration_data
 from offramp.build.fashion_mnist import load_fashion_mnist
-from offramp.build.recipes import build_fashion_mnist_cnn, fashion_mnist_train_and_calibration
+from offramp.build.recipes import build_fashion_mnist_cnn
 from offramp.build.repository import RepositoryOptions, full_model_name, write_repository
 from offramp.build.train import TrainConfig
 from offramp.client.client import OfframpClient, Predictions
@@ -69,11 +69,12 @@ def run_demo(
     print("      per-exit test accuracy (PyTorch): " + ", ".join(f"{a:.2%}" for a in artifacts.exit_test_accuracy))
     print("      exit costs (fraction of full):   " + ", ".join(f"{c:.2f}" for c in artifacts.exit_costs))
 
-    print("[2/4] policy: one max-prob threshold, empirical search on 5,000 held-out rows (no guarantee)")
-    _, (cal_images, _) = fashion_mnist_train_and_calibration()
-    calibration = exit_logits_from_onnx(artifacts, artifacts_dir, {"IMAGE": cal_images})
-    policy = empirical_threshold_policy(artifacts, calibration, min_agreement=0.99)
-    print(f"      threshold {policy.exits[0].threshold}, expected compute {policy.provenance['expected_cost']:.2f}")
+    print("[2/4] policy: Learn-then-Test on 5,000 held-out rows, disagreement with the full model <= 1% w.p. >= 95%")
+    policy, _, _ = calibrate_artifacts(
+        artifacts, artifacts_dir, recipe_calibration_data(artifacts), epsilon=0.01, delta=0.05
+    )
+    thresholds = ", ".join(f"{r.threshold:.4f}" for r in policy.exits[:-1])
+    print(f"      max-prob thresholds {thresholds}; expected compute {policy.provenance['expected_cost']:.2f}")
 
     print(f"[3/4] repository -> {repository}")
     options = RepositoryOptions(execution_env=prepare_execution_env())

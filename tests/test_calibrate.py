@@ -1,0 +1,60 @@
+"""`offramp calibrate` on a real (briefly trained) model: policy, guarantee figures, report, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from offramp.backend.policy import Policy
+from offramp.build.calibrate import CalibrationData, calibrate_artifacts, simulate_exits
+from offramp.client.cli import main
+
+
+@pytest.fixture(scope="module")
+def calibration_npz(quick_cnn, fashion_test, tmp_path_factory):
+    """2,000 test images as a calibration file with two cohorts, one of them tiny."""
+    images, labels = fashion_test
+    cohorts = np.where(np.arange(2000) < 3, "tiny", "main")
+    path = tmp_path_factory.mktemp("calibration") / "data.npz"
+    np.savez(path, IMAGE=images[:2000], labels=labels[:2000], cohorts=cohorts)
+    return path
+
+
+def test_calibrate_writes_a_servable_policy_and_a_report(quick_cnn, calibration_npz, tmp_path):
+    artifacts, directory = quick_cnn
+    out = tmp_path / "policy.json"
+    args = ["calibrate", "--artifacts", str(directory), "--data", str(calibration_npz), "--out", str(out),
+            "--epsilon", "0.05", "--delta", "0.1", "--report", str(tmp_path / "report")]  # fmt: skip
+    with pytest.warns(UserWarning, match="tiny"):
+        assert main(args) == 0
+    policy = Policy.load(out).validate(artifacts.num_exits, artifacts.num_classes, artifacts.fingerprint)
+    assert policy.provenance["epsilon"] == 0.05 and policy.provenance["delta"] == 0.1
+    assert policy.provenance["achieved_risk"] <= 0.05
+    assert "tiny" not in policy.cohorts  # three rows certify nothing: the global thresholds serve them
+    assert abs(sum(policy.exit_rate_profile) - 1.0) < 1e-9
+    for name in ["report.md", "pareto.png", "reliability.png", "exit_rates.png"]:
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    assert "Per cohort" in (tmp_path / "report" / "report.md").read_text()
+
+    # The same command gives the same policy, version included.
+    again = tmp_path / "again.json"
+    with pytest.warns(UserWarning):
+        main([str(again) if a == str(out) else a for a in args[:-2]])
+    assert json.loads(again.read_text()) == json.loads(out.read_text())
+
+
+def test_epsilon_zero_gives_no_early_exits(quick_cnn, fashion_test):
+    artifacts, directory = quick_cnn
+    images, labels = fashion_test
+    data = CalibrationData({"IMAGE": images[:1000]}, labels[:1000])
+    policy, _, logits = calibrate_artifacts(artifacts, directory, data, epsilon=0.0, delta=0.05)
+    assert (simulate_exits(logits, policy.exits) == artifacts.num_exits - 1).all()
+
+
+def test_a_wrong_calibration_file_names_what_it_lacks(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, pixels=np.zeros((2, 1, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"missing arrays \['IMAGE', 'labels'\]"):
+        CalibrationData.from_npz(path, ["IMAGE"])
