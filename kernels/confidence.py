@@ -6,8 +6,8 @@ Three implementations share one contract:
 - ``compute_confidence``: the array-module (``xp``) version the cascade runs on the CPU (NumPy).
 - the CUDA kernel in ``confidence.cu`` with its CuPy launcher, which the cascade runs on the GPU.
 
-Contract, per row ``z = logits / temperature`` (computed in float32, accumulated in float32 on the
-serving paths and in float64 in the reference):
+Contract, per row ``z = logits / temperature`` (divided in float32 everywhere, then accumulated in
+float32 on the serving paths and in float64 in the reference):
 
 - ``max_prob = softmax(z)[argmax]``, through log-sum-exp so peaked and flat rows are stable.
 - ``entropy = lse(z) - sum_i softmax(z)_i * z_i`` (natural log, nats).
@@ -51,7 +51,9 @@ class Confidence:
 
 
 def _confidence(logits: Any, temperature: float, xp: Any, dtype: Any) -> Confidence:
-    z = logits.astype(dtype) / dtype(temperature)  # (B, C)
+    # z is rounded to float32 on every path, the reference included, so that all three agree on
+    # which logit is largest and on which rows overflow; only what follows is float64 there.
+    z = (logits.astype(xp.float32) / xp.float32(temperature)).astype(dtype)  # (B, C)
     batch, num_classes = z.shape
     finite = xp.isfinite(z).all(axis=1)  # (B,)
     # Invalid rows are computed on zeros so that no NaN or overflow warning leaks out of them.

@@ -1,0 +1,92 @@
+"""Compile the kernel sources with NVRTC for sm_80, sm_90 and sm_100; no GPU or driver needed.
+
+Each source must compile for each architecture with every expected entry point in ptxas' report,
+and no entry point may spill registers or use a stack frame: local memory would slow kernels that
+should be bound by their global-memory traffic.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from offramp.kernels.cuda import (
+    COMPACT_SOURCE,
+    CONFIDENCE_SOURCE,
+    ENTRY_POINTS,
+    NVRTC_OPTIONS,
+    load_pip_nvrtc,
+)
+
+nvrtc = pytest.importorskip(
+    "cupy_backends.cuda.libs.nvrtc", reason="CuPy (cupy-cuda13x) is not installed, so no NVRTC bindings"
+)
+
+ARCHITECTURES = ("sm_80", "sm_90", "sm_100")
+SOURCES = (CONFIDENCE_SOURCE, COMPACT_SOURCE)
+
+# ptxas -v, per entry point:
+#   ptxas info    : Function properties for NAME
+#   ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+#   ptxas info    : Used 32 registers, used 0 barriers, ...
+_FUNCTION_PROPERTIES = re.compile(
+    r"Function properties for (?P<name>\w+)\s+ptxas\s+\.\s+(?P<stack>\d+) bytes stack frame, "
+    r"(?P<spill_stores>\d+) bytes spill stores, (?P<spill_loads>\d+) bytes spill loads\s+"
+    r"ptxas info\s+: Used (?P<registers>\d+) registers"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nvrtc_library() -> None:
+    load_pip_nvrtc()
+    try:
+        nvrtc.getVersion()
+    except Exception as error:  # CuPy raises RuntimeError or OSError depending on what is missing
+        pytest.skip(f"no loadable NVRTC library (install nvidia-cuda-nvrtc==13.0.88): {error}")
+
+
+def compile_program(source: Path, architecture: str) -> tuple[object, str]:
+    """Compiles ``source`` for ``architecture`` with ptxas' verbose report; returns the program and log."""
+    program = nvrtc.createProgram(source.read_text(), source.name, [], [])
+    options = [*NVRTC_OPTIONS, f"--gpu-architecture={architecture}", "-Xptxas=-v"]
+    try:
+        nvrtc.compileProgram(program, options)
+    except nvrtc.NVRTCError:
+        log = nvrtc.getProgramLog(program)
+        nvrtc.destroyProgram(program)
+        pytest.fail(f"NVRTC failed to compile {source.name} for {architecture}:\n{log}")
+    return program, nvrtc.getProgramLog(program).replace("\0", "")
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("source", SOURCES, ids=lambda source: source.name)
+def test_compiles_without_spills_or_stack(source: Path, architecture: str) -> None:
+    program, log = compile_program(source, architecture)
+    try:
+        cubin = nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    assert cubin[:4] == b"\x7fELF"
+
+    reports = {match["name"]: match for match in _FUNCTION_PROPERTIES.finditer(log)}
+    expected = {name for name, defined_in in ENTRY_POINTS.items() if defined_in == source}
+    assert set(reports) == expected, log
+    for name, report in reports.items():
+        summary = f"{name} on {architecture}: {report.group(0)!r}"
+        assert report["spill_stores"] == "0" and report["spill_loads"] == "0", summary
+        assert report["stack"] == "0", summary
+
+
+def test_widest_row_copy_moves_16_bytes_per_access() -> None:
+    """The 16-byte copy kernels must become 128-bit loads and stores, or the unit choice gains nothing."""
+    program, _ = compile_program(COMPACT_SOURCE, "sm_90")
+    try:
+        ptx = nvrtc.getPTX(program).decode()
+    finally:
+        nvrtc.destroyProgram(program)
+    for kernel in ("gather_rows_b16", "scatter_rows_b16"):
+        body = ptx[ptx.index(f".entry {kernel}(") :].split(".entry", 2)[1]
+        assert re.search(r"ld\.global(\.nc)?\.v4\.[ub]32|ld\.global(\.nc)?\.v2\.[ub]64", body), kernel
+        assert re.search(r"st\.global\.v4\.[ub]32|st\.global\.v2\.[ub]64", body), kernel
