@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -79,6 +80,49 @@ def _calibrate(args: argparse.Namespace) -> int:
 
         report = write_calibration_report(Path(args.report), policy, calibrated, logits, data, artifacts.class_names)
         print(f"  report: {report}")
+    return 0
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from offramp.backend.policy import Policy
+    from offramp.client.policy_control import PolicyControl, PolicyControlError, policy_diff
+
+    control = PolicyControl(Path(args.repository), args.model, args.url, args.admin_key)
+    try:
+        if args.action == "list":
+            for version in control.versions():
+                provenance = version.policy.provenance
+                print(f"{version.number:>4} {'*' if version.active else ' '} {version.policy.version:<24} "
+                      f"{provenance.get('method', '?')}, expected compute {provenance.get('expected_cost', float('nan')):.3f}")  # fmt: skip
+        elif args.action == "show":
+            print(control.policy(args.version).to_json())
+        elif args.action == "diff":
+            for line in policy_diff(control.policy(args.version), control.policy(args.other)) or ["no differences"]:
+                print(line)
+        elif args.action == "deploy":
+            number = control.deploy(Policy.load(Path(args.policy)))
+            print(f"{args.model}: policy version {number} written" + (" and serving" if args.url else ""))
+        elif args.action == "rollback":
+            print(f"{args.model}: serving policy version {control.rollback(args.version)}")
+    except PolicyControlError as error:
+        print(f"offramp policy: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from offramp.backend.audit import read_audit, summarize_audit
+
+    summary = summarize_audit(read_audit([Path(p) for p in args.files]))
+    total = sum(summary["exit"].values())
+    print(f"{total} records")
+    for field in ("policy_version", "cohort", "exit"):
+        print(f"by {field}:")
+        for key, count in sorted(summary[field].items(), key=lambda kv: str(kv[0])):
+            print(f"  {str(key):<24} {count:>8} {count / max(total, 1):>7.1%}")
+    print("by policy_version and exit:")
+    for (version, exit_index), count in sorted(summary["version_exit"].items(), key=lambda kv: str(kv[0])):
+        print(f"  {str(version):<24} exit {exit_index}: {count}")
     return 0
 
 
@@ -161,6 +205,21 @@ def parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start the embedded tritonserver on a repository")
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
+
+    policy = commands.add_parser("policy", help="list, show, diff, deploy or roll back live policy versions")
+    policy.add_argument("action", choices=["list", "show", "diff", "deploy", "rollback"])
+    policy.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
+    policy.add_argument("--model", default="fashion_cnn", help="the orchestrator model")
+    policy.add_argument("--url", help="gRPC address of the running server (host:port)")
+    policy.add_argument("--admin-key", default=os.environ.get("OFFRAMP_ADMIN_KEY"), help="for servers off loopback")
+    policy.add_argument("--version", type=int, help="show/diff: the version; rollback: the target")
+    policy.add_argument("--other", type=int, help="diff: the version to compare with")
+    policy.add_argument("--policy", help="deploy: the policy.json to serve")
+    policy.set_defaults(run=_policy)
+
+    audit = commands.add_parser("audit", help="summarise audit records by exit, cohort and policy version")
+    audit.add_argument("files", nargs="+", help="audit JSON-lines files (rotated siblings are read too)")
+    audit.set_defaults(run=_audit)
 
     infer = commands.add_parser("infer", help="classify images through gRPC; one JSON line per row")
     infer.add_argument("--url", default="127.0.0.1:8001")

@@ -16,6 +16,7 @@ import functools
 import glob
 import http.client
 import importlib.util
+import ipaddress
 import logging
 import os
 import re
@@ -38,6 +39,17 @@ SHM_DIR = Path("/dev/shm")
 # The Python backend names each stub's region "<prefix><uuid>"; this is its default prefix.
 SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
 MODEL_CONTROL_MODES = ("none", "explicit")
+# APIs that change or reveal the served models; restricted to holders of the admin key off loopback.
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "trace", "logging")
+ADMIN_KEY_HEADER = "offramp-admin-key"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
 LOG_TAIL_LINES = 40
 _TRITON_ERROR_LINE = re.compile(r"E\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ")
 
@@ -241,6 +253,7 @@ class EmbeddedTritonServer:
         load_models: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         startup_timeout_s: float = 180.0,
+        admin_key: str | None = None,
     ) -> None:
         if model_control not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control must be one of {MODEL_CONTROL_MODES}, not {model_control!r}")
@@ -248,6 +261,9 @@ class EmbeddedTritonServer:
             raise ValueError("load_models needs model_control='explicit' (Triton ignores it otherwise)")
         self.repository = Path(repository).absolute()
         self.host = host
+        # Bound beyond loopback, anyone who reaches the port could load, unload or reconfigure
+        # models: those APIs then demand the admin key header. On loopback they stay open.
+        self.admin_key = admin_key or (None if _is_loopback(host) else secrets.token_urlsafe(24))
         self.ports = ports or ServerPorts()
         self.log_path = Path(log_path).absolute() if log_path is not None else None
         self.model_control = model_control
@@ -313,6 +329,9 @@ class EmbeddedTritonServer:
         if "--metrics-address" in _tritonserver_help():
             command.append(f"--metrics-address={self.host}")
         command += [f"--load-model={name}" for name in self.load_models]
+        if self.admin_key:
+            restricted = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}"
+            command += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         return command + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:
@@ -334,7 +353,7 @@ class EmbeddedTritonServer:
             raise ServerStartError(
                 f"model repository {self.repository} has no model (no <model>/config.pbtxt)"
             )
-        missing = [name for name in self.load_models if name not in models]
+        missing = [name for name in self.load_models if name != "*" and name not in models]
         if missing:
             raise ServerStartError(f"models {missing} not in {self.repository} (it has {models})")
 
@@ -504,8 +523,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-control",
         choices=MODEL_CONTROL_MODES,
-        default="none",
-        help="'explicit' lets clients load and unload models (default: %(default)s)",
+        default="explicit",
+        help="'explicit' loads every model and lets `offramp policy` swap policies live (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--admin-key",
+        default=os.environ.get("OFFRAMP_ADMIN_KEY"),
+        help="key (header offramp-admin-key) for model control; required off loopback, generated if not "
+        "given (default: $OFFRAMP_ADMIN_KEY)",
     )
 
 
@@ -517,6 +542,8 @@ def serve(args: argparse.Namespace) -> int:
         ports=ServerPorts(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port),
         log_path=args.log,
         model_control=args.model_control,
+        load_models=("*",) if args.model_control == "explicit" else (),
+        admin_key=args.admin_key,
     )
 
     def interrupt(signum: int, frame: object) -> None:
@@ -532,6 +559,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"HTTP     {server.http_url}", flush=True)
         print(f"metrics  {server.metrics_url}", flush=True)
         print(f"log      {server.log_path}", flush=True)
+        if server.admin_key:
+            print(f"model control needs header {ADMIN_KEY_HEADER}: {server.admin_key}", flush=True)
         print("Ctrl-C to stop", flush=True)
         while (code := server.poll()) is None:
             time.sleep(0.5)

@@ -109,11 +109,18 @@ class ServingOptions:
             values[name] = raw.lower() == "true" if field_type is bool else field_type(raw)
         return cls(**values)
 
-    def hooks(self, policy: Policy) -> dict[str, Any]:
-        """The audit log and drift monitor these options ask for (drift needs the policy's profile)."""
+    def hooks(self, policy: Policy, instance: str = "") -> dict[str, Any]:
+        """The audit log and drift monitor these options ask for (drift needs the policy's profile).
+
+        Each instance writes its own audit file (``<stem>.<instance><suffix>``): instances are
+        separate processes, and one file rotated by two writers would lose records.
+        """
         hooks: dict[str, Any] = {}
         if self.audit_path:
-            config = AuditConfig(Path(self.audit_path), self.audit_max_bytes, sample_rate=self.audit_sample_rate)
+            path = Path(self.audit_path)
+            if instance:
+                path = path.with_name(f"{path.stem}.{instance}{path.suffix}")
+            config = AuditConfig(path, self.audit_max_bytes, sample_rate=self.audit_sample_rate)
             hooks["audit"] = AuditLog(config)
         if policy.exit_rate_profile is not None:
             hooks["drift"] = DriftMonitor(
@@ -296,6 +303,7 @@ class Orchestrator:
         if not parsed:
             return answers
         batch = self.merge(parsed)
+        requested_full = batch.force_full
         policy = self.policy
         conservative = self.drift is not None and self.drift.conservative
         if conservative:
@@ -320,11 +328,15 @@ class Orchestrator:
             "EXIT": result.exit,
             "CONFIDENCE": result.confidence,
             "COST": result.cost,
-            "FLAGS": result.flags | (FLAG_CONSERVATIVE if conservative else 0),
+            "FLAGS": result.flags,
         }
+        if conservative:  # rows the request did not force are flagged as forced by the drift alarm
+            outputs["FLAGS"] = np.where(
+                requested_full, result.flags, (result.flags & ~FLAG_FORCED_FULL) | FLAG_CONSERVATIVE
+            ).astype(np.int32)
         if self.policy.abstention is not None:
             self._abstain(outputs, batch, run_model)
-        self._observe(outputs, result.policy_exit, parsed, batch)
+        self._observe(outputs, result.policy_exit, parsed, batch, requested_full)
         start = 0
         good = iter(parsed)
         for position, answer in enumerate(answers):
@@ -360,11 +372,20 @@ class Orchestrator:
         flags[unsure] |= FLAG_ABSTAINED
 
     def _observe(
-        self, outputs: dict[str, np.ndarray], policy_exit: np.ndarray, parsed: Sequence[ParsedRequest], batch: CascadeBatch
+        self,
+        outputs: dict[str, np.ndarray],
+        policy_exit: np.ndarray,
+        parsed: Sequence[ParsedRequest],
+        batch: CascadeBatch,
+        requested_full: np.ndarray,
     ) -> None:
-        """Metrics, drift and audit for the answered rows; none of it may fail the requests."""
+        """Metrics, drift and audit for the answered rows; none of it may fail the requests.
+
+        Drift watches the exits the policy chose freely, conservative mode included (its rows run
+        through every segment, so the choice is still known), not rows the request forced.
+        """
         if self.drift is not None:
-            free = policy_exit[(policy_exit >= 0) & ((outputs["FLAGS"] & FLAG_FORCED_FULL) == 0)]
+            free = policy_exit[(policy_exit >= 0) & ~requested_full]
             if len(free):
                 self.drift.update(free)
         if self.telemetry is not None:

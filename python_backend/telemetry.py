@@ -42,9 +42,15 @@ class MetricsSink(Protocol):
 
 
 class ServingTelemetry:
-    def __init__(self, sink: MetricsSink, model: str) -> None:
+    def __init__(self, sink: MetricsSink, model: str, instance: str = "") -> None:
         self.sink = sink
         self.model = model
+        # Every metric carries the instance (and policy version) it comes from. Gauges are per
+        # instance state (its drift window, its audit writer), and no two stubs may share a metric:
+        # one stub unloading (a policy swap) deletes its metrics, which would pull them from under
+        # another still serving (a tritonserver segfault, seen here). Sum over instances to query.
+        self.instance = instance
+        self.labels = {"model": model, "instance": instance}
 
     def answered(self, exits: np.ndarray, max_prob: np.ndarray, cost: np.ndarray, flags: np.ndarray, cohorts: np.ndarray) -> None:
         """Per answered row (all (n,)): its exit, confidence, compute fraction, flags and cohort name."""
@@ -52,7 +58,7 @@ class ServingTelemetry:
             self.sink.increment(
                 "offramp_exits_total",
                 "Rows answered, by exit and cohort",
-                {"model": self.model, "exit": str(exit_index), "cohort": cohort},
+                {**self.labels, "exit": str(exit_index), "cohort": cohort},
                 count,
             )
         for exit_index in np.unique(exits):
@@ -60,27 +66,27 @@ class ServingTelemetry:
             self.sink.observe(
                 "offramp_exit_confidence",
                 "Max-prob confidence of the rows answered at each exit",
-                {"model": self.model, "exit": str(int(exit_index))},
+                {**self.labels, "exit": str(int(exit_index))},
                 CONFIDENCE_BUCKETS,
                 values[np.isfinite(values)],
             )
         self.sink.observe(
             "offramp_compute_fraction", "Fraction of the full network's compute each row used",
-            {"model": self.model}, COST_BUCKETS, cost,
+            self.labels, COST_BUCKETS, cost,
         )  # fmt: skip
         for bit, (name, description) in _FLAG_COUNTERS.items():
             count = int(np.count_nonzero(flags & bit))
             if count:
-                self.sink.increment(name, description, {"model": self.model}, count)
+                self.sink.increment(name, description, self.labels, count)
 
     def policy(self, version: str, fingerprint: str) -> None:
         self.sink.set(
             "offramp_policy_info", "The policy being served (value 1)",
-            {"model": self.model, "version": version, "model_fingerprint": fingerprint[:16]}, 1.0,
+            {**self.labels, "version": version, "model_fingerprint": fingerprint[:16]}, 1.0,
         )  # fmt: skip
 
     def drift(self, score: float | None, alarm: bool, conservative: bool) -> None:
-        labels = {"model": self.model}
+        labels = self.labels
         if score is not None:
             self.sink.set("offramp_drift_score", "PSI of the live exit profile against calibration", labels, score)
         self.sink.set("offramp_drift_alarm", "1 while the drift score is past its alarm level", labels, float(alarm))
@@ -95,7 +101,7 @@ class ServingTelemetry:
             ("offramp_audit_rows_dropped", dropped, "Audit records dropped: the writer fell behind"),
             ("offramp_audit_rows_lost", lost, "Audit records lost: the disk refused them"),
         ]:
-            self.sink.set(name, description, {"model": self.model}, float(value))
+            self.sink.set(name, description, self.labels, float(value))
 
 
 def _count_pairs(exits: np.ndarray, cohorts: np.ndarray) -> tuple[list[tuple[int, str]], list[int]]:

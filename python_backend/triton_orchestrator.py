@@ -34,8 +34,13 @@ class _Request:
 
 
 class _TritonMetrics:
-    """MetricsSink over pb_utils.MetricFamily. Families and metrics are kept alive on the object and
-    released in ``close`` (NOTES.md: deleting them late segfaults the stub at unload)."""
+    """MetricsSink over pb_utils.MetricFamily.
+
+    Families are shared by name across stubs (two instances, or two policy versions during a swap),
+    so one stub deleting a family at unload would delete it under the others: ``close`` releases only
+    this stub's own metrics (their labels name the instance and version, so no other stub holds them),
+    and keeps the family handles alive until the process ends.
+    """
 
     def __init__(self):
         # The stub attaches MetricFamily to pb_utils after the module is imported: look it up here.
@@ -68,7 +73,6 @@ class _TritonMetrics:
 
     def close(self):
         self.metrics.clear()
-        self.families.clear()
 
 
 def _bls(model_name, tensors, output_names):
@@ -89,8 +93,9 @@ class TritonPythonModel:
         parameters = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         options = ServingOptions.from_parameters(parameters)
         self.metrics = _TritonMetrics()
-        hooks = options.hooks(Policy.load(version_dir / POLICY_FILE))
-        telemetry = ServingTelemetry(self.metrics, args["model_name"])
+        instance = f"{args.get('model_instance_name', '')}-v{args['model_version']}"
+        hooks = options.hooks(Policy.load(version_dir / POLICY_FILE), instance)
+        telemetry = ServingTelemetry(self.metrics, args["model_name"], instance)
         self.orchestrator = Orchestrator.from_directory(version_dir, telemetry=telemetry, **hooks)
         self.spec = self.orchestrator.spec
 

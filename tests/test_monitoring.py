@@ -1,0 +1,116 @@
+"""Telemetry, audit and drift without a server; the shipped dashboard and alert rules name real metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import offramp.backend
+from offramp.backend.audit import AuditConfig, AuditLog, read_audit, summarize_audit
+from offramp.backend.contract import FLAG_ABSTAINED, FLAG_DEADLINE, FLAG_FORCED_FULL
+from offramp.backend.drift import DriftConfig, DriftMonitor, population_stability_index
+from offramp.backend.telemetry import ServingTelemetry
+
+MONITORING = Path(offramp.backend.__file__).parent / "monitoring"
+
+
+class RecordingSink:
+    def __init__(self):
+        self.values = {}
+
+    def increment(self, name, description, labels, value):
+        key = (name, tuple(sorted(labels.items())))
+        self.values[key] = self.values.get(key, 0) + value
+
+    def set(self, name, description, labels, value):
+        self.values[(name, tuple(sorted(labels.items())))] = value
+
+    def observe(self, name, description, labels, buckets, values):
+        key = (name, tuple(sorted(labels.items())))
+        self.values[key] = self.values.get(key, 0) + len(values)
+
+
+def emitted_names() -> set[str]:
+    sink = RecordingSink()
+    telemetry = ServingTelemetry(sink, "m", "m_0")
+    flags = np.array([FLAG_FORCED_FULL, FLAG_DEADLINE, FLAG_ABSTAINED, 8 | 16, 32, 64], np.int32)
+    telemetry.answered(np.arange(6) % 3, np.full(6, 0.9), np.full(6, 0.5), flags, np.array(["a"] * 6, dtype=object))
+    telemetry.policy("v1", "f" * 64)
+    telemetry.drift(0.3, True, True)
+    telemetry.audit(1, 2, 3)
+    return {name for name, _ in sink.values}
+
+
+def test_telemetry_counts_rows_by_exit_and_cohort():
+    sink = RecordingSink()
+    ServingTelemetry(sink, "m").answered(
+        np.array([0, 0, 1, 2]), np.array([0.9, 0.8, np.nan, 0.5]), np.ones(4), np.zeros(4, np.int32),
+        np.array(["", "", "vip", ""], dtype=object),
+    )  # fmt: skip
+    exits = {dict(k)["exit"] + "/" + dict(k)["cohort"]: v for (n, k), v in sink.values.items() if n == "offramp_exits_total"}
+    assert exits == {"0/": 2, "1/vip": 1, "2/": 1}
+
+
+@pytest.mark.parametrize("name", ["grafana_dashboard.json", "prometheus_alerts.yml"])
+def test_shipped_monitoring_names_only_metrics_that_exist(name):
+    text = (MONITORING / name).read_text()
+    if name.endswith(".json"):
+        json.loads(text)
+    referenced = {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"offramp_[a-z_]+", text)}
+    assert referenced and referenced <= emitted_names(), referenced - emitted_names()
+
+
+def test_psi_is_zero_for_equal_profiles_and_grows_with_the_shift():
+    reference = np.array([0.6, 0.2, 0.2])
+    assert population_stability_index(reference, reference) == pytest.approx(0.0)
+    small = population_stability_index(np.array([0.55, 0.22, 0.23]), reference)
+    large = population_stability_index(np.array([0.2, 0.2, 0.6]), reference)
+    assert 0 < small < 0.1 < 0.25 < large
+
+
+def test_drift_alarm_raises_and_clears_with_hysteresis():
+    monitor = DriftMonitor(DriftConfig(reference=(0.6, 0.2, 0.2), window=200, min_rows=200, conservative=True))
+    rng = np.random.default_rng(0)
+    monitor.update(rng.choice(3, 200, p=[0.6, 0.2, 0.2]))
+    assert monitor.score < 0.1 and not monitor.alarm
+    assert monitor.update(rng.choice(3, 200, p=[0.2, 0.2, 0.6])) and monitor.conservative
+    monitor.update(rng.choice(3, 100, p=[0.6, 0.2, 0.2]))  # half the window back to normal: still shifted
+    assert monitor.alarm
+    monitor.update(rng.choice(3, 200, p=[0.6, 0.2, 0.2]))
+    assert not monitor.alarm
+
+
+def test_audit_log_writes_every_row_once_rotates_and_summarizes(tmp_path):
+    log = AuditLog(AuditConfig(tmp_path / "audit.jsonl", max_bytes=2000, backups=50))
+    for batch in range(20):
+        log.record([{"request_id": f"r{batch}", "row": i, "exit": i % 3, "policy_version": "v1"} for i in range(5)])
+    log.close()
+    records = list(read_audit([tmp_path / "audit.jsonl"]))
+    assert len(records) == 100 and log.written == 100 and log.dropped == log.lost == 0
+    assert len(list(tmp_path.glob("audit.jsonl.*"))) > 1  # rotated by size
+    assert [r["request_id"] for r in records[:5]] == ["r0"] * 5  # oldest first across rotations
+    summary = summarize_audit(records)
+    assert summary["exit"] == {0: 40, 1: 40, 2: 20} and summary["policy_version"] == {"v1": 100}
+
+
+def test_audit_log_counts_what_a_failing_disk_refuses(tmp_path):
+    (tmp_path / "audit.jsonl").mkdir()  # opening a directory for append fails as a broken disk does
+    log = AuditLog(AuditConfig(tmp_path / "audit.jsonl"))
+    log.record([{"row": 0}, {"row": 1}])
+    log.close()
+    assert log.lost == 2 and log.written == 0 and log.last_error
+
+
+def test_audit_sampling_and_backpressure(tmp_path):
+    sampled = AuditLog(AuditConfig(tmp_path / "a.jsonl", sample_rate=0.25, seed=1))
+    sampled.record([{"row": i} for i in range(4000)])
+    sampled.close()
+    assert 800 < sampled.written < 1200
+    small = AuditLog(AuditConfig(tmp_path / "b.jsonl", queue_rows=10))
+    small.record([{"row": i} for i in range(11)])  # more than the queue takes: dropped, counted
+    small.close()
+    assert small.dropped == 11
