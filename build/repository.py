@@ -23,6 +23,7 @@ import offramp.backend
 from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_IN, HIDDEN_OUT, LOGITS_OUT, TensorSpec, output_specs
 from offramp.backend.orchestrator import POLICY_FILE, SPEC_FILE, OrchestratorSpec, ServingOptions
 from offramp.backend.policy import Policy
+from offramp.backend.text import TEXT_INPUT, TextSpec
 from offramp.build.artifacts import ModelArtifacts
 
 TARGETS = ("embedded", "triton-onnx")
@@ -40,6 +41,7 @@ class TensorConfig:
     name: str
     dtype: str
     dims: tuple[int, ...]
+    optional: bool = False  # an input a request may leave out (TEXT or token ids)
 
     @classmethod
     def of(cls, spec: TensorSpec, name: str | None = None) -> TensorConfig:
@@ -52,7 +54,7 @@ class TensorConfig:
         return {"name": self.name, "data_type": _DTYPES[self.dtype], "dims": list(self.dims)}
 
     def input_proto(self) -> pb.ModelInput:
-        return pb.ModelInput(**self._fields())
+        return pb.ModelInput(**self._fields(), optional=self.optional)
 
     def output_proto(self) -> pb.ModelOutput:
         return pb.ModelOutput(**self._fields())
@@ -165,13 +167,25 @@ def full_model_config(artifacts: ModelArtifacts, options: RepositoryOptions) -> 
     )
 
 
+def orchestrator_inputs(artifacts: ModelArtifacts) -> tuple[TensorConfig, ...]:
+    """The model's own inputs; a text model also takes raw TEXT, and then each input is optional."""
+    if not _tokenizer_dir(artifacts):
+        return tuple(TensorConfig.of(s) for s in artifacts.inputs)
+    own = (TensorConfig(s.name, s.dtype, s.shape, optional=True) for s in artifacts.inputs)
+    return (TensorConfig(TEXT_INPUT, "object", (), optional=True), *own)
+
+
+def _tokenizer_dir(artifacts: ModelArtifacts) -> str | None:
+    return artifacts.build.get("tokenizer_dir")
+
+
 def orchestrator_model_config(
     artifacts: ModelArtifacts, options: RepositoryOptions, name: str | None = None
 ) -> ModelConfig:
     return ModelConfig(
         name=name or artifacts.name,
         backend="python",
-        inputs=tuple(TensorConfig.of(s) for s in artifacts.inputs),
+        inputs=orchestrator_inputs(artifacts),
         outputs=tuple(TensorConfig.of(s) for s in output_specs(artifacts.num_classes)),
         max_batch_size=options.max_batch_size,
         instances=options.orchestrator_instances,
@@ -189,6 +203,7 @@ def full_model_name(name: str) -> str:
 
 
 def orchestrator_spec(artifacts: ModelArtifacts, name: str | None = None, compact: bool = True) -> OrchestratorSpec:
+    tokenizer = _tokenizer_dir(artifacts)
     return OrchestratorSpec(
         model_name=name or artifacts.name,
         segment_models=tuple(segment_model_name(artifacts.name, k) for k in range(artifacts.num_exits)),
@@ -199,6 +214,7 @@ def orchestrator_spec(artifacts: ModelArtifacts, name: str | None = None, compac
         class_names=artifacts.class_names,
         fingerprint=artifacts.fingerprint,
         compact=compact,
+        text=TextSpec(tokenizer, int(artifacts.build["max_length"])) if tokenizer else None,
     )
 
 
@@ -233,7 +249,7 @@ def write_repository(
             repository, full_model_config(artifacts, options), {"model.onnx": artifacts_dir / artifacts.full_onnx, **runner}
         )
     )
-    written.append(write_orchestrator(artifacts, policy, repository, options))
+    written.append(write_orchestrator(artifacts, policy, repository, options, artifacts_dir=artifacts_dir))
     return written
 
 
@@ -244,8 +260,11 @@ def write_orchestrator(
     options: RepositoryOptions = RepositoryOptions(),
     name: str | None = None,
     compact: bool = True,
+    artifacts_dir: Path | None = None,
 ) -> Path:
     """The orchestrator model alone, under ``name`` (default: the model's public name).
+
+    A text model's tokenizer is copied from ``artifacts_dir`` beside it.
 
     Another name serves a variant beside the main one over the same segments, e.g. ``compact=False``
     for batch-level early exit in benchmarks.
@@ -254,6 +273,11 @@ def write_orchestrator(
     model_dir = _write_model(
         repository, orchestrator_model_config(artifacts, options, name), {"model.py": ORCHESTRATOR_ADAPTER}
     )
-    orchestrator_spec(artifacts, name, compact).save(model_dir / "1" / SPEC_FILE)
+    spec = orchestrator_spec(artifacts, name, compact)
+    if spec.text is not None:
+        if artifacts_dir is None:
+            raise ValueError(f"{artifacts.name} takes text: its artifacts folder is needed for the tokenizer")
+        shutil.copytree(artifacts_dir / spec.text.tokenizer_dir, model_dir / "1" / spec.text.tokenizer_dir)
+    spec.save(model_dir / "1" / SPEC_FILE)
     policy.save(model_dir / "1" / POLICY_FILE)
     return model_dir

@@ -118,6 +118,12 @@ class OfframpClient:
             flags=result.as_numpy("FLAGS").reshape(rows),
         )
 
+    def classify_text(self, model: str, texts: list[str | bytes], **policy: Any) -> Predictions:
+        """Sends raw text (tokenized by the server with the model's own tokenizer); ``policy`` as in classify."""
+        rows = np.array([t.encode("utf-8") if isinstance(t, str) else t for t in texts], dtype=np.object_)
+        # Triton wants one dim besides the batch: TEXT travels as (n, 1) and reaches the model as (n,).
+        return self.classify(model, {"TEXT": rows.reshape(-1, 1)}, **policy)
+
     def full_logits(self, model: str, inputs: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
         """Logits (n, C) of the network without early exits (``<name>_full``)."""
         if isinstance(inputs, np.ndarray):

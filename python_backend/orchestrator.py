@@ -31,6 +31,7 @@ from offramp.backend.contract import (
 from offramp.backend.drift import DriftConfig, DriftMonitor
 from offramp.backend.policy import Policy
 from offramp.backend.telemetry import ServingTelemetry
+from offramp.backend.text import TEXT_INPUT, TextEncoder, TextError, TextSpec
 from offramp.kernels.confidence import Confidence, compute_confidence, exits_by_threshold
 
 # run_model(model name, raw inputs) -> logits (n, C): another model of the repository, over BLS.
@@ -63,6 +64,7 @@ class OrchestratorSpec:
     fingerprint: str
     # False serves batch-level early exit (no compaction): kept to measure what compaction gains.
     compact: bool = True
+    text: TextSpec | None = None  # accept raw TEXT and tokenize it here
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -81,6 +83,7 @@ class OrchestratorSpec:
             class_names=tuple(data["class_names"]),
             fingerprint=data["fingerprint"],
             compact=data.get("compact", True),
+            text=TextSpec(**data["text"]) if data.get("text") else None,
         )
 
 
@@ -188,8 +191,10 @@ class Orchestrator:
         telemetry: ServingTelemetry | None = None,
         audit: AuditLog | None = None,
         drift: DriftMonitor | None = None,
+        text_encoder: TextEncoder | None = None,
     ) -> None:
         self.spec = spec
+        self.text_encoder = text_encoder
         self.policy = policy.validate(len(spec.segment_models), len(spec.class_names), spec.fingerprint)
         # Conservative mode runs rows through every segment, so the drift monitor keeps seeing
         # which exit the policy would have chosen, and can clear.
@@ -204,8 +209,10 @@ class Orchestrator:
 
     @classmethod
     def from_directory(cls, directory: Path, **hooks: Any) -> Orchestrator:
-        """The spec and policy files a repository writer put into a model version folder."""
-        return cls(OrchestratorSpec.load(directory / SPEC_FILE), Policy.load(directory / POLICY_FILE), **hooks)
+        """The spec, policy and tokenizer files a repository writer put into a model version folder."""
+        spec = OrchestratorSpec.load(directory / SPEC_FILE)
+        encoder = TextEncoder(directory, spec.text) if spec.text else None
+        return cls(spec, Policy.load(directory / POLICY_FILE), text_encoder=encoder, **hooks)
 
     @property
     def num_exits(self) -> int:
@@ -218,10 +225,12 @@ class Orchestrator:
         """
         inputs: dict[str, np.ndarray] = {}
         rows = None
+        tokenized = self._tokenize(request)
         for spec in self.spec.inputs:
-            array = request.input(spec.name)
+            array = tokenized[spec.name] if tokenized else request.input(spec.name)
             if array is None:
-                raise RequestError(f"input {spec.name!r} is missing")
+                alternative = f" (or send {TEXT_INPUT})" if self.text_encoder is not None else ""
+                raise RequestError(f"input {spec.name!r} is missing{alternative}")
             if array.dtype != np.dtype(spec.dtype):
                 raise RequestError(f"input {spec.name!r} must be {spec.dtype}, not {array.dtype}")
             if array.ndim != 1 + len(spec.shape) or any(
@@ -269,13 +278,28 @@ class Orchestrator:
             cohort=cohort,
         )
 
+    def _tokenize(self, request: RequestView) -> dict[str, np.ndarray] | None:
+        """The model's inputs from the request's TEXT, or None where it sent none (it tokenized itself)."""
+        text = request.input(TEXT_INPUT) if self.text_encoder is not None else None
+        if text is None:
+            return None
+        if any(request.input(spec.name) is not None for spec in self.spec.inputs):
+            raise RequestError(f"send either {TEXT_INPUT} or {[s.name for s in self.spec.inputs]}, not both")
+        if text.dtype != np.object_ and text.dtype.kind not in "SU":
+            raise RequestError(f"input {TEXT_INPUT!r} must be BYTES, not {text.dtype}")
+        try:
+            ids, mask = self.text_encoder.encode(text)
+        except TextError as error:
+            raise RequestError(str(error)) from None
+        return dict(zip((s.name for s in self.spec.inputs), (ids, mask)))
+
     def merge(self, parsed: Sequence[ParsedRequest]) -> CascadeBatch:
         """One batch of all rows, in request order, with each row's own constraints."""
         repeat = lambda value, dtype: np.concatenate(  # noqa: E731
             [np.full(p.rows, getattr(p, value), dtype=dtype) for p in parsed]
         )
         return CascadeBatch(
-            inputs={s.name: np.concatenate([p.inputs[s.name] for p in parsed]) for s in self.spec.inputs},
+            inputs={s.name: _concatenate_padded([p.inputs[s.name] for p in parsed]) for s in self.spec.inputs},
             force_full=repeat("force_full", bool),
             min_exit=repeat("min_exit", np.int64),
             max_exit=repeat("max_exit", np.int64),
@@ -441,6 +465,17 @@ class Orchestrator:
                 )
                 position += 1
         return records
+
+
+def _concatenate_padded(arrays: list[np.ndarray]) -> np.ndarray:
+    """Rows of several requests in one array; variable axes (a sequence) are right-padded with zeros
+    to the longest, which an attention mask of zeros makes inert."""
+    if len(arrays) == 1:
+        return arrays[0]
+    longest = np.max([a.shape for a in arrays], axis=0)[1:]
+    return np.concatenate(
+        [np.pad(a, [(0, 0), *((0, int(m - d)) for d, m in zip(a.shape[1:], longest))]) for a in arrays]
+    )
 
 
 def _finite_or_none(value: float) -> float | None:
