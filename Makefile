@@ -5,10 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The venv is rebuilt when what it is made from changes.
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
-APT_PACKAGES := dataset-fashion-mnist
+APT_PACKAGES := dataset-fashion-mnist libb64-0d
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-all lint clean
+.PHONY: help setup demo test test-all bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo: $(STAMP) ## build, serve and measure the early-exit CNN on the embedded Triton server (CPU)
 	$(BIN)/offramp demo
+
+bench: $(STAMP) ## early exit against the full model under perf_analyzer (~10 min); writes benchmarks/BENCHMARKS.md
+	$(BIN)/offramp bench
 
 test: $(STAMP) ## run the tests (slow ones excluded; see test-all)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -48,46 +48,6 @@ def simulate_exits(all_exit_logits: np.ndarray, rules: tuple[ExitRule, ...]) -> 
     return taken
 
 
-def empirical_threshold_policy(
-    artifacts: ModelArtifacts,
-    calibration_logits: np.ndarray,
-    min_agreement: float = 0.99,
-    metric: str = "max_prob",
-) -> Policy:
-    """One shared max-prob threshold: the lowest whose cascade agrees with the last exit on at least
-    ``min_agreement`` of the calibration rows.
-
-    An empirical pick with NO statistical guarantee: NOTES.md saw such picks overshoot the allowed
-    loss on fresh data. It is the simple rule of the walking skeleton.
-    """
-    if metric != "max_prob":
-        raise ValueError("the empirical search sweeps max-prob thresholds only")
-    final = calibration_logits[-1].argmax(axis=1)
-    labels = calibration_logits.argmax(axis=2)  # (exits, N)
-    chosen = 1.0
-    for threshold in np.linspace(1.0, 0.5, 101):
-        rules = (ExitRule(metric, float(threshold)),) * artifacts.num_exits
-        taken = simulate_exits(calibration_logits, rules)
-        agreement = float((labels[taken, np.arange(len(final))] == final).mean())
-        if agreement < min_agreement:
-            break
-        chosen = float(threshold)
-    rules = (ExitRule(metric, round(chosen, 4)),) * artifacts.num_exits
-    taken = simulate_exits(calibration_logits, rules)
-    return Policy(
-        version="empirical-1",
-        model_fingerprint=artifacts.fingerprint,
-        exits=rules,
-        provenance={
-            "method": "empirical search (no guarantee)",
-            "min_agreement": min_agreement,
-            "calibration_rows": int(calibration_logits.shape[1]),
-            "exit_rate_profile": np.bincount(taken, minlength=artifacts.num_exits).tolist(),
-            "expected_cost": float(np.asarray(artifacts.exit_costs)[taken].mean()),
-        },
-    )
-
-
 @dataclass(frozen=True)
 class CalibrationData:
     """A held-out labelled split: the model's raw inputs, labels (N,) and optional cohorts (N,) str."""

@@ -155,6 +155,12 @@ def _demo(args: argparse.Namespace) -> int:
     return main_demo(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from offramp.client.bench import main_bench
+
+    return main_bench(args)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from offramp.client.server import serve
 
@@ -240,6 +246,12 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--concurrency", type=int, default=8)
     demo.add_argument("--rows-per-request", type=int, default=16)
     demo.set_defaults(run=_demo)
+
+    from offramp.client.bench import add_bench_arguments
+
+    bench = commands.add_parser("bench", help="early exit against the full model under perf_analyzer; writes benchmarks/")
+    add_bench_arguments(bench)
+    bench.set_defaults(run=_bench)
     return root
 
 

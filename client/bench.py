@@ -1,0 +1,843 @@
+"""``offramp bench``: early exit against the full model, side by side under perf_analyzer, on real inputs.
+
+For each workload (a multi-exit model's artifacts, its real test split with labels, and the policy
+the benchmark serves) it writes ONE model repository holding every model under test, all configured
+alike (same instance counts, threads and dynamic batching):
+
+    <name>                the early-exit service (orchestrator over the segments, compaction on)
+    <name>_full           the network without exits (the baseline)
+    <name>_nocompact      the same orchestrator without compaction (batch-level early exit)
+    <name>_segments_full  an orchestrator whose policy routes forced rows through every segment
+
+starts one embedded tritonserver, sends the whole test split through each model once (accuracy,
+agreement with the full model, exit distribution, mean compute fraction, measured through the
+server), then drives perf_analyzer over gRPC at each concurrency level, alternating the models and
+repeating every round, with requests of R real test rows each. Ratios are formed within a round and
+their medians reported. Triton's statistics and the processes' CPU times are recorded around every
+run, so the report can say where the time goes.
+
+Results: ``<out>/results/<workload>/`` (summary.json, runs.csv, perf_analyzer's CSVs) and
+``<out>/BENCHMARKS.md`` with plots in ``<out>/plots/``. Run ``python -m offramp.client.bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import glob
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from offramp.backend.policy import Policy
+from offramp.build.artifacts import ModelArtifacts
+from offramp.client.bench_summary import (
+    EARLY,
+    FORWARD_FULL,
+    FULL,
+    NOCOMPACT,
+    SEGMENTS_FULL,
+    Goals,
+    accuracy_compute_curve,
+    quality_summary,
+    with_derived_figures,
+)
+
+DEFAULT_WORKDIR = Path(".cache/offramp")
+DEFAULT_OUT = Path("benchmarks")
+DEFAULT_CONCURRENCY = (1, 4, 8, 16)
+ARM_KEYS = (EARLY, FULL, NOCOMPACT, SEGMENTS_FULL, FORWARD_FULL)
+# Shared max-prob thresholds for the accuracy / compute curve: from "every row leaves at exit 0" (a
+# max-prob is at least 1/C) to "almost none leaves early".
+CURVE_THRESHOLDS = tuple(np.round(np.concatenate([np.linspace(0.0, 0.9, 46), 1 - np.logspace(-1, -4, 25)]), 6))
+
+
+# --- Workloads -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one benchmark serves and measures.
+
+    ``test_inputs`` are the model's inputs for the real test split, each (N, ...) in the dtype the
+    model takes and with one shape per input (pad text to a fixed length): perf_analyzer and the
+    accuracy pass send these rows. ``calibration_logits`` (exits, M, C) are every exit's logits on
+    the held-out calibration rows, with ``calibration_labels``: the policy was chosen on them and the
+    report draws the accuracy / compute curve from them.
+    """
+
+    name: str
+    artifacts: ModelArtifacts
+    artifacts_dir: Path
+    test_inputs: Mapping[str, np.ndarray]
+    test_labels: np.ndarray
+    calibration_logits: np.ndarray
+    calibration_labels: np.ndarray
+    policy: Policy
+    goals: Goals = field(default_factory=Goals)
+    description: str = ""
+
+    @property
+    def test_rows(self) -> int:
+        return len(self.test_labels)
+
+
+@dataclass(frozen=True)
+class WorkloadSettings:
+    """What a workload factory is told: where to cache builds, and whether to build quickly (tests)."""
+
+    workdir: Path = DEFAULT_WORKDIR
+    quick: bool = False
+    epochs: int = 3
+
+
+WorkloadFactory = Callable[[WorkloadSettings], Workload]
+
+
+def bench_policy(artifacts: ModelArtifacts, calibration_logits: np.ndarray, calibration_labels: np.ndarray) -> Policy:
+    """The exit policy every workload serves in the benchmark: change it here, and only here.
+
+    Learn-then-Test at 1% disagreement with the full model, with probability 0.95 over the
+    calibration rows (``offramp calibrate``'s default), on the calibration logits already recorded.
+    """
+    from offramp.build.calibrate import policy_version
+    from offramp.build.risk_control import LearnThenTest, calibrate_exit_policy
+
+    calibrated = calibrate_exit_policy(
+        calibration_logits, artifacts.exit_costs, LearnThenTest(0.01, 0.05), labels=calibration_labels
+    )
+    return calibrated.to_policy(policy_version("ltt", calibrated.rules(), {}), artifacts.fingerprint)
+
+
+def fashion_cnn_workload(settings: WorkloadSettings) -> Workload:
+    """The multi-exit ResNet on Fashion-MNIST, built as the demo builds it (reused when cached)."""
+    from offramp.build.calibrate import exit_logits_from_onnx
+    from offramp.build.fashion_mnist import load_fashion_mnist
+    from offramp.build.recipes import (
+        build_fashion_mnist_cnn,
+        fashion_mnist_train_and_calibration,
+        quick_train_config,
+    )
+    from offramp.build.train import TrainConfig
+
+    if settings.quick:
+        directory = settings.workdir / "fashion_cnn_quick"
+        artifacts = build_fashion_mnist_cnn(directory, train=quick_train_config(), progress=False)
+    else:
+        directory = settings.workdir / "fashion_cnn"
+        artifacts = build_fashion_mnist_cnn(directory, train=TrainConfig(epochs=settings.epochs))
+    _, (cal_images, cal_labels) = fashion_mnist_train_and_calibration()
+    calibration_logits = exit_logits_from_onnx(artifacts, directory, {"IMAGE": cal_images})
+    images, labels = load_fashion_mnist("test")
+    return Workload(
+        name=artifacts.name,
+        artifacts=artifacts,
+        artifacts_dir=directory,
+        test_inputs={"IMAGE": images},
+        test_labels=labels,
+        calibration_logits=calibration_logits,
+        calibration_labels=cal_labels,
+        policy=bench_policy(artifacts, calibration_logits, cal_labels),
+        goals=Goals(concurrency=8, throughput_ratio=3.0, realised_share=0.90, max_tax=0.05, max_p99_ratio=1.0),
+        description="Fashion-MNIST, multi-exit ResNet (an exit per stage)",
+    )
+
+
+WORKLOADS: dict[str, WorkloadFactory] = {"fashion_cnn": fashion_cnn_workload}
+
+
+def register_workload(name: str, factory: WorkloadFactory) -> None:
+    """Make ``--workload name`` build its workload with ``factory``."""
+    WORKLOADS[name] = factory
+
+
+def resolve_workload(spec: str) -> WorkloadFactory:
+    """A registered name, or ``package.module:function`` naming a factory."""
+    if spec in WORKLOADS:
+        return WORKLOADS[spec]
+    if ":" in spec:
+        module, _, attribute = spec.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+    raise KeyError(f"unknown workload {spec!r}; known: {sorted(WORKLOADS)} (or give module:function)")
+
+
+# --- The models under test ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One thing perf_analyzer measures: a model and the request parameters every request carries."""
+
+    key: str
+    model: str
+    parameters: Mapping[str, bool | int | str] = field(default_factory=dict)
+    description: str = ""
+
+
+def arms_of(name: str) -> dict[str, Arm]:
+    return {
+        EARLY: Arm(EARLY, name, {}, "early exit (compaction on)"),
+        FULL: Arm(FULL, f"{name}_full", {}, "full model, no exits"),
+        NOCOMPACT: Arm(NOCOMPACT, f"{name}_nocompact", {}, "early exit, batch-level (no compaction)"),
+        SEGMENTS_FULL: Arm(SEGMENTS_FULL, f"{name}_segments_full", {"force_full": True},
+                           "forced full depth through every segment (orchestration tax)"),
+        FORWARD_FULL: Arm(FORWARD_FULL, name, {"force_full": True},
+                          "forced full depth, forwarded to the full model (one BLS hop)"),
+    }
+
+
+def repository_options(config: BenchConfig) -> Any:
+    from offramp.backend.environment import prepare_execution_env
+    from offramp.build.repository import RepositoryOptions
+
+    return RepositoryOptions(
+        execution_env=prepare_execution_env(),
+        orchestrator_instances=config.orchestrator_instances,
+        segment_instances=config.segment_instances,
+        threads_per_instance=config.threads_per_instance,
+        max_queue_delay_us=config.max_queue_delay_us,
+    )
+
+
+def write_bench_repository(workload: Workload, repository: Path, options: Any) -> list[str]:
+    """The early-exit model, ``<name>_full``, and the two orchestrator variants, in one fresh repository.
+
+    Segments and the full model share one configuration (``segment_instances`` instances of
+    ``threads_per_instance`` threads, the same dynamic batching); every orchestrator has
+    ``orchestrator_instances``. Returns the model names.
+    """
+    from offramp.build.repository import write_orchestrator, write_repository
+
+    if repository.exists():
+        shutil.rmtree(repository)
+    name = workload.name
+    written = write_repository(workload.artifacts, workload.artifacts_dir, workload.policy, repository, options)
+    write_orchestrator(workload.artifacts, workload.policy, repository, options, name=f"{name}_nocompact", compact=False)
+    segments_policy = replace(workload.policy, full_depth_route="segments")
+    write_orchestrator(workload.artifacts, segments_policy, repository, options, name=f"{name}_segments_full")
+    return sorted([p.name for p in written] + [f"{name}_nocompact", f"{name}_segments_full"])
+
+
+def pick_data_rows(rows: int, count: int, seed: int) -> np.ndarray:
+    """``count`` distinct test rows in a seeded random order (so consecutive requests mix classes)."""
+    return np.random.default_rng(seed).choice(rows, size=min(count, rows), replace=False)
+
+
+# --- What is recorded around each run ------------------------------------------------------------------
+
+
+def model_statistics(http_url: str) -> dict[str, dict[str, float]]:
+    """Triton's cumulative statistics of every model (``GET /v2/models/stats``), flattened."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{http_url}/v2/models/stats", timeout=30) as response:
+        data = json.load(response)
+    return {entry["name"]: flatten_model_stats(entry) for entry in data.get("model_stats", [])}
+
+
+def flatten_model_stats(entry: Mapping[str, Any]) -> dict[str, float]:
+    """One model's statistics entry as counters: requests, failures, rows, executions, times in ns."""
+    stats = entry.get("inference_stats", {})
+    batches = entry.get("batch_stats", []) or []
+    get = lambda part, key: float(stats.get(part, {}).get(key, 0))
+    return {
+        "inference_count": float(entry.get("inference_count", 0)),
+        "execution_count": float(entry.get("execution_count", 0)),
+        "success": get("success", "count"),
+        "fail": get("fail", "count"),
+        "queue_ns": get("queue", "ns"),
+        "compute_input_ns": get("compute_input", "ns"),
+        "compute_infer_ns": get("compute_infer", "ns"),
+        "compute_output_ns": get("compute_output", "ns"),
+        "batch_exec_count": sum(float(b.get("compute_infer", {}).get("count", 0)) for b in batches),
+        "batch_exec_ns": sum(
+            float(b.get(part, {}).get("ns", 0))
+            for b in batches
+            for part in ("compute_input", "compute_infer", "compute_output")
+        ),
+    }
+
+
+def statistics_delta(before: Mapping[str, Mapping[str, float]], after: Mapping[str, Mapping[str, float]]) -> dict:
+    """``after - before`` per model and counter; models with no new request are left out."""
+    delta = {}
+    for model, counters in after.items():
+        old = before.get(model, {})
+        diff = {key: value - old.get(key, 0.0) for key, value in counters.items()}
+        if diff.get("success", 0.0) or diff.get("fail", 0.0):
+            delta[model] = diff
+    return delta
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pgid: int, repository: Path) -> dict[str, float]:
+    """User+system CPU seconds of the server's processes, by role: ``tritonserver`` or the model a stub serves.
+
+    The Python stubs share the server's process group; a stub's command line starts with its
+    ``<repository>/<model>/<version>/model.py``.
+    """
+    totals: dict[str, float] = {}
+    prefix = str(Path(repository).absolute()) + os.sep
+    for stat_path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            text = Path(stat_path).read_text()
+            pid = int(Path(stat_path).parent.name)
+            fields = text.rpartition(")")[2].split()
+            if int(fields[2]) != pgid:
+                continue
+            seconds = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # The process ended while we looked.
+        if pid == pgid:
+            label = "tritonserver"
+        else:
+            model_py = next((a.decode() for a in argv[1:] if a.decode(errors="replace").startswith(prefix)), None)
+            label = Path(model_py).relative_to(prefix).parts[0] if model_py else "other"
+        totals[label] = totals.get(label, 0.0) + seconds
+    return totals
+
+
+def machine_busy_jiffies() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    values = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0.0)
+    return sum(values) - idle, sum(values)
+
+
+# --- Configuration --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    workloads: tuple[str, ...] = ("fashion_cnn",)
+    concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
+    repeats: int = 3
+    rows_per_request: int = 8
+    data_rows: int = 512
+    measurement_interval_ms: int = 1500
+    arms: tuple[str, ...] = ARM_KEYS
+    quality_rows: int | None = None  # None: the whole test split
+    quality_concurrency: int = 8
+    workdir: Path = DEFAULT_WORKDIR
+    out: Path = DEFAULT_OUT
+    epochs: int = 3
+    orchestrator_instances: int = 2
+    segment_instances: int = 2
+    threads_per_instance: int = 1
+    max_queue_delay_us: int = 0
+    seed: int = 0
+    quick: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = set(self.arms) - set(ARM_KEYS)
+        if unknown:
+            raise ValueError(f"unknown arms {sorted(unknown)}; known: {list(ARM_KEYS)}")
+        if EARLY not in self.arms or FULL not in self.arms:
+            raise ValueError("the arms must include 'early' and 'full'")
+        if self.repeats < 1 or self.rows_per_request < 1 or not self.concurrency:
+            raise ValueError("repeats, rows per request and the concurrency levels must be positive")
+
+    @classmethod
+    def quick_defaults(cls) -> dict[str, Any]:
+        """A run of about a minute (after the quick build): for tests and smoke checks."""
+        return {
+            "concurrency": (1, 4), "repeats": 1, "measurement_interval_ms": 500, "data_rows": 64,
+            "quality_rows": 512, "quick": True, "out": DEFAULT_WORKDIR / "bench-quick",
+        }  # fmt: skip
+
+
+# --- The measurements -------------------------------------------------------------------------------------
+
+
+def _progress(iterable: Any = None, **kwargs: Any) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def served_quality(
+    url: str, workload: Workload, arms: Mapping[str, Arm], rows: int, config: BenchConfig
+) -> tuple[dict, dict[str, Any]]:
+    """Send the first ``rows`` test rows through each arm once (concurrency ``quality_concurrency``).
+
+    Returns the quality summary (early exit against the full model and the labels) and the raw
+    per-row answers by arm (labels; for the orchestrators also exit and cost).
+    """
+    from offramp.client.client import Predictions
+    from offramp.client.demo import send_all
+
+    inputs = {n: a[:rows] for n, a in workload.test_inputs.items()}
+    labels = workload.test_labels[:rows]
+    answers: dict[str, Any] = {}
+    passes: dict[str, dict] = {}
+    for key, arm in arms.items():
+        if key == FORWARD_FULL:
+            continue  # the same model as `early`; forced rows are checked by the tests
+        if key == FULL:
+            call = lambda client, part, arm=arm: client.full_logits(arm.model, {n: a[part] for n, a in inputs.items()})
+        else:
+            call = lambda client, part, arm=arm: client.classify(
+                arm.model, {n: a[part] for n, a in inputs.items()}, **dict(arm.parameters)
+            )
+        parts, run = send_all(url, rows, config.rows_per_request, config.quality_concurrency, call,
+                              f"accuracy {arm.model:>24}")  # fmt: skip
+        if key == FULL:
+            answers[key] = {"label": np.concatenate(parts).argmax(axis=1)}
+        else:
+            predictions = Predictions.concatenate(parts)
+            answers[key] = {"label": predictions.label, "exit": predictions.exit, "cost": predictions.cost}
+        passes[key] = {"rows_per_s": run.rows_per_second, "seconds": run.seconds}
+    early, full = answers[EARLY], answers[FULL]
+    summary = quality_summary(labels, full["label"], early["label"], early["exit"], early["cost"],
+                              workload.artifacts.num_exits)  # fmt: skip
+    if NOCOMPACT in answers:
+        summary["nocompact_same_labels"] = float(np.mean(answers[NOCOMPACT]["label"] == early["label"]))
+        summary["nocompact_same_exits"] = float(np.mean(answers[NOCOMPACT]["exit"] == early["exit"]))
+    if SEGMENTS_FULL in answers:
+        summary["segments_full_agreement_with_full"] = float(np.mean(answers[SEGMENTS_FULL]["label"] == full["label"]))
+    summary["passes"] = passes
+    summary["concurrency"] = config.quality_concurrency
+    summary["rows_per_request"] = config.rows_per_request
+    return summary, answers
+
+
+def sweep_order(arms: Sequence[str], level_index: int, rep: int) -> list[str]:
+    """The order of the arms in one round: rotated each round, reversed on odd levels, so no arm
+    always runs first or right after another."""
+    order = list(arms)
+    if level_index % 2:
+        order.reverse()
+    shift = rep % len(order)
+    return order[shift:] + order[:shift]
+
+
+def run_sweep(
+    server: Any, workload: Workload, arms: Mapping[str, Arm], data_file: Path, config: BenchConfig, raw_dir: Path
+) -> list[dict]:
+    """perf_analyzer at every concurrency level, every arm, ``repeats`` interleaved rounds."""
+    from offramp.client.perf_analyzer import PerfAnalyzerOptions, check_perf_analyzer, run_perf_analyzer
+
+    binary = check_perf_analyzer()
+    shapes = {spec.name: list(np.asarray(workload.test_inputs[spec.name]).shape[1:]) for spec in workload.artifacts.inputs}
+    plan = [
+        (concurrency, rep, key)
+        for level_index, concurrency in enumerate(config.concurrency)
+        for rep in range(config.repeats)
+        for key in sweep_order(list(arms), level_index, rep)
+    ]
+    records = []
+    bar = _progress(total=len(plan), desc=f"perf_analyzer {workload.name}", unit="run", disable=not config.progress)
+    for position, (concurrency, rep, key) in enumerate(plan):
+        arm = arms[key]
+        bar.set_postfix_str(f"c={concurrency} round {rep + 1}/{config.repeats} {key}")
+        options = PerfAnalyzerOptions(
+            url=server.grpc_url,
+            model=arm.model,
+            input_data=data_file,
+            concurrency=concurrency,
+            batch_size=config.rows_per_request,
+            shapes=shapes,
+            measurement_interval_ms=config.measurement_interval_ms,
+            # Each run is three windows; stability comes from the interleaved rounds (module doc).
+            stability_percentage=1000,
+            request_parameters=dict(arm.parameters),
+            extra_args=("--verbose-csv",),
+        )
+        csv_path = raw_dir / f"{key}_c{concurrency}_r{rep}.csv"
+        stats_before = model_statistics(server.http_url)
+        cpu_before = process_cpu_seconds(server.pid, server.repository)
+        busy_before, _ = machine_busy_jiffies()
+        run = run_perf_analyzer(options, csv_path, binary=binary, timeout_s=60 + 40 * config.measurement_interval_ms / 1000)
+        busy_after, _ = machine_busy_jiffies()
+        cpu_after = process_cpu_seconds(server.pid, server.repository)
+        stats = statistics_delta(stats_before, model_statistics(server.http_url))
+        failed = sum(int(s.get("fail", 0)) for s in stats.values())
+        if failed:
+            raise RuntimeError(f"{failed} requests failed while measuring {arm.model}; see {server.log_path}")
+        records.append({
+            "arm": key,
+            "model": arm.model,
+            "parameters": dict(arm.parameters),
+            "concurrency": concurrency,
+            "rep": rep,
+            "position": position,
+            "perf": run.result.to_dict(),
+            "wall_s": run.wall_s,
+            "client_cpu_s": run.client_cpu_s,
+            "server_cpu_s": {k: v - cpu_before.get(k, 0.0) for k, v in cpu_after.items() if v - cpu_before.get(k, 0.0) > 0},
+            "machine": {"busy_cores": (busy_after - busy_before) / _CLOCK_TICKS / run.wall_s, "cores": os.cpu_count()},
+            "stats": stats,
+            "csv": csv_path.name,
+            "command": " ".join(run.command),
+        })  # fmt: skip
+        bar.update()
+        bar.set_postfix_str(f"c={concurrency} {key} {run.result.rows_per_s:,.0f} rows/s")
+    bar.close()
+    return records
+
+
+def offline_timings(workload: Workload, inputs: Mapping[str, np.ndarray], batch_sizes: Sequence[int]) -> dict:
+    """ONNX Runtime on one thread, in this process: each segment and the full model per batch size,
+    and the cascade's own logic with segments that cost nothing. Minimum of repeated runs (the
+    least disturbed by other load)."""
+    from offramp.backend.cascade import CascadeBatch, run_cascade
+    from offramp.backend.contract import HIDDEN_IN, HIDDEN_OUT, LOGITS_OUT
+    from offramp.backend.segment_runner import OnnxRunner
+
+    artifacts, directory = workload.artifacts, workload.artifacts_dir
+    segments = [OnnxRunner(directory / s.onnx, threads=1) for s in artifacts.segments]
+    full = OnnxRunner(directory / artifacts.full_onnx, threads=1)
+
+    def best_ms(call: Callable[[], object], budget_s: float = 0.6, at_least: int = 5) -> float:
+        times, started = [], time.perf_counter()
+        while len(times) < at_least or time.perf_counter() - started < budget_s:
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 200:
+                break
+        return min(times) * 1e3
+
+    result = {}
+    for batch in batch_sizes:
+        raw = {n: np.ascontiguousarray(a[:batch]) for n, a in inputs.items()}
+        tensors, outputs, segment_ms = dict(raw), [], []
+        for runner in segments:
+            feed = dict(tensors)
+            segment_ms.append(best_ms(lambda r=runner, f=feed: r.run(f)))
+            out = runner.run(feed)
+            outputs.append(out)
+            tensors = {HIDDEN_IN: out[HIDDEN_OUT], **{n: raw[n] for n in artifacts.side_inputs}}
+        full_ms = best_ms(lambda raw=raw: full.run(raw))
+
+        def fake_segment(
+            index: int, tensors: Mapping[str, Any], need_hidden: bool, outputs: list = outputs
+        ) -> tuple[Any, Any]:
+            rows = len(next(iter(v for v in tensors.values() if v is not None)))
+            out = outputs[index]
+            return (out[HIDDEN_OUT][:rows] if need_hidden else None), out[LOGITS_OUT][:rows]
+
+        try:
+            cascade_ms = best_ms(lambda raw=raw, fake_segment=fake_segment: run_cascade(
+                CascadeBatch.plain(raw, artifacts.num_exits), fake_segment, workload.policy,
+                artifacts.exit_costs, artifacts.side_inputs,
+            ))
+        except Exception as error:  # noqa: BLE001 - the cascade's signature may move; the rest still holds
+            cascade_ms = None
+            print(f"offline cascade timing skipped: {error}", file=sys.stderr)
+        result[str(batch)] = {
+            "segment_ms": segment_ms,
+            "full_ms": full_ms,
+            "cumulative_time_fraction": (np.cumsum(segment_ms) / full_ms).tolist(),
+            "mac_fraction": list(artifacts.exit_costs),
+            "cascade_logic_ms": cascade_ms,
+        }
+    return result
+
+
+def machine_description() -> dict[str, Any]:
+    cpu_model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), platform.processor() or "unknown",
+    )  # fmt: skip
+    memory_kb = next(
+        (int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")),
+        0,
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gib": round(memory_kb / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for package in ("nvidia-pytriton", "tritonclient", "torch", "onnxruntime", "numpy", "nvidia-cuda-runtime-cu12"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def server_version(http_url: str) -> str | None:
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{http_url}/v2", timeout=10) as response:
+            return json.load(response).get("version")
+    except OSError:
+        return None
+
+
+def warm_up(url: str, workload: Workload, arms: Mapping[str, Arm], rows: int) -> None:
+    """One request per arm, so no measurement pays a first call (stub imports, ONNX session warm-up)."""
+    from offramp.client.client import OfframpClient
+
+    inputs = {n: a[:rows] for n, a in workload.test_inputs.items()}
+    with OfframpClient(url) as client:
+        for _ in range(3):
+            for key, arm in arms.items():
+                if key == FULL:
+                    client.full_logits(arm.model, inputs)
+                else:
+                    client.classify(arm.model, inputs, **dict(arm.parameters))
+
+
+def run_workload(workload: Workload, config: BenchConfig) -> dict:
+    """Everything measured for one workload; writes its raw results and returns its summary."""
+    from offramp.build.calibrate import exit_logits_from_onnx
+    from offramp.client.perf_analyzer import write_input_data
+    from offramp.client.server import EmbeddedTritonServer, ServerPorts
+
+    started = time.time()
+    results_dir = config.out / "results" / workload.name
+    raw_dir = results_dir / "perf"
+    if raw_dir.exists():
+        shutil.rmtree(raw_dir)
+    raw_dir.mkdir(parents=True)
+    scratch = config.workdir / "bench" / workload.name
+    repository = scratch / "model_repository"
+    arms = {k: v for k, v in arms_of(workload.name).items() if k in config.arms}
+    models = write_bench_repository(workload, repository, repository_options(config))
+
+    data_rows = pick_data_rows(workload.test_rows, config.data_rows, config.seed)
+    data_inputs = {n: np.asarray(a)[data_rows] for n, a in workload.test_inputs.items()}
+    data_file = write_input_data(scratch / "input_data.json", data_inputs)
+    quality_rows = min(workload.test_rows, config.quality_rows or workload.test_rows)
+
+    print(f"[{workload.name}] offline: every exit on the test split, ONNX timings", flush=True)
+    test_logits = exit_logits_from_onnx(workload.artifacts, workload.artifacts_dir,
+                                        {n: a[:quality_rows] for n, a in workload.test_inputs.items()})  # fmt: skip
+    r = config.rows_per_request
+    offline = offline_timings(workload, data_inputs, sorted({1, r, 2 * r, 4 * r}))
+    costs = workload.artifacts.exit_costs
+    curves = {
+        "calibration": accuracy_compute_curve(workload.calibration_logits, workload.calibration_labels, costs, CURVE_THRESHOLDS),
+        "test": accuracy_compute_curve(test_logits, workload.test_labels[:quality_rows], costs, CURVE_THRESHOLDS),
+    }
+    # The served rows' exits, predicted offline, tell whether the perf_analyzer rows are a fair sample.
+    data_exits = _policy_exits(exit_logits_from_onnx(workload.artifacts, workload.artifacts_dir, data_inputs), workload.policy)
+
+    log_path = scratch / "tritonserver.log"
+    print(f"[{workload.name}] serving {len(models)} models from {repository}", flush=True)
+    with EmbeddedTritonServer(repository, ports=ServerPorts.free(), log_path=log_path, startup_timeout_s=600) as server:
+        warm_up(server.grpc_url, workload, arms, config.rows_per_request)
+        quality, _ = served_quality(server.grpc_url, workload, arms, quality_rows, config)
+        records = run_sweep(server, workload, arms, data_file, config, raw_dir)
+        version = server_version(server.http_url)
+
+    summary = {
+        "workload": workload.name,
+        "description": workload.description,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "duration_s": round(time.time() - started, 1),
+        "machine": machine_description(),
+        "versions": {**package_versions(), "tritonserver": version},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "model": {
+            "exits": workload.artifacts.num_exits,
+            "exit_costs": list(costs),
+            "exit_test_accuracy": list(workload.artifacts.exit_test_accuracy),
+            "full_test_accuracy": workload.artifacts.full_test_accuracy,
+            "fingerprint": workload.artifacts.fingerprint,
+            "build": {k: v for k, v in workload.artifacts.build.items() if k != "epoch_losses"},
+        },
+        "policy": json.loads(workload.policy.to_json()),
+        "arms": {k: asdict(a) for k, a in arms.items()},
+        "data": {
+            "rows": len(data_rows),
+            "row_indices": data_rows.tolist(),
+            "offline_exit_fractions": (np.bincount(data_exits, minlength=len(costs)) / len(data_exits)).tolist(),
+            "offline_mean_compute_fraction": float(np.asarray(costs)[data_exits].mean()),
+        },
+        "quality": quality,
+        "curves": curves,
+        "offline": offline,
+        "goal_settings": asdict(workload.goals),
+        "records": records,
+    }
+    summary = with_derived_figures(summary)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")
+    write_runs_csv(records, results_dir / "runs.csv")
+    return summary
+
+
+def _policy_exits(exit_logits: np.ndarray, policy: Policy) -> np.ndarray:
+    from offramp.build.calibrate import simulate_exits
+
+    return simulate_exits(exit_logits, policy.exits)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+RUNS_CSV_FIELDS = (
+    "arm", "model", "concurrency", "rep", "position", "rows_per_s", "requests_per_s", "p50_ms", "p90_ms", "p95_ms",
+    "p99_ms", "avg_ms", "wall_s", "client_cpu_s", "server_cpu_s", "busy_cores",
+)  # fmt: skip
+
+
+def write_runs_csv(records: Sequence[Mapping], path: Path) -> Path:
+    """One flat line per perf_analyzer run."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RUNS_CSV_FIELDS)
+        writer.writeheader()
+        for r in records:
+            writer.writerow({
+                **{k: r[k] for k in ("arm", "model", "concurrency", "rep", "position")},
+                **{k: r["perf"].get(k) for k in ("rows_per_s", "requests_per_s", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "avg_ms")},
+                "wall_s": round(r["wall_s"], 3),
+                "client_cpu_s": round(r["client_cpu_s"], 3),
+                "server_cpu_s": round(sum(r["server_cpu_s"].values()), 3),
+                "busy_cores": round(r["machine"]["busy_cores"], 3),
+            })  # fmt: skip
+    return path
+
+
+# --- Command line -------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, not {text!r}")
+    return values
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``offramp bench`` to ``parser``."""
+    d = BenchConfig()
+    add = parser.add_argument
+    add("--workload", action="append", dest="workloads", metavar="NAME",
+        help=f"workload to measure, repeatable: {', '.join(sorted(WORKLOADS))} or module:function (default: fashion_cnn)")
+    add("--concurrency", type=_int_list, default=None, help="concurrency levels (default: 1,4,8,16; quick: 1,4)")
+    add("--repeats", type=int, default=None, help=f"interleaved rounds per level (default: {d.repeats}; quick: 1)")
+    add("--rows-per-request", type=int, default=d.rows_per_request, help="test rows per request (default: %(default)s)")
+    add("--data-rows", type=int, default=None, help=f"distinct test rows perf_analyzer cycles through (default: {d.data_rows})")
+    add("--measurement-interval-ms", type=int, default=None,
+        help=f"perf_analyzer window; a run is three (default: {d.measurement_interval_ms}; quick: 500)")
+    add("--arms", type=_str_list, default=d.arms, help=f"what to measure (default: {','.join(d.arms)})")
+    add("--quality-rows", type=int, default=None, help="test rows for the accuracy pass (default: all; quick: 512)")
+    add("--quality-concurrency", type=int, default=d.quality_concurrency, help="default: %(default)s")
+    add("--workdir", type=Path, default=d.workdir, help="builds, repository and server log (default: %(default)s)")
+    add("--out", type=Path, default=None, help=f"results and BENCHMARKS.md (default: {d.out}; quick: {d.workdir}/bench-quick)")
+    add("--epochs", type=int, default=d.epochs, help="training epochs of a build (default: %(default)s)")
+    add("--orchestrator-instances", type=int, default=d.orchestrator_instances, help="default: %(default)s")
+    add("--segment-instances", type=int, default=d.segment_instances,
+        help="instances of every segment and of the full model (default: %(default)s)")
+    add("--threads-per-instance", type=int, default=d.threads_per_instance, help="default: %(default)s")
+    add("--max-queue-delay-us", type=int, default=d.max_queue_delay_us, help="dynamic batching delay (default: %(default)s)")
+    add("--seed", type=int, default=d.seed, help="picks the perf_analyzer rows (default: %(default)s)")
+    add("--quick", action="store_true", help="a quick build and a short sweep (about a minute after the build)")
+    add("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from saved results")
+    add("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    quick = BenchConfig.quick_defaults() if args.quick else {}
+    chosen = {
+        "concurrency": args.concurrency,
+        "repeats": args.repeats,
+        "data_rows": args.data_rows,
+        "measurement_interval_ms": args.measurement_interval_ms,
+        "quality_rows": args.quality_rows,
+        "out": args.out,
+    }
+    settings = {**quick, **{k: v for k, v in chosen.items() if v is not None}}
+    return BenchConfig(
+        workloads=tuple(args.workloads or ("fashion_cnn",)),
+        rows_per_request=args.rows_per_request,
+        arms=tuple(args.arms),
+        quality_concurrency=args.quality_concurrency,
+        workdir=args.workdir,
+        epochs=args.epochs,
+        orchestrator_instances=args.orchestrator_instances,
+        segment_instances=args.segment_instances,
+        threads_per_instance=args.threads_per_instance,
+        max_queue_delay_us=args.max_queue_delay_us,
+        seed=args.seed,
+        progress=not args.no_progress,
+        **settings,
+    )
+
+
+def run_bench(config: BenchConfig) -> list[dict]:
+    """Measure every workload of ``config``, then write the report; returns the summaries."""
+    from offramp.client.bench_report import write_report
+    from offramp.client.perf_analyzer import check_perf_analyzer
+
+    check_perf_analyzer()  # before any build: fail in a second, saying what to install
+    factories = [resolve_workload(spec) for spec in config.workloads]
+    summaries = []
+    for spec, factory in zip(config.workloads, factories):
+        print(f"[{spec}] build (reused when cached) and calibrate", flush=True)
+        workload = factory(WorkloadSettings(workdir=config.workdir, quick=config.quick, epochs=config.epochs))
+        summaries.append(run_workload(workload, config))
+    report = write_report(config.out)
+    print(f"report: {report}")
+    return summaries
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    """``offramp bench``: returns the exit status."""
+    from offramp.client.bench_report import write_report
+    from offramp.client.perf_analyzer import PerfAnalyzerError
+    from offramp.client.server import ServerStartError
+
+    try:
+        config = config_from_args(args)
+        if args.report_only:
+            print(f"report: {write_report(config.out)}")
+            return 0
+        run_bench(config)
+        return 0
+    except (PerfAnalyzerError, ServerStartError, ValueError, KeyError, FileNotFoundError) as error:
+        print(f"offramp bench: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m offramp.client.bench", description=__doc__.split("\n\n")[0])
+    add_bench_arguments(parser)
+    return main_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
