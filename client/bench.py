@@ -202,8 +202,11 @@ def repository_options(config: BenchConfig) -> Any:
     from offramp.backend.environment import prepare_execution_env
     from offramp.build.repository import RepositoryOptions
 
+    from offramp.backend.orchestrator import ServingOptions
+
     return RepositoryOptions(
         execution_env=prepare_execution_env(),
+        serving=ServingOptions(segments_in_process=config.segments_in_process),
         orchestrator_instances=config.orchestrator_instances,
         segment_instances=config.segment_instances,
         threads_per_instance=config.threads_per_instance,
@@ -340,6 +343,7 @@ class BenchConfig:
     threads_per_instance: int = 1
     max_queue_delay_us: int = 0
     seed: int = 0
+    segments_in_process: bool = False  # orchestrators run the segment ONNX files themselves (no BLS hops)
     quick: bool = False
     progress: bool = True
 
@@ -762,6 +766,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads-per-instance", type=int, default=d.threads_per_instance, help="default: %(default)s")
     add("--max-queue-delay-us", type=int, default=d.max_queue_delay_us, help="dynamic batching delay (default: %(default)s)")
     add("--seed", type=int, default=d.seed, help="picks the perf_analyzer rows (default: %(default)s)")
+    add("--segments-in-process", action="store_true",
+        help="orchestrators run the segments' ONNX in their own process instead of over BLS")
     add("--quick", action="store_true", help="a quick build and a short sweep (about a minute after the build)")
     add("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from saved results")
     add("--no-progress", action="store_true", help="no progress bars")
@@ -790,6 +796,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         threads_per_instance=args.threads_per_instance,
         max_queue_delay_us=args.max_queue_delay_us,
         seed=args.seed,
+        segments_in_process=args.segments_in_process,
         progress=not args.no_progress,
         **settings,
     )

@@ -106,7 +106,9 @@ def header(summaries: Sequence[Mapping]) -> str:
         f"torch {versions.get('torch')}, numpy {versions.get('numpy')}."),
         (f"- Serving: every segment and the full model have {config['segment_instances']} instance(s) of "
         f"{config['threads_per_instance']} thread(s) and dynamic batching (queue delay "
-        f"{config['max_queue_delay_us']} us); each orchestrator has {config['orchestrator_instances']} instance(s)."),
+        f"{config['max_queue_delay_us']} us); each orchestrator has {config['orchestrator_instances']} instance(s)"
+        + (", and runs the segments' ONNX files in its own process (no BLS hop per segment)."
+           if config.get("segments_in_process") else ", and calls the segment models over BLS.")),
         (f"- Load: perf_analyzer, synchronous, {config['rows_per_request']} real test rows per request "
         f"(it cycles through {first['data']['rows']} distinct rows), concurrency "
         f"{', '.join(str(c) for c in config['concurrency'])}; each run is three "

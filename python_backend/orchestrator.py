@@ -98,6 +98,10 @@ class ServingOptions:
     drift_alarm_level: float = 0.25
     drift_clear_level: float = 0.1
     drift_conservative: bool = False  # force full depth while the drift alarm is raised
+    # Run the segments' ONNX files inside the orchestrator's own process instead of calling the
+    # segment models over BLS (embedded target, CPU): no IPC hop per segment, at the price of
+    # segment batches no longer merged across orchestrator instances.
+    segments_in_process: bool = False
 
     def to_parameters(self) -> dict[str, str]:
         return {f"offramp_{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()}

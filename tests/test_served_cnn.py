@@ -11,6 +11,7 @@ from tritonclient.utils import InferenceServerException
 
 from offramp.backend.cascade import CascadeBatch, run_cascade
 from offramp.backend.contract import FLAG_DEADLINE, HIDDEN_OUT, LOGITS_OUT
+from offramp.backend.orchestrator import ServingOptions
 from offramp.backend.policy import ExitRule, Policy
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.calibrate import exit_logits_from_onnx
@@ -143,3 +144,15 @@ def test_request_policies_through_the_server(served_cnn, fashion_test):
     assert unsure.any() and (late.flags[unsure] == FLAG_DEADLINE).all() and (late.flags[~unsure] == 0).all()
     assert (capped.exit <= 1).all()
     assert (deep.exit == 2).all()
+
+
+def test_segments_in_process_serve_the_same_answers(quick_cnn, served_cnn, fashion_test, tmp_path, running_server, execution_env):
+    _, artifacts, directory, policy = served_cnn
+    options = RepositoryOptions(execution_env=execution_env, serving=ServingOptions(segments_in_process=True))
+    write_repository(artifacts, directory, policy, tmp_path / "repo", options)
+    images = fashion_test[0][:ROWS]
+    expected = in_process(artifacts, directory, policy, images)
+    with running_server(tmp_path / "repo") as server, OfframpClient(server.grpc_url) as client:
+        assert_matches(client.classify(artifacts.name, images), expected)
+        forced = client.classify(artifacts.name, images[:16], force_full=True)
+    assert (forced.exit == artifacts.num_exits - 1).all()
