@@ -32,8 +32,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-demo: $(STAMP) ## build, serve and measure the early-exit CNN on the embedded Triton server (CPU)
-	$(BIN)/offramp demo
+MODEL ?= fashion_cnn
+demo: $(STAMP) ## build, serve and measure an early-exit model on the embedded Triton server (MODEL=fashion_cnn|trec|rotten_tomatoes)
+	$(BIN)/offramp demo --model $(MODEL)
 
 bench: $(STAMP) ## early exit against the full model under perf_analyzer (~10 min); writes benchmarks/BENCHMARKS.md
 	$(BIN)/offramp bench

@@ -67,7 +67,7 @@ class CalibrationData:
             return cls({n: data[n] for n in input_names}, data["labels"].astype(np.int64), cohorts)
 
 
-def recipe_calibration_data(artifacts: ModelArtifacts) -> CalibrationData:
+def recipe_calibration_data(artifacts: ModelArtifacts, artifacts_dir: Path) -> CalibrationData:
     """The held-out calibration split the model's own recipe set aside (never trained on)."""
     recipe = artifacts.build.get("recipe")
     if recipe == "fashion_mnist_cnn":
@@ -77,6 +77,13 @@ def recipe_calibration_data(artifacts: ModelArtifacts) -> CalibrationData:
             artifacts.build["data"], artifacts.build["calibration_rows"]
         )
         return CalibrationData({"IMAGE": images}, labels)
+    if recipe == "text_classifier":
+        from offramp.build.text_recipes import text_splits_of
+        from offramp.build.transformer import encode_texts, load_tokenizer
+
+        calibration = text_splits_of(artifacts).calibration
+        ids, mask = encode_texts(load_tokenizer(artifacts_dir), calibration.texts)
+        return CalibrationData({"INPUT_IDS": ids, "ATTENTION_MASK": mask}, calibration.labels)
     raise ValueError(f"no calibration split known for recipe {recipe!r}; pass --data FILE.npz")
 
 

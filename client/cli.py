@@ -50,7 +50,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     artifacts_dir = Path(args.artifacts)
     artifacts = ModelArtifacts.load(artifacts_dir)
     names = [spec.name for spec in artifacts.inputs]
-    data = CalibrationData.from_npz(Path(args.data), names) if args.data else recipe_calibration_data(artifacts)
+    data = CalibrationData.from_npz(Path(args.data), names) if args.data else recipe_calibration_data(artifacts, artifacts_dir)
     policy, calibrated, logits = calibrate_artifacts(
         artifacts,
         artifacts_dir,
@@ -242,7 +242,9 @@ def parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="build, serve and measure the early-exit CNN against the full one")
     demo.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
     demo.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
-    demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("--model", default="fashion_cnn", choices=["fashion_cnn", "trec", "rotten_tomatoes"],
+                      help="the CNN (minutes) or a MiniLM text classifier (its first build takes much longer)")  # fmt: skip
+    demo.add_argument("--epochs", type=int, help="training epochs (default: 3 for the CNN, 2 for text)")
     demo.add_argument("--concurrency", type=int, default=8)
     demo.add_argument("--rows-per-request", type=int, default=16)
     demo.set_defaults(run=_demo)

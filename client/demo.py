@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from offramp.backend.environment import prepare_execution_env
+from offramp.build.artifacts import ModelArtifacts
 from offramp.build.calibrate import calibrate_artifacts, recipe_calibration_data
 from offramp.build.fashion_mnist import load_fashion_mnist
 from offramp.build.recipes import build_fashion_mnist_cnn
@@ -60,42 +61,104 @@ def send_all(
     return results, RunResult(elapsed, rows)
 
 
-def run_demo(
-    workdir: Path, repository: Path, epochs: int = 3, concurrency: int = 8, rows_per_request: int = 16
-) -> int:
+@dataclass(frozen=True)
+class DemoWorkload:
+    """A built model and its test split, as the demo sends it: rows by slice, labels (N,)."""
+
+    artifacts: ModelArtifacts
+    artifacts_dir: Path
+    labels: np.ndarray
+    classify: Callable[[OfframpClient, str, slice], Predictions]  # the early-exit model, raw inputs
+    full_logits: Callable[[OfframpClient, str, slice], np.ndarray]  # `<name>_full`, its own inputs
+    description: str
+
+
+def fashion_cnn_workload(workdir: Path, epochs: int) -> DemoWorkload:
     artifacts_dir = workdir / "fashion_cnn"
-    print(f"[1/4] build: multi-exit CNN on Fashion-MNIST ({epochs} epochs; reused when cached) -> {artifacts_dir}")
     artifacts = build_fashion_mnist_cnn(artifacts_dir, train=TrainConfig(epochs=epochs))
+    images, labels = load_fashion_mnist("test")
+    return DemoWorkload(
+        artifacts,
+        artifacts_dir,
+        labels,
+        lambda client, name, part: client.classify(name, images[part]),
+        lambda client, name, part: client.full_logits(name, images[part]),
+        f"multi-exit CNN on Fashion-MNIST ({epochs} epochs)",
+    )
+
+
+def text_workload(task: str, workdir: Path, epochs: int) -> DemoWorkload:
+    """A fine-tuned multi-exit MiniLM; the service tokenizes raw text, the full model gets token ids."""
+    from offramp.build.text_recipes import build_text_classifier, text_splits_of
+    from offramp.build.transformer import encode_texts, load_tokenizer
+
+    artifacts_dir = workdir / f"{task}_minilm"
+    artifacts = build_text_classifier(artifacts_dir, task, epochs=epochs, threads=2)
+    test = text_splits_of(artifacts).test
+    tokenizer = load_tokenizer(artifacts_dir)
+
+    def full_logits(client: OfframpClient, name: str, part: slice) -> np.ndarray:
+        ids, mask = encode_texts(tokenizer, test.texts[part])
+        return client.full_logits(name, {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
+
+    return DemoWorkload(
+        artifacts,
+        artifacts_dir,
+        test.labels,
+        lambda client, name, part: client.classify_text(name, test.texts[part]),
+        full_logits,
+        f"multi-exit MiniLM fine-tuned on {task} ({epochs} epochs)",
+    )
+
+
+DEMO_MODELS = ("fashion_cnn", "trec", "rotten_tomatoes")
+
+
+def run_demo(
+    workdir: Path,
+    repository: Path,
+    model: str = "fashion_cnn",
+    epochs: int | None = None,
+    concurrency: int = 8,
+    rows_per_request: int = 16,
+) -> int:
+    print(f"[1/4] build: {model} (reused when cached) -> {workdir}")
+    workload = (
+        fashion_cnn_workload(workdir, epochs or 3) if model == "fashion_cnn" else text_workload(model, workdir, epochs or 2)
+    )
+    artifacts, artifacts_dir = workload.artifacts, workload.artifacts_dir
+    print(f"      {workload.description}")
     print("      per-exit test accuracy (PyTorch): " + ", ".join(f"{a:.2%}" for a in artifacts.exit_test_accuracy))
     print("      exit costs (fraction of full):   " + ", ".join(f"{c:.2f}" for c in artifacts.exit_costs))
 
-    print("[2/4] policy: Learn-then-Test on 5,000 held-out rows, disagreement with the full model <= 1% w.p. >= 95%")
-    policy, _, _ = calibrate_artifacts(
-        artifacts, artifacts_dir, recipe_calibration_data(artifacts), epsilon=0.01, delta=0.05
-    )
+    print("[2/4] policy: Learn-then-Test on the held-out calibration split, disagreement with the full model "
+          "<= 1% w.p. >= 95%")  # fmt: skip
+    data = recipe_calibration_data(artifacts, artifacts_dir)
+    policy, _, _ = calibrate_artifacts(artifacts, artifacts_dir, data, epsilon=0.01, delta=0.05)
     thresholds = ", ".join(f"{r.threshold:.4f}" for r in policy.exits[:-1])
-    print(f"      max-prob thresholds {thresholds}; expected compute {policy.provenance['expected_cost']:.2f}")
+    print(f"      {len(data.labels):,} calibration rows; max-prob thresholds {thresholds}; "
+          f"expected compute {policy.provenance['expected_cost']:.2f}")  # fmt: skip
 
     print(f"[3/4] repository -> {repository}")
     options = RepositoryOptions(execution_env=prepare_execution_env())
     write_repository(artifacts, artifacts_dir, policy, repository, options)
 
-    images, labels = load_fashion_mnist("test")
+    rows = len(workload.labels)
+    name, full_name = artifacts.name, full_model_name(artifacts.name)
     with EmbeddedTritonServer(repository, ports=ServerPorts.free()) as server:
-        print(f"[4/4] serving on {server.grpc_url} (gRPC); {len(labels):,} test images, "
-              f"{rows_per_request} per request, concurrency {concurrency}")
-        name = artifacts.name
+        print(f"[4/4] serving on {server.grpc_url} (gRPC); {rows:,} test rows, "
+              f"{rows_per_request} per request, concurrency {concurrency}")  # fmt: skip
         early_parts, early_run = send_all(
-            server.grpc_url, len(labels), rows_per_request, concurrency,
-            lambda client, part: client.classify(name, images[part]), f"{name:>16}",
+            server.grpc_url, rows, rows_per_request, concurrency,
+            lambda client, part: workload.classify(client, name, part), f"{name:>16}",
         )  # fmt: skip
         full_parts, full_run = send_all(
-            server.grpc_url, len(labels), rows_per_request, concurrency,
-            lambda client, part: client.full_logits(full_model_name(name), images[part]), f"{full_model_name(name):>16}",
+            server.grpc_url, rows, rows_per_request, concurrency,
+            lambda client, part: workload.full_logits(client, full_name, part), f"{full_name:>16}",
         )  # fmt: skip
     early = Predictions.concatenate(early_parts)
     full_labels = np.concatenate(full_parts).argmax(axis=1)
-    print_summary(early, full_labels, labels, early_run, full_run, artifacts.num_exits)
+    print_summary(early, full_labels, workload.labels, early_run, full_run, artifacts.num_exits)
     return 0
 
 
@@ -116,7 +179,9 @@ def print_summary(
 
 def main_demo(args: object) -> int:
     try:
-        return run_demo(Path(args.workdir), Path(args.repository), args.epochs, args.concurrency, args.rows_per_request)
+        return run_demo(
+            Path(args.workdir), Path(args.repository), args.model, args.epochs, args.concurrency, args.rows_per_request
+        )
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
