@@ -38,8 +38,9 @@ MODEL ?= fashion_cnn
 demo: $(STAMP) ## build, serve and measure an early-exit model on the embedded Triton server (MODEL=fashion_cnn|trec|rotten_tomatoes)
 	$(BIN)/offramp demo --model $(MODEL)
 
-bench: $(STAMP) ## early exit against the full model under perf_analyzer (~10 min); writes benchmarks/BENCHMARKS.md
+bench: $(STAMP) ## early exit against the full model under perf_analyzer (~15 min); writes benchmarks/
 	$(BIN)/offramp bench
+	$(BIN)/offramp bench --segments-in-process --out benchmarks/in_process
 
 test: $(STAMP) ## run the tests (slow ones excluded; see test-all)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
