@@ -379,3 +379,17 @@ def test_serve_runs_until_sigterm_and_stops_cleanly(add_one_repository: Path, tm
     assert stdout.splitlines()[-1] == "stopped"
     assert processes_mentioning(f"--http-port={ports.http}") == []
     assert "successfully unloaded 'add_one'" in log.read_text()
+
+
+def test_model_control_is_restricted_off_loopback(tmp_path):
+    """Bound to a non-loopback address, the model-control APIs need the admin key; on loopback they stay open."""
+    exposed = EmbeddedTritonServer(tmp_path, host="0.0.0.0", ports=ServerPorts(18000, 18001, 18002))
+    command = " ".join(exposed.command())
+    assert exposed.admin_key and len(exposed.admin_key) >= 24
+    for flag in ("--grpc-restricted-protocol=", "--http-restricted-api="):
+        assert f"{flag}model-repository,model-config" in command
+        assert f"offramp-admin-key={exposed.admin_key}" in command
+    given = EmbeddedTritonServer(tmp_path, host="0.0.0.0", admin_key="k" * 30)
+    assert "offramp-admin-key=" + "k" * 30 in " ".join(given.command())
+    local = EmbeddedTritonServer(tmp_path, host="127.0.0.1")
+    assert local.admin_key is None and "restricted" not in " ".join(local.command())
