@@ -67,24 +67,50 @@ class CalibrationData:
             return cls({n: data[n] for n in input_names}, data["labels"].astype(np.int64), cohorts)
 
 
-def recipe_calibration_data(artifacts: ModelArtifacts, artifacts_dir: Path) -> CalibrationData:
-    """The held-out calibration split the model's own recipe set aside (never trained on)."""
+def recipe_calibration_data(artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "calibration") -> CalibrationData:
+    """A held-out split the model's own recipe set aside: ``calibration`` (never trained on, where
+    thresholds are chosen) or ``test`` (never seen by training or calibration, where they are judged)."""
+    if split not in ("calibration", "test"):
+        raise ValueError(f"split must be 'calibration' or 'test', not {split!r}")
     recipe = artifacts.build.get("recipe")
     if recipe == "fashion_mnist_cnn":
+        from offramp.build.fashion_mnist import load_fashion_mnist
         from offramp.build.recipes import fashion_mnist_train_and_calibration
 
-        _, (images, labels) = fashion_mnist_train_and_calibration(
-            artifacts.build["data"], artifacts.build["calibration_rows"]
-        )
+        if split == "test":
+            images, labels = load_fashion_mnist("test", artifacts.build["data"])
+        else:
+            _, (images, labels) = fashion_mnist_train_and_calibration(
+                artifacts.build["data"], artifacts.build["calibration_rows"]
+            )
         return CalibrationData({"IMAGE": images}, labels)
     if recipe == "text_classifier":
         from offramp.build.text_recipes import text_splits_of
         from offramp.build.transformer import encode_texts, load_tokenizer
 
-        calibration = text_splits_of(artifacts).calibration
-        ids, mask = encode_texts(load_tokenizer(artifacts_dir), calibration.texts)
-        return CalibrationData({"INPUT_IDS": ids, "ATTENTION_MASK": mask}, calibration.labels)
-    raise ValueError(f"no calibration split known for recipe {recipe!r}; pass --data FILE.npz")
+        rows = getattr(text_splits_of(artifacts), split)
+        ids, mask = encode_texts(load_tokenizer(artifacts_dir), rows.texts)
+        return CalibrationData({"INPUT_IDS": ids, "ATTENTION_MASK": mask}, rows.labels)
+    raise ValueError(f"no {split} split known for recipe {recipe!r}; pass --data FILE.npz")
+
+
+def evaluate_policy(
+    artifacts: ModelArtifacts, artifacts_dir: Path, policy: Policy, data: CalibrationData
+) -> dict[str, float]:
+    """The policy on other held-out rows, through the exported segments: accuracy, disagreement with
+    the full model, mean compute fraction."""
+    logits = exit_logits_from_onnx(artifacts, artifacts_dir, data.inputs)
+    taken = simulate_exits(logits, policy.exits)
+    rows = np.arange(len(taken))
+    answer = logits[taken, rows].argmax(axis=1)
+    full = logits[-1].argmax(axis=1)
+    return {
+        "rows": len(taken),
+        "accuracy": float((answer == data.labels).mean()),
+        "full_accuracy": float((full == data.labels).mean()),
+        "disagreement": float((answer != full).mean()),
+        "compute": float(np.asarray(artifacts.exit_costs)[taken].mean()),
+    }
 
 
 def policy_version(method: str, rules: Sequence[ExitRule], cohorts: dict) -> str:

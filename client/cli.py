@@ -75,6 +75,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     print("  exit-rate profile: " + ", ".join(f"{r:.1%}" for r in provenance["exit_rate_profile"]))
     for warning in calibrated.warnings:
         print(f"  warning: {warning}")
+    if args.evaluate_test:
+        from offramp.build.calibrate import evaluate_policy
+
+        figures = evaluate_policy(artifacts, artifacts_dir, policy, recipe_calibration_data(artifacts, artifacts_dir, "test"))
+        print(f"  test split ({figures['rows']} rows): disagreement with full {figures['disagreement']:.2%}, "
+              f"accuracy {figures['accuracy']:.2%} (full {figures['full_accuracy']:.2%}), compute {figures['compute']:.3f}")  # fmt: skip
     if args.report:
         from offramp.build.calibration_report import write_calibration_report
 
@@ -206,6 +212,7 @@ def parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--bonferroni", action="store_true", help="one guarantee for all cohorts at once")
     calibrate.add_argument("--min-group-rows", type=int, default=50, help="smaller cohorts fall back to global")
     calibrate.add_argument("--report", help="folder for report.md and its plots")
+    calibrate.add_argument("--evaluate-test", action="store_true", help="also judge the policy on the recipe's test split")
     calibrate.set_defaults(run=_calibrate)
 
     serve = commands.add_parser("serve", help="start the embedded tritonserver on a repository")
