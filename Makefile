@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1su
 APT_PACKAGES := dataset-fashion-mnist libb64-0d
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-all bench lint clean
+.PHONY: help setup demo test test-all bench lint gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,12 @@ test-all: $(STAMP) ## run every test, slow ones included
 
 lint: $(STAMP) ## ruff: pyflakes checks over the package and tests
 	$(BIN)/ruff check --select F build client python_backend kernels tests
+
+# gpu-check installs nothing: the project's venv where there is one, else the machine's python3 (with CuPy).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+gpu-check: ## on a GPU, installing nothing: kernels vs references, speed vs bandwidth floor, device cascade vs NumPy
+	$(GPU_PYTHON) kernels/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean: ## remove the venv, caches and the generated repository
 	rm -rf $(VENV) .cache .pytest_cache

@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
     repository = commands.add_parser("repository", help="write a Triton model repository from build artifacts")
     repository.add_argument("--artifacts", default=str(DEFAULT_WORKDIR / "fashion_cnn"))
     repository.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
-    repository.add_argument("--target", default="embedded", choices=["embedded", "triton-onnx"])
+    repository.add_argument("--target", default="embedded", choices=["embedded", "triton-onnx", "triton-tensorrt"])
     repository.add_argument("--policy", help="policy.json to serve (default: one fixed max-prob threshold)")
     repository.add_argument("--threshold", type=float, default=0.9, help="the fixed threshold without --policy")
     repository.add_argument("--execution-env", help="virtualenv of the Python stubs (default: this one)")

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from offramp.backend.audit import AuditConfig, AuditLog
-from offramp.backend.cascade import CascadeBatch, RunSegment, rule_sets, run_cascade
+from offramp.backend.cascade import Cascade, CascadeBatch, RunSegment, rule_sets, run_cascade
 from offramp.backend.contract import (
     FLAG_ABSTAINED,
     FLAG_CONSERVATIVE,
@@ -196,8 +196,11 @@ class Orchestrator:
         audit: AuditLog | None = None,
         drift: DriftMonitor | None = None,
         text_encoder: TextEncoder | None = None,
+        cascade: Cascade = run_cascade,
     ) -> None:
         self.spec = spec
+        # run_cascade on the host; offramp.backend.device.DeviceCascade where it runs on a GPU.
+        self.cascade = cascade
         self.text_encoder = text_encoder
         self.policy = policy.validate(len(spec.segment_models), len(spec.class_names), spec.fingerprint)
         # Conservative mode runs rows through every segment, so the drift monitor keeps seeing
@@ -339,7 +342,7 @@ class Orchestrator:
             policy = self.conservative_policy
         run_full = None if run_model is None else lambda tensors: run_model(self.spec.full_model, tensors)
         try:
-            result = run_cascade(
+            result = self.cascade(
                 batch,
                 run_segment,
                 policy,

@@ -6,12 +6,14 @@ A thin adapter: Triton requests to ``RequestView``, BLS calls to ``run_segment``
 """
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_OUT, LOGITS_OUT
+from offramp.backend.device import DeviceRequest, from_bls_tensor, is_device_array, select_cascade, to_bls_tensor
 from offramp.backend.orchestrator import POLICY_FILE, Orchestrator, ServingOptions
 from offramp.backend.policy import Policy
 from offramp.backend.segment_runner import OnnxRunner
@@ -76,16 +78,38 @@ class _TritonMetrics:
         self.metrics.clear()
 
 
-def _bls(model_name, tensors, output_names):
+def _log(message, error=False):
+    logger = getattr(pb_utils, "Logger", None)  # attached by the stub after import, like MetricFamily
+    if logger is None:
+        print(message, file=sys.stderr, flush=True)
+    else:
+        (logger.log_error if error else logger.log_info)(message)
+
+
+def _bls(model_name, tensors, output_names, device_id=None):
+    """Outputs of ``model_name`` as NumPy arrays; as CuPy arrays on GPU ``device_id`` when the inputs are
+    CuPy arrays (handed over by DLPack, outputs asked for in that GPU's memory: no host copy)."""
+    on_device = device_id is not None and any(is_device_array(a) for a in tensors.values())
+    placement = {}
+    if on_device:
+        import cupy
+
+        # The segment reads our arrays on its own stream: what the kernels wrote must be done.
+        cupy.cuda.get_current_stream().synchronize()
+        placement["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, device_id)
+    elif hasattr(pb_utils, "PreferredMemory"):  # as_numpy() needs host memory, whatever the segment ran on
+        placement["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
     request = pb_utils.InferenceRequest(
         model_name=model_name,
-        inputs=[pb_utils.Tensor(name, np.ascontiguousarray(array)) for name, array in tensors.items()],
+        inputs=[to_bls_tensor(pb_utils, name, array) for name, array in tensors.items()],
         requested_output_names=list(output_names),
+        **placement,
     )
     response = request.exec()
     if response.has_error():
         raise SegmentError(f"{model_name} failed: {response.error().message()}")
-    return [pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in output_names]
+    outputs = [pb_utils.get_output_tensor_by_name(response, name) for name in output_names]
+    return [from_bls_tensor(t, cupy) for t in outputs] if on_device else [t.as_numpy() for t in outputs]
 
 
 class TritonPythonModel:
@@ -97,6 +121,17 @@ class TritonPythonModel:
         instance = f"{args.get('model_instance_name', '')}-v{args['model_version']}"
         hooks = options.hooks(Policy.load(version_dir / POLICY_FILE), instance)
         telemetry = ServingTelemetry(self.metrics, args["model_name"], instance)
+        cascade, placement = select_cascade(
+            DeviceRequest.from_parameters(parameters),
+            args.get("model_instance_kind", "CPU"),
+            args.get("model_instance_device_id", 0),
+        )
+        _log(f"{args['model_name']} ({instance}): {placement.reason}", error=placement.fell_back)
+        self.device_id = placement.device_id  # None: NumPy on the host
+        if placement.device == "gpu":
+            if options.segments_in_process:
+                raise ValueError("offramp_segments_in_process runs ONNX Runtime on the CPU: not with offramp_device gpu")
+            hooks["cascade"] = cascade
         self.orchestrator = Orchestrator.from_directory(version_dir, telemetry=telemetry, **hooks)
         self.spec = self.orchestrator.spec
         self.local = {}  # model name -> OnnxRunner, when the segments run in this process
@@ -108,7 +143,7 @@ class TritonPythonModel:
     def _call(self, model_name, tensors, output_names):
         runner = self.local.get(model_name)
         if runner is None:
-            return _bls(model_name, tensors, output_names)
+            return _bls(model_name, tensors, output_names, self.device_id)
         outputs = runner.run({n: np.ascontiguousarray(t) for n, t in tensors.items()}, output_names)
         return [outputs[name] for name in output_names]
 
