@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1su
 APT_PACKAGES := dataset-fashion-mnist libb64-0d
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-all bench lint gpu-check clean
+.PHONY: help setup demo test test-all bench soak lint gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ demo: $(STAMP) ## build, serve and measure an early-exit model on the embedded T
 bench: $(STAMP) ## early exit against the full model under perf_analyzer (~15 min); writes benchmarks/
 	$(BIN)/offramp bench
 	$(BIN)/offramp bench --segments-in-process --out benchmarks/in_process
+
+SOAK_ARGS ?=
+soak: $(STAMP) ## perf_analyzer against the early-exit CNN for 10 min, then checks (SOAK_ARGS="--duration 120")
+	$(BIN)/python -m offramp.client.soak $(SOAK_ARGS)
 
 test: $(STAMP) ## run the tests (slow ones excluded; see test-all)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.device import DeviceRequest, from_bls_tensor, is_device_array, select_cascade, to_bls_tensor
-from offramp.backend.orchestrator import POLICY_FILE, Orchestrator, ServingOptions
+from offramp.backend.orchestrator import POLICY_FILE, Orchestrator, RequestError, ServingOptions
 from offramp.backend.policy import Policy
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.backend.telemetry import ServingTelemetry
@@ -160,7 +160,9 @@ class TritonPythonModel:
         responses = []
         for answer in answers:
             if isinstance(answer, Exception):
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer))))
+                # A request's own fault is the client's error (gRPC INVALID_ARGUMENT, HTTP 400).
+                code = pb_utils.TritonError.INVALID_ARG if isinstance(answer, RequestError) else pb_utils.TritonError.INTERNAL
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer), code)))
             else:
                 tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in answer.items()]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))

@@ -1,0 +1,719 @@
+"""``make soak``: perf_analyzer at high concurrency against the early-exit model for a long time, then checks.
+
+The run is a sequence of back-to-back perf_analyzer invocations, one per window (default one minute),
+each sending an exact number of requests (``--request-count``, sized from the rate of a short
+warm-up run): so every window has its own latency percentiles, and the requests sent are known
+exactly and can be checked against Triton's own statistics (``/v2/models/<m>/stats``). A sampler
+thread reads, every few seconds, the resident memory of ``tritonserver`` and of its Python stubs
+(from ``/proc``) and the size of the stubs' ``/dev/shm`` regions.
+
+Checks, stated bounds (all configurable):
+
+- no failed request: perf_analyzer reports none, and Triton counts no failure on any model;
+- every request answered once: Triton's success count of the model grew by exactly the number of
+  requests perf_analyzer sent;
+- server memory stable: after the first window (a minute), the summed VmRSS of the server and its
+  stubs never rises more than ``memory_growth`` (10%) above its level at the end of that window;
+- ``/dev/shm`` stable: the same bound on the server's shared-memory regions (allocated bytes);
+- the same processes throughout (no stub died or was restarted);
+- latency stable: p50 and p99 of the last window at most ``p50_ratio`` (1.5x) and ``p99_ratio`` (2x)
+  those of the first window (a shared 2-core machine moves latency by tens of percent by itself);
+- answers unchanged: 256 test rows classified before and after the load get the same exits and labels.
+
+Writes ``summary.json``, ``summary.md``, ``samples.csv``, the server's log and perf_analyzer's CSV and
+output per window to ``--out``; the repository and input data go to ``<workdir>/soak``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import glob
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_WORKDIR = Path(".cache/offramp")
+DEFAULT_OUT = Path("benchmarks/soak")
+CHECK_ROWS = 256  # test rows classified before and after the load
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    duration_s: float = 600.0
+    window_s: float = 60.0  # one perf_analyzer run, one set of latency percentiles
+    concurrency: int = 32
+    rows_per_request: int = 4
+    data_rows: int = 1000  # distinct test rows perf_analyzer cycles through
+    sample_interval_s: float = 5.0
+    warmup_s: float = 5.0  # the run that sizes the windows (not counted in the stability checks)
+    memory_growth: float = 0.10
+    shm_growth: float = 0.10
+    p50_ratio: float = 1.5
+    p99_ratio: float = 2.0
+    orchestrator_instances: int = 2
+    segment_instances: int = 1
+    workdir: Path = DEFAULT_WORKDIR
+    out: Path = DEFAULT_OUT
+    epochs: int = 3
+    quick: bool = False  # the small test build (seconds to train) instead of the demo's
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0 or self.window_s <= 0 or self.window_s > self.duration_s:
+            raise ValueError("duration and window must be positive, the window no longer than the duration")
+        if self.concurrency < 1 or self.rows_per_request < 1 or self.sample_interval_s <= 0:
+            raise ValueError("concurrency, rows per request and the sample interval must be positive")
+
+
+# --- What the server holds: processes, memory, shared memory ----------------------------------------
+
+
+def server_processes(pgid: int, repository: Path | None = None) -> dict[int, str]:
+    """Live processes of the server's process group, by pid: ``tritonserver`` or the model a stub serves.
+
+    A stub's command line is ``triton_python_backend_stub <repository>/<model>/<version>/model.py
+    <shm region> ...``; the server starts them in its own process group.
+    """
+    roles = {}
+    for stat_path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat_path).read_text().rpartition(")")[2].split()
+            if int(fields[2]) != pgid or fields[0] == "Z":
+                continue
+            pid = int(Path(stat_path).parent.name)
+            argv = [
+                a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            ]
+        except (OSError, ValueError, IndexError):
+            continue  # It ended while we looked.
+        roles[pid] = "tritonserver" if pid == pgid else stub_model(argv, repository)
+    return roles
+
+
+def stub_model(argv: Sequence[str], repository: Path | None = None) -> str:
+    """The model a stub serves, from its command line (``other`` if it is not a stub)."""
+    for arg in argv[1:]:
+        if arg.endswith("/model.py"):
+            path = Path(arg)
+            if repository is not None:
+                try:
+                    return path.relative_to(Path(repository).absolute()).parts[0]
+                except ValueError:
+                    pass
+            return path.parent.parent.name
+    return "other"
+
+
+def stub_shm_region(pid: int) -> str | None:
+    """The /dev/shm region a stub works in (its second argument), or None."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return argv[2].decode() if len(argv) > 2 and argv[1].endswith(b"/model.py") else None
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon and RssShmem of a process in bytes (empty if it is gone)."""
+    values = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssShmem"):
+                values[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        return {}
+    return values
+
+
+def shm_usage(prefix: str) -> dict[str, int]:
+    """The regions named ``/dev/shm/<prefix>*``: how many, their size and what is allocated, in bytes."""
+    count = size = allocated = 0
+    for path in glob.glob(f"/dev/shm/{glob.escape(prefix)}*"):
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        count += 1
+        size += info.st_size
+        allocated += info.st_blocks * 512
+    return {"regions": count, "size": size, "allocated": allocated}
+
+
+@dataclass
+class Sample:
+    t: float  # seconds since the load began
+    rss: int  # summed VmRSS of tritonserver and its stubs
+    rss_anon: int
+    server_rss: int  # tritonserver alone
+    processes: int
+    shm_regions: int
+    shm_size: int
+    shm_allocated: int
+    pids: tuple[int, ...] = ()
+
+
+def take_sample(pgid: int, shm_prefix: str, t: float) -> Sample:
+    roles = server_processes(pgid)
+    memory = {pid: process_memory(pid) for pid in roles}
+    shm = shm_usage(shm_prefix)
+    return Sample(
+        t=round(t, 2),
+        rss=sum(m.get("VmRSS", 0) for m in memory.values()),
+        rss_anon=sum(m.get("RssAnon", 0) for m in memory.values()),
+        server_rss=memory.get(pgid, {}).get("VmRSS", 0),
+        processes=len(roles),
+        shm_regions=shm["regions"],
+        shm_size=shm["size"],
+        shm_allocated=shm["allocated"],
+        pids=tuple(sorted(roles)),
+    )
+
+
+class Sampler:
+    """Samples the server every ``interval_s`` on a thread, from ``start()`` to ``stop()``."""
+
+    def __init__(self, pgid: int, shm_prefix: str, interval_s: float) -> None:
+        self.pgid, self.shm_prefix, self.interval_s = pgid, shm_prefix, interval_s
+        self.samples: list[Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="offramp-soak-sampler", daemon=True)
+        self._origin = 0.0
+
+    def start(self, origin: float) -> None:
+        self._origin = origin
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.samples.append(take_sample(self.pgid, self.shm_prefix, time.monotonic() - self._origin))
+            if self._stop.wait(self.interval_s):
+                break
+
+    def stop(self) -> list[Sample]:
+        self._stop.set()
+        self._thread.join(30)
+        return self.samples
+
+
+# --- Triton's statistics --------------------------------------------------------------------------
+
+
+def model_counts(http_url: str) -> dict[str, dict[str, int]]:
+    """Per model: requests that succeeded and failed, and rows inferred (Triton's cumulative statistics)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{http_url}/v2/models/stats", timeout=30) as response:
+        data = json.load(response)
+    counts = {}
+    for entry in data.get("model_stats", []):
+        stats = entry.get("inference_stats", {})
+        counts[entry["name"]] = {
+            "success": int(stats.get("success", {}).get("count", 0)),
+            "fail": int(stats.get("fail", {}).get("count", 0)),
+            "inference_count": int(entry.get("inference_count", 0)),
+        }
+    return counts
+
+
+def counts_delta(before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]]) -> dict:
+    return {
+        model: {key: value - before.get(model, {}).get(key, 0) for key, value in counters.items()}
+        for model, counters in after.items()
+    }
+
+
+# --- The checks ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    index: int
+    started_s: float
+    wall_s: float
+    requests: int  # what perf_analyzer was told to send
+    answered: int  # Triton's success count delta of the model
+    failed: int  # Triton's fail count delta over every model
+    requests_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    error: str | None = None
+    tool_hung: bool = False  # perf_analyzer had to be killed after Triton answered all its requests
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def evaluate(
+    config: SoakConfig, windows: Sequence[Window], samples: Sequence[Sample], answers_equal: bool
+) -> dict:
+    """The checks and their figures; ``passed`` is True when every check holds."""
+    checks: dict[str, dict[str, Any]] = {}
+    sent = sum(w.requests for w in windows)
+    answered = sum(w.answered for w in windows)
+    failed = sum(w.failed for w in windows)
+    errors = [w.error for w in windows if w.error]
+    checks["no_failed_requests"] = {
+        "passed": failed == 0 and not errors,
+        "failed": failed,
+        "errors": errors[:3],
+    }
+    checks["answered_equals_sent"] = {
+        "passed": answered == sent and not errors,
+        "sent": sent,
+        "answered": answered,
+    }
+
+    # Memory and /dev/shm may grow while the first window warms the server up (the stubs' shared-memory
+    # pools grow in 1 MiB steps to the peak of data in flight, and never shrink); after it, they must stay
+    # within the bound of their level at its end: a leak grows without end, a warm server does not.
+    first, last = windows[0], windows[-1]
+    in_first = [s for s in samples if s.t <= first.started_s + first.wall_s]
+    later = [s for s in samples if s.t > first.started_s + first.wall_s]
+    in_last = [s for s in samples if last.started_s <= s.t <= last.started_s + last.wall_s]
+    for name, attribute, bound in [
+        ("memory_stable", "rss", config.memory_growth),
+        ("shm_stable", "shm_allocated", config.shm_growth),
+    ]:
+        base = getattr(in_first[-1], attribute) if in_first else 0
+        end = _median([getattr(s, attribute) for s in in_last])
+        peak = max((getattr(s, attribute) for s in later), default=0)
+        growth = end / base - 1.0 if base else float("nan")
+        peak_growth = peak / base - 1.0 if base else float("nan")
+        checks[name] = {
+            "passed": bool(len(windows) > 1 and base > 0 and later and peak_growth <= bound),
+            "after_first_window_bytes": base,
+            "last_window_bytes": end,
+            "peak_bytes": peak,
+            "growth": round(growth, 4),
+            "peak_growth": round(peak_growth, 4),
+            "bound": bound,
+        }
+    pid_sets = {s.pids for s in samples}
+    checks["processes_stable"] = {
+        "passed": len(pid_sets) == 1,
+        "process_counts": sorted({s.processes for s in samples}),
+    }
+    # perf_analyzer's figures; a window whose perf_analyzer hung has none (the next or previous one stands in).
+    measured = [w for w in windows if math.isfinite(w.p50_ms)]
+    first, last = (measured[0], measured[-1]) if measured else (windows[0], windows[-1])
+    p50 = last.p50_ms / first.p50_ms if first.p50_ms else float("nan")
+    p99 = last.p99_ms / first.p99_ms if first.p99_ms else float("nan")
+    checks["latency_stable"] = {
+        "passed": bool(len(measured) > 1 and p50 <= config.p50_ratio and p99 <= config.p99_ratio),
+        "windows_without_figures": [w.index for w in windows if w.tool_hung],
+        "first": {"p50_ms": first.p50_ms, "p99_ms": first.p99_ms},
+        "last": {"p50_ms": last.p50_ms, "p99_ms": last.p99_ms},
+        "p50_ratio": round(p50, 3),
+        "p99_ratio": round(p99, 3),
+        "bounds": {"p50_ratio": config.p50_ratio, "p99_ratio": config.p99_ratio},
+    }
+    checks["answers_unchanged"] = {"passed": answers_equal, "rows": CHECK_ROWS}
+    return {"passed": all(c["passed"] for c in checks.values()), "checks": checks}
+
+
+# --- The run -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CountedRun:
+    result: Any  # offramp.client.perf_analyzer.PerfResult, or None
+    error: str | None
+    tool_hung: bool
+
+
+def run_counted(
+    options: Any,
+    requests: int,
+    answered: Callable[[], int],
+    csv_path: Path,
+    binary: Path,
+    timeout_s: float,
+    grace_s: float = 15.0,
+) -> CountedRun:
+    """perf_analyzer sending exactly ``requests`` requests (``--request-count``).
+
+    WAR: perf_analyzer 2.49 in this mode now and then never exits after its last response (seen on a
+    loaded 2-core machine: Triton had answered every request; SIGINT does not stop it). So it runs
+    under watch: once ``answered()`` (Triton's count) reaches ``requests`` and it is still running
+    ``grace_s`` later, it is killed and the window has no latency figures, but its count still holds.
+    """
+    from offramp.client.perf_analyzer import explain_start_failure, parse_perf_csv, perf_analyzer_environment
+
+    command = [*options.command(binary, csv_path), "--request-count", str(requests)]
+    csv_path.unlink(missing_ok=True)
+    log_path = csv_path.with_suffix(".log")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, env=perf_analyzer_environment(), stdout=log, stderr=subprocess.STDOUT
+        )
+    started, all_answered_at = time.monotonic(), None
+    while process.poll() is None:
+        now = time.monotonic()
+        if all_answered_at is None and answered() >= requests:
+            all_answered_at = now
+        if (all_answered_at is not None and now - all_answered_at > grace_s) or now - started > timeout_s:
+            process.kill()
+            process.wait()
+            if all_answered_at is not None:
+                return CountedRun(None, None, True)
+            return CountedRun(None, f"perf_analyzer ran past {timeout_s:.0f} s", False)
+        time.sleep(0.5)
+    output = log_path.read_text(errors="replace")
+    problem = explain_start_failure(output)
+    if problem or process.returncode != 0 or not csv_path.exists():
+        tail = "\n".join(output.strip().splitlines()[-10:])
+        return CountedRun(None, problem or f"perf_analyzer exited with {process.returncode}:\n{tail}", False)
+    (result,) = parse_perf_csv(csv_path.read_text(), options.batch_size)
+    return CountedRun(result, None, False)
+
+
+def prepare_model(config: SoakConfig) -> tuple[Any, Path, Any]:
+    """The Fashion-MNIST multi-exit CNN and its calibrated policy, built like the demo's (reused when cached)."""
+    from offramp.build.calibrate import calibrate_artifacts, recipe_calibration_data
+    from offramp.build.recipes import build_fashion_mnist_cnn, quick_train_config
+    from offramp.build.train import TrainConfig
+
+    if config.quick:
+        directory = config.workdir / "fashion_cnn_quick"
+        artifacts = build_fashion_mnist_cnn(directory, train=quick_train_config(), progress=False)
+    else:
+        directory = config.workdir / "fashion_cnn"
+        artifacts = build_fashion_mnist_cnn(directory, train=TrainConfig(epochs=config.epochs))
+    policy, _, _ = calibrate_artifacts(
+        artifacts, directory, recipe_calibration_data(artifacts, directory), epsilon=0.01, delta=0.05
+    )
+    return artifacts, directory, policy
+
+
+def _classify_check_rows(url: str, model: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from offramp.client.client import OfframpClient
+
+    with OfframpClient(url) as client:
+        parts = [client.classify(model, images[s : s + 32]) for s in range(0, len(images), 32)]
+    return np.concatenate([p.exit for p in parts]), np.concatenate([p.label for p in parts])
+
+
+def run_soak(
+    config: SoakConfig, artifacts: Any, artifacts_dir: Path, policy: Any, progress: bool = True
+) -> dict:
+    """Serve ``artifacts`` under ``policy`` and soak it; returns the summary (also written to ``config.out``)."""
+    from offramp.backend.environment import prepare_execution_env
+    from offramp.build.fashion_mnist import load_fashion_mnist
+    from offramp.build.repository import RepositoryOptions, write_repository
+    from offramp.client.perf_analyzer import (
+        PerfAnalyzerOptions,
+        check_perf_analyzer,
+        run_perf_analyzer,
+        write_input_data,
+    )
+    from offramp.client.server import EmbeddedTritonServer, ServerPorts
+
+    def say(message: str) -> None:
+        if progress:
+            print(message, flush=True)
+
+    binary = check_perf_analyzer()
+    out = Path(config.out)
+    (out / "perf").mkdir(parents=True, exist_ok=True)
+    scratch = Path(config.workdir) / "soak"  # the repository and input data: large, regenerated each run
+    repository = scratch / "model_repository"
+    options = RepositoryOptions(
+        execution_env=prepare_execution_env(),
+        orchestrator_instances=config.orchestrator_instances,
+        segment_instances=config.segment_instances,
+    )
+    if repository.exists():
+        import shutil
+
+        shutil.rmtree(repository)
+    write_repository(artifacts, artifacts_dir, policy, repository, options)
+    images, _ = load_fashion_mnist("test")
+    rows = np.random.default_rng(config.seed).choice(
+        len(images), size=min(config.data_rows, len(images)), replace=False
+    )
+    data_file = write_input_data(scratch / "input_data.json", {"IMAGE": images[rows]})
+    check_images = images[:CHECK_ROWS]
+    name = artifacts.name
+
+    started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    windows: list[Window] = []
+    with EmbeddedTritonServer(
+        repository, ports=ServerPorts.free(), log_path=out / "tritonserver.log", startup_timeout_s=600
+    ) as server:
+        exits_before, labels_before = _classify_check_rows(server.grpc_url, name, check_images)
+
+        def perf_options(interval_ms: int) -> PerfAnalyzerOptions:
+            return PerfAnalyzerOptions(
+                url=server.grpc_url,
+                model=name,
+                input_data=data_file,
+                concurrency=config.concurrency,
+                batch_size=config.rows_per_request,
+                measurement_interval_ms=interval_ms,
+                stability_percentage=1000,  # no stability search: three windows, then the report
+                max_trials=3,
+            )
+
+        say(f"soak: warm-up {config.warmup_s:.0f} s at concurrency {config.concurrency}")
+        warm = run_perf_analyzer(
+            perf_options(int(config.warmup_s * 1000 / 3)), out / "perf" / "warmup.csv", timeout_s=120 + 4 * config.warmup_s,
+            binary=binary,
+        )  # fmt: skip
+        rate = warm.result.requests_per_s
+        per_window = max(1, int(rate * config.window_s))
+        count = max(1, round(config.duration_s / config.window_s))
+        say(
+            f"soak: {rate:.0f} requests/s; {count} windows of {per_window} requests (~{config.window_s:.0f} s each)"
+        )
+
+        sampler = Sampler(server.pid, server.shm_region_prefix, config.sample_interval_s)
+        origin = time.monotonic()
+        sampler.start(origin)
+        try:
+            for index in range(count):
+                before = model_counts(server.http_url)
+                began = time.monotonic() - origin
+                run = run_counted(
+                    perf_options(int(config.window_s * 1000)),
+                    per_window,
+                    lambda before=before: (
+                        counts_delta(before, model_counts(server.http_url)).get(name, {}).get("success", 0)
+                    ),
+                    out / "perf" / f"window_{index:03d}.csv",
+                    binary,
+                    timeout_s=120 + 4 * config.window_s,
+                )
+                result, error = run.result, run.error
+                wall = time.monotonic() - origin - began
+                delta = counts_delta(before, model_counts(server.http_url))
+                window = Window(
+                    index=index,
+                    started_s=round(began, 2),
+                    wall_s=round(wall, 2),
+                    requests=per_window,
+                    answered=delta.get(name, {}).get("success", 0),
+                    failed=sum(d.get("fail", 0) for d in delta.values()),
+                    requests_per_s=round(per_window / wall, 1),
+                    p50_ms=result.p50_ms if result else float("nan"),
+                    p90_ms=result.p90_ms if result else float("nan"),
+                    p95_ms=result.p95_ms if result else float("nan"),
+                    p99_ms=result.p99_ms if result else float("nan"),
+                    error=error,
+                    tool_hung=run.tool_hung,
+                )
+                windows.append(window)
+                last = sampler.samples[-1] if sampler.samples else None
+                say(
+                    f"soak: window {index + 1}/{count}: {window.requests_per_s:.0f} req/s, p50 {window.p50_ms:.1f} ms, "
+                    f"p99 {window.p99_ms:.1f} ms, answered {window.answered}/{window.requests}, failed {window.failed}"
+                    + (
+                        f", server RSS {last.rss / 2**20:.0f} MiB, /dev/shm {last.shm_allocated / 2**20:.1f} MiB"
+                        if last
+                        else ""
+                    )
+                    + (f"; ERROR {error.splitlines()[0]}" if error else "")
+                    + ("; perf_analyzer hung after the last answer and was killed" if run.tool_hung else "")
+                )
+                if error:
+                    break
+        finally:
+            samples = sampler.stop()
+        exits_after, labels_after = _classify_check_rows(server.grpc_url, name, check_images)
+        processes = server_processes(server.pid, repository)
+    answers_equal = bool((exits_before == exits_after).all() and (labels_before == labels_after).all())
+
+    verdict = evaluate(config, windows, samples, answers_equal)
+    summary = {
+        "date": started_at,
+        "model": name,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "machine": machine_load(),
+        "processes": sorted(processes.values()),
+        "warmup": {"requests_per_s": rate, "p50_ms": warm.result.p50_ms, "p99_ms": warm.result.p99_ms},
+        "windows": [asdict(w) for w in windows],
+        **verdict,
+    }
+    write_samples_csv(samples, out / "samples.csv")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    (out / "summary.md").write_text(summary_markdown(summary))
+    return summary
+
+
+def machine_load() -> dict[str, Any]:
+    """What the soak shared the machine with: cores and the load averages at the end."""
+    one, five, fifteen = os.getloadavg()
+    return {"cores": os.cpu_count(), "loadavg_1_5_15": [round(one, 2), round(five, 2), round(fifteen, 2)]}
+
+
+def write_samples_csv(samples: Sequence[Sample], path: Path) -> Path:
+    fields = [f for f in Sample.__dataclass_fields__ if f != "pids"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(fields)
+        for sample in samples:
+            writer.writerow([getattr(sample, f) for f in fields])
+    return path
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    config = summary["config"]
+    mib = lambda b: f"{b / 2**20:.1f} MiB"
+    lines = [
+        f"# Soak: {summary['model']}, {summary['date']}",
+        "",
+        (
+            f"perf_analyzer, concurrency {config['concurrency']}, {config['rows_per_request']} rows per request, "
+            f"{len(summary['windows'])} windows of ~{config['window_s']:.0f} s; {config['data_rows']} real test rows. "
+            f"Machine: {summary['machine']['cores']} cores, load average {summary['machine']['loadavg_1_5_15']} at the end."
+        ),
+        "",
+        f"**{'PASSED' if summary['passed'] else 'FAILED'}**",
+        "",
+        "| check | result | figures |",
+        "|---|---|---|",
+    ]
+    for name, check in summary["checks"].items():
+        figures = {k: v for k, v in check.items() if k != "passed"}
+        for key in ("after_first_window_bytes", "last_window_bytes", "peak_bytes"):
+            if key in figures:
+                figures[key] = mib(figures[key])
+        lines.append(
+            f"| {name} | {'pass' if check['passed'] else 'FAIL'} | {json.dumps(figures, default=str)} |"
+        )
+    lines += [
+        "",
+        "| window | start (s) | req/s | p50 ms | p90 ms | p99 ms | sent | answered | failed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for w in summary["windows"]:
+        lines.append(
+            f"| {w['index']} | {w['started_s']:.0f} | {w['requests_per_s']:.0f} | {w['p50_ms']:.1f} | {w['p90_ms']:.1f} "
+            f"| {w['p99_ms']:.1f} | {w['requests']} | {w['answered']} | {w['failed']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# --- Command line --------------------------------------------------------------------------------------
+
+
+def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
+    d = SoakConfig()
+    add = parser.add_argument
+    add("--duration", type=float, default=d.duration_s, help="seconds of load (default: %(default)s)")
+    add(
+        "--window",
+        type=float,
+        default=d.window_s,
+        help="seconds per perf_analyzer run and latency figure (default: %(default)s)",
+    )
+    add("--concurrency", type=int, default=d.concurrency, help="default: %(default)s")
+    add("--rows-per-request", type=int, default=d.rows_per_request, help="default: %(default)s")
+    add("--data-rows", type=int, default=d.data_rows, help="distinct test rows sent (default: %(default)s)")
+    add(
+        "--sample-interval",
+        type=float,
+        default=d.sample_interval_s,
+        help="seconds between memory samples (default: %(default)s)",
+    )
+    add(
+        "--memory-growth",
+        type=float,
+        default=d.memory_growth,
+        help="allowed RSS growth, first to last window (default: %(default)s)",
+    )
+    add(
+        "--shm-growth",
+        type=float,
+        default=d.shm_growth,
+        help="allowed /dev/shm growth (default: %(default)s)",
+    )
+    add(
+        "--p50-ratio",
+        type=float,
+        default=d.p50_ratio,
+        help="allowed last/first window p50 (default: %(default)s)",
+    )
+    add(
+        "--p99-ratio",
+        type=float,
+        default=d.p99_ratio,
+        help="allowed last/first window p99 (default: %(default)s)",
+    )
+    add("--workdir", type=Path, default=d.workdir, help="build cache (default: %(default)s)")
+    add(
+        "--out", type=Path, default=d.out, help="summary.json, summary.md, samples.csv (default: %(default)s)"
+    )
+    add(
+        "--epochs",
+        type=int,
+        default=d.epochs,
+        help="training epochs of the demo build (default: %(default)s)",
+    )
+    add("--quick", action="store_true", help="the small test build instead of the demo's")
+
+
+def config_from_args(args: argparse.Namespace) -> SoakConfig:
+    return SoakConfig(
+        duration_s=args.duration,
+        window_s=min(args.window, args.duration),
+        concurrency=args.concurrency,
+        rows_per_request=args.rows_per_request,
+        data_rows=args.data_rows,
+        sample_interval_s=args.sample_interval,
+        memory_growth=args.memory_growth,
+        shm_growth=args.shm_growth,
+        p50_ratio=args.p50_ratio,
+        p99_ratio=args.p99_ratio,
+        workdir=args.workdir,
+        out=args.out,
+        epochs=args.epochs,
+        quick=args.quick,
+    )
+
+
+def main_soak(args: argparse.Namespace) -> int:
+    """Build (or reuse) the model, soak it, print the verdict; 0 when every check passed."""
+    from offramp.client.perf_analyzer import PerfAnalyzerError
+    from offramp.client.server import ServerStartError
+
+    config = config_from_args(args)
+    try:
+        artifacts, directory, policy = prepare_model(config)
+        summary = run_soak(config, artifacts, directory, policy)
+    except (PerfAnalyzerError, ServerStartError) as error:
+        print(f"offramp soak: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    for name, check in summary["checks"].items():
+        print(f"  {'pass' if check['passed'] else 'FAIL'}  {name}")
+    print(f"soak {'passed' if summary['passed'] else 'FAILED'}; see {Path(config.out) / 'summary.md'}")
+    return 0 if summary["passed"] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="offramp soak", description=__doc__.splitlines()[0])
+    add_soak_arguments(parser)
+    return main_soak(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
