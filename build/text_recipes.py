@@ -245,7 +245,7 @@ def _build_text_classifier(
         torch.save(model.state_dict(), out_dir / JOINT_CHECKPOINT)
     model.encoder.config.save_pretrained(str(out_dir / ENCODER_CONFIG_DIR))
 
-    network = model.segmented()
+    network = model.segmented(settings.max_length)
     started = time.perf_counter()
     joint_accuracy = exit_accuracies(predict_by_length(network.exit_logits, *test[:2]), test[2])
     timings["test_seconds"] = round(time.perf_counter() - started, 1)

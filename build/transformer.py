@@ -148,8 +148,12 @@ class MultiExitEncoder(nn.Module):
             outputs.append(head(hidden, attention_mask))
         return outputs
 
-    def segmented(self) -> SegmentedNetwork:
+    def segmented(self, max_length: int | None = None) -> SegmentedNetwork:
+        """The segments; served requests may be at most ``max_length`` tokens long (default: the
+        position embeddings' length; recipes pass the length they trained and calibrated at)."""
         blocks = self.encoder.encoder.layer
+        config = self.encoder.config
+        longest = max_length or config.max_position_embeddings
         segments = [
             EncoderSegment([blocks[i] for i in span], head, self.encoder.embeddings if k == 0 else None)
             for k, (span, head) in enumerate(zip(self._block_ranges(), self.heads))
@@ -157,7 +161,10 @@ class MultiExitEncoder(nn.Module):
         return SegmentedNetwork(
             segments=segments,
             full=FullEncoder(self.encoder.embeddings, list(blocks), self.heads[-1]),
-            inputs=[TensorSpec(INPUT_IDS, "int64", (-1,)), TensorSpec(ATTENTION_MASK, "int64", (-1,))],
+            inputs=[
+                TensorSpec(INPUT_IDS, "int64", (-1,), low=0, high=config.vocab_size - 1, max_length=longest),
+                TensorSpec(ATTENTION_MASK, "int64", (-1,), low=0, high=1, max_length=longest),
+            ],
             side_inputs=[ATTENTION_MASK],
             hidden_axes={0: BATCH_AXIS, 1: SEQUENCE_AXIS},
         )

@@ -11,9 +11,11 @@ import os
 import queue
 import random
 import threading
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -68,35 +70,26 @@ class AuditLog:
         self._thread.join(timeout_s)
 
     def _write_loop(self) -> None:
-        handle = None
+        log = _AppendOnlyFile(self.config.path)
         while True:
             rows = self._queue.get()
             if rows is None:
                 break
             with self._lock:
                 self._pending_rows -= len(rows)
-            text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
+            lines = [(json.dumps(r, separators=(",", ":")) + "\n").encode() for r in rows]
             try:
-                if handle is None:
-                    handle = open(self.config.path, "a", encoding="utf-8")
-                if handle.tell() + len(text) > self.config.max_bytes and handle.tell() > 0:
-                    handle.close()
+                if log.size + sum(map(len, lines)) > self.config.max_bytes and log.size > 0:
+                    log.close()
                     self._rotate()
-                    handle = open(self.config.path, "a", encoding="utf-8")
-                handle.write(text)
-                handle.flush()
-                self.written += len(rows)
+                landed = log.append(lines)
             except OSError as error:  # a full or failing disk: count the loss, keep serving
-                self.lost += len(rows)
+                landed = getattr(error, "lines_landed", 0)
                 self.last_error = str(error)
-                if handle is not None:
-                    try:
-                        handle.close()
-                    except OSError:
-                        pass
-                    handle = None
-        if handle is not None:
-            handle.close()
+                log.close()
+            self.written += landed
+            self.lost += len(rows) - landed
+        log.close()
 
     def _rotate(self) -> None:
         path = self.config.path
@@ -107,6 +100,52 @@ class AuditLog:
                 if index == self.config.backups and older.exists():
                     older.unlink()
                 os.replace(newer, older)
+
+
+class _AppendOnlyFile:
+    """A JSON-lines file written with plain ``os.write``, so a short write on a full disk is seen:
+    the file is cut back to its last complete line, and the error says how many lines landed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._size = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes in the file (opening it, if closed)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._size = os.fstat(self._fd).st_size
+        return self._size
+
+    def append(self, lines: list[bytes]) -> int:
+        """Writes the lines; returns how many, or raises OSError with ``lines_landed`` set."""
+        start = self.size
+        data = memoryview(b"".join(lines))
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, data[done:])
+        except OSError as error:
+            ends = list(accumulate(len(line) for line in lines))
+            error.lines_landed = bisect_right(ends, done)
+            self._size = start + (ends[error.lines_landed - 1] if error.lines_landed else 0)
+            try:  # a torn last line would read as a broken record: cut it off
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+            raise
+        self._size = start + done
+        return len(lines)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
 
 
 def read_audit(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:

@@ -27,10 +27,37 @@ class TensorSpec:
     name: str
     dtype: str  # NumPy dtype name: "float32", "int64"
     shape: tuple[int, ...]
+    # Limits of a raw input that the network cannot enforce itself: a token id past the vocabulary
+    # fails the embedding gather for the whole batch, and a mask value other than 0/1 silently
+    # changes the answer. Inclusive value bounds, and the longest a variable axis may be.
+    low: int | None = None
+    high: int | None = None
+    max_length: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> TensorSpec:
-        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+        return cls(
+            data["name"],
+            data["dtype"],
+            tuple(data["shape"]),
+            data.get("low"),
+            data.get("high"),
+            data.get("max_length"),
+        )
+
+    def violation(self, array: np.ndarray) -> str | None:
+        """What is wrong with ``array`` (n, ...) against the bounds, or None: dtype and shape are checked apart."""
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            return "holds NaN or infinite values"
+        if self.max_length is not None:
+            lengths = [a for a, e in zip(array.shape[1:], self.shape) if e == -1]
+            if any(n > self.max_length for n in lengths):
+                return f"is {max(lengths)} long; the model takes at most {self.max_length}"
+        if array.size and (self.low is not None or self.high is not None):
+            smallest, largest = array.min(), array.max()
+            if (self.low is not None and smallest < self.low) or (self.high is not None and largest > self.high):
+                return f"holds values in [{smallest}, {largest}]; allowed: [{self.low}, {self.high}]"
+        return None
 
 
 # Why a row answered where it did: bits of the FLAGS output.

@@ -45,6 +45,11 @@ class RequestError(ValueError):
     """What is wrong with one request; it is answered with this message and its batch-mates go on."""
 
 
+class SegmentUnavailable(RuntimeError):
+    """A model the cascade calls is missing or unhealthy: the batch fails as a whole, since no request
+    in it is to blame and running them again one by one would only wait on it again."""
+
+
 class RequestView(Protocol):
     def input(self, name: str) -> np.ndarray | None: ...
     def parameters(self) -> Mapping[str, Any]: ...
@@ -248,11 +253,22 @@ class Orchestrator:
             if rows is not None and array.shape[0] != rows:
                 raise RequestError(f"input {spec.name!r} has {array.shape[0]} rows, the other inputs {rows}")
             rows = array.shape[0]
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                raise RequestError(f"input {spec.name!r} holds NaN or infinite values")
+            problem = spec.violation(array)
+            if problem:
+                raise RequestError(f"input {spec.name!r} {problem}")
             inputs[spec.name] = array
         if not rows:
             raise RequestError("the request has no rows")
+        # Every variable axis is the one sequence axis the segments were exported with.
+        lengths = {
+            (spec.name, length)
+            for spec in self.spec.inputs
+            for length, declared in zip(inputs[spec.name].shape[1:], spec.shape)
+            if declared == -1
+        }
+        if len({length for _, length in lengths}) > 1:
+            described = ", ".join(f"{name!r} {length}" for name, length in sorted(lengths))
+            raise RequestError(f"inputs disagree on the sequence length: {described}; their lengths must be equal")
 
         parameters = dict(request.parameters())
         unknown = sorted(set(parameters) - set(self.PARAMETERS))
@@ -331,9 +347,32 @@ class Orchestrator:
                 answers.append({})
             except RequestError as error:
                 answers.append(error)
+        served = iter(self._serve(parsed, run_segment, run_model))
+        return [answer if isinstance(answer, Exception) else next(served) for answer in answers]
+
+    def _serve(
+        self, parsed: Sequence[ParsedRequest], run_segment: RunSegment, run_model: RunModel | None
+    ) -> list[dict[str, np.ndarray] | Exception]:
+        """One answer per parsed request. When the merged batch fails, each request runs again on its
+        own, so a request that breaks a segment in a way parse could not foresee fails alone."""
         if not parsed:
-            return answers
+            return []
         batch = self.merge(parsed)
+        try:
+            outputs, policy_exit, requested_full = self._answer(batch, run_segment, run_model)
+        except Exception as error:  # a failed segment fails the rows that needed it, not the server
+            if len(parsed) == 1 or isinstance(error, SegmentUnavailable):
+                return [error] * len(parsed)
+            return [answer for request in parsed for answer in self._serve([request], run_segment, run_model)]
+        self._observe(outputs, policy_exit, parsed, batch, requested_full)
+        bounds = np.cumsum([0, *(p.rows for p in parsed)])
+        return [{name: array[a:b] for name, array in outputs.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _answer(
+        self, batch: CascadeBatch, run_segment: RunSegment, run_model: RunModel | None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """The output tensors of every row of the batch, the exit the policy chose freely (-1: it did
+        not choose) and which rows the requests themselves forced to full depth."""
         requested_full = batch.force_full
         policy = self.policy
         conservative = self.drift is not None and self.drift.conservative
@@ -341,18 +380,15 @@ class Orchestrator:
             batch = replace(batch, force_full=np.ones(batch.rows, dtype=bool))
             policy = self.conservative_policy
         run_full = None if run_model is None else lambda tensors: run_model(self.spec.full_model, tensors)
-        try:
-            result = self.cascade(
-                batch,
-                run_segment,
-                policy,
-                self.spec.exit_costs,
-                self.spec.side_inputs,
-                run_full,
-                compact=self.spec.compact,
-            )
-        except Exception as error:  # a failed segment fails the rows that needed it, not the server
-            return [a if isinstance(a, Exception) else error for a in answers]
+        result = self.cascade(
+            batch,
+            run_segment,
+            policy,
+            self.spec.exit_costs,
+            self.spec.side_inputs,
+            run_full,
+            compact=self.spec.compact,
+        )
         outputs = {
             "LOGITS": result.logits,
             "LABEL": result.label,
@@ -367,16 +403,7 @@ class Orchestrator:
             ).astype(np.int32)
         if self.policy.abstention is not None:
             self._abstain(outputs, batch, run_model)
-        self._observe(outputs, result.policy_exit, parsed, batch, requested_full)
-        start = 0
-        good = iter(parsed)
-        for position, answer in enumerate(answers):
-            if isinstance(answer, Exception):
-                continue
-            rows = next(good).rows
-            answers[position] = {name: array[start : start + rows] for name, array in outputs.items()}
-            start += rows
-        return answers
+        return outputs, result.policy_exit, requested_full
 
     def _abstain(self, outputs: dict[str, np.ndarray], batch: CascadeBatch, run_model: RunModel | None) -> None:
         """Flags, or sends to the fallback model, the rows still unsure at their last allowed exit."""

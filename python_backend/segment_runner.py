@@ -32,16 +32,22 @@ class OnnxRunner:
 
     def run_merged(
         self, requests: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[str] | None = None
-    ) -> list[dict[str, np.ndarray]]:
-        """Runs all requests as one batch and hands each its own rows back.
+    ) -> list[dict[str, np.ndarray] | Exception]:
+        """Runs all requests as one batch and hands each its own rows back, or its own error.
 
         Triton's dynamic batcher only groups requests whose non-batch shapes agree, so the inputs
-        concatenate along the batch axis.
+        concatenate along the batch axis. When the merged run fails, each request runs alone, so
+        the one whose inputs broke it fails alone.
         """
-        if len(requests) == 1:
-            return [self.run(requests[0], outputs)]
-        rows = [len(r[self.input_names[0]]) for r in requests]
-        merged = {n: np.concatenate([r[n] for r in requests]) for n in self.input_names}
-        results = self.run(merged, outputs)
+        try:
+            if len(requests) == 1:
+                return [self.run(requests[0], outputs)]
+            rows = [len(r[self.input_names[0]]) for r in requests]
+            merged = {n: np.concatenate([r[n] for r in requests]) for n in self.input_names}
+            results = self.run(merged, outputs)
+        except Exception as error:
+            if len(requests) == 1:
+                return [error]
+            return [answer for request in requests for answer in self.run_merged([request], outputs)]
         bounds = np.cumsum([0, *rows])
         return [{n: a[bounds[i] : bounds[i + 1]] for n, a in results.items()} for i in range(len(requests))]

@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.device import DeviceRequest, from_bls_tensor, is_device_array, select_cascade, to_bls_tensor
-from offramp.backend.orchestrator import POLICY_FILE, Orchestrator, RequestError, ServingOptions
+from offramp.backend.orchestrator import POLICY_FILE, Orchestrator, RequestError, SegmentUnavailable, ServingOptions
 from offramp.backend.policy import Policy
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.backend.telemetry import ServingTelemetry
@@ -22,6 +22,16 @@ from offramp.backend.telemetry import ServingTelemetry
 
 class SegmentError(RuntimeError):
     pass
+
+
+def _segment_error(model_name, error):
+    """A failed BLS call as the orchestrator's exception: an absent or unhealthy model is nobody's
+    request's fault (rerunning requests alone would only multiply the wait for it)."""
+    message = f"{model_name} failed: {error.message()}"
+    absent = error.code() in (pb_utils.TritonError.UNAVAILABLE, pb_utils.TritonError.NOT_FOUND)
+    if absent or "is not healthy" in message:
+        return SegmentUnavailable(message)
+    return SegmentError(message)
 
 
 class _Request:
@@ -107,7 +117,7 @@ def _bls(model_name, tensors, output_names, device_id=None):
     )
     response = request.exec()
     if response.has_error():
-        raise SegmentError(f"{model_name} failed: {response.error().message()}")
+        raise _segment_error(model_name, response.error())
     outputs = [pb_utils.get_output_tensor_by_name(response, name) for name in output_names]
     return [from_bls_tensor(t, cupy) for t in outputs] if on_device else [t.as_numpy() for t in outputs]
 

@@ -29,6 +29,9 @@ class TritonPythonModel:
         results = self.runner.run_merged(inputs)
         responses = []
         for request, result in zip(requests, results):
+            if isinstance(result, Exception):
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
+                continue
             wanted = request.requested_output_names() or list(result)
             tensors = [pb_utils.Tensor(name, np.ascontiguousarray(result[name])) for name in wanted]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))

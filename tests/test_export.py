@@ -58,3 +58,26 @@ def test_exit_costs_rise_to_the_full_network(quick_cnn):
     assert all(a < b for a, b in zip(costs, costs[1:]))
     # The last exit runs the whole network plus the early heads, which are tiny.
     assert 1.0 <= costs[-1] < 1.01
+
+
+def test_merged_segment_requests_fail_one_by_one(tmp_path):
+    """A request whose ids break the embedding gather fails alone; merged neighbours get their rows."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.arange(20, dtype=np.float32).reshape(10, 2)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "INPUT_IDS"], ["hidden"])],
+        "embedding",
+        [helper.make_tensor_value_info("INPUT_IDS", TensorProto.INT64, ["batch", 3])],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", 3, 2])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    path = tmp_path / "embedding.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    runner = OnnxRunner(path)
+    good = [np.array([[1, 2, 3]]), np.array([[4, 5, 6], [7, 8, 9]])]
+    requests = [{"INPUT_IDS": good[0]}, {"INPUT_IDS": np.array([[1, 99, 2]])}, {"INPUT_IDS": good[1]}]
+    answers = runner.run_merged(requests)
+    assert isinstance(answers[1], Exception) and "99" in str(answers[1])
+    for ids, answer in zip(good, (answers[0], answers[2])):
+        np.testing.assert_array_equal(answer["hidden"], table[ids])

@@ -213,7 +213,6 @@ def _audit_totals(service: FaultService) -> dict[str, float]:
     return totals
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a batch cut short by a full disk is counted all lost (audit.py)")
 def test_a_full_audit_disk_keeps_serving_and_counts_the_loss(fault_service):
     """Serving goes on while the audit disk refuses records; every row is counted as written or lost."""
     service = fault_service

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from pathlib import Path
 
@@ -103,6 +105,34 @@ def test_audit_log_counts_what_a_failing_disk_refuses(tmp_path):
     log.record([{"row": 0}, {"row": 1}])
     log.close()
     assert log.lost == 2 and log.written == 0 and log.last_error
+
+
+def test_audit_log_counts_a_batch_cut_short_by_a_full_disk_line_by_line(tmp_path, monkeypatch):
+    """The disk takes 150 bytes: the lines that fit are kept and counted written, a torn line is cut
+    off, everything else is counted lost, and the file holds exactly what was counted written."""
+    path = tmp_path / "audit.jsonl"
+    capacity = {"left": 150}
+    real_write = os.write
+
+    def small_disk(fd: int, data) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}") != str(path):
+            return real_write(fd, data)
+        if not capacity["left"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        taken = real_write(fd, bytes(data[: capacity["left"]]))
+        capacity["left"] -= taken
+        return taken
+
+    monkeypatch.setattr(os, "write", small_disk)
+    log = AuditLog(AuditConfig(path))
+    rows = [{"request_id": "r", "row": i, "exit": 0} for i in range(8)]  # 36-byte lines: 4 fit in 150
+    log.record(rows)
+    log.record(rows[:2])
+    log.close()
+    monkeypatch.undo()
+    assert (log.written, log.lost) == (4, 6) and "No space" in log.last_error
+    text = path.read_text()
+    assert text.endswith("\n") and [json.loads(line)["row"] for line in text.splitlines()] == [0, 1, 2, 3]
 
 
 def test_audit_sampling_and_backpressure(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from offramp.backend.contract import TensorSpec
-from offramp.backend.orchestrator import Orchestrator, OrchestratorSpec, RequestError
+from offramp.backend.orchestrator import Orchestrator, OrchestratorSpec, RequestError, SegmentUnavailable
 from offramp.backend.policy import ExitRule, Policy, PolicyError
 from tests.fakes import FakeNetwork
 
@@ -103,6 +103,73 @@ def test_a_failing_segment_fails_the_good_requests_and_keeps_the_bad_ones_errors
         [FakeRequest({"X": np.zeros((2, 6), np.float32)}), FakeRequest({})], broken, None
     )
     assert "unavailable" in str(answers[0]) and "missing" in str(answers[1])
+
+
+def test_a_request_that_breaks_a_segment_fails_alone_and_the_rest_run_again(orchestrator):
+    """A fault parse cannot foresee (here: a row with a poison value) fails only its own request."""
+    net = FakeNetwork()
+    poison = good_rows(net, 0, 2)
+    poison[1, 3] = 1e6
+
+    def fragile(index, tensors, need_hidden):
+        if (np.abs(tensors["X" if index == 0 else "hidden_in"][:, 1:]) > 1e5).any():
+            raise RuntimeError("segment overflow")
+        return net.run_segment(index, tensors, need_hidden)
+
+    requests = [FakeRequest({"X": good_rows(net, 2, 3)}), FakeRequest({"X": poison}), FakeRequest({"X": good_rows(net, 5, 4)})]
+    answers = orchestrator.execute(requests, fragile, None)
+    assert str(answers[1]) == "segment overflow"
+    for request, answer in [(requests[0], answers[0]), (requests[2], answers[2])]:
+        alone = orchestrator.execute([request], FakeNetwork().run_segment, None)[0]
+        for name in answer:
+            np.testing.assert_array_equal(answer[name], alone[name], err_msg=name)
+
+
+def test_an_unavailable_segment_fails_the_batch_once_without_rerunning_each_request(orchestrator):
+    calls = []
+
+    def missing(index, tensors, need_hidden):
+        calls.append(len(tensors["X"]))
+        raise SegmentUnavailable("s0 failed: model is not ready")
+
+    requests = [FakeRequest({"X": np.zeros((2, 6), np.float32)}) for _ in range(4)]
+    answers = orchestrator.execute(requests, missing, None)
+    assert all(isinstance(a, SegmentUnavailable) for a in answers) and calls == [8]
+
+
+TEXT_SPEC = OrchestratorSpec(
+    model_name="text",
+    segment_models=("s0", "s1", "s2"),
+    full_model="text_full",
+    inputs=(
+        TensorSpec("IDS", "int64", (-1,), low=0, high=99, max_length=8),
+        TensorSpec("MASK", "int64", (-1,), low=0, high=1, max_length=8),
+    ),
+    side_inputs=("MASK",),
+    exit_costs=(0.3, 0.6, 1.0),
+    class_names=("a", "b", "c", "d"),
+    fingerprint="fp",
+)
+IDS = np.array([[5, 17, 99, 0], [3, 4, 0, 0]], np.int64)
+MASK = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.int64)
+
+
+@pytest.mark.parametrize(
+    "inputs,message",
+    [
+        ({"IDS": IDS, "MASK": MASK[:, :3]}, r"disagree on the sequence length: 'IDS' 4, 'MASK' 3; their lengths must be equal"),
+        ({"IDS": IDS + 1, "MASK": MASK}, r"'IDS' holds values in \[1, 100\]; allowed: \[0, 99\]"),
+        ({"IDS": IDS - 6, "MASK": MASK}, r"'IDS' holds values in \[-6, 93\]"),
+        ({"IDS": IDS, "MASK": MASK * 2}, r"'MASK' holds values in \[0, 2\]; allowed: \[0, 1\]"),
+        ({"IDS": np.zeros((1, 9), np.int64), "MASK": np.ones((1, 9), np.int64)}, r"'IDS' is 9 long; the model takes at most 8"),
+    ],
+)
+def test_pre_tokenized_inputs_outside_the_models_limits_are_refused(inputs, message):
+    orchestrator = Orchestrator(TEXT_SPEC, Policy("p1", "fp", (ExitRule("max_prob", 0.6),) * 3))
+    with pytest.raises(RequestError, match=message):
+        orchestrator.parse(FakeRequest(inputs))
+    parsed = orchestrator.parse(FakeRequest({"IDS": IDS, "MASK": MASK}))  # the limits themselves are fine
+    assert parsed.rows == 2
 
 
 def test_only_bad_requests_never_reach_a_segment(orchestrator):

@@ -308,17 +308,13 @@ def _text_cases(service: TextService) -> dict[str, tuple[dict[str, np.ndarray], 
     }
 
 
-# Known bug, open (issue 8): pre-tokenized INPUT_IDS / ATTENTION_MASK are not range- or
-# shape-checked by the orchestrator; these cases fail inside a segment (taking batch-mates with them)
-# or get wrong answers. strict: the marks go the day the fix lands.
-_UNCHECKED_TOKENS = pytest.mark.xfail(strict=True, reason="pre-tokenized inputs are not validated yet (known bug)")
 TEXT_CASES = [
     "mismatched batch sizes",
-    pytest.param("mismatched sequence lengths", marks=_UNCHECKED_TOKENS),
-    pytest.param("token id beyond the vocabulary", marks=_UNCHECKED_TOKENS),
-    pytest.param("negative token id", marks=_UNCHECKED_TOKENS),
-    pytest.param("attention mask not 0 or 1", marks=_UNCHECKED_TOKENS),
-    pytest.param("sequence longer than the model takes", marks=_UNCHECKED_TOKENS),
+    "mismatched sequence lengths",
+    "token id beyond the vocabulary",
+    "negative token id",
+    "attention mask not 0 or 1",
+    "sequence longer than the model takes",
     "TEXT not valid UTF-8",
     "TEXT not bytes",
 ]
