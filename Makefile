@@ -38,7 +38,7 @@ MODEL ?= fashion_cnn
 demo: $(STAMP) ## build, serve and measure an early-exit model on the embedded Triton server (MODEL=fashion_cnn|trec|rotten_tomatoes)
 	$(BIN)/offramp demo --model $(MODEL)
 
-bench: $(STAMP) ## early exit against the full model under perf_analyzer (~15 min); writes benchmarks/
+bench: $(STAMP) ## early exit against the full model under perf_analyzer, CNN and both MiniLMs (~45 min once built); writes benchmarks/
 	$(BIN)/offramp bench
 	$(BIN)/offramp bench --segments-in-process --out benchmarks/in_process
 

@@ -96,3 +96,13 @@ def fashion_mnist_train_and_calibration(
 def quick_train_config(rows: int = 8000, epochs: int = 1, seed: int = 0) -> TrainConfig:
     """A build small enough for tests: a subset and one epoch (tens of seconds on one core)."""
     return replace(TrainConfig(), epochs=epochs, max_train_rows=rows, seed=seed)
+
+
+def served_fashion_cnn(workdir: Path, epochs: int = 3, quick: bool = False) -> tuple[ModelArtifacts, Path]:
+    """The CNN the demo, the benchmark and the soak serve, reused when cached: ``<workdir>/fashion_cnn``
+    trained for ``epochs``, or with ``quick`` a seconds-long build (tests) in ``<workdir>/fashion_cnn_quick``."""
+    if quick:
+        directory = Path(workdir) / "fashion_cnn_quick"
+        return build_fashion_mnist_cnn(directory, train=quick_train_config(), progress=False), directory
+    directory = Path(workdir) / "fashion_cnn"
+    return build_fashion_mnist_cnn(directory, train=TrainConfig(epochs=epochs)), directory

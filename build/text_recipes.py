@@ -407,6 +407,18 @@ def quick_text_classifier(
     )
 
 
+def served_text_classifier(
+    workdir: Path | str, task: str, epochs: int = 2, quick: bool = False
+) -> tuple[ModelArtifacts, Path]:
+    """The fine-tuned MiniLM the demo and the benchmark serve for ``task``, reused when cached:
+    ``<workdir>/<task>_minilm``, or with ``quick`` the tiny stand-in (tests) in ``<workdir>/<task>_tiny``."""
+    if quick:
+        directory = Path(workdir) / f"{task}_tiny"
+        return quick_text_classifier(directory, task), directory
+    directory = Path(workdir) / f"{task}_minilm"
+    return build_text_classifier(directory, task, epochs=epochs, threads=2), directory
+
+
 # --- the frozen-backbone probe baseline ------------------------------------------------------------
 
 

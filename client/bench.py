@@ -121,41 +121,73 @@ def bench_policy(artifacts: ModelArtifacts, calibration_logits: np.ndarray, cali
     return calibrated.to_policy(policy_version("ltt", calibrated.rules(), {}), artifacts.fingerprint)
 
 
-def fashion_cnn_workload(settings: WorkloadSettings) -> Workload:
-    """The multi-exit ResNet on Fashion-MNIST, built as the demo builds it (reused when cached)."""
-    from offramp.build.calibrate import exit_logits_from_onnx
-    from offramp.build.fashion_mnist import load_fashion_mnist
-    from offramp.build.recipes import (
-        build_fashion_mnist_cnn,
-        fashion_mnist_train_and_calibration,
-        quick_train_config,
-    )
-    from offramp.build.train import TrainConfig
+def _recipe_workload(
+    artifacts: ModelArtifacts, directory: Path, test_inputs: Mapping[str, np.ndarray], goals: Goals, description: str
+) -> Workload:
+    """A workload on a recipe's own splits: its calibration split for the policy, its test split served."""
+    from offramp.build.calibrate import exit_logits_from_onnx, recipe_calibration_data
 
-    if settings.quick:
-        directory = settings.workdir / "fashion_cnn_quick"
-        artifacts = build_fashion_mnist_cnn(directory, train=quick_train_config(), progress=False)
-    else:
-        directory = settings.workdir / "fashion_cnn"
-        artifacts = build_fashion_mnist_cnn(directory, train=TrainConfig(epochs=settings.epochs))
-    _, (cal_images, cal_labels) = fashion_mnist_train_and_calibration()
-    calibration_logits = exit_logits_from_onnx(artifacts, directory, {"IMAGE": cal_images})
-    images, labels = load_fashion_mnist("test")
+    calibration = recipe_calibration_data(artifacts, directory)
+    calibration_logits = exit_logits_from_onnx(artifacts, directory, calibration.inputs)
     return Workload(
         name=artifacts.name,
         artifacts=artifacts,
         artifacts_dir=directory,
-        test_inputs={"IMAGE": images},
-        test_labels=labels,
+        test_inputs=test_inputs,
+        test_labels=recipe_calibration_data(artifacts, directory, "test").labels,
         calibration_logits=calibration_logits,
-        calibration_labels=cal_labels,
-        policy=bench_policy(artifacts, calibration_logits, cal_labels),
-        goals=Goals(concurrency=8, throughput_ratio=3.0, realised_share=0.90, max_tax=0.05, max_p99_ratio=1.0),
-        description="Fashion-MNIST, multi-exit ResNet (an exit per stage)",
+        calibration_labels=calibration.labels,
+        policy=bench_policy(artifacts, calibration_logits, calibration.labels),
+        goals=goals,
+        description=description,
     )
 
 
-WORKLOADS: dict[str, WorkloadFactory] = {"fashion_cnn": fashion_cnn_workload}
+def fashion_cnn_workload(settings: WorkloadSettings) -> Workload:
+    """The multi-exit ResNet on Fashion-MNIST, built as the demo builds it (reused when cached)."""
+    from offramp.build.calibrate import recipe_calibration_data
+    from offramp.build.recipes import served_fashion_cnn
+
+    artifacts, directory = served_fashion_cnn(settings.workdir, settings.epochs, settings.quick)
+    return _recipe_workload(
+        artifacts,
+        directory,
+        recipe_calibration_data(artifacts, directory, "test").inputs,
+        Goals(concurrency=8, throughput_ratio=3.0, realised_share=0.90, max_tax=0.05, max_p99_ratio=1.0),
+        "Fashion-MNIST, multi-exit ResNet (an exit per stage)",
+    )
+
+
+def text_workload(task: str) -> WorkloadFactory:
+    """The fine-tuned multi-exit MiniLM on ``task`` (an exit after every layer), built as the demo
+    builds it. perf_analyzer sends one shape per input, so every test row is padded to the split's
+    longest (the mask makes padding inert: answers are unchanged, work grows alike for both models);
+    the report states the real and the padded length."""
+
+    def factory(settings: WorkloadSettings) -> Workload:
+        from offramp.build.calibrate import recipe_calibration_data
+        from offramp.build.text_recipes import served_text_classifier
+
+        artifacts, directory = served_text_classifier(settings.workdir, task, quick=settings.quick)
+        test = recipe_calibration_data(artifacts, directory, "test")
+        mask = test.inputs["ATTENTION_MASK"]
+        return _recipe_workload(
+            artifacts,
+            directory,
+            test.inputs,
+            Goals(concurrency=8, throughput_ratio=2.0, realised_share=0.90, max_tax=0.05, max_p99_ratio=1.0),
+            f"{task}, multi-exit MiniLM-L6 fine-tuned (an exit per layer); rows padded to "
+            f"{mask.shape[1]} tokens, {mask.sum(axis=1).mean():.1f} real on average",
+        )
+
+    return factory
+
+
+WORKLOADS: dict[str, WorkloadFactory] = {
+    "fashion_cnn": fashion_cnn_workload,
+    "trec": text_workload("trec"),
+    "rotten_tomatoes": text_workload("rotten_tomatoes"),
+}
 
 
 def register_workload(name: str, factory: WorkloadFactory) -> None:
@@ -227,9 +259,10 @@ def write_bench_repository(workload: Workload, repository: Path, options: Any) -
         shutil.rmtree(repository)
     name = workload.name
     written = write_repository(workload.artifacts, workload.artifacts_dir, workload.policy, repository, options)
-    write_orchestrator(workload.artifacts, workload.policy, repository, options, name=f"{name}_nocompact", compact=False)
+    artifacts, directory = workload.artifacts, workload.artifacts_dir
+    write_orchestrator(artifacts, workload.policy, repository, options, f"{name}_nocompact", False, directory)
     segments_policy = replace(workload.policy, full_depth_route="segments")
-    write_orchestrator(workload.artifacts, segments_policy, repository, options, name=f"{name}_segments_full")
+    write_orchestrator(artifacts, segments_policy, repository, options, f"{name}_segments_full", artifacts_dir=directory)
     return sorted([p.name for p in written] + [f"{name}_nocompact", f"{name}_segments_full"])
 
 
@@ -326,7 +359,7 @@ def machine_busy_jiffies() -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    workloads: tuple[str, ...] = ("fashion_cnn",)
+    workloads: tuple[str, ...] = ("fashion_cnn", "trec", "rotten_tomatoes")
     concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
     repeats: int = 3
     rows_per_request: int = 8
@@ -747,7 +780,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     add = parser.add_argument
     add("--workload", action="append", dest="workloads", metavar="NAME",
-        help=f"workload to measure, repeatable: {', '.join(sorted(WORKLOADS))} or module:function (default: fashion_cnn)")
+        help=f"workload to measure, repeatable: {', '.join(sorted(WORKLOADS))} or module:function (default: all three)")
     add("--concurrency", type=_int_list, default=None, help="concurrency levels (default: 1,4,8,16; quick: 1,4)")
     add("--repeats", type=int, default=None, help=f"interleaved rounds per level (default: {d.repeats}; quick: 1)")
     add("--rows-per-request", type=int, default=d.rows_per_request, help="test rows per request (default: %(default)s)")
@@ -785,7 +818,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     }
     settings = {**quick, **{k: v for k, v in chosen.items() if v is not None}}
     return BenchConfig(
-        workloads=tuple(args.workloads or ("fashion_cnn",)),
+        workloads=tuple(args.workloads or BenchConfig.workloads),
         rows_per_request=args.rows_per_request,
         arms=tuple(args.arms),
         quality_concurrency=args.quality_concurrency,

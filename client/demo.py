@@ -21,9 +21,8 @@ from offramp.backend.environment import prepare_execution_env
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.calibrate import calibrate_artifacts, recipe_calibration_data
 from offramp.build.fashion_mnist import load_fashion_mnist
-from offramp.build.recipes import build_fashion_mnist_cnn
+from offramp.build.recipes import served_fashion_cnn
 from offramp.build.repository import RepositoryOptions, full_model_name, write_repository
-from offramp.build.train import TrainConfig
 from offramp.client.client import OfframpClient, Predictions
 from offramp.client.server import EmbeddedTritonServer, ServerPorts
 
@@ -74,8 +73,7 @@ class DemoWorkload:
 
 
 def fashion_cnn_workload(workdir: Path, epochs: int) -> DemoWorkload:
-    artifacts_dir = workdir / "fashion_cnn"
-    artifacts = build_fashion_mnist_cnn(artifacts_dir, train=TrainConfig(epochs=epochs))
+    artifacts, artifacts_dir = served_fashion_cnn(workdir, epochs)
     images, labels = load_fashion_mnist("test")
     return DemoWorkload(
         artifacts,
@@ -89,11 +87,10 @@ def fashion_cnn_workload(workdir: Path, epochs: int) -> DemoWorkload:
 
 def text_workload(task: str, workdir: Path, epochs: int) -> DemoWorkload:
     """A fine-tuned multi-exit MiniLM; the service tokenizes raw text, the full model gets token ids."""
-    from offramp.build.text_recipes import build_text_classifier, text_splits_of
+    from offramp.build.text_recipes import served_text_classifier, text_splits_of
     from offramp.build.transformer import encode_texts, load_tokenizer
 
-    artifacts_dir = workdir / f"{task}_minilm"
-    artifacts = build_text_classifier(artifacts_dir, task, epochs=epochs, threads=2)
+    artifacts, artifacts_dir = served_text_classifier(workdir, task, epochs)
     test = text_splits_of(artifacts).test
     tokenizer = load_tokenizer(artifacts_dir)
 

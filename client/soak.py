@@ -387,15 +387,9 @@ def run_counted(
 def prepare_model(config: SoakConfig) -> tuple[Any, Path, Any]:
     """The Fashion-MNIST multi-exit CNN and its calibrated policy, built like the demo's (reused when cached)."""
     from offramp.build.calibrate import calibrate_artifacts, recipe_calibration_data
-    from offramp.build.recipes import build_fashion_mnist_cnn, quick_train_config
-    from offramp.build.train import TrainConfig
+    from offramp.build.recipes import served_fashion_cnn
 
-    if config.quick:
-        directory = config.workdir / "fashion_cnn_quick"
-        artifacts = build_fashion_mnist_cnn(directory, train=quick_train_config(), progress=False)
-    else:
-        directory = config.workdir / "fashion_cnn"
-        artifacts = build_fashion_mnist_cnn(directory, train=TrainConfig(epochs=config.epochs))
+    artifacts, directory = served_fashion_cnn(config.workdir, config.epochs, config.quick)
     policy, _, _ = calibrate_artifacts(
         artifacts, directory, recipe_calibration_data(artifacts, directory), epsilon=0.01, delta=0.05
     )

@@ -323,7 +323,7 @@ def test_quick_flag_sets_short_defaults_that_options_override():
     assert quick.out != bench.DEFAULT_OUT
     default = bench.config_from_args(parser.parse_args([]))
     assert default.concurrency == (1, 4, 8, 16) and default.repeats == 3 and default.rows_per_request == 8
-    assert default.out == bench.DEFAULT_OUT and default.workloads == ("fashion_cnn",)
+    assert default.out == bench.DEFAULT_OUT and default.workloads == ("fashion_cnn", "trec", "rotten_tomatoes")
     with pytest.raises(ValueError, match="early"):
         bench.BenchConfig(arms=("full",))
     with pytest.raises(KeyError, match="unknown workload"):
@@ -418,6 +418,40 @@ def test_quick_benchmark_end_to_end(quick_cnn, fashion_test, tmp_path):
     for name in ("throughput", "latency", "accuracy_compute"):
         assert (config.out / "plots" / f"fashion_cnn_{name}.png").stat().st_size > 1000
     assert (config.out / "results" / "fashion_cnn" / "runs.csv").read_text().count("\n") == 1 + 2 * len(bench.ARM_KEYS)
+
+
+@pytest.mark.integration
+def test_a_text_workload_under_perf_analyzer(quick_text_model, tmp_path):
+    """Token ids padded to one length go through perf_analyzer to both models; the served answers
+    of the padded rows agree with the offline ones."""
+    from offramp.build.calibrate import exit_logits_from_onnx, recipe_calibration_data
+    from offramp.client.bench_summary import Goals
+    from offramp.client.perf_analyzer import check_perf_analyzer
+
+    try:
+        check_perf_analyzer()
+    except PerfAnalyzerError as error:
+        pytest.skip(str(error))
+    artifacts, directory = quick_text_model
+    test = recipe_calibration_data(artifacts, directory, "test")
+    workload = bench._recipe_workload(artifacts, directory, test.inputs, Goals(), "quick text")
+    assert {a.shape[1] for a in workload.test_inputs.values()} == {test.inputs["INPUT_IDS"].shape[1]}
+    config = bench.BenchConfig(
+        concurrency=(2,), repeats=1, measurement_interval_ms=300, data_rows=32, quality_rows=64,
+        arms=("early", "full"), workdir=tmp_path / "work", out=tmp_path / "out", progress=False,
+    )  # fmt: skip
+    summary = bench.run_workload(workload, config)
+    (level,) = summary["levels"]
+    assert level["throughput_ratio"] > 0 and set(level["arms"]) == {"early", "full"}
+    quality = summary["quality"]
+    # The last exit costs a little over 1: every exit head runs on the way (the full model has one).
+    assert quality["rows"] == 64 and 0 < quality["mean_compute_fraction"] <= artifacts.exit_costs[-1] + 1e-6
+    offline = bench._policy_exits(
+        exit_logits_from_onnx(artifacts, directory, {n: a[:64] for n, a in test.inputs.items()}), workload.policy
+    )
+    # A row on a threshold may flip with the batch it runs in (float noise): at most one here.
+    expected = np.bincount(offline, minlength=artifacts.num_exits) / 64
+    assert quality["exit_fractions"] == pytest.approx(expected, abs=1.5 / 64)
 
 
 def test_report_from_saved_results(tmp_path):
