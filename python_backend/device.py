@@ -26,15 +26,13 @@ CuPy is imported when a GPU is asked for, never when this module is imported.
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
-from offramp.backend.cascade import Cascade, CascadeBatch, CascadeResult, RunFull, RunSegment, run_cascade
-from offramp.backend.policy import Policy
+from offramp.backend.cascade import Cascade, CascadeBatch, CascadeResult, RunSegment, run_cascade
 
 DEVICE_PARAMETER = "offramp_device"
 FALLBACK_PARAMETER = "offramp_device_fallback"
@@ -119,30 +117,11 @@ class DeviceCascade:
     kernels: Any
     scope: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
-    def __call__(
-        self,
-        batch: CascadeBatch,
-        run_segment: RunSegment,
-        policy: Policy,
-        exit_costs: Sequence[float],
-        side_inputs: Sequence[str] = (),
-        run_full: RunFull | None = None,
-        compact: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> CascadeResult:
+    def __call__(self, batch: CascadeBatch, run_segment: RunSegment, *args: Any, **kwargs: Any) -> CascadeResult:
+        """``run_cascade`` with the batch on the device, this device's array module and kernels; the
+        result back on the host. Other arguments pass through unchanged."""
         with self.scope():
-            result = run_cascade(
-                batch_on(batch, self.xp),
-                run_segment,
-                policy,
-                exit_costs,
-                side_inputs,
-                run_full,
-                xp=self.xp,
-                compact=compact,
-                clock=clock,
-                kernels=self.kernels,
-            )
+            result = run_cascade(batch_on(batch, self.xp), run_segment, *args, xp=self.xp, kernels=self.kernels, **kwargs)
             return result_to_host(result)
 
 

@@ -1,5 +1,5 @@
 """Helpers of the reliability and fault tests: one request through gRPC or HTTP with nothing added by
-a client library, the in-process reference answer, and what the server left behind.
+a client library, and what the server left behind.
 
 HTTP goes through ``http.client`` and Triton's binary-tensor extension rather than
 ``tritonclient.http``: the project pins ``tritonclient[grpc]`` only (its ``http`` extra pulls in
@@ -18,10 +18,7 @@ from typing import Any, Self
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from offramp.backend.cascade import CascadeBatch, CascadeResult, run_cascade
-from offramp.backend.contract import HIDDEN_OUT, LOGITS_OUT
-from offramp.backend.policy import Policy
-from offramp.backend.segment_runner import OnnxRunner
+from offramp.backend.cascade import CascadeResult
 from offramp.client.client import OUTPUT_NAMES
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
@@ -160,35 +157,6 @@ def infer(protocol: str, server: Any, model: str, inputs: Mapping[str, np.ndarra
     return infer_http(server.http_url, model, inputs, **kwargs)
 
 
-class Reference:
-    """The in-process cascade over the same ONNX files: what the server must answer, row by row."""
-
-    def __init__(self, artifacts: Any, directory: Any, policy: Policy) -> None:
-        self.artifacts = artifacts
-        self.policy = policy
-        self.runners = [OnnxRunner(directory / s.onnx) for s in artifacts.segments]
-        self.full = OnnxRunner(directory / artifacts.full_onnx)
-
-    def __call__(
-        self, inputs: Mapping[str, np.ndarray], force_full: np.ndarray | None = None
-    ) -> CascadeResult:
-        def run_segment(index: int, tensors: Mapping[str, np.ndarray], need_hidden: bool) -> tuple:
-            out = self.runners[index].run(tensors)
-            return (out[HIDDEN_OUT] if need_hidden else None), out[LOGITS_OUT]
-
-        batch = CascadeBatch.plain(dict(inputs), self.artifacts.num_exits)
-        if force_full is not None:
-            batch = CascadeBatch(batch.inputs, force_full, batch.min_exit, batch.max_exit)
-        return run_cascade(
-            batch,
-            run_segment,
-            self.policy,
-            self.artifacts.exit_costs,
-            self.artifacts.side_inputs,
-            lambda tensors: self.full.run(tensors)["LOGITS"],
-        )
-
-
 def assert_rows_match(
     outputs: Mapping[str, np.ndarray], expected: CascadeResult, rows: Any = slice(None)
 ) -> None:
@@ -199,24 +167,6 @@ def assert_rows_match(
     np.testing.assert_array_equal(outputs["COST"].reshape(n), expected.cost[rows])
     np.testing.assert_allclose(outputs["LOGITS"], expected.logits[rows], rtol=0, atol=1e-4)
     np.testing.assert_allclose(outputs["CONFIDENCE"], expected.confidence[rows], rtol=0, atol=1e-4)
-
-
-def spread_policy(
-    artifacts: Any, directory: Any, inputs: Mapping[str, np.ndarray], version: str = "reliability-1"
-) -> Policy:
-    """Thresholds at quantiles of the briefly trained model's confidence, so that every exit answers
-    some rows and the batch is compacted at each one."""
-    from offramp.backend.policy import ExitRule
-    from offramp.build.calibrate import exit_logits_from_onnx
-    from offramp.kernels.confidence import compute_confidence
-
-    logits = exit_logits_from_onnx(artifacts, directory, dict(inputs))
-    quantiles = [0.6] + [0.5] * (artifacts.num_exits - 2) + [0.0]
-    rules = tuple(
-        ExitRule("max_prob", float(np.quantile(compute_confidence(l).max_prob, q)))
-        for l, q in zip(logits, quantiles)
-    )
-    return Policy(version, artifacts.fingerprint, rules)
 
 
 def metric_values(server: Any, name: str) -> dict[str, float]:

@@ -609,11 +609,12 @@ def test_served_gpu_orchestrator_without_a_gpu_falls_back_and_says_why(
     from offramp.client.client import OfframpClient
     from tritonclient.grpc import model_config_pb2
 
-    from tests.test_served_cnn import assert_matches, in_process, spread_policy
+    from tests.served_reference import Reference, spread_policy
+    from tests.test_served_cnn import assert_matches
 
     artifacts, directory = quick_cnn
     images = fashion_test[0][:64]
-    policy = spread_policy(artifacts, directory, images)
+    policy = spread_policy(artifacts, directory, {"IMAGE": images})
     options = RepositoryOptions(execution_env=execution_env, orchestrator_device="gpu")
     write_repository(artifacts, directory, policy, tmp_path / "repo", options)
     config_path = tmp_path / "repo" / artifacts.name / "config.pbtxt"
@@ -623,7 +624,7 @@ def test_served_gpu_orchestrator_without_a_gpu_falls_back_and_says_why(
     config_path.write_text(text_format.MessageToString(config))
     with running_server(tmp_path / "repo") as server, OfframpClient(server.grpc_url) as client:
         assert_matches(
-            client.classify(artifacts.name, images), in_process(artifacts, directory, policy, images)
+            client.classify(artifacts.name, images), Reference(artifacts, directory, policy)({"IMAGE": images})
         )
         log = server.log_path.read_text(errors="replace")
     assert "offramp_device is gpu but the orchestrator's instance_group is KIND_CPU" in log

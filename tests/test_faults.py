@@ -37,14 +37,13 @@ from offramp.client.server import SHM_DIR, EmbeddedTritonServer, ServerPorts
 from offramp.client.soak import server_processes, stub_shm_region
 
 from tests.reliability_support import (
-    Reference,
     Traffic,
     assert_rows_match,
     infer,
     metric_values,
-    spread_policy,
     wait_for,
 )
+from tests.served_reference import Reference, spread_policy
 
 pytestmark = pytest.mark.integration
 ROWS = 256

@@ -38,13 +38,12 @@ from tests.reliability_support import (
     CLIENT_ERROR,
     PROTOCOLS,
     Outcome,
-    Reference,
     assert_rows_match,
     infer,
     model_stats,
-    spread_policy,
     wait_for,
 )
+from tests.served_reference import QUESTIONS, Reference, spread_policy
 
 pytestmark = pytest.mark.integration
 ROWS = 256  # the test rows the neighbour requests send
@@ -223,23 +222,14 @@ def test_request_errors_are_client_errors(cnn_service, protocol):
 
 # --- Mismatched inputs and bad token ids: the text model, which takes two inputs ---------------------
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Who wrote Hamlet?",
-    "How many feet are in a mile?",
-    "Why is the sky blue?",
-    "When did the Berlin wall fall?",
-    "What does CPU stand for?",
-    "Name a famous Italian painter.",
-    "Where is Mount Kilimanjaro?",
-] * 8
+TEXT_ROWS = list(QUESTIONS) * 8
 
 
 @dataclass
 class TextService:
     server: EmbeddedTritonServer
     name: str
-    ids: np.ndarray  # QUESTIONS tokenized, (n, T)
+    ids: np.ndarray  # TEXT_ROWS tokenized, (n, T)
     mask: np.ndarray
     expected: CascadeResult
     vocabulary: int
@@ -254,7 +244,7 @@ def text_service(quick_text_model, tmp_path_factory, running_server, execution_e
     encoder = TextEncoder(
         directory, TextSpec(artifacts.build["tokenizer_dir"], artifacts.build["max_length"])
     )
-    ids, mask = encoder.encode(np.array(QUESTIONS, dtype=object))
+    ids, mask = encoder.encode(np.array(TEXT_ROWS, dtype=object))
     inputs = {"INPUT_IDS": ids, "ATTENTION_MASK": mask}
     policy = spread_policy(artifacts, directory, inputs, version="text-reliability-1")
     repository = tmp_path_factory.mktemp("text_reliability") / "repo"
@@ -334,7 +324,7 @@ def test_a_bad_text_request_gets_a_clear_error_and_its_neighbours_their_answers(
         }
         return start, infer(protocol, service.server, service.name, tensors)
 
-    starts = list(range(0, len(QUESTIONS), rows)) * 2
+    starts = list(range(0, len(TEXT_ROWS), rows)) * 2
     futures, bads = [], []
     with ThreadPoolExecutor(16) as pool:  # bad requests interleaved with good ones, so batches mix them
         for index, start in enumerate(starts):

@@ -9,15 +9,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from offramp.backend.cascade import CascadeBatch, run_cascade
-from offramp.backend.contract import FLAG_DEADLINE, HIDDEN_OUT, LOGITS_OUT
+from offramp.backend.contract import FLAG_DEADLINE
 from offramp.backend.orchestrator import ServingOptions
-from offramp.backend.policy import ExitRule, Policy
-from offramp.backend.segment_runner import OnnxRunner
-from offramp.build.calibrate import exit_logits_from_onnx
 from offramp.build.repository import RepositoryOptions, write_repository
 from offramp.client.client import OfframpClient, Predictions
-from offramp.kernels.confidence import compute_confidence
+
+from tests.served_reference import Reference, spread_policy
 
 pytestmark = pytest.mark.integration
 ROWS = 256
@@ -27,34 +24,10 @@ ROWS = 256
 def served_cnn(quick_cnn, tmp_path_factory, running_server, execution_env, fashion_test):
     artifacts, directory = quick_cnn
     repository = tmp_path_factory.mktemp("repo")
-    policy = spread_policy(artifacts, directory, fashion_test[0][:ROWS])
+    policy = spread_policy(artifacts, directory, {"IMAGE": fashion_test[0][:ROWS]})
     write_repository(artifacts, directory, policy, repository, RepositoryOptions(execution_env=execution_env))
     with running_server(repository) as server:
         yield server, artifacts, directory, policy
-
-
-def spread_policy(artifacts, directory, images) -> Policy:
-    """Thresholds at quantiles of the briefly trained model's confidence, so every exit is used."""
-    logits = exit_logits_from_onnx(artifacts, directory, {"IMAGE": images})
-    quantiles = [0.7, 0.5] + [0.0] * (artifacts.num_exits - 2)
-    rules = tuple(
-        ExitRule("max_prob", float(np.quantile(compute_confidence(l).max_prob, q))) for l, q in zip(logits, quantiles)
-    )
-    return Policy("spread-1", artifacts.fingerprint, rules)
-
-
-def in_process(artifacts, directory, policy, images, force_full=None):
-    runners = [OnnxRunner(directory / s.onnx) for s in artifacts.segments]
-
-    def run_segment(index, tensors, need_hidden):
-        out = runners[index].run(tensors)
-        return (out[HIDDEN_OUT] if need_hidden else None), out[LOGITS_OUT]
-
-    full = OnnxRunner(directory / artifacts.full_onnx)
-    batch = CascadeBatch.plain({"IMAGE": images}, artifacts.num_exits)
-    if force_full is not None:
-        batch = CascadeBatch(batch.inputs, force_full, batch.min_exit, batch.max_exit)
-    return run_cascade(batch, run_segment, policy, artifacts.exit_costs, (), lambda t: full.run(t)["LOGITS"])
 
 
 def assert_matches(served: Predictions, expected, rows=slice(None)):
@@ -69,7 +42,7 @@ def assert_matches(served: Predictions, expected, rows=slice(None)):
 def test_served_answers_equal_the_in_process_cascade(served_cnn, fashion_test):
     server, artifacts, directory, policy = served_cnn
     images = fashion_test[0][:ROWS]
-    expected = in_process(artifacts, directory, policy, images)
+    expected = Reference(artifacts, directory, policy)({"IMAGE": images})
     assert len(set(expected.exit.tolist())) == artifacts.num_exits, "the policy should use every exit"
     with OfframpClient(server.grpc_url) as client:
         whole = client.classify(artifacts.name, images)
@@ -93,7 +66,7 @@ def test_full_model_and_forced_rows(served_cnn, fashion_test):
         full = client.full_logits(f"{artifacts.name}_full", images)
     assert (forced.exit == artifacts.num_exits - 1).all() and (forced.cost == 1.0).all()
     np.testing.assert_allclose(forced.logits, full, rtol=0, atol=1e-5)
-    assert_matches(forced, in_process(artifacts, directory, policy, images, np.ones(64, dtype=bool)))
+    assert_matches(forced, Reference(artifacts, directory, policy)({"IMAGE": images}, np.ones(64, dtype=bool)))
 
 
 def _raw_infer(url, model, images, parameters=None):
@@ -115,7 +88,7 @@ def _raw_infer(url, model, images, parameters=None):
 def test_a_bad_request_fails_alone(served_cnn, fashion_test, images, parameters, message):
     server, artifacts, directory, policy = served_cnn
     good = fashion_test[0][:ROWS]
-    expected = in_process(artifacts, directory, policy, good)
+    expected = Reference(artifacts, directory, policy)({"IMAGE": good})
 
     def good_request(start):
         with OfframpClient(server.grpc_url) as client:
@@ -151,7 +124,7 @@ def test_segments_in_process_serve_the_same_answers(quick_cnn, served_cnn, fashi
     options = RepositoryOptions(execution_env=execution_env, serving=ServingOptions(segments_in_process=True))
     write_repository(artifacts, directory, policy, tmp_path / "repo", options)
     images = fashion_test[0][:ROWS]
-    expected = in_process(artifacts, directory, policy, images)
+    expected = Reference(artifacts, directory, policy)({"IMAGE": images})
     with running_server(tmp_path / "repo") as server, OfframpClient(server.grpc_url) as client:
         assert_matches(client.classify(artifacts.name, images), expected)
         forced = client.classify(artifacts.name, images[:16], force_full=True)

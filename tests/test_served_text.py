@@ -7,64 +7,36 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from offramp.backend.cascade import CascadeBatch, run_cascade
-from offramp.backend.contract import HIDDEN_OUT, LOGITS_OUT
-from offramp.backend.policy import ExitRule, Policy
-from offramp.backend.segment_runner import OnnxRunner
 from offramp.backend.text import TextEncoder, TextSpec
-from offramp.build.calibrate import exit_logits_from_onnx
 from offramp.build.repository import RepositoryOptions, write_repository
 from offramp.client.client import OfframpClient
-from offramp.kernels.confidence import compute_confidence
 
-pytestmark = pytest.mark.integration
-QUESTIONS = [
-    "What is the capital of France?",
-    "Who wrote Hamlet?",
-    "How many feet are in a mile?",
-    "Why is the sky blue?",
-    "When did the Berlin wall fall?",
-    "What does CPU stand for?",
-    "Name a famous Italian painter.",
-    "Where is Mount Kilimanjaro?",
-] * 4
+from tests.served_reference import QUESTIONS, Reference, spread_policy
+
+TEXT_ROWS = list(QUESTIONS) * 4
 
 
 @pytest.fixture(scope="module")
 def served_text(quick_text_model, tmp_path_factory, running_server, execution_env):
     artifacts, directory = quick_text_model
     encoder = TextEncoder(directory, TextSpec(artifacts.build["tokenizer_dir"], artifacts.build["max_length"]))
-    ids, mask = encoder.encode(np.array(QUESTIONS, dtype=object))
-    logits = exit_logits_from_onnx(artifacts, directory, {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
-    quantiles = [0.6] + [0.5] * (artifacts.num_exits - 2) + [0.0]
-    rules = tuple(ExitRule("max_prob", float(np.quantile(compute_confidence(l).max_prob, q))) for l, q in zip(logits, quantiles))
-    policy = Policy("text-1", artifacts.fingerprint, rules)
+    ids, mask = encoder.encode(np.array(TEXT_ROWS, dtype=object))
+    policy = spread_policy(artifacts, directory, {"INPUT_IDS": ids, "ATTENTION_MASK": mask}, version="text-1")
     repository = tmp_path_factory.mktemp("text_repo")
     write_repository(artifacts, directory, policy, repository, RepositoryOptions(execution_env=execution_env))
     with running_server(repository) as server:
         yield server, artifacts, directory, policy, encoder
 
 
-def in_process(artifacts, directory, policy, ids, mask):
-    runners = [OnnxRunner(directory / s.onnx) for s in artifacts.segments]
-
-    def run_segment(index, tensors, need_hidden):
-        out = runners[index].run(tensors)
-        return (out[HIDDEN_OUT] if need_hidden else None), out[LOGITS_OUT]
-
-    batch = CascadeBatch.plain({"INPUT_IDS": ids, "ATTENTION_MASK": mask}, artifacts.num_exits)
-    return run_cascade(batch, run_segment, policy, artifacts.exit_costs, ("ATTENTION_MASK",))
-
-
 def test_served_text_equals_the_in_process_cascade(served_text):
     server, artifacts, directory, policy, encoder = served_text
-    ids, mask = encoder.encode(np.array(QUESTIONS, dtype=object))
-    expected = in_process(artifacts, directory, policy, ids, mask)
+    ids, mask = encoder.encode(np.array(TEXT_ROWS, dtype=object))
+    expected = Reference(artifacts, directory, policy)({"INPUT_IDS": ids, "ATTENTION_MASK": mask})
     assert len(set(expected.exit.tolist())) > 1, "the policy should use more than one exit"
     with OfframpClient(server.grpc_url) as client:
-        whole = client.classify_text(artifacts.name, QUESTIONS)
+        whole = client.classify_text(artifacts.name, TEXT_ROWS)
         # One row at a time: other padding lengths, no batch-mates; the answers must not move.
-        alone = [client.classify_text(artifacts.name, [q]) for q in QUESTIONS[:8]]
+        alone = [client.classify_text(artifacts.name, [q]) for q in TEXT_ROWS[:8]]
         pretokenized = client.classify(artifacts.name, {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
     for served in [whole, pretokenized]:
         np.testing.assert_array_equal(served.exit, expected.exit)
