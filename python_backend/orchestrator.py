@@ -455,6 +455,7 @@ class Orchestrator:
                 self.telemetry.drift(self.drift.score, self.drift.alarm, self.drift.conservative)
             if self.audit is not None:
                 self.telemetry.audit(self.audit.written, self.audit.dropped, self.audit.lost)
+            self.telemetry.publish()
         if self.audit is not None:
             self.audit.record(self.audit_records(outputs, parsed, batch))
 

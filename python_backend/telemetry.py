@@ -1,13 +1,20 @@
 """What the orchestrator reports on Triton's metrics port, computed from one cascade's results.
 
 The Triton adapter supplies a ``MetricsSink`` over ``pb_utils.MetricFamily``; tests supply a
-dictionary. Figures are aggregated per ``execute`` so each metric is touched once per label set,
-not once per row, except histogram observations.
+dictionary. Every metric call from a Python stub is a round trip to the server process, so
+counters are touched once per label set per ``execute``, and histograms and gauges are gathered
+here and published at most once per ``publish_interval_s``: a per-row histogram observation cost
+the CNN's orchestrator more CPU than the compute its exits saved (benchmarks/BENCHMARKS.md).
+Histograms are published in Prometheus' histogram form (``<name>_bucket{le}`` cumulative,
+``<name>_sum``, ``<name>_count``), as counters, since Triton's histogram takes one value per call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -36,13 +43,39 @@ _FLAG_COUNTERS = {
 class MetricsSink(Protocol):
     def increment(self, name: str, description: str, labels: Mapping[str, str], value: float) -> None: ...
     def set(self, name: str, description: str, labels: Mapping[str, str], value: float) -> None: ...
-    def observe(
-        self, name: str, description: str, labels: Mapping[str, str], buckets: Sequence[float], values: np.ndarray
-    ) -> None: ...
+
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class _Histogram:
+    """Observations not yet published: counts per bucket (the last: above every bound) and their sum."""
+
+    description: str
+    bounds: tuple[float, ...]
+    counts: np.ndarray = field(init=False)  # (len(bounds) + 1,) int64
+    total: float = 0.0
+    published: bool = False  # every bucket series exists once published, zeros included
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        # A value v counts in every bucket whose bound is >= v (Prometheus' le).
+        self.counts += np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self.counts))
+        self.total += float(np.sum(values))
 
 
 class ServingTelemetry:
-    def __init__(self, sink: MetricsSink, model: str, instance: str = "") -> None:
+    def __init__(
+        self,
+        sink: MetricsSink,
+        model: str,
+        instance: str = "",
+        publish_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.sink = sink
         self.model = model
         # Every metric carries the instance (and policy version) it comes from. Gauges are per
@@ -51,6 +84,11 @@ class ServingTelemetry:
         # another still serving (a tritonserver segfault, seen here). Sum over instances to query.
         self.instance = instance
         self.labels = {"model": model, "instance": instance}
+        self.publish_interval_s = publish_interval_s
+        self.clock = clock
+        self._published_at = -math.inf
+        self._histograms: dict[tuple[str, Labels], _Histogram] = {}
+        self._gauges: dict[tuple[str, Labels], tuple[str, float]] = {}  # the latest value of each
 
     def answered(self, exits: np.ndarray, max_prob: np.ndarray, cost: np.ndarray, flags: np.ndarray, cohorts: np.ndarray) -> None:
         """Per answered row (all (n,)): its exit, confidence, compute fraction, flags and cohort name."""
@@ -63,14 +101,14 @@ class ServingTelemetry:
             )
         for exit_index in np.unique(exits):
             values = max_prob[exits == exit_index]
-            self.sink.observe(
+            self._observe(
                 "offramp_exit_confidence",
                 "Max-prob confidence of the rows answered at each exit",
                 {**self.labels, "exit": str(int(exit_index))},
                 CONFIDENCE_BUCKETS,
                 values[np.isfinite(values)],
             )
-        self.sink.observe(
+        self._observe(
             "offramp_compute_fraction", "Fraction of the full network's compute each row used",
             self.labels, COST_BUCKETS, cost,
         )  # fmt: skip
@@ -78,6 +116,41 @@ class ServingTelemetry:
             count = int(np.count_nonzero(flags & bit))
             if count:
                 self.sink.increment(name, description, self.labels, count)
+
+    def _observe(
+        self, name: str, description: str, labels: Mapping[str, str], bounds: Sequence[float], values: np.ndarray
+    ) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self._histograms:
+            self._histograms[key] = _Histogram(description, tuple(bounds))
+        self._histograms[key].add(np.asarray(values, dtype=np.float64))
+
+    def _set(self, name: str, description: str, labels: Mapping[str, str], value: float) -> None:
+        self._gauges[(name, tuple(sorted(labels.items())))] = (description, float(value))
+
+    def publish(self, force: bool = False) -> None:
+        """Hands the gathered histograms and gauges to the sink, if ``publish_interval_s`` has passed."""
+        now = self.clock()
+        if not force and now - self._published_at < self.publish_interval_s:
+            return
+        self._published_at = now
+        for (name, labels), histogram in self._histograms.items():
+            observed = int(histogram.counts.sum())
+            if not observed and histogram.published:
+                continue
+            cumulative = np.cumsum(histogram.counts)
+            for bound, count in zip([*histogram.bounds, math.inf], cumulative.tolist()):
+                if count or not histogram.published:
+                    le = "+Inf" if bound == math.inf else f"{bound:g}"
+                    self.sink.increment(f"{name}_bucket", histogram.description, {**dict(labels), "le": le}, count)
+            self.sink.increment(f"{name}_sum", histogram.description, dict(labels), histogram.total)
+            self.sink.increment(f"{name}_count", histogram.description, dict(labels), observed)
+            histogram.counts[:] = 0
+            histogram.total = 0.0
+            histogram.published = True
+        for (name, labels), (description, value) in self._gauges.items():
+            self.sink.set(name, description, dict(labels), value)
+        self._gauges.clear()
 
     def policy(self, version: str, fingerprint: str) -> None:
         self.sink.set(
@@ -88,11 +161,9 @@ class ServingTelemetry:
     def drift(self, score: float | None, alarm: bool, conservative: bool) -> None:
         labels = self.labels
         if score is not None:
-            self.sink.set("offramp_drift_score", "PSI of the live exit profile against calibration", labels, score)
-        self.sink.set("offramp_drift_alarm", "1 while the drift score is past its alarm level", labels, float(alarm))
-        self.sink.set(
-            "offramp_conservative_mode", "1 while drift forces every row to full depth", labels, float(conservative)
-        )
+            self._set("offramp_drift_score", "PSI of the live exit profile against calibration", labels, score)
+        self._set("offramp_drift_alarm", "1 while the drift score is past its alarm level", labels, float(alarm))
+        self._set("offramp_conservative_mode", "1 while drift forces every row to full depth", labels, float(conservative))
 
     def audit(self, written: int, dropped: int, lost: int) -> None:
         """Totals of the audit log so far (set, as they only grow)."""
@@ -101,7 +172,7 @@ class ServingTelemetry:
             ("offramp_audit_rows_dropped", dropped, "Audit records dropped: the writer fell behind"),
             ("offramp_audit_rows_lost", lost, "Audit records lost: the disk refused them"),
         ]:
-            self.sink.set(name, description, self.labels, float(value))
+            self._set(name, description, self.labels, float(value))
 
 
 def _count_pairs(exits: np.ndarray, cohorts: np.ndarray) -> tuple[list[tuple[int, str]], list[int]]:

@@ -58,19 +58,16 @@ class _TritonMetrics:
     def __init__(self):
         # The stub attaches MetricFamily to pb_utils after the module is imported: look it up here.
         family = pb_utils.MetricFamily
-        self.kinds = {"counter": family.COUNTER, "gauge": family.GAUGE, "histogram": family.HISTOGRAM}
+        self.kinds = {"counter": family.COUNTER, "gauge": family.GAUGE}
         self.families = {}
         self.metrics = {}
 
-    def _metric(self, kind, name, description, labels, buckets=None):
+    def _metric(self, kind, name, description, labels):
         key = (name, tuple(sorted(labels.items())))
         if key not in self.metrics:
             if name not in self.families:
                 self.families[name] = pb_utils.MetricFamily(name=name, description=description, kind=self.kinds[kind])
-            family = self.families[name]
-            self.metrics[key] = (
-                family.Metric(labels=dict(labels), buckets=list(buckets)) if buckets else family.Metric(labels=dict(labels))
-            )
+            self.metrics[key] = self.families[name].Metric(labels=dict(labels))
         return self.metrics[key]
 
     def increment(self, name, description, labels, value):
@@ -78,11 +75,6 @@ class _TritonMetrics:
 
     def set(self, name, description, labels, value):
         self._metric("gauge", name, description, labels).set(float(value))
-
-    def observe(self, name, description, labels, buckets, values):
-        metric = self._metric("histogram", name, description, labels, buckets)
-        for value in np.asarray(values, dtype=np.float64).tolist():
-            metric.observe(value)
 
     def close(self):
         self.metrics.clear()

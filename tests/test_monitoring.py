@@ -31,20 +31,17 @@ class RecordingSink:
     def set(self, name, description, labels, value):
         self.values[(name, tuple(sorted(labels.items())))] = value
 
-    def observe(self, name, description, labels, buckets, values):
-        key = (name, tuple(sorted(labels.items())))
-        self.values[key] = self.values.get(key, 0) + len(values)
-
 
 def emitted_names() -> set[str]:
     sink = RecordingSink()
-    telemetry = ServingTelemetry(sink, "m", "m_0")
+    telemetry = ServingTelemetry(sink, "m", "m_0", publish_interval_s=0.0)
     flags = np.array([FLAG_FORCED_FULL, FLAG_DEADLINE, FLAG_ABSTAINED, 8 | 16, 32, 64], np.int32)
     telemetry.answered(np.arange(6) % 3, np.full(6, 0.9), np.full(6, 0.5), flags, np.array(["a"] * 6, dtype=object))
     telemetry.policy("v1", "f" * 64)
     telemetry.drift(0.3, True, True)
     telemetry.audit(1, 2, 3)
-    return {name for name, _ in sink.values}
+    telemetry.publish()
+    return {re.sub(r"_(bucket|sum|count)$", "", name) for name, _ in sink.values}
 
 
 def test_telemetry_counts_rows_by_exit_and_cohort():
@@ -55,6 +52,46 @@ def test_telemetry_counts_rows_by_exit_and_cohort():
     )  # fmt: skip
     exits = {dict(k)["exit"] + "/" + dict(k)["cohort"]: v for (n, k), v in sink.values.items() if n == "offramp_exits_total"}
     assert exits == {"0/": 2, "1/vip": 1, "2/": 1}
+
+
+def test_histograms_and_gauges_are_gathered_and_published_at_most_once_per_interval():
+    """Published in Prometheus' histogram form: cumulative buckets (all of them from the first
+    publication on), sum and count; nothing reaches the sink between publications."""
+    sink, now = RecordingSink(), [0.0]
+    telemetry = ServingTelemetry(sink, "m", "i", publish_interval_s=1.0, clock=lambda: now[0])
+    rows = lambda exits, confidence: telemetry.answered(  # noqa: E731
+        np.array(exits), np.array(confidence), np.full(len(exits), 0.5), np.zeros(len(exits), np.int32),
+        np.array([""] * len(exits), dtype=object),
+    )  # fmt: skip
+
+    def series(name: str) -> dict[str, float]:
+        found = {}
+        for (metric, labels), value in sink.values.items():
+            labels = dict(labels)
+            if metric == name and labels.get("exit") == "0":
+                found[labels.get("le", "")] = value
+        return found
+
+    rows([0, 0, 0], [0.55, 0.9, 1.0])
+    telemetry.drift(0.3, True, False)
+    telemetry.publish()  # the first publication is due at once
+    buckets = series("offramp_exit_confidence_bucket")
+    assert buckets["0.5"] == 0 and buckets["0.6"] == 1 and buckets["0.9"] == 2 and buckets["0.999"] == 2
+    assert buckets["+Inf"] == 3 and len(buckets) == 10
+    assert series("offramp_exit_confidence_count") == {"": 3}
+    assert series("offramp_exit_confidence_sum") == {"": pytest.approx(2.45)}
+    assert sink.values[("offramp_drift_score", (("instance", "i"), ("model", "m")))] == 0.3
+    before = dict(sink.values)
+    now[0] = 0.5
+    rows([0], [0.95])
+    telemetry.drift(0.1, False, False)
+    telemetry.publish()
+    changed = {k for k in sink.values if sink.values[k] != before.get(k)}
+    assert all(name == "offramp_exits_total" for name, _ in changed)  # counters only: not yet due
+    now[0] = 1.5
+    telemetry.publish()
+    assert series("offramp_exit_confidence_bucket")["0.95"] == 3 and series("offramp_exit_confidence_count") == {"": 4}
+    assert sink.values[("offramp_drift_score", (("instance", "i"), ("model", "m")))] == 0.1
 
 
 @pytest.mark.parametrize("name", ["grafana_dashboard.json", "prometheus_alerts.yml"])
