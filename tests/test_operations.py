@@ -3,10 +3,8 @@ drift with conservative mode, and live policy swaps with rollback."""
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -22,6 +20,8 @@ from offramp.build.repository import RepositoryOptions, write_repository
 from offramp.client.client import OfframpClient
 from offramp.client.policy_control import PolicyControl, policy_diff
 from offramp.kernels.confidence import compute_confidence
+
+from tests.reliability_support import metric_values
 
 pytestmark = pytest.mark.integration
 DRIFT_WINDOW = 400
@@ -53,11 +53,6 @@ def ops_server(quick_cnn, fashion_test, tmp_path_factory, running_server, execut
     write_repository(artifacts, directory, policy, root / "repo", options)
     with running_server(root / "repo", model_control="explicit", load_models=("*",)) as server:
         yield server, artifacts, root, policy
-
-
-def metric_values(server, name: str) -> dict[str, float]:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return {labels: float(value) for labels, value in re.findall(rf"^{name}\{{(.*)\}} (\S+)$", text, re.M)}
 
 
 def audit_records(root, expected: int, timeout_s: float = 30.0) -> list[dict]:
