@@ -38,7 +38,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from offramp.backend.policy import Policy
@@ -54,6 +54,9 @@ from offramp.client.bench_summary import (
     quality_summary,
     with_derived_figures,
 )
+
+if TYPE_CHECKING:
+    from offramp.build.calibrate import CalibrationData
 
 DEFAULT_WORKDIR = Path(".cache/offramp")
 DEFAULT_OUT = Path("benchmarks")
@@ -122,7 +125,7 @@ def bench_policy(artifacts: ModelArtifacts, calibration_logits: np.ndarray, cali
 
 
 def _recipe_workload(
-    artifacts: ModelArtifacts, directory: Path, test_inputs: Mapping[str, np.ndarray], goals: Goals, description: str
+    artifacts: ModelArtifacts, directory: Path, test: CalibrationData, goals: Goals, description: str
 ) -> Workload:
     """A workload on a recipe's own splits: its calibration split for the policy, its test split served."""
     from offramp.build.calibrate import exit_logits_from_onnx, recipe_calibration_data
@@ -133,8 +136,8 @@ def _recipe_workload(
         name=artifacts.name,
         artifacts=artifacts,
         artifacts_dir=directory,
-        test_inputs=test_inputs,
-        test_labels=recipe_calibration_data(artifacts, directory, "test").labels,
+        test_inputs=test.inputs,
+        test_labels=test.labels,
         calibration_logits=calibration_logits,
         calibration_labels=calibration.labels,
         policy=bench_policy(artifacts, calibration_logits, calibration.labels),
@@ -152,7 +155,7 @@ def fashion_cnn_workload(settings: WorkloadSettings) -> Workload:
     return _recipe_workload(
         artifacts,
         directory,
-        recipe_calibration_data(artifacts, directory, "test").inputs,
+        recipe_calibration_data(artifacts, directory, "test"),
         Goals(concurrency=8, throughput_ratio=3.0, realised_share=0.90, max_tax=0.05, max_p99_ratio=1.0),
         "Fashion-MNIST, multi-exit ResNet (an exit per stage)",
     )
@@ -174,7 +177,7 @@ def text_workload(task: str) -> WorkloadFactory:
         return _recipe_workload(
             artifacts,
             directory,
-            test.inputs,
+            test,
             Goals(concurrency=8, throughput_ratio=2.0, realised_share=0.90, max_tax=0.05, max_p99_ratio=1.0),
             f"{task}, multi-exit MiniLM-L6 fine-tuned (an exit per layer); rows padded to "
             f"{mask.shape[1]} tokens, {mask.sum(axis=1).mean():.1f} real on average",

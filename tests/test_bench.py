@@ -434,7 +434,7 @@ def test_a_text_workload_under_perf_analyzer(quick_text_model, tmp_path):
         pytest.skip(str(error))
     artifacts, directory = quick_text_model
     test = recipe_calibration_data(artifacts, directory, "test")
-    workload = bench._recipe_workload(artifacts, directory, test.inputs, Goals(), "quick text")
+    workload = bench._recipe_workload(artifacts, directory, test, Goals(), "quick text")
     assert {a.shape[1] for a in workload.test_inputs.values()} == {test.inputs["INPUT_IDS"].shape[1]}
     config = bench.BenchConfig(
         concurrency=(2,), repeats=1, measurement_interval_ms=300, data_rows=32, quality_rows=64,
