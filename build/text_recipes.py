@@ -391,20 +391,22 @@ def quick_text_classifier(
     ``out_dir/source_encoder``."""
     out_dir = Path(out_dir)
     with torch_threads(threads):
-        source = tiny_encoder_folder(out_dir / "source_encoder", seed=seed)
-    return build_text_classifier(
-        out_dir,
-        task,
-        name=f"{task}_tiny",
-        model_path=source,
-        progress=progress,
-        epochs=2,
-        max_train_rows=rows,
-        seed=seed,
-        learning_rate=1e-3,
-        probe_epochs=5,
-        threads=threads,
-    )
+        tiny_encoder_folder(out_dir / "source_encoder", seed=seed)
+    settings = quick_text_build(out_dir, task, rows, seed)
+    return build_text_classifier(out_dir, task, progress=progress, threads=threads, **settings)
+
+
+def quick_text_build(out_dir: Path, task: str = "trec", rows: int = 512, seed: int = 0) -> dict[str, object]:
+    """The arguments of ``build_text_classifier`` that make :func:`quick_text_classifier`'s build (its key)."""
+    return {
+        "name": f"{task}_tiny",
+        "model_path": Path(out_dir) / "source_encoder",
+        "epochs": 2,
+        "max_train_rows": rows,
+        "seed": seed,
+        "learning_rate": 1e-3,
+        "probe_epochs": 5,
+    }
 
 
 def served_text_classifier(

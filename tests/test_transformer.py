@@ -318,16 +318,7 @@ def test_quick_text_build_is_reused_by_key(quick_text_model, monkeypatch):
     artifacts, directory = quick_text_model
     monkeypatch.setattr(text_recipes, "train_exits", lambda *a, **k: pytest.fail("retrained a cached build"))
     again = text_recipes.build_text_classifier(
-        directory,
-        "trec",
-        name="trec_tiny",
-        model_path=directory / "source_encoder",
-        progress=False,
-        epochs=2,
-        max_train_rows=512,
-        seed=0,
-        learning_rate=1e-3,
-        probe_epochs=5,
+        directory, "trec", progress=False, **text_recipes.quick_text_build(directory)
     )
     assert again.fingerprint == artifacts.fingerprint
 
@@ -348,19 +339,9 @@ def test_a_changed_later_stage_reuses_the_trained_encoder(quick_text_model, tmp_
         return real_train_exits(model, *args, **kwargs)
 
     monkeypatch.setattr(text_recipes, "train_exits", train_heads_only)
+    # The same source folder as the cached build (not the copy's), so the same training key.
     again = text_recipes.build_text_classifier(
-        copy,
-        "trec",
-        name="trec_tiny",
-        model_path=directory / "source_encoder",  # the same source, so the same training key
-        progress=False,
-        epochs=2,
-        max_train_rows=512,
-        seed=0,
-        learning_rate=1e-3,
-        probe_epochs=5,
-        refit_heads=False,
-        threads=1,
+        copy, "trec", progress=False, refit_heads=False, threads=1, **text_recipes.quick_text_build(directory)
     )
     assert again.build["head_refit"] is None
     assert again.build["epoch_losses"] == artifacts.build["epoch_losses"]
