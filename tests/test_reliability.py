@@ -813,6 +813,14 @@ def test_the_soak_checks_fail_when_a_bound_is_broken():
     assert evaluate(config, [window(0, 10), window(1, 10), window(2, 10)], warming, True)["passed"], (
         "growth inside the first window is the warm-up, not a leak"
     )
+    # The one region grows by steps of 200 bytes (20% of its size): one step after the warm-up is a
+    # burst, step after step a leak.
+    stepped = replace(config, shm_growth_step_bytes=200)
+    burst = [sample(t, 1000, shm=1000 if t < 20 else 1200) for t in range(30)]
+    leak = [sample(t, 1000, shm=1000 + 200 * max(0, t - 10) // 4) for t in range(30)]
+    three = [window(0, 10), window(1, 10), window(2, 10)]
+    assert evaluate(stepped, three, burst, True)["checks"]["shm_stable"]["passed"]
+    assert not evaluate(stepped, three, leak, True)["checks"]["shm_stable"]["passed"]
     lost = evaluate(config, [window(0, 10), window(1, 10, answered=99), window(2, 10)], steady, True)
     assert not lost["checks"]["answered_equals_sent"]["passed"]
     slower = evaluate(config, [window(0, 10), window(1, 10), window(2, 16)], steady, True)
