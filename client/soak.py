@@ -623,79 +623,44 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 # --- Command line --------------------------------------------------------------------------------------
 
 
+# (flag, SoakConfig field, type, help); each default is the field's default.
+SOAK_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
+    ("--duration", "duration_s", float, "seconds of load"),
+    ("--window", "window_s", float, "seconds per perf_analyzer run and latency figure"),
+    ("--concurrency", "concurrency", int, "requests in flight"),
+    ("--rows-per-request", "rows_per_request", int, "test rows per request"),
+    ("--data-rows", "data_rows", int, "distinct test rows sent"),
+    ("--sample-interval", "sample_interval_s", float, "seconds between memory samples"),
+    ("--memory-growth", "memory_growth", float, "allowed RSS growth after the first window"),
+    ("--shm-growth", "shm_growth", float, "allowed /dev/shm growth after the first window"),
+    ("--shm-growth-step", "shm_growth_step_bytes", int, "the Python backend's shm-growth-byte-size"),
+    ("--p50-ratio", "p50_ratio", float, "allowed last/first window p50"),
+    ("--p99-ratio", "p99_ratio", float, "allowed last/first window p99"),
+    ("--workdir", "workdir", Path, "build cache"),
+    ("--out", "out", Path, "summary.json, summary.md, samples.csv"),
+    ("--epochs", "epochs", int, "training epochs of the demo build"),
+)
+
+
 def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
-    d = SoakConfig()
-    add = parser.add_argument
-    add("--duration", type=float, default=d.duration_s, help="seconds of load (default: %(default)s)")
-    add(
-        "--window",
-        type=float,
-        default=d.window_s,
-        help="seconds per perf_analyzer run and latency figure (default: %(default)s)",
-    )
-    add("--concurrency", type=int, default=d.concurrency, help="default: %(default)s")
-    add("--rows-per-request", type=int, default=d.rows_per_request, help="default: %(default)s")
-    add("--data-rows", type=int, default=d.data_rows, help="distinct test rows sent (default: %(default)s)")
-    add(
-        "--sample-interval",
-        type=float,
-        default=d.sample_interval_s,
-        help="seconds between memory samples (default: %(default)s)",
-    )
-    add(
-        "--memory-growth",
-        type=float,
-        default=d.memory_growth,
-        help="allowed RSS growth, first to last window (default: %(default)s)",
-    )
-    add(
-        "--shm-growth",
-        type=float,
-        default=d.shm_growth,
-        help="allowed /dev/shm growth (default: %(default)s)",
-    )
-    add(
-        "--p50-ratio",
-        type=float,
-        default=d.p50_ratio,
-        help="allowed last/first window p50 (default: %(default)s)",
-    )
-    add(
-        "--p99-ratio",
-        type=float,
-        default=d.p99_ratio,
-        help="allowed last/first window p99 (default: %(default)s)",
-    )
-    add("--workdir", type=Path, default=d.workdir, help="build cache (default: %(default)s)")
-    add(
-        "--out", type=Path, default=d.out, help="summary.json, summary.md, samples.csv (default: %(default)s)"
-    )
-    add(
-        "--epochs",
-        type=int,
-        default=d.epochs,
-        help="training epochs of the demo build (default: %(default)s)",
-    )
-    add("--quick", action="store_true", help="the small test build instead of the demo's")
+    defaults = SoakConfig()
+    for flag, field_name, kind, text in SOAK_OPTIONS:
+        default = getattr(defaults, field_name)
+        parser.add_argument(
+            flag,
+            dest=field_name,
+            metavar=flag.removeprefix("--").replace("-", "_").upper(),
+            type=kind,
+            default=default,
+            help=f"{text} (default: %(default)s)",
+        )
+    parser.add_argument("--quick", action="store_true", help="the small test build instead of the demo's")
 
 
 def config_from_args(args: argparse.Namespace) -> SoakConfig:
-    return SoakConfig(
-        duration_s=args.duration,
-        window_s=min(args.window, args.duration),
-        concurrency=args.concurrency,
-        rows_per_request=args.rows_per_request,
-        data_rows=args.data_rows,
-        sample_interval_s=args.sample_interval,
-        memory_growth=args.memory_growth,
-        shm_growth=args.shm_growth,
-        p50_ratio=args.p50_ratio,
-        p99_ratio=args.p99_ratio,
-        workdir=args.workdir,
-        out=args.out,
-        epochs=args.epochs,
-        quick=args.quick,
-    )
+    values = {field_name: getattr(args, field_name) for _, field_name, _, _ in SOAK_OPTIONS}
+    values["window_s"] = min(values["window_s"], values["duration_s"])
+    return SoakConfig(**values, quick=args.quick)
 
 
 def main_soak(args: argparse.Namespace) -> int:

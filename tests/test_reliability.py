@@ -831,6 +831,18 @@ def test_the_soak_checks_fail_when_a_bound_is_broken():
     assert not restarted["checks"]["processes_stable"]["passed"]
 
 
+def test_the_soak_command_line_defaults_are_the_configs():
+    import argparse
+
+    from offramp.client.soak import SoakConfig, add_soak_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_soak_arguments(parser)
+    assert config_from_args(parser.parse_args([])) == SoakConfig()
+    short = config_from_args(parser.parse_args(["--duration", "30", "--shm-growth-step", "4096", "--quick"]))
+    assert (short.duration_s, short.window_s, short.shm_growth_step_bytes, short.quick) == (30, 30, 4096, True)
+
+
 def test_a_perf_analyzer_that_hangs_after_its_last_answer_is_killed(tmp_path):
     """The soak's guard against perf_analyzer 2.49 never exiting in --request-count mode: once Triton has
     answered every request, the process gets a grace period, then is killed; the window keeps its count
