@@ -218,6 +218,8 @@ class Orchestrator:
         self.drift = drift
         if telemetry is not None:
             telemetry.policy(policy.version, spec.fingerprint)
+            if audit is not None:  # the writer's totals move in its own thread, between requests
+                telemetry.refresh_with(lambda: telemetry.audit(audit.written, audit.dropped, audit.lost))
 
     @classmethod
     def from_directory(cls, directory: Path, **hooks: Any) -> Orchestrator:
@@ -453,8 +455,6 @@ class Orchestrator:
             )
             if self.drift is not None:
                 self.telemetry.drift(self.drift.score, self.drift.alarm, self.drift.conservative)
-            if self.audit is not None:
-                self.telemetry.audit(self.audit.written, self.audit.dropped, self.audit.lost)
             self.telemetry.publish()
         if self.audit is not None:
             self.audit.record(self.audit_records(outputs, parsed, batch))

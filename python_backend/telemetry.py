@@ -7,11 +7,14 @@ here and published at most once per ``publish_interval_s``: a per-row histogram 
 the CNN's orchestrator more CPU than the compute its exits saved (benchmarks/BENCHMARKS.md).
 Histograms are published in Prometheus' histogram form (``<name>_bucket{le}`` cumulative,
 ``<name>_sum``, ``<name>_count``), as counters, since Triton's histogram takes one value per call.
+A request publishes what is due; ``PeriodicPublisher`` publishes what the last requests before an
+idle spell left, so a scrape never waits for the next request.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,8 +90,13 @@ class ServingTelemetry:
         self.publish_interval_s = publish_interval_s
         self.clock = clock
         self._published_at = -math.inf
+        # execute() gathers while a PeriodicPublisher's thread may publish; a refresher sets gauges
+        # from inside publish().
+        self._lock = threading.RLock()
+        self._refreshers: list[Callable[[], None]] = []
         self._histograms: dict[tuple[str, Labels], _Histogram] = {}
         self._gauges: dict[tuple[str, Labels], tuple[str, float]] = {}  # the latest value of each
+        self._published_gauges: dict[tuple[str, Labels], float] = {}  # what the sink holds
 
     def answered(self, exits: np.ndarray, max_prob: np.ndarray, cost: np.ndarray, flags: np.ndarray, cohorts: np.ndarray) -> None:
         """Per answered row (all (n,)): its exit, confidence, compute fraction, flags and cohort name."""
@@ -121,36 +129,57 @@ class ServingTelemetry:
         self, name: str, description: str, labels: Mapping[str, str], bounds: Sequence[float], values: np.ndarray
     ) -> None:
         key = (name, tuple(sorted(labels.items())))
-        if key not in self._histograms:
-            self._histograms[key] = _Histogram(description, tuple(bounds))
-        self._histograms[key].add(np.asarray(values, dtype=np.float64))
+        with self._lock:
+            if key not in self._histograms:
+                self._histograms[key] = _Histogram(description, tuple(bounds))
+            self._histograms[key].add(np.asarray(values, dtype=np.float64))
 
     def _set(self, name: str, description: str, labels: Mapping[str, str], value: float) -> None:
-        self._gauges[(name, tuple(sorted(labels.items())))] = (description, float(value))
+        with self._lock:
+            self._gauges[(name, tuple(sorted(labels.items())))] = (description, float(value))
+
+    def refresh_with(self, refresher: Callable[[], None]) -> None:
+        """Run ``refresher`` at each publication, before the gauges go out: for gauges of state that
+        moves between requests (the audit writer's totals), so they are current when published."""
+        self._refreshers.append(refresher)
+
+    def due_in(self) -> float:
+        """Seconds until the next publication is due (0 or less: due now)."""
+        return self._published_at + self.publish_interval_s - self.clock()
 
     def publish(self, force: bool = False) -> None:
         """Hands the gathered histograms and gauges to the sink, if ``publish_interval_s`` has passed."""
-        now = self.clock()
-        if not force and now - self._published_at < self.publish_interval_s:
-            return
-        self._published_at = now
+        with self._lock:
+            now = self.clock()
+            if not force and now - self._published_at < self.publish_interval_s:
+                return
+            self._published_at = now
+            for refresh in self._refreshers:
+                refresh()
+            self._publish_gathered()
+
+    def _publish_gathered(self) -> None:
+        # What is handed over is taken first: a sink failing half-way loses the rest of this
+        # publication (the error is the caller's to report) rather than counting its first half twice.
         for (name, labels), histogram in self._histograms.items():
             observed = int(histogram.counts.sum())
             if not observed and histogram.published:
                 continue
-            cumulative = np.cumsum(histogram.counts)
-            for bound, count in zip([*histogram.bounds, math.inf], cumulative.tolist()):
-                if count or not histogram.published:
-                    le = "+Inf" if bound == math.inf else f"{bound:g}"
-                    self.sink.increment(f"{name}_bucket", histogram.description, {**dict(labels), "le": le}, count)
-            self.sink.increment(f"{name}_sum", histogram.description, dict(labels), histogram.total)
-            self.sink.increment(f"{name}_count", histogram.description, dict(labels), observed)
+            cumulative, total, first = np.cumsum(histogram.counts), histogram.total, not histogram.published
             histogram.counts[:] = 0
             histogram.total = 0.0
             histogram.published = True
-        for (name, labels), (description, value) in self._gauges.items():
-            self.sink.set(name, description, dict(labels), value)
-        self._gauges.clear()
+            for bound, count in zip([*histogram.bounds, math.inf], cumulative.tolist()):
+                if count or first:
+                    le = "+Inf" if bound == math.inf else f"{bound:g}"
+                    self.sink.increment(f"{name}_bucket", histogram.description, {**dict(labels), "le": le}, count)
+            self.sink.increment(f"{name}_sum", histogram.description, dict(labels), total)
+            self.sink.increment(f"{name}_count", histogram.description, dict(labels), observed)
+        gauges, self._gauges = self._gauges, {}
+        for key, (description, value) in gauges.items():
+            if self._published_gauges.get(key) != value:  # an idle stub's refreshed gauges stay put
+                self._published_gauges[key] = value
+                self.sink.set(key[0], description, dict(key[1]), value)
 
     def policy(self, version: str, fingerprint: str) -> None:
         self.sink.set(
@@ -173,6 +202,34 @@ class ServingTelemetry:
             ("offramp_audit_rows_lost", lost, "Audit records lost: the disk refused them"),
         ]:
             self._set(name, description, self.labels, float(value))
+
+
+class PeriodicPublisher:
+    """A daemon thread that publishes a telemetry's gathered values whenever they are due.
+
+    Requests publish on their own way through; this covers the quiet after them. ``close`` stops and
+    joins the thread: call it before the sink's metrics go (a stub's unload).
+    """
+
+    def __init__(self, telemetry: ServingTelemetry, on_error: Callable[[Exception], None]) -> None:
+        self.telemetry = telemetry
+        self.on_error = on_error
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="offramp-metrics", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        # Wake when the next publication is due; a request may have published meanwhile, and then
+        # publish() declines and the wait starts again from the new due time.
+        while not self._stopping.wait(max(self.telemetry.due_in(), 0.01)):
+            try:
+                self.telemetry.publish()
+            except Exception as error:  # a failed publication must not end the thread: report, go on
+                self.on_error(error)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join()
 
 
 def _count_pairs(exits: np.ndarray, cohorts: np.ndarray) -> tuple[list[tuple[int, str]], list[int]]:

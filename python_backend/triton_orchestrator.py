@@ -17,7 +17,7 @@ from offramp.backend.device import DeviceRequest, from_bls_tensor, is_device_arr
 from offramp.backend.orchestrator import POLICY_FILE, Orchestrator, RequestError, SegmentUnavailable, ServingOptions
 from offramp.backend.policy import Policy
 from offramp.backend.segment_runner import OnnxRunner
-from offramp.backend.telemetry import ServingTelemetry
+from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
 
 
 class SegmentError(RuntimeError):
@@ -122,13 +122,14 @@ class TritonPythonModel:
         self.metrics = _TritonMetrics()
         instance = f"{args.get('model_instance_name', '')}-v{args['model_version']}"
         hooks = options.hooks(Policy.load(version_dir / POLICY_FILE), instance)
+        label = f"{args['model_name']} ({instance})"
         telemetry = ServingTelemetry(self.metrics, args["model_name"], instance)
         cascade, placement = select_cascade(
             DeviceRequest.from_parameters(parameters),
             args.get("model_instance_kind", "CPU"),
             args.get("model_instance_device_id", 0),
         )
-        _log(f"{args['model_name']} ({instance}): {placement.reason}", error=placement.fell_back)
+        _log(f"{label}: {placement.reason}", error=placement.fell_back)
         self.device_id = placement.device_id  # None: NumPy on the host
         if placement.device == "gpu":
             if options.segments_in_process:
@@ -141,6 +142,7 @@ class TritonPythonModel:
             repository = Path(args["model_repository"]).parent
             for name in [*self.spec.segment_models, self.spec.full_model]:
                 self.local[name] = OnnxRunner(repository / name / "1" / "model.onnx", threads=1)
+        self.publisher = PeriodicPublisher(telemetry, lambda e: _log(f"{label}: metrics not published: {e}", error=True))
 
     def _call(self, model_name, tensors, output_names):
         runner = self.local.get(model_name)
@@ -171,6 +173,7 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        self.publisher.close()  # before the metrics it publishes to are released
         if self.orchestrator.audit is not None:
             self.orchestrator.audit.close()
         self.metrics.close()

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import offramp.backend
 from offramp.backend.audit import AuditConfig, AuditLog, read_audit, summarize_audit
 from offramp.backend.contract import FLAG_ABSTAINED, FLAG_DEADLINE, FLAG_FORCED_FULL
 from offramp.backend.drift import DriftConfig, DriftMonitor, population_stability_index
-from offramp.backend.telemetry import ServingTelemetry
+from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
 
 MONITORING = Path(offramp.backend.__file__).parent / "monitoring"
 
@@ -92,6 +93,48 @@ def test_histograms_and_gauges_are_gathered_and_published_at_most_once_per_inter
     telemetry.publish()
     assert series("offramp_exit_confidence_bucket")["0.95"] == 3 and series("offramp_exit_confidence_count") == {"": 4}
     assert sink.values[("offramp_drift_score", (("instance", "i"), ("model", "m")))] == 0.1
+
+
+def test_what_the_last_requests_gathered_is_published_without_another_request():
+    """A request publishes only when due; after the last one, the publisher's thread publishes the rest
+    within an interval, and gauges of state that moves between requests (an audit writer's totals)
+    as they are then. A failing sink is reported and the thread goes on; close() stops it."""
+    sink = RecordingSink()
+    telemetry = ServingTelemetry(sink, "m", "i", publish_interval_s=0.05)
+    count_key = ("offramp_compute_fraction_count", (("instance", "i"), ("model", "m")))
+    written_key = ("offramp_audit_rows_written", (("instance", "i"), ("model", "m")))
+    writer = {"written": 0}
+    telemetry.refresh_with(lambda: telemetry.audit(writer["written"], 0, 0))
+    errors = []
+    publisher = PeriodicPublisher(telemetry, errors.append)
+    try:
+        writer["written"] = 5  # the writer thread moves on with no request in sight
+        deadline = time.monotonic() + 5.0
+        while sink.values.get(written_key) != 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.values.get(written_key) == 5
+        for rows in (3, 4):  # two answers inside one interval: the second is not due at its request
+            telemetry.answered(np.zeros(rows, np.int64), np.full(rows, 0.9), np.full(rows, 0.5),
+                               np.zeros(rows, np.int32), np.array([""] * rows, dtype=object))  # fmt: skip
+            telemetry.publish()
+        deadline = time.monotonic() + 5.0
+        while sink.values.get(count_key) != 7 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.values.get(count_key) == 7
+
+        def refuse(*args):
+            raise RuntimeError("metrics server away")
+
+        sink.set = refuse
+        for score, failures in ((0.1, 1), (0.2, 2)):  # the thread goes on after a failed publication
+            telemetry.drift(score, False, False)
+            deadline = time.monotonic() + 5.0
+            while len(errors) < failures and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert len(errors) >= 2 and {str(e) for e in errors} == {"metrics server away"}
+    finally:
+        publisher.close()
+    assert not publisher._thread.is_alive()
 
 
 @pytest.mark.parametrize("name", ["grafana_dashboard.json", "prometheus_alerts.yml"])

@@ -86,6 +86,18 @@ def test_request_policies_metrics_and_audit(ops_server, fashion_test):
     assert sum(exits.values()) == 64 * 8
     assert sum(v for k, v in metric_values(server, "offramp_forced_full_rows_total").items()) == 32 * 8
     assert any(f'version="{policy.version}"' in k for k in metric_values(server, "offramp_policy_info"))
+    # The histograms are published at most once a second on a request; the rest of the last second
+    # by the orchestrator's publisher thread, with no request after it.
+    deadline = time.monotonic() + 5.0
+    while True:
+        histogram_counts = [
+            sum(metric_values(server, f"{name}_count").values())
+            for name in ("offramp_compute_fraction", "offramp_exit_confidence")
+        ]
+        if histogram_counts == [64 * 8] * 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert histogram_counts == [64 * 8] * 2
 
     records = audit_records(root, 64 * 8)
     assert len(records) == 64 * 8  # exactly one record per answered row
