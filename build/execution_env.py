@@ -142,19 +142,19 @@ def create_execution_env(
 
 
 def triton_server_flags(
-    shm_default_bytes: int = 64 << 20, shm_growth_bytes: int = 64 << 20, cuda_pool_bytes: int | None = None
+    shm_default_bytes: int | None = 64 << 20, shm_growth_bytes: int = 64 << 20, cuda_pool_bytes: int | None = None
 ) -> list[str]:
     """``tritonserver`` options for the generated repository on a stock server.
 
     Each Python-model instance (every orchestrator instance, and every segment on the embedded
-    target) starts with ``shm_default_bytes`` of /dev/shm and grows by ``shm_growth_bytes``, never
-    shrinking; its largest BLS tensors must fit. GPU tensors between the orchestrator and the
-    segments go through the CUDA memory pool (``cuda_pool_bytes`` on GPU 0; give one per GPU).
+    target) starts with ``shm_default_bytes`` of /dev/shm (None: the backend's own default) and
+    grows by ``shm_growth_bytes``, never shrinking; its largest BLS tensors must fit. GPU tensors
+    between the orchestrator and the segments go through the CUDA memory pool (``cuda_pool_bytes``
+    on GPU 0; give one per GPU).
     """
-    flags = [
-        f"--backend-config=python,shm-default-byte-size={shm_default_bytes}",
-        f"--backend-config=python,shm-growth-byte-size={shm_growth_bytes}",
-    ]
+    flags = [f"--backend-config=python,shm-growth-byte-size={shm_growth_bytes}"]
+    if shm_default_bytes is not None:
+        flags.insert(0, f"--backend-config=python,shm-default-byte-size={shm_default_bytes}")
     if cuda_pool_bytes is not None:
         flags.append(f"--cuda-memory-pool-byte-size=0:{cuda_pool_bytes}")
     return flags

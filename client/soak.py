@@ -421,6 +421,7 @@ def run_soak(
 ) -> dict:
     """Serve ``artifacts`` under ``policy`` and soak it; returns the summary (also written to ``config.out``)."""
     from offramp.backend.environment import prepare_execution_env
+    from offramp.build.execution_env import triton_server_flags
     from offramp.build.fashion_mnist import load_fashion_mnist
     from offramp.build.repository import RepositoryOptions, write_repository
     from offramp.client.perf_analyzer import (
@@ -464,7 +465,8 @@ def run_soak(
         repository,
         ports=ServerPorts.free(),
         log_path=out / "tritonserver.log",
-        extra_args=[f"--backend-config=python,shm-growth-byte-size={config.shm_growth_step_bytes}"],
+        # The pools' own start size; the growth step stated, as the shm check allows for it.
+        extra_args=triton_server_flags(shm_default_bytes=None, shm_growth_bytes=config.shm_growth_step_bytes),
         startup_timeout_s=600,
     ) as server:
         exits_before, labels_before = _classify_check_rows(server.grpc_url, name, check_images)
