@@ -11,7 +11,7 @@ from offramp.backend.cascade import CascadeBatch, CascadeResult, run_cascade
 from offramp.backend.contract import HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.policy import ExitRule, Policy
 from offramp.backend.segment_runner import OnnxRunner
-from offramp.build.calibrate import exit_logits_from_onnx
+from offramp.build.calibrate import exit_logits_from_onnx, simulate_exits
 from offramp.kernels.confidence import compute_confidence
 
 QUESTIONS = (
@@ -26,15 +26,26 @@ QUESTIONS = (
 )
 
 
-def spread_policy(artifacts: Any, directory: Any, inputs: Mapping[str, np.ndarray], version: str = "spread-1") -> Policy:
+def spread_policy(
+    artifacts: Any,
+    directory: Any,
+    inputs: Mapping[str, np.ndarray],
+    version: str = "spread-1",
+    drift_reference: bool = False,
+) -> Policy:
     """Thresholds at quantiles of the briefly trained model's confidence on ``inputs``, so that every
-    exit answers some rows and the batch is compacted at each one."""
+    exit answers some rows and the batch is compacted at each one. With ``drift_reference`` the exit
+    profile of ``inputs`` goes into the provenance, where the drift monitor takes its reference."""
     logits = exit_logits_from_onnx(artifacts, directory, dict(inputs))
     quantiles = [0.6] + [0.5] * (artifacts.num_exits - 2) + [0.0]
     rules = tuple(
         ExitRule("max_prob", float(np.quantile(compute_confidence(l).max_prob, q))) for l, q in zip(logits, quantiles)
     )
-    return Policy(version, artifacts.fingerprint, rules)
+    provenance = {}
+    if drift_reference:
+        profile = np.bincount(simulate_exits(logits, rules), minlength=artifacts.num_exits)
+        provenance["exit_rate_profile"] = profile.tolist()
+    return Policy(version, artifacts.fingerprint, rules, provenance=provenance)
 
 
 class Reference:

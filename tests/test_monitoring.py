@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,8 @@ from offramp.backend.audit import AuditConfig, AuditLog, read_audit, summarize_a
 from offramp.backend.contract import FLAG_ABSTAINED, FLAG_DEADLINE, FLAG_FORCED_FULL
 from offramp.backend.drift import DriftConfig, DriftMonitor, population_stability_index
 from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
+
+from tests.reliability_support import wait_for
 
 MONITORING = Path(offramp.backend.__file__).parent / "monitoring"
 
@@ -109,18 +110,12 @@ def test_what_the_last_requests_gathered_is_published_without_another_request():
     publisher = PeriodicPublisher(telemetry, errors.append)
     try:
         writer["written"] = 5  # the writer thread moves on with no request in sight
-        deadline = time.monotonic() + 5.0
-        while sink.values.get(written_key) != 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert sink.values.get(written_key) == 5
+        assert wait_for(lambda: sink.values.get(written_key) == 5, timeout_s=5.0, interval_s=0.01)
         for rows in (3, 4):  # two answers inside one interval: the second is not due at its request
             telemetry.answered(np.zeros(rows, np.int64), np.full(rows, 0.9), np.full(rows, 0.5),
                                np.zeros(rows, np.int32), np.array([""] * rows, dtype=object))  # fmt: skip
             telemetry.publish()
-        deadline = time.monotonic() + 5.0
-        while sink.values.get(count_key) != 7 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert sink.values.get(count_key) == 7
+        assert wait_for(lambda: sink.values.get(count_key) == 7, timeout_s=5.0, interval_s=0.01)
 
         def refuse(*args):
             raise RuntimeError("metrics server away")
@@ -128,9 +123,7 @@ def test_what_the_last_requests_gathered_is_published_without_another_request():
         sink.set = refuse
         for score, failures in ((0.1, 1), (0.2, 2)):  # the thread goes on after a failed publication
             telemetry.drift(score, False, False)
-            deadline = time.monotonic() + 5.0
-            while len(errors) < failures and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for(lambda: len(errors) >= failures, timeout_s=5.0, interval_s=0.01)
         assert len(errors) >= 2 and {str(e) for e in errors} == {"metrics server away"}
     finally:
         publisher.close()

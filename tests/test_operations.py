@@ -14,37 +14,25 @@ import pytest
 from offramp.backend.audit import read_audit
 from offramp.backend.contract import FLAG_CONSERVATIVE
 from offramp.backend.orchestrator import ServingOptions
-from offramp.backend.policy import ExitRule, Policy
-from offramp.build.calibrate import exit_logits_from_onnx, simulate_exits
+from offramp.backend.policy import ExitRule
 from offramp.build.repository import RepositoryOptions, write_repository
 from offramp.client.client import OfframpClient
 from offramp.client.policy_control import PolicyControl, policy_diff
-from offramp.kernels.confidence import compute_confidence
 
-from tests.reliability_support import metric_values
+from tests.reliability_support import metric_values, wait_for
+from tests.served_reference import spread_policy
 
 pytestmark = pytest.mark.integration
 DRIFT_WINDOW = 400
 HARD_CLASSES = (2, 4, 6)  # pullover, coat, shirt: the classes a Fashion-MNIST model confuses
 
 
-def spread_policy(artifacts, directory, images) -> Policy:
-    """Thresholds at quantiles of the briefly trained model's confidence, with the exit profile of
-    ``images`` as the drift reference."""
-    logits = exit_logits_from_onnx(artifacts, directory, {"IMAGE": images})
-    rules = tuple(
-        ExitRule("max_prob", float(np.quantile(compute_confidence(l).max_prob, q)))
-        for l, q in zip(logits, [0.6, 0.5] + [0.0] * (artifacts.num_exits - 2))
-    )
-    profile = np.bincount(simulate_exits(logits, rules), minlength=artifacts.num_exits)
-    return Policy("ops-1", artifacts.fingerprint, rules, provenance={"exit_rate_profile": profile.tolist()})
-
-
 @pytest.fixture(scope="module")
 def ops_server(quick_cnn, fashion_test, tmp_path_factory, running_server, execution_env):
     artifacts, directory = quick_cnn
     root = tmp_path_factory.mktemp("ops")
-    policy = spread_policy(artifacts, directory, fashion_test[0][5000:8000])
+    reference = {"IMAGE": fashion_test[0][5000:8000]}
+    policy = spread_policy(artifacts, directory, reference, "ops-1", drift_reference=True)
     serving = ServingOptions(
         audit_path=str(root / "audit" / "audit.jsonl"), drift_window=DRIFT_WINDOW, drift_conservative=True
     )
@@ -88,16 +76,13 @@ def test_request_policies_metrics_and_audit(ops_server, fashion_test):
     assert any(f'version="{policy.version}"' in k for k in metric_values(server, "offramp_policy_info"))
     # The histograms are published at most once a second on a request; the rest of the last second
     # by the orchestrator's publisher thread, with no request after it.
-    deadline = time.monotonic() + 5.0
-    while True:
-        histogram_counts = [
+    def histogram_counts() -> list[float]:
+        return [
             sum(metric_values(server, f"{name}_count").values())
             for name in ("offramp_compute_fraction", "offramp_exit_confidence")
         ]
-        if histogram_counts == [64 * 8] * 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert histogram_counts == [64 * 8] * 2
+
+    assert wait_for(lambda: histogram_counts() == [64 * 8] * 2, timeout_s=5.0, interval_s=0.2), histogram_counts()
 
     records = audit_records(root, 64 * 8)
     assert len(records) == 64 * 8  # exactly one record per answered row
