@@ -44,7 +44,7 @@ bench: $(STAMP) ## early exit against the full model under perf_analyzer, CNN an
 
 SOAK_ARGS ?=
 soak: $(STAMP) ## perf_analyzer against the early-exit CNN for 10 min, then checks (SOAK_ARGS="--duration 120")
-	$(BIN)/python -m offramp.client.soak $(SOAK_ARGS)
+	$(BIN)/offramp soak $(SOAK_ARGS)
 
 test: $(STAMP) ## run the tests (slow ones excluded; see test-all)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -59,7 +59,7 @@ lint: $(STAMP) ## ruff: pyflakes checks over the package and tests
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 
 gpu-check: ## on a GPU, installing nothing: kernels vs references, speed vs bandwidth floor, device cascade vs NumPy
-	$(GPU_PYTHON) kernels/gpu_check.py $(GPU_CHECK_ARGS)
+	$(GPU_PYTHON) client/tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean: ## remove the venv, caches and the generated repository
 	rm -rf $(VENV) .cache .pytest_cache

@@ -13,11 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from offramp.build.export import hidden_spec, onnx_files_from_network
 from offramp.backend.contract import TensorSpec
-from offramp.build.segmented import SegmentedNetwork, count_macs
 
 MANIFEST = "manifest.json"
 
@@ -89,58 +85,3 @@ def fingerprint_files(paths: list[Path]) -> str:
     for path in paths:
         digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-def segment_costs(network: SegmentedNetwork) -> tuple[list[int], int]:
-    """MACs per row of each segment (with its head) and of the full network."""
-    inputs = network.example_inputs(batch=2)
-    side = {spec.name: t for spec, t in zip(network.inputs, inputs)}
-    macs = []
-    current = list(inputs)
-    for segment in network.segments:
-        macs.append(count_macs(segment, *current))
-        with torch.no_grad():
-            hidden, _ = segment(*current)
-        current = [hidden, *(side[n] for n in network.side_inputs)]
-    return macs, count_macs(network.full, *inputs)
-
-
-def artifacts_from_network(
-    name: str,
-    network: SegmentedNetwork,
-    class_names: tuple[str, ...],
-    out_dir: Path,
-    costs: tuple[list[int], int] | None = None,
-    **extra: Any,
-) -> ModelArtifacts:
-    """Exports ``network`` into ``out_dir`` and returns (without saving) its manifest.
-
-    ``costs`` (MACs per segment, MACs of the full network) replaces the layer count of
-    :func:`segment_costs` for models whose cost it cannot see (attention's T x T matmuls).
-    """
-    segment_paths, full_path = onnx_files_from_network(network, out_dir)
-    macs, full_macs = costs if costs is not None else segment_costs(network)
-    cumulative = 0
-    segments = []
-    for index, (path, segment_macs) in enumerate(zip(segment_paths, macs)):
-        cumulative += segment_macs
-        segments.append(
-            SegmentArtifact(
-                onnx=path.name,
-                input_names=tuple(network.segment_input_names(index)),
-                hidden=hidden_spec(path),
-                macs=segment_macs,
-                exit_cost=cumulative / full_macs,
-            )
-        )
-    return ModelArtifacts(
-        name=name,
-        inputs=tuple(network.inputs),
-        side_inputs=tuple(network.side_inputs),
-        class_names=class_names,
-        segments=tuple(segments),
-        full_onnx=full_path.name,
-        full_macs=full_macs,
-        fingerprint=fingerprint_files([*segment_paths, full_path]),
-        **extra,
-    )

@@ -48,6 +48,10 @@ def simulate_exits(all_exit_logits: np.ndarray, rules: tuple[ExitRule, ...]) -> 
     return taken
 
 
+# "ltt": Learn-then-Test, a stated guarantee; "empirical": a plain search on the same rows, none.
+METHODS = ("ltt", "empirical")
+
+
 @dataclass(frozen=True)
 class CalibrationData:
     """A held-out labelled split: the model's raw inputs, labels (N,) and optional cohorts (N,) str."""
@@ -141,9 +145,9 @@ def calibrate_artifacts(
     Returns the served policy, the full calibration result and the logits (exits, N, C).
     """
     logits = exit_logits_from_onnx(artifacts, artifacts_dir, data.inputs)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     procedure = LearnThenTest(epsilon, delta, p_value) if method == "ltt" else EmpiricalSearch(epsilon)
-    if method not in ("ltt", "empirical"):
-        raise ValueError(f"method must be 'ltt' or 'empirical', not {method!r}")
     calibrated = calibrate_exit_policy(
         logits,
         artifacts.exit_costs,

@@ -6,6 +6,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -19,7 +20,8 @@ from offramp.backend.contract import (
     SEQUENCE_AXIS,
     TensorSpec,
 )
-from offramp.build.segmented import SegmentedNetwork
+from offramp.build.artifacts import ModelArtifacts, SegmentArtifact, fingerprint_files
+from offramp.build.segmented import SegmentedNetwork, count_macs
 
 
 # The exporter logs one warning per torchvision operator it cannot register; none is used here.
@@ -107,3 +109,58 @@ def hidden_spec(path: Path) -> TensorSpec:
             dims = [d.dim_value if not d.dim_param else -1 for d in value.type.tensor_type.shape.dim[1:]]
             return TensorSpec(HIDDEN_OUT, "float32", tuple(dims))
     raise ValueError(f"{path} has no {HIDDEN_OUT!r} output")
+
+
+def segment_costs(network: SegmentedNetwork) -> tuple[list[int], int]:
+    """MACs per row of each segment (with its head) and of the full network."""
+    inputs = network.example_inputs(batch=2)
+    side = {spec.name: t for spec, t in zip(network.inputs, inputs)}
+    macs = []
+    current = list(inputs)
+    for segment in network.segments:
+        macs.append(count_macs(segment, *current))
+        with torch.no_grad():
+            hidden, _ = segment(*current)
+        current = [hidden, *(side[n] for n in network.side_inputs)]
+    return macs, count_macs(network.full, *inputs)
+
+
+def artifacts_from_network(
+    name: str,
+    network: SegmentedNetwork,
+    class_names: tuple[str, ...],
+    out_dir: Path,
+    costs: tuple[list[int], int] | None = None,
+    **extra: Any,
+) -> ModelArtifacts:
+    """Exports ``network`` into ``out_dir`` and returns (without saving) its manifest.
+
+    ``costs`` (MACs per segment, MACs of the full network) replaces the layer count of
+    :func:`segment_costs` for models whose cost it cannot see (attention's T x T matmuls).
+    """
+    segment_paths, full_path = onnx_files_from_network(network, out_dir)
+    macs, full_macs = costs if costs is not None else segment_costs(network)
+    cumulative = 0
+    segments = []
+    for index, (path, segment_macs) in enumerate(zip(segment_paths, macs)):
+        cumulative += segment_macs
+        segments.append(
+            SegmentArtifact(
+                onnx=path.name,
+                input_names=tuple(network.segment_input_names(index)),
+                hidden=hidden_spec(path),
+                macs=segment_macs,
+                exit_cost=cumulative / full_macs,
+            )
+        )
+    return ModelArtifacts(
+        name=name,
+        inputs=tuple(network.inputs),
+        side_inputs=tuple(network.side_inputs),
+        class_names=class_names,
+        segments=tuple(segments),
+        full_onnx=full_path.name,
+        full_macs=full_macs,
+        fingerprint=fingerprint_files([*segment_paths, full_path]),
+        **extra,
+    )

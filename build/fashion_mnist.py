@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CNN = "fashion_cnn"  # the recipe's model name
 CLASS_NAMES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from offramp.build.artifacts import MANIFEST, ModelArtifacts, artifacts_from_network
+from offramp.build.artifacts import MANIFEST, ModelArtifacts
+from offramp.build.export import artifacts_from_network
 from offramp.build.cnn import CNNConfig, MultiExitCNN
 from offramp.build.fashion_mnist import CLASS_NAMES, DEFAULT_DIR, load_fashion_mnist
 from offramp.build.train import TrainConfig, exit_accuracies, predict_exits, seed_everything, train_exits

@@ -24,6 +24,7 @@ import numpy as np
 
 ROTTEN_TOMATOES = "rotten_tomatoes"
 TREC = "trec"
+TEXT_TASKS = (TREC, ROTTEN_TOMATOES)
 ROTTEN_TOMATOES_CLASSES = ("rotten", "fresh")
 # abbreviation, description, entity, human, location, number
 TREC_COARSE_CLASSES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from offramp.build.artifacts import MANIFEST, ModelArtifacts, artifacts_from_network
-from offramp.build.text_data import DEFAULT_FRACTIONS, TextSplits, load_text_dataset, split_dataset
+from offramp.build.artifacts import MANIFEST, ModelArtifacts
+from offramp.build.export import artifacts_from_network
+from offramp.build.text_data import DEFAULT_FRACTIONS, TEXT_TASKS, TextSplits, load_text_dataset, split_dataset
 from offramp.build.train import TrainConfig, exit_accuracies, predict_exits, seed_everything, train_exits
 from offramp.build.transformer import (
     TOKENIZER_DIR,
@@ -534,7 +535,7 @@ def refit_exit_heads(
 
 def text_results(
     out_root: Path | str,
-    tasks: Sequence[str] = ("rotten_tomatoes", "trec"),
+    tasks: Sequence[str] = TEXT_TASKS,
     *,
     results_path: Path | str | None = RESULTS_FILE,
     command: str | None = None,
@@ -647,7 +648,7 @@ def results_markdown(built: dict[str, ModelArtifacts], command: str | None = Non
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m offramp.build.text_recipes", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", action="append", choices=["rotten_tomatoes", "trec"], help="repeatable; default both")
+    parser.add_argument("--task", action="append", choices=TEXT_TASKS, help="repeatable; default both")
     parser.add_argument("--epochs", type=int, default=TextTrainSettings.epochs)
     parser.add_argument("--max-length", type=int, default=TextTrainSettings.max_length)
     parser.add_argument("--max-train-rows", type=int, default=None, help="train on the first N rows of the train split")
@@ -663,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = "python -m offramp.build.text_recipes " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     text_results(
         args.out,
-        args.task or ("rotten_tomatoes", "trec"),
+        args.task or TEXT_TASKS,
         results_path=args.results,
         command=command,
         progress=not args.quiet,

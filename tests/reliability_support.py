@@ -19,7 +19,7 @@ from typing import Any, Self
 import numpy as np
 import tritonclient.grpc as grpcclient
 from offramp.backend.cascade import CascadeResult
-from offramp.client.client import OUTPUT_NAMES
+from offramp.client.grpc_client import OUTPUT_NAMES
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 PROTOCOLS = ("grpc", "http")
@@ -183,7 +183,7 @@ def metric_values(server: Any, name: str) -> dict[str, float]:
 
 def model_stats(server: Any, model: str) -> dict[str, int]:
     """Triton's cumulative success and failure counts of one model."""
-    from offramp.client.soak import model_counts
+    from offramp.client.tools.soak import model_counts
 
     return model_counts(server.http_url).get(model, {"success": 0, "fail": 0, "inference_count": 0})
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from offramp.client import bench
-from offramp.client.bench_summary import (
+from offramp.client.cli.options import add_config_options, config_from_args
+from offramp.client.tools import bench
+from offramp.client.tools.bench_summary import (
     Goals,
     accuracy_compute_curve,
     evaluate_goals,
@@ -24,7 +25,7 @@ from offramp.client.bench_summary import (
     sweep_summary,
     time_breakdown,
 )
-from offramp.client.perf_analyzer import (
+from offramp.client.tools.perf_analyzer import (
     PerfAnalyzerError,
     PerfAnalyzerOptions,
     explain_start_failure,
@@ -125,10 +126,10 @@ def test_binary_override_must_exist(monkeypatch, tmp_path):
 
 
 def test_environment_puts_the_cuda_runtime_first(monkeypatch, tmp_path):
-    monkeypatch.setattr("offramp.client.perf_analyzer.cuda_runtime_library_directory", lambda: tmp_path)
+    monkeypatch.setattr("offramp.client.tools.perf_analyzer.cuda_runtime_library_directory", lambda: tmp_path)
     env = perf_analyzer_environment({"LD_LIBRARY_PATH": "/opt/lib"})
     assert env["LD_LIBRARY_PATH"] == f"{tmp_path}:/opt/lib"
-    monkeypatch.setattr("offramp.client.perf_analyzer.cuda_runtime_library_directory", lambda: None)
+    monkeypatch.setattr("offramp.client.tools.perf_analyzer.cuda_runtime_library_directory", lambda: None)
     assert "LD_LIBRARY_PATH" not in perf_analyzer_environment({})
 
 
@@ -317,18 +318,18 @@ def test_statistics_are_flattened_and_differenced():
 
 def test_quick_flag_sets_short_defaults_that_options_override():
     parser = argparse.ArgumentParser()
-    bench.add_bench_arguments(parser)
-    quick = bench.config_from_args(parser.parse_args(["--quick", "--repeats", "2"]))
+    add_config_options(parser, bench.BenchConfig)
+    quick = config_from_args(bench.BenchConfig, parser.parse_args(["--repeats", "2"]), bench.BenchConfig.quick_defaults())
     assert quick.quick and quick.repeats == 2 and quick.concurrency == (1, 4) and quick.measurement_interval_ms == 500
     assert quick.out != bench.DEFAULT_OUT
-    default = bench.config_from_args(parser.parse_args([]))
+    default = config_from_args(bench.BenchConfig, parser.parse_args([]))
     assert default.concurrency == (1, 4, 8, 16) and default.repeats == 3 and default.rows_per_request == 8
     assert default.out == bench.DEFAULT_OUT and default.workloads == ("fashion_cnn", "trec", "rotten_tomatoes")
     with pytest.raises(ValueError, match="early"):
         bench.BenchConfig(arms=("full",))
     with pytest.raises(KeyError, match="unknown workload"):
         bench.resolve_workload("no_such_workload")
-    assert bench.resolve_workload("offramp.client.bench:fashion_cnn_workload") is bench.fashion_cnn_workload
+    assert bench.resolve_workload("offramp.client.tools.bench:fashion_cnn_workload") is bench.fashion_cnn_workload
 
 
 # --- Against a real server --------------------------------------------------------------------------------
@@ -353,7 +354,7 @@ def _quick_workload(quick_cnn, fashion_test):
 @pytest.mark.integration
 def test_perf_analyzer_against_a_real_server(quick_cnn, fashion_test, running_server, execution_env, tmp_path):
     from offramp.build.repository import RepositoryOptions, write_repository
-    from offramp.client.perf_analyzer import check_perf_analyzer, run_perf_analyzer
+    from offramp.client.tools.perf_analyzer import check_perf_analyzer, run_perf_analyzer
 
     try:
         check_perf_analyzer()
@@ -391,8 +392,8 @@ def test_perf_analyzer_against_a_real_server(quick_cnn, fashion_test, running_se
 @pytest.mark.slow
 def test_quick_benchmark_end_to_end(quick_cnn, fashion_test, tmp_path):
     """The whole driver on a briefly trained model: a sweep of one level, every arm, and the report."""
-    from offramp.client.bench_report import write_report
-    from offramp.client.perf_analyzer import check_perf_analyzer
+    from offramp.client.tools.bench_report import write_report
+    from offramp.client.tools.perf_analyzer import check_perf_analyzer
 
     try:
         check_perf_analyzer()
@@ -425,8 +426,8 @@ def test_a_text_workload_under_perf_analyzer(quick_text_model, tmp_path):
     """Token ids padded to one length go through perf_analyzer to both models; the served answers
     of the padded rows agree with the offline ones."""
     from offramp.build.calibrate import exit_logits_from_onnx, recipe_calibration_data
-    from offramp.client.bench_summary import Goals
-    from offramp.client.perf_analyzer import check_perf_analyzer
+    from offramp.client.tools.bench_summary import Goals
+    from offramp.client.tools.perf_analyzer import check_perf_analyzer
 
     try:
         check_perf_analyzer()
@@ -456,7 +457,7 @@ def test_a_text_workload_under_perf_analyzer(quick_text_model, tmp_path):
 
 def test_report_from_saved_results(tmp_path):
     """BENCHMARKS.md and the plots are written from a summary.json alone (no server, no model)."""
-    from offramp.client.bench_report import write_report
+    from offramp.client.tools.bench_report import write_report
 
     cpu = {"tritonserver": 0.2, "m": 0.3, "m_segment_0": 0.1, "m_segment_1": 0.2}
     timed = [

@@ -52,7 +52,7 @@ def test_the_same_seed_builds_the_same_model_and_a_cached_build_is_reused(tmp_pa
 def test_demo_runs_end_to_end(tmp_path):
     """`offramp demo` as `make demo` runs it (full training: minutes)."""
     result = subprocess.run(
-        [sys.executable, "-m", "offramp.client.cli", "demo", "--workdir", str(tmp_path / "work"),
+        [sys.executable, "-m", "offramp.client.cli.main", "demo", "--workdir", str(tmp_path / "work"),
          "--repository", str(tmp_path / "repo")],
         capture_output=True, text=True, timeout=1800,
     )  # fmt: skip

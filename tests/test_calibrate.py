@@ -9,7 +9,7 @@ import pytest
 
 from offramp.backend.policy import Policy
 from offramp.build.calibrate import CalibrationData, calibrate_artifacts, simulate_exits
-from offramp.client.cli import main
+from offramp.client.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ from offramp.kernels.cuda import COMPACT_SOURCE, CONFIDENCE_SOURCE, ENTRY_POINTS
 
 from tests.cuda_shim import Schedule, ShimModule, build_shim_module
 from tests.fakes import FakeNetwork
-from tests.kernel_checks import SentinelArrays, relative_error_bound
+from offramp.kernels.testing import SentinelArrays, relative_error_bound
 from tests.test_orchestrator import SPEC, FakeRequest, good_rows
 
 COSTS = (0.3, 0.6, 1.0)
@@ -186,7 +186,7 @@ def assert_same_answers(got: CascadeResult, want: CascadeResult) -> None:
 
 def assert_confidence_close(got: np.ndarray, want: np.ndarray, num_classes: int) -> None:
     """Two float32 computations of (B, 3) confidence: each is within the kernels' error bound of the
-    float64 truth (tests/kernel_checks.py), so they are within twice that of each other."""
+    float64 truth (offramp.kernels.testing), so they are within twice that of each other."""
     bound = 2 * relative_error_bound(num_classes) * (1 + np.log(num_classes))
     np.testing.assert_allclose(got, want, rtol=bound, atol=bound)
 
@@ -355,7 +355,7 @@ def test_request_round_trips_through_parameters() -> None:
 def test_imports_stay_lazy() -> None:
     """Everything imports on a machine without CuPy, a GPU or TensorRT; nothing imports them eagerly."""
     modules = [
-        "offramp.backend.cascade", "offramp.backend.device", "offramp.kernels.cuda", "offramp.kernels.gpu_check",
+        "offramp.backend.cascade", "offramp.backend.device", "offramp.kernels.cuda", "offramp.client.tools.gpu_check",
         "offramp.build.tensorrt", "offramp.build.execution_env", "offramp.build.repository",
     ]  # fmt: skip
     code = (
@@ -566,10 +566,12 @@ def test_adapter_hands_a_gpu_cascade_to_the_orchestrator(adapter, tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    "how", [["kernels/gpu_check.py"], ["-m", "offramp.kernels.gpu_check"]], ids=["script", "module"]
+    "how",
+    [["client/tools/gpu_check.py"], ["-m", "offramp.client.cli.main", "gpu-check"]],
+    ids=["script", "subcommand"],
 )
 def test_gpu_check_without_a_device_says_so_and_fails(how: list[str]) -> None:
-    from offramp.kernels.gpu_check import NO_DEVICE_STATUS, no_device_reason
+    from offramp.client.tools.gpu_check import NO_DEVICE_STATUS, no_device_reason
 
     if no_device_reason() is None:
         pytest.skip("a CUDA device is visible here: gpu-check would run for real")
@@ -584,7 +586,7 @@ def test_gpu_check_without_a_device_says_so_and_fails(how: list[str]) -> None:
 @pytest.mark.parametrize("num_classes, rows", [(10, 128), (1000, 48)])
 def test_gpu_check_cascade_comparison_on_the_cpu(shim_modules, num_classes: int, rows: int) -> None:
     """gpu-check's own cascade check, with NumPy and the CPU shim's kernels in place of CuPy and the GPU."""
-    from offramp.kernels.gpu_check import compare_cascades
+    from offramp.client.tools.gpu_check import compare_cascades
 
     summary = compare_cascades(np, shim_kernels(shim_modules), rows, num_classes)
     max_prob_exits = [int(n) for n in summary.split("max-prob: exits ")[1].split(";")[0].split("/")]
@@ -606,7 +608,7 @@ def test_served_gpu_orchestrator_without_a_gpu_falls_back_and_says_why(
     """
     from google.protobuf import text_format
     from offramp.build.repository import RepositoryOptions, write_repository
-    from offramp.client.client import OfframpClient
+    from offramp.client.grpc_client import OfframpClient
     from tritonclient.grpc import model_config_pb2
 
     from tests.served_reference import Reference, spread_policy
@@ -635,7 +637,7 @@ def test_served_gpu_orchestrator_without_a_gpu_falls_back_and_says_why(
 def test_gpu_check_kernel_section_on_the_cpu(shim_modules) -> None:
     """gpu-check's kernel checks at smoke sizes, NumPy and the CPU shim in place of CuPy and the GPU:
     the script's own code (names, arguments, sizes) runs; the checks themselves pass as in the shim tests."""
-    from offramp.kernels.gpu_check import SIZES, Report, kernel_checks
+    from offramp.client.tools.gpu_check import SIZES, Report, kernel_checks
 
     lookups = {source: module.kernels(Schedule.SHUFFLED, 7) for source, module in shim_modules.items()}
     report = Report()
@@ -646,7 +648,8 @@ def test_gpu_check_kernel_section_on_the_cpu(shim_modules) -> None:
 
 def test_gpu_check_finds_offramp_in_the_checkout_when_it_is_not_installed(tmp_path: Path) -> None:
     """The GPU machine has CuPy and NumPy but not offramp: the script maps the checkout's folders."""
-    script = Path(__file__).resolve().parent.parent / "kernels" / "gpu_check.py"
+    root = Path(__file__).resolve().parent.parent
+    script = root / "client" / "tools" / "gpu_check.py"
     code = f"""
 import importlib.util, sys
 # Without the editable install's finder, offramp is not importable, as on a machine that never installed it.
@@ -661,13 +664,12 @@ module = importlib.util.module_from_spec(spec)
 sys.modules["gpu_check"] = module
 spec.loader.exec_module(module)
 module._import_offramp()
-import offramp.backend.device, offramp.kernels.cuda, tests.kernel_checks
+import offramp.backend.device, offramp.kernels.cuda, offramp.kernels.testing
 print(offramp.kernels.cuda.__file__, offramp.backend.device.__file__)
 """
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     )
-    root = script.parent.parent
     assert result.stdout.split() == [
         str(root / "kernels" / "cuda.py"),
         str(root / "python_backend" / "device.py"),

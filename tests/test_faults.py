@@ -33,8 +33,8 @@ from offramp.build.repository import (
     write_orchestrator,
     write_repository,
 )
-from offramp.client.server import SHM_DIR, EmbeddedTritonServer, ServerPorts
-from offramp.client.soak import server_processes, stub_shm_region
+from offramp.client.serving.server import SHM_DIR, EmbeddedTritonServer, ServerPorts
+from offramp.client.tools.soak import server_processes, stub_shm_region
 
 from tests.reliability_support import (
     Traffic,
@@ -353,7 +353,7 @@ def test_stopping_the_server_under_load_leaves_nothing_behind(own_repository, ru
             protocols=("grpc", "http"),
         ) as traffic:
             time.sleep(1.5)
-            with caplog.at_level(logging.WARNING, logger="offramp.client.server"):
+            with caplog.at_level(logging.WARNING, logger="offramp.client.serving.server"):
                 stopping = time.monotonic()
                 left = server.stop()
                 stopped = time.monotonic()

@@ -20,7 +20,7 @@ import pytest
 from offramp.kernels.confidence import METRICS
 from offramp.kernels.cuda import COMPACT_SOURCE, CONFIDENCE_SOURCE, ENTRY_POINTS, Launchers, RowLayout
 from tests.cuda_shim import Schedule, ShimLaunchError, ShimModule, build_shim_module
-from tests.kernel_checks import (
+from offramp.kernels.testing import (
     SentinelArrays,
     check_batch_invariance,
     check_compact,

@@ -1,6 +1,6 @@
 """The CUDA kernels on a GPU through the CuPy launchers, against the references.
 
-The checks of the CPU-shim tests (tests/kernel_checks.py), now with NVRTC-compiled kernels, the
+The checks of the CPU-shim tests (offramp.kernels.testing), now with NVRTC-compiled kernels, the
 GPU's math library and FMA contraction, real warps and concurrent blocks, and sizes the shim is
 too slow for. Skipped, with the reason, where CuPy or a CUDA device is missing.
 """
@@ -21,7 +21,7 @@ from offramp.kernels.cuda import (
     partition_rows_cuda,
     scatter_rows_cuda,
 )
-from tests.kernel_checks import (
+from offramp.kernels.testing import (
     SentinelArrays,
     assert_confidence_equal,
     check_batch_invariance,

@@ -16,8 +16,8 @@ from offramp.backend.contract import FLAG_CONSERVATIVE
 from offramp.backend.orchestrator import ServingOptions
 from offramp.backend.policy import ExitRule
 from offramp.build.repository import RepositoryOptions, write_repository
-from offramp.client.client import OfframpClient
-from offramp.client.policy_control import PolicyControl, policy_diff
+from offramp.client.grpc_client import OfframpClient
+from offramp.client.serving.policy_control import PolicyControl, policy_diff
 
 from tests.reliability_support import metric_values, wait_for
 from tests.served_reference import spread_policy

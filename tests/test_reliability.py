@@ -25,7 +25,7 @@ from offramp.backend.cascade import CascadeBatch, CascadeResult, run_cascade
 from offramp.backend.contract import HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.orchestrator import ServingOptions
 from offramp.build.repository import RepositoryOptions, write_orchestrator, write_repository
-from offramp.client.server import EmbeddedTritonServer, ServerPorts, ServerStartError
+from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts, ServerStartError
 from tritonclient.utils import InferenceServerException
 
 try:
@@ -760,8 +760,8 @@ def test_a_short_soak_holds_its_bounds(quick_cnn, fashion_test, tmp_path):
     unchanged, answers unchanged.
     Latency bounds are looser than the long run's (p50 2x, p99 3x): 8-second windows on a shared
     2-core machine."""
-    from offramp.client.perf_analyzer import PerfAnalyzerError, check_perf_analyzer
-    from offramp.client.soak import SoakConfig, run_soak
+    from offramp.client.tools.perf_analyzer import PerfAnalyzerError, check_perf_analyzer
+    from offramp.client.tools.soak import SoakConfig, run_soak
 
     try:
         check_perf_analyzer()
@@ -790,7 +790,7 @@ def test_a_short_soak_holds_its_bounds(quick_cnn, fashion_test, tmp_path):
 def test_the_soak_checks_fail_when_a_bound_is_broken():
     """The soak's verdict is not a rubber stamp: growth past a bound after the first window, a lost
     answer, a slower last window or a replaced process each fail their check (pure, made-up figures)."""
-    from offramp.client.soak import Sample, SoakConfig, Window, evaluate
+    from offramp.client.tools.soak import Sample, SoakConfig, Window, evaluate
 
     def window(index: int, p50: float, answered: int = 100) -> Window:
         return Window(index, index * 10.0, 10.0, 100, answered, 0, 10.0, p50, p50, p50, 2 * p50)
@@ -831,15 +831,17 @@ def test_the_soak_checks_fail_when_a_bound_is_broken():
     assert not restarted["checks"]["processes_stable"]["passed"]
 
 
-def test_the_soak_command_line_defaults_are_the_configs():
-    import argparse
+def test_the_soak_command_line_defaults_are_the_configs(monkeypatch):
+    from offramp.client.cli.main import parser
+    from offramp.client.tools import soak
 
-    from offramp.client.soak import SoakConfig, add_soak_arguments, config_from_args
-
-    parser = argparse.ArgumentParser()
-    add_soak_arguments(parser)
-    assert config_from_args(parser.parse_args([])) == SoakConfig()
-    short = config_from_args(parser.parse_args(["--duration", "30", "--shm-growth-step", "4096", "--quick"]))
+    configs = []
+    monkeypatch.setattr(soak, "main_soak", lambda config: configs.append(config) or 0)
+    for argv in (["soak"], ["soak", "--duration", "30", "--shm-growth-step", "4096", "--quick"]):
+        args = parser().parse_args(argv)
+        assert args.run(args) == 0
+    assert configs[0] == soak.SoakConfig()
+    short = configs[1]
     assert (short.duration_s, short.window_s, short.shm_growth_step_bytes, short.quick) == (30, 30, 4096, True)
 
 
@@ -847,8 +849,8 @@ def test_a_perf_analyzer_that_hangs_after_its_last_answer_is_killed(tmp_path):
     """The soak's guard against perf_analyzer 2.49 never exiting in --request-count mode: once Triton has
     answered every request, the process gets a grace period, then is killed; the window keeps its count
     but has no latency figures. A process that hangs before that is an error."""
-    from offramp.client.perf_analyzer import PerfAnalyzerOptions
-    from offramp.client.soak import run_counted
+    from offramp.client.tools.perf_analyzer import PerfAnalyzerOptions
+    from offramp.client.tools.soak import run_counted
 
     stuck = tmp_path / "perf_analyzer"
     stuck.write_text("#!/bin/sh\nexec sleep 600\n")

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 from offramp.backend.contract import FLAG_DEADLINE
 from offramp.backend.orchestrator import ServingOptions
 from offramp.build.repository import RepositoryOptions, write_repository
-from offramp.client.client import OfframpClient, Predictions
+from offramp.client.grpc_client import OfframpClient, Predictions
 
 from tests.served_reference import Reference, spread_policy
 

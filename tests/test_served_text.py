@@ -9,7 +9,7 @@ from tritonclient.utils import InferenceServerException
 
 from offramp.backend.text import TextEncoder, TextSpec
 from offramp.build.repository import RepositoryOptions, write_repository
-from offramp.client.client import OfframpClient
+from offramp.client.grpc_client import OfframpClient
 
 from tests.served_reference import QUESTIONS, Reference, spread_policy
 

@@ -12,7 +12,7 @@ import torch
 
 from offramp.backend.contract import HIDDEN_IN, HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.segment_runner import OnnxRunner
-from offramp.build.artifacts import artifacts_from_network
+from offramp.build.export import artifacts_from_network
 from offramp.build.calibrate import exit_logits_from_onnx
 from offramp.build.transformer import (
     ATTENTION_MASK,

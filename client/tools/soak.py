@@ -29,7 +29,6 @@ output per window to ``--out``; the repository and input data go to ``<workdir>/
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as dt
 import glob
@@ -49,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from offramp.client.cli.options import option
+
 DEFAULT_WORKDIR = Path(".cache/offramp")
 DEFAULT_OUT = Path("benchmarks/soak")
 CHECK_ROWS = 256  # test rows classified before and after the load
@@ -56,25 +57,28 @@ CHECK_ROWS = 256  # test rows classified before and after the load
 
 @dataclass(frozen=True)
 class SoakConfig:
-    duration_s: float = 600.0
-    window_s: float = 60.0  # one perf_analyzer run, one set of latency percentiles
-    concurrency: int = 32
-    rows_per_request: int = 4
-    data_rows: int = 1000  # distinct test rows perf_analyzer cycles through
-    sample_interval_s: float = 5.0
+    """What ``offramp soak`` runs and checks; each field is also its command-line option."""
+
+    duration_s: float = option(600.0, flag="--duration", help="seconds of load")
+    # One perf_analyzer run, one set of latency percentiles.
+    window_s: float = option(60.0, flag="--window", help="seconds per perf_analyzer run and latency figure")
+    concurrency: int = option(32, help="requests in flight")
+    rows_per_request: int = option(4, help="test rows per request")
+    data_rows: int = option(1000, help="distinct test rows sent")
+    sample_interval_s: float = option(5.0, flag="--sample-interval", help="seconds between memory samples")
     warmup_s: float = 5.0  # the run that sizes the windows (not counted in the stability checks)
-    memory_growth: float = 0.10
-    shm_growth: float = 0.10
+    memory_growth: float = option(0.10, help="allowed RSS growth after the first window")
+    shm_growth: float = option(0.10, help="allowed /dev/shm growth after the first window")
     # The Python backend's shm-growth-byte-size, given to the server: the quantum its regions grow by.
-    shm_growth_step_bytes: int = 1 << 20
-    p50_ratio: float = 1.5
-    p99_ratio: float = 2.0
+    shm_growth_step_bytes: int = option(1 << 20, flag="--shm-growth-step", help="the Python backend's shm-growth-byte-size")
+    p50_ratio: float = option(1.5, help="allowed last/first window p50")
+    p99_ratio: float = option(2.0, help="allowed last/first window p99")
     orchestrator_instances: int = 2
     segment_instances: int = 1
-    workdir: Path = DEFAULT_WORKDIR
-    out: Path = DEFAULT_OUT
-    epochs: int = 3
-    quick: bool = False  # the small test build (seconds to train) instead of the demo's
+    workdir: Path = option(DEFAULT_WORKDIR, help="build cache")
+    out: Path = option(DEFAULT_OUT, help="summary.json, summary.md, samples.csv")
+    epochs: int = option(3, help="training epochs of the demo build")
+    quick: bool = option(False, help="the small test build (seconds to train) instead of the demo's")
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -345,7 +349,7 @@ def evaluate(
 
 @dataclass(frozen=True)
 class CountedRun:
-    result: Any  # offramp.client.perf_analyzer.PerfResult, or None
+    result: Any  # offramp.client.tools.perf_analyzer.PerfResult, or None
     error: str | None
     tool_hung: bool
 
@@ -366,7 +370,7 @@ def run_counted(
     under watch: once ``answered()`` (Triton's count) reaches ``requests`` and it is still running
     ``grace_s`` later, it is killed and the window has no latency figures, but its count still holds.
     """
-    from offramp.client.perf_analyzer import explain_start_failure, parse_perf_csv, perf_analyzer_environment
+    from offramp.client.tools.perf_analyzer import explain_start_failure, parse_perf_csv, perf_analyzer_environment
 
     command = [*options.command(binary, csv_path), "--request-count", str(requests)]
     csv_path.unlink(missing_ok=True)
@@ -409,7 +413,7 @@ def prepare_model(config: SoakConfig) -> tuple[Any, Path, Any]:
 
 
 def _classify_check_rows(url: str, model: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from offramp.client.client import OfframpClient
+    from offramp.client.grpc_client import OfframpClient
 
     with OfframpClient(url) as client:
         parts = [client.classify(model, images[s : s + 32]) for s in range(0, len(images), 32)]
@@ -424,13 +428,13 @@ def run_soak(
     from offramp.build.execution_env import triton_server_flags
     from offramp.build.fashion_mnist import load_fashion_mnist
     from offramp.build.repository import RepositoryOptions, write_repository
-    from offramp.client.perf_analyzer import (
+    from offramp.client.tools.perf_analyzer import (
         PerfAnalyzerOptions,
         check_perf_analyzer,
         run_perf_analyzer,
         write_input_data,
     )
-    from offramp.client.server import EmbeddedTritonServer, ServerPorts
+    from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
 
     def say(message: str) -> None:
         if progress:
@@ -625,52 +629,11 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 # --- Command line --------------------------------------------------------------------------------------
 
 
-# (flag, SoakConfig field, type, help); each default is the field's default.
-SOAK_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
-    ("--duration", "duration_s", float, "seconds of load"),
-    ("--window", "window_s", float, "seconds per perf_analyzer run and latency figure"),
-    ("--concurrency", "concurrency", int, "requests in flight"),
-    ("--rows-per-request", "rows_per_request", int, "test rows per request"),
-    ("--data-rows", "data_rows", int, "distinct test rows sent"),
-    ("--sample-interval", "sample_interval_s", float, "seconds between memory samples"),
-    ("--memory-growth", "memory_growth", float, "allowed RSS growth after the first window"),
-    ("--shm-growth", "shm_growth", float, "allowed /dev/shm growth after the first window"),
-    ("--shm-growth-step", "shm_growth_step_bytes", int, "the Python backend's shm-growth-byte-size"),
-    ("--p50-ratio", "p50_ratio", float, "allowed last/first window p50"),
-    ("--p99-ratio", "p99_ratio", float, "allowed last/first window p99"),
-    ("--workdir", "workdir", Path, "build cache"),
-    ("--out", "out", Path, "summary.json, summary.md, samples.csv"),
-    ("--epochs", "epochs", int, "training epochs of the demo build"),
-)
-
-
-def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = SoakConfig()
-    for flag, field_name, kind, text in SOAK_OPTIONS:
-        default = getattr(defaults, field_name)
-        parser.add_argument(
-            flag,
-            dest=field_name,
-            metavar=flag.removeprefix("--").replace("-", "_").upper(),
-            type=kind,
-            default=default,
-            help=f"{text} (default: %(default)s)",
-        )
-    parser.add_argument("--quick", action="store_true", help="the small test build instead of the demo's")
-
-
-def config_from_args(args: argparse.Namespace) -> SoakConfig:
-    values = {field_name: getattr(args, field_name) for _, field_name, _, _ in SOAK_OPTIONS}
-    values["window_s"] = min(values["window_s"], values["duration_s"])
-    return SoakConfig(**values, quick=args.quick)
-
-
-def main_soak(args: argparse.Namespace) -> int:
+def main_soak(config: SoakConfig) -> int:
     """Build (or reuse) the model, soak it, print the verdict; 0 when every check passed."""
-    from offramp.client.perf_analyzer import PerfAnalyzerError
-    from offramp.client.server import ServerStartError
+    from offramp.client.serving.server import ServerStartError
+    from offramp.client.tools.perf_analyzer import PerfAnalyzerError
 
-    config = config_from_args(args)
     try:
         artifacts, directory, policy = prepare_model(config)
         summary = run_soak(config, artifacts, directory, policy)
@@ -684,13 +647,3 @@ def main_soak(args: argparse.Namespace) -> int:
         print(f"  {'pass' if check['passed'] else 'FAIL'}  {name}")
     print(f"soak {'passed' if summary['passed'] else 'FAILED'}; see {Path(config.out) / 'summary.md'}")
     return 0 if summary["passed"] else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="offramp soak", description=__doc__.splitlines()[0])
-    add_soak_arguments(parser)
-    return main_soak(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,12 @@
-"""``make gpu-check``: the CUDA kernels and the device-resident cascade on a real GPU, in one script.
+"""``offramp gpu-check`` (``make gpu-check``): the CUDA kernels and the device-resident cascade on a real GPU.
 
-Installs nothing: it needs a Python with CuPy and NumPy, and maps ``offramp.kernels`` and
-``offramp.backend`` onto this checkout when offramp is not installed. From the repository root:
+Installs nothing: it needs a Python with CuPy and NumPy. Installed, it is ``offramp gpu-check``; from a
+checkout where offramp is not installed, it maps ``offramp.kernels`` and ``offramp.backend`` onto the
+checkout's folders itself:
 
-    python kernels/gpu_check.py [--quick]
+    python client/tools/gpu_check.py [--quick]
 
-1. Kernel checks: the checks the CPU shim runs (tests/kernel_checks.py), now with NVRTC-compiled
+1. Kernel checks: the checks the CPU shim runs (``offramp.kernels.testing``), now with NVRTC-compiled
    kernels on the device, against the float64 references, plus the worst confidence error as a
    fraction of the bound the checks allow.
 2. Speed: each kernel's median time against its memory-bandwidth floor, the bytes it must read and
@@ -31,17 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, this folder is first on sys.path, and its cuda.py would shadow NVIDIA's `cuda`
-# package (cuda-python) for whoever imports it: take the folder off.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: client/tools/gpu_check.py
 
 NO_DEVICE_STATUS = 2
 
 
 def _import_offramp() -> None:
-    """offramp.kernels and offramp.backend from this checkout (and tests/ for the shared checks)."""
+    """offramp.kernels and offramp.backend: installed, or else from this checkout."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     try:
@@ -155,7 +152,7 @@ def kernel_checks(report: Report, sizes: CheckSizes, xp: Any = None, kernel: Cal
     from offramp.kernels.confidence import METRICS, confidence_reference
     from offramp.kernels.cuda import Launchers, RowLayout, cupy_kernel
 
-    from tests import kernel_checks as kc
+    from offramp.kernels import testing as kc
 
     if xp is None:
         import cupy as xp
@@ -542,7 +539,7 @@ def compare_cascades(device_xp: Any, kernels: Any, rows: int, num_classes: int) 
     from offramp.backend.cascade import CascadeBatch, run_cascade
     from offramp.backend.device import DeviceCascade
 
-    from tests.kernel_checks import relative_error_bound
+    from offramp.kernels.testing import relative_error_bound
 
     net = ExactNetwork(num_classes=num_classes)
     inputs = net.inputs(rows)
@@ -643,10 +640,8 @@ def describe_device() -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer and smaller cases")
-    args = parser.parse_args(argv)
+def run_gpu_check(quick: bool = False) -> int:
+    """Every section, then the table; the exit status (0 passed, 1 a check failed, 2 no device)."""
     reason = no_device_reason()
     if reason is not None:
         print(f"gpu-check: no CUDA device ({reason}); nothing was checked.", file=sys.stderr)
@@ -659,9 +654,9 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     started = time.perf_counter()
     sections = {
-        "kernel checks": lambda: kernel_checks(report, SIZES["quick" if args.quick else "full"]),
-        "speed": lambda: speed(report, args.quick),
-        "cascade": lambda: cascade_checks(report, args.quick),
+        "kernel checks": lambda: kernel_checks(report, SIZES["quick" if quick else "full"]),
+        "speed": lambda: speed(report, quick),
+        "cascade": lambda: cascade_checks(report, quick),
     }
     for name, section in sections.items():
         try:
@@ -675,5 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if report.failed else 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # from a checkout, offramp not installed: python client/tools/gpu_check.py
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer and smaller cases")
+    raise SystemExit(run_gpu_check(parser.parse_args().quick))

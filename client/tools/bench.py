@@ -17,12 +17,11 @@ their medians reported. Triton's statistics and the processes' CPU times are rec
 run, so the report can say where the time goes.
 
 Results: ``<out>/results/<workload>/`` (summary.json, runs.csv, perf_analyzer's CSVs) and
-``<out>/BENCHMARKS.md`` with plots in ``<out>/plots/``. Run ``python -m offramp.client.bench``.
+``<out>/BENCHMARKS.md`` with plots in ``<out>/plots/``. Run ``offramp bench``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime as dt
 import glob
@@ -43,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from offramp.backend.policy import Policy
 from offramp.build.artifacts import ModelArtifacts
-from offramp.client.bench_summary import (
+from offramp.client.cli.options import comma_list, option, positive_int
+from offramp.client.tools.bench_summary import (
     EARLY,
     FORWARD_FULL,
     FULL,
@@ -362,26 +362,33 @@ def machine_busy_jiffies() -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    workloads: tuple[str, ...] = ("fashion_cnn", "trec", "rotten_tomatoes")
-    concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
-    repeats: int = 3
-    rows_per_request: int = 8
-    data_rows: int = 512
-    measurement_interval_ms: int = 1500
-    arms: tuple[str, ...] = ARM_KEYS
-    quality_rows: int | None = None  # None: the whole test split
-    quality_concurrency: int = 8
-    workdir: Path = DEFAULT_WORKDIR
-    out: Path = DEFAULT_OUT
-    epochs: int = 3
-    orchestrator_instances: int = 2
-    segment_instances: int = 2
-    threads_per_instance: int = 1
-    max_queue_delay_us: int = 0
-    seed: int = 0
-    segments_in_process: bool = False  # orchestrators run the segment ONNX files themselves (no BLS hops)
-    quick: bool = False
-    progress: bool = True
+    """What ``offramp bench`` measures and how; each field is also its command-line option."""
+
+    workloads: tuple[str, ...] = option(
+        ("fashion_cnn", "trec", "rotten_tomatoes"), flag="--workload", parse=str, repeatable=True,
+        help="workload to measure, repeatable: a registered name or module:function",
+    )  # fmt: skip
+    concurrency: tuple[int, ...] = option(DEFAULT_CONCURRENCY, parse=comma_list(positive_int), help="concurrency levels")
+    repeats: int = option(3, help="interleaved rounds per level")
+    rows_per_request: int = option(8, help="test rows per request")
+    data_rows: int = option(512, help="distinct test rows perf_analyzer cycles through")
+    measurement_interval_ms: int = option(1500, help="perf_analyzer window; a run is three")
+    arms: tuple[str, ...] = option(ARM_KEYS, parse=comma_list(str), help="what to measure")
+    quality_rows: int | None = option(None, parse=int, help="test rows for the accuracy pass")  # None: all
+    quality_concurrency: int = option(8, help="requests in flight in the accuracy pass")
+    workdir: Path = option(DEFAULT_WORKDIR, help="builds, repository and server log")
+    out: Path = option(DEFAULT_OUT, help="results and BENCHMARKS.md")
+    epochs: int = option(3, help="training epochs of a build")
+    orchestrator_instances: int = option(2, help="instances of the orchestrator")
+    segment_instances: int = option(2, help="instances of every segment and of the full model")
+    threads_per_instance: int = option(1, help="ONNX Runtime threads per instance")
+    max_queue_delay_us: int = option(0, help="dynamic batching delay")
+    seed: int = option(0, help="picks the perf_analyzer rows")
+    segments_in_process: bool = option(
+        False, help="orchestrators run the segments' ONNX in their own process instead of over BLS"
+    )
+    quick: bool = option(False, help="a quick build and a short sweep (about a minute after the build)")
+    progress: bool = option(True, flag="--no-progress", help="no progress bars")
 
     def __post_init__(self) -> None:
         unknown = set(self.arms) - set(ARM_KEYS)
@@ -418,8 +425,8 @@ def served_quality(
     Returns the quality summary (early exit against the full model and the labels) and the raw
     per-row answers by arm (labels; for the orchestrators also exit and cost).
     """
-    from offramp.client.client import Predictions
-    from offramp.client.demo import send_all
+    from offramp.client.grpc_client import Predictions
+    from offramp.client.tools.demo import send_all
 
     inputs = {n: a[:rows] for n, a in workload.test_inputs.items()}
     labels = workload.test_labels[:rows]
@@ -470,7 +477,7 @@ def run_sweep(
     server: Any, workload: Workload, arms: Mapping[str, Arm], data_file: Path, config: BenchConfig, raw_dir: Path
 ) -> list[dict]:
     """perf_analyzer at every concurrency level, every arm, ``repeats`` interleaved rounds."""
-    from offramp.client.perf_analyzer import PerfAnalyzerOptions, check_perf_analyzer, run_perf_analyzer
+    from offramp.client.tools.perf_analyzer import PerfAnalyzerOptions, check_perf_analyzer, run_perf_analyzer
 
     binary = check_perf_analyzer()
     shapes = {spec.name: list(np.asarray(workload.test_inputs[spec.name]).shape[1:]) for spec in workload.artifacts.inputs}
@@ -630,7 +637,7 @@ def server_version(http_url: str) -> str | None:
 
 def warm_up(url: str, workload: Workload, arms: Mapping[str, Arm], rows: int) -> None:
     """One request per arm, so no measurement pays a first call (stub imports, ONNX session warm-up)."""
-    from offramp.client.client import OfframpClient
+    from offramp.client.grpc_client import OfframpClient
 
     inputs = {n: a[:rows] for n, a in workload.test_inputs.items()}
     with OfframpClient(url) as client:
@@ -645,8 +652,8 @@ def warm_up(url: str, workload: Workload, arms: Mapping[str, Arm], rows: int) ->
 def run_workload(workload: Workload, config: BenchConfig) -> dict:
     """Everything measured for one workload; writes its raw results and returns its summary."""
     from offramp.build.calibrate import exit_logits_from_onnx
-    from offramp.client.perf_analyzer import write_input_data
-    from offramp.client.server import EmbeddedTritonServer, ServerPorts
+    from offramp.client.tools.perf_analyzer import write_input_data
+    from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
 
     started = time.time()
     results_dir = config.out / "results" / workload.name
@@ -761,87 +768,10 @@ def write_runs_csv(records: Sequence[Mapping], path: Path) -> Path:
     return path
 
 
-# --- Command line -------------------------------------------------------------------------------------------
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, not {text!r}")
-    return values
-
-
-def _str_list(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``offramp bench`` to ``parser``."""
-    d = BenchConfig()
-    add = parser.add_argument
-    add("--workload", action="append", dest="workloads", metavar="NAME",
-        help=f"workload to measure, repeatable: {', '.join(sorted(WORKLOADS))} or module:function (default: all three)")
-    add("--concurrency", type=_int_list, default=None, help="concurrency levels (default: 1,4,8,16; quick: 1,4)")
-    add("--repeats", type=int, default=None, help=f"interleaved rounds per level (default: {d.repeats}; quick: 1)")
-    add("--rows-per-request", type=int, default=d.rows_per_request, help="test rows per request (default: %(default)s)")
-    add("--data-rows", type=int, default=None, help=f"distinct test rows perf_analyzer cycles through (default: {d.data_rows})")
-    add("--measurement-interval-ms", type=int, default=None,
-        help=f"perf_analyzer window; a run is three (default: {d.measurement_interval_ms}; quick: 500)")
-    add("--arms", type=_str_list, default=d.arms, help=f"what to measure (default: {','.join(d.arms)})")
-    add("--quality-rows", type=int, default=None, help="test rows for the accuracy pass (default: all; quick: 512)")
-    add("--quality-concurrency", type=int, default=d.quality_concurrency, help="default: %(default)s")
-    add("--workdir", type=Path, default=d.workdir, help="builds, repository and server log (default: %(default)s)")
-    add("--out", type=Path, default=None, help=f"results and BENCHMARKS.md (default: {d.out}; quick: {d.workdir}/bench-quick)")
-    add("--epochs", type=int, default=d.epochs, help="training epochs of a build (default: %(default)s)")
-    add("--orchestrator-instances", type=int, default=d.orchestrator_instances, help="default: %(default)s")
-    add("--segment-instances", type=int, default=d.segment_instances,
-        help="instances of every segment and of the full model (default: %(default)s)")
-    add("--threads-per-instance", type=int, default=d.threads_per_instance, help="default: %(default)s")
-    add("--max-queue-delay-us", type=int, default=d.max_queue_delay_us, help="dynamic batching delay (default: %(default)s)")
-    add("--seed", type=int, default=d.seed, help="picks the perf_analyzer rows (default: %(default)s)")
-    add("--segments-in-process", action="store_true",
-        help="orchestrators run the segments' ONNX in their own process instead of over BLS")
-    add("--quick", action="store_true", help="a quick build and a short sweep (about a minute after the build)")
-    add("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from saved results")
-    add("--no-progress", action="store_true", help="no progress bars")
-
-
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    quick = BenchConfig.quick_defaults() if args.quick else {}
-    chosen = {
-        "concurrency": args.concurrency,
-        "repeats": args.repeats,
-        "data_rows": args.data_rows,
-        "measurement_interval_ms": args.measurement_interval_ms,
-        "quality_rows": args.quality_rows,
-        "out": args.out,
-    }
-    settings = {**quick, **{k: v for k, v in chosen.items() if v is not None}}
-    return BenchConfig(
-        workloads=tuple(args.workloads or BenchConfig.workloads),
-        rows_per_request=args.rows_per_request,
-        arms=tuple(args.arms),
-        quality_concurrency=args.quality_concurrency,
-        workdir=args.workdir,
-        epochs=args.epochs,
-        orchestrator_instances=args.orchestrator_instances,
-        segment_instances=args.segment_instances,
-        threads_per_instance=args.threads_per_instance,
-        max_queue_delay_us=args.max_queue_delay_us,
-        seed=args.seed,
-        segments_in_process=args.segments_in_process,
-        progress=not args.no_progress,
-        **settings,
-    )
-
-
 def run_bench(config: BenchConfig) -> list[dict]:
     """Measure every workload of ``config``, then write the report; returns the summaries."""
-    from offramp.client.bench_report import write_report
-    from offramp.client.perf_analyzer import check_perf_analyzer
+    from offramp.client.tools.bench_report import write_report
+    from offramp.client.tools.perf_analyzer import check_perf_analyzer
 
     check_perf_analyzer()  # before any build: fail in a second, saying what to install
     factories = [resolve_workload(spec) for spec in config.workloads]
@@ -855,15 +785,14 @@ def run_bench(config: BenchConfig) -> list[dict]:
     return summaries
 
 
-def main_bench(args: argparse.Namespace) -> int:
+def main_bench(config: BenchConfig, report_only: bool = False) -> int:
     """``offramp bench``: returns the exit status."""
-    from offramp.client.bench_report import write_report
-    from offramp.client.perf_analyzer import PerfAnalyzerError
-    from offramp.client.server import ServerStartError
+    from offramp.client.serving.server import ServerStartError
+    from offramp.client.tools.bench_report import write_report
+    from offramp.client.tools.perf_analyzer import PerfAnalyzerError
 
     try:
-        config = config_from_args(args)
-        if args.report_only:
+        if report_only:
             print(f"report: {write_report(config.out)}")
             return 0
         run_bench(config)
@@ -874,13 +803,3 @@ def main_bench(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m offramp.client.bench", description=__doc__.split("\n\n")[0])
-    add_bench_arguments(parser)
-    return main_bench(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

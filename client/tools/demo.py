@@ -23,8 +23,8 @@ from offramp.build.calibrate import calibrate_artifacts, recipe_calibration_data
 from offramp.build.fashion_mnist import load_fashion_mnist
 from offramp.build.recipes import served_fashion_cnn
 from offramp.build.repository import RepositoryOptions, full_model_name, write_repository
-from offramp.client.client import OfframpClient, Predictions
-from offramp.client.server import EmbeddedTritonServer, ServerPorts
+from offramp.client.grpc_client import OfframpClient, Predictions
+from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,6 @@ def text_workload(task: str, workdir: Path, epochs: int) -> DemoWorkload:
         full_logits,
         f"multi-exit MiniLM fine-tuned on {task} ({epochs} epochs)",
     )
-
-
-DEMO_MODELS = ("fashion_cnn", "trec", "rotten_tomatoes")
 
 
 def run_demo(

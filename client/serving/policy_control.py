@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from offramp.backend.orchestrator import POLICY_FILE, SPEC_FILE, Orchestrator, OrchestratorSpec
 from offramp.backend.policy import Policy
-from offramp.client.server import ADMIN_KEY_HEADER
+from offramp.client.serving.server import ADMIN_KEY_HEADER
 
 
 class PolicyControlError(RuntimeError):

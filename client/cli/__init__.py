@@ -1,0 +1,1 @@
+"""The ``offramp`` command line (``offramp.client.cli.main``), one module per subcommand."""

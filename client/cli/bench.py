@@ -1,0 +1,31 @@
+"""``offramp bench``: early exit against the full model under perf_analyzer; writes benchmarks/."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from offramp.client.cli.options import add_config_options, config_from_args
+from offramp.client.cli.subcommand import Subcommand
+
+
+class BenchCommand(Subcommand):
+    name = "bench"
+    help = "early exit against the full model under perf_analyzer; writes benchmarks/"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from offramp.client.tools.bench import WORKLOADS, BenchConfig
+
+        add_config_options(parser, BenchConfig, {"quick": BenchConfig.quick_defaults()})
+        parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from saved results")
+        parser.epilog = f"workloads: {', '.join(sorted(WORKLOADS))}"
+
+    def run(self, args: argparse.Namespace) -> int:
+        from offramp.client.tools.bench import BenchConfig, main_bench
+
+        try:
+            config = config_from_args(BenchConfig, args, BenchConfig.quick_defaults() if args.quick else {})
+        except ValueError as error:
+            print(f"offramp bench: error: {error}", file=sys.stderr)
+            return 2
+        return main_bench(config, report_only=args.report_only)
