@@ -27,12 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm import tqdm
-
 from offramp.build.artifacts import MANIFEST, ModelArtifacts
 from offramp.build.export import artifacts_from_network
-from offramp.build.text_data import DEFAULT_FRACTIONS, TEXT_TASKS, TextSplits, load_text_dataset, split_dataset
+from offramp.build.markdown import markdown_table
+from offramp.build.text_data import (
+    DEFAULT_FRACTIONS,
+    TEXT_TASKS,
+    TextSplits,
+    load_text_dataset,
+    split_dataset,
+)
 from offramp.build.train import TrainConfig, exit_accuracies, predict_exits, seed_everything, train_exits
 from offramp.build.transformer import (
     TOKENIZER_DIR,
@@ -48,6 +52,8 @@ from offramp.build.transformer import (
     transformer_costs,
     use_eager_attention,
 )
+from torch import nn
+from tqdm import tqdm
 
 CHECKPOINT = "checkpoint.pt"  # the exported model's weights (after the head refit)
 JOINT_CHECKPOINT = "checkpoint_joint.pt"  # after joint fine-tuning, before the head refit
@@ -558,8 +564,8 @@ def text_results(
     return built
 
 
-def _percent(values: Sequence[float]) -> str:
-    return " | ".join(f"{100 * v:.1f}" for v in values)
+def _percents(values: Sequence[float]) -> list[str]:
+    return [f"{100 * v:.1f}" for v in values]
 
 
 def _slashed(values: Sequence[float]) -> str:
@@ -572,18 +578,15 @@ def results_markdown(built: dict[str, ModelArtifacts], command: str | None = Non
     if command:
         lines += ["Made by:", "", "```", command, "```", ""]
     exits = max(a.num_exits for a in built.values())
-    lines += [
-        "| task | " + " | ".join(f"exit {i + 1}" for i in range(exits)) + " | frozen probe, last layer |",
-        "|---" * (exits + 2) + "|",
-    ]
+    accuracy_rows = []
     for task, a in built.items():
         probe = a.build.get("probe_baseline_accuracy")
-        probe_cell = "-" if probe is None else f"{100 * probe:.1f}"
-        lines.append(f"| {task} | {_percent(a.exit_test_accuracy)} | {probe_cell} |")
+        accuracy_rows.append([task, *_percents(a.exit_test_accuracy), "-" if probe is None else f"{100 * probe:.1f}"])
         joint = a.build.get("joint_exit_test_accuracy")
         if a.build.get("head_refit") and joint:
-            lines.append(f"| {task}, joint heads before refit | {_percent(joint)} | |")
+            accuracy_rows.append([f"{task}, joint heads before refit", *_percents(joint), ""])
     lines += [
+        markdown_table(["task", *(f"exit {i + 1}" for i in range(exits)), "frozen probe, last layer"], accuracy_rows),
         "",
         "Accuracy in percent on the test split; exit k follows block k of 6, and the last exit is the full",
         "network. First row per task: the exported model. Backbone and heads are fine-tuned together",
@@ -610,22 +613,23 @@ def results_markdown(built: dict[str, ModelArtifacts], command: str | None = Non
         probe = a.build.get("probe_test_accuracy") or []
         if probe:
             lines.append(f"- {task}: {_slashed(probe)}")
-    lines += [
-        "",
-        "| task | train rows used / split | calibration | test | epochs | seed | train s | probe s | refit s "
-        "| test s | export s | exit cost fractions |",
-        "|---" * 12 + "|",
-    ]
+    data_rows = []
     for task, a in built.items():
         b, t = a.build, a.build.get("timings", {})
         sizes, s = b["split_sizes"], b["settings"]
-        costs = " ".join(f"{c:.2f}" for c in a.exit_costs)
-        lines.append(
-            f"| {task} | {b['train_rows']} / {sizes['train']} | {sizes['calibration']} | {sizes['test']} | "
-            f"{s['epochs']} | {s['seed']} | {t.get('train_seconds', '-')} | {t.get('probe_seconds', '-')} | "
-            f"{t.get('refit_seconds', '-')} | "
-            f"{t.get('test_seconds', '-')} | {t.get('export_seconds', '-')} | {costs} |"
-        )
+        data_rows.append([
+            task, f"{b['train_rows']} / {sizes['train']}", sizes["calibration"], sizes["test"], s["epochs"], s["seed"],
+            *(t.get(f"{stage}_seconds", "-") for stage in ("train", "probe", "refit", "test", "export")),
+            " ".join(f"{c:.2f}" for c in a.exit_costs),
+        ])  # fmt: skip
+    lines += [
+        "",
+        markdown_table(
+            ["task", "train rows used / split", "calibration", "test", "epochs", "seed", "train s", "probe s",
+             "refit s", "test s", "export s", "exit cost fractions"],
+            data_rows,
+        ),
+    ]  # fmt: skip
     first = next(iter(built.values())).build
     s = first["settings"]
     split = "/".join(str(round(100 * f)) for f in s["fractions"])

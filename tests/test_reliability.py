@@ -831,6 +831,49 @@ def test_the_soak_checks_fail_when_a_bound_is_broken():
     assert not restarted["checks"]["processes_stable"]["passed"]
 
 
+def test_the_soak_summary_reads_as_before():
+    """summary.md, text for text: the checks with their sizes in MiB, then one row per window."""
+    from offramp.client.tools.soak import summary_markdown
+
+    summary = {
+        "model": "fashion_cnn", "date": "2026-01-02T03:04:05+00:00", "passed": False,
+        "config": {"concurrency": 32, "rows_per_request": 4, "window_s": 8.0, "data_rows": 1000},
+        "machine": {"cores": 2, "loadavg_1_5_15": [1.5, 1.25, 1.0]},
+        "checks": {
+            "no_failed_requests": {"passed": True, "failed": 0, "errors": []},
+            "memory_stable": {"passed": False, "after_first_window_bytes": 100 << 20, "last_window_bytes": 120 << 20,
+                              "peak_bytes": 125 << 20, "allowed_growth_bytes": 10 << 20, "growth": 0.2,
+                              "peak_growth": 0.25, "bound": 0.1},
+        },
+        "windows": [
+            {"index": 0, "started_s": 0.0, "requests_per_s": 812.4, "p50_ms": 30.04, "p90_ms": 41.0,
+             "p99_ms": 55.55, "requests": 6500, "answered": 6500, "failed": 0},
+            {"index": 1, "started_s": 8.2, "requests_per_s": 790.0, "p50_ms": math.nan, "p90_ms": math.nan,
+             "p99_ms": math.nan, "requests": 6500, "answered": 6499, "failed": 1},
+        ],
+    }  # fmt: skip
+    assert summary_markdown(summary) == (
+        "# Soak: fashion_cnn, 2026-01-02T03:04:05+00:00\n"
+        "\n"
+        "perf_analyzer, concurrency 32, 4 rows per request, 2 windows of ~8 s; 1000 real test rows. "
+        "Machine: 2 cores, load average [1.5, 1.25, 1.0] at the end.\n"
+        "\n"
+        "**FAILED**\n"
+        "\n"
+        "| check | result | figures |\n"
+        "|---|---|---|\n"
+        '| no_failed_requests | pass | {"failed": 0, "errors": []} |\n'
+        '| memory_stable | FAIL | {"after_first_window_bytes": "100.0 MiB", "last_window_bytes": "120.0 MiB", '
+        '"peak_bytes": "125.0 MiB", "allowed_growth_bytes": "10.0 MiB", "growth": 0.2, "peak_growth": 0.25, '
+        '"bound": 0.1} |\n'
+        "\n"
+        "| window | start (s) | req/s | p50 ms | p90 ms | p99 ms | sent | answered | failed |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+        "| 0 | 0 | 812 | 30.0 | 41.0 | 55.5 | 6500 | 6500 | 0 |\n"
+        "| 1 | 8 | 790 | nan | nan | nan | 6500 | 6499 | 1 |\n"
+    )
+
+
 def test_the_soak_command_line_defaults_are_the_configs(monkeypatch):
     from offramp.client.cli.main import parser
     from offramp.client.tools import soak

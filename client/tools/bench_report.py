@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from offramp.build.markdown import markdown_table
 from offramp.client.tools.bench_summary import (
     EARLY,
     FORWARD_FULL,
@@ -67,12 +68,6 @@ def _f(value: Any, spec: str = ".2f", suffix: str = "") -> str:
 
 def _pct(value: Any, digits: int = 1) -> str:
     return _f(None if value is None else value * 100, f".{digits}f", "%")
-
-
-def table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def header(summaries: Sequence[Mapping]) -> str:
@@ -137,13 +132,14 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
         (f"### Quality through the server ({quality['rows']:,} test rows, concurrency {quality['concurrency']}, "
         f"{quality['rows_per_request']} rows per request)"),
         "",
-        table(
+        markdown_table(
             ["accuracy early exit", "accuracy full", "agreement with full", "mean compute fraction",
              "ideal speed-up", "exit distribution"],
             [[_pct(quality["accuracy_early"], 2), _pct(quality["accuracy_full"], 2), _pct(quality["agreement"], 2),
               _f(quality["mean_compute_fraction"], ".3f"), _f(quality["ideal_speedup"], ".2f", "x"),
               " / ".join(_pct(f) for f in quality["exit_fractions"])]],
         ),
+        "",
     ]
     checks = []
     if "nocompact_same_labels" in quality:
@@ -161,7 +157,7 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
     parts += [
         "### Throughput and latency (medians over rounds)",
         "",
-        table(
+        markdown_table(
             ["concurrency", "early rows/s", "full rows/s", "throughput ratio", "share of ideal",
              "p50 ms early / full", "p90 ms early / full", "p99 ms early / full", "p50 / p90 / p99 ratio",
              "server CPU ms/row early / full", "CPU-bound ratio"],
@@ -175,6 +171,7 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
                f"{_f(lv.get('server_cpu_per_row_ms', {}).get(FULL), '.3f')}"),
               _f(lv.get("cpu_bound_ratio"), ".2f", "x")] for lv in levels],
         ),
+        "",
         ("Share of ideal: the throughput ratio over the ideal speed-up (1 / mean compute fraction). "
          "CPU-bound ratio: full / early server CPU per row (all rounds pooled), the throughput ratio the "
          "server's CPU cost allows once the cores are saturated. On a shared machine it is the steadier "
@@ -195,18 +192,19 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
             "the forwarded variant sends forced rows to `_full` through one BLS hop instead. Compaction "
             "gain: early exit with compaction over the same orchestrator without it."),
             "",
-            table(
+            markdown_table(
                 ["concurrency", "through segments rows/s", "tax (throughput)", "tax (p50 latency)",
                  "forwarded rows/s", "forwarded tax", "no-compaction rows/s", "compaction gain"],
                 [[lv["concurrency"], _f(_arm(lv, SEGMENTS_FULL, "rows_per_s"), ",.0f"), _pct(lv["tax"]),
                   _pct(lv["tax_p50"]), _f(_arm(lv, FORWARD_FULL, "rows_per_s"), ",.0f"), _pct(lv["forward_tax"]),
                   _f(_arm(lv, NOCOMPACT, "rows_per_s"), ",.0f"), _pct(lv["compaction_gain"])] for lv in levels],
             ),
+            "",
         ]
     parts += ["### Goals", "",
-              table(["goal", "target", "measured", "met"],
-                    [[g["goal"], g["target"], g["shown"], {True: "yes", False: "**no**", None: "n/a"}[g["met"]]]
-                     for g in s["goals"]]), ""]  # fmt: skip
+              markdown_table(["goal", "target", "measured", "met"],
+                             [[g["goal"], g["target"], g["shown"], {True: "yes", False: "**no**", None: "n/a"}[g["met"]]]
+                              for g in s["goals"]]), "", ""]  # fmt: skip
     parts += breakdown_section(s)
     parts += [f"![throughput]({images['throughput']})", f"![p99 latency]({images['latency']})",
               f"![accuracy against compute]({images['curve']})", ""]  # fmt: skip
@@ -256,12 +254,14 @@ def breakdown_section(s: Mapping) -> list[str]:
         ("CPU time per served row (ms), by process (the server's stubs by the model they serve; perf_analyzer "
         "runs on the same cores):"),
         "",
-        table(["process", "early exit", "full model"], cpu_rows),
+        markdown_table(["process", "early exit", "full model"], cpu_rows),
+        "",
         ("Inside the server, from Triton's statistics (per request: queue and total; per execution: "
         "input + infer + output):"),
         "",
-        table(["model", "requests", "rows per execution", "queue ms / request", "execution ms", "request ms (queue + compute)"],
-              seg_rows),
+        markdown_table(["model", "requests", "rows per execution", "queue ms / request", "execution ms", "request ms (queue + compute)"],
+                       seg_rows),
+        "",
         (f"Per orchestrator execution: {_f(orch['execution_ms'], '.3f')} ms, of which "
         f"{_f(b['segment_time_per_execution_ms'], '.3f')} ms inside {_f(b['bls_calls_per_execution'], '.2f')} segment "
         f"calls (their queue and compute) and {_f(b['orchestrator_overhead_per_execution_ms'], '.3f')} ms "
@@ -270,14 +270,16 @@ def breakdown_section(s: Mapping) -> list[str]:
         "",
         "perf_analyzer's split of the average request latency (ms):",
         "",
-        table(["arm", "client send", "network + server send/recv", "server queue", "compute input",
-               "compute infer", "compute output", "client recv", "average"], split_rows),
+        markdown_table(["arm", "client send", "network + server send/recv", "server queue", "compute input",
+                        "compute infer", "compute output", "client recv", "average"], split_rows),
+        "",
         ("Offline, one ONNX Runtime thread in one process, no server (minimum of repeated runs): each "
         "segment and the full model per batch, the cumulative time fraction of leaving after each "
         "exit against the multiply-accumulate fraction, and the cascade's own NumPy logic with free segments:"),
         "",
-        table(["rows", "segment ms", "full ms", "full ms per row", "time fraction", "MAC fraction", "cascade logic ms"],
-              offline_rows),
+        markdown_table(["rows", "segment ms", "full ms", "full ms per row", "time fraction", "MAC fraction", "cascade logic ms"],
+                       offline_rows),
+        "",
     ]
     return lines
 

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
+from offramp.build.markdown import markdown_table
 from offramp.client.cli.options import option
 
 DEFAULT_WORKDIR = Path(".cache/offramp")
@@ -370,7 +370,11 @@ def run_counted(
     under watch: once ``answered()`` (Triton's count) reaches ``requests`` and it is still running
     ``grace_s`` later, it is killed and the window has no latency figures, but its count still holds.
     """
-    from offramp.client.tools.perf_analyzer import explain_start_failure, parse_perf_csv, perf_analyzer_environment
+    from offramp.client.tools.perf_analyzer import (
+        explain_start_failure,
+        parse_perf_csv,
+        perf_analyzer_environment,
+    )
 
     command = [*options.command(binary, csv_path), "--request-count", str(requests)]
     csv_path.unlink(missing_ok=True)
@@ -428,13 +432,13 @@ def run_soak(
     from offramp.build.execution_env import triton_server_flags
     from offramp.build.fashion_mnist import load_fashion_mnist
     from offramp.build.repository import RepositoryOptions, write_repository
+    from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
     from offramp.client.tools.perf_analyzer import (
         PerfAnalyzerOptions,
         check_perf_analyzer,
         run_perf_analyzer,
         write_input_data,
     )
-    from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
 
     def say(message: str) -> None:
         if progress:
@@ -591,6 +595,18 @@ def write_samples_csv(samples: Sequence[Sample], path: Path) -> Path:
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     config = summary["config"]
     mib = lambda b: f"{b / 2**20:.1f} MiB"
+    check_rows = []
+    for name, check in summary["checks"].items():
+        figures = {k: v for k, v in check.items() if k != "passed"}
+        for key in ("after_first_window_bytes", "last_window_bytes", "peak_bytes", "allowed_growth_bytes"):
+            if key in figures:
+                figures[key] = mib(figures[key])
+        check_rows.append([name, "pass" if check["passed"] else "FAIL", json.dumps(figures, default=str)])
+    window_rows = [
+        [w["index"], f"{w['started_s']:.0f}", f"{w['requests_per_s']:.0f}", f"{w['p50_ms']:.1f}", f"{w['p90_ms']:.1f}",
+         f"{w['p99_ms']:.1f}", w["requests"], w["answered"], w["failed"]]
+        for w in summary["windows"]
+    ]  # fmt: skip
     lines = [
         f"# Soak: {summary['model']}, {summary['date']}",
         "",
@@ -602,27 +618,12 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         "",
         f"**{'PASSED' if summary['passed'] else 'FAILED'}**",
         "",
-        "| check | result | figures |",
-        "|---|---|---|",
-    ]
-    for name, check in summary["checks"].items():
-        figures = {k: v for k, v in check.items() if k != "passed"}
-        for key in ("after_first_window_bytes", "last_window_bytes", "peak_bytes", "allowed_growth_bytes"):
-            if key in figures:
-                figures[key] = mib(figures[key])
-        lines.append(
-            f"| {name} | {'pass' if check['passed'] else 'FAIL'} | {json.dumps(figures, default=str)} |"
-        )
-    lines += [
+        markdown_table(["check", "result", "figures"], check_rows),
         "",
-        "| window | start (s) | req/s | p50 ms | p90 ms | p99 ms | sent | answered | failed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        markdown_table(
+            ["window", "start (s)", "req/s", "p50 ms", "p90 ms", "p99 ms", "sent", "answered", "failed"], window_rows
+        ),
     ]
-    for w in summary["windows"]:
-        lines.append(
-            f"| {w['index']} | {w['started_s']:.0f} | {w['requests_per_s']:.0f} | {w['p50_ms']:.1f} | {w['p90_ms']:.1f} "
-            f"| {w['p99_ms']:.1f} | {w['requests']} | {w['answered']} | {w['failed']} |"
-        )
     return "\n".join(lines) + "\n"
 
 
