@@ -1,7 +1,8 @@
 """A residual CNN with an exit head after every stage (BranchyNet-style), for images such as Fashion-MNIST.
 
-The stem downsamples at once (stride 2): NOTES.md measured that full-resolution early stages cost
-half the network, which leaves early exits little to save.
+The stem downsamples at once (stride 2): at full 28x28 resolution the stem and first stage cost half
+the network (exit costs 0.51, 0.81, 1.00 in a reference run), which leaves early exits little to
+save.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The orchestrator's Python environment for a stock Triton server (its ``EXECUTION_ENV_PATH``).
 
 NVIDIA's Triton image runs Python models in its own Python, with little installed. The orchestrator
-needs NumPy below 2 (NOTES.md: NumPy 2 broke the stub), ``tokenizers`` for text models, CuPy for the
-GPU path, and offramp's server side (``offramp.backend`` and ``offramp.kernels``; nothing of the
-build, no torch). ``create_execution_env`` makes that environment:
+needs NumPy below 2 (NumPy 2 broke the stub: docs/embedded-server.md), ``tokenizers`` for text
+models, CuPy for the GPU path, and offramp's server side (``offramp.backend`` and
+``offramp.kernels``; nothing of the build, no torch). ``create_execution_env`` makes that
+environment:
 
 1. a virtualenv at OUT, made by ``--python`` (default: the running interpreter), without pip;
 2. the requirements installed into its site-packages with that Python's pip (``--target``);

@@ -83,7 +83,7 @@ def describe_flags(flags: int) -> list[str]:
     return [name for bit, name in FLAG_NAMES.items() if flags & bit]
 
 
-# What the early-exit service answers per row (DESIGN.md, tensor contract).
+# What the early-exit service answers per row (docs/tensor-contract.md, 'Outputs').
 OUTPUTS = (
     TensorSpec("LOGITS", "float32", (-1,)),  # (B, C); C is filled in per model
     TensorSpec("LABEL", "int64", ()),

@@ -12,13 +12,13 @@ Triton tells each instance its kind and device id (``args["model_instance_kind"]
 ``args["model_instance_device_id"]``); ``select_cascade`` turns all of it into the callable the
 orchestrator runs the cascade with: ``run_cascade`` itself on the host, a ``DeviceCascade`` on a GPU.
 
-On the GPU (DESIGN.md) the rows of one ``execute`` call are copied to the device once, after the
-requests were parsed on the host; the segments are called over BLS with CuPy arrays handed over by
-DLPack and their outputs asked for in GPU memory (``to_bls_tensor`` / ``from_bls_tensor``); each
-exit's decision is the fused confidence kernel and the rows move through the compaction kernels
-(``offramp.kernels.cuda``); the answers come back to the host once, for the responses, the audit
-and the metrics. Between segments only counts reach the host (how many rows survive, which cohorts
-are present), never a tensor.
+On the GPU (docs/architecture.md, 'On the GPU') the rows of one ``execute`` call are copied to the
+device once, after the requests were parsed on the host; the segments are called over BLS with CuPy
+arrays handed over by DLPack and their outputs asked for in GPU memory (``to_bls_tensor`` /
+``from_bls_tensor``); each exit's decision is the fused confidence kernel and the rows move through
+the compaction kernels (``offramp.kernels.cuda``); the answers come back to the host once, for the
+responses, the audit and the metrics. Between segments only counts reach the host (how many rows
+survive, which cohorts are present), never a tensor.
 
 CuPy is imported when a GPU is asked for, never when this module is imported.
 """

@@ -11,8 +11,8 @@ import numpy as np
 class OnnxRunner:
     """An ONNX Runtime session on the CPU with a fixed thread count.
 
-    One intra-op thread per instance: NOTES.md measured default thread counts making a model 8x
-    slower on 2 cores when several stubs compete; scale with instance_group count instead.
+    One intra-op thread per instance: default thread counts made a model 8x slower on 2 cores
+    when several stubs compete (docs/embedded-server.md, 'Threads'); scale with instance_group count instead.
     """
 
     def __init__(self, path: Path, threads: int = 1) -> None:

@@ -13,8 +13,9 @@ from offramp.build.recipes import CHECKPOINT
 from offramp.backend.segment_runner import OnnxRunner
 
 # float32 through different kernels (PyTorch's vs ONNX Runtime's convolutions): agreement to ~1e-6
-# relative is what NOTES.md measured; 1e-4 absolute on logits of magnitude ~10 leaves headroom
-# without hiding a wrong layer, which moves logits by whole units.
+# relative is what chained segments measured here (docs/embedded-server.md, 'ONNX export'); 1e-4
+# absolute on logits of magnitude ~10 leaves headroom without hiding a wrong layer, which moves
+# logits by whole units.
 ATOL = 1e-4
 
 

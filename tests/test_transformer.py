@@ -147,7 +147,7 @@ def onnx_exit_logits(artifacts, directory, ids, mask) -> np.ndarray:
 
 
 def test_a_row_is_the_same_alone_in_a_batch_and_with_more_padding(tiny_model, tiny_exported):
-    """Batch invariance (DESIGN.md): other rows and extra padding columns change a row's logits by float noise only."""
+    """Batch invariance (docs/architecture.md): other rows and extra padding columns change a row's logits by float noise only."""
     artifacts, directory = tiny_exported
     ids, mask = token_batch(6, 10, seed=4)
     padded_ids = np.pad(ids, ((0, 0), (0, 23)))  # 23 more padding columns

@@ -4,7 +4,8 @@ Each policy is a version folder of the orchestrator model (``<repository>/<name>
 adapter, the spec and ``policy.json``); the weights never change. Deploying writes version v+1 and
 asks Triton (explicit model control) to serve it; rolling back asks it to serve an earlier one. The
 load sends the model's whole config with ``version_policy: specific`` (an override replaces the whole
-config, NOTES.md), and Triton finishes in-flight requests on the old version while the new one loads.
+config: docs/embedded-server.md), and Triton finishes in-flight requests on the old version while
+the new one loads.
 """
 
 from __future__ import annotations
