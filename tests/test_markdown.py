@@ -34,7 +34,8 @@ def _text_build(refit: bool, probe: list[float]) -> SimpleNamespace:
 
 
 def test_the_text_report_tables_read_as_before():
-    report = results_markdown({"trec": _text_build(True, [0.4, 0.5, 0.6]), "rotten_tomatoes": _text_build(False, [])})
+    built = {"trec": _text_build(True, [0.4, 0.5, 0.6]), "rotten_tomatoes": _text_build(False, [])}
+    report = results_markdown(built)
     accuracy = (
         "| task | exit 1 | exit 2 | exit 3 | frozen probe, last layer |\n"
         "|---|---|---|---|---|\n"
@@ -45,8 +46,8 @@ def test_the_text_report_tables_read_as_before():
         "Accuracy in percent"
     )
     data = (
-        "\n\n| task | train rows used / split | calibration | test | epochs | seed | train s | probe s | refit s "
-        "| test s | export s | exit cost fractions |\n"
+        "\n\n| task | train rows used / split | calibration | test | epochs | seed | train s | probe s "
+        "| refit s | test s | export s | exit cost fractions |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         "| trec | 90 / 100 | 20 | 30 | 2 | 0 | 12.3 | - | - | 1.0 | - | 0.30 0.60 1.00 |\n"
         "| rotten_tomatoes | 90 / 100 | 20 | 30 | 2 | 0 | 12.3 | - | - | 1.0 | - | 0.30 0.60 1.00 |\n"

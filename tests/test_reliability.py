@@ -841,9 +841,10 @@ def test_the_soak_summary_reads_as_before():
         "machine": {"cores": 2, "loadavg_1_5_15": [1.5, 1.25, 1.0]},
         "checks": {
             "no_failed_requests": {"passed": True, "failed": 0, "errors": []},
-            "memory_stable": {"passed": False, "after_first_window_bytes": 100 << 20, "last_window_bytes": 120 << 20,
-                              "peak_bytes": 125 << 20, "allowed_growth_bytes": 10 << 20, "growth": 0.2,
-                              "peak_growth": 0.25, "bound": 0.1},
+            "memory_stable": {"passed": False, "after_first_window_bytes": 100 << 20,
+                              "last_window_bytes": 120 << 20, "peak_bytes": 125 << 20,
+                              "allowed_growth_bytes": 10 << 20, "growth": 0.2, "peak_growth": 0.25,
+                              "bound": 0.1},
         },
         "windows": [
             {"index": 0, "started_s": 0.0, "requests_per_s": 812.4, "p50_ms": 30.04, "p90_ms": 41.0,
@@ -863,9 +864,9 @@ def test_the_soak_summary_reads_as_before():
         "| check | result | figures |\n"
         "|---|---|---|\n"
         '| no_failed_requests | pass | {"failed": 0, "errors": []} |\n'
-        '| memory_stable | FAIL | {"after_first_window_bytes": "100.0 MiB", "last_window_bytes": "120.0 MiB", '
-        '"peak_bytes": "125.0 MiB", "allowed_growth_bytes": "10.0 MiB", "growth": 0.2, "peak_growth": 0.25, '
-        '"bound": 0.1} |\n'
+        '| memory_stable | FAIL | {"after_first_window_bytes": "100.0 MiB", '
+        '"last_window_bytes": "120.0 MiB", "peak_bytes": "125.0 MiB", "allowed_growth_bytes": "10.0 MiB", '
+        '"growth": 0.2, "peak_growth": 0.25, "bound": 0.1} |\n'
         "\n"
         "| window | start (s) | req/s | p50 ms | p90 ms | p99 ms | sent | answered | failed |\n"
         "|---|---|---|---|---|---|---|---|---|\n"

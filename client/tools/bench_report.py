@@ -201,10 +201,9 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
             ),
             "",
         ]
-    parts += ["### Goals", "",
-              markdown_table(["goal", "target", "measured", "met"],
-                             [[g["goal"], g["target"], g["shown"], {True: "yes", False: "**no**", None: "n/a"}[g["met"]]]
-                              for g in s["goals"]]), "", ""]  # fmt: skip
+    met = {True: "yes", False: "**no**", None: "n/a"}
+    goal_rows = [[g["goal"], g["target"], g["shown"], met[g["met"]]] for g in s["goals"]]
+    parts += ["### Goals", "", markdown_table(["goal", "target", "measured", "met"], goal_rows), "", ""]
     parts += breakdown_section(s)
     parts += [f"![throughput]({images['throughput']})", f"![p99 latency]({images['latency']})",
               f"![accuracy against compute]({images['curve']})", ""]  # fmt: skip
@@ -259,8 +258,8 @@ def breakdown_section(s: Mapping) -> list[str]:
         ("Inside the server, from Triton's statistics (per request: queue and total; per execution: "
         "input + infer + output):"),
         "",
-        markdown_table(["model", "requests", "rows per execution", "queue ms / request", "execution ms", "request ms (queue + compute)"],
-                       seg_rows),
+        markdown_table(["model", "requests", "rows per execution", "queue ms / request", "execution ms",
+                        "request ms (queue + compute)"], seg_rows),
         "",
         (f"Per orchestrator execution: {_f(orch['execution_ms'], '.3f')} ms, of which "
         f"{_f(b['segment_time_per_execution_ms'], '.3f')} ms inside {_f(b['bls_calls_per_execution'], '.2f')} segment "
@@ -277,8 +276,8 @@ def breakdown_section(s: Mapping) -> list[str]:
         "segment and the full model per batch, the cumulative time fraction of leaving after each "
         "exit against the multiply-accumulate fraction, and the cascade's own NumPy logic with free segments:"),
         "",
-        markdown_table(["rows", "segment ms", "full ms", "full ms per row", "time fraction", "MAC fraction", "cascade logic ms"],
-                       offline_rows),
+        markdown_table(["rows", "segment ms", "full ms", "full ms per row", "time fraction", "MAC fraction",
+                        "cascade logic ms"], offline_rows),
         "",
     ]
     return lines

@@ -603,8 +603,8 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
                 figures[key] = mib(figures[key])
         check_rows.append([name, "pass" if check["passed"] else "FAIL", json.dumps(figures, default=str)])
     window_rows = [
-        [w["index"], f"{w['started_s']:.0f}", f"{w['requests_per_s']:.0f}", f"{w['p50_ms']:.1f}", f"{w['p90_ms']:.1f}",
-         f"{w['p99_ms']:.1f}", w["requests"], w["answered"], w["failed"]]
+        [w["index"], f"{w['started_s']:.0f}", f"{w['requests_per_s']:.0f}", f"{w['p50_ms']:.1f}",
+         f"{w['p90_ms']:.1f}", f"{w['p99_ms']:.1f}", w["requests"], w["answered"], w["failed"]]
         for w in summary["windows"]
     ]  # fmt: skip
     lines = [
@@ -621,7 +621,8 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         markdown_table(["check", "result", "figures"], check_rows),
         "",
         markdown_table(
-            ["window", "start (s)", "req/s", "p50 ms", "p90 ms", "p99 ms", "sent", "answered", "failed"], window_rows
+            ["window", "start (s)", "req/s", "p50 ms", "p90 ms", "p99 ms", "sent", "answered", "failed"],
+            window_rows,
         ),
     ]
     return "\n".join(lines) + "\n"
