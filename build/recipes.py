@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from offramp.build.artifacts import MANIFEST, ModelArtifacts
-from offramp.build.export import artifacts_from_network
+from offramp.build.artifacts import ModelArtifacts
+from offramp.build.build_cache import CachedBuild
 from offramp.build.cnn import CNNConfig, MultiExitCNN
+from offramp.build.export import artifacts_from_network
 from offramp.build.fashion_mnist import CLASS_NAMES, DEFAULT_DIR, load_fashion_mnist
 from offramp.build.train import TrainConfig, exit_accuracies, predict_exits, seed_everything, train_exits
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def _build_key(**parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build_fashion_mnist_cnn(
@@ -36,13 +30,16 @@ def build_fashion_mnist_cnn(
 ) -> ModelArtifacts:
     """Trains the multi-exit CNN on Fashion-MNIST, exports it to ``out_dir``; reuses a build with the same key."""
     out_dir = Path(out_dir)
-    key = _build_key(
-        name=name, cnn=asdict(cnn), train=asdict(train), data=str(data_dir), calibration_rows=calibration_rows
+    cache = CachedBuild.look_up(
+        out_dir,
+        name=name,
+        cnn=asdict(cnn),
+        train=asdict(train),
+        data=str(data_dir),
+        calibration_rows=calibration_rows,
     )
-    if (out_dir / MANIFEST).exists():
-        cached = ModelArtifacts.load(out_dir)
-        if cached.build.get("key") == key:
-            return cached
+    if cache.reusable is not None:
+        return cache.reusable
     out_dir.mkdir(parents=True, exist_ok=True)
     (train_images, train_labels), _ = fashion_mnist_train_and_calibration(data_dir, calibration_rows)
     test_images, test_labels = load_fashion_mnist("test", data_dir)
@@ -65,7 +62,7 @@ def build_fashion_mnist_cnn(
         exit_test_accuracy=tuple(exit_accuracies(test_logits, test_labels)),
         full_test_accuracy=float((full_logits.argmax(1) == test_labels).mean()),
         build={
-            "key": key,
+            "key": cache.key,
             "recipe": "fashion_mnist_cnn",
             "cnn": asdict(cnn),
             "train": asdict(train),

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
-import json
 import os
 import platform
 import shlex
@@ -27,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from offramp.build.artifacts import MANIFEST, ModelArtifacts
+from offramp.build.artifacts import ModelArtifacts
+from offramp.build.build_cache import CachedBuild, build_key
 from offramp.build.export import artifacts_from_network
 from offramp.build.markdown import markdown_table
 from offramp.build.text_data import (
@@ -106,10 +105,6 @@ class TextTrainSettings:
         )
 
 
-def _build_key(**parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def text_splits(task: str, settings: TextTrainSettings = TextTrainSettings()) -> TextSplits:
     """The train / calibration / test split a build with ``settings`` used (seeded, stratified)."""
     return split_dataset(load_text_dataset(task), settings.fractions, seed=settings.seed)
@@ -149,8 +144,9 @@ def build_text_classifier(
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Torch's intra-op thread count set for a block, then restored.
 
-    On a shared machine one thread is fastest: NOTES.md saw default thread counts make a model 8x
-    slower on 2 busy cores, and a MiniLM training step here ran 3x faster with 1 thread than with 2.
+    On a shared machine one thread is fastest: default thread counts made a model 8x slower on 2
+    busy cores (docs/embedded-server.md, 'Threads'), and a MiniLM training step here ran 3x faster
+    with 1 thread than with 2.
     """
     before = torch.get_num_threads()
     if threads is not None:
@@ -178,7 +174,7 @@ def _stage_key(
 ) -> str:
     """Key of one stage; the row cap enters as the rows actually used (a cap above the split = no cap)."""
     parts = {f: settings.get(f) for f in fields if f != "max_train_rows"}
-    return _build_key(stage=stage, task=task, model=str(model_path), train_rows=train_rows, **parts)
+    return build_key(stage=stage, task=task, model=str(model_path), train_rows=train_rows, **parts)
 
 
 def _build_text_classifier(
@@ -197,15 +193,18 @@ def _build_text_classifier(
     out_dir = Path(out_dir)
     name = name or f"{task}_minilm"
     model_path = Path(model_path) if model_path is not None else minilm_path()
-    key = _build_key(
-        name=name, task=task, settings=asdict(settings), model=str(model_path), probe=probe, recipe=RECIPE_VERSION
+    cache = CachedBuild.look_up(
+        out_dir,
+        name=name,
+        task=task,
+        settings=asdict(settings),
+        model=str(model_path),
+        probe=probe,
+        recipe=RECIPE_VERSION,
     )
-    previous: dict = {}
-    if (out_dir / MANIFEST).exists():
-        cached = ModelArtifacts.load(out_dir)
-        if cached.build.get("key") == key:
-            return cached
-        previous = cached.build
+    if cache.reusable is not None:
+        return cache.reusable
+    previous = cache.previous
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -281,7 +280,7 @@ def _build_text_classifier(
     )
     timings["export_seconds"] = round(time.perf_counter() - started, 1)
     build = {
-        "key": key,
+        "key": cache.key,
         "recipe": "text_classifier",
         "recipe_version": RECIPE_VERSION,
         "task": task,
@@ -581,12 +580,15 @@ def results_markdown(built: dict[str, ModelArtifacts], command: str | None = Non
     accuracy_rows = []
     for task, a in built.items():
         probe = a.build.get("probe_baseline_accuracy")
-        accuracy_rows.append([task, *_percents(a.exit_test_accuracy), "-" if probe is None else f"{100 * probe:.1f}"])
+        probe_cell = "-" if probe is None else f"{100 * probe:.1f}"
+        accuracy_rows.append([task, *_percents(a.exit_test_accuracy), probe_cell])
         joint = a.build.get("joint_exit_test_accuracy")
         if a.build.get("head_refit") and joint:
             accuracy_rows.append([f"{task}, joint heads before refit", *_percents(joint), ""])
     lines += [
-        markdown_table(["task", *(f"exit {i + 1}" for i in range(exits)), "frozen probe, last layer"], accuracy_rows),
+        markdown_table(
+            ["task", *(f"exit {i + 1}" for i in range(exits)), "frozen probe, last layer"], accuracy_rows
+        ),
         "",
         "Accuracy in percent on the test split; exit k follows block k of 6, and the last exit is the full",
         "network. First row per task: the exported model. Backbone and heads are fine-tuned together",
@@ -617,10 +619,10 @@ def results_markdown(built: dict[str, ModelArtifacts], command: str | None = Non
     for task, a in built.items():
         b, t = a.build, a.build.get("timings", {})
         sizes, s = b["split_sizes"], b["settings"]
+        seconds = [t.get(f"{stage}_seconds", "-") for stage in ("train", "probe", "refit", "test", "export")]
         data_rows.append([
-            task, f"{b['train_rows']} / {sizes['train']}", sizes["calibration"], sizes["test"], s["epochs"], s["seed"],
-            *(t.get(f"{stage}_seconds", "-") for stage in ("train", "probe", "refit", "test", "export")),
-            " ".join(f"{c:.2f}" for c in a.exit_costs),
+            task, f"{b['train_rows']} / {sizes['train']}", sizes["calibration"], sizes["test"], s["epochs"],
+            s["seed"], *seconds, " ".join(f"{c:.2f}" for c in a.exit_costs),
         ])  # fmt: skip
     lines += [
         "",

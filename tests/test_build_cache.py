@@ -1,0 +1,46 @@
+"""Builds reused by key: the key text of earlier builds, and the saved build found by it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from offramp.build.artifacts import ModelArtifacts
+from offramp.build.build_cache import CachedBuild, build_key
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def _recorded_build(workload: str) -> dict:
+    return json.loads((RESULTS / workload / "summary.json").read_text())["model"]["build"]
+
+
+def test_the_keys_of_builds_made_before_are_the_same():
+    """The benchmark's summaries record each build's key and what it was made from: the key comes out
+    the same, so those builds' caches are still recognised."""
+    cnn = _recorded_build("fashion_cnn")
+    assert cnn["key"] == build_key(
+        name="fashion_cnn", cnn=cnn["cnn"], train=cnn["train"], data=cnn["data"],
+        calibration_rows=cnn["calibration_rows"],
+    )  # fmt: skip
+    text = _recorded_build("trec_minilm")
+    assert text["key"] == build_key(
+        name="trec_minilm", task=text["task"], settings=text["settings"], model=text["model_path"], probe=True,
+        recipe=text["recipe_version"],
+    )  # fmt: skip
+
+
+def _save_build(directory: Path, key: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    ModelArtifacts("m", (), (), ("a", "b"), (), "full.onnx", 1, "f", build={"key": key, "epochs": 2}).save(directory)
+
+
+def test_a_saved_build_is_reused_for_its_own_key_and_otherwise_only_read(tmp_path: Path):
+    empty = CachedBuild.look_up(tmp_path / "none", epochs=2)
+    assert empty.reusable is None and empty.previous == {} and empty.key == build_key(epochs=2)
+
+    _save_build(tmp_path / "build", build_key(epochs=2))
+    same = CachedBuild.look_up(tmp_path / "build", epochs=2)
+    assert same.reusable is not None and same.reusable.build["key"] == same.key
+    other = CachedBuild.look_up(tmp_path / "build", epochs=3)
+    assert other.reusable is None and other.previous == {"key": build_key(epochs=2), "epochs": 2}
