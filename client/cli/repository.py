@@ -7,16 +7,13 @@ from pathlib import Path
 
 from offramp.client.cli.subcommand import DEFAULT_REPOSITORY, DEFAULT_WORKDIR, Subcommand
 
-# The targets offramp.build.repository writes; spelled here too so that --help imports nothing heavy
-# (tests/test_cli.py checks the two agree).
-TARGETS = ("embedded", "triton-onnx", "triton-tensorrt")
-
-
 class RepositoryCommand(Subcommand):
     name = "repository"
     help = "write a Triton model repository from build artifacts"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from offramp.build.repository import TARGETS
+
         parser.add_argument("--artifacts", default=str(DEFAULT_WORKDIR / "fashion_cnn"))
         parser.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
         parser.add_argument("--target", default=TARGETS[0], choices=TARGETS)
