@@ -58,12 +58,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.special import xlogy
-from scipy.stats import binom
-
 from offramp.backend.policy import ExitRule, Policy
 from offramp.build.temperature import fit_temperatures
 from offramp.kernels.confidence import METRICS, Confidence, compute_confidence, exits_by_threshold
+from scipy.special import xlogy
+from scipy.stats import binom
 
 RISKS = ("disagreement", "error_increase", "error_increase_net")
 P_VALUES = ("binomial", "hoeffding_bentkus")
@@ -199,8 +198,9 @@ class LearnThenTest:
 class EmpiricalSearch:
     """NO GUARANTEE: every candidate whose calibration (empirical) risk is <= ``epsilon`` is accepted.
 
-    Thresholds chosen this way overshoot ``epsilon`` on fresh data about half the time (NOTES.md);
-    kept as a baseline and for comparison only.
+    Thresholds chosen this way overshoot ``epsilon`` on fresh data about half the time, since the pick
+    sits where the calibration risk just meets it (tests/test_risk_control.py prints the rate); kept
+    as a baseline and for comparison only.
     """
 
     epsilon: float
@@ -448,8 +448,58 @@ def candidate_losses(
     return _exit_loss(answer, exit_labels[-1], None if labels is None else np.asarray(labels), risk)
 
 
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
+class CandidateOutcomes:
+    """Every candidate of a path applied to a set of rows: what the certification tests."""
+
+    taken: np.ndarray  # (K, n) the exit each row takes under each candidate
+    losses: np.ndarray  # (K, n) the risk's loss of each row under each candidate
+    full_label: np.ndarray  # (n,) the last exit's label, -1 where invalid: the class-conditional groups
+
+    @property
+    def rows(self) -> int:
+        return self.taken.shape[1]
+
+    def subset(self, members: np.ndarray) -> CandidateOutcomes:
+        """The rows selected by ``members`` (n,) bool."""
+        return CandidateOutcomes(self.taken[:, members], self.losses[:, members], self.full_label[members])
+
+
+def candidate_outcomes(
+    exit_logits: np.ndarray,  # (E, n, C)
+    temperatures: Sequence[float],
+    path: CandidatePath,
+    risk: str = "disagreement",
+    labels: np.ndarray | None = None,  # (n,)
+) -> CandidateOutcomes:
+    """The exits taken and the losses of every candidate on the rows of ``exit_logits``."""
+    confidences = exit_confidences(exit_logits, temperatures)
+    taken = exits_taken(confidences, path)  # (K, n)
+    losses = candidate_losses(taken, confidences, risk, labels)  # (K, n)
+    return CandidateOutcomes(taken, losses, confidences[-1].label)
+
+
 # ---------------------------------------------------------------------------------------------
 # Results
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
+class RowSplit:
+    """Which calibration rows fitted what is chosen before the test, and which rows test it."""
+
+    fit: np.ndarray  # (F,) sorted row indices: temperatures and a fitted path's shape
+    certify: np.ndarray  # (n,) sorted row indices, disjoint from ``fit``: the guarantee's sample
+
+    @classmethod
+    def everything_certifies(cls, rows: int) -> RowSplit:
+        return cls(np.arange(0), np.arange(rows))
+
+
+def fit_split(rows: int, fit_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (fit, certify): a seeded permutation cut at ``fit_fraction``, each part sorted."""
+    order = np.random.default_rng(seed).permutation(rows)
+    cut = round(rows * fit_fraction)
+    return np.sort(order[:cut]), np.sort(order[cut:])
 
 
 @dataclass(frozen=True)
@@ -487,11 +537,20 @@ class CalibratedExitPolicy:
     p_value: str
     per_class: str | None
     bonferroni: bool
-    calibration_rows: int
-    fit_rows: int
+    split: RowSplit
     exit_costs: tuple[float, ...]
     data_fingerprint: str
     warnings: tuple[str, ...] = ()
+
+    @property
+    def calibration_rows(self) -> int:
+        """The rows the procedure certified on (the guarantee's sample)."""
+        return len(self.split.certify)
+
+    @property
+    def fit_rows(self) -> int:
+        """The rows temperatures and the path's shape were fitted on, kept out of the certification."""
+        return len(self.split.fit)
 
     @property
     def thresholds(self) -> tuple[float | tuple[float, ...], ...]:
@@ -550,7 +609,7 @@ class CalibratedExitPolicy:
 
 
 # ---------------------------------------------------------------------------------------------
-# The procedure
+# The procedure: checked arguments -> candidates fixed on the fit split -> certification
 
 
 def data_fingerprint(*arrays: np.ndarray | None) -> str:
@@ -566,17 +625,172 @@ def data_fingerprint(*arrays: np.ndarray | None) -> str:
     return digest.hexdigest()[:16]
 
 
-def fit_split(rows: int, fit_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (fit, certify): a seeded permutation cut at ``fit_fraction``, each part sorted."""
-    order = np.random.default_rng(seed).permutation(rows)
-    cut = round(rows * fit_fraction)
-    return np.sort(order[:cut]), np.sort(order[cut:])
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
+class CalibrationRows:
+    """Calibration data in the form the procedure reads: checked, cohorts as strings."""
+
+    exit_logits: np.ndarray  # (E, N, C)
+    labels: np.ndarray | None  # (N,)
+    cohorts: np.ndarray | None  # (N,) str, "" for a row in no cohort
+
+    @property
+    def num_rows(self) -> int:
+        return self.exit_logits.shape[1]
+
+    def subset(self, rows: np.ndarray) -> CalibrationRows:
+        """The rows at indices ``rows``."""
+        return CalibrationRows(
+            self.exit_logits[:, rows],
+            None if self.labels is None else self.labels[rows],
+            None if self.cohorts is None else self.cohorts[rows],
+        )
+
+
+def validated_calibration_rows(
+    exit_logits: np.ndarray,
+    exit_costs: np.ndarray,  # (E,) float64
+    method: Method,
+    *,
+    labels: np.ndarray | None,
+    risk: str,
+    per_class: str | None,
+    cohorts: np.ndarray | None,
+) -> CalibrationRows:
+    """The arguments of :func:`calibrate_exit_policy` checked against each other; ValueError if not."""
+    exit_logits = np.asarray(exit_logits)
+    num_exits, rows, _ = exit_logits.shape
+    if exit_costs.shape != (num_exits,):
+        raise ValueError(f"{exit_costs.shape[0]} exit costs for {num_exits} exits")
+    if risk not in RISKS:
+        raise ValueError(f"unknown risk {risk!r}; expected one of {RISKS}")
+    if per_class not in PER_CLASS:
+        raise ValueError(f"per_class must be one of {PER_CLASS}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (rows,):
+            raise ValueError(f"labels {labels.shape} for {rows} rows")
+    if risk != "disagreement" and labels is None:
+        raise ValueError(f"risk {risk!r} needs labels")
+    if cohorts is not None:
+        cohorts = np.array(["" if c is None else str(c) for c in cohorts])
+        if cohorts.shape != (rows,):
+            raise ValueError(f"cohorts {cohorts.shape} for {rows} rows")
+    if method.epsilon < 0:
+        raise ValueError("epsilon must be >= 0")
+    return CalibrationRows(exit_logits, labels, cohorts)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What is fixed before any certifying row is looked at: temperatures, the path, the split."""
+
+    temperatures: tuple[float, ...]
+    path: CandidatePath
+    split: RowSplit
+
+
+def build_candidates(
+    rows: CalibrationRows,
+    *,
+    risk: str = "disagreement",
+    metric: str = "max_prob",
+    temperatures: Sequence[float] | None = None,
+    path: CandidatePath | str = "shared",
+    fit_fraction: float = 0.25,
+    seed: int = 0,
+) -> Candidates:
+    """Temperatures and the candidate path, each fitted on the fit split when not given.
+
+    Rows certify only if nothing was fitted on them: with ``temperatures`` given and a data-free
+    ``"shared"`` path (or a :class:`CandidatePath` built on other rows) every row certifies;
+    otherwise a seeded ``fit_fraction`` of the rows (:func:`fit_split`) is set aside to fit on.
+    """
+    builds_path = isinstance(path, str) and path != "shared"
+    if temperatures is None or builds_path:
+        if fit_fraction <= 0:
+            raise ValueError("fitting temperatures or a path needs a fit split (fit_fraction > 0)")
+        split = RowSplit(*fit_split(rows.num_rows, fit_fraction, seed))
+    else:
+        split = RowSplit.everything_certifies(rows.num_rows)
+    fitting = rows.subset(split.fit)
+    if temperatures is None:
+        if rows.labels is None:
+            raise ValueError("fitting temperatures needs labels; pass temperatures=... otherwise")
+        temperatures = fit_temperatures(fitting.exit_logits, fitting.labels)
+    temperatures = tuple(float(t) for t in temperatures)
+    num_exits, _, num_classes = rows.exit_logits.shape
+    if isinstance(path, CandidatePath):
+        candidates = path
+    elif path == "shared":
+        candidates = shared_path(metric, num_exits, num_classes)
+    elif path in ("per_exit", "per_class"):
+        candidates = fitted_path(
+            fitting.exit_logits, temperatures, metric, path == "per_class", fitting.labels, risk
+        )
+    else:
+        raise ValueError(f"unknown path {path!r}")
+    return Candidates(temperatures, candidates, split)
+
+
+@dataclass(frozen=True)
+class Certified:
+    """The certification of one path: global thresholds, per-cohort ones, what went wrong."""
+
+    result: Certification  # every certifying row, under the global thresholds
+    cohorts: dict[str, Certification]  # per cohort; fell_back ones carry the global thresholds
+    warnings: tuple[str, ...]  # recorded, not emitted: calibrate_exit_policy emits them
+
+
+def certify(
+    outcomes: CandidateOutcomes,
+    path: CandidatePath,
+    exit_costs: np.ndarray,  # (E,)
+    method: Method,
+    *,
+    risk: str = "disagreement",
+    per_class: str | None = None,
+    cohorts: np.ndarray | None = None,  # (n,) str of the certifying rows, "" for none
+    bonferroni: bool = False,
+    min_group_rows: int = 50,
+) -> Certified:
+    """Runs ``method`` on the candidates' ``outcomes`` over the certifying rows: globally (with the
+    per-class groups of ``per_class``), then per cohort, a cohort falling back to the global
+    thresholds where it is too small or certifies nothing. See :func:`calibrate_exit_policy`."""
+    if per_class is not None and not path.per_class:
+        raise ValueError("per_class needs a per-class path (path='per_class')")
+    costs = np.asarray(exit_costs, dtype=np.float64)
+    warn: list[str] = []
+
+    def certify_group(group: CandidateOutcomes, delta: float, where: str) -> Certification:
+        return _certify_group(group, path, costs, method, risk, delta, per_class, min_group_rows, warn, where)
+
+    result = certify_group(outcomes, method.delta, "global")
+    if result.certified == 0 and method.epsilon > 0:
+        warn.append("global: nothing certified past 'no early exit'; every row answers at the last exit")
+    overrides: dict[str, Certification] = {}
+    if cohorts is not None:
+        names = sorted(set(cohorts.tolist()) - {""})
+        # Bonferroni: each cohort at delta / cohorts, so all cohorts hold at once w.p. >= 1 - delta.
+        cohort_delta = method.delta / len(names) if bonferroni and names else method.delta
+        for name in names:
+            members = outcomes.subset(cohorts == name)
+            if members.rows < min_group_rows:
+                own = None
+                reason = f"{members.rows} calibration rows (< {min_group_rows})"
+            else:
+                own = certify_group(members, cohort_delta, f"cohort {name!r}")
+                nothing = own.certified == 0 and method.epsilon > 0
+                reason = "nothing certified past 'no early exit'" if nothing else ""
+            if reason:
+                warn.append(f"cohort {name!r}: {reason}; falls back to the global thresholds")
+                overrides[name] = _fallback(result, members, costs, cohort_delta)
+            else:
+                overrides[name] = own
+    return Certified(result, overrides, tuple(warn))
 
 
 def _certify_group(
-    losses: np.ndarray,  # (K, n) of the group
-    taken: np.ndarray,  # (K, n)
-    full_label: np.ndarray,  # (n,)
+    group: CandidateOutcomes,
     path: CandidatePath,
     costs: np.ndarray,  # (E,)
     method: Method,
@@ -587,7 +801,7 @@ def _certify_group(
     warn: list[str],
     where: str,
 ) -> Certification:
-    rows = losses.shape[1]
+    rows, losses, taken, full_label = group.rows, group.losses, group.taken, group.full_label
     groups = [losses]
     tested_classes: list[int] = []
     if per_class == "class_conditional":
@@ -624,6 +838,37 @@ def _certify_group(
     )
 
 
+def _fallback(
+    global_result: Certification, group: CandidateOutcomes, costs: np.ndarray, delta: float
+) -> Certification:
+    """The global thresholds, with the cohort's own figures under them (for the record only)."""
+    j = global_result.candidate
+    rows = group.rows
+    return Certification(
+        candidate=j,
+        level=global_result.level,
+        thresholds=global_result.thresholds,
+        risk=float(group.losses[j].mean()) if rows else float("nan"),
+        expected_cost=float(costs[group.taken[j]].mean()) if rows else float("nan"),
+        exit_rates=tuple(float(r) for r in np.bincount(group.taken[j], minlength=len(costs)) / max(rows, 1)),
+        rows=rows,
+        certified=0,
+        p_value=float("nan"),
+        delta=delta,
+        fell_back=True,
+    )
+
+
+def _guarantee(method: Method, per_class: str | None, has_cohorts: bool, bonferroni: bool) -> str:
+    """The statement the calibration makes, in words, for the policy's provenance."""
+    text = method.describe(method.delta)
+    if per_class == "class_conditional":
+        text += ", for every tested full-model class and overall"
+    if has_cohorts:
+        text += f"; cohorts: {'all at once (Bonferroni)' if bonferroni else 'each separately'}"
+    return text
+
+
 def calibrate_exit_policy(
     exit_logits: np.ndarray,
     exit_costs: Sequence[float],
@@ -643,13 +888,18 @@ def calibrate_exit_policy(
 ) -> CalibratedExitPolicy:
     """Calibrate exit thresholds on logits (exits, N, C) so that ``method`` holds for ``risk``.
 
+    The steps, each callable on its own (to certify one path at several risk levels, or a path of
+    another exit rule): :func:`validated_calibration_rows`, :func:`build_candidates` (temperatures,
+    path, split), :func:`candidate_outcomes` on the certifying rows, and :func:`certify`.
+
     Fit and certify splits. What is chosen from data before the test (temperatures when not given,
     and the shape of a ``"per_exit"`` or ``"per_class"`` path) is fitted on a seeded ``fit_fraction``
     of the rows and the procedure certifies on the rest; the candidates' order is so never learnt
     from the rows that test it. When nothing is fitted (``temperatures`` given, and ``path`` is
     ``"shared"``, which is data-free, or a :class:`CandidatePath` built on other rows) every row
     certifies. ``labels`` are needed to fit temperatures and for the error risks; ``"disagreement"``
-    itself needs none. The result's ``calibration_rows`` counts the certifying rows.
+    itself needs none. The result's ``split`` holds the row indices of both parts;
+    ``calibration_rows`` counts the certifying rows.
 
     ``path``: ``"shared"`` (:func:`shared_path`), ``"per_exit"`` or ``"per_class"``
     (:func:`fitted_path` on the fit split), or a :class:`CandidatePath`.
@@ -683,145 +933,52 @@ def calibrate_exit_policy(
     ``warnings``); it then has no guarantee of its own: the global thresholds are certified on all
     rows together (marginal over cohorts).
     """
-    exit_logits = np.asarray(exit_logits)
-    num_exits, rows, num_classes = exit_logits.shape
     costs = np.asarray(exit_costs, dtype=np.float64)
-    if costs.shape != (num_exits,):
-        raise ValueError(f"{costs.shape[0]} exit costs for {num_exits} exits")
-    if risk not in RISKS:
-        raise ValueError(f"unknown risk {risk!r}; expected one of {RISKS}")
-    if per_class not in PER_CLASS:
-        raise ValueError(f"per_class must be one of {PER_CLASS}")
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (rows,):
-            raise ValueError(f"labels {labels.shape} for {rows} rows")
-    if risk != "disagreement" and labels is None:
-        raise ValueError(f"risk {risk!r} needs labels")
-    if cohorts is not None:
-        cohorts = np.array(["" if c is None else str(c) for c in cohorts])
-        if cohorts.shape != (rows,):
-            raise ValueError(f"cohorts {cohorts.shape} for {rows} rows")
-    if method.epsilon < 0:
-        raise ValueError("epsilon must be >= 0")
-
-    builds_path = isinstance(path, str) and path != "shared"
-    if temperatures is None or builds_path:
-        if fit_fraction <= 0:
-            raise ValueError("fitting temperatures or a path needs a fit split (fit_fraction > 0)")
-        fit, certify = fit_split(rows, fit_fraction, seed)
-    else:
-        fit, certify = np.arange(0), np.arange(rows)
-    if temperatures is None:
-        if labels is None:
-            raise ValueError("fitting temperatures needs labels; pass temperatures=... otherwise")
-        temperatures = fit_temperatures(exit_logits[:, fit], labels[fit])
-    temperatures = tuple(float(t) for t in temperatures)
-    fit_labels = None if labels is None else labels[fit]
-    if isinstance(path, CandidatePath):
-        candidates = path
-    elif path == "shared":
-        candidates = shared_path(metric, num_exits, num_classes)
-    elif path in ("per_exit", "per_class"):
-        candidates = fitted_path(
-            exit_logits[:, fit],
-            temperatures,
-            metric,
-            path == "per_class",
-            fit_labels,
-            risk,
-            min_class_rows=30,
-        )
-    else:
-        raise ValueError(f"unknown path {path!r}")
-    if per_class is not None and not candidates.per_class:
-        raise ValueError("per_class needs a per-class path (path='per_class')")
-
-    logits = exit_logits[:, certify]
-    truth = None if labels is None else labels[certify]
-    confidences = exit_confidences(logits, temperatures)
-    taken = exits_taken(confidences, candidates)  # (K, n)
-    losses = candidate_losses(taken, confidences, risk, truth)  # (K, n)
-    full_label = confidences[-1].label
-    warn: list[str] = []
-
-    def certify_rows(members: np.ndarray | slice, delta: float, where: str) -> Certification:
-        return _certify_group(
-            losses[:, members], taken[:, members], full_label[members], candidates, costs,
-            method, risk, delta, per_class, min_group_rows, warn, where,
-        )  # fmt: skip
-
-    result = certify_rows(slice(None), method.delta, "global")
-    if result.certified == 0 and method.epsilon > 0:
-        warn.append("global: nothing certified past 'no early exit'; every row answers at the last exit")
-
-    overrides: dict[str, Certification] = {}
-    if cohorts is not None:
-        names = sorted(set(cohorts[certify].tolist()) - {""})
-        cohort_delta = method.delta / len(names) if bonferroni and names else method.delta
-        for name in names:
-            members = cohorts[certify] == name
-            count = int(members.sum())
-            if count < min_group_rows:
-                reason = f"{count} calibration rows (< {min_group_rows})"
-                own = None
-            else:
-                own = certify_rows(members, cohort_delta, f"cohort {name!r}")
-                nothing = own.certified == 0 and method.epsilon > 0
-                reason = "nothing certified past 'no early exit'" if nothing else ""
-            if reason:
-                warn.append(f"cohort {name!r}: {reason}; falls back to the global thresholds")
-                fallback = _fallback(result, taken[:, members], losses[:, members], costs, cohort_delta)
-                overrides[name] = fallback
-            else:
-                overrides[name] = own
-
-    for message in warn:
+    rows = validated_calibration_rows(
+        exit_logits, costs, method, labels=labels, risk=risk, per_class=per_class, cohorts=cohorts
+    )
+    candidates = build_candidates(
+        rows,
+        risk=risk,
+        metric=metric,
+        temperatures=temperatures,
+        path=path,
+        fit_fraction=fit_fraction,
+        seed=seed,
+    )
+    certifying = rows.subset(candidates.split.certify)
+    outcomes = candidate_outcomes(
+        certifying.exit_logits, candidates.temperatures, candidates.path, risk, certifying.labels
+    )
+    certified = certify(
+        outcomes,
+        candidates.path,
+        costs,
+        method,
+        risk=risk,
+        per_class=per_class,
+        cohorts=certifying.cohorts,
+        bonferroni=bonferroni,
+        min_group_rows=min_group_rows,
+    )
+    for message in certified.warnings:
         warnings.warn(message, CalibrationWarning, stacklevel=2)
     return CalibratedExitPolicy(
-        metric=candidates.metric,
-        temperatures=temperatures,
-        path=candidates,
-        result=result,
-        cohorts=overrides,
+        metric=candidates.path.metric,
+        temperatures=candidates.temperatures,
+        path=candidates.path,
+        result=certified.result,
+        cohorts=certified.cohorts,
         method=method.name,
-        guarantee=method.describe(method.delta)
-        + ("" if per_class != "class_conditional" else ", for every tested full-model class and overall")
-        + (
-            ""
-            if cohorts is None
-            else f"; cohorts: {'all at once (Bonferroni)' if bonferroni else 'each separately'}"
-        ),
+        guarantee=_guarantee(method, per_class, rows.cohorts is not None, bonferroni),
         risk=risk,
         epsilon=float(method.epsilon),
         delta=float(method.delta),
         p_value=method.p_value,
         per_class=per_class,
         bonferroni=bonferroni,
-        calibration_rows=len(certify),
-        fit_rows=len(fit),
+        split=candidates.split,
         exit_costs=tuple(float(c) for c in costs),
-        data_fingerprint=data_fingerprint(exit_logits, labels, cohorts),
-        warnings=tuple(warn),
-    )
-
-
-def _fallback(
-    global_result: Certification, taken: np.ndarray, losses: np.ndarray, costs: np.ndarray, delta: float
-) -> Certification:
-    """The global thresholds, with the cohort's own figures under them (for the record only)."""
-    j = global_result.candidate
-    rows = taken.shape[1]
-    return Certification(
-        candidate=j,
-        level=global_result.level,
-        thresholds=global_result.thresholds,
-        risk=float(losses[j].mean()) if rows else float("nan"),
-        expected_cost=float(costs[taken[j]].mean()) if rows else float("nan"),
-        exit_rates=tuple(float(r) for r in np.bincount(taken[j], minlength=len(costs)) / max(rows, 1)),
-        rows=rows,
-        certified=0,
-        p_value=float("nan"),
-        delta=delta,
-        fell_back=True,
+        data_fingerprint=data_fingerprint(rows.exit_logits, rows.labels, rows.cohorts),
+        warnings=certified.warnings,
     )

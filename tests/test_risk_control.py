@@ -18,8 +18,6 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy.stats import binom
-
 from offramp.backend.policy import Policy
 from offramp.build.calibrate import exit_logits_from_onnx, simulate_exits
 from offramp.build.risk_control import (
@@ -28,8 +26,11 @@ from offramp.build.risk_control import (
     EmpiricalSearch,
     LearnThenTest,
     binomial_p_value,
+    build_candidates,
     calibrate_exit_policy,
     candidate_losses,
+    candidate_outcomes,
+    certify,
     exit_confidences,
     exits_taken,
     fit_split,
@@ -37,6 +38,7 @@ from offramp.build.risk_control import (
     fixed_sequence_test,
     hoeffding_bentkus_p_value,
     shared_path,
+    validated_calibration_rows,
 )
 from offramp.build.temperature import (
     expected_calibration_error,
@@ -45,6 +47,7 @@ from offramp.build.temperature import (
     negative_log_likelihood,
     reliability_bins,
 )
+from scipy.stats import binom
 
 EPSILON, DELTA = 0.05, 0.1
 DRAWS, CALIBRATION_ROWS, MIN_GROUP_ROWS = 400, 2000, 50
@@ -274,6 +277,36 @@ def test_bonferroni_splits_delta_across_cohorts():
     )
     assert all(math.isclose(c.delta, 0.1 / 3) for c in result.cohorts.values())
     assert result.result.delta == 0.1
+
+
+def test_one_candidate_path_certified_at_several_epsilons_matches_calibrate_exit_policy():
+    logits, labels = synthetic_exits(rows=3000)
+    costs = np.array([0.3, 0.6, 1.0])
+    cohorts = np.array(["a", "b"])[np.arange(3000) % 2]
+    options = {"per_class": "class_conditional", "cohorts": cohorts, "bonferroni": True}
+    rows = validated_calibration_rows(
+        logits, costs, LearnThenTest(0.05), labels=labels, risk="disagreement",
+        per_class="class_conditional", cohorts=cohorts,
+    )  # fmt: skip
+    candidates = build_candidates(rows, path="per_class")
+    fit, certifying_rows = candidates.split.fit, candidates.split.certify
+    assert len(fit) == 750 and len(np.union1d(fit, certifying_rows)) == 3000
+    certifying = rows.subset(certifying_rows)
+    outcomes = candidate_outcomes(
+        certifying.exit_logits, candidates.temperatures, candidates.path, labels=certifying.labels
+    )
+    for epsilon in (0.05, 0.1, 0.2):  # a ladder of risk levels on one path: no refit, no re-simulation
+        method = LearnThenTest(epsilon, 0.1)
+        certified = certify(
+            outcomes, candidates.path, costs, method, per_class="class_conditional",
+            cohorts=certifying.cohorts, bonferroni=True,
+        )  # fmt: skip
+        whole = calibrate_exit_policy(logits, costs, method, labels=labels, path="per_class", **options)
+        assert not any(c.fell_back for c in whole.cohorts.values())  # a fallback's NaNs never compare equal
+        assert certified.result == whole.result and certified.cohorts == whole.cohorts
+        assert whole.temperatures == candidates.temperatures
+        np.testing.assert_array_equal(whole.split.certify, certifying_rows)
+        assert whole.calibration_rows == 2250 and whole.fit_rows == 750
 
 
 # ---------------------------------------------------------------------------------------------
