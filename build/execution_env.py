@@ -29,15 +29,38 @@ library only, so it runs there straight from a checkout:
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
+import json
 import shutil
 import subprocess
 import sys
 import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_environment_by_path() -> ModuleType:
+    """``offramp.backend.environment`` loaded from this checkout's file (standard library only too)."""
+    spec = importlib.util.spec_from_file_location(
+        "offramp_environment", PROJECT_ROOT / "python_backend" / "environment.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The libpython linker is offramp.backend.environment's. Run as a plain script (in NVIDIA's image, from a
+# checkout where offramp is not installed), this file has no package and takes that module from its file.
+if __package__:
+    from offramp.backend.environment import LIBPYTHON_CONFIG_VARS, link_libpython, shared_libpython
+else:
+    _environment = _load_environment_by_path()
+    LIBPYTHON_CONFIG_VARS = _environment.LIBPYTHON_CONFIG_VARS
+    link_libpython, shared_libpython = _environment.link_libpython, _environment.shared_libpython
+
 # offramp's subpackages the orchestrator imports, and the folders they live in (pyproject's mapping).
 SERVER_PACKAGES = {"backend": "python_backend", "kernels": "kernels"}
 # Pinned as the project's own venv has them (requirements.txt); the stub needs NumPy below 2.
@@ -56,9 +79,8 @@ def server_requirements(gpu: bool = False, text: bool = False, cupy: str = CUPY)
 
 
 def _query(python: str, expression: str, run: Run) -> str:
-    result = run(
-        [python, "-c", f"import sysconfig; print({expression})"], check=True, capture_output=True, text=True
-    )
+    command = [python, "-c", f"import json, sysconfig; print({expression})"]
+    result = run(command, check=True, capture_output=True, text=True)
     return result.stdout.strip()
 
 
@@ -88,21 +110,13 @@ def make_activate_relocatable(env: Path) -> Path:
     return activate
 
 
-def link_libpython(env: Path, python: str, run: Run = subprocess.run) -> Path | None:
+def link_interpreter_libpython(env: Path, python: str, run: Run = subprocess.run) -> Path | None:
     """Links ``python``'s shared libpython into ``env/lib`` (the stub loads it from there); None where
     that Python has no shared library (then the stub's own libpython must match)."""
-    libdir = _query(python, "sysconfig.get_config_var('LIBDIR')", run)
-    soname = _query(
-        python, "sysconfig.get_config_var('INSTSONAME') or sysconfig.get_config_var('LDLIBRARY')", run
-    )
-    library = Path(libdir) / soname
-    if not library.exists() or ".so" not in library.name:
-        return None
-    link = env / "lib" / library.name
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    os.symlink(library, link)
-    return link
+    values = _query(python, f"json.dumps(sysconfig.get_config_vars(*{LIBPYTHON_CONFIG_VARS!r}))", run)
+    config_vars = dict(zip(LIBPYTHON_CONFIG_VARS, json.loads(values)))
+    library = shared_libpython(config_vars)
+    return link_libpython(env, library, config_vars["INSTSONAME"]) if library is not None else None
 
 
 def archive_env(env: Path) -> Path:
@@ -138,7 +152,7 @@ def create_execution_env(
         run([*command, *requirements], check=True)
     copy_server_packages(site_packages, project_root)
     make_activate_relocatable(out)
-    link_libpython(out, python, run)
+    link_interpreter_libpython(out, python, run)
     return archive_env(out) if archive else out
 
 

@@ -6,6 +6,9 @@ itself is linked against ``libpython3.11.so.1.0`` and would otherwise pick up wh
 system provides, whose build may not match the env's standard library (and, for a pyenv or
 conda interpreter, may not even be the same patch release). Linking the interpreter's own shared
 library into ``<env>/lib`` makes the stub load exactly the Python the env was built from.
+
+Standard library only: ``build/execution_env.py`` loads this file by its path where it runs as a
+plain script inside NVIDIA's Triton image, with no offramp installed.
 """
 
 from __future__ import annotations
@@ -13,9 +16,51 @@ from __future__ import annotations
 import os
 import sys
 import sysconfig
+from collections.abc import Mapping
 from pathlib import Path
 
 EXECUTION_ENV_PARAMETER = "EXECUTION_ENV_PATH"
+# The sysconfig variables that say where an interpreter's shared libpython is.
+LIBPYTHON_CONFIG_VARS = ("LIBDIR", "INSTSONAME", "LDLIBRARY", "Py_ENABLE_SHARED")
+
+
+def shared_libpython(config_vars: Mapping[str, object]) -> Path | None:
+    """The shared ``libpython`` of the interpreter whose sysconfig variables these are; None where it was
+    built without ``--enable-shared`` or the library is not where they say."""
+    libdir = config_vars.get("LIBDIR")
+    if not libdir or not config_vars.get("Py_ENABLE_SHARED"):
+        return None
+    # INSTSONAME is the versioned soname the stub asks for (libpython3.11.so.1.0); LDLIBRARY is
+    # the unversioned link name, a fallback for builds that do not record INSTSONAME.
+    for name in (config_vars.get("INSTSONAME"), config_vars.get("LDLIBRARY")):
+        candidate = Path(str(libdir), str(name))
+        if name and candidate.exists():
+            return candidate
+    return None
+
+
+def link_libpython(env: Path, library: Path, soname: str | None = None) -> Path:
+    """Symlink ``library`` into ``<env>/lib/`` under ``soname`` (default: its own name) and return the
+    link; calling this again is harmless, and a link to another library is repointed.
+
+    Raises:
+        RuntimeError: ``<env>/lib/<soname>`` exists and is not a link.
+    """
+    link = env / "lib" / (soname or library.name)
+    if link.is_symlink() or link.exists():
+        if link.resolve() == library.resolve():
+            return link
+        if not link.is_symlink():
+            raise RuntimeError(f"{link} exists and is not a link to {library}; remove it")
+        # A stale link (the venv was rebuilt on another interpreter): point it at this one.
+        link.unlink()
+    link.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.symlink(library, link)
+    except FileExistsError:  # Another process linked it between our check and now.
+        if link.resolve() != library.resolve():
+            raise
+    return link
 
 
 def interpreter_shared_library() -> Path:
@@ -25,21 +70,15 @@ def interpreter_shared_library() -> Path:
         RuntimeError: the interpreter was built without ``--enable-shared`` (no shared libpython
             to give the stub) or the library is not where ``sysconfig`` says.
     """
-    libdir = sysconfig.get_config_var("LIBDIR")
-    # INSTSONAME is the versioned soname the stub asks for (libpython3.11.so.1.0); LDLIBRARY is
-    # the unversioned link name, a fallback for builds that do not record INSTSONAME.
-    names = [sysconfig.get_config_var(key) for key in ("INSTSONAME", "LDLIBRARY")]
-    if not libdir or not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+    library = shared_libpython(sysconfig.get_config_vars())
+    if library is None:
         raise RuntimeError(
-            f"{sys.executable} has no shared libpython (built without --enable-shared); "
+            f"{sys.executable} has no shared libpython (built without --enable-shared, or "
+            f"{sysconfig.get_config_var('INSTSONAME')} missing from {sysconfig.get_config_var('LIBDIR')}); "
             "the Triton Python stub needs one. Use an interpreter built with --enable-shared "
             '(e.g. PYTHON_CONFIGURE_OPTS="--enable-shared" pyenv install 3.11).'
         )
-    for name in filter(None, names):
-        candidate = Path(libdir) / name
-        if candidate.exists():
-            return candidate
-    raise RuntimeError(f"shared libpython {names} not found in {libdir} for {sys.executable}")
+    return library
 
 
 def prepare_execution_env(env_dir: Path | None = None) -> Path:
@@ -58,20 +97,5 @@ def prepare_execution_env(env_dir: Path | None = None) -> Path:
         raise RuntimeError(
             f"{env} is not a virtualenv: the Triton Python stub sources {env / 'bin' / 'activate'}"
         )
-    library = interpreter_shared_library()
-    soname = sysconfig.get_config_var("INSTSONAME") or library.name
-    link = env / "lib" / soname
-    if link.is_symlink() or link.exists():
-        if link.resolve() == library.resolve():
-            return env
-        if not link.is_symlink():
-            raise RuntimeError(f"{link} exists and is not a link to {library}; remove it")
-        # A stale link (the venv was rebuilt on another interpreter): point it at this one.
-        link.unlink()
-    link.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.symlink(library, link)
-    except FileExistsError:  # Another process linked it between our check and now.
-        if link.resolve() != library.resolve():
-            raise
+    link_libpython(env, interpreter_shared_library(), sysconfig.get_config_var("INSTSONAME"))
     return env
