@@ -25,14 +25,15 @@ def test_the_keys_of_builds_made_before_are_the_same():
     )  # fmt: skip
     text = _recorded_build("trec_minilm")
     assert text["key"] == build_key(
-        name="trec_minilm", task=text["task"], settings=text["settings"], model=text["model_path"], probe=True,
-        recipe=text["recipe_version"],
+        name="trec_minilm", task=text["task"], settings=text["settings"], model=text["model_path"],
+        probe=True, recipe=text["recipe_version"],
     )  # fmt: skip
 
 
 def _save_build(directory: Path, key: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    ModelArtifacts("m", (), (), ("a", "b"), (), "full.onnx", 1, "f", build={"key": key, "epochs": 2}).save(directory)
+    build = {"key": key, "epochs": 2}
+    ModelArtifacts("m", (), (), ("a", "b"), (), "full.onnx", 1, "f", build=build).save(directory)
 
 
 def test_a_saved_build_is_reused_for_its_own_key_and_otherwise_only_read(tmp_path: Path):
