@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from offramp.backend.contract import HIDDEN_IN
 
 
@@ -55,9 +54,9 @@ class FakeNetwork:
         return self.run_full(tensors)
 
     def run_full(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-        hidden = {HIDDEN_IN: tensors["X"], **{k: v for k, v in tensors.items() if k != "X"}}
-        logits = None
+        side = {name: tensor for name, tensor in tensors.items() if name != "X"}
+        current = dict(tensors)
         for index in range(self.num_exits):
-            body, logits = self.run_segment(index, {"X": tensors["X"]} if index == 0 else hidden, True)
-            hidden = {HIDDEN_IN: body, **{k: v for k, v in tensors.items() if k != "X"}}
+            body, logits = self.run_segment(index, current, True)
+            current = {HIDDEN_IN: body, **side}
         return logits
