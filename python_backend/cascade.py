@@ -1,25 +1,24 @@
 """The early-exit cascade: pure logic over an array module, testable without a server.
 
-For each segment: run it on the rows still active, compute their confidence in one pass, decide
-which rows exit, scatter those rows' outputs to their original positions, and compact the survivors
-(hidden state, side tensors, original indices) into a dense batch for the next segment.
-``xp`` is NumPy on the CPU and CuPy on the GPU; ``run_segment`` is a BLS call under Triton and a
-plain function in tests. On the GPU the per-exit decision is the fused confidence kernel and the
-rows move through the compaction kernels (``offramp.kernels.cuda``); on NumPy, plain indexing does
-both. Tests run the kernel path on NumPy too, with the kernels executed by the CPU shim.
+For each segment: run it on the rows still active, decide which rows exit, scatter those rows'
+outputs to their original positions, and compact the survivors (original positions, hidden state,
+side tensors) into a dense batch for the next segment. ``run_cascade`` is that loop; a row mover
+does the deciding and the moving. ``IndexingRowMover`` does both with array indexing (NumPy on the
+host, or CuPy); ``KernelRowMover`` decides with the fused confidence kernel and moves rows with the
+compaction kernels (``offramp.kernels.cuda``), on CuPy or, in tests, on NumPy with the kernels
+executed by the CPU shim. ``run_segment`` is a BLS call under Triton and a plain function in tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-
-from offramp.backend.policy import ExitRule, Policy
 from offramp.backend.contract import FLAG_DEADLINE, FLAG_DEPTH_CAP, FLAG_FORCED_FULL, HIDDEN_IN
+from offramp.backend.policy import ExitRule, Policy
 from offramp.kernels.confidence import Confidence, compute_confidence, exits_by_threshold
 
 # run_segment(index, tensors, need_hidden) -> (hidden or None, logits (B, C))
@@ -79,55 +78,212 @@ def rule_sets(policy: Policy) -> list[tuple[ExitRule, ...]]:
     return [policy.exits, *(policy.cohorts[name] for name in sorted(policy.cohorts))]
 
 
-def _decide(
-    logits: Any, exit_index: int, groups: Any, sets: list[tuple[ExitRule, ...]], xp: Any, kernels: Any = None
-) -> tuple[Any, Confidence, Any]:
-    """Temperature-scaled logits (n, C), their confidence, and which rows pass their own threshold (n,).
+@dataclass(frozen=True)
+class Decision:
+    """One exit's verdict on the rows of a segment batch."""
 
-    Rows are grouped by rule set (global or a cohort's), each group judged by its own rule.
-    """
+    logits: Any  # (n, C) float32, divided by each row's temperature
+    confidence: Confidence  # of those logits, each field (n,)
+    passes: Any  # (n,) bool: the row passes its own rule set's threshold
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """A segment batch split by which rows leave: those that go on and those that answer here."""
+
+    survivors: Any  # (S,) int64: rows of the segment batch that go on, ascending
+    exited: Any  # (E,) int64: rows that answer at this exit, ascending
+    num_survivors: int  # S, on the host
+    num_exited: int  # E, on the host
+    # (2,) int32 [S, E] on the device, where the copy kernels read how many rows to move (kernels only)
+    device_counts: Any = None
+
+
+class RowMover(Protocol):
+    """The steps of one exit that touch rows: deciding which leave, scattering their answers to their
+    original positions, and compacting the rest into the next segment's batch."""
+
+    def decide(self, logits: Any, exit_index: int, groups: Any) -> Decision:
+        """Judges logits (n, C) by each row's rule at this exit; ``groups`` (n,) indexes ``rule_sets``
+        (None: every row takes the global rules)."""
+
+    def split(self, leaving: Any) -> RowSplit:
+        """The segment batch split by ``leaving`` (n,) bool, with both counts read to the host."""
+
+    def scatter_exited(self, split: RowSplit, positions: Any, moves: Sequence[tuple[Any, Any]]) -> Any:
+        """``target[positions[r]] = source[r]`` for each exited row r and each (source (n, ...),
+        target (B, ...)) of ``moves``; ``positions`` (n,) are the rows' original positions.
+        Returns the exited rows' original positions (E,)."""
+
+    def gather_survivors(self, split: RowSplit, rows: Any) -> Any:
+        """The survivors' rows (S, ...) of ``rows`` (n, ...), dense and in order."""
+
+
+def _temperature_scaled(
+    logits: Any, exit_index: int, groups: Any, sets: list[tuple[ExitRule, ...]], xp: Any
+) -> tuple[Any, list[tuple[int, Any]]]:
+    """Logits (n, C) divided by each row's temperature in float32, and each rule set present with its
+    rows (a mask (n,), or every row where only one set is present)."""
     present = [int(g) for g in xp.unique(groups)] if groups is not None else [0]
-    temperature = xp.empty(len(logits), dtype=xp.float32)
-    for g in present:
-        temperature[groups == g if groups is not None else slice(None)] = sets[g][exit_index].temperature
-    scaled = logits.astype(xp.float32) / temperature[:, None]
-    if kernels is not None:
-        return (scaled, *_decide_by_kernel(scaled, exit_index, groups, present, sets, kernels))
-    confidence = compute_confidence(scaled, 1.0, xp)
-    passes = xp.zeros(len(logits), dtype=bool)
-    for g in present:
-        rule = sets[g][exit_index]
-        rows = groups == g if groups is not None else xp.ones(len(logits), dtype=bool)
-        passes[rows] = exits_by_threshold(confidence.select(rows), rule.metric, rule.threshold, xp)
-    return scaled, confidence, passes
+    members = [(g, slice(None) if len(present) == 1 else groups == g) for g in present]
+    temperature = xp.empty(len(logits), dtype=xp.float32)  # (n,)
+    for g, rows in members:
+        temperature[rows] = sets[g][exit_index].temperature
+    return logits.astype(xp.float32) / temperature[:, None], members
 
 
-def _decide_by_kernel(
-    scaled: Any,
-    exit_index: int,
-    groups: Any,
-    present: list[int],
-    sets: list[tuple[ExitRule, ...]],
-    kernels: Any,
-) -> tuple[Confidence, Any]:
-    """Confidence and threshold passes from the fused confidence kernel: one launch per rule set present.
+@dataclass(frozen=True)
+class IndexingRowMover:
+    """Decides with ``compute_confidence`` and moves rows by array indexing, on NumPy or CuPy."""
 
-    The logits arrive already divided by each row's temperature, so the kernel runs at temperature 1
-    (z / 1 is z exactly, as the NumPy path computes it); the rows of other rule sets are held back
-    with the kernel's never-exit flags, so each launch decides its own rows only.
+    xp: Any
+    sets: list[tuple[ExitRule, ...]]
+
+    def decide(self, logits: Any, exit_index: int, groups: Any) -> Decision:
+        xp = self.xp
+        scaled, members = _temperature_scaled(logits, exit_index, groups, self.sets, xp)
+        confidence = compute_confidence(scaled, 1.0, xp)
+        passes = xp.empty(len(scaled), dtype=bool)
+        for g, rows in members:
+            rule = self.sets[g][exit_index]
+            passes[rows] = exits_by_threshold(confidence.select(rows), rule.metric, rule.threshold, xp)
+        return Decision(scaled, confidence, passes)
+
+    def split(self, leaving: Any) -> RowSplit:
+        survivors, exited = self.xp.flatnonzero(~leaving), self.xp.flatnonzero(leaving)
+        return RowSplit(survivors, exited, len(survivors), len(exited))
+
+    def scatter_exited(self, split: RowSplit, positions: Any, moves: Sequence[tuple[Any, Any]]) -> Any:
+        exited_positions = positions[split.exited]  # (E,)
+        for source, target in moves:
+            target[exited_positions] = source[split.exited]
+        return exited_positions
+
+    def gather_survivors(self, split: RowSplit, rows: Any) -> Any:
+        return rows[split.survivors]
+
+
+@dataclass(frozen=True)
+class KernelRowMover:
+    """Decides with the fused confidence kernel and moves rows with the compaction kernels.
+
+    Between segments only the two counts of each split reach the host; everything else stays on the
+    device of ``xp`` (the launchers' arrays are ``xp``'s).
     """
-    confidence, passes = None, None
-    for g in present:
-        rule = sets[g][exit_index]
-        held = None if len(present) == 1 else groups != g
-        figures, exit_mask = kernels.confidence(scaled, 1.0, rule.metric, rule.threshold, held)
-        confidence = figures if confidence is None else confidence
-        passes = exit_mask if passes is None else passes | exit_mask
-    return confidence, passes.view(bool)  # (n,) uint8 of 0 and 1, viewed as bool
+
+    xp: Any
+    kernels: Any  # offramp.kernels.cuda.Launchers over xp
+    sets: list[tuple[ExitRule, ...]]
+
+    def decide(self, logits: Any, exit_index: int, groups: Any) -> Decision:
+        """One kernel launch per rule set present.
+
+        The logits arrive already divided by each row's temperature, so the kernel runs at temperature 1
+        (z / 1 is z exactly, as the indexing mover computes it); the rows of other rule sets are held
+        back with the kernel's never-exit flags, so each launch decides its own rows only.
+        """
+        scaled, members = _temperature_scaled(logits, exit_index, groups, self.sets, self.xp)
+        confidence, passes = None, None
+        for g, rows in members:
+            rule = self.sets[g][exit_index]
+            held = None if len(members) == 1 else ~rows
+            figures, exit_mask = self.kernels.confidence(scaled, 1.0, rule.metric, rule.threshold, held)
+            confidence = figures if confidence is None else confidence
+            passes = exit_mask if passes is None else passes | exit_mask
+        return Decision(scaled, confidence, passes.view(bool))  # (n,) uint8 of 0 and 1, viewed as bool
+
+    def split(self, leaving: Any) -> RowSplit:
+        partition = self.kernels.partition_rows(leaving)
+        num_survivors, num_exited = (int(c) for c in partition.counts.tolist())  # the segment's host read
+        return RowSplit(
+            partition.survivor_rows[:num_survivors],
+            partition.exited_rows[:num_exited],
+            num_survivors,
+            num_exited,
+            partition.counts,
+        )
+
+    def scatter_exited(self, split: RowSplit, positions: Any, moves: Sequence[tuple[Any, Any]]) -> Any:
+        count = split.device_counts[1:2]
+        exited_positions = self.kernels.gather_rows(positions, split.exited, count)  # (E,)
+        for source, target in moves:
+            self.kernels.scatter_rows(source, target, exited_positions, count, src_rows=split.exited)
+        return exited_positions
+
+    def gather_survivors(self, split: RowSplit, rows: Any) -> Any:
+        return self.kernels.gather_rows(rows, split.survivors, split.device_counts[0:1])
 
 
-def _is_cupy(xp: Any) -> bool:
-    return getattr(xp, "__name__", "") == "cupy"
+def row_mover(xp: Any, sets: list[tuple[ExitRule, ...]], kernels: Any = None) -> RowMover:
+    """The kernels' mover where launchers are given or ``xp`` is CuPy (its CUDA launchers), else indexing."""
+    if kernels is None and getattr(xp, "__name__", "") == "cupy":
+        from offramp.kernels.cuda import cupy_launchers
+
+        kernels = cupy_launchers()
+    return IndexingRowMover(xp, sets) if kernels is None else KernelRowMover(xp, kernels, sets)
+
+
+@dataclass
+class _Answers:
+    """The cascade's outputs, filled in as rows answer; every array in the input order."""
+
+    xp: Any
+    label: Any  # (B,) int64
+    exit: Any  # (B,) int32
+    confidence: Any  # (B, 3) float32
+    cost: Any  # (B,) float32
+    flags: Any  # (B,) int32
+    policy_exit: Any  # (B,) int64
+    logits: Any = None  # (B, C) float32, allocated at the first answer, once C is known
+
+    @classmethod
+    def unanswered(cls, batch: CascadeBatch, xp: Any) -> _Answers:
+        rows = batch.rows
+        return cls(
+            xp=xp,
+            label=xp.full(rows, -1, dtype=xp.int64),
+            exit=xp.full(rows, -1, dtype=xp.int32),
+            confidence=xp.full((rows, 3), xp.nan, dtype=xp.float32),
+            cost=xp.zeros(rows, dtype=xp.float32),
+            flags=xp.where(batch.force_full, FLAG_FORCED_FULL, 0).astype(xp.int32),
+            policy_exit=xp.full(rows, -1, dtype=xp.int64),
+        )
+
+    def record(
+        self,
+        mover: RowMover,
+        split: RowSplit,
+        decision: Decision,
+        positions: Any,
+        exit_index: int,
+        cost: float,
+    ) -> None:
+        """The exited rows of ``split`` answer at ``exit_index``; ``positions`` (n,) are the segment
+        batch's original positions."""
+        xp = self.xp
+        if self.logits is None:
+            self.logits = xp.full((len(self.label), decision.logits.shape[1]), xp.nan, dtype=xp.float32)
+        moves = (
+            (decision.logits, self.logits),
+            (decision.confidence.label, self.label),
+            (decision.confidence.stacked(xp), self.confidence),
+        )
+        exited_positions = mover.scatter_exited(split, positions, moves)  # (E,)
+        self.exit[exited_positions] = exit_index
+        self.cost[exited_positions] = cost
+
+    def result(self, rows_per_segment: Sequence[int]) -> CascadeResult:
+        no_answer = self.xp.zeros((len(self.label), 0), dtype=self.xp.float32)  # an empty batch
+        return CascadeResult(
+            logits=self.logits if self.logits is not None else no_answer,
+            label=self.label,
+            exit=self.exit,
+            confidence=self.confidence,
+            cost=self.cost,
+            flags=self.flags,
+            policy_exit=self.policy_exit,
+            rows_per_segment=tuple(rows_per_segment),
+        )
 
 
 def run_cascade(
@@ -151,122 +307,70 @@ def run_cascade(
     measure what compaction gains).
 
     ``kernels`` (``offramp.kernels.cuda.Launchers`` over ``xp``) makes each exit's decision with the
-    fused confidence kernel and moves rows with the compaction kernels (partition, gather of the
-    survivors, scatter of the exited rows' outputs); with CuPy as ``xp`` they default to the CUDA
-    launchers. Without them, NumPy indexing does the same work.
+    fused confidence kernel and moves rows with the compaction kernels; with CuPy as ``xp`` they
+    default to the CUDA launchers. Without them, array indexing does the same work (``row_mover``).
     """
-    if kernels is None and _is_cupy(xp):
-        from offramp.kernels.cuda import cupy_launchers
-
-        kernels = cupy_launchers()
     num_exits = len(exit_costs)
+    last_exit = num_exits - 1
     sets = rule_sets(policy)
-    rows = batch.rows
-    logits_out = None  # (B, C), allocated once the class count is known
-    label_out = xp.full(rows, -1, dtype=xp.int64)
-    exit_out = xp.full(rows, -1, dtype=xp.int32)
-    confidence_out = xp.full((rows, 3), xp.nan, dtype=xp.float32)
-    cost_out = xp.zeros(rows, dtype=xp.float32)
-    flags_out = xp.where(batch.force_full, FLAG_FORCED_FULL, 0).astype(xp.int32)
-    policy_exit_out = xp.full(rows, -1, dtype=xp.int64)
+    mover = row_mover(xp, sets, kernels)
+    answers = _Answers.unanswered(batch, xp)
     rows_per_segment = [0] * num_exits
-
-    def scatter(positions: Any, scaled: Any, confidence: Confidence, exit_index: int, cost: float) -> None:
-        nonlocal logits_out
-        if logits_out is None:
-            logits_out = xp.full((rows, scaled.shape[1]), xp.nan, dtype=xp.float32)
-        logits_out[positions] = scaled
-        label_out[positions] = confidence.label
-        exit_out[positions] = exit_index
-        confidence_out[positions] = confidence.stacked(xp)
-        cost_out[positions] = cost
-
-    def scatter_exited(
-        partition: Any, num_exited: int, scaled: Any, confidence: Confidence, exit_index: int, cost: float
-    ) -> None:
-        """``scatter`` by the kernels: the exited rows of the segment batch, as ``partition`` lists them."""
-        nonlocal logits_out
-        if logits_out is None:
-            logits_out = xp.full((rows, scaled.shape[1]), xp.nan, dtype=xp.float32)
-        exited, count = partition.exited_rows, partition.num_exited  # exited (n,): the first count[0] hold
-        positions = kernels.gather_rows(running, exited, count)  # (n,) their original positions, likewise
-        outputs = (
-            (scaled, logits_out),
-            (confidence.label, label_out),
-            (confidence.stacked(xp), confidence_out),
-        )
-        for source, target in outputs:
-            kernels.scatter_rows(source, target, positions, count, src_rows=exited)
-        exit_out[positions[:num_exited]] = exit_index
-        cost_out[positions[:num_exited]] = cost
 
     def groups_of(positions: Any) -> Any:
         return None if batch.rule_set is None else batch.rule_set[positions]
 
-    running = xp.arange(rows)  # original positions of the rows in the current segment batch
+    running = xp.arange(batch.rows)  # original positions of the rows in the current segment batch
     if run_full is not None and policy.full_depth_route == "full_model" and bool(batch.force_full.any()):
         forced = xp.nonzero(batch.force_full)[0]
         logits = run_full({n: t[forced] for n, t in batch.inputs.items()})
-        scaled, confidence, _ = _decide(logits, num_exits - 1, groups_of(forced), sets, xp, kernels)
-        scatter(forced, scaled, confidence, num_exits - 1, 1.0)
+        decision = mover.decide(logits, last_exit, groups_of(forced))
+        everyone = mover.split(xp.ones(len(forced), dtype=bool))
+        answers.record(mover, everyone, decision, forced, last_exit, 1.0)
         running = xp.nonzero(~batch.force_full)[0]
     pending = xp.ones(len(running), dtype=bool)  # rows of the segment batch not yet answered
+    num_pending = len(running)
 
     tensors: dict[str, Any] = {n: t[running] for n, t in batch.inputs.items()}
     for index in range(num_exits):
-        if not bool(pending.any()):
+        if num_pending == 0:
             break
-        last = index == num_exits - 1
+        last = index == last_exit
         rows_per_segment[index] = len(running)
         hidden, logits = run_segment(index, tensors, not last)  # hidden (n, ...), logits (n, C)
-        scaled, confidence, passes = _decide(logits, index, groups_of(running), sets, xp, kernels)
-        undecided = policy_exit_out[running] < 0
-        policy_exit_out[running[undecided & (passes | last)]] = index
+        decision = mover.decide(logits, index, groups_of(running))
+        passes = decision.passes
+        undecided = answers.policy_exit[running] < 0
+        answers.policy_exit[running[undecided & (passes | last)]] = index
         if last:
-            leaving = pending.copy()
+            leaving = pending
         else:
+            full_depth = batch.force_full[running]
             capped = batch.max_exit[running] <= index
             late = (
                 xp.zeros(len(running), dtype=bool)
                 if batch.deadline is None
                 else batch.deadline[running] <= clock()
             )
-            leaving = passes & ~batch.force_full[running] & (batch.min_exit[running] <= index)
-            leaving = pending & (leaving | capped | (late & ~batch.force_full[running]))
-            flags_out[running[leaving & capped & ~passes]] |= FLAG_DEPTH_CAP
-            flags_out[running[leaving & late & ~passes & ~capped]] |= FLAG_DEADLINE
-        if kernels is None:
-            if bool(leaving.any()):
-                scatter(
-                    running[leaving], scaled[leaving], confidence.select(leaving), index, exit_costs[index]
-                )
-            pending &= ~leaving
-            if compact:
-                running, pending = running[pending], pending[pending]
-                hidden = hidden[~leaving] if hidden is not None else None
-            tensors = {HIDDEN_IN: hidden, **{name: batch.inputs[name][running] for name in side_inputs}}
-        else:
-            partition = kernels.partition_rows(leaving)
-            num_survivors, num_exited = (int(c) for c in partition.counts.tolist())  # the segment's host read
-            if num_exited:
-                scatter_exited(partition, num_exited, scaled, confidence, index, exit_costs[index])
-            pending &= ~leaving
-            side = {name: tensors[name] for name in side_inputs}  # rows aligned with `running`
-            if compact:
-                survivors, count = partition.survivor_rows[:num_survivors], partition.num_survivors
-                running = kernels.gather_rows(running, survivors, count)
-                pending = xp.ones(num_survivors, dtype=bool)
-                hidden = kernels.gather_rows(hidden, survivors, count) if hidden is not None else None
-                side = {name: kernels.gather_rows(tensor, survivors, count) for name, tensor in side.items()}
-            tensors = {HIDDEN_IN: hidden, **side}
+            leaving = passes & ~full_depth & (batch.min_exit[running] <= index)
+            leaving = pending & (leaving | capped | (late & ~full_depth))
+            answers.flags[running[leaving & capped & ~passes]] |= FLAG_DEPTH_CAP
+            answers.flags[running[leaving & late & ~passes & ~capped]] |= FLAG_DEADLINE
 
-    return CascadeResult(
-        logits=logits_out if logits_out is not None else xp.zeros((rows, 0), dtype=xp.float32),
-        label=label_out,
-        exit=exit_out,
-        confidence=confidence_out,
-        cost=cost_out,
-        flags=flags_out,
-        policy_exit=policy_exit_out,
-        rows_per_segment=tuple(rows_per_segment),
-    )
+        split = mover.split(leaving)
+        if split.num_exited:
+            answers.record(mover, split, decision, running, index, exit_costs[index])
+        num_pending -= split.num_exited
+        if num_pending == 0:  # the last segment always gets here: it answers every pending row
+            break
+        side = {name: tensors[name] for name in side_inputs}  # (n, ...) each, aligned with `running`
+        if compact:
+            running = mover.gather_survivors(split, running)
+            hidden = mover.gather_survivors(split, hidden)
+            side = {name: mover.gather_survivors(split, tensor) for name, tensor in side.items()}
+            pending = xp.ones(split.num_survivors, dtype=bool)
+        else:
+            pending = pending & ~leaving
+        tensors = {HIDDEN_IN: hidden, **side}
+
+    return answers.result(rows_per_segment)
