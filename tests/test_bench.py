@@ -384,7 +384,7 @@ def test_perf_analyzer_against_a_real_server(quick_cnn, fashion_test, running_se
             assert sum(s["fail"] for s in delta.values()) == 0, delta
             if parameters:  # forced rows reach the full model through the orchestrator
                 assert delta[f"{artifacts.name}_full"]["success"] > 0
-            cpu = bench.process_cpu_seconds(server.pid, server.repository)
+            cpu = bench.server_cpu_seconds_by_role(server.pid, server.repository)
             assert cpu["tritonserver"] > 0 and cpu[model] > 0
 
 

@@ -33,8 +33,8 @@ from offramp.build.repository import (
     write_orchestrator,
     write_repository,
 )
+from offramp.client.serving.processes import server_processes, stub_shm_region
 from offramp.client.serving.server import SHM_DIR, EmbeddedTritonServer, ServerPorts
-from offramp.client.tools.soak import server_processes, stub_shm_region
 
 from tests.reliability_support import (
     Traffic,

@@ -13,7 +13,6 @@ import argparse
 import ctypes
 import errno
 import functools
-import glob
 import http.client
 import importlib.util
 import ipaddress
@@ -32,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from offramp.client.serving.processes import processes_in_group
 
 LOGGER = logging.getLogger(__name__)
 
@@ -205,21 +206,6 @@ def _die_with_parent() -> None:
     # server: start it from the main thread or one that outlives it.) prctl is looked up in the
     # parent: dlopen in a forked child of a threaded parent can deadlock.
     _prctl()(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _processes_in_group(pgid: int) -> list[int]:
-    """Return the live processes whose process group is ``pgid`` (a /proc scan, no psutil)."""
-    members = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            text = Path(stat).read_text()
-        except OSError:  # The process ended while we looked.
-            continue
-        # Fields after the parenthesised command name: state ppid pgrp ...
-        state, _ppid, pgrp = text.rpartition(")")[2].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(Path(stat).parent.name))
-    return members
 
 
 class EmbeddedTritonServer:
@@ -450,9 +436,9 @@ class EmbeddedTritonServer:
                 process.wait()
         # The stubs share the server's process group and leave once it is gone; give them a moment.
         deadline = time.monotonic() + 5.0
-        while _processes_in_group(process.pid) and time.monotonic() < deadline:
+        while processes_in_group(process.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _processes_in_group(process.pid):
+        if processes_in_group(process.pid):
             LOGGER.warning("stub processes outlived tritonserver %d; killing them", process.pid)
             self._kill_group(process.pid)
         left = self.shm_regions()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import glob
 import importlib
 import importlib.metadata
 import json
@@ -43,6 +42,12 @@ import numpy as np
 from offramp.backend.policy import Policy
 from offramp.build.artifacts import ModelArtifacts
 from offramp.client.cli.options import comma_list, option, positive_int
+from offramp.client.serving.processes import (
+    cpu_seconds,
+    machine_busy_cpu_seconds,
+    machine_description,
+    server_processes,
+)
 from offramp.client.tools.bench_summary import (
     EARLY,
     FORWARD_FULL,
@@ -235,9 +240,8 @@ def arms_of(name: str) -> dict[str, Arm]:
 
 def repository_options(config: BenchConfig) -> Any:
     from offramp.backend.environment import prepare_execution_env
-    from offramp.build.repository import RepositoryOptions
-
     from offramp.backend.orchestrator import ServingOptions
+    from offramp.build.repository import RepositoryOptions
 
     return RepositoryOptions(
         execution_env=prepare_execution_env(),
@@ -319,42 +323,14 @@ def statistics_delta(before: Mapping[str, Mapping[str, float]], after: Mapping[s
     return delta
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_seconds(pgid: int, repository: Path) -> dict[str, float]:
-    """User+system CPU seconds of the server's processes, by role: ``tritonserver`` or the model a stub serves.
-
-    The Python stubs share the server's process group; a stub's command line starts with its
-    ``<repository>/<model>/<version>/model.py``.
-    """
+def server_cpu_seconds_by_role(pgid: int, repository: Path) -> dict[str, float]:
+    """User+system CPU seconds of the server's processes, summed by role: ``tritonserver`` or the model a
+    stub serves."""
+    roles = server_processes(pgid, repository)
     totals: dict[str, float] = {}
-    prefix = str(Path(repository).absolute()) + os.sep
-    for stat_path in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            text = Path(stat_path).read_text()
-            pid = int(Path(stat_path).parent.name)
-            fields = text.rpartition(")")[2].split()
-            if int(fields[2]) != pgid:
-                continue
-            seconds = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue  # The process ended while we looked.
-        if pid == pgid:
-            label = "tritonserver"
-        else:
-            model_py = next((a.decode() for a in argv[1:] if a.decode(errors="replace").startswith(prefix)), None)
-            label = Path(model_py).relative_to(prefix).parts[0] if model_py else "other"
-        totals[label] = totals.get(label, 0.0) + seconds
+    for pid, seconds in cpu_seconds(roles).items():
+        totals[roles[pid]] = totals.get(roles[pid], 0.0) + seconds
     return totals
-
-
-def machine_busy_jiffies() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    values = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0.0)
-    return sum(values) - idle, sum(values)
 
 
 # --- Configuration --------------------------------------------------------------------------------------
@@ -507,11 +483,11 @@ def run_sweep(
         )
         csv_path = raw_dir / f"{key}_c{concurrency}_r{rep}.csv"
         stats_before = model_statistics(server.http_url)
-        cpu_before = process_cpu_seconds(server.pid, server.repository)
-        busy_before, _ = machine_busy_jiffies()
+        cpu_before = server_cpu_seconds_by_role(server.pid, server.repository)
+        busy_before = machine_busy_cpu_seconds()
         run = run_perf_analyzer(options, csv_path, binary=binary, timeout_s=60 + 40 * config.measurement_interval_ms / 1000)
-        busy_after, _ = machine_busy_jiffies()
-        cpu_after = process_cpu_seconds(server.pid, server.repository)
+        busy_after = machine_busy_cpu_seconds()
+        cpu_after = server_cpu_seconds_by_role(server.pid, server.repository)
         stats = statistics_delta(stats_before, model_statistics(server.http_url))
         failed = sum(int(s.get("fail", 0)) for s in stats.values())
         if failed:
@@ -527,7 +503,7 @@ def run_sweep(
             "wall_s": run.wall_s,
             "client_cpu_s": run.client_cpu_s,
             "server_cpu_s": {k: v - cpu_before.get(k, 0.0) for k, v in cpu_after.items() if v - cpu_before.get(k, 0.0) > 0},
-            "machine": {"busy_cores": (busy_after - busy_before) / _CLOCK_TICKS / run.wall_s, "cores": os.cpu_count()},
+            "machine": {"busy_cores": (busy_after - busy_before) / run.wall_s, "cores": os.cpu_count()},
             "stats": stats,
             "csv": csv_path.name,
             "command": " ".join(run.command),
@@ -597,22 +573,16 @@ def offline_timings(workload: Workload, inputs: Mapping[str, np.ndarray], batch_
     return result
 
 
-def machine_description() -> dict[str, Any]:
-    cpu_model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), platform.processor() or "unknown",
-    )  # fmt: skip
-    memory_kb = next(
-        (int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")),
-        0,
-    )
+def machine_record() -> dict[str, Any]:
+    """The machine as the summary records it (the load average as /proc/loadavg writes it)."""
+    machine = machine_description()
     return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "memory_gib": round(memory_kb / 2**20, 1),
+        "nproc": machine.cores,
+        "cpu_model": machine.cpu_model,
+        "memory_gib": round(machine.memory_bytes / 2**30, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+        "loadavg_at_start": [f"{load:.2f}" for load in machine.load_average],
     }
 
 
@@ -652,8 +622,8 @@ def warm_up(url: str, workload: Workload, arms: Mapping[str, Arm], rows: int) ->
 def run_workload(workload: Workload, config: BenchConfig) -> dict:
     """Everything measured for one workload; writes its raw results and returns its summary."""
     from offramp.build.calibrate import exit_logits_from_onnx
-    from offramp.client.tools.perf_analyzer import write_input_data
     from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
+    from offramp.client.tools.perf_analyzer import write_input_data
 
     started = time.time()
     results_dir = config.out / "results" / workload.name
@@ -697,7 +667,7 @@ def run_workload(workload: Workload, config: BenchConfig) -> dict:
         "description": workload.description,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "duration_s": round(time.time() - started, 1),
-        "machine": machine_description(),
+        "machine": machine_record(),
         "versions": {**package_versions(), "tritonserver": version},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "model": {

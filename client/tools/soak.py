@@ -5,7 +5,7 @@ each sending an exact number of requests (``--request-count``, sized from the ra
 warm-up run): so every window has its own latency percentiles, and the requests sent are known
 exactly and can be checked against Triton's own statistics (``/v2/models/<m>/stats``). A sampler
 thread reads, every few seconds, the resident memory of ``tritonserver`` and of its Python stubs
-(from ``/proc``) and the size of the stubs' ``/dev/shm`` regions.
+(``offramp.client.serving.processes``) and the size of the stubs' ``/dev/shm`` regions.
 
 Checks, stated bounds (all configurable):
 
@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 from offramp.build.markdown import markdown_table
 from offramp.client.cli.options import option
+from offramp.client.serving.processes import machine_description, resident_memory, server_processes
 
 DEFAULT_WORKDIR = Path(".cache/offramp")
 DEFAULT_OUT = Path("benchmarks/soak")
@@ -93,64 +94,6 @@ class SoakConfig:
 # --- What the server holds: processes, memory, shared memory ----------------------------------------
 
 
-def server_processes(pgid: int, repository: Path | None = None) -> dict[int, str]:
-    """Live processes of the server's process group, by pid: ``tritonserver`` or the model a stub serves.
-
-    A stub's command line is ``triton_python_backend_stub <repository>/<model>/<version>/model.py
-    <shm region> ...``; the server starts them in its own process group.
-    """
-    roles = {}
-    for stat_path in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = Path(stat_path).read_text().rpartition(")")[2].split()
-            if int(fields[2]) != pgid or fields[0] == "Z":
-                continue
-            pid = int(Path(stat_path).parent.name)
-            argv = [
-                a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            ]
-        except (OSError, ValueError, IndexError):
-            continue  # It ended while we looked.
-        roles[pid] = "tritonserver" if pid == pgid else stub_model(argv, repository)
-    return roles
-
-
-def stub_model(argv: Sequence[str], repository: Path | None = None) -> str:
-    """The model a stub serves, from its command line (``other`` if it is not a stub)."""
-    for arg in argv[1:]:
-        if arg.endswith("/model.py"):
-            path = Path(arg)
-            if repository is not None:
-                try:
-                    return path.relative_to(Path(repository).absolute()).parts[0]
-                except ValueError:
-                    pass
-            return path.parent.parent.name
-    return "other"
-
-
-def stub_shm_region(pid: int) -> str | None:
-    """The /dev/shm region a stub works in (its second argument), or None."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    return argv[2].decode() if len(argv) > 2 and argv[1].endswith(b"/model.py") else None
-
-
-def process_memory(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon and RssShmem of a process in bytes (empty if it is gone)."""
-    values = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssShmem"):
-                values[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        return {}
-    return values
-
-
 def shm_usage(prefix: str) -> dict[str, int]:
     """The regions named ``/dev/shm/<prefix>*``: how many, their size and what is allocated, in bytes."""
     count = size = allocated = 0
@@ -180,13 +123,13 @@ class Sample:
 
 def take_sample(pgid: int, shm_prefix: str, t: float) -> Sample:
     roles = server_processes(pgid)
-    memory = {pid: process_memory(pid) for pid in roles}
+    memory = resident_memory(roles)
     shm = shm_usage(shm_prefix)
     return Sample(
         t=round(t, 2),
-        rss=sum(m.get("VmRSS", 0) for m in memory.values()),
-        rss_anon=sum(m.get("RssAnon", 0) for m in memory.values()),
-        server_rss=memory.get(pgid, {}).get("VmRSS", 0),
+        rss=sum(m.rss for m in memory.values()),
+        rss_anon=sum(m.anonymous for m in memory.values()),
+        server_rss=memory[pgid].rss if pgid in memory else 0,
         processes=len(roles),
         shm_regions=shm["regions"],
         shm_size=shm["size"],
@@ -578,8 +521,8 @@ def run_soak(
 
 def machine_load() -> dict[str, Any]:
     """What the soak shared the machine with: cores and the load averages at the end."""
-    one, five, fifteen = os.getloadavg()
-    return {"cores": os.cpu_count(), "loadavg_1_5_15": [round(one, 2), round(five, 2), round(fifteen, 2)]}
+    machine = machine_description()
+    return {"cores": machine.cores, "loadavg_1_5_15": [round(load, 2) for load in machine.load_average]}
 
 
 def write_samples_csv(samples: Sequence[Sample], path: Path) -> Path:
