@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from offramp.backend.cascade import CascadeBatch, CascadeResult, run_cascade
 from offramp.backend.contract import FLAG_DEADLINE, FLAG_DEPTH_CAP, FLAG_FORCED_FULL
 from offramp.backend.policy import ExitRule, Policy
+
 from tests.fakes import FakeNetwork
 
 COSTS = (0.3, 0.6, 1.0)
 
 
-def policy(threshold: float | tuple[float, ...] = 0.6, metric: str = "max_prob", route: str = "segments") -> Policy:
+def policy(
+    threshold: float | tuple[float, ...] = 0.6, metric: str = "max_prob", route: str = "segments"
+) -> Policy:
     return Policy("test", "fp", (ExitRule(metric, threshold),) * 3, full_depth_route=route)
 
 
@@ -41,11 +43,15 @@ def test_a_row_is_the_same_alone_in_a_batch_and_after_compaction():
     inputs = net.inputs(64)
     together = cascade(net, CascadeBatch.plain(inputs, 3), policy(0.6))
     for row in range(64):
-        alone = cascade(net, CascadeBatch.plain({k: v[row : row + 1] for k, v in inputs.items()}, 3), policy(0.6))
+        alone = cascade(
+            net, CascadeBatch.plain({k: v[row : row + 1] for k, v in inputs.items()}, 3), policy(0.6)
+        )
         assert_same_rows(together, alone, slice(row, row + 1))
     # Reversed order: other batch-mates, other compaction positions, same answers.
     reverse = np.arange(63, -1, -1)
-    reversed_result = cascade(net, CascadeBatch.plain({k: v[reverse] for k, v in inputs.items()}, 3), policy(0.6))
+    reversed_result = cascade(
+        net, CascadeBatch.plain({k: v[reverse] for k, v in inputs.items()}, 3), policy(0.6)
+    )
     assert_same_rows(together, reversed_result, reverse)
 
 
@@ -100,6 +106,24 @@ def test_forced_rows_never_exit_early_by_segments_or_by_the_full_model():
     np.testing.assert_allclose(by_full.logits[force], by_segments.logits[force], rtol=0, atol=0)
 
 
+def test_rows_all_forced_to_the_full_model_run_no_segment():
+    net = FakeNetwork()
+    inputs = net.inputs(6)
+    base = CascadeBatch.plain(inputs, 3)
+    batch = CascadeBatch(inputs, np.ones(6, dtype=bool), base.min_exit, base.max_exit)
+    result = cascade(net, batch, policy(0.0, route="full_model"), with_full=True)
+    assert result.rows_per_segment == (0, 0, 0) and len(net.calls) == 3  # the full model's own three
+    assert (result.exit == 2).all() and (result.cost == 1.0).all() and (result.policy_exit == -1).all()
+    assert (result.flags == FLAG_FORCED_FULL).all()
+
+
+def test_an_empty_batch_runs_no_segment():
+    net = FakeNetwork()
+    result = cascade(net, CascadeBatch.plain(net.inputs(0), 3), policy(0.6))
+    assert result.rows_per_segment == (0, 0, 0) and not net.calls
+    assert result.logits.shape == (0, 0) and result.exit.shape == result.policy_exit.shape == (0,)
+
+
 def test_min_and_max_exit_bound_each_row():
     net = FakeNetwork()
     inputs = net.inputs(30)
@@ -148,7 +172,10 @@ def test_cohorts_use_their_own_rules_and_unknown_rows_the_global_ones():
     base = CascadeBatch.plain(inputs, 3)
     rule_set = np.where(np.arange(60) % 2 == 0, 1, 0)
     result = run_cascade(
-        CascadeBatch(inputs, base.force_full, base.min_exit, base.max_exit, rule_set=rule_set), net.run_segment, pol, COSTS
+        CascadeBatch(inputs, base.force_full, base.min_exit, base.max_exit, rule_set=rule_set),
+        net.run_segment,
+        pol,
+        COSTS,
     )
     assert (result.exit[0::2] == 2).all() and (result.exit[1::2] == 0).all()
     # The cohort's temperature scales its logits and confidence; the global rows keep theirs.

@@ -29,7 +29,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from offramp.backend.cascade import CascadeBatch, CascadeResult, run_cascade
+from offramp.backend.cascade import (
+    CascadeBatch,
+    CascadeResult,
+    IndexingRowMover,
+    KernelRowMover,
+    RowMover,
+    row_mover,
+    rule_sets,
+    run_cascade,
+)
 from offramp.backend.device import (
     DeviceCascade,
     DeviceRequest,
@@ -43,10 +52,10 @@ from offramp.backend.device import (
 from offramp.backend.orchestrator import Orchestrator
 from offramp.backend.policy import ExitRule, Policy
 from offramp.kernels.cuda import COMPACT_SOURCE, CONFIDENCE_SOURCE, ENTRY_POINTS, Launchers
+from offramp.kernels.testing import SentinelArrays, relative_error_bound
 
 from tests.cuda_shim import Schedule, ShimModule, build_shim_module
 from tests.fakes import FakeNetwork
-from offramp.kernels.testing import SentinelArrays, relative_error_bound
 from tests.test_orchestrator import SPEC, FakeRequest, good_rows
 
 COSTS = (0.3, 0.6, 1.0)
@@ -129,7 +138,7 @@ def policy(threshold: Any = 0.6, metric: str = "max_prob", route: str = "segment
 
 def scenario(name: str) -> tuple[FakeNetwork, CascadeBatch, Policy, dict[str, Any]]:
     """A network, a batch, a policy and run_cascade keywords that exercise one part of the cascade."""
-    net = FakeNetwork(side_input="ATTENTION_MASK" if name == "side input" else None)
+    net = FakeNetwork(side_input="ATTENTION_MASK" if name.startswith("side input") else None)
     inputs = net.inputs(96)
     base = CascadeBatch.plain(inputs, 3)
     rows = np.arange(96)
@@ -149,11 +158,12 @@ def scenario(name: str) -> tuple[FakeNetwork, CascadeBatch, Policy, dict[str, An
             cohort_policy,
             kwargs,
         )
-    if name == "forced rows to the full model":
+    if name.endswith("to the full model"):
         kwargs["run_full"] = net.run_full
+        forced = rows >= 0 if name.startswith("all rows") else rows % 5 == 0
         return (
             net,
-            CascadeBatch(inputs, rows % 5 == 0, base.min_exit, base.max_exit),
+            CascadeBatch(inputs, forced, base.min_exit, base.max_exit),
             policy(0.6, route="full_model"),
             kwargs,
         )
@@ -172,7 +182,8 @@ def scenario(name: str) -> tuple[FakeNetwork, CascadeBatch, Policy, dict[str, An
 
 SCENARIOS = [
     "plain", "side input", "entropy, per class", "margin", "cohorts", "forced rows to the full model",
-    "min, max exit and deadlines", "without compaction",
+    "min, max exit and deadlines", "without compaction", "side input, forced rows to the full model",
+    "all rows forced to the full model",
 ]  # fmt: skip
 
 
@@ -228,6 +239,67 @@ def test_the_kernels_make_the_decisions_and_move_the_rows(shim_modules, monkeypa
     # Survivors of the first two segments: positions, hidden state and side input gathered; exited
     # rows: their positions gathered, then logits, labels and confidence scattered.
     assert launched["gather_rows"] >= 2 * 3 and launched["scatter_rows"] >= 3 * 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The two row movers, step by step
+
+
+def row_movers(shim_modules: dict[Path, ShimModule], pol: Policy) -> list[RowMover]:
+    """Array indexing and the kernels (run by the CPU shim), both over NumPy."""
+    sets = rule_sets(pol)
+    return [IndexingRowMover(np, sets), KernelRowMover(np, shim_kernels(shim_modules), sets)]
+
+
+@pytest.mark.parametrize(
+    "leaving", [[0] * 7, [1] * 7, [1, 0, 0, 1, 1, 0, 1]], ids=["none leave", "all leave", "some leave"]
+)
+def test_both_row_movers_split_scatter_and_gather_alike(shim_modules, leaving: list[int]) -> None:
+    leaving = np.array(leaving, dtype=bool)  # (n,)
+    positions = np.array([9, 2, 7, 0, 4, 5, 8])  # (n,) original positions in a batch of 10
+    rows = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)  # (n, 3)
+    answered = np.full((10, 3), -1.0, dtype=np.float32)  # (B, 3)
+    answered[positions[leaving]] = rows[leaving]
+    for mover in row_movers(shim_modules, policy()):
+        split = mover.split(leaving)
+        assert (split.num_survivors, split.num_exited) == ((~leaving).sum(), leaving.sum())
+        np.testing.assert_array_equal(split.survivors, np.flatnonzero(~leaving))
+        np.testing.assert_array_equal(split.exited, np.flatnonzero(leaving))
+        target = np.full((10, 3), -1.0, dtype=np.float32)  # (B, 3)
+        np.testing.assert_array_equal(
+            mover.scatter_exited(split, positions, [(rows, target)]), positions[leaving]
+        )
+        np.testing.assert_array_equal(target, answered)
+        np.testing.assert_array_equal(mover.gather_survivors(split, rows), rows[~leaving])
+        np.testing.assert_array_equal(mover.gather_survivors(split, positions), positions[~leaving])
+
+
+def test_both_row_movers_decide_alike(shim_modules) -> None:
+    """Each row by its own rule set (a cohort with its own metric, per-class thresholds and
+    temperature); a row with a NaN logit never passes."""
+    cohort = (ExitRule("entropy", (0.5, 0.9, 0.7, 0.8), temperature=2.0),) * 3
+    logits = np.random.default_rng(3).normal(0, 3, (40, 4)).astype(np.float32)  # (n, C)
+    logits[3, 1] = np.nan
+    groups = np.arange(40) % 2  # (n,)
+    by_indexing, by_kernels = (
+        mover.decide(logits, 1, groups)
+        for mover in row_movers(shim_modules, policy(0.6, cohorts={"high_risk": cohort}))
+    )
+    np.testing.assert_array_equal(by_kernels.logits, by_indexing.logits)
+    assert by_kernels.passes.dtype == by_indexing.passes.dtype == bool
+    np.testing.assert_array_equal(by_kernels.passes, by_indexing.passes)
+    assert 0 < by_indexing.passes.sum() < 40 and not by_indexing.passes[3]
+    np.testing.assert_array_equal(by_kernels.confidence.label, by_indexing.confidence.label)
+    assert_confidence_close(by_kernels.confidence.stacked(), by_indexing.confidence.stacked(), 4)
+
+
+def test_the_kernels_move_the_rows_where_given_or_on_cupy() -> None:
+    sets = rule_sets(policy())
+    assert isinstance(row_mover(np, sets), IndexingRowMover)
+    assert isinstance(row_mover(np, sets, kernels=Launchers(np, lambda name: None)), KernelRowMover)
+    cupy = pytest.importorskip("cupy")
+    mover = row_mover(cupy, sets)
+    assert isinstance(mover, KernelRowMover) and mover.kernels.xp is cupy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,8 +427,9 @@ def test_request_round_trips_through_parameters() -> None:
 def test_imports_stay_lazy() -> None:
     """Everything imports on a machine without CuPy, a GPU or TensorRT; nothing imports them eagerly."""
     modules = [
-        "offramp.backend.cascade", "offramp.backend.device", "offramp.kernels.cuda", "offramp.client.tools.gpu_check",
-        "offramp.build.tensorrt", "offramp.build.execution_env", "offramp.build.repository",
+        "offramp.backend.cascade", "offramp.backend.device", "offramp.kernels.cuda",
+        "offramp.client.tools.gpu_check", "offramp.build.tensorrt", "offramp.build.execution_env",
+        "offramp.build.repository",
     ]  # fmt: skip
     code = (
         f"import sys\nfor m in {modules!r}: __import__(m)\n"
@@ -626,7 +699,8 @@ def test_served_gpu_orchestrator_without_a_gpu_falls_back_and_says_why(
     config_path.write_text(text_format.MessageToString(config))
     with running_server(tmp_path / "repo") as server, OfframpClient(server.grpc_url) as client:
         assert_matches(
-            client.classify(artifacts.name, images), Reference(artifacts, directory, policy)({"IMAGE": images})
+            client.classify(artifacts.name, images),
+            Reference(artifacts, directory, policy)({"IMAGE": images}),
         )
         log = server.log_path.read_text(errors="replace")
     assert "offramp_device is gpu but the orchestrator's instance_group is KIND_CPU" in log
