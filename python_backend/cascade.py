@@ -74,7 +74,8 @@ class CascadeResult:
 
 
 def rule_sets(policy: Policy) -> list[tuple[ExitRule, ...]]:
-    """The policy's rule sets as ``CascadeBatch.rule_set`` indexes them: global first, then cohorts by name."""
+    """The policy's rule sets as ``CascadeBatch.rule_set`` indexes them: global first, then the cohorts
+    by name."""
     return [policy.exits, *(policy.cohorts[name] for name in sorted(policy.cohorts))]
 
 

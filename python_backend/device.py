@@ -16,9 +16,9 @@ On the GPU (docs/architecture.md, 'On the GPU') the rows of one ``execute`` call
 device once, after the requests were parsed on the host; the segments are called over BLS with CuPy
 arrays handed over by DLPack and their outputs asked for in GPU memory (``to_bls_tensor`` /
 ``from_bls_tensor``); each exit's decision is the fused confidence kernel and the rows move through
-the compaction kernels (``offramp.kernels.cuda``); the answers come back to the host once, for the
-responses, the audit and the metrics. Between segments only counts reach the host (how many rows
-survive, which cohorts are present), never a tensor.
+the compaction kernels (``offramp.kernels.cuda``, driven by the cascade's ``KernelRowMover``); the
+answers come back to the host once, for the responses, the audit and the metrics. Between segments
+only counts reach the host (how many rows survive, which cohorts are present), never a tensor.
 
 CuPy is imported when a GPU is asked for, never when this module is imported.
 """
@@ -117,11 +117,15 @@ class DeviceCascade:
     kernels: Any
     scope: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 
-    def __call__(self, batch: CascadeBatch, run_segment: RunSegment, *args: Any, **kwargs: Any) -> CascadeResult:
+    def __call__(
+        self, batch: CascadeBatch, run_segment: RunSegment, *args: Any, **kwargs: Any
+    ) -> CascadeResult:
         """``run_cascade`` with the batch on the device, this device's array module and kernels; the
         result back on the host. Other arguments pass through unchanged."""
         with self.scope():
-            result = run_cascade(batch_on(batch, self.xp), run_segment, *args, xp=self.xp, kernels=self.kernels, **kwargs)
+            result = run_cascade(
+                batch_on(batch, self.xp), run_segment, *args, xp=self.xp, kernels=self.kernels, **kwargs
+            )
             return result_to_host(result)
 
 
