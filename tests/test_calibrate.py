@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
-
 from offramp.backend.policy import Policy
 from offramp.build.calibrate import CalibrationData, calibrate_artifacts, simulate_exits
 from offramp.client.cli.main import main
@@ -22,7 +22,7 @@ def calibration_npz(quick_cnn, fashion_test, tmp_path_factory):
     return path
 
 
-def test_calibrate_writes_a_servable_policy_and_a_report(quick_cnn, calibration_npz, tmp_path):
+def test_calibrate_writes_a_servable_policy_and_a_report(quick_cnn, calibration_npz, tmp_path, capsys):
     artifacts, directory = quick_cnn
     out = tmp_path / "policy.json"
     args = ["calibrate", "--artifacts", str(directory), "--data", str(calibration_npz), "--out", str(out),
@@ -36,13 +36,41 @@ def test_calibrate_writes_a_servable_policy_and_a_report(quick_cnn, calibration_
     assert abs(sum(policy.exit_rate_profile) - 1.0) < 1e-9
     for name in ["report.md", "pareto.png", "reliability.png", "exit_rates.png"]:
         assert (tmp_path / "report" / name).stat().st_size > 0
-    assert "Per cohort" in (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "Per cohort" in report
+
+    # The report's figures are the console's, on the same rows: the 1,500 certifying rows of 2,000.
+    console = capsys.readouterr().out
+    risk, compute = re.search(
+        r"achieved calibration risk ([0-9.]+), expected compute ([0-9.]+)", console
+    ).groups()
+    rates = re.search(r"exit-rate profile: (.+)", console).group(1).split(", ")
+    assert "**1500 certifying rows**" in report and policy.provenance["fit_rows"] == 500
+    exit_rates = ", ".join(f"exit {k}: {rate}" for k, rate in enumerate(rates))
+    assert f"calibration risk {risk}; expected compute {compute}" in report
+    assert f"exit-rate profile: {exit_rates}" in report
+    agreement = 1 - policy.provenance["achieved_risk"]  # the risk is disagreement
+    assert f"agreement with the full model {agreement:.2%}" in report
+    assert "1500 certifying rows by their true class" in report
+    assert sum(int(cells[1]) for cells in table_rows(report, "## Per true class")) == 1500
+    cohorts = {cells[0]: cells for cells in table_rows(report, "## Per cohort")}
+    main_cohort = policy.provenance["cohorts"]["main"]
+    assert cohorts["main"][2] == "own" and int(cohorts["main"][1]) == main_cohort["calibration_rows"]
+    assert cohorts["main"][-1] == f"{main_cohort['expected_cost']:.3f}"  # under its own thresholds
+    assert cohorts["tiny"][2] == "global (fell back)"
 
     # The same command gives the same policy, version included.
     again = tmp_path / "again.json"
     with pytest.warns(UserWarning):
         main([str(again) if a == str(out) else a for a in args[:-2]])
     assert json.loads(again.read_text()) == json.loads(out.read_text())
+
+
+def table_rows(markdown: str, heading: str) -> list[list[str]]:
+    """The body rows of the first table after ``heading``, as lists of stripped cells."""
+    section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
 
 
 def test_epsilon_zero_gives_no_early_exits(quick_cnn, fashion_test):
