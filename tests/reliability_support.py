@@ -181,11 +181,11 @@ def metric_values(server: Any, name: str) -> dict[str, float]:
     }
 
 
-def model_stats(server: Any, model: str) -> dict[str, int]:
+def model_stats(server: Any, model: str) -> dict[str, float]:
     """Triton's cumulative success and failure counts of one model."""
-    from offramp.client.tools.soak import model_counts
+    from offramp.client.serving.statistics import model_statistics
 
-    return model_counts(server.http_url).get(model, {"success": 0, "fail": 0, "inference_count": 0})
+    return model_statistics(server.grpc_url).get(model, {"success": 0, "fail": 0, "inference_count": 0})
 
 
 @dataclass(frozen=True)

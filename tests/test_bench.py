@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import json_format
 from offramp.client.cli.options import add_config_options, config_from_args
+from offramp.client.serving.statistics import flatten_model_stats, model_statistics, statistics_delta
 from offramp.client.tools import bench
 from offramp.client.tools.bench_summary import (
     Goals,
@@ -35,6 +37,7 @@ from offramp.client.tools.perf_analyzer import (
     read_input_data,
     write_input_data,
 )
+from tritonclient.grpc import service_pb2
 
 # What perf_analyzer 2.49 wrote here with --verbose-csv (one concurrency level).
 VERBOSE_CSV = """Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency,Avg latency,request/response,response wait
@@ -308,11 +311,11 @@ def test_statistics_are_flattened_and_differenced():
                         {"batch_size": 24, "compute_input": {"count": 1, "ns": 1},
                          "compute_infer": {"count": 1, "ns": 100}, "compute_output": {"count": 1, "ns": 2}}],
     }  # fmt: skip
-    flat = bench.flatten_model_stats(entry)
+    flat = flatten_model_stats(json_format.ParseDict(entry, service_pb2.ModelStatistics()))
     assert flat["success"] == 5 and flat["fail"] == 1 and flat["queue_ns"] == 100
     assert flat["batch_exec_count"] == 3 and flat["batch_exec_ns"] == 313
     before = {"m": {**flat, "success": 2.0, "queue_ns": 40.0}, "idle": {"success": 7.0}}
-    delta = bench.statistics_delta(before, {"m": flat, "idle": {"success": 7.0}})
+    delta = statistics_delta(before, {"m": flat, "idle": {"success": 7.0}})
     assert set(delta) == {"m"} and delta["m"]["success"] == 3 and delta["m"]["queue_ns"] == 60
 
 
@@ -367,14 +370,14 @@ def test_perf_analyzer_against_a_real_server(quick_cnn, fashion_test, running_se
     data = write_input_data(tmp_path / "data.json", {"IMAGE": fashion_test[0][bench.pick_data_rows(10000, 64, 0)]})
     with running_server(repository) as server:
         for model, parameters in ((artifacts.name, {}), (f"{artifacts.name}_full", {}), (artifacts.name, {"force_full": True})):
-            before = bench.model_statistics(server.http_url)
+            before = model_statistics(server.grpc_url)
             options = PerfAnalyzerOptions(
                 url=server.grpc_url, model=model, input_data=data, concurrency=2, batch_size=4,
                 shapes={"IMAGE": [1, 28, 28]}, measurement_interval_ms=500, stability_percentage=1000,
                 request_parameters=parameters, extra_args=("--verbose-csv",),
             )  # fmt: skip
             run = run_perf_analyzer(options, tmp_path / f"{model}.csv")
-            delta = bench.statistics_delta(before, bench.model_statistics(server.http_url))
+            delta = statistics_delta(before, model_statistics(server.grpc_url))
             result = run.result
             assert result.concurrency == 2 and result.batch_size == 4
             assert result.rows_per_s > 0 and result.requests_per_s > 0

@@ -48,6 +48,7 @@ from offramp.client.serving.processes import (
     machine_description,
     server_processes,
 )
+from offramp.client.serving.statistics import model_statistics, statistics_delta
 from offramp.client.tools.bench_summary import (
     EARLY,
     FORWARD_FULL,
@@ -281,48 +282,6 @@ def pick_data_rows(rows: int, count: int, seed: int) -> np.ndarray:
 # --- What is recorded around each run ------------------------------------------------------------------
 
 
-def model_statistics(http_url: str) -> dict[str, dict[str, float]]:
-    """Triton's cumulative statistics of every model (``GET /v2/models/stats``), flattened."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"{http_url}/v2/models/stats", timeout=30) as response:
-        data = json.load(response)
-    return {entry["name"]: flatten_model_stats(entry) for entry in data.get("model_stats", [])}
-
-
-def flatten_model_stats(entry: Mapping[str, Any]) -> dict[str, float]:
-    """One model's statistics entry as counters: requests, failures, rows, executions, times in ns."""
-    stats = entry.get("inference_stats", {})
-    batches = entry.get("batch_stats", []) or []
-    get = lambda part, key: float(stats.get(part, {}).get(key, 0))
-    return {
-        "inference_count": float(entry.get("inference_count", 0)),
-        "execution_count": float(entry.get("execution_count", 0)),
-        "success": get("success", "count"),
-        "fail": get("fail", "count"),
-        "queue_ns": get("queue", "ns"),
-        "compute_input_ns": get("compute_input", "ns"),
-        "compute_infer_ns": get("compute_infer", "ns"),
-        "compute_output_ns": get("compute_output", "ns"),
-        "batch_exec_count": sum(float(b.get("compute_infer", {}).get("count", 0)) for b in batches),
-        "batch_exec_ns": sum(
-            float(b.get(part, {}).get("ns", 0))
-            for b in batches
-            for part in ("compute_input", "compute_infer", "compute_output")
-        ),
-    }
-
-
-def statistics_delta(before: Mapping[str, Mapping[str, float]], after: Mapping[str, Mapping[str, float]]) -> dict:
-    """``after - before`` per model and counter; models with no new request are left out."""
-    delta = {}
-    for model, counters in after.items():
-        old = before.get(model, {})
-        diff = {key: value - old.get(key, 0.0) for key, value in counters.items()}
-        if diff.get("success", 0.0) or diff.get("fail", 0.0):
-            delta[model] = diff
-    return delta
-
-
 def server_cpu_seconds_by_role(pgid: int, repository: Path) -> dict[str, float]:
     """User+system CPU seconds of the server's processes, summed by role: ``tritonserver`` or the model a
     stub serves."""
@@ -482,13 +441,13 @@ def run_sweep(
             extra_args=("--verbose-csv",),
         )
         csv_path = raw_dir / f"{key}_c{concurrency}_r{rep}.csv"
-        stats_before = model_statistics(server.http_url)
+        stats_before = model_statistics(server.grpc_url)
         cpu_before = server_cpu_seconds_by_role(server.pid, server.repository)
         busy_before = machine_busy_cpu_seconds()
         run = run_perf_analyzer(options, csv_path, binary=binary, timeout_s=60 + 40 * config.measurement_interval_ms / 1000)
         busy_after = machine_busy_cpu_seconds()
         cpu_after = server_cpu_seconds_by_role(server.pid, server.repository)
-        stats = statistics_delta(stats_before, model_statistics(server.http_url))
+        stats = statistics_delta(stats_before, model_statistics(server.grpc_url))
         failed = sum(int(s.get("fail", 0)) for s in stats.values())
         if failed:
             raise RuntimeError(f"{failed} requests failed while measuring {arm.model}; see {server.log_path}")

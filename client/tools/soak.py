@@ -3,7 +3,7 @@
 The run is a sequence of back-to-back perf_analyzer invocations, one per window (default one minute),
 each sending an exact number of requests (``--request-count``, sized from the rate of a short
 warm-up run): so every window has its own latency percentiles, and the requests sent are known
-exactly and can be checked against Triton's own statistics (``/v2/models/<m>/stats``). A sampler
+exactly and can be checked against Triton's own statistics of the model. A sampler
 thread reads, every few seconds, the resident memory of ``tritonserver`` and of its Python stubs
 (``offramp.client.serving.processes``) and the size of the stubs' ``/dev/shm`` regions.
 
@@ -40,7 +40,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ import numpy as np
 from offramp.build.markdown import markdown_table
 from offramp.client.cli.options import option
 from offramp.client.serving.processes import machine_description, resident_memory, server_processes
+from offramp.client.serving.statistics import model_statistics, statistics_delta
 
 DEFAULT_WORKDIR = Path(".cache/offramp")
 DEFAULT_OUT = Path("benchmarks/soak")
@@ -167,27 +167,10 @@ class Sampler:
 # --- Triton's statistics --------------------------------------------------------------------------
 
 
-def model_counts(http_url: str) -> dict[str, dict[str, int]]:
-    """Per model: requests that succeeded and failed, and rows inferred (Triton's cumulative statistics)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"{http_url}/v2/models/stats", timeout=30) as response:
-        data = json.load(response)
-    counts = {}
-    for entry in data.get("model_stats", []):
-        stats = entry.get("inference_stats", {})
-        counts[entry["name"]] = {
-            "success": int(stats.get("success", {}).get("count", 0)),
-            "fail": int(stats.get("fail", {}).get("count", 0)),
-            "inference_count": int(entry.get("inference_count", 0)),
-        }
-    return counts
-
-
-def counts_delta(before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]]) -> dict:
-    return {
-        model: {key: value - before.get(model, {}).get(key, 0) for key, value in counters.items()}
-        for model, counters in after.items()
-    }
+def requests_since(before: Mapping[str, Mapping[str, float]], grpc_url: str, model: str) -> tuple[int, int]:
+    """Requests ``model`` answered, and requests every model failed, since Triton's statistics ``before``."""
+    delta = statistics_delta(before, model_statistics(grpc_url))
+    return int(delta.get(model, {}).get("success", 0)), int(sum(d.get("fail", 0) for d in delta.values()))
 
 
 # --- The checks ---------------------------------------------------------------------------------------
@@ -451,28 +434,26 @@ def run_soak(
         sampler.start(origin)
         try:
             for index in range(count):
-                before = model_counts(server.http_url)
+                before = model_statistics(server.grpc_url)
                 began = time.monotonic() - origin
                 run = run_counted(
                     perf_options(int(config.window_s * 1000)),
                     per_window,
-                    lambda before=before: (
-                        counts_delta(before, model_counts(server.http_url)).get(name, {}).get("success", 0)
-                    ),
+                    lambda before=before: requests_since(before, server.grpc_url, name)[0],
                     out / "perf" / f"window_{index:03d}.csv",
                     binary,
                     timeout_s=120 + 4 * config.window_s,
                 )
                 result, error = run.result, run.error
                 wall = time.monotonic() - origin - began
-                delta = counts_delta(before, model_counts(server.http_url))
+                answered, failed = requests_since(before, server.grpc_url, name)
                 window = Window(
                     index=index,
                     started_s=round(began, 2),
                     wall_s=round(wall, 2),
                     requests=per_window,
-                    answered=delta.get(name, {}).get("success", 0),
-                    failed=sum(d.get("fail", 0) for d in delta.values()),
+                    answered=answered,
+                    failed=failed,
                     requests_per_s=round(per_window / wall, 1),
                     p50_ms=result.p50_ms if result else float("nan"),
                     p90_ms=result.p90_ms if result else float("nan"),
