@@ -35,6 +35,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -350,21 +351,130 @@ def _classify_check_rows(url: str, model: str, images: np.ndarray) -> tuple[np.n
     return np.concatenate([p.exit for p in parts]), np.concatenate([p.label for p in parts])
 
 
+@dataclass(frozen=True)
+class SoakInputs:
+    """What the soak serves and sends, written under ``<workdir>/soak`` (large, regenerated each run)."""
+
+    repository: Path
+    data_file: Path  # the test rows perf_analyzer sends
+    check_images: np.ndarray  # classified before and after the load
+
+
+def prepare_inputs(config: SoakConfig, artifacts: Any, artifacts_dir: Path, policy: Any) -> SoakInputs:
+    """A fresh model repository serving ``artifacts`` under ``policy``, and the rows to send and to check."""
+    from offramp.backend.environment import prepare_execution_env
+    from offramp.build.fashion_mnist import load_fashion_mnist
+    from offramp.build.repository import RepositoryOptions, write_repository
+    from offramp.client.tools.perf_analyzer import write_input_data
+
+    scratch = Path(config.workdir) / "soak"
+    repository = scratch / "model_repository"
+    options = RepositoryOptions(
+        execution_env=prepare_execution_env(),
+        orchestrator_instances=config.orchestrator_instances,
+        segment_instances=config.segment_instances,
+    )
+    if repository.exists():
+        shutil.rmtree(repository)
+    write_repository(artifacts, artifacts_dir, policy, repository, options)
+    images, _ = load_fashion_mnist("test")
+    rows = np.random.default_rng(config.seed).choice(
+        len(images), size=min(config.data_rows, len(images)), replace=False
+    )
+    data_file = write_input_data(scratch / "input_data.json", {"IMAGE": images[rows]})
+    return SoakInputs(repository, data_file, images[:CHECK_ROWS])
+
+
+@dataclass(frozen=True)
+class SoakLoad:
+    """perf_analyzer against the served model: the warm-up run, then one counted run per window."""
+
+    config: SoakConfig
+    grpc_url: str
+    model: str
+    data_file: Path
+    binary: Path
+    perf_dir: Path  # perf_analyzer's CSV and output of every run
+
+    def options(self, interval_ms: int) -> Any:
+        from offramp.client.tools.perf_analyzer import PerfAnalyzerOptions
+
+        return PerfAnalyzerOptions(
+            url=self.grpc_url,
+            model=self.model,
+            input_data=self.data_file,
+            concurrency=self.config.concurrency,
+            batch_size=self.config.rows_per_request,
+            measurement_interval_ms=interval_ms,
+            stability_percentage=1000,  # no stability search: three windows, then the report
+            max_trials=3,
+        )
+
+    def warm_up(self) -> Any:
+        """The run that sizes the windows; returns its ``offramp.client.tools.perf_analyzer.PerfResult``."""
+        from offramp.client.tools.perf_analyzer import run_perf_analyzer
+
+        config = self.config
+        return run_perf_analyzer(
+            self.options(int(config.warmup_s * 1000 / 3)), self.perf_dir / "warmup.csv",
+            timeout_s=120 + 4 * config.warmup_s, binary=self.binary,
+        ).result  # fmt: skip
+
+    def window(self, index: int, requests: int, origin: float) -> Window:
+        """Window ``index``: ``requests`` requests, counted against Triton's statistics; its times in seconds
+        since ``origin`` (``time.monotonic()``)."""
+        before = model_statistics(self.grpc_url)
+        began = time.monotonic() - origin
+        run = run_counted(
+            self.options(int(self.config.window_s * 1000)),
+            requests,
+            lambda: requests_since(before, self.grpc_url, self.model)[0],
+            self.perf_dir / f"window_{index:03d}.csv",
+            self.binary,
+            timeout_s=120 + 4 * self.config.window_s,
+        )
+        result = run.result
+        wall = time.monotonic() - origin - began
+        answered, failed = requests_since(before, self.grpc_url, self.model)
+        return Window(
+            index=index,
+            started_s=round(began, 2),
+            wall_s=round(wall, 2),
+            requests=requests,
+            answered=answered,
+            failed=failed,
+            requests_per_s=round(requests / wall, 1),
+            p50_ms=result.p50_ms if result else float("nan"),
+            p90_ms=result.p90_ms if result else float("nan"),
+            p95_ms=result.p95_ms if result else float("nan"),
+            p99_ms=result.p99_ms if result else float("nan"),
+            error=run.error,
+            tool_hung=run.tool_hung,
+        )
+
+
+def window_progress(window: Window, count: int, last: Sample | None) -> str:
+    """The line said after a window, with the server's memory at the last sample."""
+    memory = ""
+    if last:
+        memory = f", server RSS {last.rss / 2**20:.0f} MiB, /dev/shm {last.shm_allocated / 2**20:.1f} MiB"
+    return (
+        f"soak: window {window.index + 1}/{count}: {window.requests_per_s:.0f} req/s, "
+        f"p50 {window.p50_ms:.1f} ms, p99 {window.p99_ms:.1f} ms, "
+        f"answered {window.answered}/{window.requests}, failed {window.failed}{memory}"
+        + (f"; ERROR {window.error.splitlines()[0]}" if window.error else "")
+        + ("; perf_analyzer hung after the last answer and was killed" if window.tool_hung else "")
+    )
+
+
 def run_soak(
     config: SoakConfig, artifacts: Any, artifacts_dir: Path, policy: Any, progress: bool = True
 ) -> dict:
-    """Serve ``artifacts`` under ``policy`` and soak it; returns the summary (also written to ``config.out``)."""
-    from offramp.backend.environment import prepare_execution_env
+    """Serve ``artifacts`` under ``policy`` and soak it; returns the summary (also written to
+    ``config.out``)."""
     from offramp.build.execution_env import triton_server_flags
-    from offramp.build.fashion_mnist import load_fashion_mnist
-    from offramp.build.repository import RepositoryOptions, write_repository
     from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
-    from offramp.client.tools.perf_analyzer import (
-        PerfAnalyzerOptions,
-        check_perf_analyzer,
-        run_perf_analyzer,
-        write_input_data,
-    )
+    from offramp.client.tools.perf_analyzer import check_perf_analyzer
 
     def say(message: str) -> None:
         if progress:
@@ -373,60 +483,29 @@ def run_soak(
     binary = check_perf_analyzer()
     out = Path(config.out)
     (out / "perf").mkdir(parents=True, exist_ok=True)
-    scratch = Path(config.workdir) / "soak"  # the repository and input data: large, regenerated each run
-    repository = scratch / "model_repository"
-    options = RepositoryOptions(
-        execution_env=prepare_execution_env(),
-        orchestrator_instances=config.orchestrator_instances,
-        segment_instances=config.segment_instances,
-    )
-    if repository.exists():
-        import shutil
-
-        shutil.rmtree(repository)
-    write_repository(artifacts, artifacts_dir, policy, repository, options)
-    images, _ = load_fashion_mnist("test")
-    rows = np.random.default_rng(config.seed).choice(
-        len(images), size=min(config.data_rows, len(images)), replace=False
-    )
-    data_file = write_input_data(scratch / "input_data.json", {"IMAGE": images[rows]})
-    check_images = images[:CHECK_ROWS]
+    inputs = prepare_inputs(config, artifacts, artifacts_dir, policy)
     name = artifacts.name
 
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     windows: list[Window] = []
     with EmbeddedTritonServer(
-        repository,
+        inputs.repository,
         ports=ServerPorts.free(),
         log_path=out / "tritonserver.log",
         # The pools' own start size; the growth step stated, as the shm check allows for it.
         extra_args=triton_server_flags(shm_default_bytes=None, shm_growth_bytes=config.shm_growth_step_bytes),
         startup_timeout_s=600,
     ) as server:
-        exits_before, labels_before = _classify_check_rows(server.grpc_url, name, check_images)
-
-        def perf_options(interval_ms: int) -> PerfAnalyzerOptions:
-            return PerfAnalyzerOptions(
-                url=server.grpc_url,
-                model=name,
-                input_data=data_file,
-                concurrency=config.concurrency,
-                batch_size=config.rows_per_request,
-                measurement_interval_ms=interval_ms,
-                stability_percentage=1000,  # no stability search: three windows, then the report
-                max_trials=3,
-            )
+        exits_before, labels_before = _classify_check_rows(server.grpc_url, name, inputs.check_images)
+        load = SoakLoad(config, server.grpc_url, name, inputs.data_file, binary, out / "perf")
 
         say(f"soak: warm-up {config.warmup_s:.0f} s at concurrency {config.concurrency}")
-        warm = run_perf_analyzer(
-            perf_options(int(config.warmup_s * 1000 / 3)), out / "perf" / "warmup.csv", timeout_s=120 + 4 * config.warmup_s,
-            binary=binary,
-        )  # fmt: skip
-        rate = warm.result.requests_per_s
-        per_window = max(1, int(rate * config.window_s))
+        warm = load.warm_up()
+        per_window = max(1, int(warm.requests_per_s * config.window_s))
         count = max(1, round(config.duration_s / config.window_s))
         say(
-            f"soak: {rate:.0f} requests/s; {count} windows of {per_window} requests (~{config.window_s:.0f} s each)"
+            f"soak: {warm.requests_per_s:.0f} requests/s; {count} windows of {per_window} requests "
+            f"(~{config.window_s:.0f} s each)"
         )
 
         sampler = Sampler(server.pid, server.shm_region_prefix, config.sample_interval_s)
@@ -434,70 +513,53 @@ def run_soak(
         sampler.start(origin)
         try:
             for index in range(count):
-                before = model_statistics(server.grpc_url)
-                began = time.monotonic() - origin
-                run = run_counted(
-                    perf_options(int(config.window_s * 1000)),
-                    per_window,
-                    lambda before=before: requests_since(before, server.grpc_url, name)[0],
-                    out / "perf" / f"window_{index:03d}.csv",
-                    binary,
-                    timeout_s=120 + 4 * config.window_s,
-                )
-                result, error = run.result, run.error
-                wall = time.monotonic() - origin - began
-                answered, failed = requests_since(before, server.grpc_url, name)
-                window = Window(
-                    index=index,
-                    started_s=round(began, 2),
-                    wall_s=round(wall, 2),
-                    requests=per_window,
-                    answered=answered,
-                    failed=failed,
-                    requests_per_s=round(per_window / wall, 1),
-                    p50_ms=result.p50_ms if result else float("nan"),
-                    p90_ms=result.p90_ms if result else float("nan"),
-                    p95_ms=result.p95_ms if result else float("nan"),
-                    p99_ms=result.p99_ms if result else float("nan"),
-                    error=error,
-                    tool_hung=run.tool_hung,
-                )
+                window = load.window(index, per_window, origin)
                 windows.append(window)
-                last = sampler.samples[-1] if sampler.samples else None
-                say(
-                    f"soak: window {index + 1}/{count}: {window.requests_per_s:.0f} req/s, p50 {window.p50_ms:.1f} ms, "
-                    f"p99 {window.p99_ms:.1f} ms, answered {window.answered}/{window.requests}, failed {window.failed}"
-                    + (
-                        f", server RSS {last.rss / 2**20:.0f} MiB, /dev/shm {last.shm_allocated / 2**20:.1f} MiB"
-                        if last
-                        else ""
-                    )
-                    + (f"; ERROR {error.splitlines()[0]}" if error else "")
-                    + ("; perf_analyzer hung after the last answer and was killed" if run.tool_hung else "")
-                )
-                if error:
+                say(window_progress(window, count, sampler.samples[-1] if sampler.samples else None))
+                if window.error:
                     break
         finally:
             samples = sampler.stop()
-        exits_after, labels_after = _classify_check_rows(server.grpc_url, name, check_images)
-        processes = server_processes(server.pid, repository)
+        exits_after, labels_after = _classify_check_rows(server.grpc_url, name, inputs.check_images)
+        processes = server_processes(server.pid, inputs.repository)
     answers_equal = bool((exits_before == exits_after).all() and (labels_before == labels_after).all())
 
-    verdict = evaluate(config, windows, samples, answers_equal)
-    summary = {
+    summary = soak_summary(config, started_at, name, warm, windows, samples, processes, answers_equal)
+    write_soak_results(summary, samples, out)
+    return summary
+
+
+def soak_summary(
+    config: SoakConfig,
+    started_at: str,
+    model: str,
+    warm_up: Any,
+    windows: Sequence[Window],
+    samples: Sequence[Sample],
+    processes: Mapping[int, str],
+    answers_equal: bool,
+) -> dict:
+    """What the soak saw and its verdict: ``warm_up`` is the warm-up run's result, ``processes`` the
+    server's roles by pid at the end."""
+    return {
         "date": started_at,
-        "model": name,
+        "model": model,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "machine": machine_load(),
         "processes": sorted(processes.values()),
-        "warmup": {"requests_per_s": rate, "p50_ms": warm.result.p50_ms, "p99_ms": warm.result.p99_ms},
+        "warmup": {
+            "requests_per_s": warm_up.requests_per_s, "p50_ms": warm_up.p50_ms, "p99_ms": warm_up.p99_ms
+        },
         "windows": [asdict(w) for w in windows],
-        **verdict,
+        **evaluate(config, windows, samples, answers_equal),
     }
+
+
+def write_soak_results(summary: Mapping[str, Any], samples: Sequence[Sample], out: Path) -> None:
+    """``samples.csv``, ``summary.json`` and ``summary.md`` in ``out``."""
     write_samples_csv(samples, out / "samples.csv")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     (out / "summary.md").write_text(summary_markdown(summary))
-    return summary
 
 
 def machine_load() -> dict[str, Any]:
