@@ -141,13 +141,15 @@ class IndexingRowMover:
     sets: list[tuple[ExitRule, ...]]
 
     def decide(self, logits: Any, exit_index: int, groups: Any) -> Decision:
+        """Each rule set's rule judges every row (it is row-wise); each row keeps its own set's verdict."""
         xp = self.xp
         scaled, members = _temperature_scaled(logits, exit_index, groups, self.sets, xp)
         confidence = compute_confidence(scaled, 1.0, xp)
-        passes = xp.empty(len(scaled), dtype=bool)
+        passes = None
         for g, rows in members:
             rule = self.sets[g][exit_index]
-            passes[rows] = exits_by_threshold(confidence.select(rows), rule.metric, rule.threshold, xp)
+            verdict = exits_by_threshold(confidence, rule.metric, rule.threshold, xp)  # (n,)
+            passes = verdict if passes is None else xp.where(rows, verdict, passes)
         return Decision(scaled, confidence, passes)
 
     def split(self, leaving: Any) -> RowSplit:
