@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from offramp.backend.contract import FLAG_DEADLINE, FLAG_DEPTH_CAP, FLAG_FORCED_FULL, HIDDEN_IN
+from offramp.backend.contract import (
+    FLAG_DEADLINE,
+    FLAG_DEGRADED,
+    FLAG_DEPTH_CAP,
+    FLAG_FORCED_FULL,
+    HIDDEN_IN,
+    SegmentUnavailable,
+)
 from offramp.backend.policy import ExitRule, Policy
 from offramp.kernels.confidence import Confidence, compute_confidence, exits_by_threshold
 
@@ -71,6 +78,11 @@ class CascadeResult:
     # constraints did not hide it; -1 where they did. The drift monitor watches these free choices.
     policy_exit: Any
     rows_per_segment: tuple[int, ...]  # how many rows each segment ran (0 after the batch emptied)
+    # A segment was unavailable: what it said, and (B,) bool the rows it left without the answer their
+    # policy would give (answered at the deepest exit they reached, FLAG_DEGRADED, or not at all:
+    # exit -1 where they reached none). None when every segment answered.
+    outage: str = ""
+    unfinished: Any = None
 
 
 def rule_sets(policy: Policy) -> list[tuple[ExitRule, ...]]:
@@ -275,7 +287,7 @@ class _Answers:
         self.exit[exited_positions] = exit_index
         self.cost[exited_positions] = cost
 
-    def result(self, rows_per_segment: Sequence[int]) -> CascadeResult:
+    def result(self, rows_per_segment: Sequence[int], outage: str = "", unfinished: Any = None) -> CascadeResult:
         no_answer = self.xp.zeros((len(self.label), 0), dtype=self.xp.float32)  # an empty batch
         return CascadeResult(
             logits=self.logits if self.logits is not None else no_answer,
@@ -286,6 +298,8 @@ class _Answers:
             flags=self.flags,
             policy_exit=self.policy_exit,
             rows_per_segment=tuple(rows_per_segment),
+            outage=outage,
+            unfinished=unfinished,
         )
 
 
@@ -326,13 +340,20 @@ def run_cascade(
     running = xp.arange(batch.rows)  # original positions of the rows in the current segment batch
     if run_full is not None and policy.full_depth_route == "full_model" and bool(batch.force_full.any()):
         forced = xp.nonzero(batch.force_full)[0]
-        logits = run_full({n: t[forced] for n, t in batch.inputs.items()})
-        decision = mover.decide(logits, last_exit, groups_of(forced))
-        everyone = mover.split(xp.ones(len(forced), dtype=bool))
-        answers.record(mover, everyone, decision, forced, last_exit, 1.0)
-        running = xp.nonzero(~batch.force_full)[0]
+        try:
+            logits = run_full({n: t[forced] for n, t in batch.inputs.items()})
+        except SegmentUnavailable:
+            pass  # the full model is down: the forced rows go through every segment instead
+        else:
+            decision = mover.decide(logits, last_exit, groups_of(forced))
+            everyone = mover.split(xp.ones(len(forced), dtype=bool))
+            answers.record(mover, everyone, decision, forced, last_exit, 1.0)
+            running = xp.nonzero(~batch.force_full)[0]
     pending = xp.ones(len(running), dtype=bool)  # rows of the segment batch not yet answered
     num_pending = len(running)
+    # The previous exit's verdict, its segment batch's positions and which of its rows went on: where
+    # the next segment is unavailable, those rows answer there instead (the deepest exit they reached).
+    previous: tuple[Decision, Any, Any] | None = None
 
     tensors: dict[str, Any] = {n: t[running] for n, t in batch.inputs.items()}
     for index in range(num_exits):
@@ -340,7 +361,16 @@ def run_cascade(
             break
         last = index == last_exit
         rows_per_segment[index] = len(running)
-        hidden, logits = run_segment(index, tensors, not last)  # hidden (n, ...), logits (n, C)
+        try:
+            hidden, logits = run_segment(index, tensors, not last)  # hidden (n, ...), logits (n, C)
+        except SegmentUnavailable as outage:
+            unfinished = xp.zeros(batch.rows, dtype=bool)
+            unfinished[running[pending]] = True
+            if previous is not None:
+                decision, positions, went_on = previous
+                answers.record(mover, mover.split(went_on), decision, positions, index - 1, exit_costs[index - 1])
+                answers.flags[positions[went_on]] |= FLAG_DEGRADED
+            return answers.result(rows_per_segment, str(outage), unfinished)
         decision = mover.decide(logits, index, groups_of(running))
         passes = decision.passes
         undecided = answers.policy_exit[running] < 0
@@ -367,6 +397,7 @@ def run_cascade(
         if num_pending == 0:  # the last segment always gets here: it answers every pending row
             break
         side = {name: tensors[name] for name in side_inputs}  # (n, ...) each, aligned with `running`
+        previous = (decision, running, pending & ~leaving)
         if compact:
             running = mover.gather_survivors(split, running)
             hidden = mover.gather_survivors(split, hidden)

@@ -68,6 +68,10 @@ FLAG_ABSTAINED = 8  # below the policy's abstention band at its last allowed exi
 FLAG_FALLBACK = 16  # answered by the policy's fallback model instead
 FLAG_FALLBACK_FAILED = 32  # the fallback model failed; the row keeps its own answer, flagged for review
 FLAG_CONSERVATIVE = 64  # served at full depth because the drift monitor's conservative mode is on
+# A model the row needed was unavailable (its stub died, it was unloaded): answered at the deepest exit
+# it had reached instead of where its policy would have let it leave (the policy allows it).
+FLAG_DEGRADED = 128
+FLAG_REROUTED = 256  # a segment was unavailable: answered by `<name>_full` instead (full quality)
 FLAG_NAMES = {
     FLAG_FORCED_FULL: "forced_full",
     FLAG_DEPTH_CAP: "depth_cap",
@@ -76,7 +80,15 @@ FLAG_NAMES = {
     FLAG_FALLBACK: "fallback",
     FLAG_FALLBACK_FAILED: "fallback_failed",
     FLAG_CONSERVATIVE: "conservative",
+    FLAG_DEGRADED: "degraded",
+    FLAG_REROUTED: "rerouted",
 }
+
+
+class SegmentUnavailable(RuntimeError):
+    """A model the cascade calls is missing or unhealthy (a BLS call answered UNAVAILABLE, NOT_FOUND or
+    "is not healthy"): no request is to blame, so its requests are not retried one by one; the
+    orchestrator answers their rows another way where it can (``<name>_full``, a shallower exit)."""
 
 
 def describe_flags(flags: int) -> list[str]:

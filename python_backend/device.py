@@ -94,12 +94,13 @@ def batch_on(batch: CascadeBatch, xp: Any) -> CascadeBatch:
 
 
 def result_to_host(result: CascadeResult) -> CascadeResult:
+    """Every array of ``result`` on the host (``unfinished`` only where an outage left one)."""
     return replace(
         result,
         **{
             f.name: to_host(getattr(result, f.name))
             for f in fields(CascadeResult)
-            if f.name != "rows_per_segment"
+            if f.name not in ("rows_per_segment", "outage") and getattr(result, f.name) is not None
         },
     )
 

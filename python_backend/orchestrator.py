@@ -18,13 +18,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from offramp.backend.audit import AuditConfig, AuditLog
-from offramp.backend.cascade import Cascade, CascadeBatch, RunSegment, rule_sets, run_cascade
+from offramp.backend.cascade import Cascade, CascadeBatch, CascadeResult, RunSegment, rule_sets, run_cascade
 from offramp.backend.contract import (
     FLAG_ABSTAINED,
     FLAG_CONSERVATIVE,
+    FLAG_DEGRADED,
     FLAG_FALLBACK,
     FLAG_FALLBACK_FAILED,
     FLAG_FORCED_FULL,
+    FLAG_REROUTED,
+    SegmentUnavailable,
     TensorSpec,
     describe_flags,
 )
@@ -45,9 +48,32 @@ class RequestError(ValueError):
     """What is wrong with one request; it is answered with this message and its batch-mates go on."""
 
 
-class SegmentUnavailable(RuntimeError):
-    """A model the cascade calls is missing or unhealthy: the batch fails as a whole, since no request
-    in it is to blame and running them again one by one would only wait on it again."""
+class ServiceDegraded(RuntimeError):
+    """Models the request needs are unavailable and the policy allows no other answer for its rows: the
+    request fails (UNAVAILABLE), saying which; its batch-mates are answered."""
+
+
+class OutageMemory:
+    """Remembers, for ``retry_after_s``, the models that answered SegmentUnavailable, so that the next
+    batches do not each wait on them again (a call to a dead stub takes about a second to fail); after
+    that the model is tried again. Shared by the orchestrator's calls to segments and other models."""
+
+    def __init__(self, retry_after_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.retry_after_s = retry_after_s
+        self.clock = clock
+        self._down: dict[str, tuple[float, str]] = {}  # model -> (since, what it said)
+
+    def call(self, model: str, call: Callable[[], Any]) -> Any:
+        down = self._down.get(model)
+        if down is not None and self.clock() - down[0] < self.retry_after_s:
+            raise SegmentUnavailable(down[1])
+        try:
+            result = call()
+        except SegmentUnavailable as error:
+            self._down[model] = (self.clock(), str(error))
+            raise
+        self._down.pop(model, None)
+        return result
 
 
 class RequestView(Protocol):
@@ -110,6 +136,11 @@ class ServingOptions:
 
     def to_parameters(self) -> dict[str, str]:
         return {f"offramp_{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def describes(cls, parameters: Mapping[str, Any]) -> bool:
+        """Whether a model config's ``parameters`` are an orchestrator's (they carry these options)."""
+        return any(f"offramp_{name}" in parameters for name in cls.__dataclass_fields__)
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> ServingOptions:
@@ -216,6 +247,7 @@ class Orchestrator:
         self.telemetry = telemetry
         self.audit = audit
         self.drift = drift
+        self.outages = OutageMemory()
         if telemetry is not None:
             telemetry.policy(policy.version, spec.fingerprint)
             if audit is not None:  # the writer's totals move in its own thread, between requests
@@ -277,8 +309,10 @@ class Orchestrator:
         if unknown:
             raise RequestError(f"unknown request parameters {unknown}; known: {list(self.PARAMETERS)}")
         last = self.num_exits - 1
-        min_exit = _int_parameter("min_exit", parameters.get("min_exit", 0), 0, last)
-        max_exit = _int_parameter("max_exit", parameters.get("max_exit", last), 0, last)
+        # A negative exit counts from the last, as Python indexes: min_exit -1 runs every segment
+        # whatever the model's depth (the health canary does so).
+        min_exit = _int_parameter("min_exit", parameters.get("min_exit", 0), -self.num_exits, last) % self.num_exits
+        max_exit = _int_parameter("max_exit", parameters.get("max_exit", last), -self.num_exits, last) % self.num_exits
         if min_exit > max_exit:
             raise RequestError(f"min_exit {min_exit} is above max_exit {max_exit}")
         force_full = _bool_parameter("force_full", parameters.get("force_full", False))
@@ -361,30 +395,57 @@ class Orchestrator:
             return []
         batch = self.merge(parsed)
         try:
-            outputs, policy_exit, requested_full = self._answer(batch, run_segment, run_model)
+            outputs, policy_exit, requested_full, failed = self._answer(batch, run_segment, run_model)
         except Exception as error:  # a failed segment fails the rows that needed it, not the server
             if len(parsed) == 1 or isinstance(error, SegmentUnavailable):
                 return [error] * len(parsed)
             return [answer for request in parsed for answer in self._serve([request], run_segment, run_model)]
-        self._observe(outputs, policy_exit, parsed, batch, requested_full)
         bounds = np.cumsum([0, *(p.rows for p in parsed)])
-        return [{name: array[a:b] for name, array in outputs.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        if failed is not None:  # a request with a row the outage left unanswerable fails whole
+            rows, message = failed
+            lost = [bool(rows[a:b].any()) for a, b in spans]
+            keep = np.repeat(~np.array(lost), [p.rows for p in parsed])
+            kept = [p for p, gone in zip(parsed, lost) if not gone]
+            if kept:
+                self._observe(
+                    {name: array[keep] for name, array in outputs.items()},
+                    policy_exit[keep],
+                    kept,
+                    replace(batch, rule_set=batch.rule_set[keep]),
+                    requested_full[keep],
+                )
+            return [
+                ServiceDegraded(message) if gone else {name: array[a:b] for name, array in outputs.items()}
+                for (a, b), gone in zip(spans, lost)
+            ]
+        self._observe(outputs, policy_exit, parsed, batch, requested_full)
+        return [{name: array[a:b] for name, array in outputs.items()} for a, b in spans]
 
     def _answer(
         self, batch: CascadeBatch, run_segment: RunSegment, run_model: RunModel | None
-    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, tuple[np.ndarray, str] | None]:
         """The output tensors of every row of the batch, the exit the policy chose freely (-1: it did
-        not choose) and which rows the requests themselves forced to full depth."""
+        not choose), which rows the requests themselves forced to full depth, and, where models were
+        unavailable, the rows left without an answer the policy allows (B,) with the reason."""
         requested_full = batch.force_full
         policy = self.policy
         conservative = self.drift is not None and self.drift.conservative
         if conservative:
             batch = replace(batch, force_full=np.ones(batch.rows, dtype=bool))
             policy = self.conservative_policy
-        run_full = None if run_model is None else lambda tensors: run_model(self.spec.full_model, tensors)
+        segments = self.spec.segment_models
+
+        def segment(index: int, tensors: Mapping[str, Any], need_hidden: bool) -> tuple[Any, Any]:
+            return self.outages.call(segments[index], lambda: run_segment(index, tensors, need_hidden))
+
+        run_full = None
+        if run_model is not None:
+            full = self.spec.full_model
+            run_full = lambda tensors: self.outages.call(full, lambda: run_model(full, tensors))  # noqa: E731
         result = self.cascade(
             batch,
-            run_segment,
+            segment,
             policy,
             self.spec.exit_costs,
             self.spec.side_inputs,
@@ -403,9 +464,44 @@ class Orchestrator:
             outputs["FLAGS"] = np.where(
                 requested_full, result.flags, (result.flags & ~FLAG_FORCED_FULL) | FLAG_CONSERVATIVE
             ).astype(np.int32)
+        failed = None
+        if result.unfinished is not None:
+            failed = self._reroute(outputs, batch, result, run_full)
         if self.policy.abstention is not None:
             self._abstain(outputs, batch, run_model)
-        return outputs, result.policy_exit, requested_full
+        return outputs, result.policy_exit, requested_full, failed
+
+    def _reroute(
+        self, outputs: dict[str, np.ndarray], batch: CascadeBatch, result: CascadeResult, run_full: Any
+    ) -> tuple[np.ndarray, str] | None:
+        """Answers the rows a segment outage left unfinished with `<name>_full` (FLAG_REROUTED); where it
+        is down too, keeps their answers at the deepest exit reached if the policy allows it. Returns
+        the rows still without an allowed answer, and why, or None."""
+        rows = result.unfinished  # (B,) bool
+        reason = f"service degraded: {result.outage}"
+        if run_full is not None:
+            try:
+                logits = run_full({name: tensor[rows] for name, tensor in batch.inputs.items()})
+            except SegmentUnavailable as error:
+                reason += f"; {self.spec.full_model} is unavailable too: {error}"
+            else:
+                last = self.num_exits - 1
+                temperature = np.array([self.rule_sets[s][last].temperature for s in batch.rule_set[rows]])
+                scaled = (np.asarray(logits, dtype=np.float32) / temperature[:, None].astype(np.float32))
+                answer = compute_confidence(scaled)
+                if outputs["LOGITS"].shape[1] == 0:  # no row of the batch reached an exit: (B, 0) so far
+                    outputs["LOGITS"] = np.full((len(rows), scaled.shape[1]), np.nan, dtype=np.float32)
+                outputs["LOGITS"][rows] = scaled
+                outputs["LABEL"][rows] = answer.label
+                outputs["CONFIDENCE"][rows] = answer.stacked()
+                outputs["EXIT"][rows] = last
+                outputs["COST"][rows] += np.float32(1.0)
+                outputs["FLAGS"][rows] = (outputs["FLAGS"][rows] & ~FLAG_DEGRADED) | FLAG_REROUTED
+                return None
+        if self.policy.degraded_answers:
+            unanswerable = rows & (outputs["EXIT"] < 0)  # reached no exit before the outage
+            return (unanswerable, reason + "; no exit was reached") if unanswerable.any() else None
+        return rows, reason + "; the policy allows no answer at a shallower exit (degraded_answers)"
 
     def _abstain(self, outputs: dict[str, np.ndarray], batch: CascadeBatch, run_model: RunModel | None) -> None:
         """Flags, or sends to the fallback model, the rows still unsure at their last allowed exit."""

@@ -68,6 +68,9 @@ class Policy:
     full_depth_route: str = "full_model"
     cohorts: dict[str, tuple[ExitRule, ...]] = field(default_factory=dict)
     abstention: Abstention | None = None
+    # While a segment is unavailable and `<name>_full` too: answer the rows that need it at the deepest
+    # exit they reached (flagged degraded: below the policy's certified quality), or fail them.
+    degraded_answers: bool = False
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -129,6 +132,7 @@ class Policy:
                 full_depth_route=data.get("full_depth_route", "full_model"),
                 cohorts={str(k): _rules(v) for k, v in data.get("cohorts", {}).items()},
                 abstention=Abstention(**data["abstention"]) if data.get("abstention") else None,
+                degraded_answers=bool(data.get("degraded_answers", False)),
                 provenance=dict(data.get("provenance", {})),
             )
         except (KeyError, TypeError, AttributeError) as error:

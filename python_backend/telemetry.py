@@ -26,9 +26,11 @@ from offramp.backend.contract import (
     FLAG_ABSTAINED,
     FLAG_CONSERVATIVE,
     FLAG_DEADLINE,
+    FLAG_DEGRADED,
     FLAG_FALLBACK,
     FLAG_FALLBACK_FAILED,
     FLAG_FORCED_FULL,
+    FLAG_REROUTED,
 )
 
 CONFIDENCE_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
@@ -40,6 +42,8 @@ _FLAG_COUNTERS = {
     FLAG_FALLBACK: ("offramp_fallback_rows_total", "Rows answered by the policy's fallback model"),
     FLAG_FALLBACK_FAILED: ("offramp_fallback_failures_total", "Rows whose fallback model call failed"),
     FLAG_CONSERVATIVE: ("offramp_conservative_rows_total", "Rows run to full depth by drift conservative mode"),
+    FLAG_REROUTED: ("offramp_rerouted_rows_total", "Rows answered by the full model because a segment was unavailable"),
+    FLAG_DEGRADED: ("offramp_degraded_rows_total", "Rows answered at a shallower exit because models were unavailable"),
 }
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_OUT, LOGITS_OUT
+from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_OUT, LOGITS_OUT, SegmentUnavailable
 from offramp.backend.device import DeviceRequest, from_bls_tensor, is_device_array, select_cascade, to_bls_tensor
-from offramp.backend.orchestrator import POLICY_FILE, Orchestrator, RequestError, SegmentUnavailable, ServingOptions
+from offramp.backend.orchestrator import POLICY_FILE, Orchestrator, RequestError, ServiceDegraded, ServingOptions
 from offramp.backend.policy import Policy
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
@@ -24,12 +24,18 @@ class SegmentError(RuntimeError):
     pass
 
 
+# How tritonserver 2.51 words a BLS call to a model that cannot answer, whatever the request: its stub
+# died ("Stub process '<instance>' is not healthy."), or it was unloaded ("... Model '<name>' is not
+# ready.", with code INTERNAL) or never loaded.
+_UNAVAILABLE_MESSAGES = ("is not healthy", "is not ready", "unknown model")
+
+
 def _segment_error(model_name, error):
     """A failed BLS call as the orchestrator's exception: an absent or unhealthy model is nobody's
     request's fault (rerunning requests alone would only multiply the wait for it)."""
     message = f"{model_name} failed: {error.message()}"
     absent = error.code() in (pb_utils.TritonError.UNAVAILABLE, pb_utils.TritonError.NOT_FOUND)
-    if absent or "is not healthy" in message:
+    if absent or any(words in message for words in _UNAVAILABLE_MESSAGES):
         return SegmentUnavailable(message)
     return SegmentError(message)
 
@@ -164,8 +170,13 @@ class TritonPythonModel:
         responses = []
         for answer in answers:
             if isinstance(answer, Exception):
-                # A request's own fault is the client's error (gRPC INVALID_ARGUMENT, HTTP 400).
-                code = pb_utils.TritonError.INVALID_ARG if isinstance(answer, RequestError) else pb_utils.TritonError.INTERNAL
+                # A request's own fault is the client's error (gRPC INVALID_ARGUMENT, HTTP 400); an
+                # outage is UNAVAILABLE, which a client may retry on another replica.
+                code = pb_utils.TritonError.INTERNAL
+                if isinstance(answer, RequestError):
+                    code = pb_utils.TritonError.INVALID_ARG
+                elif isinstance(answer, (ServiceDegraded, SegmentUnavailable)):
+                    code = pb_utils.TritonError.UNAVAILABLE
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer), code)))
             else:
                 tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in answer.items()]

@@ -220,10 +220,11 @@ class Traffic:
         rows: int = 8,
         timeout_s: float = 10.0,
         protocols: tuple[str, ...] = ("grpc",),
+        parameters: Mapping[str, Any] | None = None,
     ) -> None:
         import threading
 
-        self.server, self.model, self.images = server, model, images
+        self.server, self.model, self.images, self.parameters = server, model, images, parameters
         self.threads, self.rows, self.timeout_s, self.protocols = threads, rows, timeout_s, protocols
         self.sent: list[Sent] = []
         self._stop = threading.Event()
@@ -241,7 +242,12 @@ class Traffic:
             started = time.monotonic()
             try:
                 outcome = infer(
-                    protocol, self.server, self.model, {"IMAGE": self.images[rows]}, timeout_s=self.timeout_s
+                    protocol,
+                    self.server,
+                    self.model,
+                    {"IMAGE": self.images[rows]},
+                    parameters=self.parameters,
+                    timeout_s=self.timeout_s,
                 )
             except Exception as error:  # noqa: BLE001 - a refused connection is an outcome too
                 outcome = Outcome(error=f"{type(error).__name__}: {error}")

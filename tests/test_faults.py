@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from offramp.backend.audit import read_audit
 from offramp.backend.cascade import CascadeResult
-from offramp.backend.contract import FLAG_ABSTAINED, FLAG_FALLBACK, FLAG_FALLBACK_FAILED
+from offramp.backend.contract import FLAG_ABSTAINED, FLAG_FALLBACK, FLAG_FALLBACK_FAILED, FLAG_REROUTED
 from offramp.backend.orchestrator import ServingOptions
 from offramp.backend.policy import Abstention
 from offramp.build.repository import (
@@ -135,19 +135,33 @@ def fault_service(quick_cnn, fashion_test, tmp_path_factory, running_server, exe
 
 
 def assert_answered_or_refused(traffic: Traffic, expected: CascadeResult, error: str | None = None) -> None:
-    """Every request ended within its timeout; the answered ones are correct, the others carry ``error``."""
+    """Every request ended within its timeout; the answered ones are correct (rows rerouted to the full
+    model answer at its exit), the others carry ``error``."""
     hung = [s for s in traffic.sent if s.seconds > TIMEOUT_S + SLACK_S]
     assert not hung, (
         f"{len(hung)} requests took longer than their {TIMEOUT_S:.0f} s timeout, e.g. {hung[0].seconds:.1f} s"
     )
+    last_exit = len(expected.logits) and int(expected.exit.max())
     for sent in traffic.sent:
         if sent.outcome.ok:
-            assert_rows_match(sent.outcome.outputs, expected, sent.rows)
+            flags = sent.outcome.outputs["FLAGS"].reshape(-1)
+            if not flags.any():
+                assert_rows_match(sent.outcome.outputs, expected, sent.rows)
+                continue
+            # Rows `_full` answered for a missing segment: the full network's exit; the others as expected.
+            assert set(np.unique(flags)) <= {0, FLAG_REROUTED}
+            exits, labels = sent.outcome.outputs["EXIT"].reshape(-1), sent.outcome.outputs["LABEL"].reshape(-1)
+            plain = flags == 0
+            np.testing.assert_array_equal(exits[plain], expected.exit[sent.rows][plain])
+            np.testing.assert_array_equal(labels[plain], expected.label[sent.rows][plain])
+            assert (exits[~plain] == last_exit).all()
         elif error is not None:
             assert re.search(error, sent.outcome.error), sent.outcome.error
 
 
-def test_an_unloaded_segment_fails_requests_clearly_and_service_recovers(fault_service):
+def test_an_unloaded_segment_is_stood_in_for_by_the_full_model_and_service_recovers(fault_service):
+    """While segment 1 is unloaded, the rows that need it are answered by `<name>_full` (flagged
+    rerouted); no request fails; once it is loaded again, the early-exit path answers again."""
     service = fault_service
     segment = segment_model_name(service.name, 1)
     with (
@@ -169,18 +183,23 @@ def test_an_unloaded_segment_fails_requests_clearly_and_service_recovers(fault_s
         loading = time.monotonic()
         client.load_model(segment)
         loaded = time.monotonic()
-        time.sleep(1.5)
+        time.sleep(2.5)
     before = traffic.between(0, unloading)
     gone = traffic.between(unloaded, loading)
-    back = traffic.between(loaded, float("inf"))
-    assert before and all(s.outcome.ok for s in before), "the traffic failed before the fault"
-    assert gone and not any(s.outcome.ok for s in gone), "requests were answered without a segment"
-    for sent in gone:
-        assert re.search(
-            rf"{segment}.*(not ready|unavailable|not found)", sent.outcome.error, re.IGNORECASE
-        ), sent.outcome.error
-    assert back and all(s.outcome.ok for s in back), [s.outcome.error for s in back if not s.outcome.ok][:2]
-    assert_answered_or_refused(traffic, service.expected, rf"{segment}|{service.name}")
+    # Each orchestrator instance tries a segment it found unavailable again a second later.
+    back = traffic.between(loaded + 1.5, float("inf"))
+    assert all(s.outcome.ok for s in traffic.sent), [s.outcome.error for s in traffic.sent if not s.outcome.ok][:2]
+    assert before and all(not s.outcome.outputs["FLAGS"].any() for s in before)
+    rerouted = [s for s in gone if (s.outcome.outputs["FLAGS"] & FLAG_REROUTED).any()]
+    assert gone and rerouted, "no row needed the unloaded segment"
+    for sent in gone:  # rows that left at exit 0 keep their answer; the others are the full model's
+        flags = sent.outcome.outputs["FLAGS"].reshape(-1)
+        exits = sent.outcome.outputs["EXIT"].reshape(-1)
+        assert set(np.unique(flags)) <= {0, FLAG_REROUTED}
+        assert ((flags == FLAG_REROUTED) == (service.expected.exit[sent.rows] >= 1)).all()
+        assert (exits[flags == FLAG_REROUTED] == service.artifacts.num_exits - 1).all()
+    assert back and all(not s.outcome.outputs["FLAGS"].any() for s in back)
+    assert_answered_or_refused(traffic, service.expected)
 
 
 def test_a_missing_fallback_model_flags_rows_instead_of_failing_them(fault_service):
@@ -268,15 +287,17 @@ def own_repository(quick_cnn, fashion_test, tmp_path, execution_env):
     return tmp_path / "repo", artifacts, images[:ROWS], expected
 
 
-def test_a_killed_segment_stub(own_repository, tmp_path, record_property):
-    """SIGKILL the stub of segment 0 under traffic, measure what Triton does, and reload the segment.
+def test_a_killed_segment_stub_without_a_supervisor(own_repository, tmp_path, record_property):
+    """SIGKILL the stub of segment 0 under traffic with no supervisor, and record what Triton does.
 
     Measured with tritonserver 2.51 (pytriton 0.7.0): the stub is not restarted and the model stays
-    READY; each request that needs it fails after ~3 s with "Stub process '<instance>' is not
-    healthy." (so none hangs); an explicit load of the segment brings the service back. The dead
-    instance never finishes unloading: stopping the server then waits out --exit-timeout-secs, and
-    the killed stub's /dev/shm region is left behind (it unlinks its own region at a clean exit).
-    The test accepts a Triton that restarts the stub instead, and states which one it saw.
+    READY; a BLS call to it fails after ~1 s with "Stub process '<instance>' is not healthy.", which
+    the orchestrator answers with `<name>_full` (each orchestrator instance tries the segment again a
+    second later). A plain explicit load of the segment brought a new stub in this test's runs, but not
+    when the segment alone was called (nor did a load sending the unchanged config): the test accepts
+    either and records which it saw. The dead instance never finishes unloading, so stopping the
+    server waits out --exit-timeout-secs, and the killed stub's /dev/shm region is left for the stop
+    to remove. `offramp serve`'s supervisor repairs all this (tests/test_self_healing.py).
     """
     repository, artifacts, images, expected = own_repository
     segment = segment_model_name(artifacts.name, 0)
@@ -301,37 +322,29 @@ def test_a_killed_segment_stub(own_repository, tmp_path, record_property):
             time.sleep(1.0)
             killed = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            time.sleep(6.0)
-            restarted = any(role == segment and pid != victim for pid, role in server_processes(pgid).items())
+            time.sleep(4.0)
             ready_after_kill = client.is_model_ready(segment)
             loading = time.monotonic()
             client.load_model(segment)
-            loaded = time.monotonic()
             time.sleep(1.5)
-        after_kill = traffic.between(killed + 0.5, loading)
-        failed = [s for s in after_kill if not s.outcome.ok]
-        back = traffic.between(loaded, float("inf"))
+            restarted = any(role == segment and pid != victim for pid, role in server_processes(pgid).items())
+        after_kill = traffic.between(killed + 0.5, float("inf"))
+        rerouted = [s for s in after_kill if s.outcome.ok and (s.outcome.outputs["FLAGS"] == FLAG_REROUTED).all()]
         record_property("stub_restarted_by_triton", restarted)
         record_property("model_ready_with_dead_stub", ready_after_kill)
         record_property("requests_after_kill", len(after_kill))
-        record_property("failed_after_kill", len(failed))
-        record_property("max_failure_seconds", round(max((s.seconds for s in failed), default=0.0), 2))
-        assert_answered_or_refused(traffic, expected, rf"{segment}|Stub process")
-        if not restarted:
-            assert after_kill and len(failed) == len(after_kill), "answers without the segment's stub"
-            for sent in failed:
-                assert re.search(rf"Stub process '{segment}_\d+_\d+' is not healthy", sent.outcome.error), (
-                    sent.outcome.error
-                )
-        assert back and all(s.outcome.ok for s in back), [s.outcome.error for s in back if not s.outcome.ok][
-            :2
-        ]
+        record_property("rerouted_after_kill", len(rerouted))
+        assert_answered_or_refused(traffic, expected)
+        assert all(s.outcome.ok for s in traffic.sent), [s.outcome.error for s in traffic.sent if not s.outcome.ok][:2]
+        if not restarted:  # every row needs segment 0: `_full` answered all of them
+            assert after_kill and len(rerouted) == len(after_kill)
+        else:  # rerouted until Triton's own restart (seen on some runs here), the segments' answers after
+            assert rerouted and rerouted[0].started < loading
     finally:
         left = server.stop()
-        for path in left:  # the killed stub could not unlink its region; do not leave it on the machine
-            path.unlink(missing_ok=True)
     record_property("shm_regions_left", [p.name for p in left])
     assert {p.name for p in left} <= {region}, f"regions other than the killed stub's were left: {left}"
+    assert not list(SHM_DIR.glob(f"{server.shm_region_prefix}*")), "the stop did not remove what was left"
     assert not server_processes(pgid), "processes outlived the server"
 
 

@@ -16,8 +16,10 @@ from offramp.backend.audit import AuditConfig, AuditLog, read_audit, summarize_a
 from offramp.backend.contract import FLAG_ABSTAINED, FLAG_DEADLINE, FLAG_FORCED_FULL
 from offramp.backend.drift import DriftConfig, DriftMonitor, population_stability_index
 from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
+from offramp.client.serving.supervisor import Supervisor
 
 from tests.reliability_support import wait_for
+from tests.test_supervisor import ScriptedServer
 
 MONITORING = Path(offramp.backend.__file__).parent / "monitoring"
 
@@ -37,13 +39,17 @@ class RecordingSink:
 def emitted_names() -> set[str]:
     sink = RecordingSink()
     telemetry = ServingTelemetry(sink, "m", "m_0", publish_interval_s=0.0)
-    flags = np.array([FLAG_FORCED_FULL, FLAG_DEADLINE, FLAG_ABSTAINED, 8 | 16, 32, 64], np.int32)
-    telemetry.answered(np.arange(6) % 3, np.full(6, 0.9), np.full(6, 0.5), flags, np.array(["a"] * 6, dtype=object))
+    flags = np.array([FLAG_FORCED_FULL, FLAG_DEADLINE, FLAG_ABSTAINED, 8 | 16, 32, 64, 128, 256], np.int32)
+    telemetry.answered(np.arange(8) % 3, np.full(8, 0.9), np.full(8, 0.5), flags, np.array(["a"] * 8, dtype=object))
     telemetry.policy("v1", "f" * 64)
     telemetry.drift(0.3, True, True)
     telemetry.audit(1, 2, 3)
     telemetry.publish()
-    return {re.sub(r"_(bucket|sum|count)$", "", name) for name, _ in sink.values}
+    # `offramp serve`'s supervisor publishes its own on the health port.
+    supervisor = Supervisor(ScriptedServer())
+    supervisor.record("m_segment_0")
+    supervised = set(re.findall(r"^(offramp_\w+)\{", supervisor.metrics_text(), re.MULTILINE))
+    return {re.sub(r"_(bucket|sum|count)$", "", name) for name, _ in sink.values} | supervised
 
 
 def test_telemetry_counts_rows_by_exit_and_cohort():

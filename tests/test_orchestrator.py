@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from offramp.backend.contract import TensorSpec
-from offramp.backend.orchestrator import Orchestrator, OrchestratorSpec, RequestError, SegmentUnavailable
+from offramp.backend.contract import FLAG_DEGRADED, FLAG_FORCED_FULL, FLAG_REROUTED, SegmentUnavailable, TensorSpec
+from offramp.backend.orchestrator import Orchestrator, OrchestratorSpec, RequestError, ServiceDegraded
 from offramp.backend.policy import ExitRule, Policy, PolicyError
 from tests.fakes import FakeNetwork
 
@@ -134,7 +135,125 @@ def test_an_unavailable_segment_fails_the_batch_once_without_rerunning_each_requ
 
     requests = [FakeRequest({"X": np.zeros((2, 6), np.float32)}) for _ in range(4)]
     answers = orchestrator.execute(requests, missing, None)
-    assert all(isinstance(a, SegmentUnavailable) for a in answers) and calls == [8]
+    assert all(isinstance(a, ServiceDegraded) for a in answers) and calls == [8]
+    assert "service degraded: s0 failed: model is not ready" in str(answers[0])
+
+
+class Outage:
+    """The fake network with segment ``down`` (and, if ``full_down``, the full model) unavailable."""
+
+    def __init__(self, down: int | None, full_down: bool = False) -> None:
+        self.net, self.down, self.full_down = FakeNetwork(), down, full_down
+        self.segment_calls = [0, 0, 0]
+        self.full_calls = 0
+
+    def run_segment(self, index, tensors, need_hidden):
+        self.segment_calls[index] += 1
+        if index == self.down:
+            raise SegmentUnavailable(f"s{index} failed: Stub process 's{index}_0_0' is not healthy.")
+        return self.net.run_segment(index, tensors, need_hidden)
+
+    def run_model(self, name, tensors):
+        self.full_calls += 1
+        if self.full_down:
+            raise SegmentUnavailable(f"{name} failed: Stub process '{name}_0_0' is not healthy.")
+        return self.net.run_full(tensors)
+
+
+def _served(orchestrator, outage, rows=32, parameters=None):
+    x = good_rows(outage.net, 0, rows)
+    request = FakeRequest({"X": x}, parameters)
+    return orchestrator.execute([request], outage.run_segment, outage.run_model)[0], x
+
+
+def test_rows_a_segment_outage_strands_are_answered_by_the_full_model(orchestrator):
+    healthy, x = _served(orchestrator, Outage(None))
+    answer, _ = _served(orchestrator, Outage(1))
+    stranded = healthy["EXIT"].reshape(-1) >= 1
+    assert stranded.any() and (~stranded).any()
+    for name in ("LOGITS", "LABEL", "EXIT", "CONFIDENCE"):  # the early leavers keep their answers
+        np.testing.assert_array_equal(answer[name][~stranded], healthy[name][~stranded], err_msg=name)
+    flags, exits = answer["FLAGS"].reshape(-1), answer["EXIT"].reshape(-1)
+    assert (flags[stranded] == FLAG_REROUTED).all() and not flags[~stranded].any()
+    assert (exits[stranded] == 2).all()
+    full = FakeNetwork().run_full({"X": x[stranded]})  # the last exit's temperature is 1
+    np.testing.assert_array_equal(answer["LOGITS"][stranded], full)
+    np.testing.assert_allclose(answer["COST"].reshape(-1)[stranded], 0.3 + 1.0)  # exit 0's segment, then full
+
+
+def test_an_outage_at_the_first_segment_is_answered_by_the_full_model(orchestrator):
+    answer, x = _served(orchestrator, Outage(0))
+    assert (answer["FLAGS"] == FLAG_REROUTED).all() and (answer["EXIT"] == 2).all()
+    np.testing.assert_array_equal(answer["LOGITS"], FakeNetwork().run_full({"X": x}))
+    np.testing.assert_allclose(answer["COST"], 1.0)
+
+
+def test_with_the_full_model_down_too_the_policy_decides_between_degraded_answers_and_errors(orchestrator):
+    healthy, _ = _served(orchestrator, Outage(None))
+    strict, _ = _served(orchestrator, Outage(1, full_down=True))
+    assert isinstance(strict, ServiceDegraded)
+    assert "s1 failed" in str(strict) and "fake_full is unavailable too" in str(strict)
+    assert "degraded_answers" in str(strict)
+
+    lenient = Orchestrator(SPEC, replace(orchestrator.policy, degraded_answers=True))
+    answer, _ = _served(lenient, Outage(1, full_down=True))
+    exits, flags = answer["EXIT"].reshape(-1), answer["FLAGS"].reshape(-1)
+    stranded = healthy["EXIT"].reshape(-1) >= 1
+    assert (exits[stranded] == 0).all() and (flags[stranded] == FLAG_DEGRADED).all()
+    assert not flags[~stranded].any()
+    # A stranded row answers with its own exit-0 verdict: what it gets when capped there.
+    capped, _ = _served(lenient, Outage(None), parameters={"max_exit": 0})
+    np.testing.assert_array_equal(answer["LOGITS"], capped["LOGITS"])
+    np.testing.assert_array_equal(answer["LABEL"], capped["LABEL"])
+
+    nothing_reached = Outage(0, full_down=True)  # no exit was reached: no answer is possible
+    answer, _ = _served(lenient, nothing_reached)
+    assert isinstance(answer, ServiceDegraded) and "no exit was reached" in str(answer)
+
+
+def test_an_outage_fails_only_the_requests_whose_rows_it_strands(orchestrator):
+    lenient = Orchestrator(SPEC, replace(orchestrator.policy, degraded_answers=True))
+    outage = Outage(0, full_down=True)
+    x = good_rows(outage.net, 0, 4)
+    requests = [FakeRequest({"X": x}), FakeRequest({"X": x}, {"force_full": True})]
+    # The forced request's rows need the full model, which is down: they go through the segments,
+    # which are down too; nothing answers either request.
+    answers = lenient.execute(requests, outage.run_segment, outage.run_model)
+    assert all(isinstance(a, ServiceDegraded) for a in answers)
+    only_full_down = Outage(None, full_down=True)
+    answers = orchestrator.execute(requests, only_full_down.run_segment, only_full_down.run_model)
+    healthy = orchestrator.execute(requests, Outage(None).run_segment, Outage(None).run_model)
+    for answer, reference in zip(answers, healthy):
+        assert not isinstance(answer, Exception)
+        np.testing.assert_array_equal(answer["LABEL"], reference["LABEL"])
+    forced = answers[1]
+    assert (forced["EXIT"] == 2).all() and (forced["FLAGS"] == FLAG_FORCED_FULL).all()
+
+
+def test_an_unavailable_model_is_not_called_again_until_its_retry_time():
+    clock = [0.0]
+    orchestrator = Orchestrator(SPEC, Policy("p1", "fp", (ExitRule("max_prob", 0.6),) * 3))
+    orchestrator.outages.clock = lambda: clock[0]
+    outage = Outage(1)
+    for _ in range(3):
+        answer, _ = _served(orchestrator, outage)
+        assert not isinstance(answer, Exception)
+    assert outage.segment_calls[1] == 1, "the dead segment was asked again within its retry time"
+    clock[0] += orchestrator.outages.retry_after_s
+    outage.down = None  # it came back
+    answer, _ = _served(orchestrator, outage)
+    assert outage.segment_calls[1] == 2 and not (answer["FLAGS"] & FLAG_REROUTED).any()
+
+
+def test_a_negative_exit_counts_from_the_last(orchestrator):
+    net = FakeNetwork()
+    x = good_rows(net, 0, 16)
+    deepest = orchestrator.execute([FakeRequest({"X": x}, {"min_exit": -1})], net.run_segment, None)[0]
+    assert (deepest["EXIT"] == 2).all()
+    capped = orchestrator.execute([FakeRequest({"X": x}, {"max_exit": -3})], net.run_segment, None)[0]
+    assert (capped["EXIT"] == 0).all()
+    refused = orchestrator.execute([FakeRequest({"X": x}, {"min_exit": -4})], net.run_segment, None)[0]
+    assert isinstance(refused, RequestError) and "[-3, 2]" in str(refused)
 
 
 TEXT_SPEC = OrchestratorSpec(

@@ -140,7 +140,7 @@ BAD_CASES = {
     "min_exit not an integer": BadCase(FOUR, r"parameter 'min_exit' must be an integer", {"min_exit": "two"}),
     "min_exit a float": BadCase(FOUR, r"parameter 'min_exit' must be an integer", {"min_exit": 1.5}),
     "max_exit out of range": BadCase(
-        FOUR, r"parameter 'max_exit' must lie in \[0, 2\], not 9", {"max_exit": 9}
+        FOUR, r"parameter 'max_exit' must lie in \[-3, 2\], not 9", {"max_exit": 9}
     ),
     "min_exit above max_exit": BadCase(
         FOUR, r"min_exit 2 is above max_exit 1", {"min_exit": 2, "max_exit": 1}
@@ -434,16 +434,16 @@ def test_a_malformed_policy_stops_the_server_from_starting(quick_cnn, fashion_te
 KNOWN_PARAMETERS = ("force_full", "min_exit", "max_exit", "cohort", "deadline_ms", "request_id")
 VALID_VALUES = {
     "force_full": [True, False, "true", "false", "1", "0"],
-    "min_exit": [0, 1, 2, "1"],
-    "max_exit": [0, 1, 2, "2"],
+    "min_exit": [0, 1, 2, "1", -1],  # negative: counted from the last exit
+    "max_exit": [0, 1, 2, "2", -2],
     "cohort": ["day", ""],
     "deadline_ms": [0, 600_000, "600000"],
     "request_id": ["fuzz", ""],
 }
 INVALID_VALUES = {
     "force_full": ["yes", 5, 0, 0.5],
-    "min_exit": [3, -1, "x", True, 1.0],
-    "max_exit": [3, -1, "", False],
+    "min_exit": [3, -4, "x", True, 1.0],
+    "max_exit": [3, -4, "", False],
     "cohort": [3, True],
     "deadline_ms": [-1, "soon", 10**9, 2.5],
     "request_id": [7, True],
@@ -552,9 +552,10 @@ def expected_problems(request: FuzzRequest, last_exit: int) -> list[str]:
     exits = {}
     for name, default in (("min_exit", 0), ("max_exit", last_exit)):
         value = _as_int(parameters.get(name, default))
-        if value is None or not 0 <= value <= last_exit:
+        if value is None or not -(last_exit + 1) <= value <= last_exit:
             problems.append(rf"parameter '{name}' must")
-        exits[name] = value
+            value = None
+        exits[name] = None if value is None else value % (last_exit + 1)
     if None not in exits.values() and exits["min_exit"] > exits["max_exit"]:
         problems.append(r"min_exit \d is above max_exit \d")
     force = parameters.get("force_full", False)
@@ -588,8 +589,8 @@ def fuzz_reference(service: Service, request: FuzzRequest, images: np.ndarray) -
     batch = CascadeBatch(
         inputs={"IMAGE": images},
         force_full=np.full(n, _truthy(parameters.get("force_full", False))),
-        min_exit=np.full(n, _as_int(parameters.get("min_exit", 0)), dtype=np.int64),
-        max_exit=np.full(n, _as_int(parameters.get("max_exit", last)), dtype=np.int64),
+        min_exit=np.full(n, _as_int(parameters.get("min_exit", 0)) % (last + 1), dtype=np.int64),
+        max_exit=np.full(n, _as_int(parameters.get("max_exit", last)) % (last + 1), dtype=np.int64),
         rule_set=np.zeros(n, dtype=np.int64),
         deadline=np.full(n, deadline),
     )

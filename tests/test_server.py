@@ -21,13 +21,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from offramp.backend.environment import EXECUTION_ENV_PARAMETER, prepare_execution_env
+from offramp.client.cli.serve import ServeCommand, serve
 from offramp.client.serving.server import (
     EmbeddedTritonServer,
     ServerPorts,
     ServerStartError,
-    add_serve_arguments,
     python_backend_directory,
-    serve,
     tritonserver_libs_directory,
 )
 
@@ -248,7 +247,7 @@ def test_start_names_a_port_that_is_taken(add_one_repository: Path) -> None:
 
 def test_serve_reports_a_taken_port_on_one_line(add_one_repository: Path, capsys) -> None:
     parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
+    ServeCommand().add_arguments(parser)
     ports = ServerPorts.free()
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", ports.http))
@@ -345,7 +344,7 @@ def test_serve_runs_until_sigterm_and_stops_cleanly(add_one_repository: Path, tm
     command = [
         sys.executable, "-m", "offramp.client.cli.main", "serve", "--repository", str(add_one_repository),
         "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
-        "--log", str(log),
+        "--health-port", "0", "--log", str(log),
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

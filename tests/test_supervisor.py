@@ -4,37 +4,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from offramp.client.serving.supervisor import RestartPolicy, StubProcess, Supervisor
+from offramp.client.serving.processes import PythonStub
+from offramp.client.serving.supervisor import RestartPolicy, Supervisor
 
 
 @dataclass
 class ScriptedServer:
     """Stubs and regions as a test sets them; model control recorded, optionally failing."""
 
-    live: dict[int, StubProcess] = field(default_factory=dict)
+    live: dict[int, PythonStub] = field(default_factory=dict)
     regions: set[str] = field(default_factory=set)
     ready: set[str] = field(default_factory=set)
     calls: list[tuple[str, str]] = field(default_factory=list)
     fail_restarts: int = 0
     next_pid: int = 100
 
-    def start(self, model: str, version: str = "1") -> StubProcess:
+    def start(self, model: str, version: str = "1") -> PythonStub:
         self.next_pid += 1
-        stub = StubProcess(self.next_pid, model, version, f"region-{self.next_pid}")
+        stub = PythonStub(self.next_pid, model, version, f"region-{self.next_pid}")
         self.live[stub.pid] = stub
         self.regions.add(stub.region)
         self.ready.add(model)
         return stub
 
-    def kill(self, stub: StubProcess) -> None:  # SIGKILL: the region stays
+    def kill(self, stub: PythonStub) -> None:  # SIGKILL: the region stays
         del self.live[stub.pid]
 
-    def exit_cleanly(self, stub: StubProcess) -> None:  # unload: the stub unlinks its region first
+    def exit_cleanly(self, stub: PythonStub) -> None:  # unload: the stub unlinks its region first
         del self.live[stub.pid]
         self.regions.discard(stub.region)
 
     # ServerView
-    def stubs(self) -> dict[int, StubProcess]:
+    def stubs(self) -> dict[int, PythonStub]:
         return dict(self.live)
 
     def region_exists(self, region: str) -> bool:
@@ -157,3 +158,16 @@ def test_a_failed_restart_is_retried_after_its_backoff() -> None:
     clock.now += 3.0
     supervisor.poll()
     assert not record.broken and record.restarts == 1
+
+
+def test_a_canary_row_fits_each_kind_of_model() -> None:
+    from offramp.client.serving.health import CANARY_TEXT, canary_inputs
+
+    image = {"inputs": [{"name": "IMAGE", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]}
+    rows = canary_inputs(image)
+    assert rows["IMAGE"].shape == (1, 1, 28, 28) and rows["IMAGE"].dtype.name == "float32"
+    text = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [-1, 1]},
+                       {"name": "INPUT_IDS", "datatype": "INT64", "shape": [-1, -1]}]}  # fmt: skip
+    assert canary_inputs(text)["TEXT"].tolist() == [[CANARY_TEXT.encode()]] and len(canary_inputs(text)) == 1
+    ids = {"inputs": [{"name": "INPUT_IDS", "datatype": "INT64", "shape": [-1, -1]}]}
+    assert canary_inputs(ids)["INPUT_IDS"].shape == (1, 1)

@@ -11,6 +11,7 @@ from offramp.client.cli.build import BuildCommand
 from offramp.client.cli.calibrate import CalibrateCommand
 from offramp.client.cli.demo import DemoCommand
 from offramp.client.cli.gpu_check import GpuCheckCommand
+from offramp.client.cli.health import HealthCommand
 from offramp.client.cli.infer import InferCommand
 from offramp.client.cli.policy import PolicyCommand
 from offramp.client.cli.repository import RepositoryCommand
@@ -24,6 +25,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     CalibrateCommand(),
     RepositoryCommand(),
     ServeCommand(),
+    HealthCommand(),
     InferCommand(),
     PolicyCommand(),
     AuditCommand(),

@@ -1,22 +1,125 @@
-"""``offramp serve``: the embedded tritonserver on a repository, until Ctrl-C or SIGTERM."""
+"""``offramp serve``: the embedded tritonserver on a repository, supervised, until Ctrl-C or SIGTERM.
+
+Beside the server it runs the supervisor (``offramp.client.serving.supervisor``: a stub that dies is
+restarted) and a health endpoint (``offramp.client.serving.health``: ``/health/live``,
+``/health/ready`` from canary requests, the supervisor's counters on ``/metrics``), both needing
+explicit model control, the default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
 
 from offramp.client.cli.subcommand import Subcommand
+
+DEFAULT_HEALTH_PORT = 8003  # after Triton's 8000 (HTTP), 8001 (gRPC), 8002 (metrics)
 
 
 class ServeCommand(Subcommand):
     name = "serve"
-    help = "start the embedded tritonserver on a repository"
+    help = "start the embedded tritonserver on a repository, supervised, with health probes"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from offramp.client.serving.server import add_serve_arguments
+        from offramp.client.serving.server import MODEL_CONTROL_MODES, ServerPorts
 
-        add_serve_arguments(parser)
+        default = ServerPorts()
+        add = parser.add_argument
+        add("--repository", type=Path, required=True, help="model repository directory")
+        add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+        add("--http-port", type=int, default=default.http, help="default: %(default)s")
+        add("--grpc-port", type=int, default=default.grpc, help="default: %(default)s")
+        add("--metrics-port", type=int, default=default.metrics, help="default: %(default)s")
+        add("--health-port", type=int, default=DEFAULT_HEALTH_PORT,
+            help="/health/live, /health/ready and the supervisor's /metrics (default: %(default)s)")  # fmt: skip
+        add("--log", type=Path, default=None, help="server log file (default: a temp file)")
+        add("--model-control", choices=MODEL_CONTROL_MODES, default="explicit",
+            help="'explicit' loads every model, lets `offramp policy` swap policies live and the supervisor "
+            "restart crashed models (default: %(default)s)")  # fmt: skip
+        add("--no-supervisor", action="store_true", help="do not restart models whose stub died")
+        add("--admin-key", default=os.environ.get("OFFRAMP_ADMIN_KEY"),
+            help="key (header offramp-admin-key) for model control; required off loopback, generated if not "
+            "given (default: $OFFRAMP_ADMIN_KEY)")  # fmt: skip
 
     def run(self, args: argparse.Namespace) -> int:
-        from offramp.client.serving.server import serve
-
         return serve(args)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run a server until Ctrl-C or SIGTERM, then stop it cleanly. Returns the exit status."""
+    from offramp.client.serving.health import HealthEndpoint
+    from offramp.client.serving.server import (
+        ADMIN_KEY_HEADER,
+        EmbeddedTritonServer,
+        ServerPorts,
+        ServerStartError,
+    )
+    from offramp.client.serving.supervisor import supervised
+
+    server = EmbeddedTritonServer(
+        args.repository,
+        host=args.host,
+        ports=ServerPorts(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port),
+        log_path=args.log,
+        model_control=args.model_control,
+        load_models=("*",) if args.model_control == "explicit" else (),
+        admin_key=args.admin_key,
+    )
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (from a supervisor) takes the same path as Ctrl-C: a clean stop, not an abrupt exit.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    started = False
+    extras = contextlib.ExitStack()  # the supervisor and the health endpoint: stopped before the server
+    try:
+        server.start()
+        started = True
+        supervisor = None
+        if args.model_control == "explicit" and not args.no_supervisor:
+            supervisor = extras.enter_context(supervised(server))
+        headers = {ADMIN_KEY_HEADER: server.admin_key} if server.admin_key else None
+        health = extras.enter_context(
+            HealthEndpoint(args.host, args.health_port, server.grpc_url, supervisor, headers)
+        )
+        print(f"gRPC     {server.grpc_url}", flush=True)
+        print(f"HTTP     {server.http_url}", flush=True)
+        print(f"metrics  {server.metrics_url}", flush=True)
+        print(f"health   http://{args.host}:{health.port}/health/ready (also /health/live, /health, /metrics)",
+              flush=True)  # fmt: skip
+        print(f"log      {server.log_path}", flush=True)
+        if supervisor is None:
+            print("crashed models are not restarted (no supervisor without explicit model control)", flush=True)
+        if server.admin_key:
+            print(f"model control needs header {ADMIN_KEY_HEADER}: {server.admin_key}", flush=True)
+        print("Ctrl-C to stop", flush=True)
+        while (code := server.poll()) is None:
+            time.sleep(0.5)
+        print(f"offramp serve: error: tritonserver exited with code {code}; see {server.log_path}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except (ServerStartError, OSError) as error:  # OSError: the health port is taken
+        print(f"offramp serve: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        if server.log_path is not None and server.log_path.exists():
+            print(f"offramp serve: see {server.log_path}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # A second Ctrl-C must not cut the clean stop short.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        extras.close()
+        left = server.stop()
+        print("stopped" + (f"; removed shared memory Triton left behind: {[str(p) for p in left]}" if left else ""),
+              flush=True)  # fmt: skip
+        return 0 if started else 130
+    finally:
+        extras.close()
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -62,6 +62,30 @@ def server_processes(pgid: int, repository: Path | None = None) -> dict[int, str
     return roles
 
 
+@dataclass(frozen=True)
+class PythonStub:
+    """A live Python-backend stub: the model and version it serves, and its /dev/shm region's name."""
+
+    pid: int
+    model: str
+    version: str
+    region: str
+
+
+def python_stubs(pgid: int) -> dict[int, PythonStub]:
+    """The Python-backend stubs of the server whose pid (and process group) is ``pgid``, by pid."""
+    stubs = {}
+    for pid in processes_in_group(pgid):
+        try:
+            command_line = psutil.Process(pid).cmdline()
+        except psutil.Error:
+            continue  # It ended while we looked.
+        if len(command_line) > 2 and command_line[1].endswith("/model.py"):
+            version_dir = Path(command_line[1]).parent
+            stubs[pid] = PythonStub(pid, version_dir.parent.name, version_dir.name, command_line[2])
+    return stubs
+
+
 def stub_shm_region(pid: int) -> str | None:
     """The /dev/shm region a stub works in (its second argument), or None (not a stub, or gone)."""
     try:

@@ -417,7 +417,7 @@ class EmbeddedTritonServer:
         return self._process.poll() if self._process is not None else None
 
     def stop(self, timeout_s: float = 30.0) -> list[Path]:
-        """Stop the server and return the shared-memory regions it left behind (normally none).
+        """Stop the server and return the shared-memory regions it left behind (normally none; removed).
 
         SIGTERM lets Triton drain requests, unload models and have each stub unlink its
         ``/dev/shm`` region; SIGKILL would leak those regions (they live until reboot), so it is
@@ -441,9 +441,13 @@ class EmbeddedTritonServer:
         if processes_in_group(process.pid):
             LOGGER.warning("stub processes outlived tritonserver %d; killing them", process.pid)
             self._kill_group(process.pid)
+        # Every process of the server is gone, so no region with this server's prefix is in use: a stub
+        # that was killed could not unlink its own, and Triton leaves it. Remove them; report them.
         left = self.shm_regions()
         if left:
-            LOGGER.warning("tritonserver %d left shared-memory regions behind: %s", process.pid, left)
+            LOGGER.warning("tritonserver %d left shared-memory regions behind (removed): %s", process.pid, left)
+            for region in left:
+                region.unlink(missing_ok=True)
         return left
 
     def shm_regions(self) -> list[Path]:
@@ -492,81 +496,3 @@ class EmbeddedTritonServer:
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """Return the last ``lines`` lines of the log."""
         return "\n".join(self.log_text().splitlines()[-lines:])
-
-
-# --- `offramp serve` -------------------------------------------------------------------------------
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``offramp serve`` to ``parser``."""
-    default = ServerPorts()
-    parser.add_argument("--repository", type=Path, required=True, help="model repository directory")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--http-port", type=int, default=default.http, help="default: %(default)s")
-    parser.add_argument("--grpc-port", type=int, default=default.grpc, help="default: %(default)s")
-    parser.add_argument("--metrics-port", type=int, default=default.metrics, help="default: %(default)s")
-    parser.add_argument("--log", type=Path, default=None, help="server log file (default: a temp file)")
-    parser.add_argument(
-        "--model-control",
-        choices=MODEL_CONTROL_MODES,
-        default="explicit",
-        help="'explicit' loads every model and lets `offramp policy` swap policies live (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--admin-key",
-        default=os.environ.get("OFFRAMP_ADMIN_KEY"),
-        help="key (header offramp-admin-key) for model control; required off loopback, generated if not "
-        "given (default: $OFFRAMP_ADMIN_KEY)",
-    )
-
-
-def serve(args: argparse.Namespace) -> int:
-    """Run a server until Ctrl-C or SIGTERM, then stop it cleanly. Returns the exit status."""
-    server = EmbeddedTritonServer(
-        args.repository,
-        host=args.host,
-        ports=ServerPorts(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port),
-        log_path=args.log,
-        model_control=args.model_control,
-        load_models=("*",) if args.model_control == "explicit" else (),
-        admin_key=args.admin_key,
-    )
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    # SIGTERM (from a supervisor) takes the same path as Ctrl-C: a clean stop, not an abrupt exit.
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    started = False
-    try:
-        server.start()
-        started = True
-        print(f"gRPC     {server.grpc_url}", flush=True)
-        print(f"HTTP     {server.http_url}", flush=True)
-        print(f"metrics  {server.metrics_url}", flush=True)
-        print(f"log      {server.log_path}", flush=True)
-        if server.admin_key:
-            print(f"model control needs header {ADMIN_KEY_HEADER}: {server.admin_key}", flush=True)
-        print("Ctrl-C to stop", flush=True)
-        while (code := server.poll()) is None:
-            time.sleep(0.5)
-        print(f"offramp serve: error: tritonserver exited with code {code}; see {server.log_path}",
-              file=sys.stderr)
-        return 1
-    except ServerStartError as error:
-        print(f"offramp serve: error: {str(error).splitlines()[0]}", file=sys.stderr)
-        if server.log_path is not None and server.log_path.exists():
-            print(f"offramp serve: see {server.log_path}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        # A second Ctrl-C must not cut the clean stop short.
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
-        left = server.stop()
-        print("stopped" + (f"; shared memory left behind: {[str(p) for p in left]}" if left else ""),
-              flush=True)
-        return 0 if started else 130
-    finally:
-        server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -25,33 +25,28 @@ The ``offramp_supervisor_gave_up`` gauge raises an alert (python_backend/monitor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
+
+from offramp.client.serving.processes import PythonStub, python_stubs
+from offramp.client.serving.server import ADMIN_KEY_HEADER, SHM_DIR, EmbeddedTritonServer
 
 LOGGER = logging.getLogger(__name__)
 
 RESTART_PARAMETER = "offramp_restart_generation"
 
 
-@dataclass(frozen=True)
-class StubProcess:
-    """A live Python-backend stub: the model (and version) it serves and its shared-memory region."""
-
-    pid: int
-    model: str
-    version: str
-    region: str  # file name under /dev/shm
-
-
 class ServerView(Protocol):
     """What the supervisor needs of a server: its stubs, its models' states, and model control."""
 
-    def stubs(self) -> Mapping[int, StubProcess]: ...
+    def stubs(self) -> Mapping[int, PythonStub]: ...
     def region_exists(self, region: str) -> bool: ...
     def remove_region(self, region: str) -> None: ...
     def model_ready(self, model: str) -> bool: ...
@@ -111,7 +106,7 @@ class Supervisor:
         self.clock = clock
         self.models: dict[str, ModelRecord] = {}
         self.events: list[SupervisorEvent] = []
-        self._known: dict[int, StubProcess] = dict(server.stubs())
+        self._known: dict[int, PythonStub] = dict(server.stubs())
         self._lock = threading.Lock()
 
     def record(self, model: str) -> ModelRecord:
@@ -138,7 +133,7 @@ class Supervisor:
             if due:  # the stubs a restart started are watched from now on, not only from the next poll
                 self._known |= self.server.stubs()
 
-    def _crashed(self, stub: StubProcess) -> None:
+    def _crashed(self, stub: PythonStub) -> None:
         record = self.record(stub.model)
         record.crashes += 1
         record.dead_regions.append(stub.region)
@@ -166,6 +161,7 @@ class Supervisor:
             return
         try:
             self.server.restart(model)
+            reloaded = self.clock()
         except Exception as error:  # noqa: BLE001 (a failed restart is retried after the backoff)
             record.failed_restarts += 1
             record.restart_times.append(now)
@@ -175,7 +171,8 @@ class Supervisor:
         record.restarts += 1
         record.restart_times.append(now)
         record.not_before = now + self.policy.backoff(len(record.restart_times))
-        self._event(model, "restarted", f"{now - (record.broken_since or now):.2f} s after the crash")
+        since = record.broken_since if record.broken_since is not None else now
+        self._event(model, "restarted", f"found dead {now - since:.2f} s before; the reload took {reloaded - now:.2f} s")
         record.broken_since = None
         self._clean_up(record)
 
@@ -240,3 +237,58 @@ class SupervisorThread:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+
+
+class TritonServerView:
+    """``ServerView`` of a tritonserver on this machine: its stubs from its process group, model control
+    over gRPC (explicit model-control mode; ``admin_key`` where the server restricts it)."""
+
+    def __init__(self, grpc_url: str, pgid: int, admin_key: str | None = None, shm_dir: Path = SHM_DIR) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.pgid = pgid
+        self.shm_dir = shm_dir
+        self.headers = {ADMIN_KEY_HEADER: admin_key} if admin_key else None
+        # Only the supervisor's own thread uses it.
+        self.client = grpcclient.InferenceServerClient(grpc_url)
+
+    def stubs(self) -> dict[int, PythonStub]:
+        return python_stubs(self.pgid)
+
+    def region_exists(self, region: str) -> bool:
+        return (self.shm_dir / region).exists()
+
+    def remove_region(self, region: str) -> None:
+        (self.shm_dir / region).unlink(missing_ok=True)
+
+    def model_ready(self, model: str) -> bool:
+        return self.client.is_model_ready(model, headers=self.headers)
+
+    def restart(self, model: str) -> None:
+        config = self.client.get_model_config(model, headers=self.headers, as_json=True)["config"]
+        parameters = config.setdefault("parameters", {})
+        generation = int(parameters.get(RESTART_PARAMETER, {}).get("string_value", "0")) + 1
+        parameters[RESTART_PARAMETER] = {"string_value": str(generation)}
+        self.client.load_model(model, config=json.dumps(config), headers=self.headers)
+        if not self.model_ready(model):
+            raise RuntimeError(f"{model} is not ready after its reload")
+
+    def unload(self, model: str) -> None:
+        self.client.unload_model(model, headers=self.headers)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@contextlib.contextmanager
+def supervised(server: EmbeddedTritonServer, policy: RestartPolicy = RestartPolicy()) -> Iterator[Supervisor]:
+    """Watches ``server``'s stubs in a thread while the block runs; yields the supervisor."""
+    if server.pid is None:
+        raise RuntimeError("start the server before supervising it")
+    view = TritonServerView(server.grpc_url, server.pid, server.admin_key)
+    supervisor = Supervisor(view, policy)
+    try:
+        with SupervisorThread(supervisor):
+            yield supervisor
+    finally:
+        view.close()

@@ -35,6 +35,7 @@ import glob
 import json
 import math
 import os
+import signal
 import shutil
 import statistics
 import subprocess
@@ -49,12 +50,13 @@ from typing import Any
 import numpy as np
 from offramp.build.markdown import markdown_table
 from offramp.client.cli.options import option
-from offramp.client.serving.processes import machine_description, resident_memory, server_processes
+from offramp.client.serving.processes import machine_description, python_stubs, resident_memory, server_processes
 from offramp.client.serving.statistics import model_statistics, statistics_delta
 
 DEFAULT_WORKDIR = Path(".cache/offramp")
 DEFAULT_OUT = Path("benchmarks/soak")
 CHECK_ROWS = 256  # test rows classified before and after the load
+HEALING_GOAL_S = 10.0  # a killed stub's model restarted within this long
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class SoakConfig:
     epochs: int = option(3, help="training epochs of the demo build")
     quick: bool = option(False, help="the small test build (seconds to train) instead of the demo's")
     seed: int = 0
+    # Self-healing under load: SIGKILL one model's stub mid-run; the supervisor must restart it.
+    kill: str = option("", help="SIGKILL the stub of this model of the repository once, mid-run (a name)")
+    kill_after_s: float = option(30.0, help="seconds into the load for --kill")
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0 or self.window_s <= 0 or self.window_s > self.duration_s:
@@ -90,6 +95,8 @@ class SoakConfig:
             raise ValueError("concurrency, rows per request and the sample interval must be positive")
         if self.shm_growth_step_bytes < 1:
             raise ValueError("the shared-memory growth step must be positive")
+        if self.kill and not 0 <= self.kill_after_s < self.duration_s:
+            raise ValueError(f"--kill-after-s must fall inside the run (0 to {self.duration_s:.0f} s)")
 
 
 # --- What the server holds: processes, memory, shared memory ----------------------------------------
@@ -199,9 +206,14 @@ def _median(values: Sequence[float]) -> float:
 
 
 def evaluate(
-    config: SoakConfig, windows: Sequence[Window], samples: Sequence[Sample], answers_equal: bool
+    config: SoakConfig,
+    windows: Sequence[Window],
+    samples: Sequence[Sample],
+    answers_equal: bool,
+    healing: Mapping[str, Any] | None = None,
 ) -> dict:
-    """The checks and their figures; ``passed`` is True when every check holds."""
+    """The checks and their figures; ``passed`` is True when every check holds. ``healing`` is what
+    ``--kill`` saw: when the stub was killed and when the supervisor had it back (seconds into the load)."""
     checks: dict[str, dict[str, Any]] = {}
     sent = sum(w.requests for w in windows)
     answered = sum(w.answered for w in windows)
@@ -248,11 +260,15 @@ def evaluate(
             "peak_growth": round(peak_growth, 4),
             "bound": bound,
         }
-    pid_sets = {s.pids for s in samples}
+    # A killed stub is replaced once; the processes must be the same from the replacement on.
+    settled = [s for s in samples if healing is None or s.t > healing["healed_at_s"]]
     checks["processes_stable"] = {
-        "passed": len(pid_sets) == 1,
+        "passed": len({s.pids for s in settled}) == 1 and len({s.processes for s in samples}) <= 2,
         "process_counts": sorted({s.processes for s in samples}),
     }
+    if config.kill:
+        recovered = healing is not None and healing["healed_at_s"] - healing["killed_at_s"] <= HEALING_GOAL_S
+        checks["healed"] = {"passed": recovered, "goal_s": HEALING_GOAL_S, **(healing or {"error": "no restart"})}
     # perf_analyzer's figures; a window whose perf_analyzer hung has none (the next or previous one stands in).
     measured = [w for w in windows if math.isfinite(w.p50_ms)]
     first, last = (measured[0], measured[-1]) if measured else (windows[0], windows[-1])
@@ -467,6 +483,41 @@ def window_progress(window: Window, count: int, last: Sample | None) -> str:
     )
 
 
+class StubKiller:
+    """SIGKILLs the stub of ``model`` at ``when`` (time.monotonic()), from a timer thread."""
+
+    def __init__(self, pgid: int, model: str, when: float) -> None:
+        self.pgid, self.model = pgid, model
+        self.killed_at: float | None = None
+        self._timer = threading.Timer(max(0.0, when - time.monotonic()), self._kill)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _kill(self) -> None:
+        victims = [s.pid for s in python_stubs(self.pgid).values() if s.model == self.model]
+        if victims:
+            os.kill(victims[0], signal.SIGKILL)
+            self.killed_at = time.monotonic()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def outcome(self, supervisor: Any, origin: float) -> dict[str, Any] | None:
+        """When the stub was killed and the supervisor had the model back, seconds into the load; None
+        when the kill never happened (the run ended first) or no restart followed."""
+        if self.killed_at is None:
+            return None
+        restarts = [e for e in supervisor.events if e.model == self.model and e.kind == "restarted"]
+        if not restarts:
+            return None
+        return {
+            "model": self.model,
+            "killed_at_s": round(self.killed_at - origin, 2),
+            "healed_at_s": round(restarts[0].time - origin, 2),
+            "events": [f"{e.time - origin:.2f} s {e.kind} {e.detail}".strip() for e in supervisor.events],
+        }
+
+
 def run_soak(
     config: SoakConfig, artifacts: Any, artifacts_dir: Path, policy: Any, progress: bool = True
 ) -> dict:
@@ -474,6 +525,7 @@ def run_soak(
     ``config.out``)."""
     from offramp.build.execution_env import triton_server_flags
     from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
+    from offramp.client.serving.supervisor import supervised
     from offramp.client.tools.perf_analyzer import check_perf_analyzer
 
     def say(message: str) -> None:
@@ -488,14 +540,22 @@ def run_soak(
 
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     windows: list[Window] = []
-    with EmbeddedTritonServer(
-        inputs.repository,
-        ports=ServerPorts.free(),
-        log_path=out / "tritonserver.log",
-        # The pools' own start size; the growth step stated, as the shm check allows for it.
-        extra_args=triton_server_flags(shm_default_bytes=None, shm_growth_bytes=config.shm_growth_step_bytes),
-        startup_timeout_s=600,
-    ) as server:
+    with (
+        EmbeddedTritonServer(
+            inputs.repository,
+            ports=ServerPorts.free(),
+            log_path=out / "tritonserver.log",
+            # The pools' own start size; the growth step stated, as the shm check allows for it.
+            extra_args=triton_server_flags(shm_default_bytes=None, shm_growth_bytes=config.shm_growth_step_bytes),
+            startup_timeout_s=600,
+            # As `offramp serve` runs it: explicit model control, supervised.
+            model_control="explicit",
+            load_models=("*",),
+        ) as server,
+        supervised(server) as supervisor,
+    ):
+        if config.kill and config.kill not in {s.model for s in python_stubs(server.pid).values()}:
+            raise ValueError(f"--kill {config.kill}: no stub serves it; models: {sorted(server_processes(server.pid).values())}")
         exits_before, labels_before = _classify_check_rows(server.grpc_url, name, inputs.check_images)
         load = SoakLoad(config, server.grpc_url, name, inputs.data_file, binary, out / "perf")
 
@@ -511,6 +571,7 @@ def run_soak(
         sampler = Sampler(server.pid, server.shm_region_prefix, config.sample_interval_s)
         origin = time.monotonic()
         sampler.start(origin)
+        killer = StubKiller(server.pid, config.kill, origin + config.kill_after_s) if config.kill else None
         try:
             for index in range(count):
                 window = load.window(index, per_window, origin)
@@ -520,11 +581,14 @@ def run_soak(
                     break
         finally:
             samples = sampler.stop()
+            if killer is not None:
+                killer.cancel()
+        healing = killer.outcome(supervisor, origin) if killer is not None else None
         exits_after, labels_after = _classify_check_rows(server.grpc_url, name, inputs.check_images)
         processes = server_processes(server.pid, inputs.repository)
     answers_equal = bool((exits_before == exits_after).all() and (labels_before == labels_after).all())
 
-    summary = soak_summary(config, started_at, name, warm, windows, samples, processes, answers_equal)
+    summary = soak_summary(config, started_at, name, warm, windows, samples, processes, answers_equal, healing)
     write_soak_results(summary, samples, out)
     return summary
 
@@ -538,9 +602,10 @@ def soak_summary(
     samples: Sequence[Sample],
     processes: Mapping[int, str],
     answers_equal: bool,
+    healing: Mapping[str, Any] | None = None,
 ) -> dict:
     """What the soak saw and its verdict: ``warm_up`` is the warm-up run's result, ``processes`` the
-    server's roles by pid at the end."""
+    server's roles by pid at the end, ``healing`` what ``--kill`` saw."""
     return {
         "date": started_at,
         "model": model,
@@ -551,7 +616,7 @@ def soak_summary(
             "requests_per_s": warm_up.requests_per_s, "p50_ms": warm_up.p50_ms, "p99_ms": warm_up.p99_ms
         },
         "windows": [asdict(w) for w in windows],
-        **evaluate(config, windows, samples, answers_equal),
+        **evaluate(config, windows, samples, answers_equal, healing),
     }
 
 
