@@ -9,7 +9,6 @@ SIGTERM first, so the stubs unlink their shared-memory regions.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import errno
 import functools
