@@ -61,7 +61,7 @@ else:
     LIBPYTHON_CONFIG_VARS = _environment.LIBPYTHON_CONFIG_VARS
     link_libpython, shared_libpython = _environment.link_libpython, _environment.shared_libpython
 
-# offramp's subpackages the orchestrator imports, and the folders they live in (pyproject's mapping).
+# offramp's subpackages the orchestrator imports, and their folders in a checkout (pyproject's mapping).
 SERVER_PACKAGES = {"backend": "python_backend", "kernels": "kernels"}
 # Pinned as the project's own venv has them (requirements.txt); the stub needs NumPy below 2.
 NUMPY = "numpy==1.26.4"
@@ -84,17 +84,27 @@ def _query(python: str, expression: str, run: Run) -> str:
     return result.stdout.strip()
 
 
-def copy_server_packages(site_packages: Path, project_root: Path = PROJECT_ROOT) -> Path:
+def server_package_folders() -> dict[str, Path]:
+    """Where ``offramp.backend`` and ``offramp.kernels`` are: the installed packages' folders, or, run as
+    a plain script from a checkout, the checkout's folders."""
+    if not __package__:
+        return {package: PROJECT_ROOT / folder for package, folder in SERVER_PACKAGES.items()}
+    folders = {}
+    for package in SERVER_PACKAGES:
+        spec = importlib.util.find_spec(f"offramp.{package}")
+        folders[package] = Path(next(iter(spec.submodule_search_locations)))
+    return folders
+
+
+def copy_server_packages(site_packages: Path) -> Path:
     """``offramp/backend`` and ``offramp/kernels`` (with the ``.cu`` sources) under ``site_packages``;
     ``offramp`` itself stays a namespace package, as installed."""
     target = site_packages / "offramp"
-    for package, folder in SERVER_PACKAGES.items():
+    for package, source in server_package_folders().items():
         destination = target / package
         if destination.exists():
             shutil.rmtree(destination)
-        shutil.copytree(
-            project_root / folder, destination, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
+        shutil.copytree(source, destination, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
     return target
 
 
@@ -134,7 +144,6 @@ def create_execution_env(
     python: str = sys.executable,
     pip_args: Sequence[str] = (),
     archive: bool = False,
-    project_root: Path = PROJECT_ROOT,
     run: Run = subprocess.run,
 ) -> Path:
     """Makes the environment at ``out`` (replacing it) and returns it, or its ``.tar.gz`` with ``archive``."""
@@ -150,7 +159,7 @@ def create_execution_env(
         # of its own (ensurepip is missing from some system Pythons).
         command = [python, "-m", "pip", "install", "--no-user", "--target", str(site_packages), *pip_args]
         run([*command, *requirements], check=True)
-    copy_server_packages(site_packages, project_root)
+    copy_server_packages(site_packages)
     make_activate_relocatable(out)
     link_interpreter_libpython(out, python, run)
     return archive_env(out) if archive else out

@@ -91,3 +91,18 @@ def test_every_module_imports_from_the_wheel(installed_wheel: Path, tmp_path: Pa
     result = _run(installed_wheel, str(installed_wheel / "bin" / "python"), "-c", code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) >= 40
+
+
+def test_the_stock_triton_environment_is_made_from_the_installed_packages(installed_wheel: Path, tmp_path: Path) -> None:
+    """`build/execution_env.py` copies offramp's server packages into the environment: from a wheel, the
+    installed ones (there is no checkout)."""
+    code = (
+        "import sys\nfrom pathlib import Path\n"
+        "from offramp.build.execution_env import copy_server_packages\n"
+        "target = copy_server_packages(Path(sys.argv[1]))\n"
+        "print(*(p.relative_to(target) for p in sorted(target.rglob('*')) if p.suffix in ('.py', '.cu')))\n"
+    )
+    result = _run(installed_wheel, str(installed_wheel / "bin" / "python"), "-c", code, str(tmp_path / "site"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    copied = set(result.stdout.split())
+    assert {"backend/orchestrator.py", "backend/cascade.py", "kernels/confidence.cu", "kernels/cuda.py"} <= copied
