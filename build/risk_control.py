@@ -54,11 +54,11 @@ import hashlib
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from offramp.backend.policy import ExitRule, Policy
+from offramp.backend.policy import ExitRule, Policy, Rung
 from offramp.build.temperature import fit_temperatures
 from offramp.kernels.confidence import METRICS, Confidence, compute_confidence, exits_by_threshold
 from scipy.special import xlogy
@@ -541,6 +541,9 @@ class CalibratedExitPolicy:
     exit_costs: tuple[float, ...]
     data_fingerprint: str
     warnings: tuple[str, ...] = ()
+    # A ladder (``ladder`` of calibrate_exit_policy): the global certification at each higher risk
+    # level, ascending; the policy's own (``result``) is rung 0.
+    rungs: tuple[tuple[float, Certification], ...] = ()
 
     @property
     def calibration_rows(self) -> int:
@@ -562,13 +565,24 @@ class CalibratedExitPolicy:
         return self.path.rules(chosen.candidate, self.temperatures)
 
     def to_policy(self, version: str, model_fingerprint: str) -> Policy:
-        """The served ``Policy``: per-exit rules, cohort overrides (not for fallbacks), provenance."""
+        """The served ``Policy``: per-exit rules, cohort overrides (not for fallbacks), the ladder's
+        higher rungs, provenance."""
         overrides = {name: self.rules(name) for name, c in self.cohorts.items() if not c.fell_back}
+        rungs = tuple(
+            Rung(
+                epsilon=epsilon,
+                exits=self.path.rules(c.candidate, self.temperatures),
+                expected_cost=c.expected_cost,
+                exit_rate_profile=c.exit_rates,
+            )
+            for epsilon, c in self.rungs
+        )
         return Policy(
             version=version,
             model_fingerprint=model_fingerprint,
             exits=self.rules(),
             cohorts=overrides,
+            rungs=rungs,
             provenance=self.provenance(),
         )
 
@@ -604,6 +618,7 @@ class CalibratedExitPolicy:
             "data_fingerprint": self.data_fingerprint,
             **{k: v for k, v in summary(self.result).items() if k != "fell_back"},
             "cohorts": {name: summary(c) for name, c in self.cohorts.items()},
+            "ladder": [{"epsilon": epsilon, **summary(c)} for epsilon, c in self.rungs],
             "warnings": list(self.warnings),
         }
 
@@ -885,6 +900,7 @@ def calibrate_exit_policy(
     min_group_rows: int = 50,
     fit_fraction: float = 0.25,
     seed: int = 0,
+    ladder: Sequence[float] = (),
 ) -> CalibratedExitPolicy:
     """Calibrate exit thresholds on logits (exits, N, C) so that ``method`` holds for ``risk``.
 
@@ -932,8 +948,19 @@ def calibrate_exit_policy(
     "no early exit", falls back to the global thresholds (a ``CalibrationWarning`` and a record in
     ``warnings``); it then has no guarantee of its own: the global thresholds are certified on all
     rows together (marginal over cohorts).
+
+    A ladder (``ladder``: further risk levels above ``method.epsilon``, for a service that trades
+    risk for speed under load). The same candidates are certified globally at each level, on the same
+    certifying rows; rung 0 is ``method.epsilon`` itself (with its cohorts and per-class groups). With
+    K levels in all, every certification runs at ``delta / K`` (Bonferroni): with probability >=
+    1 - delta, every rung's risk is at most its own epsilon SIMULTANEOUSLY, so a service may move
+    between rungs at any time without losing the guarantee of the rung it serves. Learn-then-Test
+    only (an empirical search has no delta to split).
     """
     costs = np.asarray(exit_costs, dtype=np.float64)
+    levels = ladder_levels(method, ladder)
+    if levels:
+        method = replace(method, delta=method.delta / (len(levels) + 1))
     rows = validated_calibration_rows(
         exit_logits, costs, method, labels=labels, risk=risk, per_class=per_class, cohorts=cohorts
     )
@@ -961,6 +988,10 @@ def calibrate_exit_policy(
         bonferroni=bonferroni,
         min_group_rows=min_group_rows,
     )
+    rungs = tuple(
+        (epsilon, certify(outcomes, candidates.path, costs, replace(method, epsilon=epsilon), risk=risk).result)
+        for epsilon in levels
+    )
     for message in certified.warnings:
         warnings.warn(message, CalibrationWarning, stacklevel=2)
     return CalibratedExitPolicy(
@@ -981,4 +1012,17 @@ def calibrate_exit_policy(
         exit_costs=tuple(float(c) for c in costs),
         data_fingerprint=data_fingerprint(rows.exit_logits, rows.labels, rows.cohorts),
         warnings=certified.warnings,
+        rungs=rungs,
     )
+
+
+def ladder_levels(method: Method, ladder: Sequence[float]) -> tuple[float, ...]:
+    """The ladder's risk levels above rung 0 (``method.epsilon``), ascending, checked."""
+    levels = tuple(sorted({float(e) for e in ladder} - {float(method.epsilon)}))
+    if not levels:
+        return ()
+    if not isinstance(method, LearnThenTest):
+        raise ValueError("a ladder needs Learn-then-Test: an empirical search has no delta to split")
+    if levels[0] < method.epsilon or levels[-1] >= 1:
+        raise ValueError(f"ladder levels must lie above rung 0's epsilon {method.epsilon} and below 1: {list(ladder)}")
+    return levels

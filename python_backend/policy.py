@@ -60,6 +60,18 @@ class Abstention:
 
 
 @dataclass(frozen=True)
+class Rung:
+    """One higher rung of a ladder: exit rules certified at a higher risk level, on the same rows and
+    with the same guarantee as the policy's own (rung 0: ``Policy.exits``); a service under load may
+    serve it to stay within its latency target."""
+
+    epsilon: float
+    exits: tuple[ExitRule, ...]
+    expected_cost: float  # mean compute fraction on the calibration rows
+    exit_rate_profile: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class Policy:
     version: str
     model_fingerprint: str
@@ -71,6 +83,10 @@ class Policy:
     # While a segment is unavailable and `<name>_full` too: answer the rows that need it at the deepest
     # exit they reached (flagged degraded: below the policy's certified quality), or fail them.
     degraded_answers: bool = False
+    # The ladder above rung 0, ascending in risk (and descending in compute); empty: one rung.
+    rungs: tuple[Rung, ...] = ()
+    # Cohorts always served at rung 0, whatever the load (high-risk traffic).
+    pinned_cohorts: tuple[str, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -106,7 +122,15 @@ class Policy:
             )
         if self.full_depth_route not in FULL_DEPTH_ROUTES:
             raise PolicyError(f"policy: full_depth_route must be one of {FULL_DEPTH_ROUTES}")
-        for name, rules in {"exits": self.exits, **{f"cohort {c}": r for c, r in self.cohorts.items()}}.items():
+        named_rules = {
+            "exits": self.exits,
+            **{f"cohort {c}": r for c, r in self.cohorts.items()},
+            **{f"rung {i + 1}": rung.exits for i, rung in enumerate(self.rungs)},
+        }
+        epsilons = [rung.epsilon for rung in self.rungs]
+        if epsilons != sorted(set(epsilons)):
+            raise PolicyError(f"policy rungs: epsilons must ascend, not {epsilons}")
+        for name, rules in named_rules.items():
             if len(rules) != num_exits:
                 raise PolicyError(f"policy {name}: {len(rules)} rules for a model with {num_exits} exits")
             for index, rule in enumerate(rules):
@@ -133,6 +157,16 @@ class Policy:
                 cohorts={str(k): _rules(v) for k, v in data.get("cohorts", {}).items()},
                 abstention=Abstention(**data["abstention"]) if data.get("abstention") else None,
                 degraded_answers=bool(data.get("degraded_answers", False)),
+                rungs=tuple(
+                    Rung(
+                        epsilon=float(r["epsilon"]),
+                        exits=_rules(r["exits"]),
+                        expected_cost=float(r["expected_cost"]),
+                        exit_rate_profile=tuple(r.get("exit_rate_profile", ())),
+                    )
+                    for r in data.get("rungs", [])
+                ),
+                pinned_cohorts=tuple(str(c) for c in data.get("pinned_cohorts", [])),
                 provenance=dict(data.get("provenance", {})),
             )
         except (KeyError, TypeError, AttributeError) as error:

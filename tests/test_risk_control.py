@@ -120,7 +120,12 @@ def split_weights(rows: int, draws: int, size: int, seed: int) -> np.ndarray:
 
 
 def simulated_choices(
-    loss: np.ndarray, cost: np.ndarray, weights: np.ndarray, groups: list[np.ndarray]
+    loss: np.ndarray,
+    cost: np.ndarray,
+    weights: np.ndarray,
+    groups: list[np.ndarray],
+    epsilon: float = EPSILON,
+    delta: float = DELTA,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidates LTT (binomial, fixed sequence) and the empirical search choose, for every draw.
 
@@ -135,11 +140,11 @@ def simulated_choices(
         w = weights * members  # (S, N)
         count, losses = w.sum(axis=1, keepdims=True), w @ loss.T  # (S, 1), (S, K)
         tested = count >= MIN_GROUP_ROWS
-        p_values.append(np.where(tested, binomial_p_value(losses, count, EPSILON), 0.0))
-        empirical_ok.append(~tested | (losses <= EPSILON * count))
+        p_values.append(np.where(tested, binomial_p_value(losses, count, epsilon), 0.0))
+        empirical_ok.append(~tested | (losses <= epsilon * count))
     p = np.max(p_values, axis=0)
     p[:, 0] = 0.0
-    certified = np.arange(loss.shape[0])[None, :] <= fixed_sequence_test(p, DELTA)[:, None]
+    certified = np.arange(loss.shape[0])[None, :] <= fixed_sequence_test(p, delta)[:, None]
     ok = np.all(empirical_ok, axis=0)
     ok[:, 0] = True
     ltt = np.where(certified, mean_cost, np.inf).argmin(axis=1)
@@ -191,6 +196,58 @@ def test_learn_then_test_risk_exceeds_epsilon_in_at_most_delta_of_calibration_dr
     assert ltt_rate <= DELTA + slack, f"LTT violated eps in {ltt_rate:.3f} of draws (delta {DELTA})"
     assert ltt.mean() > 1, "the simulation should certify more than 'no early exit'"
     assert empirical_rate >= ltt_rate
+
+
+LADDER = (0.005, 0.01, 0.02, 0.05)
+
+
+def test_every_rung_of_a_ladder_holds_at_once_in_all_but_delta_of_calibration_draws(population):
+    """Each rung certified at delta / K on the same draw: the chance that ANY rung's population risk
+    passes its own epsilon is at most delta (Bonferroni), whatever rung the service then serves."""
+    logits, costs, temperatures, paths = population
+    confidences = exit_confidences(logits, temperatures)
+    taken = exits_taken(confidences, paths["global"])  # (K, N)
+    loss, cost = candidate_losses(taken, confidences), costs[taken]  # (K, N) each
+    risk = loss.mean(axis=1)  # (K,) the population's
+    weights = draw_weights(logits.shape[1], DRAWS, CALIBRATION_ROWS, seed=11)
+    chosen = [simulated_choices(loss, cost, weights, [], e, DELTA / len(LADDER))[0] for e in LADDER]  # each (S,)
+    violated = np.any([risk[c] > e for c, e in zip(chosen, LADDER)], axis=0)  # (S,)
+    uncorrected = np.any(
+        [risk[simulated_choices(loss, cost, weights, [], e, DELTA)[0]] > e for e in LADDER], axis=0
+    )
+    draw_cost = weights @ cost.T / CALIBRATION_ROWS  # (S, K)
+    print(
+        f"\nladder {LADDER}: some rung's risk > its eps in {violated.mean():.3f} of {DRAWS} draws "
+        f"(delta {DELTA}; without the correction {uncorrected.mean():.3f}); mean compute by rung "
+        + ", ".join(f"{draw_cost[np.arange(DRAWS), c].mean():.3f}" for c in chosen)
+    )
+    slack = 3 * math.sqrt(DELTA * (1 - DELTA) / DRAWS)
+    assert violated.mean() <= DELTA + slack
+    assert all((a <= b).all() for a, b in zip(chosen, chosen[1:])), "a higher rung was less aggressive"
+
+
+def test_a_ladder_certifies_each_level_on_the_same_candidates_at_a_split_delta(tmp_path):
+    logits, labels = synthetic_exits(rows=6000, seed=3)
+    costs = (0.3, 0.6, 1.0)
+    method = LearnThenTest(LADDER[0], 0.05)
+    calibrated = calibrate_exit_policy(logits, costs, method, labels=labels, ladder=LADDER[1:])
+    assert [e for e, _ in calibrated.rungs] == list(LADDER[1:])
+    certifications = [calibrated.result, *(c for _, c in calibrated.rungs)]
+    assert all(c.delta == pytest.approx(0.05 / len(LADDER)) for c in certifications)
+    assert [c.candidate for c in certifications] == sorted(c.candidate for c in certifications)
+    costs_by_rung = [c.expected_cost for c in certifications]
+    assert costs_by_rung == sorted(costs_by_rung, reverse=True) and costs_by_rung[0] > costs_by_rung[-1]
+    # Rung 0 alone, at the split delta, is the same choice.
+    alone = calibrate_exit_policy(logits, costs, LearnThenTest(LADDER[0], 0.05 / len(LADDER)), labels=labels)
+    assert alone.result.candidate == calibrated.result.candidate
+    policy = calibrated.to_policy("ladder-1", "fp").validate(logits.shape[0], logits.shape[2], "fp")
+    assert [r.epsilon for r in policy.rungs] == list(LADDER[1:])
+    assert Policy.load(policy.save(tmp_path / "policy.json")) == policy
+    assert [rung["epsilon"] for rung in policy.provenance["ladder"]] == list(LADDER[1:])
+    with pytest.raises(ValueError, match="Learn-then-Test"):
+        calibrate_exit_policy(logits, costs, EmpiricalSearch(0.01), labels=labels, ladder=(0.02,))
+    with pytest.raises(ValueError, match="above rung 0"):
+        calibrate_exit_policy(logits, costs, LearnThenTest(0.02, 0.05), labels=labels, ladder=(0.01,))
 
 
 @pytest.mark.filterwarnings("ignore::offramp.build.risk_control.CalibrationWarning")
