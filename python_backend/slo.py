@@ -1,0 +1,130 @@
+"""Holding a latency target through a spike: which rung of the policy's ladder to serve now.
+
+The orchestrator serves rung 0 (the policy's own rules, the most conservative) by default. Each
+window (``window_s``) it estimates its requests' p99 latency as the mean time a request waited in
+Triton's queue for the orchestrator in that window (from Triton's ``nv_inference_queue_duration_us``
+and ``nv_inference_request_success`` counters: under overload the queue is where latency grows, and
+it grows for every request alike, so its mean tracks its tail) plus the p99 of the orchestrator's
+own time per request in the window. Then, one step per window:
+
+- over ``climb_at`` of the target: climb a rung (cheaper answers, a higher certified risk); past the
+  top rung, where the operator enabled load shedding (``shed_max_exit``), cap every row not forced
+  to full depth at that exit (flagged on each row);
+- at the top rung and over the target itself: the SLO is being missed (only capacity helps now);
+- under ``descend_at`` of the target for ``descend_windows`` windows in a row: stop shedding, or
+  descend a rung.
+
+The gap between the two fractions and the run of quiet windows needed to descend are the
+hysteresis: a load near a boundary does not make the rung flap. A window without requests counts
+as quiet. Requests that carry ``force_full`` and cohorts the policy pins stay at rung 0 whatever the
+rung (the orchestrator applies that), and each rung's guarantee holds at every moment, since the
+ladder was certified for all rungs at once.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SloConfig:
+    p99_ms: float  # the latency target
+    window_s: float = 1.0
+    climb_at: float = 0.8  # climb when the estimate passes this fraction of the target
+    descend_at: float = 0.5  # descend when it stays below this fraction...
+    descend_windows: int = 3  # ...for this many windows in a row
+    shed_max_exit: int | None = None  # past the top rung and over the target, cap every row here
+
+    def __post_init__(self) -> None:
+        if not self.p99_ms > 0 or not self.window_s > 0:
+            raise ValueError("the SLO's p99 target and its window must be positive")
+        if not 0 < self.descend_at < self.climb_at <= 1:
+            raise ValueError("need 0 < descend_at < climb_at <= 1 (the gap is the hysteresis)")
+        if self.descend_windows < 1:
+            raise ValueError("descend_windows must be at least 1")
+
+
+@dataclass(frozen=True)
+class SloWindow:
+    """What one window measured and decided."""
+
+    estimate_ms: float  # mean queue wait + p99 of the orchestrator's own time; NaN: no request
+    queue_ms: float
+    own_p99_ms: float
+    requests: int
+    rung: int  # the rung served from this window's end on
+    shedding: bool
+    missed: bool  # at the top rung and still over the target
+
+
+@dataclass
+class SloController:
+    """Decides the rung once per window from what ``record`` and ``queue`` report."""
+
+    config: SloConfig
+    top_rung: int  # the ladder's highest rung (0: a policy without a ladder)
+    # () -> (total queue microseconds, requests) so far, Triton's counters; None where unknown.
+    queue: Callable[[], tuple[float, float] | None]
+    clock: Callable[[], float]
+    rung: int = 0
+    shedding: bool = False
+    history: list[SloWindow] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._own_ms: list[float] = []  # this window's per-request times in the orchestrator
+        self._window_start = self.clock()
+        self._queue_start = self.queue()
+        self._quiet = 0
+
+    def record(self, seconds_per_request: float, requests: int) -> None:
+        """One execute's time, for each of its requests (they wait for the whole batch)."""
+        with self._lock:
+            self._own_ms.extend([seconds_per_request * 1000.0] * requests)
+
+    def tick(self) -> SloWindow | None:
+        """Closes the window when it is due (from a request or a timer); returns what it decided."""
+        now = self.clock()
+        with self._lock:
+            if now - self._window_start < self.config.window_s:
+                return None
+            own, self._own_ms = self._own_ms, []
+            self._window_start = now
+        queue_now = self.queue()
+        queue_ms = math.nan
+        if queue_now is not None and self._queue_start is not None:
+            waited_us, answered = (b - a for a, b in zip(self._queue_start, queue_now))
+            queue_ms = waited_us / answered / 1000.0 if answered > 0 else math.nan
+        self._queue_start = queue_now
+        own_p99 = float(np.percentile(own, 99)) if own else math.nan
+        estimate = (0.0 if math.isnan(queue_ms) else queue_ms) + own_p99 if own else math.nan
+        window = self._decide(estimate, queue_ms, own_p99, len(own))
+        self.history.append(window)
+        return window
+
+    def _decide(self, estimate: float, queue_ms: float, own_p99: float, requests: int) -> SloWindow:
+        target = self.config.p99_ms
+        busy = not math.isnan(estimate)
+        missed = busy and self.rung == self.top_rung and estimate > target
+        if busy and estimate > self.config.climb_at * target:
+            self._quiet = 0
+            if self.rung < self.top_rung:
+                self.rung += 1
+            elif self.config.shed_max_exit is not None:  # shedding is the step past the top rung
+                self.shedding = True
+        elif not busy or estimate < self.config.descend_at * target:
+            self._quiet += 1
+            if self._quiet >= self.config.descend_windows:
+                self._quiet = 0
+                if self.shedding:
+                    self.shedding = False
+                elif self.rung > 0:
+                    self.rung -= 1
+        else:
+            self._quiet = 0
+        return SloWindow(estimate, queue_ms, own_p99, requests, self.rung, self.shedding, missed)

@@ -1,0 +1,94 @@
+"""The SLO controller's decisions on scripted windows: climb under load, hold near a boundary, descend
+after quiet windows, shed past the top rung only where enabled."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from offramp.backend.slo import SloConfig, SloController
+
+
+class Scripted:
+    """A clock and Triton's queue counters that a test moves window by window."""
+
+    def __init__(self) -> None:
+        self.now, self.queue_us, self.answered = 0.0, 0.0, 0.0
+
+    def counters(self) -> tuple[float, float]:
+        return self.queue_us, self.answered
+
+
+def window(controller: SloController, script: Scripted, queue_ms: float, own_ms: float, requests: int = 50):
+    """One window of ``requests`` requests that each waited ``queue_ms`` and took ``own_ms`` here."""
+    if requests:
+        controller.record(own_ms / 1000.0, requests)
+        script.queue_us += queue_ms * 1000.0 * requests
+        script.answered += requests
+    script.now += controller.config.window_s
+    decided = controller.tick()
+    assert decided is not None
+    return decided
+
+
+def controller(top: int = 3, **config) -> tuple[SloController, Scripted]:
+    script = Scripted()
+    slo = SloConfig(p99_ms=100.0, **config)
+    return SloController(slo, top, script.counters, lambda: script.now), script
+
+
+def test_it_climbs_a_rung_per_window_under_load_and_says_when_the_top_misses():
+    slo, script = controller()
+    decided = [window(slo, script, queue_ms=150, own_ms=20) for _ in range(5)]
+    assert [w.rung for w in decided] == [1, 2, 3, 3, 3]
+    assert [w.missed for w in decided] == [False, False, False, True, True]
+    assert decided[0].estimate_ms == pytest.approx(170.0)
+    assert not any(w.shedding for w in decided)  # not enabled
+
+
+def test_near_the_boundary_it_holds_and_does_not_flap():
+    slo, script = controller()
+    window(slo, script, queue_ms=70, own_ms=20)  # 90 > 80: climb to 1
+    held = [window(slo, script, queue_ms=q, own_ms=20) for q in (40, 55, 30, 58, 45, 35, 50)]  # 50..78
+    assert all(w.rung == 1 for w in held)
+
+
+def test_it_descends_one_rung_after_enough_quiet_windows_idle_ones_included():
+    slo, script = controller(descend_windows=3)
+    for _ in range(3):
+        window(slo, script, queue_ms=200, own_ms=20)
+    assert slo.rung == 3
+    quiet = [window(slo, script, queue_ms=5, own_ms=10) for _ in range(5)] + [
+        window(slo, script, 0, 0, requests=0) for _ in range(4)
+    ]
+    assert [w.rung for w in quiet] == [3, 3, 2, 2, 2, 1, 1, 1, 0]
+    assert math.isnan(quiet[-1].estimate_ms)
+
+
+def test_past_the_top_rung_it_sheds_where_enabled_and_stops_shedding_first():
+    slo, script = controller(top=1, shed_max_exit=0, descend_windows=1)
+    decided = [window(slo, script, queue_ms=300, own_ms=20) for _ in range(3)]
+    assert [(w.rung, w.shedding) for w in decided] == [(1, False), (1, True), (1, True)]
+    calm = [window(slo, script, queue_ms=1, own_ms=5) for _ in range(2)]
+    assert [(w.rung, w.shedding) for w in calm] == [(1, False), (0, False)]
+
+
+def test_without_a_ladder_it_only_reports():
+    slo, script = controller(top=0)
+    decided = window(slo, script, queue_ms=300, own_ms=20)
+    assert decided.rung == 0 and decided.missed and not decided.shedding
+
+
+def test_a_window_closes_only_when_due():
+    slo, script = controller()
+    slo.record(0.01, 5)
+    script.now += 0.5
+    assert slo.tick() is None
+    script.now += 0.5
+    assert slo.tick().requests == 5
+
+
+@pytest.mark.parametrize("bad", [{"p99_ms": 0}, {"p99_ms": 10, "descend_at": 0.9}, {"p99_ms": 10, "descend_windows": 0}])
+def test_a_bad_configuration_is_refused(bad):
+    with pytest.raises(ValueError):
+        SloConfig(**bad)
