@@ -87,8 +87,8 @@ class CascadeResult:
 
 def rule_sets(policy: Policy) -> list[tuple[ExitRule, ...]]:
     """The policy's rule sets as ``CascadeBatch.rule_set`` indexes them: global first, then the cohorts
-    by name."""
-    return [policy.exits, *(policy.cohorts[name] for name in sorted(policy.cohorts))]
+    by name, then the ladder's rungs above rung 0."""
+    return [policy.exits, *(policy.cohorts[name] for name in sorted(policy.cohorts)), *(r.exits for r in policy.rungs)]
 
 
 @dataclass(frozen=True)

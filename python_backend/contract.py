@@ -72,6 +72,7 @@ FLAG_CONSERVATIVE = 64  # served at full depth because the drift monitor's conse
 # it had reached instead of where its policy would have let it leave (the policy allows it).
 FLAG_DEGRADED = 128
 FLAG_REROUTED = 256  # a segment was unavailable: answered by `<name>_full` instead (full quality)
+FLAG_SHED = 512  # load shedding past the ladder's top rung capped its depth: answered at the cap
 FLAG_NAMES = {
     FLAG_FORCED_FULL: "forced_full",
     FLAG_DEPTH_CAP: "depth_cap",
@@ -82,6 +83,7 @@ FLAG_NAMES = {
     FLAG_CONSERVATIVE: "conservative",
     FLAG_DEGRADED: "degraded",
     FLAG_REROUTED: "rerouted",
+    FLAG_SHED: "shed",
 }
 
 

@@ -23,16 +23,19 @@ from offramp.backend.contract import (
     FLAG_ABSTAINED,
     FLAG_CONSERVATIVE,
     FLAG_DEGRADED,
+    FLAG_DEPTH_CAP,
     FLAG_FALLBACK,
     FLAG_FALLBACK_FAILED,
     FLAG_FORCED_FULL,
     FLAG_REROUTED,
+    FLAG_SHED,
     SegmentUnavailable,
     TensorSpec,
     describe_flags,
 )
 from offramp.backend.drift import DriftConfig, DriftMonitor
 from offramp.backend.policy import Policy
+from offramp.backend.slo import SloConfig, SloController, triton_queue_counters
 from offramp.backend.telemetry import ServingTelemetry
 from offramp.backend.text import TEXT_INPUT, TextEncoder, TextError, TextSpec
 from offramp.kernels.confidence import Confidence, compute_confidence, exits_by_threshold
@@ -133,6 +136,13 @@ class ServingOptions:
     # segment models over BLS (embedded target, CPU): no IPC hop per segment, at the price of
     # segment batches no longer merged across orchestrator instances.
     segments_in_process: bool = False
+    # The SLO controller (offramp.backend.slo): a p99 latency target in ms (0: none); it climbs the
+    # policy's ladder under load and, with slo_shed_max_exit >= 0, caps depth past the top rung.
+    slo_p99_ms: float = 0.0
+    slo_window_s: float = 1.0
+    slo_shed_max_exit: int = -1
+    # Where the controller reads Triton's queue counters for this model (Triton's metrics port).
+    metrics_url: str = "http://127.0.0.1:8002/metrics"
 
     def to_parameters(self) -> dict[str, str]:
         return {f"offramp_{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()}
@@ -152,8 +162,9 @@ class ServingOptions:
             values[name] = raw.lower() == "true" if field_type is bool else field_type(raw)
         return cls(**values)
 
-    def hooks(self, policy: Policy, instance: str = "") -> dict[str, Any]:
-        """The audit log and drift monitor these options ask for (drift needs the policy's profile).
+    def hooks(self, policy: Policy, instance: str = "", model: str = "") -> dict[str, Any]:
+        """The audit log, drift monitor and SLO controller these options ask for (drift needs the
+        policy's profile; the controller reads ``model``'s queue counters at ``metrics_url``).
 
         Each instance writes its own audit file (``<stem>.<instance><suffix>``): instances are
         separate processes, and one file rotated by two writers would lose records.
@@ -176,6 +187,14 @@ class ServingOptions:
                     conservative=self.drift_conservative,
                 )
             )
+        if self.slo_p99_ms > 0:
+            config = SloConfig(
+                self.slo_p99_ms,
+                self.slo_window_s,
+                shed_max_exit=self.slo_shed_max_exit if self.slo_shed_max_exit >= 0 else None,
+            )
+            queue = triton_queue_counters(self.metrics_url, model) if model else lambda: None
+            hooks["slo"] = SloController(config, len(policy.rungs), queue, time.monotonic)
         return hooks
 
 
@@ -186,10 +205,12 @@ class ParsedRequest:
     force_full: bool
     min_exit: int
     max_exit: int
-    rule_set: int  # 0: global rules; i > 0: the policy's i-th cohort
+    rule_set: int  # index into cascade.rule_sets: 0 global, then the cohorts, then the ladder's rungs
     deadline: float  # time.monotonic() after which rows take the next exit; inf: none
     request_id: str | None
     cohort: str | None
+    rung: int = 0  # the ladder's rung the request is served at
+    shed: bool = False  # load shedding capped its depth (max_exit)
 
 
 def _bool_parameter(name: str, value: Any) -> bool:
@@ -233,6 +254,7 @@ class Orchestrator:
         drift: DriftMonitor | None = None,
         text_encoder: TextEncoder | None = None,
         cascade: Cascade = run_cascade,
+        slo: SloController | None = None,
     ) -> None:
         self.spec = spec
         # run_cascade on the host; offramp.backend.device.DeviceCascade where it runs on a GPU.
@@ -244,14 +266,20 @@ class Orchestrator:
         self.conservative_policy = replace(self.policy, full_depth_route="segments")
         self.cohort_rule_set = {name: i + 1 for i, name in enumerate(sorted(policy.cohorts))}
         self.rule_sets = rule_sets(self.policy)
+        self.first_rung_rule_set = 1 + len(policy.cohorts)  # rung r > 0 is rule set first + r - 1
         self.telemetry = telemetry
         self.audit = audit
         self.drift = drift
+        self.slo = slo
         self.outages = OutageMemory()
+        if slo is not None and slo.config.shed_max_exit is not None and slo.config.shed_max_exit >= self.num_exits:
+            raise ValueError(f"slo_shed_max_exit {slo.config.shed_max_exit} is past the last exit {self.num_exits - 1}")
         if telemetry is not None:
             telemetry.policy(policy.version, spec.fingerprint)
             if audit is not None:  # the writer's totals move in its own thread, between requests
                 telemetry.refresh_with(lambda: telemetry.audit(audit.written, audit.dropped, audit.lost))
+            if slo is not None:  # windows close while idle too (they count as quiet)
+                telemetry.refresh_with(self._close_slo_window)
 
     @classmethod
     def from_directory(cls, directory: Path, **hooks: Any) -> Orchestrator:
@@ -377,14 +405,40 @@ class Orchestrator:
         answers: list[dict[str, np.ndarray] | Exception] = []
         parsed: list[ParsedRequest] = []
         received = time.monotonic()
+        rung, shedding = (self.slo.rung, self.slo.shedding) if self.slo is not None else (0, False)
         for request in requests:
             try:
-                parsed.append(self.parse(request, received))
+                parsed.append(self._at_rung(self.parse(request, received), rung, shedding))
                 answers.append({})
             except RequestError as error:
                 answers.append(error)
         served = iter(self._serve(parsed, run_segment, run_model))
-        return [answer if isinstance(answer, Exception) else next(served) for answer in answers]
+        answers = [answer if isinstance(answer, Exception) else next(served) for answer in answers]
+        if self.slo is not None:
+            self.slo.record(time.monotonic() - received, len(requests))
+            self._close_slo_window()
+        return answers
+
+    def _at_rung(self, request: ParsedRequest, rung: int, shedding: bool) -> ParsedRequest:
+        """The request as the SLO controller's rung serves it: forced and pinned-cohort requests stay at
+        rung 0; under load shedding the others answer at the shedding exit at the latest."""
+        if request.force_full or request.cohort in self.policy.pinned_cohorts or (rung == 0 and not shedding):
+            return request
+        cap = self.slo.config.shed_max_exit if shedding else None
+        shed = cap is not None and cap < request.max_exit
+        return replace(
+            request,
+            rung=rung,
+            rule_set=self.first_rung_rule_set + rung - 1 if rung else request.rule_set,
+            max_exit=cap if shed else request.max_exit,
+            min_exit=min(request.min_exit, cap) if shed else request.min_exit,
+            shed=shed,
+        )
+
+    def _close_slo_window(self) -> None:
+        window = self.slo.tick()
+        if window is not None and self.telemetry is not None:
+            self.telemetry.slo(window)
 
     def _serve(
         self, parsed: Sequence[ParsedRequest], run_segment: RunSegment, run_model: RunModel | None
@@ -402,6 +456,9 @@ class Orchestrator:
             return [answer for request in parsed for answer in self._serve([request], run_segment, run_model)]
         bounds = np.cumsum([0, *(p.rows for p in parsed)])
         spans = list(zip(bounds[:-1], bounds[1:]))
+        if any(p.shed for p in parsed):
+            shed = np.repeat([p.shed for p in parsed], [p.rows for p in parsed])  # (B,)
+            outputs["FLAGS"][shed & (outputs["FLAGS"] & FLAG_DEPTH_CAP != 0)] |= FLAG_SHED
         if failed is not None:  # a request with a row the outage left unanswerable fails whole
             rows, message = failed
             lost = [bool(rows[a:b].any()) for a, b in spans]
@@ -538,10 +595,12 @@ class Orchestrator:
         """Metrics, drift and audit for the answered rows; none of it may fail the requests.
 
         Drift watches the exits the policy chose freely, conservative mode included (its rows run
-        through every segment, so the choice is still known), not rows the request forced.
+        through every segment, so the choice is still known), not rows the request forced, and only at
+        rung 0: a higher rung moves the profile on purpose (its own is in the policy's ladder).
         """
+        rungs = np.repeat([p.rung for p in parsed], [p.rows for p in parsed])  # (B,)
         if self.drift is not None:
-            free = policy_exit[(policy_exit >= 0) & ~requested_full]
+            free = policy_exit[(policy_exit >= 0) & ~requested_full & (rungs == 0)]
             if len(free):
                 self.drift.update(free)
         if self.telemetry is not None:
@@ -549,6 +608,8 @@ class Orchestrator:
             self.telemetry.answered(
                 outputs["EXIT"], outputs["CONFIDENCE"][:, 0], outputs["COST"], outputs["FLAGS"], cohorts
             )
+            if self.slo is not None:
+                self.telemetry.rows_by_rung(rungs)
             if self.drift is not None:
                 self.telemetry.drift(self.drift.score, self.drift.alarm, self.drift.conservative)
             self.telemetry.publish()
@@ -591,6 +652,7 @@ class Orchestrator:
                         "flags": describe_flags(int(outputs["FLAGS"][position])),
                         "cost": round(float(outputs["COST"][position]), 6),
                         "policy_version": self.policy.version,
+                        "rung": request.rung,
                         "model_fingerprint": self.spec.fingerprint,
                     }
                 )

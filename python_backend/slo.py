@@ -24,7 +24,9 @@ ladder was certified for all rungs at once.
 from __future__ import annotations
 
 import math
+import re
 import threading
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -128,3 +130,31 @@ class SloController:
         else:
             self._quiet = 0
         return SloWindow(estimate, queue_ms, own_p99, requests, self.rung, self.shedding, missed)
+
+
+def queue_counters_from_metrics(text: str, model: str) -> tuple[float, float] | None:
+    """``model``'s total queue microseconds and successful requests, summed over its versions, from
+    Triton's Prometheus page; None where the page has no such counters for it."""
+    totals = []
+    for name in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
+        pattern = rf'^{name}{{[^}}]*model="{re.escape(model)}"[^}}]*}} (\S+)$'
+        values = [float(v) for v in re.findall(pattern, text, re.MULTILINE)]
+        if not values:
+            return None
+        totals.append(sum(values))
+    return totals[0], totals[1]
+
+
+def triton_queue_counters(metrics_url: str, model: str, timeout_s: float = 2.0) -> Callable[[], tuple[float, float] | None]:
+    """A reader of ``model``'s queue counters on Triton's metrics page (None when it cannot be read: the
+    controller then goes by the orchestrator's own times alone)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+
+    def read() -> tuple[float, float] | None:
+        try:
+            with opener.open(metrics_url, timeout=timeout_s) as response:
+                return queue_counters_from_metrics(response.read().decode(), model)
+        except OSError:
+            return None
+
+    return read

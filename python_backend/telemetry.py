@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from offramp.backend.slo import SloWindow
 from offramp.backend.contract import (
     FLAG_ABSTAINED,
     FLAG_CONSERVATIVE,
@@ -197,6 +198,24 @@ class ServingTelemetry:
             self._set("offramp_drift_score", "PSI of the live exit profile against calibration", labels, score)
         self._set("offramp_drift_alarm", "1 while the drift score is past its alarm level", labels, float(alarm))
         self._set("offramp_conservative_mode", "1 while drift forces every row to full depth", labels, float(conservative))
+
+    def slo(self, window: SloWindow) -> None:
+        """What the SLO controller decided at the end of a window."""
+        labels = self.labels
+        self._set("offramp_slo_rung", "The ladder's rung being served (0: the policy's own rules)", labels, window.rung)
+        self._set("offramp_slo_shedding", "1 while load shedding caps every row's depth", labels, float(window.shedding))
+        self._set("offramp_slo_missed", "1 while at the top rung and over the latency target", labels, float(window.missed))
+        if window.requests:
+            self._set("offramp_slo_latency_estimate_ms", "Queue wait plus own p99 per request, last window",
+                      labels, window.estimate_ms)  # fmt: skip
+
+    def rows_by_rung(self, rungs: np.ndarray) -> None:
+        """Rows answered at each rung of the ladder, (n,) the rung of each."""
+        values, counts = np.unique(rungs, return_counts=True)
+        for rung, count in zip(values.tolist(), counts.tolist()):
+            self.sink.increment(
+                "offramp_rung_rows_total", "Rows answered, by the ladder's rung", {**self.labels, "rung": str(rung)}, count
+            )
 
     def audit(self, written: int, dropped: int, lost: int) -> None:
         """Totals of the audit log so far (set, as they only grow)."""

@@ -127,7 +127,7 @@ class TritonPythonModel:
         options = ServingOptions.from_parameters(parameters)
         self.metrics = _TritonMetrics()
         instance = f"{args.get('model_instance_name', '')}-v{args['model_version']}"
-        hooks = options.hooks(Policy.load(version_dir / POLICY_FILE), instance)
+        hooks = options.hooks(Policy.load(version_dir / POLICY_FILE), instance, args["model_name"])
         label = f"{args['model_name']} ({instance})"
         telemetry = ServingTelemetry(self.metrics, args["model_name"], instance)
         cascade, placement = select_cascade(

@@ -333,3 +333,68 @@ def test_malformed_policy_files_are_refused(tmp_path):
 def test_policy_round_trips_through_json(tmp_path):
     policy = Policy("p2", "fp", (ExitRule("entropy", (0.1, 0.2, 0.3, 0.4), 1.5),) * 3, provenance={"n": 5})
     assert Policy.load(policy.save(tmp_path / "policy.json")) == policy
+
+
+def _ladder_orchestrator(
+    rung: int, shedding: bool = False, shed_max_exit: int | None = None, thresholds=(0.45, 0.3), **policy_fields
+):
+    from offramp.backend.policy import Rung
+    from offramp.backend.slo import SloConfig, SloController
+
+    rungs = tuple(
+        Rung(0.01 * (i + 2), (ExitRule("max_prob", threshold),) * 3, expected_cost=0.5) for i, threshold in enumerate(thresholds)
+    )
+    policy = Policy("ladder-1", "fp", (ExitRule("max_prob", 0.6),) * 3, rungs=rungs, **policy_fields)
+    slo = SloController(SloConfig(100.0, shed_max_exit=shed_max_exit), len(rungs), lambda: None, lambda: 0.0)
+    slo.rung, slo.shedding = rung, shedding
+    return Orchestrator(SPEC, policy, slo=slo), rungs
+
+
+def test_rows_are_served_at_the_controllers_rung_except_forced_and_pinned_ones():
+    net = FakeNetwork()
+    x = good_rows(net, 0, 64)
+    orchestrator, rungs = _ladder_orchestrator(2, pinned_cohorts=("vip",))
+    requests = [FakeRequest({"X": x}), FakeRequest({"X": x}, {"cohort": "vip"}), FakeRequest({"X": x}, {"force_full": True})]
+    plain, pinned, forced = orchestrator.execute(requests, net.run_segment, net.run_model)
+    at_rung = Orchestrator(SPEC, Policy("r2", "fp", rungs[1].exits)).execute([requests[0]], net.run_segment, None)[0]
+    at_zero = Orchestrator(SPEC, Policy("r0", "fp", (ExitRule("max_prob", 0.6),) * 3)).execute(
+        [requests[0]], net.run_segment, None
+    )[0]
+    np.testing.assert_array_equal(plain["EXIT"], at_rung["EXIT"])
+    np.testing.assert_array_equal(pinned["EXIT"], at_zero["EXIT"])
+    assert (plain["EXIT"] < at_zero["EXIT"]).any(), "rung 2 should let rows leave earlier"
+    assert (forced["EXIT"] == 2).all()
+
+
+def test_audit_records_and_metrics_say_which_rung_served_each_row(tmp_path):
+    from offramp.backend.audit import AuditConfig, AuditLog, read_audit
+    from offramp.backend.telemetry import ServingTelemetry
+
+    from tests.test_monitoring import RecordingSink
+
+    net = FakeNetwork()
+    orchestrator, _ = _ladder_orchestrator(1)
+    sink = RecordingSink()
+    orchestrator.telemetry = ServingTelemetry(sink, "fake", publish_interval_s=0.0)
+    orchestrator.audit = AuditLog(AuditConfig(tmp_path / "audit.jsonl"))
+    requests = [FakeRequest({"X": good_rows(net, 0, 4)}), FakeRequest({"X": good_rows(net, 4, 3)}, {"force_full": True})]
+    orchestrator.execute(requests, net.run_segment, net.run_model)
+    orchestrator.audit.close()
+    assert [r["rung"] for r in read_audit([tmp_path / "audit.jsonl"])] == [1] * 4 + [0] * 3
+    by_rung = {dict(k)["rung"]: v for (n, k), v in sink.values.items() if n == "offramp_rung_rows_total"}
+    assert by_rung == {"1": 4, "0": 3}
+
+
+def test_load_shedding_caps_depth_and_flags_the_rows_it_capped():
+    from offramp.backend.contract import FLAG_SHED
+
+    net = FakeNetwork()
+    x = good_rows(net, 0, 64)
+    orchestrator, _ = _ladder_orchestrator(1, shedding=True, shed_max_exit=1, thresholds=(0.95,))
+    shed, forced = orchestrator.execute([FakeRequest({"X": x}), FakeRequest({"X": x}, {"force_full": True})],
+                                        net.run_segment, net.run_model)  # fmt: skip
+    exits, flags = shed["EXIT"].reshape(-1), shed["FLAGS"].reshape(-1)
+    assert exits.max() == 1 and (exits == 1).any()
+    capped = (flags & FLAG_SHED) != 0
+    assert capped.any() and (exits[capped] == 1).all()
+    assert (forced["EXIT"] == 2).all() and not (forced["FLAGS"] & FLAG_SHED).any()

@@ -92,3 +92,18 @@ def test_a_window_closes_only_when_due():
 def test_a_bad_configuration_is_refused(bad):
     with pytest.raises(ValueError):
         SloConfig(**bad)
+
+
+def test_the_queue_counters_are_read_off_tritons_metrics_page():
+    from offramp.backend.slo import queue_counters_from_metrics
+
+    page = "\n".join([
+        '# HELP nv_inference_queue_duration_us Cumulative inference queuing duration in microseconds',
+        'nv_inference_queue_duration_us{model="cnn",version="1"} 1500',
+        'nv_inference_queue_duration_us{model="cnn",version="2"} 500',
+        'nv_inference_queue_duration_us{model="cnn_full",version="1"} 99999',
+        'nv_inference_request_success{model="cnn",version="1"} 30',
+        'nv_inference_request_success{model="cnn",version="2"} 10',
+    ])  # fmt: skip
+    assert queue_counters_from_metrics(page, "cnn") == (2000.0, 40.0)
+    assert queue_counters_from_metrics(page, "other") is None
