@@ -110,6 +110,21 @@ def test_command_line(tmp_path):
         PerfAnalyzerOptions("u", "m", tmp_path, request_parameters={"cohort": "a:b"}).command(Path("p"), tmp_path)
 
 
+def test_request_rate_mode_is_open_loop_and_its_report_parses(tmp_path):
+    options = PerfAnalyzerOptions("127.0.0.1:9001", "trec", tmp_path / "data.json", batch_size=8, request_rate=312.5)
+    text = " ".join(options.command(Path("/bin/perf_analyzer"), tmp_path / "out.csv"))
+    assert "--request-rate-range 312.500 --async --request-distribution poisson" in text
+    assert "--concurrency-range" not in text
+    report = (
+        "Request Rate,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,"
+        "Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency\n"
+        "312.5,2500.0,4,10,2295,860,7684,404,2,12041,14289,15843,20295\n"
+    )
+    (result,) = parse_perf_csv(report, batch_size=8)
+    assert result.request_rate == 312.5 and result.concurrency == 0
+    assert result.requests_per_s == pytest.approx(312.5) and result.p99_ms == pytest.approx(20.295)
+
+
 def test_missing_libraries_are_explained():
     loader = "perf_analyzer: error while loading shared libraries: {}: cannot open shared object file"
     assert "apt-get install libb64-0d" in explain_start_failure(loader.format("libb64.so.0d"))
@@ -428,7 +443,7 @@ def test_quick_benchmark_end_to_end(quick_cnn, fashion_test, tmp_path):
 def test_a_text_workload_under_perf_analyzer(quick_text_model, tmp_path):
     """Token ids padded to one length go through perf_analyzer to both models; the served answers
     of the padded rows agree with the offline ones."""
-    from offramp.build.calibrate import exit_logits_from_onnx, recipe_calibration_data
+    from offramp.build.calibrate import exit_logits_from_onnx, held_out_data
     from offramp.client.tools.bench_summary import Goals
     from offramp.client.tools.perf_analyzer import check_perf_analyzer
 
@@ -437,7 +452,7 @@ def test_a_text_workload_under_perf_analyzer(quick_text_model, tmp_path):
     except PerfAnalyzerError as error:
         pytest.skip(str(error))
     artifacts, directory = quick_text_model
-    test = recipe_calibration_data(artifacts, directory, "test")
+    test = held_out_data(artifacts, directory, "test")
     workload = bench._recipe_workload(artifacts, directory, test, Goals(), "quick text")
     assert {a.shape[1] for a in workload.test_inputs.values()} == {test.inputs["INPUT_IDS"].shape[1]}
     config = bench.BenchConfig(

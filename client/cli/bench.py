@@ -15,17 +15,23 @@ class BenchCommand(Subcommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from offramp.client.tools.bench import WORKLOADS, BenchConfig
+        from offramp.client.tools.spike import SpikeConfig
 
         add_config_options(parser, BenchConfig, {"quick": BenchConfig.quick_defaults()})
+        add_config_options(parser.add_argument_group("the spike benchmark (--spike)"), SpikeConfig)
         parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from saved results")
         parser.epilog = f"workloads: {', '.join(sorted(WORKLOADS))}"
 
     def run(self, args: argparse.Namespace) -> int:
         from offramp.client.tools.bench import BenchConfig, main_bench
+        from offramp.client.tools.spike import SpikeConfig, main_spike
 
         try:
             config = config_from_args(BenchConfig, args, BenchConfig.quick_defaults() if args.quick else {})
+            spike = config_from_args(SpikeConfig, args)
         except ValueError as error:
             print(f"offramp bench: error: {error}", file=sys.stderr)
             return 2
+        if spike.spike:
+            return main_spike(config, spike)
         return main_bench(config, report_only=args.report_only)

@@ -159,15 +159,22 @@ class PerfAnalyzerOptions:
     request_parameters: Mapping[str, bool | int | str] = field(default_factory=dict)
     protocol: str = "grpc"
     extra_args: Sequence[str] = ()
+    # Requests per second, sent on schedule whether or not earlier ones were answered (open loop, as
+    # real users arrive), instead of ``concurrency`` requests in flight; asynchronous, Poisson arrivals.
+    request_rate: float | None = None
 
     def command(self, binary: Path, csv_path: Path) -> list[str]:
+        load = ["--concurrency-range", str(self.concurrency)]
+        if self.request_rate is not None:
+            load = ["--request-rate-range", f"{self.request_rate:.3f}", "--async", "--request-distribution",
+                    "poisson", "--max-threads", "16"]  # fmt: skip
         command = [
             str(binary),
             "-i", self.protocol,
             "-u", self.url,
             "-m", self.model,
             "-b", str(self.batch_size),
-            "--concurrency-range", str(self.concurrency),
+            *load,
             "--input-data", str(self.input_data),
             "--measurement-interval", str(self.measurement_interval_ms),
             "--stability-percentage", f"{self.stability_percentage:g}",
@@ -220,6 +227,7 @@ class PerfResult:
     server_compute_output_ms: float | None = None
     client_recv_ms: float | None = None
     batch_size: int = 1
+    request_rate: float | None = None  # the rate asked for, in request-rate mode (concurrency is 0 then)
 
     @property
     def requests_per_s(self) -> float:
@@ -245,11 +253,15 @@ _CSV_COLUMNS = {  # perf_analyzer's column -> PerfResult field (microseconds unl
 }
 
 
-def parse_perf_csv(text: str, batch_size: int = 1) -> list[PerfResult]:
-    """The rows of perf_analyzer's ``-f`` CSV (one per concurrency level), latencies in ms.
+# The first column of the latency report: the load it was measured at.
+_LOAD_COLUMNS = ("Concurrency", "Request Rate")
 
-    The first block is the latency report: a header line starting ``Concurrency,`` and one line per
-    level; it ends at the first blank line (server metrics may follow with ``--collect-metrics``).
+
+def parse_perf_csv(text: str, batch_size: int = 1) -> list[PerfResult]:
+    """The rows of perf_analyzer's ``-f`` CSV (one per concurrency level or request rate), latencies in ms.
+
+    The first block is the latency report: a header line starting ``Concurrency,`` (``Request Rate,``
+    in request-rate mode) and one line per level; it ends at the first blank line (server metrics may follow with ``--collect-metrics``).
     With ``--percentile`` perf_analyzer drops the "Avg latency" column; it is then None.
 
     Raises:
@@ -257,9 +269,9 @@ def parse_perf_csv(text: str, batch_size: int = 1) -> list[PerfResult]:
     """
     lines = text.splitlines()
     try:
-        start = next(i for i, line in enumerate(lines) if line.startswith("Concurrency,"))
+        start = next(i for i, line in enumerate(lines) if line.startswith(_LOAD_COLUMNS))
     except StopIteration:
-        raise ValueError("perf_analyzer CSV has no 'Concurrency,...' header") from None
+        raise ValueError("perf_analyzer CSV has no 'Concurrency,...' (or 'Request Rate,...') header") from None
     block = []
     for line in lines[start:]:
         if not line.strip():
@@ -268,7 +280,8 @@ def parse_perf_csv(text: str, batch_size: int = 1) -> list[PerfResult]:
     results = []
     for row in csv.DictReader(io.StringIO("\n".join(block))):
         row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-        missing = [c for c in ("Concurrency", "Inferences/Second", "p50 latency", "p99 latency") if not row.get(c)]
+        load = next(c for c in _LOAD_COLUMNS if c in row)
+        missing = [c for c in (load, "Inferences/Second", "p50 latency", "p99 latency") if not row.get(c)]
         if missing:
             raise ValueError(f"perf_analyzer CSV row lacks {missing}: {row}")
         values = {
@@ -278,7 +291,8 @@ def parse_perf_csv(text: str, batch_size: int = 1) -> list[PerfResult]:
             values.setdefault(required, float("nan"))
         results.append(
             PerfResult(
-                concurrency=int(float(row["Concurrency"])),
+                concurrency=int(float(row["Concurrency"])) if load == "Concurrency" else 0,
+                request_rate=float(row[load]) if load != "Concurrency" else None,
                 rows_per_s=float(row["Inferences/Second"]),
                 batch_size=batch_size,
                 **values,
@@ -302,9 +316,18 @@ class PerfRun:
 
 
 def run_perf_analyzer(
-    options: PerfAnalyzerOptions, csv_path: Path, timeout_s: float = 300.0, binary: Path | None = None
+    options: PerfAnalyzerOptions,
+    csv_path: Path,
+    timeout_s: float = 300.0,
+    binary: Path | None = None,
+    hang_grace_s: float = 20.0,
 ) -> PerfRun:
     """Run one measurement and parse its CSV (kept at ``csv_path``).
+
+    WAR: perf_analyzer 2.49 now and then never exits after it has written its CSV (seen here after
+    overload in request-rate mode, and in --request-count mode; SIGINT does not stop it). The CSV is
+    written once the measurement is over, so a run still going ``hang_grace_s`` after it appeared is
+    killed and its CSV taken.
 
     Raises:
         PerfAnalyzerError: the binary is missing or cannot start (the message names the library and
@@ -316,26 +339,34 @@ def run_perf_analyzer(
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     csv_path.unlink(missing_ok=True)
     command = options.command(binary, csv_path)
+    log_path = csv_path.with_suffix(".log")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    try:
-        completed = subprocess.run(
-            command, env=perf_analyzer_environment(), capture_output=True, text=True, timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as error:
-        raise PerfAnalyzerError(f"perf_analyzer on {options.model} ran past {timeout_s:.0f} s") from error
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=perf_analyzer_environment(), stdout=log, stderr=subprocess.STDOUT)
+    written_at = None
+    while process.poll() is None:
+        now = time.perf_counter()
+        if written_at is None and csv_path.exists() and csv_path.stat().st_size > 0:
+            written_at = now
+        if now - started > timeout_s or (written_at is not None and now - written_at > hang_grace_s):
+            process.kill()
+            process.wait()
+            if written_at is None:
+                raise PerfAnalyzerError(f"perf_analyzer on {options.model} ran past {timeout_s:.0f} s")
+            break
+        time.sleep(0.2)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    output = completed.stdout + completed.stderr
+    output = log_path.read_text(errors="replace")
     problem = explain_start_failure(output)
     if problem:
         raise PerfAnalyzerError(f"{binary} does not start: {problem}")
-    if completed.returncode != 0 or not csv_path.exists():
+    if (process.returncode != 0 and written_at is None) or not csv_path.exists():
         tail = "\n".join(output.strip().splitlines()[-15:])
         raise PerfAnalyzerError(
             f"perf_analyzer on {options.model} (concurrency {options.concurrency}) exited with "
-            f"{completed.returncode}:\n{tail}"
+            f"{process.returncode}:\n{tail}"
         )
     csv_text = csv_path.read_text()
     (result,) = parse_perf_csv(csv_text, options.batch_size)
