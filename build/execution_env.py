@@ -2,9 +2,9 @@
 
 NVIDIA's Triton image runs Python models in its own Python, with little installed. The orchestrator
 needs NumPy below 2 (NumPy 2 broke the stub: docs/embedded-server.md), ``tokenizers`` for text
-models, CuPy for the GPU path, and offramp's server side (``offramp.backend`` and
-``offramp.kernels``; nothing of the build, no torch). ``create_execution_env`` makes that
-environment:
+models, Pillow for image models (it decodes ``IMAGE_BYTES``), CuPy for the GPU path, and offramp's
+server side (``offramp.backend`` and ``offramp.kernels``; nothing of the build, no torch).
+``create_execution_env`` makes that environment:
 
 1. a virtualenv at OUT, made by ``--python`` (default: the running interpreter), without pip;
 2. the requirements installed into its site-packages with that Python's pip (``--target``);
@@ -66,6 +66,8 @@ SERVER_PACKAGES = {"backend": "python_backend", "kernels": "kernels"}
 # Pinned as the project's own venv has them (requirements.txt); the stub needs NumPy below 2.
 NUMPY = "numpy==1.26.4"
 TOKENIZERS = "tokenizers>=0.19,<1"
+# Image.open(formats=...) and Image.Resampling (offramp.backend.image) need Pillow 9.1 or later.
+PILLOW = "pillow>=9.1,<14"
 # For images on CUDA 12 (the image's release notes say which CUDA); cupy-cuda13x==13.6.0 for CUDA 13.
 CUPY = "cupy-cuda12x==13.6.0"
 RELOCATABLE_ENV = '_OFFRAMP_ENV="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")/.." && pwd)"'
@@ -73,9 +75,11 @@ RELOCATABLE_ENV = '_OFFRAMP_ENV="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")/.." &&
 Run = Callable[..., subprocess.CompletedProcess]
 
 
-def server_requirements(gpu: bool = False, text: bool = False, cupy: str = CUPY) -> list[str]:
+def server_requirements(
+    gpu: bool = False, text: bool = False, cupy: str = CUPY, images: bool = False
+) -> list[str]:
     """What the orchestrator imports besides the standard library and offramp."""
-    return [NUMPY, *([TOKENIZERS] if text else []), *([cupy] if gpu else [])]
+    return [NUMPY, *([TOKENIZERS] if text else []), *([PILLOW] if images else []), *([cupy] if gpu else [])]
 
 
 def _query(python: str, expression: str, run: Run) -> str:
@@ -202,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cupy", default=CUPY, help="the CuPy requirement (cupy-cuda13x for CUDA 13 drivers)"
     )
     parser.add_argument("--text", action="store_true", help=f"add {TOKENIZERS} for text models")
+    parser.add_argument("--images", action="store_true", help=f"add {PILLOW} for image models (IMAGE_BYTES)")
     parser.add_argument(
         "--requirement", action="append", default=[], help="a further requirement (repeatable)"
     )
@@ -211,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--archive", action="store_true", help="also pack OUT.tar.gz")
     parser.add_argument("--pip-arg", action="append", default=[], help="passed to pip install (repeatable)")
     args = parser.parse_args(argv)
-    requirements = [*server_requirements(args.gpu, args.text, args.cupy), *args.requirement]
+    requirements = [*server_requirements(args.gpu, args.text, args.cupy, args.images), *args.requirement]
     made = create_execution_env(args.out, requirements, args.python, args.pip_arg, args.archive)
     print(f"{made}: {', '.join(requirements)} + offramp.backend, offramp.kernels")
     print(

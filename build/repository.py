@@ -28,6 +28,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 import offramp.backend
 from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_IN, LOGITS_OUT, TensorSpec, output_specs
 from offramp.backend.device import DEVICES, DeviceRequest
+from offramp.backend.image import IMAGE_BYTES_INPUT, ImageSpec
 from offramp.backend.orchestrator import POLICY_FILE, SPEC_FILE, OrchestratorSpec, ServingOptions
 from offramp.backend.policy import Policy
 from offramp.backend.text import TEXT_INPUT, TextSpec
@@ -295,15 +296,25 @@ def full_model_config(
 
 
 def orchestrator_inputs(artifacts: ModelArtifacts) -> tuple[TensorConfig, ...]:
-    """The model's own inputs; a text model also takes raw TEXT, and then each input is optional."""
-    if not _tokenizer_dir(artifacts):
-        return tuple(TensorConfig.of(s) for s in artifacts.inputs)
-    own = (TensorConfig(s.name, s.dtype, s.shape, optional=True) for s in artifacts.inputs)
-    return (TensorConfig(TEXT_INPUT, "object", (), optional=True), *own)
+    """The model's own inputs; a text model also takes raw TEXT, an image model encoded IMAGE_BYTES, and
+    then each input is optional."""
+    own = tuple(TensorConfig(s.name, s.dtype, s.shape, optional=True) for s in artifacts.inputs)
+    if _tokenizer_dir(artifacts):
+        return (TensorConfig(TEXT_INPUT, "object", (), optional=True), *own)
+    if image_spec(artifacts):
+        # The tensor first: a client that sends one bare array (OfframpClient.classify) sends the tensor.
+        return (*own, TensorConfig(IMAGE_BYTES_INPUT, "object", (), optional=True))
+    return tuple(TensorConfig.of(s) for s in artifacts.inputs)
 
 
 def _tokenizer_dir(artifacts: ModelArtifacts) -> str | None:
     return artifacts.build.get("tokenizer_dir")
+
+
+def image_spec(artifacts: ModelArtifacts) -> ImageSpec | None:
+    """The preprocessing an image build recorded (``offramp.build.vision``), or None."""
+    recorded = artifacts.build.get("image")
+    return ImageSpec.from_dict(recorded) if recorded else None
 
 
 def orchestrator_model_config(
@@ -353,6 +364,7 @@ def orchestrator_spec(artifacts: ModelArtifacts, name: str | None = None, compac
         fingerprint=artifacts.fingerprint,
         compact=compact,
         text=TextSpec(tokenizer, int(artifacts.build["max_length"])) if tokenizer else None,
+        image=image_spec(artifacts),
     )
 
 

@@ -34,6 +34,7 @@ from offramp.backend.contract import (
     describe_flags,
 )
 from offramp.backend.drift import DriftConfig, DriftMonitor
+from offramp.backend.image import IMAGE_BYTES_INPUT, ImageDecoder, ImageError, ImageSpec
 from offramp.backend.policy import Policy
 from offramp.backend.slo import SloConfig, SloController, triton_queue_counters
 from offramp.backend.telemetry import ServingTelemetry
@@ -99,6 +100,7 @@ class OrchestratorSpec:
     # False serves batch-level early exit (no compaction): kept to measure what compaction gains.
     compact: bool = True
     text: TextSpec | None = None  # accept raw TEXT and tokenize it here
+    image: ImageSpec | None = None  # accept encoded IMAGE_BYTES and decode and preprocess them here
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -118,6 +120,7 @@ class OrchestratorSpec:
             fingerprint=data["fingerprint"],
             compact=data.get("compact", True),
             text=TextSpec(**data["text"]) if data.get("text") else None,
+            image=ImageSpec.from_dict(data["image"]) if data.get("image") else None,
         )
 
 
@@ -253,6 +256,7 @@ class Orchestrator:
         audit: AuditLog | None = None,
         drift: DriftMonitor | None = None,
         text_encoder: TextEncoder | None = None,
+        image_decoder: ImageDecoder | None = None,
         cascade: Cascade = run_cascade,
         slo: SloController | None = None,
     ) -> None:
@@ -260,6 +264,13 @@ class Orchestrator:
         # run_cascade on the host; offramp.backend.device.DeviceCascade where it runs on a GPU.
         self.cascade = cascade
         self.text_encoder = text_encoder
+        # The raw input turned into the model's tensors here, and how: TEXT is tokenized, IMAGE_BYTES
+        # decoded and preprocessed.
+        self.raw_input: tuple[str, Callable[[np.ndarray], tuple[np.ndarray, ...]]] | None = None
+        if text_encoder is not None:
+            self.raw_input = (TEXT_INPUT, text_encoder.encode)
+        elif image_decoder is not None:
+            self.raw_input = (IMAGE_BYTES_INPUT, lambda rows: (image_decoder.decode(rows),))
         self.policy = policy.validate(len(spec.segment_models), len(spec.class_names), spec.fingerprint)
         # Conservative mode runs rows through every segment, so the drift monitor keeps seeing
         # which exit the policy would have chosen, and can clear.
@@ -286,7 +297,9 @@ class Orchestrator:
         """The spec, policy and tokenizer files a repository writer put into a model version folder."""
         spec = OrchestratorSpec.load(directory / SPEC_FILE)
         encoder = TextEncoder(directory, spec.text) if spec.text else None
-        return cls(spec, Policy.load(directory / POLICY_FILE), text_encoder=encoder, **hooks)
+        decoder = ImageDecoder(spec.image) if spec.image else None
+        policy = Policy.load(directory / POLICY_FILE)
+        return cls(spec, policy, text_encoder=encoder, image_decoder=decoder, **hooks)
 
     @property
     def num_exits(self) -> int:
@@ -299,11 +312,11 @@ class Orchestrator:
         """
         inputs: dict[str, np.ndarray] = {}
         rows = None
-        tokenized = self._tokenize(request)
+        encoded = self._encode_raw_input(request)
         for spec in self.spec.inputs:
-            array = tokenized[spec.name] if tokenized else request.input(spec.name)
+            array = encoded[spec.name] if encoded else request.input(spec.name)
             if array is None:
-                alternative = f" (or send {TEXT_INPUT})" if self.text_encoder is not None else ""
+                alternative = f" (or send {self.raw_input[0]})" if self.raw_input is not None else ""
                 raise RequestError(f"input {spec.name!r} is missing{alternative}")
             if array.dtype != np.dtype(spec.dtype):
                 raise RequestError(f"input {spec.name!r} must be {spec.dtype}, not {array.dtype}")
@@ -365,20 +378,24 @@ class Orchestrator:
             cohort=cohort,
         )
 
-    def _tokenize(self, request: RequestView) -> dict[str, np.ndarray] | None:
-        """The model's inputs from the request's TEXT, or None where it sent none (it tokenized itself)."""
-        text = request.input(TEXT_INPUT) if self.text_encoder is not None else None
-        if text is None:
+    def _encode_raw_input(self, request: RequestView) -> dict[str, np.ndarray] | None:
+        """The model's inputs from the request's raw TEXT or IMAGE_BYTES, or None where it sent none (it
+        sent the model's own tensors)."""
+        if self.raw_input is None:
+            return None
+        name, encode = self.raw_input
+        raw = request.input(name)
+        if raw is None:
             return None
         if any(request.input(spec.name) is not None for spec in self.spec.inputs):
-            raise RequestError(f"send either {TEXT_INPUT} or {[s.name for s in self.spec.inputs]}, not both")
-        if text.dtype != np.object_ and text.dtype.kind not in "SU":
-            raise RequestError(f"input {TEXT_INPUT!r} must be BYTES, not {text.dtype}")
+            raise RequestError(f"send either {name} or {[s.name for s in self.spec.inputs]}, not both")
+        if raw.dtype != np.object_ and raw.dtype.kind not in "SU":
+            raise RequestError(f"input {name!r} must be BYTES, not {raw.dtype}")
         try:
-            ids, mask = self.text_encoder.encode(text)
-        except TextError as error:
+            tensors = encode(raw)
+        except (TextError, ImageError) as error:
             raise RequestError(str(error)) from None
-        return dict(zip((s.name for s in self.spec.inputs), (ids, mask)))
+        return dict(zip((s.name for s in self.spec.inputs), tensors))
 
     def merge(self, parsed: Sequence[ParsedRequest]) -> CascadeBatch:
         """One batch of all rows, in request order, with each row's own constraints."""
