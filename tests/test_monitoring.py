@@ -15,6 +15,7 @@ import offramp.backend
 from offramp.backend.audit import AuditConfig, AuditLog, read_audit, summarize_audit
 from offramp.backend.contract import FLAG_ABSTAINED, FLAG_DEADLINE, FLAG_FORCED_FULL
 from offramp.backend.drift import DriftConfig, DriftMonitor, population_stability_index
+from offramp.backend.slo import SloWindow
 from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
 from offramp.client.serving.supervisor import Supervisor
 
@@ -44,6 +45,8 @@ def emitted_names() -> set[str]:
     telemetry.policy("v1", "f" * 64)
     telemetry.drift(0.3, True, True)
     telemetry.audit(1, 2, 3)
+    telemetry.slo(SloWindow(120.0, 100.0, 20.0, 8, rung=2, shedding=True, missed=True))
+    telemetry.rows_by_rung(np.array([0, 2]))
     telemetry.publish()
     # `offramp serve`'s supervisor publishes its own on the health port.
     supervisor = Supervisor(ScriptedServer())
