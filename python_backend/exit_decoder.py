@@ -1,0 +1,389 @@
+"""The served decoder: a Llama- or GPT-2-shaped checkpoint run layer by layer over a slotted KV cache.
+
+The exits read the shared LM head after chosen layers (``head(final_norm(h_l))``). The forward pass is
+written here over the checkpoint's tensors (read from ``model.safetensors`` with the names of
+transformers' ``LlamaForCausalLM`` or ``GPT2LMHeadModel``), because decoding with exits needs what
+``generate`` does not give: a range of layers at a time, per-row positions, and a cache shared by
+rows that come and go.
+
+KV-cache layout for a running batch (:class:`KVCache`)::
+
+    keys, values: (L, S, Hkv, C, D)   layers, slots, key/value heads, context positions, head size
+
+- A row owns one slot; the key and value of its token at position p live at ``[:, slot, :, p]``.
+  Positions are per row: a row's tokens sit at 0, 1, 2, ... of its own slot, with no padding, and
+  its rotary (Llama) or learned (GPT-2) position is its own index. A row therefore decodes exactly as
+  it would alone.
+- The active rows of a group occupy slots ``[0, B)``, so a forward pass over them reads the cache in
+  place, as a view, and never gathers it. A joining row takes slot B (its prompt's keys and values
+  are written there by the prefill). A leaving row's slot receives the last active row's slot (one
+  row's cache is copied) and B shrinks: the rows are renumbered, nothing else moves.
+- A query at position p attends the keys at positions ``[0, p]`` of its row. Everything past a row's
+  length (stale values of a previous occupant, drafts that were rejected) is masked.
+
+Batch invariance, which makes ``self_speculative`` decoding token-identical to ``full``: a row's
+numbers are bitwise the same whatever its batch-mates, its slot, and however many of its tokens are
+processed together (one step of ``full``, a verify pass of several):
+
+- attention always runs over all C positions of the row under the mask, so its reductions have one
+  length and one order whatever the batch (SDPA; masked positions contribute exact zeros);
+- MKL's sgemm chooses its kernel by matrix shape, and the product of a row then depends on the
+  number of rows (measured here: one row, 2-10 rows and 11 or more rows gave three different roundings);
+  MKL's conditional-numerical-reproducibility STRICT mode removes that dependence (measured: every
+  row count from 1 to 600 bitwise equal). :func:`reproducible_gemm` sets the mode, which MKL fixes at
+  the process' first matrix product; the tests and the Triton adapter call it first;
+- elementwise kernels (norms, activations, rotary) are vectorised over a contiguous last axis whose
+  length is a multiple of 16 (the model's widths are multiples of 64), so no element falls in a
+  scalar tail loop whose rounding could differ.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DECODER_MANIFEST = "decoder.json"
+MODEL_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+FAMILIES = ("llama", "gpt2")
+
+_MKL_CBWR_STRICT = 0x10000
+_MKL_CBWR_ERR_MODE_CHANGE = -8
+
+
+def reproducible_gemm() -> None:
+    """Put MKL's sgemm in conditional-numerical-reproducibility STRICT mode on this machine's own code
+    branch, so that a row's product does not depend on how many rows are multiplied with it.
+
+    MKL fixes the mode at the process' first matrix product; afterwards this only checks that the
+    mode is already STRICT (``MKL_CBWR=AUTO,STRICT`` in the environment does the same from the start).
+
+    Raises:
+        RuntimeError: a product already ran in another mode, or MKL refused the mode.
+    """
+    library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    get, auto, set_mode = library.mkl_serv_cbwr_get, library.mkl_serv_cbwr_get_auto_branch, library.mkl_serv_cbwr_set
+    get.argtypes, get.restype = [ctypes.c_int], ctypes.c_int
+    auto.argtypes, auto.restype = [], ctypes.c_int
+    set_mode.argtypes, set_mode.restype = [ctypes.c_int], ctypes.c_int
+    if get(-1) & _MKL_CBWR_STRICT:
+        return
+    status = set_mode(auto() | _MKL_CBWR_STRICT)
+    if status == _MKL_CBWR_ERR_MODE_CHANGE:
+        raise RuntimeError(
+            "MKL already ran a matrix product in its default mode, which rounds a row differently by row "
+            "count: call reproducible_gemm() before any, or start the process with MKL_CBWR=AUTO,STRICT"
+        )
+    if status != 0:
+        raise RuntimeError(f"MKL refused the STRICT reproducibility mode (status {status})")
+
+
+# --- The model ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The shape of a served decoder, from its ``config.json`` and the manifest's exits."""
+
+    family: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    context: int
+    exit_layers: tuple[int, ...]  # the last is ``layers``
+    norm_eps: float
+    rope_theta: float  # Llama only
+
+    @classmethod
+    def from_config(cls, config: dict, exit_layers: tuple[int, ...], context: int | None = None) -> DecoderSpec:
+        family = config.get("model_type")
+        if family == "llama":
+            rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            if kind != "default":
+                raise ValueError(f"rope type {kind!r} is not supported (only the default rotary embedding)")
+            heads = config["num_attention_heads"]
+            spec = cls(
+                family, config["num_hidden_layers"], config["hidden_size"], heads,
+                config.get("num_key_value_heads") or heads, config.get("head_dim") or config["hidden_size"] // heads,
+                config["vocab_size"], context or config["max_position_embeddings"], tuple(exit_layers),
+                config.get("rms_norm_eps", 1e-6), rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+            )  # fmt: skip
+            if config.get("hidden_act", "silu") != "silu":
+                raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (Llama: silu)")
+        elif family == "gpt2":
+            heads = config["n_head"]
+            spec = cls(
+                family, config["n_layer"], config["n_embd"], heads, heads, config["n_embd"] // heads,
+                config["vocab_size"], context or config["n_positions"], tuple(exit_layers),
+                config.get("layer_norm_epsilon", 1e-5), 0.0,
+            )  # fmt: skip
+            if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ValueError(f"activation {config['activation_function']!r} is not supported (GPT-2: gelu_new)")
+            if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
+                raise ValueError("GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported")
+        else:
+            raise ValueError(f"model_type {family!r} is not one of {FAMILIES}")
+        if not spec.exit_layers or spec.exit_layers[-1] != spec.layers or spec.exit_layers[0] < 1:
+            raise ValueError(f"exit layers {spec.exit_layers} must lie in 1..{spec.layers} and end with {spec.layers}")
+        return spec
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One block, both families in one form: Llama has RMS norms (no biases) and a gated MLP (gate and
+    up stacked in ``up``); GPT-2 has layer norms with biases and a GELU MLP. q, k, v are stacked."""
+
+    norm1: torch.Tensor
+    norm1_bias: torch.Tensor | None
+    qkv: torch.Tensor  # ((Hq + 2 Hkv) D, H)
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor  # (H, Hq D)
+    out_bias: torch.Tensor | None
+    norm2: torch.Tensor
+    norm2_bias: torch.Tensor | None
+    up: torch.Tensor  # (2 I, H) gated, (I, H) otherwise
+    up_bias: torch.Tensor | None
+    down: torch.Tensor  # (H, I)
+    down_bias: torch.Tensor | None
+
+
+def _llama_layers(tensors: dict[str, torch.Tensor], spec: DecoderSpec) -> list[LayerWeights]:
+    def get(name: str) -> torch.Tensor | None:
+        return tensors.get(name)
+
+    layers = []
+    for i in range(spec.layers):
+        p = f"model.layers.{i}."
+        biases = [get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+        mlp_biases = [get(p + f"mlp.{n}_proj.bias") for n in ("gate", "up")]
+        layers.append(LayerWeights(
+            norm1=tensors[p + "input_layernorm.weight"], norm1_bias=None,
+            qkv=torch.cat([tensors[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
+            qkv_bias=torch.cat(biases) if biases[0] is not None else None,
+            out=tensors[p + "self_attn.o_proj.weight"], out_bias=get(p + "self_attn.o_proj.bias"),
+            norm2=tensors[p + "post_attention_layernorm.weight"], norm2_bias=None,
+            up=torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]]),
+            up_bias=torch.cat(mlp_biases) if mlp_biases[0] is not None else None,
+            down=tensors[p + "mlp.down_proj.weight"], down_bias=get(p + "mlp.down_proj.bias"),
+        ))  # fmt: skip
+    return layers
+
+
+def _gpt2_layers(tensors: dict[str, torch.Tensor], spec: DecoderSpec) -> list[LayerWeights]:
+    # GPT-2's Conv1D stores (in, out) and computes x @ W + b: transposed here for F.linear.
+    layers = []
+    for i in range(spec.layers):
+        p = f"transformer.h.{i}."
+        layers.append(LayerWeights(
+            norm1=tensors[p + "ln_1.weight"], norm1_bias=tensors[p + "ln_1.bias"],
+            qkv=tensors[p + "attn.c_attn.weight"].T.contiguous(), qkv_bias=tensors[p + "attn.c_attn.bias"],
+            out=tensors[p + "attn.c_proj.weight"].T.contiguous(), out_bias=tensors[p + "attn.c_proj.bias"],
+            norm2=tensors[p + "ln_2.weight"], norm2_bias=tensors[p + "ln_2.bias"],
+            up=tensors[p + "mlp.c_fc.weight"].T.contiguous(), up_bias=tensors[p + "mlp.c_fc.bias"],
+            down=tensors[p + "mlp.c_proj.weight"].T.contiguous(), down_bias=tensors[p + "mlp.c_proj.bias"],
+        ))  # fmt: skip
+    return layers
+
+
+class KVCache:
+    """Keys and values of a group's rows, ``(L, S, Hkv, C, D)`` (see the module docstring)."""
+
+    def __init__(self, spec: DecoderSpec, slots: int) -> None:
+        shape = (spec.layers, slots, spec.kv_heads, spec.context, spec.head_dim)
+        self.spec = spec
+        self.keys = torch.zeros(shape)
+        self.values = torch.zeros(shape)
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[1]
+
+    def ensure(self, slots: int) -> None:
+        """Room for at least ``slots`` rows (doubling; the rows keep their slots)."""
+        if slots <= self.slots:
+            return
+        grown = max(slots, 2 * self.slots)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = torch.zeros((old.shape[0], grown, *old.shape[2:]))
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+
+    def move(self, source: int, target: int) -> None:
+        """Slot ``source``'s keys and values into slot ``target`` (a leaving row's slot)."""
+        self.keys[:, target] = self.keys[:, source]
+        self.values[:, target] = self.values[:, source]
+
+    def write(self, layer: int, first_slot: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``keys``/``values`` (n, q, Hkv, D) of rows in slots ``first_slot + i`` at ``positions`` (n, q)."""
+        n, q = positions.shape
+        spec = self.spec
+        slots = torch.arange(first_slot, first_slot + n).view(n, 1, 1)
+        heads = torch.arange(spec.kv_heads).view(1, 1, -1)
+        index = ((slots * spec.kv_heads + heads) * spec.context + positions.view(n, q, 1)).reshape(-1)  # (n q Hkv,)
+        self.keys[layer].view(-1, spec.head_dim).index_copy_(0, index, keys.reshape(-1, spec.head_dim))
+        self.values[layer].view(-1, spec.head_dim).index_copy_(0, index, values.reshape(-1, spec.head_dim))
+
+
+class ExitDecoder:
+    """The forward pass in pieces: embed, a range of layers, an exit's logits, KV fill from an exit state.
+
+    Tensors: n rows, q tokens per row, H hidden. Every call on rows ``[first_slot, first_slot + n)``
+    of a :class:`KVCache`. No gradient is ever needed: load under ``torch.inference_mode``.
+    """
+
+    def __init__(self, spec: DecoderSpec, tensors: dict[str, torch.Tensor]) -> None:
+        self.spec = spec
+        tensors = {k: v.float().contiguous() for k, v in tensors.items()}
+        if spec.family == "llama":
+            self.embedding = tensors["model.embed_tokens.weight"]
+            self.positions_table = None
+            self.final_norm, self.final_norm_bias = tensors["model.norm.weight"], None
+            self.head = tensors.get("lm_head.weight", self.embedding)
+            self.blocks = _llama_layers(tensors, spec)
+            inverse = 1.0 / spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim)
+            angles = torch.outer(torch.arange(spec.context, dtype=torch.float32), inverse)  # (C, D/2)
+            angles = torch.cat([angles, angles], dim=-1)  # (C, D)
+            self.cos, self.sin = angles.cos(), angles.sin()
+        else:
+            self.embedding = tensors["transformer.wte.weight"]
+            self.positions_table = tensors["transformer.wpe.weight"]
+            self.final_norm, self.final_norm_bias = tensors["transformer.ln_f.weight"], tensors["transformer.ln_f.bias"]
+            self.head = tensors.get("lm_head.weight", self.embedding)
+            self.blocks = _gpt2_layers(tensors, spec)
+        self.q_width = spec.heads * spec.head_dim
+        self.kv_width = spec.kv_heads * spec.head_dim
+
+    @classmethod
+    def load(cls, directory: Path, exit_layers: tuple[int, ...] | None = None) -> ExitDecoder:
+        """From an artifacts folder: ``config.json``, ``model.safetensors`` and ``decoder.json``."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = json.loads((directory / "config.json").read_text())
+        manifest = json.loads((directory / DECODER_MANIFEST).read_text())
+        spec = DecoderSpec.from_config(config, tuple(exit_layers or manifest["exit_layers"]), manifest.get("context"))
+        return cls(spec, load_file(str(directory / MODEL_FILE)))
+
+    # --- pieces ---
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.spec.family == "llama":
+            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps))
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.spec.norm_eps)
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(n, q) token ids at (n, q) positions -> (n, q, H)."""
+        hidden = F.embedding(tokens, self.embedding)
+        if self.positions_table is not None:
+            hidden = hidden + F.embedding(positions, self.positions_table)
+        return hidden
+
+    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden states after some layer -> (..., V) logits of the shared head."""
+        return F.linear(self._norm(hidden, self.final_norm, self.final_norm_bias), self.head)
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of (n, q, heads, D) at (n, q) positions (Llama's rotate-half form)."""
+        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (n, q, 1, D)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def _keys_values(self, block: LayerWeights, normed: torch.Tensor, positions: torch.Tensor):
+        """(n, q, H) normed input -> queries (n, q, Hq, D), keys and values (n, q, Hkv, D)."""
+        n, q, _ = normed.shape
+        d = self.spec.head_dim
+        qkv = F.linear(normed, block.qkv, block.qkv_bias)
+        queries = qkv[..., : self.q_width].reshape(n, q, self.spec.heads, d)
+        keys = qkv[..., self.q_width : self.q_width + self.kv_width].reshape(n, q, self.spec.kv_heads, d)
+        values = qkv[..., self.q_width + self.kv_width :].reshape(n, q, self.spec.kv_heads, d)
+        if self.spec.family == "llama":
+            queries, keys = self._rotate(queries, positions), self._rotate(keys, positions)
+        return queries, keys, values
+
+    def _attend(self, layer: int, queries: torch.Tensor, cache: KVCache, first_slot: int, positions: torch.Tensor):
+        """(n, q, Hq, D) queries over all C positions of their rows' cache, keys up to each query's
+        position -> (n, q, Hq D)."""
+        n, q = positions.shape
+        keys = cache.keys[layer, first_slot : first_slot + n]  # (n, Hkv, C, D), a view
+        values = cache.values[layer, first_slot : first_slot + n]
+        visible = torch.arange(self.spec.context).view(1, 1, 1, -1) <= positions.view(n, 1, q, 1)  # (n, 1, q, C)
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2), keys, values, attn_mask=visible,
+            enable_gqa=self.spec.kv_heads != self.spec.heads,
+        )  # (n, Hq, q, D)  # fmt: skip
+        return out.transpose(1, 2).reshape(n, q, self.q_width)
+
+    def _mlp(self, block: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        up = F.linear(self._norm(x, block.norm2, block.norm2_bias), block.up, block.up_bias)
+        if self.spec.family == "llama":
+            gate, up = up.chunk(2, dim=-1)
+            inner = F.silu(gate) * up
+        else:
+            inner = F.gelu(up, approximate="tanh")
+        return F.linear(inner, block.down, block.down_bias)
+
+    def layer(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        cache: KVCache,
+        first_slot: int,
+        positions: torch.Tensor,
+        moving: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Layer ``index`` on (n, q, H) ``hidden`` of rows in slots ``first_slot + i`` at (n, q) positions.
+
+        Every row's key and value are computed and stored. ``moving`` (indices into the n rows)
+        restricts the rest of the layer to those rows; the others keep their hidden state (rows that
+        left at an exit: their keys and values for the layers they skip come from their exit state,
+        CALM's propagation). An empty ``moving`` stores keys and values only. Returns the new hidden.
+        """
+        block = self.blocks[index]
+        normed = self._norm(hidden, block.norm1, block.norm1_bias)
+        queries, keys, values = self._keys_values(block, normed, positions)
+        cache.write(index, first_slot, positions, keys, values)
+        if moving is not None and moving.numel() == 0:
+            return hidden
+        attended = self._attend(index, queries, cache, first_slot, positions)
+        if moving is None:
+            hidden = hidden + F.linear(attended, block.out, block.out_bias)
+            return hidden + self._mlp(block, hidden)
+        moved = hidden[moving] + F.linear(attended[moving], block.out, block.out_bias)
+        moved = moved + self._mlp(block, moved)
+        hidden = hidden.clone()
+        hidden[moving] = moved
+        return hidden
+
+    def layers(
+        self, first: int, stop: int, hidden: torch.Tensor, cache: KVCache, first_slot: int, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Layers ``[first, stop)`` on every row."""
+        for index in range(first, stop):
+            hidden = self.layer(index, hidden, cache, first_slot, positions)
+        return hidden
+
+    def exit_cost(self, exit_index: int) -> float:
+        """Multiply-accumulates per token of layers up to the exit plus its head, over the full model's."""
+        spec = self.spec
+        per_layer = self.blocks[0].qkv.numel() + self.blocks[0].out.numel() + self.blocks[0].up.numel()
+        per_layer += self.blocks[0].down.numel()
+        head = self.head.numel()
+        return (spec.exit_layers[exit_index] * per_layer + head) / (spec.layers * per_layer + head)
+
+
+def softmax_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., V) logits -> (max probability (...), argmax (...)); the lowest index wins a tie."""
+    tokens = logits.argmax(dim=-1)
+    top = logits.gather(-1, tokens.unsqueeze(-1))
+    return 1.0 / torch.exp(logits - top).sum(dim=-1), tokens

@@ -1,0 +1,244 @@
+"""Decoding with exits on tiny random decoders (Llama- and GPT-2-shaped), no server.
+
+The central property: ``self_speculative`` commits exactly the tokens ``full`` does, for every row,
+whatever the batch it runs in, when rows join and leave, and whatever the draft exit and length.
+The tiny models' late layers are scaled (damped in the Llama, amplified in the GPT-2, whose random
+blocks barely move its embeddings), so that early exits agree with the last one often but not
+always: drafts are accepted and rejected, in runs of every length.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from offramp.backend.exit_decoder import (
+    DecoderSpec,
+    ExitDecoder,
+    KVCache,
+    reproducible_gemm,
+    softmax_confidence,
+)
+from offramp.backend.generation import (
+    ALWAYS,
+    FINISH_CONTEXT,
+    FINISH_END_OF_TEXT,
+    FINISH_MAX_TOKENS,
+    FINISH_STOP,
+    NEVER,
+    DecodingSettings,
+    GenerationEngine,
+    Row,
+)
+
+reproducible_gemm()  # before this process' first matrix product: MKL fixes its rounding mode there
+
+VOCAB = 96
+LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789 ()=:.,+-*"
+
+
+def detokenize(ids: list[int]) -> str:
+    """Token i is one character; 7 is a newline (a stop string in some tests)."""
+    return "".join("\n" if i == 7 else LETTERS[i % len(LETTERS)] for i in ids)
+
+
+def scaled(tensors: dict[str, torch.Tensor], names: list[str], factor: float) -> dict[str, torch.Tensor]:
+    return {k: v * factor if any(k.endswith(n) for n in names) else v for k, v in tensors.items()}
+
+
+@pytest.fixture(scope="module")
+def llama_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return config, LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return config, GPT2LMHeadModel(config).eval()
+
+
+def _decoder(model, late: list[str], factor: float, exit_layers=(1, 2, 4)) -> ExitDecoder:
+    config, module = model
+    tensors = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return ExitDecoder(DecoderSpec.from_config(config.to_dict(), exit_layers), scaled(tensors, late, factor))
+
+
+@pytest.fixture(scope="module")
+def decoders(llama_model, gpt2_model) -> dict[str, ExitDecoder]:
+    llama_late = [f"layers.{i}.self_attn.o_proj.weight" for i in (2, 3)] + [f"layers.{i}.mlp.down_proj.weight" for i in (2, 3)]
+    gpt2_late = [f"h.{i}.attn.c_proj.weight" for i in (2, 3)] + [f"h.{i}.mlp.c_proj.weight" for i in (2, 3)]
+    return {"llama": _decoder(llama_model, llama_late, 0.3), "gpt2": _decoder(gpt2_model, gpt2_late, 10.0)}
+
+
+def prompts(count: int, seed: int, longest: int = 30) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, longest, (count,), generator=g)
+    return [torch.randint(8, VOCAB, (int(n),), generator=g).tolist() for n in lengths]
+
+
+def decode(
+    decoder: ExitDecoder,
+    rows: list[Row],
+    settings: DecodingSettings = DecodingSettings(1, 3, (NEVER, NEVER)),
+    joining_per_step: int | None = None,
+    clock=None,
+) -> GenerationEngine:
+    """Run rows to the end, ``joining_per_step`` of them joining before each step (None: all at once)."""
+    kwargs = {"clock": clock} if clock else {}
+    engine = GenerationEngine(decoder, settings, detokenize, end_of_text=0, capacity=2, **kwargs)
+    waiting = list(rows)
+    with torch.inference_mode():
+        while waiting or engine.running:
+            if waiting:
+                count = joining_per_step or len(waiting)
+                engine.add(waiting[:count])
+                waiting = waiting[count:]
+            engine.step()
+    return engine
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_decoder_computes_what_transformers_does(family, llama_model, gpt2_model):
+    config, module = llama_model if family == "llama" else gpt2_model
+    decoder = ExitDecoder(DecoderSpec.from_config(config.to_dict(), (2, 4)), dict(module.state_dict()))
+    ids = torch.randint(1, VOCAB, (3, 20), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = module(ids).logits
+        positions = torch.arange(20).expand(3, 20)
+        cache = KVCache(decoder.spec, 3)
+        hidden = decoder.layers(0, 4, decoder.embed(ids, positions), cache, 0, positions)
+        torch.testing.assert_close(decoder.exit_logits(hidden), expected, atol=1e-5, rtol=1e-5)
+        # The early exit reads the shared head after the final norm (as assistant_early_exit does).
+        after_two = module(ids, output_hidden_states=True).hidden_states[2]
+        final_norm = module.model.norm if family == "llama" else module.transformer.ln_f
+        hidden = decoder.layers(0, 2, decoder.embed(ids, positions), cache, 0, positions)
+        torch.testing.assert_close(decoder.exit_logits(hidden), module.lm_head(final_norm(after_two)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_row_is_bitwise_the_same_alone_batched_in_any_slot_or_chunked(family, decoders):
+    decoder = decoders[family]
+    ids = torch.randint(1, VOCAB, (5, 24), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        whole = KVCache(decoder.spec, 5)
+        positions = torch.arange(24).expand(5, 24)
+        reference = decoder.exit_logits(decoder.layers(0, 4, decoder.embed(ids, positions), whole, 0, positions))
+        # Row 2 alone, in slot 3 of another cache, prefilled with 9 tokens and then one token at a time.
+        cache = KVCache(decoder.spec, 4)
+        parts = [(0, 9)] + [(t, t + 1) for t in range(9, 24)]
+        logits = []
+        for start, stop in parts:
+            p = torch.arange(start, stop).unsqueeze(0)
+            hidden = decoder.layers(0, 4, decoder.embed(ids[2:3, start:stop], p), cache, 3, p)
+            logits.append(decoder.exit_logits(hidden))
+    assert torch.equal(torch.cat(logits, dim=1)[0], reference[2])
+
+
+@pytest.mark.parametrize("family,draft_exit,draft_length", [("llama", 0, 2), ("llama", 1, 5), ("gpt2", 1, 3)])
+def test_self_speculative_commits_exactly_the_tokens_of_full(family, draft_exit, draft_length, decoders):
+    decoder = decoders[family]
+    settings = DecodingSettings(draft_exit, draft_length, (NEVER, NEVER))
+    texts = prompts(12, seed=4)
+    budgets = [3 + (7 * i) % 19 for i in range(len(texts))]
+
+    def rows(mode: str) -> list[Row]:
+        return [Row(i, list(p), budgets[i], mode) for i, p in enumerate(texts)]
+
+    alone = [decode(decoder, [row], settings) and row.generated for row in rows("full")]
+    for joining in (None, 3):  # all at once; three rows joining per step while others run and leave
+        speculative = rows("self_speculative")
+        engine = decode(decoder, speculative, settings, joining)
+        assert [r.generated for r in speculative] == alone, f"joining {joining}"
+        drafted = sum(r.drafted for r in speculative)
+        accepted = sum(r.accepted for r in speculative)
+        assert 0 < accepted < drafted  # drafts were both kept and thrown away
+        assert all(len(r.generated) == budgets[i] for i, r in enumerate(speculative))
+        assert engine.running == 0
+    # Mixed with rows of the other modes in the same engine: separate groups, same answers.
+    mixed = [Row(i, list(p), budgets[i], ("self_speculative", "full", "confident")[i % 3]) for i, p in enumerate(texts)]
+    decode(decoder, mixed, settings, 4)
+    assert [r.generated for r in mixed] == alone
+
+
+def test_confident_thresholds_decide_the_exit(decoders):
+    decoder = decoders["llama"]
+    texts = prompts(6, seed=5)
+    reference = [Row(i, list(p), 12, "full") for i, p in enumerate(texts)]
+    decode(decoder, reference)
+    never = [Row(i, list(p), 12, "confident") for i, p in enumerate(texts)]
+    decode(decoder, never, DecodingSettings(1, 3, (NEVER, NEVER)))
+    assert [r.generated for r in never] == [r.generated for r in reference]
+    assert all(set(r.exits) == {2} for r in never)
+    first = [Row(i, list(p), 12, "confident") for i, p in enumerate(texts)]
+    decode(decoder, first, DecodingSettings(1, 3, (ALWAYS, NEVER)))
+    # The first token comes from the prefill's full depth; every later one from the first exit.
+    assert all(r.exits == [2] + [0] * 11 for r in first)
+    assert [r.generated for r in first] != [r.generated for r in reference]
+    # A threshold at the median first-exit confidence of the reference tokens: some leave early, some not.
+    with torch.inference_mode():
+        ids = torch.tensor([r.generated[:8] for r in reference])
+        positions = torch.arange(8).expand(len(reference), 8)
+        hidden = decoder.layers(0, 1, decoder.embed(ids, positions), KVCache(decoder.spec, len(reference)), 0, positions)
+        median = float(softmax_confidence(decoder.exit_logits(hidden))[0].median())
+    middle = [Row(i, list(p), 12, "confident") for i, p in enumerate(texts)]
+    decode(decoder, middle, DecodingSettings(1, 3, (median, median)))
+    exits = {e for r in middle for e in r.exits[1:]}
+    assert len(exits) >= 2
+
+
+def test_rows_finish_on_their_own(decoders):
+    decoder = decoders["llama"]
+    texts = prompts(8, seed=6)
+    probe = [Row(i, list(p), 20, "full") for i, p in enumerate(texts)]
+    decode(decoder, probe)
+    # A stop string taken from each row's own completion (its 5th..6th characters) ends it there.
+    stops = [detokenize(r.generated)[4:6] for r in probe]
+    rows = [Row(i, list(p), 20, "self_speculative", (stops[i],)) for i, p in enumerate(texts)]
+    decode(decoder, rows, joining_per_step=3)
+    for row, full in zip(rows, probe):
+        whole = detokenize(full.generated)
+        assert row.finish_reason == FINISH_STOP
+        assert row.text == whole[: whole.index(row.stop[0])]
+    # The end-of-text token ends a row without entering its text; the context ends the longest.
+    end = Row(0, list(texts[0]), 20, "full")
+    decoder_end = GenerationEngine(decoder, DecodingSettings(1, 3, (NEVER, NEVER)), detokenize,
+                                   end_of_text=probe[0].generated[2])  # fmt: skip
+    with torch.inference_mode():
+        decoder_end.add([end])
+        while decoder_end.running:
+            decoder_end.step()
+    assert end.finish_reason == FINISH_END_OF_TEXT and end.generated == probe[0].generated[:2]
+    long = Row(1, list(range(8, 8 + 60)), 20, "self_speculative")
+    decode(decoder, [long])
+    assert long.finish_reason == FINISH_CONTEXT and len(long.prompt) + len(long.generated) == decoder.spec.context
+    assert probe[0].finish_reason == FINISH_MAX_TOKENS
+
+
+def test_a_deadline_finishes_the_row_at_the_cheapest_exit(decoders):
+    decoder = decoders["llama"]
+    now = [0.0]
+    texts = prompts(4, seed=7)
+    rows = [Row(i, list(p), 16, mode, deadline=None if i == 0 else 1.0)
+            for i, (p, mode) in enumerate(zip(texts, ["self_speculative", "self_speculative", "full", "confident"]))]  # fmt: skip
+    engine = GenerationEngine(decoder, DecodingSettings(1, 3, (NEVER, NEVER)), detokenize, end_of_text=0,
+                              clock=lambda: now[0])  # fmt: skip
+    with torch.inference_mode():
+        engine.add(rows)
+        for _ in range(2):
+            engine.step()
+        now[0] = 2.0  # past the deadline of rows 1-3
+        while engine.running:
+            engine.step()
+    assert not rows[0].past_deadline and set(rows[0].exits) == {2}
+    for row in rows[1:]:
+        assert row.past_deadline
+        cut = row.exits.index(0)
+        assert set(row.exits[:cut]) == {2} and set(row.exits[cut:]) == {0}
+        assert len(row.generated) == 16
