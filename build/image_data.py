@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from offramp.backend.image import ImageError, ImageSpec, open_image, pixels_of
@@ -51,6 +52,9 @@ class ImageSplits:
     test: ImageSet
     class_names: tuple[str, ...]  # empty where unlabelled data named none
     preprocess: ImageSpec  # what made the tensors: the build records it, the orchestrator applies it
+    # What load_image_splits was given (paths as strings), so a build can record where its splits came
+    # from and a later step (calibration, a benchmark) load them again: ``load_image_splits(**source)``.
+    source: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,15 @@ def load_image_splits(
     if preprocess is None:
         spec = _with_measured_statistics(spec, pixels["train"])
     sets = {split: ImageSet(spec.normalize(pixels[split]), labels[split]) for split in SPLITS}
-    return ImageSplits(sets["train"], sets["calibration"], sets["test"], class_names, spec)
+    source = {
+        "train": str(train),
+        "calibration": None if calibration is None else str(calibration),
+        "test": None if test is None else str(test),
+        "fractions": list(fractions),
+        "seed": seed,
+        "image_size": image_size,
+    }
+    return ImageSplits(sets["train"], sets["calibration"], sets["test"], class_names, spec, source)
 
 
 def _check_fractions(fractions: tuple[float, float, float]) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from offramp.build.artifacts import ModelArtifacts
 from offramp.build.build_cache import CachedBuild
 from offramp.build.cnn import CNNSegment, FullCNN
 from offramp.build.export import artifacts_from_network
-from offramp.build.image_data import ImageSplits
+from offramp.build.image_data import ImageSplits, load_image_splits
 from offramp.build.resnet import RESNETS, resnet
 from offramp.build.segmented import SegmentedNetwork
 from offramp.build.train import TrainConfig, predict_exits, seed_everything, train_exits
@@ -147,13 +147,10 @@ class MultiExitVision(nn.Module):
     @torch.no_grad()
     def _probe(self) -> tuple[list[tuple[int, int, int]], int]:
         """Each stage's output shape (C, H, W) and the class count, from two blank images."""
-        hidden = torch.zeros((2, *self.input_spec.shape))  # (B, C, H, W)
         shapes = []
         try:
-            hidden = self.stem(hidden)
-            for stage in self.stages:
-                hidden = stage(hidden)
-                shapes.append(tuple(hidden.shape[1:]))
+            for _, hidden in self._stage_outputs(torch.zeros((2, *self.input_spec.shape))):
+                shapes.append(tuple(hidden.shape[1:]))  # (C, H, W)
             logits = self.head(hidden)
         except RuntimeError as error:
             raise VisionBuildError(
@@ -166,20 +163,22 @@ class MultiExitVision(nn.Module):
     def backbone(self) -> list[nn.Module]:
         return [self.stem, *self.stages, self.head]
 
+    @property
     def heads(self) -> list[nn.Module]:
         """Exit k's head: an ExitHead, or the network's own for the last exit."""
         return [*self.exit_heads, self.head]
 
-    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every exit, each (B, classes), for preprocessed images (B, C, H, W)."""
-        outputs = []
+    def _stage_outputs(self, image: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(stage index, its output (B, C, H, W)) for each stage, from images (B, C, H, W)."""
         hidden = self.stem(image)
-        exits = dict(zip(self.exit_after, self.heads()))
         for index, stage in enumerate(self.stages):
             hidden = stage(hidden)
-            if index in exits:
-                outputs.append(exits[index](hidden))
-        return outputs
+            yield index, hidden
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every exit, each (B, classes), for preprocessed images (B, C, H, W)."""
+        exits = dict(zip(self.exit_after, self.heads))
+        return [exits[index](hidden) for index, hidden in self._stage_outputs(image) if index in exits]
 
     @torch.no_grad()
     def pooled_features(
@@ -187,23 +186,21 @@ class MultiExitVision(nn.Module):
     ) -> tuple[list[np.ndarray], np.ndarray]:
         """What attach-mode training needs of the frozen backbone: each early exit's pooled features
         (N, C, g, g) and the own head's logits (N, classes)."""
+        early = {stage: position for position, stage in enumerate(self.exit_after[:-1])}
         features: list[list[np.ndarray]] = [[] for _ in self.exit_heads]
         final = []
         for start in range(0, len(images), batch_size):
-            hidden = self.stem(torch.from_numpy(images[start : start + batch_size]))
-            for index, stage in enumerate(self.stages):
-                hidden = stage(hidden)
-                if index in self.exit_after[:-1]:
-                    position = self.exit_after.index(index)
-                    features[position].append(self.exit_heads[position].pool(hidden).numpy())
-            final.append(self.head(hidden).numpy())
+            for index, hidden in self._stage_outputs(torch.from_numpy(images[start : start + batch_size])):
+                if index in early:
+                    features[early[index]].append(self.exit_heads[early[index]].pool(hidden).numpy())
+            final.append(self.head(hidden).numpy())  # after the last stage
         return [np.concatenate(f) for f in features], np.concatenate(final)
 
     def segmented(self) -> SegmentedNetwork:
         """Segment k: the stages after exit k-1 up to exit k (the first with the stem) and exit k's head."""
         segments = []
         first = 0
-        for index, (last, head) in enumerate(zip(self.exit_after, self.heads())):
+        for index, (last, head) in enumerate(zip(self.exit_after, self.heads)):
             bodies = [*([self.stem] if index == 0 else []), *self.stages[first : last + 1]]
             segments.append(CNNSegment(nn.Sequential(*bodies), head))
             first = last + 1
@@ -401,6 +398,7 @@ def build_vision_classifier(
             "weights": str(weights) if weights is not None else None,
             "exit_stages": list(stages),
             "image": preprocess.to_dict(),
+            "data": splits.source,
             "train": asdict(train),
             "train_rows": len(splits.train.labels),
             "calibration_rows": len(splits.calibration.labels),
@@ -413,6 +411,17 @@ def build_vision_classifier(
     )
     artifacts.save(out_dir)
     return artifacts
+
+
+def vision_splits_of(artifacts: ModelArtifacts) -> ImageSplits:
+    """The splits a vision build was made from, loaded again from the sources its manifest records
+    (the same split: seeded), preprocessed as it records."""
+    source = artifacts.build.get("data")
+    if artifacts.build.get("recipe") != RECIPE or not source:
+        raise VisionBuildError(
+            f"{artifacts.name}: its manifest records no image data to load the splits from"
+        )
+    return load_image_splits(**source, preprocess=ImageSpec.from_dict(artifacts.build["image"]))
 
 
 def train_attached(

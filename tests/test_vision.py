@@ -12,8 +12,9 @@ import pytest
 import torch
 from offramp.backend.image import IMAGE_INPUT, ImageSpec
 from offramp.backend.segment_runner import OnnxRunner
+from offramp.build.artifacts import ModelArtifacts
 from offramp.build.calibrate import exit_logits_from_onnx
-from offramp.build.image_data import ImageSet, ImageSplits
+from offramp.build.image_data import ImageSet, ImageSplits, load_image_splits
 from offramp.build.resnet import resnet
 from offramp.build.train import TrainConfig
 from offramp.build.vision import (
@@ -25,6 +26,7 @@ from offramp.build.vision import (
     layout_of,
     load_into,
     load_weights,
+    vision_splits_of,
 )
 from torch import nn
 
@@ -215,7 +217,10 @@ def test_joint_trains_the_backbone_with_its_heads(fashion_splits, tmp_path):
     assert artifacts.full_test_accuracy > 0.4, "six epochs on 600 images should beat chance by far"
 
 
-def test_a_generic_network_attached_keeps_its_logits(fashion_splits, tmp_path):
+def test_a_generic_network_attached_keeps_its_logits_and_its_data_is_recorded(fashion_test, tmp_path):
+    images, labels = fashion_test
+    np.savez(tmp_path / "team.npz", images=np.rint(images[:300] * 255).astype(np.uint8), labels=labels[:300])
+    splits = load_image_splits(tmp_path / "team.npz", None, None, (0.6, 0.2, 0.2), 0, None, preprocess=SPEC)
     net = StagedNet().eval()
     torch.save(net.state_dict(), tmp_path / "net.pt")
     artifacts = build_vision_classifier(
@@ -223,18 +228,27 @@ def test_a_generic_network_attached_keeps_its_logits(fashion_splits, tmp_path):
         name="generic",
         architecture="tests.test_vision:StagedNet",
         weights=tmp_path / "net.pt",
-        splits=fashion_splits,
+        splits=splits,
         exits=None,
         mode="attach",
         train=QUICK,
         preprocess=SPEC,
         progress=False,
     )
-    images = fashion_splits.test.images
+    test_images = splits.test.images
     with torch.no_grad():
-        original = net(torch.from_numpy(images)).numpy()
-    full = OnnxRunner(tmp_path / "generic" / artifacts.full_onnx).run({IMAGE_INPUT: images})["LOGITS"]
+        original = net(torch.from_numpy(test_images)).numpy()
+    full = OnnxRunner(tmp_path / "generic" / artifacts.full_onnx).run({IMAGE_INPUT: test_images})["LOGITS"]
     np.testing.assert_allclose(full, original, rtol=0, atol=1e-5 * np.abs(original).max())
+    # Calibration and benchmarks load the same splits again from what the manifest records.
+    again = vision_splits_of(ModelArtifacts.load(tmp_path / "generic"))
+    np.testing.assert_array_equal(again.calibration.images, splits.calibration.images)
+    np.testing.assert_array_equal(again.test.labels, splits.test.labels)
+
+
+def test_splits_made_by_hand_cannot_be_loaded_again(attached):
+    with pytest.raises(VisionBuildError, match="records no image data"):
+        vision_splits_of(attached[0])
 
 
 def build_error(tmp_path, base: ImageSplits, **overrides) -> str:
