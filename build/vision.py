@@ -7,11 +7,12 @@ its config names, or by a small protocol: attributes ``stem`` (a module), ``stag
 modules) and ``head`` (a module). The head's modules run in order, and a ``Linear`` in it sees its
 input flattened from dim 1, as torchvision's forward flattens after ``avgpool``.
 
-Exits sit after each stage, or after the stages ``exits`` names (0-based: 0 is a ResNet's layer1);
-the last stage always has one, and its head is the network's own, so the last exit and ``<name>_full``
-compute exactly the original network. An early exit's head (``ExitHead``) average-pools the stage's
-output to at most 4x4 positions and classifies them with a two-layer MLP (about 1% of a ResNet's
-compute each).
+Exits sit after each stage, or after the stages ``exits`` names, counted from 1 as a text model's
+layers are (1: a ResNet's layer1); the last stage always has one, and its head is the network's own,
+so the last exit and ``<name>_full`` compute exactly the original network. An early exit's head
+(``ExitHead``) average-pools the stage's output to at most 4x4 positions and classifies them with a
+two-layer MLP: each costs 0.8-1.5% of a ResNet-18 at 28x28 pixels (1.3-2.7% of a ResNet-50), under
+0.1% at 224x224.
 
 Two modes:
 
@@ -284,16 +285,16 @@ def backbone_network(
 
 
 def exit_stages(exits: Sequence[int] | None, num_stages: int) -> tuple[int, ...]:
-    """The stages with an exit, sorted; every stage when None; the last stage always."""
+    """The indices (from 0) of the stages with an exit, sorted, from stage numbers counted from 1; every
+    stage when None; the last stage always."""
     if exits is None:
         return tuple(range(num_stages))
-    wrong = [e for e in exits if not isinstance(e, int) or not 0 <= e < num_stages]
+    wrong = [e for e in exits if not isinstance(e, int) or not 1 <= e <= num_stages]
     if wrong or len(set(exits)) != len(exits):
         raise VisionBuildError(
-            f"exits {list(exits)} must be distinct stage indices in [0, {num_stages - 1}] "
-            "(0: the first stage)"
+            f"exits {list(exits)} must be distinct stage numbers in [1, {num_stages}] (1: the first stage)"
         )
-    return tuple(sorted({*exits, num_stages - 1}))
+    return tuple(sorted({*(e - 1 for e in exits), num_stages - 1}))
 
 
 def _data_fingerprint(splits: ImageSplits) -> str:
@@ -396,7 +397,7 @@ def build_vision_classifier(
             "layout": asdict(layout),
             "mode": mode,
             "weights": str(weights) if weights is not None else None,
-            "exit_stages": list(stages),
+            "exit_stages": [stage + 1 for stage in stages],  # counted from 1, as ``exits``
             "image": preprocess.to_dict(),
             "data": splits.source,
             "train": asdict(train),

@@ -96,11 +96,11 @@ def test_layouts_are_found_by_structure():
         layout_of(nn.Sequential(nn.Linear(2, 2)))
 
 
-def test_exit_stages():
+def test_exit_stages_are_counted_from_one():
     assert exit_stages(None, 4) == (0, 1, 2, 3)
-    assert exit_stages([2, 0], 4) == (0, 2, 3)  # the last stage always has an exit
-    for wrong in ([4], [-1], [1, 1]):
-        with pytest.raises(VisionBuildError, match=r"distinct stage indices in \[0, 3\]"):
+    assert exit_stages([3, 1], 4) == (0, 2, 3)  # the last stage always has an exit
+    for wrong in ([5], [0], [1, 1]):
+        with pytest.raises(VisionBuildError, match=r"distinct stage numbers in \[1, 4\]"):
             exit_stages(wrong, 4)
 
 
@@ -170,7 +170,7 @@ def test_attach_trains_only_the_exit_heads(attached, tmp_path):
 
 def test_the_manifest_records_the_build(attached):
     artifacts, _, _ = attached
-    assert artifacts.num_exits == 4 and artifacts.build["exit_stages"] == [0, 1, 2, 3]
+    assert artifacts.num_exits == 4 and artifacts.build["exit_stages"] == [1, 2, 3, 4]
     assert ImageSpec.from_dict(artifacts.build["image"]) == SPEC
     assert artifacts.inputs[0].name == IMAGE_INPUT and artifacts.inputs[0].shape == SPEC.shape
     assert artifacts.class_names == tuple(f"class {i}" for i in range(10))
@@ -188,7 +188,7 @@ def test_the_same_build_is_reused(attached, fashion_splits):
         architecture="resnet18",
         weights=directory.parent / "team.pt",
         splits=fashion_splits,
-        exits=[0, 1, 2, 3],
+        exits=[1, 2, 3, 4],
         mode="attach",
         train=QUICK,
         preprocess=SPEC,
@@ -205,7 +205,7 @@ def test_joint_trains_the_backbone_with_its_heads(fashion_splits, tmp_path):
         architecture="tests.test_vision:StagedNet",
         weights=None,
         splits=fashion_splits,
-        exits=[0],
+        exits=[1],
         mode="joint",
         train=TrainConfig(epochs=6, batch_size=32),
         preprocess=SPEC,
@@ -284,7 +284,7 @@ def test_builds_that_cannot_start_say_why(fashion_splits, tmp_path):
         (dict(weights=tmp_path / "five.pt", mode="attach"), "classifies into 5 classes; the data has 10"),
         (dict(architecture="vgg11"), "unknown architecture 'vgg11'"),
         (dict(architecture="no_such_module:Net"), "No module named 'no_such_module'"),
-        (dict(exits=[7]), r"distinct stage indices in \[0, 3\]"),
+        (dict(exits=[7]), r"distinct stage numbers in \[1, 4\]"),
     ]
     for overrides, message in cases:
         assert re.search(message, build_error(tmp_path, fashion_splits, **overrides)), message
@@ -300,7 +300,7 @@ def test_unlabelled_images_serve_an_attach_build(fashion_splits, tmp_path):
         architecture="resnet18",
         weights=tmp_path / "team.pt",
         splits=splits,
-        exits=[1],
+        exits=[2],
         mode="attach",
         train=QUICK,
         preprocess=SPEC,
