@@ -1,10 +1,17 @@
 """Builds reused by key: a build saves the key of what it was made from in its manifest
-(``build["key"]``), and a later build asked for the same key takes the saved one instead of training."""
+(``build["key"]``), and a later build asked for the same key takes the saved one instead of training.
+
+A build writes into a folder beside its output folder (:func:`staged_build`) that replaces the output
+folder only once the build is done, so an error never leaves a half-written one behind."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,3 +45,31 @@ class CachedBuild:
         """The saved build's record whatever its key (empty when there is none): a build may reuse
         stages of it whose own settings did not change."""
         return self.saved.build if self.saved is not None else {}
+
+
+@contextlib.contextmanager
+def staged_build(out_dir: Path) -> Iterator[Path]:
+    """A folder to build into, beside ``out_dir``, holding a copy of what ``out_dir`` holds (a build reuses
+    the stages of the one before it there): moved into place when the block ends, removed when it raises.
+
+    The copy, not links: a build rewrites files of the earlier one (checkpoints, the tokenizer), which
+    must stay whole until the new build is in place.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    if out_dir.exists():
+        shutil.copytree(out_dir, work, symlinks=True)
+    else:
+        work.mkdir()
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    replaced = out_dir.with_name(f".{out_dir.name}.replaced-{os.getpid()}")
+    if out_dir.exists():
+        os.rename(out_dir, replaced)
+    os.rename(work, out_dir)
+    shutil.rmtree(replaced, ignore_errors=True)

@@ -9,23 +9,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from offramp.backend.contract import HIDDEN_IN, HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.policy import ExitRule, Policy
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.artifacts import ModelArtifacts
-from offramp.build.risk_control import CalibratedExitPolicy, EmpiricalSearch, LearnThenTest, calibrate_exit_policy
+from offramp.build.risk_control import (
+    CalibratedExitPolicy,
+    EmpiricalSearch,
+    LearnThenTest,
+    calibrate_exit_policy,
+)
+from offramp.build.tabular import read_columns
 from offramp.kernels.confidence import compute_confidence, exits_by_threshold
+from tqdm import tqdm
 
 
 def exit_logits_from_onnx(
-    artifacts: ModelArtifacts, artifacts_dir: Path, inputs: dict[str, np.ndarray], batch_size: int = 512
+    artifacts: ModelArtifacts,
+    artifacts_dir: Path,
+    inputs: dict[str, np.ndarray],
+    batch_size: int = 512,
+    progress: bool = False,
 ) -> np.ndarray:
     """Logits of every exit for every row, chaining the ONNX segments: (exits, N, C)."""
     runners = [OnnxRunner(artifacts_dir / s.onnx, threads=0) for s in artifacts.segments]
     rows = len(next(iter(inputs.values())))
     out = np.empty((artifacts.num_exits, rows, artifacts.num_classes), dtype=np.float32)
-    for start in range(0, rows, batch_size):
+    batches = range(0, rows, batch_size)
+    for start in tqdm(batches, desc="exit logits (ONNX)", unit="batch", disable=not progress):
         raw = {n: a[start : start + batch_size] for n, a in inputs.items()}
         tensors = raw
         for index, runner in enumerate(runners):
@@ -71,31 +82,105 @@ class CalibrationData:
             return cls({n: data[n] for n in input_names}, data["labels"].astype(np.int64), cohorts)
 
 
-def recipe_calibration_data(artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "calibration") -> CalibrationData:
-    """A held-out split the model's own recipe set aside: ``calibration`` (never trained on, where
-    thresholds are chosen) or ``test`` (never seen by training or calibration, where they are judged)."""
+def held_out_data(artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "calibration") -> CalibrationData:
+    """A held-out split of the build's own data: ``calibration`` (never trained on, where thresholds are
+    chosen) or ``test`` (never seen by training or calibration, where they are judged). The data is read
+    again from what the manifest records (its files, unchanged, or the packaged set, and the split) and
+    made into the model's inputs as the build made them."""
     if split not in ("calibration", "test"):
         raise ValueError(f"split must be 'calibration' or 'test', not {split!r}")
-    recipe = artifacts.build.get("recipe")
-    if recipe == "fashion_mnist_cnn":
+    build = artifacts.build
+    if build.get("recipe") == "fashion_mnist_cnn":
         from offramp.build.fashion_mnist import load_fashion_mnist
         from offramp.build.recipes import fashion_mnist_train_and_calibration
 
         if split == "test":
-            images, labels = load_fashion_mnist("test", artifacts.build["data"])
+            images, labels = load_fashion_mnist("test", build["data"])
         else:
-            _, (images, labels) = fashion_mnist_train_and_calibration(
-                artifacts.build["data"], artifacts.build["calibration_rows"]
-            )
+            _, (images, labels) = fashion_mnist_train_and_calibration(build["data"], build["calibration_rows"])
         return CalibrationData({"IMAGE": images}, labels)
-    if recipe == "text_classifier":
+    if build.get("tokenizer_dir"):
         from offramp.build.text_recipes import text_splits_of
-        from offramp.build.transformer import encode_texts, load_tokenizer
 
         rows = getattr(text_splits_of(artifacts), split)
-        ids, mask = encode_texts(load_tokenizer(artifacts_dir), rows.texts)
-        return CalibrationData({"INPUT_IDS": ids, "ATTENTION_MASK": mask}, rows.labels)
-    raise ValueError(f"no {split} split known for recipe {recipe!r}; pass --data FILE.npz")
+        return CalibrationData(text_inputs(artifacts, artifacts_dir, rows.texts), rows.labels)
+    if build.get("data", {}).get("kind") == "images":
+        from offramp.backend.image import ImageSpec
+        from offramp.build.image_data import load_image_splits
+
+        data = build["data"]
+        paths = {part: Path(data[part]) if data.get(part) else None for part in ("train", "calibration", "test")}
+        splits = load_image_splits(
+            paths["train"], paths["calibration"], paths["test"], tuple(data["fractions"]), data["seed"], None,
+            preprocess=ImageSpec.from_dict(build["image"]),
+        )  # fmt: skip
+        rows = getattr(splits, split)
+        labels = model_class_indices(splits.class_names, rows.labels, artifacts.class_names, paths["train"])
+        return CalibrationData({artifacts.inputs[0].name: rows.images}, labels)
+    raise ValueError(f"{artifacts_dir}: its manifest records no data to hold out; pass the rows with --data")
+
+
+def text_inputs(artifacts: ModelArtifacts, artifacts_dir: Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Token ids and mask of ``texts``, by the build's own tokenizer (as the orchestrator tokenizes)."""
+    from offramp.build.transformer import encode_texts, load_tokenizer
+
+    ids, mask = encode_texts(load_tokenizer(artifacts_dir / artifacts.build["tokenizer_dir"]), texts)
+    return dict(zip((spec.name for spec in artifacts.inputs), (ids, mask)))
+
+
+def model_class_indices(
+    names: Sequence[str], labels: np.ndarray, class_names: Sequence[str], source: Path
+) -> np.ndarray:
+    """``labels`` (indices into ``names``, the classes a data source has) as indices into the model's
+    ``class_names``; a class the model does not have is an error naming it."""
+    unknown = [name for name in names if name not in class_names]
+    if unknown:
+        raise ValueError(f"{source}: classes {unknown} are not the model's; it has {list(class_names)}")
+    mapping = np.array([list(class_names).index(name) for name in names], dtype=np.int64)
+    return mapping[labels] if len(mapping) else labels
+
+
+def data_file_rows(
+    artifacts: ModelArtifacts,
+    artifacts_dir: Path,
+    path: Path,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> CalibrationData:
+    """Labelled rows from a file of the kinds the build takes, made into the model's inputs by the build's
+    own preprocessing: for text, CSV/TSV/JSON Lines/Parquet with the build's text and label columns (or
+    those given) and an optional ``cohort`` column; for images, a class-per-folder tree or an .npz of
+    images. An .npz holding the model's own input arrays, ``labels`` and optional ``cohorts`` is taken
+    as it is. Labels are the model's class names (or indices); any other is an error naming its row."""
+    path = Path(path)
+    names = [spec.name for spec in artifacts.inputs]
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as held:
+            if all(name in held for name in names):
+                return CalibrationData.from_npz(path, names)
+    build = artifacts.build
+    if build.get("tokenizer_dir"):
+        from offramp.build.text_data import label_indices, read_text_file
+
+        recorded = build.get("data", {})
+        text_column = text_column or recorded.get("text_column", "text")
+        label_column = label_column or recorded.get("label_column", "label")
+        texts, keys, table = read_text_file(path, text_column, label_column, unlabelled_ok=False)
+        labels = label_indices(keys, artifacts.class_names, table, "is not one of the model's labels")
+        cohorts = read_columns(path, [], ["cohort"]).columns.get("cohort")
+        cohort_array = None if cohorts is None else np.array([str(c) for c in cohorts])
+        return CalibrationData(text_inputs(artifacts, artifacts_dir, texts), labels, cohort_array)
+    if "image" in build:
+        from offramp.backend.image import ImageSpec
+        from offramp.build.image_data import load_image_splits
+
+        # The file is each split at once: every row goes to calibration, nothing is carved out of it.
+        splits = load_image_splits(
+            path, path, path, (1.0, 0.0, 0.0), 0, None, preprocess=ImageSpec.from_dict(build["image"])
+        )
+        labels = model_class_indices(splits.class_names, splits.calibration.labels, artifacts.class_names, path)
+        return CalibrationData({names[0]: splits.calibration.images}, labels)
+    return CalibrationData.from_npz(path, names)
 
 
 def evaluate_policy(
@@ -138,13 +223,14 @@ def calibrate_artifacts(
     bonferroni: bool = False,
     min_group_rows: int = 50,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[Policy, CalibratedExitPolicy, np.ndarray]:
     """Runs ``data`` through the exported segments and calibrates a policy on the recorded logits.
 
     ``method``: "ltt" (Learn-then-Test, the stated guarantee) or "empirical" (no guarantee).
     Returns the served policy, the full calibration result and the logits (exits, N, C).
     """
-    logits = exit_logits_from_onnx(artifacts, artifacts_dir, data.inputs)
+    logits = exit_logits_from_onnx(artifacts, artifacts_dir, data.inputs, progress=progress)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     procedure = LearnThenTest(epsilon, delta, p_value) if method == "ltt" else EmpiricalSearch(epsilon)

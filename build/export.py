@@ -10,8 +10,6 @@ from typing import Any
 
 import onnx
 import torch
-from torch import nn
-
 from offramp.backend.contract import (
     BATCH_AXIS,
     FULL_LOGITS_OUT,
@@ -22,7 +20,8 @@ from offramp.backend.contract import (
 )
 from offramp.build.artifacts import ModelArtifacts, SegmentArtifact, fingerprint_files
 from offramp.build.segmented import SegmentedNetwork, count_macs
-
+from torch import nn
+from tqdm import tqdm
 
 # The exporter logs one warning per torchvision operator it cannot register; none is used here.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -74,8 +73,9 @@ def _variable_axes(spec_shape: Sequence[int]) -> dict[int, str]:
     return axes
 
 
-def onnx_files_from_network(network: SegmentedNetwork, out_dir: Path) -> tuple[list[Path], Path]:
+def onnx_files_from_network(network: SegmentedNetwork, out_dir: Path, progress: bool = False) -> tuple[list[Path], Path]:
     """Writes ``segment_<k>.onnx`` for every segment and ``full.onnx``; returns their paths."""
+    bar = tqdm(total=len(network.segments) + 1, desc="export ONNX", unit="file", disable=not progress)
     example = network.example_inputs(batch=4)
     raw_axes = [_variable_axes(spec.shape) for spec in network.inputs]
     side_axes = {spec.name: axes for spec, axes in zip(network.inputs, raw_axes)}
@@ -91,6 +91,7 @@ def onnx_files_from_network(network: SegmentedNetwork, out_dir: Path) -> tuple[l
             out_dir / f"segment_{index}.onnx",
         )
         paths.append(path)
+        bar.update()
         with torch.no_grad():
             hidden, _ = segment(*inputs)
         side = {spec.name: t for spec, t in zip(network.inputs, example)}
@@ -99,6 +100,8 @@ def onnx_files_from_network(network: SegmentedNetwork, out_dir: Path) -> tuple[l
     full = onnx_from_module(
         network.full, example, [spec.name for spec in network.inputs], [FULL_LOGITS_OUT], raw_axes, out_dir / "full.onnx"
     )
+    bar.update()
+    bar.close()
     return paths, full
 
 
@@ -131,6 +134,7 @@ def artifacts_from_network(
     class_names: tuple[str, ...],
     out_dir: Path,
     costs: tuple[list[int], int] | None = None,
+    progress: bool = False,
     **extra: Any,
 ) -> ModelArtifacts:
     """Exports ``network`` into ``out_dir`` and returns (without saving) its manifest.
@@ -138,7 +142,7 @@ def artifacts_from_network(
     ``costs`` (MACs per segment, MACs of the full network) replaces the layer count of
     :func:`segment_costs` for models whose cost it cannot see (attention's T x T matmuls).
     """
-    segment_paths, full_path = onnx_files_from_network(network, out_dir)
+    segment_paths, full_path = onnx_files_from_network(network, out_dir, progress)
     macs, full_macs = costs if costs is not None else segment_costs(network)
     cumulative = 0
     segments = []

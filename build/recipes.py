@@ -9,11 +9,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from offramp.build.artifacts import ModelArtifacts
-from offramp.build.build_cache import CachedBuild
+from offramp.build.build_cache import CachedBuild, staged_build
 from offramp.build.cnn import CNNConfig, MultiExitCNN
 from offramp.build.export import artifacts_from_network
 from offramp.build.fashion_mnist import CLASS_NAMES, DEFAULT_DIR, load_fashion_mnist
-from offramp.build.train import TrainConfig, exit_accuracies, predict_exits, seed_everything, train_exits
+from offramp.build.train import (
+    TrainConfig,
+    exit_accuracies,
+    exit_agreements,
+    predict_exits,
+    seed_everything,
+    train_exits,
+)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -40,42 +47,44 @@ def build_fashion_mnist_cnn(
     )
     if cache.reusable is not None:
         return cache.reusable
-    out_dir.mkdir(parents=True, exist_ok=True)
     (train_images, train_labels), _ = fashion_mnist_train_and_calibration(data_dir, calibration_rows)
     test_images, test_labels = load_fashion_mnist("test", data_dir)
+    with staged_build(out_dir) as work:
+        seed_everything(train.seed)
+        model = MultiExitCNN(cnn)
+        started = time.perf_counter()
+        losses = train_exits(model, [train_images], train_labels, train, progress=progress)
+        train_seconds = time.perf_counter() - started
+        torch.save(model.state_dict(), work / CHECKPOINT)
 
-    seed_everything(train.seed)
-    model = MultiExitCNN(cnn)
-    started = time.perf_counter()
-    losses = train_exits(model, [train_images], train_labels, train, progress=progress)
-    train_seconds = time.perf_counter() - started
-    torch.save(model.state_dict(), out_dir / CHECKPOINT)
-
-    network = model.segmented()
-    test_logits = predict_exits(network.exit_logits, [test_images])  # (exits, N, C)
-    full_logits = predict_exits(lambda x: [network.full(x)], [test_images])[0]
-    artifacts = artifacts_from_network(
-        name,
-        network,
-        CLASS_NAMES,
-        out_dir,
-        exit_test_accuracy=tuple(exit_accuracies(test_logits, test_labels)),
-        full_test_accuracy=float((full_logits.argmax(1) == test_labels).mean()),
-        build={
-            "key": cache.key,
-            "recipe": "fashion_mnist_cnn",
-            "cnn": asdict(cnn),
-            "train": asdict(train),
-            "data": str(data_dir),
-            "calibration_rows": calibration_rows,
-            "train_rows": len(train_labels) if train.max_train_rows is None else train.max_train_rows,
-            "test_rows": len(test_labels),
-            "epoch_losses": losses,
-            "train_seconds": round(train_seconds, 1),
-            "torch": torch.__version__,
-        },
-    )
-    artifacts.save(out_dir)
+        network = model.segmented()
+        test_logits = predict_exits(network.exit_logits, [test_images])  # (exits, N, C)
+        full_logits = predict_exits(lambda x: [network.full(x)], [test_images])[0]
+        artifacts = artifacts_from_network(
+            name,
+            network,
+            CLASS_NAMES,
+            work,
+            progress=progress,
+            exit_test_accuracy=tuple(exit_accuracies(test_logits, test_labels)),
+            full_test_accuracy=float((full_logits.argmax(1) == test_labels).mean()),
+            build={
+                "key": cache.key,
+                "recipe": "fashion_mnist_cnn",
+                "mode": "joint",
+                "cnn": asdict(cnn),
+                "train": asdict(train),
+                "data": str(data_dir),
+                "calibration_rows": calibration_rows,
+                "train_rows": len(train_labels) if train.max_train_rows is None else train.max_train_rows,
+                "test_rows": len(test_labels),
+                "exit_test_agreement": exit_agreements(test_logits),
+                "epoch_losses": losses,
+                "train_seconds": round(train_seconds, 1),
+                "torch": torch.__version__,
+            },
+        )
+        artifacts.save(work)
     return artifacts
 
 

@@ -26,33 +26,34 @@ from pathlib import Path
 import numpy as np
 import torch
 from offramp.build.artifacts import ModelArtifacts
-from offramp.build.build_cache import CachedBuild, build_key
+from offramp.build.build_cache import CachedBuild, build_key, staged_build
 from offramp.build.export import artifacts_from_network
 from offramp.build.markdown import markdown_table
-from offramp.build.text_data import (
-    DEFAULT_FRACTIONS,
-    TEXT_TASKS,
-    TextSplits,
-    load_text_dataset,
-    split_dataset,
+from offramp.build.text_data import DEFAULT_FRACTIONS, TEXT_TASKS, TextDataError, TextSource, TextSplits
+from offramp.build.train import (
+    TrainConfig,
+    exit_accuracies,
+    exit_agreements,
+    predict_exits,
+    seed_everything,
+    train_exits,
 )
-from offramp.build.train import TrainConfig, exit_accuracies, predict_exits, seed_everything, train_exits
 from offramp.build.transformer import (
     TOKENIZER_DIR,
     MultiExitEncoder,
     TrimmedToLongest,
-    additive_attention_mask,
+    checked_exit_layers,
     encode_texts,
+    load_model_config,
     load_pretrained_encoder,
     load_tokenizer,
-    masked_mean,
+    longest_sequence,
     minilm_path,
+    pooled_layer_features,
     save_tokenizer,
     transformer_costs,
-    use_eager_attention,
 )
 from torch import nn
-from tqdm import tqdm
 
 CHECKPOINT = "checkpoint.pt"  # the exported model's weights (after the head refit)
 JOINT_CHECKPOINT = "checkpoint_joint.pt"  # after joint fine-tuning, before the head refit
@@ -105,20 +106,18 @@ class TextTrainSettings:
         )
 
 
-def text_splits(task: str, settings: TextTrainSettings = TextTrainSettings()) -> TextSplits:
-    """The train / calibration / test split a build with ``settings`` used (seeded, stratified)."""
-    return split_dataset(load_text_dataset(task), settings.fractions, seed=settings.seed)
-
-
 def text_splits_of(artifacts: ModelArtifacts) -> TextSplits:
-    """The split an existing build used, e.g. to calibrate its exits on the same calibration rows."""
+    """The split an existing text build used (either mode), e.g. to calibrate its exits on the same
+    calibration rows: its data read again (a changed file is an error) and split as the build split it."""
     build = artifacts.build
-    return split_dataset(load_text_dataset(build["task"]), tuple(build["fractions"]), seed=build["seed"])
+    source = TextSource.from_record(build.get("data") or {"task": build["task"]})
+    model_classes = artifacts.class_names if build.get("mode") == "attach" else None
+    return source.splits(tuple(build["fractions"]), build["seed"], model_classes)
 
 
 def build_text_classifier(
     out_dir: Path | str,
-    task: str = "rotten_tomatoes",
+    data: str | TextSource = "rotten_tomatoes",
     *,
     settings: TextTrainSettings | None = None,
     name: str | None = None,
@@ -128,16 +127,20 @@ def build_text_classifier(
     threads: int | None = None,
     **overrides: object,
 ) -> ModelArtifacts:
-    """Fine-tunes a multi-exit encoder on ``task`` and exports it to ``out_dir``; reuses a build with the same key.
+    """Fine-tunes a multi-exit encoder on ``data`` and exports it to ``out_dir``; reuses a build with the same key.
 
+    ``data`` is a packaged task (``trec``, ``rotten_tomatoes``) or a :class:`TextSource` of files.
     ``settings`` (or keyword ``overrides`` of its fields: ``epochs``, ``max_length``, ``max_train_rows``,
-    ``seed``, ...) decide the training; ``model_path`` is a local BERT-family folder with its tokenizer
-    (default: the packaged all-MiniLM-L6-v2). ``threads`` sets torch's intra-op threads for the build
-    (None: as they are); it does not enter the key. The manifest's ``build`` records per-exit and probe
-    test accuracy, split sizes, the tokenizer folder and max length, and timings.
+    ``seed``, ...) decide the training; ``model_path`` is a local folder of a supported encoder family with
+    its tokenizer (default: the packaged all-MiniLM-L6-v2). ``threads`` sets torch's intra-op threads for
+    the build (None: as they are); it does not enter the key. The manifest's ``build`` records per-exit
+    and probe test accuracy, split sizes, the tokenizer folder and max length, and timings. The data and
+    the model are checked before any training; the build happens in a folder beside ``out_dir`` that
+    replaces it only when the build is done.
     """
+    source = data if isinstance(data, TextSource) else TextSource(task=data)
     with torch_threads(threads):
-        return _build_text_classifier(out_dir, task, settings, name, model_path, probe, progress, overrides)
+        return _build_text_classifier(out_dir, source, settings, name, model_path, probe, progress, overrides)
 
 
 @contextlib.contextmanager
@@ -169,17 +172,33 @@ PROBE_FIELDS = (
 )  # fmt: skip
 
 
+def data_key(record: dict) -> dict:
+    """What of a data record enters build keys: a packaged task as ``task`` (the key text of the builds
+    made before files were supported), files as ``data``."""
+    return {"task": record["task"]} if "task" in record else {"data": record}
+
+
 def _stage_key(
-    stage: str, task: str, model_path: object, settings: dict, fields: Sequence[str], train_rows: int
+    stage: str, data: dict, model_path: object, settings: dict, fields: Sequence[str], train_rows: int
 ) -> str:
     """Key of one stage; the row cap enters as the rows actually used (a cap above the split = no cap)."""
     parts = {f: settings.get(f) for f in fields if f != "max_train_rows"}
-    return build_key(stage=stage, task=task, model=str(model_path), train_rows=train_rows, **parts)
+    return build_key(stage=stage, **data_key(data), model=str(model_path), train_rows=train_rows, **parts)
+
+
+def checked_model_settings(model_path: Path, max_length: int, exit_layers: Sequence[int] | None) -> None:
+    """The model's family is supported, its position embeddings take ``max_length`` tokens and its
+    blocks have the ``exit_layers``; else the error saying which (before anything is trained)."""
+    config = load_model_config(model_path)
+    longest = longest_sequence(config)  # refuses an unsupported family
+    if max_length > longest:
+        raise TextDataError(f"max_length {max_length}: {model_path} takes at most {longest} tokens")
+    checked_exit_layers(config.num_hidden_layers, exit_layers)
 
 
 def _build_text_classifier(
     out_dir: Path | str,
-    task: str,
+    source: TextSource,
     settings: TextTrainSettings | None,
     name: str | None,
     model_path: Path | str | None,
@@ -191,12 +210,15 @@ def _build_text_classifier(
     if overrides:
         settings = TextTrainSettings(**{**asdict(settings), **overrides})
     out_dir = Path(out_dir)
-    name = name or f"{task}_minilm"
+    if name is None and source.task is None:
+        raise ValueError("a build from files needs a name")
+    name = name or f"{source.task}_minilm"
     model_path = Path(model_path) if model_path is not None else minilm_path()
+    record = source.record()
     cache = CachedBuild.look_up(
         out_dir,
         name=name,
-        task=task,
+        **data_key(record),
         settings=asdict(settings),
         model=str(model_path),
         probe=probe,
@@ -204,15 +226,31 @@ def _build_text_classifier(
     )
     if cache.reusable is not None:
         return cache.reusable
-    previous = cache.previous
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    checked_model_settings(model_path, settings.max_length, settings.exit_layers)
+    splits = source.splits(settings.fractions, settings.seed)
+    with staged_build(out_dir) as work:
+        artifacts = _train_and_export(work, source, record, splits, settings, name, model_path, probe, progress, cache)
+    return artifacts
 
-    splits = text_splits(task, settings)
+
+def _train_and_export(
+    out_dir: Path,
+    source: TextSource,
+    record: dict,
+    splits: TextSplits,
+    settings: TextTrainSettings,
+    name: str,
+    model_path: Path,
+    probe: bool,
+    progress: bool,
+    cache: CachedBuild,
+) -> ModelArtifacts:
+    previous = cache.previous
+    timings: dict[str, float] = {}
     tokenizer = load_tokenizer(save_tokenizer(model_path, out_dir, settings.max_length))
     train_rows = min(len(splits.train), settings.max_train_rows or len(splits.train))
-    train_key = _stage_key("train", task, model_path, asdict(settings), TRAIN_FIELDS, train_rows)
-    probe_key = _stage_key("probe", task, model_path, asdict(settings), PROBE_FIELDS, train_rows)
+    train_key = _stage_key("train", record, model_path, asdict(settings), TRAIN_FIELDS, train_rows)
+    probe_key = _stage_key("probe", record, model_path, asdict(settings), PROBE_FIELDS, train_rows)
     train = (*encode_texts(tokenizer, splits.train.texts[:train_rows]), splits.train.labels[:train_rows])
     calibration = (*encode_texts(tokenizer, splits.calibration.texts), splits.calibration.labels)
     test = (*encode_texts(tokenizer, splits.test.texts), splits.test.labels)
@@ -253,15 +291,17 @@ def _build_text_classifier(
 
     network = model.segmented(settings.max_length)
     started = time.perf_counter()
-    joint_accuracy = exit_accuracies(predict_by_length(network.exit_logits, *test[:2]), test[2])
+    joint_logits = predict_by_length(network.exit_logits, *test[:2])
+    joint_accuracy = exit_accuracies(joint_logits, test[2])
     timings["test_seconds"] = round(time.perf_counter() - started, 1)
-    accuracy, refit = joint_accuracy, None
+    accuracy, refit, logits = joint_accuracy, None, joint_logits
     if settings.refit_heads:
         started = time.perf_counter()
         refit = refit_exit_heads(model, train, calibration, settings, progress=progress)
         timings["refit_seconds"] = round(time.perf_counter() - started, 1)
         if refit["refit_exits"]:
-            accuracy = exit_accuracies(predict_by_length(network.exit_logits, *test[:2]), test[2])
+            logits = predict_by_length(network.exit_logits, *test[:2])
+            accuracy = exit_accuracies(logits, test[2])
     torch.save(model.state_dict(), out_dir / CHECKPOINT)
 
     started = time.perf_counter()
@@ -273,6 +313,7 @@ def _build_text_classifier(
         class_names,
         out_dir,
         costs=transformer_costs(model, cost_length),
+        progress=progress,
         exit_test_accuracy=tuple(accuracy),
         # The full network is the same modules as the chain of segments without the early heads, so its
         # logits are the last exit's (the tests check the exported files agree).
@@ -283,7 +324,9 @@ def _build_text_classifier(
         "key": cache.key,
         "recipe": "text_classifier",
         "recipe_version": RECIPE_VERSION,
-        "task": task,
+        "mode": "joint",
+        "task": source.task,
+        "data": record,
         "model": model_path.name if model_path.name != "model" else model_path.parent.name,
         "model_path": str(model_path),
         "exit_layers": list(model.exit_layers),
@@ -296,6 +339,7 @@ def _build_text_classifier(
         "train_rows": train_rows,
         "test_class_counts": splits.test.class_counts(),
         "exit_test_accuracy": accuracy,
+        "exit_test_agreement": exit_agreements(logits),
         "joint_exit_test_accuracy": joint_accuracy,  # before the head refit
         "head_refit": refit,
         "probe_test_accuracy": probe_accuracy,  # per layer, frozen backbone; the last is the baseline
@@ -305,7 +349,7 @@ def _build_text_classifier(
         "timings": timings,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "transformers": _version("transformers"),
+        "transformers": package_version("transformers"),
     }
     artifacts = replace(artifacts, build=build)
     artifacts.save(out_dir)
@@ -316,9 +360,8 @@ def _previous_stage_key(previous: dict, stage: str, fields: Sequence[str]) -> st
     """The stage key of an earlier build, recomputed from its recorded settings."""
     if not previous.get("settings"):
         return None
-    return _stage_key(
-        stage, previous["task"], previous["model_path"], previous["settings"], fields, previous["train_rows"]
-    )
+    record = previous.get("data") or {"task": previous["task"]}
+    return _stage_key(stage, record, previous["model_path"], previous["settings"], fields, previous["train_rows"])
 
 
 def _previous_joint_checkpoint(out_dir: Path, previous: dict) -> Path | None:
@@ -330,7 +373,7 @@ def _previous_joint_checkpoint(out_dir: Path, previous: dict) -> Path | None:
     return None
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -430,31 +473,6 @@ def served_text_classifier(
 # --- the frozen-backbone probe baseline ------------------------------------------------------------
 
 
-@torch.no_grad()
-def pooled_layer_features(
-    encoder: nn.Module, ids: np.ndarray, mask: np.ndarray, batch_size: int = 128, progress: bool = False
-) -> np.ndarray:
-    """Masked-mean-pooled hidden state after every block of a frozen encoder: (N, layers, H) float32."""
-    use_eager_attention(encoder)  # the fine-tuned model's attention, so the probe sees the same numbers
-    encoder.eval()
-    order = np.argsort(mask.sum(axis=1), kind="stable")
-    blocks = encoder.encoder.layer
-    out = np.empty((len(ids), len(blocks), encoder.config.hidden_size), dtype=np.float32)
-    starts = range(0, len(ids), batch_size)
-    for start in tqdm(starts, desc="probe features", disable=not progress):
-        rows = order[start : start + batch_size]
-        longest = max(int(mask[rows].sum(axis=1).max()), 1)
-        batch_ids = torch.from_numpy(ids[rows, :longest])
-        batch_mask = torch.from_numpy(mask[rows, :longest])
-        hidden = encoder.embeddings(input_ids=batch_ids)
-        additive = additive_attention_mask(batch_mask, hidden.dtype)
-        for index, block in enumerate(blocks):
-            output = block(hidden, additive)
-            hidden = output[0] if isinstance(output, tuple) else output
-            out[rows, index] = masked_mean(hidden, batch_mask).numpy()
-    return out
-
-
 class PooledHeads(nn.Module):
     """Exit classifiers over pooled features (N, exits, H): the exits' heads with the pooling done once."""
 
@@ -483,8 +501,8 @@ def frozen_probe_accuracies(
 
     ``train`` and ``test`` are (ids, mask, labels).
     """
-    train_features = pooled_layer_features(encoder, train[0], train[1], progress=progress)
-    test_features = pooled_layer_features(encoder, test[0], test[1], progress=progress)
+    train_features = pooled_layer_features(encoder, train[0], train[1], progress=progress).pooled
+    test_features = pooled_layer_features(encoder, test[0], test[1], progress=progress).pooled
     seed_everything(settings.seed)
     heads = PooledHeads.fresh(train_features.shape[1], train_features.shape[2], num_classes, settings.head_dropout)
     train_exits(heads, [train_features], train[2], settings.head_config(), progress=False)
@@ -511,9 +529,9 @@ def refit_exit_heads(
     differences of 2-4 calibration rows, and lost up to a point on test.
     """
     layers = [block - 1 for block in model.exit_layers]
-    train_features = pooled_layer_features(model.encoder, train[0], train[1], progress=progress)[:, layers]
+    train_features = pooled_layer_features(model.encoder, train[0], train[1], progress=progress).pooled[:, layers]
     calibration_features = pooled_layer_features(model.encoder, calibration[0], calibration[1], progress=progress)
-    calibration_features = calibration_features[:, layers]
+    calibration_features = calibration_features.pooled[:, layers]
     joint = PooledHeads([head.classifier for head in model.heads], settings.head_dropout).eval()
     refit = copy.deepcopy(joint)  # warm start from the jointly trained heads
     train_exits(refit, [train_features], train[2], settings.head_config(), progress=False)

@@ -99,3 +99,9 @@ def predict_exits(
 def exit_accuracies(all_exit_logits: np.ndarray, labels: np.ndarray) -> list[float]:
     """Accuracy of each exit's argmax, from logits (exits, N, C)."""
     return [float((logits.argmax(axis=1) == labels).mean()) for logits in all_exit_logits]
+
+
+def exit_agreements(all_exit_logits: np.ndarray) -> list[float]:
+    """Share of rows on which each exit's argmax is the last exit's (the final head's), from (exits, N, C)."""
+    final = all_exit_logits[-1].argmax(axis=1)
+    return [float((logits.argmax(axis=1) == final).mean()) for logits in all_exit_logits]

@@ -13,7 +13,7 @@ from tritonclient.utils import np_to_triton_dtype
 
 from offramp.backend.contract import describe_flags
 
-OUTPUT_NAMES = ("LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST", "FLAGS")
+OUTPUT_NAMES = ("LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST", "FLAGS", "LABEL_NAME")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Predictions:
     confidence: np.ndarray  # (n, 3) float32: max-prob, entropy, margin
     cost: np.ndarray  # (n,) float32: fraction of the full network's compute used
     flags: np.ndarray  # (n,) int32: why each row answered where it did (offramp.backend.contract.FLAG_*)
+    label_name: np.ndarray  # (n,) str: the class name of each label ("" where the label is -1)
 
     def __len__(self) -> int:
         return len(self.label)
@@ -116,6 +117,7 @@ class OfframpClient:
             confidence=result.as_numpy("CONFIDENCE"),
             cost=result.as_numpy("COST").reshape(rows),
             flags=result.as_numpy("FLAGS").reshape(rows),
+            label_name=np.array([n.decode() for n in result.as_numpy("LABEL_NAME").reshape(rows)], dtype=str),
         )
 
     def classify_text(self, model: str, texts: list[str | bytes], **policy: Any) -> Predictions:
@@ -124,6 +126,12 @@ class OfframpClient:
         # Triton wants one dim besides the batch: TEXT travels as (n, 1) and reaches the model as (n,).
         return self.classify(model, {"TEXT": rows.reshape(-1, 1)}, **policy)
 
+    def classify_images(self, model: str, images: list[bytes], **policy: Any) -> Predictions:
+        """Sends encoded JPEG or PNG images (decoded and preprocessed by the server as the build recorded);
+        ``policy`` as in classify."""
+        rows = np.array(images, dtype=np.object_)
+        return self.classify(model, {"IMAGE_BYTES": rows.reshape(-1, 1)}, **policy)
+
     def full_logits(self, model: str, inputs: Mapping[str, np.ndarray] | np.ndarray) -> np.ndarray:
         """Logits (n, C) of the network without early exits (``<name>_full``)."""
         if isinstance(inputs, np.ndarray):
@@ -131,13 +139,13 @@ class OfframpClient:
         return self._infer(model, inputs, ("LOGITS",), {}).as_numpy("LOGITS")
 
 
-def predictions_to_json(predictions: Predictions, class_names: tuple[str, ...] | None = None) -> str:
+def predictions_to_json(predictions: Predictions) -> str:
     """One JSON object per row, for the command line."""
     lines = []
     for row in range(len(predictions)):
-        label = int(predictions.label[row])
         item = {
-            "label": label,
+            "label": int(predictions.label[row]),
+            "label_name": str(predictions.label_name[row]),
             "exit": int(predictions.exit[row]),
             "max_prob": round(float(predictions.confidence[row, 0]), 6),
             "entropy": round(float(predictions.confidence[row, 1]), 6),
@@ -145,7 +153,5 @@ def predictions_to_json(predictions: Predictions, class_names: tuple[str, ...] |
             "cost": round(float(predictions.cost[row]), 6),
             "flags": describe_flags(int(predictions.flags[row])),
         }
-        if class_names and 0 <= label < len(class_names):
-            item["class"] = class_names[label]
         lines.append(json.dumps(item))
     return "\n".join(lines)

@@ -105,7 +105,15 @@ OUTPUTS = (
     TensorSpec("CONFIDENCE", "float32", (3,)),  # max-prob, entropy, margin
     TensorSpec("COST", "float32", ()),
     TensorSpec("FLAGS", "int32", ()),  # why the row answered where it did: FLAG_* bits
+    TensorSpec("LABEL_NAME", "object", ()),  # BYTES: the class name of LABEL (UTF-8), empty where LABEL is -1
 )
+
+
+def label_names(labels: np.ndarray, class_names: tuple[str, ...]) -> np.ndarray:
+    """The LABEL_NAME output: each row's class name as UTF-8 bytes (object (n,)), empty where the label
+    is -1 (the logits were not all finite)."""
+    encoded = np.array([name.encode("utf-8") for name in class_names] + [b""], dtype=np.object_)
+    return encoded[np.where(labels >= 0, labels, len(class_names))]
 
 
 def output_specs(num_classes: int) -> tuple[TensorSpec, ...]:

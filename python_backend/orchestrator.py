@@ -32,6 +32,7 @@ from offramp.backend.contract import (
     SegmentUnavailable,
     TensorSpec,
     describe_flags,
+    label_names,
 )
 from offramp.backend.drift import DriftConfig, DriftMonitor
 from offramp.backend.image import IMAGE_BYTES_INPUT, ImageDecoder, ImageError, ImageSpec
@@ -543,6 +544,7 @@ class Orchestrator:
             failed = self._reroute(outputs, batch, result, run_full)
         if self.policy.abstention is not None:
             self._abstain(outputs, batch, run_model)
+        outputs["LABEL_NAME"] = label_names(outputs["LABEL"], self.spec.class_names)  # of the final labels
         return outputs, result.policy_exit, requested_full, failed
 
     def _reroute(
@@ -658,6 +660,7 @@ class Orchestrator:
                         "row": row,
                         "exit": exit_index,
                         "label": label,
+                        "label_name": self.spec.class_names[label] if label >= 0 else None,
                         "max_prob": _finite_or_none(confidence[0]),
                         "entropy": _finite_or_none(confidence[1]),
                         "margin": _finite_or_none(confidence[2]),

@@ -8,10 +8,17 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
-from offramp.backend.contract import FLAG_DEGRADED, FLAG_FORCED_FULL, FLAG_REROUTED, SegmentUnavailable, TensorSpec
+from offramp.backend.contract import (
+    FLAG_DEGRADED,
+    FLAG_FORCED_FULL,
+    FLAG_REROUTED,
+    SegmentUnavailable,
+    TensorSpec,
+    label_names,
+)
 from offramp.backend.orchestrator import Orchestrator, OrchestratorSpec, RequestError, ServiceDegraded
 from offramp.backend.policy import ExitRule, Policy, PolicyError
+
 from tests.fakes import FakeNetwork
 
 SPEC = OrchestratorSpec(
@@ -74,9 +81,18 @@ def test_a_bad_request_fails_alone_and_its_neighbours_are_answered_as_if_alone(o
     assert re.search(message, str(answers[1])), answers[1]
     for request, answer in [(requests[0], answers[0]), (requests[2], answers[2])]:
         alone = orchestrator.execute([request], FakeNetwork().run_segment, None)[0]
-        assert set(answer) == {"LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST", "FLAGS"}
+        assert set(answer) == {"LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST", "FLAGS", "LABEL_NAME"}
         for name in answer:
             np.testing.assert_array_equal(answer[name], alone[name], err_msg=name)
+
+
+def test_every_answer_names_its_label(orchestrator):
+    """LABEL_NAME is the class name of LABEL, UTF-8 bytes; empty where no label could be given (-1)."""
+    net = FakeNetwork()
+    answer = orchestrator.execute([FakeRequest({"X": net.inputs(12)["X"]})], net.run_segment, net.run_model)[0]
+    assert answer["LABEL_NAME"].dtype == np.object_ and len(set(answer["LABEL"].tolist())) > 1
+    assert answer["LABEL_NAME"].tolist() == [SPEC.class_names[label].encode() for label in answer["LABEL"]]
+    assert label_names(np.array([2, -1, 0]), ("a", "b", "ç")).tolist() == [b"\xc3\xa7", b"", b"a"]
 
 
 def test_request_parameters_apply_per_request(orchestrator):

@@ -90,9 +90,11 @@ def test_triton_onnx_target_uses_the_onnxruntime_platform_with_one_thread():
 def test_orchestrator_serves_the_tensor_contract():
     proto = orchestrator_model_config(ARTIFACTS, RepositoryOptions()).to_proto()
     outputs = {o.name: o for o in proto.output}
-    assert list(outputs) == ["LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST", "FLAGS"]
+    assert list(outputs) == ["LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST", "FLAGS", "LABEL_NAME"]
     assert list(outputs["LOGITS"].dims) == [3] and list(outputs["CONFIDENCE"].dims) == [3]
     assert outputs["EXIT"].data_type == pb.TYPE_INT32 and outputs["LABEL"].data_type == pb.TYPE_INT64
+    # The class name travels as BYTES, [-1, 1] on the wire like the other per-row scalars.
+    assert outputs["LABEL_NAME"].data_type == pb.TYPE_STRING and list(outputs["LABEL_NAME"].dims) == [1]
 
 
 def test_unknown_target_is_refused():

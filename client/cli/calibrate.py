@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from offramp.client.cli.subcommand import DEFAULT_WORKDIR, Subcommand
@@ -18,9 +19,13 @@ class CalibrateCommand(Subcommand):
         from offramp.kernels.confidence import METRICS
 
         add = parser.add_argument
-        add("--artifacts", default=str(DEFAULT_WORKDIR / "fashion_cnn"))
-        add("--data", help=".npz with the model's inputs, labels (and cohorts); default: the recipe's split")
-        add("--out", default=str(DEFAULT_WORKDIR / "policy.json"))
+        add("--artifacts", default=str(DEFAULT_WORKDIR / "fashion_cnn"), help="the build's folder")
+        add("--data", help="labelled rows of the kinds the build takes (text: CSV/TSV/JSON Lines/Parquet "
+            "with an optional 'cohort' column; images: class folders or .npz), or an .npz of the model's "
+            "inputs, 'labels' and 'cohorts'; default: the build's own calibration split")
+        add("--text-column", help="--data's text column (default: the build's)")
+        add("--label-column", help="--data's label column (default: the build's)")
+        add("--out", help="the policy file to write (default: policy.json in the artifacts folder)")
         add("--epsilon", type=float, default=0.01, help="allowed risk (default 1%%)")
         add("--delta", type=float, default=0.05, help="the guarantee holds with probability 1-delta")
         add("--method", choices=METHODS, default=METHODS[0],
@@ -32,19 +37,30 @@ class CalibrateCommand(Subcommand):
         add("--bonferroni", action="store_true", help="one guarantee for all cohorts at once")
         add("--min-group-rows", type=int, default=50, help="smaller cohorts fall back to global")
         add("--report", help="folder for report.md and its plots")
-        add("--evaluate-test", action="store_true", help="also judge the policy on the recipe's test split")
+        add("--evaluate-test", action="store_true", help="also judge the policy on the build's test split")
+        add("--quiet", action="store_true", help="no progress bars")
 
     def run(self, args: argparse.Namespace) -> int:
-        from offramp.build.artifacts import ModelArtifacts
-        from offramp.build.calibrate import CalibrationData, calibrate_artifacts, recipe_calibration_data
+        from offramp.build.artifacts import MANIFEST, ModelArtifacts
+        from offramp.build.calibrate import calibrate_artifacts, data_file_rows, held_out_data
+        from offramp.build.model_build import user_errors
 
         artifacts_dir = Path(args.artifacts)
+        if not (artifacts_dir / MANIFEST).is_file():
+            print(f"offramp calibrate: error: {artifacts_dir} holds no {MANIFEST}: pass a build's folder "
+                  "(offramp build prints it)", file=sys.stderr)  # fmt: skip
+            return 2
         artifacts = ModelArtifacts.load(artifacts_dir)
-        names = [spec.name for spec in artifacts.inputs]
-        if args.data:
-            data = CalibrationData.from_npz(Path(args.data), names)
-        else:
-            data = recipe_calibration_data(artifacts, artifacts_dir)
+        try:
+            if args.data:
+                columns = (args.text_column, args.label_column)
+                data = data_file_rows(artifacts, artifacts_dir, Path(args.data), *columns)
+            else:
+                data = held_out_data(artifacts, artifacts_dir)
+            test = held_out_data(artifacts, artifacts_dir, "test") if args.evaluate_test else None
+        except (*user_errors(), ValueError) as error:
+            print(f"offramp calibrate: error: {error}", file=sys.stderr)
+            return 2
         policy, calibrated, logits = calibrate_artifacts(
             artifacts,
             artifacts_dir,
@@ -58,8 +74,9 @@ class CalibrateCommand(Subcommand):
             per_class=args.per_class,
             bonferroni=args.bonferroni,
             min_group_rows=args.min_group_rows,
+            progress=not args.quiet,
         )
-        out = Path(args.out)
+        out = Path(args.out) if args.out else artifacts_dir / "policy.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         policy.save(out)
         provenance = policy.provenance
@@ -70,10 +87,9 @@ class CalibrateCommand(Subcommand):
         print("  exit-rate profile: " + ", ".join(f"{r:.1%}" for r in provenance["exit_rate_profile"]))
         for warning in calibrated.warnings:
             print(f"  warning: {warning}")
-        if args.evaluate_test:
+        if test is not None:
             from offramp.build.calibrate import evaluate_policy
 
-            test = recipe_calibration_data(artifacts, artifacts_dir, "test")
             figures = evaluate_policy(artifacts, artifacts_dir, policy, test)
             print(f"  test split ({figures['rows']} rows): disagreement with full {figures['disagreement']:.2%}, "
                   f"accuracy {figures['accuracy']:.2%} (full {figures['full_accuracy']:.2%}), "

@@ -23,14 +23,16 @@ def option(
     flag: str | None = None,
     parse: Callable[[str], Any] | None = None,
     repeatable: bool = False,
+    shown: str | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option.
 
     ``parse`` turns the text into the value (default: the default's type); ``repeatable`` collects
     each use of the flag into a tuple. A bool field is a switch: ``--name`` where it defaults to
-    False, ``flag`` (say ``--no-progress``) setting False where it defaults to True.
+    False, ``flag`` (say ``--no-progress``) setting False where it defaults to True. ``shown`` is what
+    the help says the default is, where the value alone would not say it (a None that means "derived").
     """
-    metadata = {"help": help, "flag": flag, "parse": parse, "repeatable": repeatable}
+    metadata = {"help": help, "flag": flag, "parse": parse, "repeatable": repeatable, "shown": shown}
     return field(default=default, metadata=metadata)
 
 
@@ -63,11 +65,16 @@ def _shown(value: Any) -> str:
 
 
 def add_config_options(
-    parser: argparse.ArgumentParser | Any, config_type: type, other_defaults: Mapping[str, Mapping[str, Any]] = {}
+    parser: argparse.ArgumentParser | Any,
+    config_type: type,
+    other_defaults: Mapping[str, Mapping[str, Any]] = {},
+    prefix: str = "",
 ) -> None:
     """One option per :func:`option` field of ``config_type`` (a dataclass whose fields all have defaults).
 
-    ``other_defaults`` names other sets of defaults for the help text: ``{"quick": {...}}``.
+    ``other_defaults`` names other sets of defaults for the help text: ``{"quick": {...}}``. ``prefix``
+    goes before each field's name where the parsed arguments keep it, so that several config types with
+    fields of the same name can share one parser (their flags must differ).
     """
     defaults = config_type()
     for item in fields(config_type):
@@ -76,23 +83,28 @@ def add_config_options(
         meta = item.metadata
         default = getattr(defaults, item.name)
         flag = meta["flag"] or "--" + item.name.replace("_", "-")
+        dest = prefix + item.name
         others = "".join(f"; {name}: {_shown(d[item.name])}" for name, d in other_defaults.items() if item.name in d)
         if isinstance(default, bool):
             action = "store_false" if default else "store_true"
-            parser.add_argument(flag, dest=item.name, action=action, default=None, help=meta["help"])
+            parser.add_argument(flag, dest=dest, action=action, default=None, help=meta["help"])
             continue
-        kwargs: dict[str, Any] = {"dest": item.name, "default": None, "type": meta["parse"] or type(default)}
+        kwargs: dict[str, Any] = {"dest": dest, "default": None, "type": meta["parse"] or type(default)}
         if meta["repeatable"]:
             kwargs["action"] = "append"
         kwargs["metavar"] = flag.removeprefix("--").replace("-", "_").upper()
-        parser.add_argument(flag, help=f"{meta['help']} (default: {_shown(default)}{others})", **kwargs)
+        shown = meta.get("shown") or _shown(default)
+        parser.add_argument(flag, help=f"{meta['help']} (default: {shown}{others})", **kwargs)
 
 
-def config_from_args(config_type: type[Config], args: argparse.Namespace, base: Mapping[str, Any] = {}) -> Config:
-    """``config_type`` from ``base`` with the options the user gave laid over it."""
+def config_from_args(
+    config_type: type[Config], args: argparse.Namespace, base: Mapping[str, Any] = {}, prefix: str = ""
+) -> Config:
+    """``config_type`` from ``base`` with the options the user gave laid over it (``prefix`` as given to
+    :func:`add_config_options`)."""
     given = {}
     for item in fields(config_type):  # type: ignore[arg-type]
-        value = getattr(args, item.name, None)
+        value = getattr(args, prefix + item.name, None)
         if "help" in item.metadata and value is not None:
             given[item.name] = tuple(value) if item.metadata["repeatable"] else value
     return config_type(**{**base, **given})

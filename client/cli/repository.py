@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from offramp.client.cli.subcommand import DEFAULT_REPOSITORY, DEFAULT_WORKDIR, Subcommand
+
 
 class RepositoryCommand(Subcommand):
     name = "repository"
@@ -17,7 +19,11 @@ class RepositoryCommand(Subcommand):
         parser.add_argument("--artifacts", default=str(DEFAULT_WORKDIR / "fashion_cnn"))
         parser.add_argument("--repository", default=str(DEFAULT_REPOSITORY))
         parser.add_argument("--target", default=TARGETS[0], choices=TARGETS)
-        parser.add_argument("--policy", help="policy.json to serve (default: one fixed max-prob threshold)")
+        parser.add_argument(
+            "--policy",
+            help="policy.json to serve (default: the artifacts folder's policy.json, which offramp calibrate "
+            "writes, else one fixed max-prob threshold)",
+        )
         parser.add_argument("--threshold", type=float, default=0.9, help="the fixed threshold without --policy")
         parser.add_argument("--execution-env", help="virtualenv of the Python stubs (default: this one)")
         parser.add_argument("--no-execution-env", action="store_true", help="use the server's own Python")
@@ -27,18 +33,42 @@ class RepositoryCommand(Subcommand):
         from offramp.backend.policy import Policy
         from offramp.build.artifacts import ModelArtifacts
         from offramp.build.repository import RepositoryOptions, write_repository
+        from offramp.client.serving.server import python_backend_directory
 
         artifacts_dir = Path(args.artifacts)
         artifacts = ModelArtifacts.load(artifacts_dir)
-        policy = (
-            Policy.load(Path(args.policy))
-            if args.policy
-            else Policy.fixed(artifacts.fingerprint, artifacts.num_exits, threshold=args.threshold)
-        )
+        policy_file = Path(args.policy) if args.policy else artifacts_dir / "policy.json"
+        if policy_file.exists():
+            policy = Policy.load(policy_file)
+            print(f"policy {policy.version} from {policy_file}")
+        elif args.policy:
+            print(f"offramp repository: error: {policy_file}: no such policy file", file=sys.stderr)
+            return 2
+        else:
+            policy = Policy.fixed(artifacts.fingerprint, artifacts.num_exits, threshold=args.threshold)
+            print(f"no {policy_file}: serving one fixed max-prob threshold {args.threshold} (offramp "
+                  "calibrate makes a policy with a guarantee)")  # fmt: skip
         env = None
         if not args.no_execution_env:
             env = prepare_execution_env(Path(args.execution_env) if args.execution_env else None)
         options = RepositoryOptions(target=args.target, execution_env=env)
-        for model_dir in write_repository(artifacts, artifacts_dir, policy, Path(args.repository), options):
+        repository = Path(args.repository)
+        for model_dir in write_repository(artifacts, artifacts_dir, policy, repository, options):
             print(model_dir)
+        # The backend folder a by-hand tritonserver needs (offramp serve would assemble it too).
+        backends = python_backend_directory()
+        print(f"serve it: offramp serve --repository {repository}")
+        print("or by hand: " + by_hand_command(repository.resolve(), backends))
         return 0
+
+
+def by_hand_command(repository: Path, backends: Path) -> str:
+    """The README's by-hand ``tritonserver`` command for ``repository``, with this machine's paths."""
+    from offramp.client.serving.server import tritonserver_binary, tritonserver_libs_directory
+
+    return (
+        f"LD_LIBRARY_PATH={tritonserver_libs_directory()} {tritonserver_binary()} "
+        f"--model-repository={repository} --backend-directory={backends} --disable-auto-complete-config "
+        "--allow-gpu-metrics=false --pinned-memory-pool-byte-size=0 --exit-timeout-secs=10 "
+        "--grpc-address=127.0.0.1 --http-address=127.0.0.1"
+    )

@@ -134,9 +134,9 @@ def _recipe_workload(
     artifacts: ModelArtifacts, directory: Path, test: CalibrationData, goals: Goals, description: str
 ) -> Workload:
     """A workload on a recipe's own splits: its calibration split for the policy, its test split served."""
-    from offramp.build.calibrate import exit_logits_from_onnx, recipe_calibration_data
+    from offramp.build.calibrate import exit_logits_from_onnx, held_out_data
 
-    calibration = recipe_calibration_data(artifacts, directory)
+    calibration = held_out_data(artifacts, directory)
     calibration_logits = exit_logits_from_onnx(artifacts, directory, calibration.inputs)
     return Workload(
         name=artifacts.name,
@@ -154,14 +154,14 @@ def _recipe_workload(
 
 def fashion_cnn_workload(settings: WorkloadSettings) -> Workload:
     """The multi-exit ResNet on Fashion-MNIST, built as the demo builds it (reused when cached)."""
-    from offramp.build.calibrate import recipe_calibration_data
+    from offramp.build.calibrate import held_out_data
     from offramp.build.recipes import served_fashion_cnn
 
     artifacts, directory = served_fashion_cnn(settings.workdir, settings.epochs, settings.quick)
     return _recipe_workload(
         artifacts,
         directory,
-        recipe_calibration_data(artifacts, directory, "test"),
+        held_out_data(artifacts, directory, "test"),
         Goals(concurrency=8, throughput_ratio=3.0, realised_share=0.90, max_tax=0.05, max_p99_ratio=1.0),
         "Fashion-MNIST, multi-exit ResNet (an exit per stage)",
     )
@@ -174,11 +174,11 @@ def text_workload(task: str) -> WorkloadFactory:
     the report states the real and the padded length."""
 
     def factory(settings: WorkloadSettings) -> Workload:
-        from offramp.build.calibrate import recipe_calibration_data
+        from offramp.build.calibrate import held_out_data
         from offramp.build.text_recipes import served_text_classifier
 
         artifacts, directory = served_text_classifier(settings.workdir, task, quick=settings.quick)
-        test = recipe_calibration_data(artifacts, directory, "test")
+        test = held_out_data(artifacts, directory, "test")
         mask = test.inputs["ATTENTION_MASK"]
         return _recipe_workload(
             artifacts,

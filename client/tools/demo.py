@@ -15,16 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from offramp.backend.environment import prepare_execution_env
 from offramp.build.artifacts import ModelArtifacts
-from offramp.build.calibrate import calibrate_artifacts, recipe_calibration_data
+from offramp.build.calibrate import calibrate_artifacts, held_out_data
 from offramp.build.fashion_mnist import load_fashion_mnist
 from offramp.build.recipes import served_fashion_cnn
 from offramp.build.repository import RepositoryOptions, full_model_name, write_repository
 from offramp.client.grpc_client import OfframpClient, Predictions
 from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def run_demo(
 
     print("[2/4] policy: Learn-then-Test on the held-out calibration split, disagreement with the full model "
           "<= 1% w.p. >= 95%")  # fmt: skip
-    data = recipe_calibration_data(artifacts, artifacts_dir)
+    data = held_out_data(artifacts, artifacts_dir)
     policy, _, _ = calibrate_artifacts(artifacts, artifacts_dir, data, epsilon=0.01, delta=0.05)
     thresholds = ", ".join(f"{r.threshold:.4f}" for r in policy.exits[:-1])
     print(f"      {len(data.labels):,} calibration rows; max-prob thresholds {thresholds}; "

@@ -35,8 +35,8 @@ import glob
 import json
 import math
 import os
-import signal
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,7 +50,12 @@ from typing import Any
 import numpy as np
 from offramp.build.markdown import markdown_table
 from offramp.client.cli.options import option
-from offramp.client.serving.processes import machine_description, python_stubs, resident_memory, server_processes
+from offramp.client.serving.processes import (
+    machine_description,
+    python_stubs,
+    resident_memory,
+    server_processes,
+)
 from offramp.client.serving.statistics import model_statistics, statistics_delta
 
 DEFAULT_WORKDIR = Path(".cache/offramp")
@@ -349,12 +354,12 @@ def run_counted(
 
 def prepare_model(config: SoakConfig) -> tuple[Any, Path, Any]:
     """The Fashion-MNIST multi-exit CNN and its calibrated policy, built like the demo's (reused when cached)."""
-    from offramp.build.calibrate import calibrate_artifacts, recipe_calibration_data
+    from offramp.build.calibrate import calibrate_artifacts, held_out_data
     from offramp.build.recipes import served_fashion_cnn
 
     artifacts, directory = served_fashion_cnn(config.workdir, config.epochs, config.quick)
     policy, _, _ = calibrate_artifacts(
-        artifacts, directory, recipe_calibration_data(artifacts, directory), epsilon=0.01, delta=0.05
+        artifacts, directory, held_out_data(artifacts, directory), epsilon=0.01, delta=0.05
     )
     return artifacts, directory, policy
 
