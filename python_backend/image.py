@@ -6,17 +6,20 @@ tensors the network was trained and calibrated on. It is torchvision's PIL pipel
 classification: ``convert`` to the channels, ``Resize(resize)`` (shorter side, bilinear, Pillow's
 antialiasing), ``CenterCrop(size)``, ``ToTensor`` (pixels / 255), ``Normalize(mean, std)``; EXIF
 orientation is not applied, as torchvision does not. NumPy and Pillow only: the orchestrator's stub
-has no torch.
+has no torch. Pillow is imported where an image is decoded, so that the orchestrator of a text or
+tensor model runs in an environment without it.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_INPUT = "IMAGE"  # the network's own input: preprocessed (B, C, H, W) float32
 IMAGE_BYTES_INPUT = "IMAGE_BYTES"  # encoded JPEG or PNG, one per row, decoded by the orchestrator
@@ -83,6 +86,8 @@ class ImageSpec:
 
 def open_image(data: bytes) -> Image.Image:
     """Decoded JPEG or PNG bytes; raises ImageError saying why not."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
@@ -103,6 +108,8 @@ def open_image(data: bytes) -> Image.Image:
 
 def pixels_of(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """The spec's channels, resize and centre crop, as uint8 (C, H, W), before normalizing."""
+    from PIL import Image
+
     image = image.convert(CHANNEL_MODES[spec.channels])
     width, height = image.size
     shorter = spec.resize or spec.size
@@ -126,6 +133,8 @@ class ImageDecoder:
     """Encoded rows of a request to the network's input tensor."""
 
     def __init__(self, spec: ImageSpec) -> None:
+        import PIL.Image  # noqa: F401  (where Pillow is missing, the model fails to load, not a request)
+
         self.spec = spec
 
     def decode(self, rows: np.ndarray) -> np.ndarray:
@@ -143,6 +152,8 @@ class ImageDecoder:
 
 def encode_png(pixels: np.ndarray) -> bytes:
     """uint8 (H, W) or (C, H, W) with C 1 or 3 as PNG bytes (what a client or a data folder holds)."""
+    from PIL import Image
+
     array = pixels[0] if pixels.ndim == 3 and pixels.shape[0] == 1 else pixels
     if array.ndim == 3:
         array = array.transpose(1, 2, 0)  # (H, W, 3)

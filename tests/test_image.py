@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -255,6 +257,16 @@ def test_an_image_build_takes_image_bytes_beside_its_tensor():
         0
     ].optional
     assert orchestrator_spec(plain).image is None
+
+
+def test_the_orchestrator_of_other_models_runs_without_pillow():
+    blocked = (
+        "import sys; sys.modules['PIL'] = None; import offramp.backend.orchestrator, offramp.backend.image"
+    )
+    assert subprocess.run([sys.executable, "-c", blocked]).returncode == 0
+    with_images = blocked + "; offramp.backend.image.ImageDecoder(offramp.backend.image.ImageSpec(1, 8))"
+    failed = subprocess.run([sys.executable, "-c", with_images], capture_output=True, text=True)
+    assert failed.returncode != 0 and "PIL" in failed.stderr
 
 
 def test_a_stock_server_environment_for_images_has_pillow():
