@@ -257,6 +257,13 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path) ->
         if items
     ]
     if problems:
+        # A wrapper (DataParallel, a Lightning module) saved its own prefix on every key.
+        prefixes = {key.split(".", 1)[0] + "." for key in unexpected}
+        prefix = next(iter(prefixes)) if len(prefixes) == 1 and missing else None
+        if prefix and {key.removeprefix(prefix) for key in unexpected} >= set(missing):
+            problems.append(
+                f"every key carries the prefix {prefix!r}: save the wrapped model's own state_dict"
+            )
         raise VisionBuildError(f"weights {source} do not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state)
 

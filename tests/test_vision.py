@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from offramp.backend.contract import TensorSpec
 from offramp.backend.image import IMAGE_INPUT, ImageSpec
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.artifacts import ModelArtifacts
@@ -19,6 +20,7 @@ from offramp.build.resnet import resnet
 from offramp.build.train import TrainConfig
 from offramp.build.vision import (
     RESNET_LAYOUT,
+    MultiExitVision,
     NetworkLayout,
     VisionBuildError,
     build_vision_classifier,
@@ -62,6 +64,13 @@ def test_weights_that_do_not_fit_name_their_keys(tmp_path):
     assert "fc.bias (5,) (the architecture has (10,))" in message
 
 
+def test_weights_saved_from_a_wrapper_say_so(tmp_path):
+    model = resnet("resnet18", num_classes=10, width=8)
+    wrapped = {f"module.{key}": value for key, value in model.state_dict().items()}
+    with pytest.raises(VisionBuildError, match="every key carries the prefix 'module.'"):
+        load_into(model, wrapped, tmp_path / "parallel.pt")
+
+
 def test_weights_must_be_a_state_dict(tmp_path):
     with pytest.raises(VisionBuildError, match="not found"):
         load_weights(tmp_path / "missing.pt")
@@ -94,6 +103,35 @@ def test_layouts_are_found_by_structure():
     assert layout_of(StagedNet()) == NetworkLayout(("stem",), ("stages.0", "stages.1"), ("head",))
     with pytest.raises(VisionBuildError, match="name its stem, stage and head modules"):
         layout_of(nn.Sequential(nn.Linear(2, 2)))
+
+
+class NamedNet(nn.Module):
+    """A network whose stem, stages and head only a layout can name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, 2, 1)
+        self.act = nn.ReLU()
+        self.block_a = nn.Conv2d(4, 8, 3, 2, 1)
+        self.block_b = nn.Conv2d(8, 8, 3, 1, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.block_b(self.block_a(self.act(self.conv(x))))
+        return self.classifier(torch.flatten(self.pool(hidden), 1))
+
+
+def test_a_named_layout_cuts_any_network():
+    net = NamedNet().eval()
+    layout = NetworkLayout(stem=("conv", "act"), stages=("block_a", "block_b"), head=("pool", "classifier"))
+    multi_exit = MultiExitVision(net, layout, (0, 1), TensorSpec(IMAGE_INPUT, "float32", (1, 16, 16)))
+    images = torch.rand((3, 1, 16, 16))
+    with torch.no_grad():
+        first, last = multi_exit(images)
+        torch.testing.assert_close(last, net(images), rtol=0, atol=0)
+        torch.testing.assert_close(multi_exit.segmented().full(images), net(images), rtol=0, atol=0)
+    assert first.shape == (3, 3) and multi_exit.num_classes == 3
 
 
 def test_exit_stages_are_counted_from_one():
