@@ -148,6 +148,13 @@ class MultiExitVision(nn.Module):
     @torch.no_grad()
     def _probe(self) -> tuple[list[tuple[int, int, int]], int]:
         """Each stage's output shape (C, H, W) and the class count, from two blank images."""
+        first_conv = next((m for m in self.stem.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = self.input_spec.shape[0]
+        if first_conv is not None and first_conv.in_channels != channels:
+            raise VisionBuildError(
+                f"the network's first convolution takes {first_conv.in_channels} channels; the preprocessing "
+                f"makes {channels}: set its channels to {first_conv.in_channels} (Pillow converts the images)"
+            )
         shapes = []
         try:
             for _, hidden in self._stage_outputs(torch.zeros((2, *self.input_spec.shape))):

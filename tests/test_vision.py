@@ -134,6 +134,14 @@ def test_a_named_layout_cuts_any_network():
     assert first.shape == (3, 3) and multi_exit.num_classes == 3
 
 
+def test_a_network_that_does_not_take_the_preprocessed_shape_says_so():
+    net = NamedNet()
+    net.pool = nn.Identity()  # the classifier now needs the 1x1 map of a 4x4 image
+    layout = NetworkLayout(stem=("conv", "act"), stages=("block_a", "block_b"), head=("pool", "classifier"))
+    with pytest.raises(VisionBuildError, match=r"does not take images of shape \(1, 16, 16\)"):
+        MultiExitVision(net, layout, (0, 1), TensorSpec(IMAGE_INPUT, "float32", (1, 16, 16)))
+
+
 def test_exit_stages_are_counted_from_one():
     assert exit_stages(None, 4) == (0, 1, 2, 3)
     assert exit_stages([3, 1], 4) == (0, 2, 3)  # the last stage always has an exit
@@ -318,7 +326,10 @@ def test_builds_that_cannot_start_say_why(fashion_splits, tmp_path):
         (dict(mode="distil"), "mode must be one of"),
         (dict(splits=replace(fashion_splits, train=unlabelled)), "joint mode trains on labels"),
         (dict(preprocess=ImageSpec(1, 28)), "the images were preprocessed as"),
-        (dict(weights=tmp_path / "rgb.pt", mode="attach"), r"does not take images of shape \(1, 28, 28\)"),
+        (
+            dict(weights=tmp_path / "rgb.pt", mode="attach"),
+            "first convolution takes 3 channels; the preprocessing makes 1: set its channels to 3",
+        ),
         (dict(weights=tmp_path / "five.pt", mode="attach"), "classifies into 5 classes; the data has 10"),
         (dict(architecture="vgg11"), "unknown architecture 'vgg11'"),
         (dict(architecture="no_such_module:Net"), "No module named 'no_such_module'"),
