@@ -26,8 +26,9 @@ class SegmentError(RuntimeError):
 
 # How tritonserver 2.51 words a BLS call to a model that cannot answer, whatever the request: its stub
 # died ("Stub process '<instance>' is not healthy."), or it was unloaded ("... Model '<name>' is not
-# ready.", with code INTERNAL) or never loaded.
-_UNAVAILABLE_MESSAGES = ("is not healthy", "is not ready", "unknown model")
+# ready.", with code INTERNAL) or never loaded, or the server is draining after a SIGTERM ("... Error
+# when running inference: Server not ready", INTERNAL too): the client may try another replica.
+_UNAVAILABLE_MESSAGES = ("is not healthy", "is not ready", "unknown model", "Server not ready")
 
 
 def _segment_error(model_name, error):
@@ -67,12 +68,15 @@ class _TritonMetrics:
         self.kinds = {"counter": family.COUNTER, "gauge": family.GAUGE}
         self.families = {}
         self.metrics = {}
+        self.gauges = set()  # the families that are gauges
 
     def _metric(self, kind, name, description, labels):
         key = (name, tuple(sorted(labels.items())))
         if key not in self.metrics:
             if name not in self.families:
                 self.families[name] = pb_utils.MetricFamily(name=name, description=description, kind=self.kinds[kind])
+                if kind == "gauge":
+                    self.gauges.add(name)
             self.metrics[key] = self.families[name].Metric(labels=dict(labels))
         return self.metrics[key]
 
@@ -83,6 +87,12 @@ class _TritonMetrics:
         self._metric("gauge", name, description, labels).set(float(value))
 
     def close(self):
+        # This stub's series stay on the metrics page after it is gone (the families outlive it): its
+        # gauges would go on saying that its policy serves and its drift alarm is up, long after a new
+        # version took over. Set to 0 they say it serves no more; counters keep their totals.
+        for (name, _), metric in self.metrics.items():
+            if name in self.gauges:
+                metric.set(0.0)
         self.metrics.clear()
 
 

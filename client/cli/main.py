@@ -17,6 +17,7 @@ from offramp.client.cli.policy import PolicyCommand
 from offramp.client.cli.repository import RepositoryCommand
 from offramp.client.cli.serve import ServeCommand
 from offramp.client.cli.soak import SoakCommand
+from offramp.client.cli.stats import StatsCommand
 from offramp.client.cli.subcommand import Subcommand
 
 # In the order `offramp --help` lists them: the pipeline first, then operations, then measurement.
@@ -28,6 +29,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     HealthCommand(),
     InferCommand(),
     PolicyCommand(),
+    StatsCommand(),
     AuditCommand(),
     DemoCommand(),
     BenchCommand(),

@@ -94,6 +94,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"health   http://{args.host}:{health.port}/health/ready (also /health/live, /health, /metrics)",
               flush=True)  # fmt: skip
         print(f"log      {server.log_path}", flush=True)
+        if server.removed_orphans:
+            removed = [str(p) for p in server.removed_orphans]
+            print(f"removed shared memory of killed servers: {removed}", flush=True)
         if supervisor is None:
             print("crashed models are not restarted (no supervisor without explicit model control)", flush=True)
         if server.admin_key:

@@ -6,11 +6,19 @@ asks Triton (explicit model control) to serve it; rolling back asks it to serve 
 load sends the model's whole config with ``version_policy: specific`` (an override replaces the whole
 config: docs/embedded-server.md), and Triton finishes in-flight requests on the old version while
 the new one loads.
+
+Whatever a deploy or rollback serves is also written into the repository: ``config.pbtxt`` pins it
+(``version_policy: specific``), so a server that restarts, or a new replica that starts on the same
+repository, serves that version and not Triton's default, the newest folder (which would quietly undo a
+rollback). Writing a new version folder into a repository that pins nothing first pins the version
+served so far, for the same reason. A fleet of replicas rolls versions out one replica at a time
+(``offramp.client.serving.fleet``) and pins once every replica serves the new one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +26,10 @@ from typing import Any
 
 import tritonclient.grpc as grpcclient
 from google.protobuf import json_format, text_format
-from tritonclient.grpc import model_config_pb2 as pb
-
 from offramp.backend.orchestrator import POLICY_FILE, SPEC_FILE, Orchestrator, OrchestratorSpec
 from offramp.backend.policy import Policy
 from offramp.client.serving.server import ADMIN_KEY_HEADER
+from tritonclient.grpc import model_config_pb2 as pb
 
 
 class PolicyControlError(RuntimeError):
@@ -85,6 +92,8 @@ class PolicyControl:
         latest = dirs[max(dirs)]
         spec = OrchestratorSpec.load(latest / SPEC_FILE)
         Orchestrator(spec, policy)  # validates it for this model before anything is written
+        if self.pinned_version() is None:
+            self.pin(max(dirs))  # what a fresh server serves now; the new folder must not change that
         number = max(dirs) + 1
         staging = self.model_dir / f".staging-{number}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -93,6 +102,7 @@ class PolicyControl:
         staging.rename(self.model_dir / str(number))  # appears whole, never half-written
         if self.url is not None:
             self.serve_version(number)
+            self.pin(number)
         return number
 
     def rollback(self, to_version: int | None = None) -> int:
@@ -105,15 +115,43 @@ class PolicyControl:
         if target is None or target not in numbers:
             raise PolicyControlError(f"no version to roll back to (versions {numbers}, active {sorted(active)})")
         self.serve_version(target)
+        self.pin(target)
         return target
 
+    def version_numbers(self) -> list[int]:
+        """The policy versions on disk."""
+        return sorted(_version_dirs(self.model_dir))
+
+    def config(self) -> pb.ModelConfig:
+        """The model's ``config.pbtxt`` as Triton's protobuf."""
+        return text_format.Parse((self.model_dir / "config.pbtxt").read_text(), pb.ModelConfig())
+
+    def pinned_version(self) -> int | None:
+        """The version ``config.pbtxt`` pins, or None where it leaves the choice to Triton (the newest)."""
+        specific = self.config().version_policy.specific.versions
+        return int(specific[0]) if len(specific) == 1 else None
+
+    def pin(self, number: int) -> None:
+        """Pins ``number`` in ``config.pbtxt``: what a server serves once it (re)loads the model from disk."""
+        if number not in _version_dirs(self.model_dir):
+            raise PolicyControlError(f"{self.model} has no policy version {number} to pin")
+        path = self.model_dir / "config.pbtxt"
+        temporary = path.with_name(f".config.pbtxt.{os.getpid()}")
+        temporary.write_text(text_format.MessageToString(_pinned(self.config(), number)))
+        os.replace(temporary, path)  # a server loading meanwhile reads the old file or the new, never half
+
     def serve_version(self, number: int) -> None:
-        config = text_format.Parse((self.model_dir / "config.pbtxt").read_text(), pb.ModelConfig())
-        config.version_policy.CopyFrom(pb.ModelVersionPolicy(specific=pb.ModelVersionPolicy.Specific(versions=[number])))
+        config = _pinned(self.config(), number)
         with self._client() as client:
             client.load_model(self.model, config=json_format.MessageToJson(config), headers=self.headers)
         if number not in self.active_versions():
             raise PolicyControlError(f"the server did not make version {number} of {self.model} ready")
+
+
+def _pinned(config: pb.ModelConfig, number: int) -> pb.ModelConfig:
+    specific = pb.ModelVersionPolicy.Specific(versions=[number])
+    config.version_policy.CopyFrom(pb.ModelVersionPolicy(specific=specific))
+    return config
 
 
 def policy_diff(old: Policy, new: Policy) -> list[str]:

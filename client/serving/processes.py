@@ -95,6 +95,15 @@ def stub_shm_region(pid: int) -> str | None:
     return command_line[2] if len(command_line) > 2 and command_line[1].endswith("/model.py") else None
 
 
+def stub_shm_regions_in_use() -> set[str]:
+    """The /dev/shm regions every live stub on this machine works in, whichever server started it."""
+    return {region for pid in psutil.pids() if (region := stub_shm_region(pid))}
+
+
+def process_exists(pid: int) -> bool:
+    return psutil.pid_exists(pid)
+
+
 def cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
     """User plus system CPU seconds each process has used, by pid."""
     seconds = {}

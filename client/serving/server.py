@@ -31,13 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from offramp.client.serving.processes import processes_in_group
+from offramp.client.serving.processes import process_exists, processes_in_group, stub_shm_regions_in_use
 
 LOGGER = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 # The Python backend names each stub's region "<prefix><uuid>"; this is its default prefix.
 SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
+# EmbeddedTritonServer's own prefix: the default one, then "offramp<launcher pid>-<random hex>_".
+_LAUNCHED_REGION = re.compile(rf"^{re.escape(SHM_REGION_PREFIX)}offramp(\d+)-[0-9a-f]+_")
 MODEL_CONTROL_MODES = ("none", "explicit")
 # APIs that change or reveal the served models; restricted to holders of the admin key off loopback.
 RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "trace", "logging")
@@ -186,6 +188,30 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+# --- Shared memory left by servers that were killed --------------------------------------------------
+
+
+def orphaned_shm_regions(shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Regions named by an :class:`EmbeddedTritonServer` whose launcher process is gone and that no live
+    stub works in.
+
+    A tritonserver killed together with its launcher (SIGKILL of both, a crashed container or machine)
+    leaves its stubs' regions behind, and ``stop``, which would have removed them, never runs. Nothing
+    else will: they stay until reboot. The launcher's pid in the prefix tells them apart from the
+    regions of servers still running, and the stubs' command lines name the regions in use, which
+    covers a server still draining after its launcher died (it gets SIGTERM then, see
+    ``_die_with_parent``). A pid reused by another process since keeps its regions: a leak, never a
+    region taken from a live server.
+    """
+    in_use = stub_shm_regions_in_use()
+    orphans = []
+    for path in shm_dir.glob(f"{SHM_REGION_PREFIX}offramp*"):
+        launched = _LAUNCHED_REGION.match(path.name)
+        if launched and not process_exists(int(launched.group(1))) and path.name not in in_use:
+            orphans.append(path)
+    return sorted(orphans)
+
+
 # --- Processes -------------------------------------------------------------------------------------
 
 
@@ -258,6 +284,8 @@ class EmbeddedTritonServer:
         # A prefix of our own for the stubs' shared-memory regions: they still match the default
         # pattern, but leftovers can be told apart from those of other servers on this machine.
         self.shm_region_prefix = f"{SHM_REGION_PREFIX}offramp{os.getpid()}-{secrets.token_hex(4)}_"
+        # What start() removed of the regions killed servers left (orphaned_shm_regions).
+        self.removed_orphans: list[Path] = []
         self._process: subprocess.Popen[bytes] | None = None
 
     # --- Addresses ---
@@ -360,6 +388,7 @@ class EmbeddedTritonServer:
             raise ServerStartError(f"server already started (pid {self._process.pid})")
         self._check_repository()
         self._check_ports()
+        self._remove_orphaned_regions()
         command, env = self.command(), self.environment()
         _prctl()
         if self.log_path is None:
@@ -384,6 +413,13 @@ class EmbeddedTritonServer:
             self.stop()
             raise
         return self
+
+    def _remove_orphaned_regions(self) -> None:
+        self.removed_orphans = orphaned_shm_regions()
+        if self.removed_orphans:
+            LOGGER.warning("removing shared-memory regions of killed servers: %s", self.removed_orphans)
+        for region in self.removed_orphans:
+            region.unlink(missing_ok=True)
 
     def _wait_until_ready(self) -> None:
         assert self._process is not None

@@ -324,6 +324,9 @@ class BenchConfig:
     )
     quick: bool = option(False, help="a quick build and a short sweep (about a minute after the build)")
     progress: bool = option(True, flag="--no-progress", help="no progress bars")
+    # Replicas already running instead of a server of its own: offramp.client.tools.fleet_bench.
+    fleet: str = option("", help="measure these running replicas instead (HOST:PORT,... or @FILE) with the "
+                        "multi-address client: early exit against <name>_full at each level")  # fmt: skip
 
     def __post_init__(self) -> None:
         unknown = set(self.arms) - set(ARM_KEYS)
@@ -723,6 +726,11 @@ def main_bench(config: BenchConfig, report_only: bool = False) -> int:
     try:
         if report_only:
             print(f"report: {write_report(config.out)}")
+            return 0
+        if config.fleet:
+            from offramp.client.tools.fleet_bench import run_fleet_bench
+
+            run_fleet_bench(config)
             return 0
         run_bench(config)
         return 0

@@ -92,6 +92,10 @@ class SoakConfig:
     # Self-healing under load: SIGKILL one model's stub mid-run; the supervisor must restart it.
     kill: str = option("", help="SIGKILL the stub of this model of the repository once, mid-run (a name)")
     kill_after_s: float = option(30.0, help="seconds into the load for --kill")
+    # Replicas already running instead of a server of its own: offramp.client.tools.fleet_soak.
+    fleet: str = option("", help="soak these running replicas instead (HOST:PORT,... or @FILE) with the "
+                        "multi-address client, counted against each replica's statistics")  # fmt: skip
+    model: str = option("fashion_cnn", help="--fleet: the model the replicas serve (Fashion-MNIST images in)")
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0 or self.window_s <= 0 or self.window_s > self.duration_s:
@@ -102,6 +106,8 @@ class SoakConfig:
             raise ValueError("the shared-memory growth step must be positive")
         if self.kill and not 0 <= self.kill_after_s < self.duration_s:
             raise ValueError(f"--kill-after-s must fall inside the run (0 to {self.duration_s:.0f} s)")
+        if self.kill and self.fleet:
+            raise ValueError("--kill needs the server's processes on this machine; not with --fleet")
 
 
 # --- What the server holds: processes, memory, shared memory ----------------------------------------
@@ -689,13 +695,18 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 
 def main_soak(config: SoakConfig) -> int:
     """Build (or reuse) the model, soak it, print the verdict; 0 when every check passed."""
+    from offramp.client.serving.fleet import FleetError
     from offramp.client.serving.server import ServerStartError
+    from offramp.client.tools.fleet_soak import run_fleet_soak
     from offramp.client.tools.perf_analyzer import PerfAnalyzerError
 
     try:
-        artifacts, directory, policy = prepare_model(config)
-        summary = run_soak(config, artifacts, directory, policy)
-    except (PerfAnalyzerError, ServerStartError) as error:
+        if config.fleet:
+            summary = run_fleet_soak(config)
+        else:
+            artifacts, directory, policy = prepare_model(config)
+            summary = run_soak(config, artifacts, directory, policy)
+    except (PerfAnalyzerError, ServerStartError, FleetError) as error:
         print(f"offramp soak: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
