@@ -10,6 +10,7 @@ from offramp.client.cli.bench import BenchCommand
 from offramp.client.cli.build import BuildCommand
 from offramp.client.cli.calibrate import CalibrateCommand
 from offramp.client.cli.demo import DemoCommand
+from offramp.client.cli.deploy import DeployCommand
 from offramp.client.cli.gpu_check import GpuCheckCommand
 from offramp.client.cli.health import HealthCommand
 from offramp.client.cli.infer import InferCommand
@@ -26,6 +27,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     CalibrateCommand(),
     RepositoryCommand(),
     ServeCommand(),
+    DeployCommand(),
     HealthCommand(),
     InferCommand(),
     PolicyCommand(),
