@@ -69,8 +69,10 @@ class ModelSource:
         f"{PACKAGED_MINILM} (packaged)",
     )  # fmt: skip
     architecture: str | None = option(
-        None, parse=str, shown="none", help=f"image: resnet18, resnet34, resnet50, or {FASHION_CNN}"
-    )
+        None, parse=str, shown="none",
+        help=f"image: resnet18, resnet34, resnet50, package.module:factory (a stem-plus-stages network), or "
+        f"{FASHION_CNN}",
+    )  # fmt: skip
     weights: Path | None = option(None, parse=Path, shown="none", help="image: the architecture's state_dict")
     exits: tuple[int, ...] | None = option(
         None, parse=comma_list(int), shown="every layer or stage",
@@ -110,7 +112,17 @@ class DataSource:
         None, parse=int, shown="128; the recipes 64", help="text: tokens per row (longer rows are truncated)"
     )
     image_size: int | None = option(
-        None, parse=int, shown="the architecture's", help="image: the side of the square the network sees"
+        None, parse=int, shown="the training images' own", help="image: the side of the square it sees"
+    )
+    resize: int | None = option(
+        None, parse=int, shown="image_size", help="image: the shorter side is scaled to this, then cropped"
+    )
+    mean: tuple[float, ...] | None = option(
+        None, parse=comma_list(float), shown="measured on the training images",
+        help="image: per-channel mean of pixels in [0, 1] that the network was trained with (1 or 3 values)",
+    )  # fmt: skip
+    std: tuple[float, ...] | None = option(
+        None, parse=comma_list(float), shown="measured on the training images", help="image: per-channel std"
     )
 
 
@@ -206,6 +218,10 @@ class BuildConfig:
             raise ConfigError(f"data.dataset must be one of {list(PACKAGED_DATASETS)}, not {data.dataset!r}")
         if data.max_length is not None and data.max_length < 1:
             raise ConfigError(f"data.max_length must be positive, not {data.max_length}")
+        if (data.mean is None) != (data.std is None):
+            raise ConfigError("data.mean and data.std go together: the normalization the network learnt with")
+        if data.mean is not None and data.image_size is None:
+            raise ConfigError("data.mean and data.std need data.image_size (the side the network sees)")
         for part in ("calibration", "test"):
             share = getattr(split, part)
             if share < 0 or (isinstance(share, float) and share >= 1):

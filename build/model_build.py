@@ -11,6 +11,7 @@ settings, and builds into a folder that replaces the output folder only once it 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +186,16 @@ def _build_vision(config: BuildConfig, progress: bool) -> ModelArtifacts:
         0.0 if data.test else float(split.test),
     )
     fractions = (round(1.0 - sum(held_out), 12), *held_out)
+    preprocess = None  # measured on the training images unless the config states the network's own
+    if data.mean is not None:
+        from offramp.backend.image import ImageSpec
+
+        try:
+            preprocess = ImageSpec(len(data.mean), data.image_size, data.resize, data.mean, data.std)
+        except ValueError as error:
+            raise ConfigError(f"data: {error}") from None
     splits = load_image_splits(
-        data.train, data.calibration, data.test, fractions, split.seed, data.image_size
+        data.train, data.calibration, data.test, fractions, split.seed, data.image_size, preprocess=preprocess
     )
     defaults = TrainConfig()
     settings = TrainConfig(
@@ -199,16 +208,26 @@ def _build_vision(config: BuildConfig, progress: bool) -> ModelArtifacts:
     )
     mode = _or(train.mode, "attach" if model.weights else "joint")
     with staged_build(config.out) as work:
-        return build_vision_classifier(
+        artifacts = build_vision_classifier(
             work, name=config.name, architecture=model.architecture, weights=model.weights, splits=splits,
             exits=model.exits, mode=mode, train=settings, preprocess=splits.preprocess, progress=progress,
         )  # fmt: skip
+        # Where the rows came from and how they were split: calibrate and infer read the held-out rows again.
+        files = {"train": data.train, "calibration": data.calibration, "test": data.test}
+        record = {
+            "kind": "images",
+            **{part: str(Path(path).resolve()) if path else None for part, path in files.items()},
+            "fractions": list(fractions),
+            "seed": split.seed,
+        }
+        artifacts = replace(artifacts, build={**artifacts.build, "data": record})
+        artifacts.save(work)
+    return artifacts
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """:data:`USER_ERRORS` and the image loader's own, where the vision build is installed."""
-    try:
-        from offramp.build.image_data import ImageDataError
-    except ImportError:
-        return USER_ERRORS
-    return (*USER_ERRORS, ImageDataError)
+    """:data:`USER_ERRORS` and the vision build's own (its data, its weights)."""
+    from offramp.build.image_data import ImageDataError
+    from offramp.build.vision import VisionBuildError
+
+    return (*USER_ERRORS, ImageDataError, VisionBuildError)

@@ -524,3 +524,19 @@ def test_report_from_saved_results(tmp_path):
         assert (tmp_path / "plots" / f"m_{name}.png").stat().st_size > 1000
     with pytest.raises(FileNotFoundError):
         write_report(tmp_path / "empty")
+
+
+def test_any_builds_folder_is_a_workload(quick_text_model):
+    """`offramp bench --artifacts DIR`: the build's own splits, its test rows padded to one length (the
+    one shape perf_analyzer sends), a policy calibrated on its calibration rows."""
+    from offramp.client.tools.bench import BenchConfig, WorkloadSettings, resolve_workload
+
+    artifacts, directory = quick_text_model
+    assert BenchConfig(artifacts=(directory,)).artifacts == (directory,)
+    workload = resolve_workload(str(directory))(WorkloadSettings())
+    assert workload.name == artifacts.name and workload.test_rows == artifacts.build["split_sizes"]["test"]
+    ids, mask = workload.test_inputs["INPUT_IDS"], workload.test_inputs["ATTENTION_MASK"]
+    assert ids.shape == mask.shape and mask.sum(axis=1).max() == ids.shape[1]
+    assert workload.policy.model_fingerprint == artifacts.fingerprint
+    calibration_rows = artifacts.build["split_sizes"]["calibration"]
+    assert workload.calibration_logits.shape[:2] == (artifacts.num_exits, calibration_rows)

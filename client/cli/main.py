@@ -14,6 +14,7 @@ from offramp.client.cli.deploy import DeployCommand
 from offramp.client.cli.gpu_check import GpuCheckCommand
 from offramp.client.cli.health import HealthCommand
 from offramp.client.cli.infer import InferCommand
+from offramp.client.cli.input_data import InputDataCommand
 from offramp.client.cli.policy import PolicyCommand
 from offramp.client.cli.repository import RepositoryCommand
 from offramp.client.cli.serve import ServeCommand
@@ -35,6 +36,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     AuditCommand(),
     DemoCommand(),
     BenchCommand(),
+    InputDataCommand(),
     SoakCommand(),
     GpuCheckCommand(),
 )

@@ -192,6 +192,23 @@ def text_workload(task: str) -> WorkloadFactory:
     return factory
 
 
+def artifacts_workload(directory: Path) -> WorkloadFactory:
+    """Any build, from its folder (``offramp bench --artifacts DIR``): the policy chosen on its own
+    calibration split, its test split served (text padded to the split's longest row, as for the recipes).
+    No throughput goal: what a model can gain depends on it and its policy."""
+
+    def factory(settings: WorkloadSettings) -> Workload:
+        from offramp.build.calibrate import held_out_data
+
+        artifacts = ModelArtifacts.load(directory)
+        test = held_out_data(artifacts, directory, "test")
+        goals = Goals(throughput_ratio=None)
+        description = f"{artifacts.name} ({artifacts.build.get('mode', 'joint')} mode), from {directory}"
+        return _recipe_workload(artifacts, directory, test, goals, description)
+
+    return factory
+
+
 WORKLOADS: dict[str, WorkloadFactory] = {
     "fashion_cnn": fashion_cnn_workload,
     "trec": text_workload("trec"),
@@ -205,13 +222,15 @@ def register_workload(name: str, factory: WorkloadFactory) -> None:
 
 
 def resolve_workload(spec: str) -> WorkloadFactory:
-    """A registered name, or ``package.module:function`` naming a factory."""
+    """A registered name, a build's folder, or ``package.module:function`` naming a factory."""
     if spec in WORKLOADS:
         return WORKLOADS[spec]
+    if (Path(spec) / "manifest.json").is_file():
+        return artifacts_workload(Path(spec))
     if ":" in spec:
         module, _, attribute = spec.partition(":")
         return getattr(importlib.import_module(module), attribute)
-    raise KeyError(f"unknown workload {spec!r}; known: {sorted(WORKLOADS)} (or give module:function)")
+    raise KeyError(f"unknown workload {spec!r}; known: {sorted(WORKLOADS)}, a build's folder, or module:function")
 
 
 # --- The models under test ----------------------------------------------------------------------------
@@ -302,6 +321,10 @@ class BenchConfig:
     workloads: tuple[str, ...] = option(
         ("fashion_cnn", "trec", "rotten_tomatoes"), flag="--workload", parse=str, repeatable=True,
         help="workload to measure, repeatable: a registered name or module:function",
+    )  # fmt: skip
+    artifacts: tuple[Path, ...] = option(
+        (), parse=Path, repeatable=True, shown="none",
+        help="a build's folder to measure instead of the workloads (repeatable): any model offramp build made",
     )  # fmt: skip
     concurrency: tuple[int, ...] = option(DEFAULT_CONCURRENCY, parse=comma_list(positive_int), help="concurrency levels")
     repeats: int = option(3, help="interleaved rounds per level")
@@ -706,9 +729,10 @@ def run_bench(config: BenchConfig) -> list[dict]:
     from offramp.client.tools.perf_analyzer import check_perf_analyzer
 
     check_perf_analyzer()  # before any build: fail in a second, saying what to install
-    factories = [resolve_workload(spec) for spec in config.workloads]
+    specs = [str(directory) for directory in config.artifacts] or list(config.workloads)
+    factories = [resolve_workload(spec) for spec in specs]
     summaries = []
-    for spec, factory in zip(config.workloads, factories):
+    for spec, factory in zip(specs, factories):
         print(f"[{spec}] build (reused when cached) and calibrate", flush=True)
         workload = factory(WorkloadSettings(workdir=config.workdir, quick=config.quick, epochs=config.epochs))
         summaries.append(run_workload(workload, config))
