@@ -6,6 +6,7 @@ A thin adapter: Triton requests to ``RequestView``, BLS calls to ``run_segment``
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,8 +59,8 @@ class _TritonMetrics:
 
     Families are shared by name across stubs (two instances, or two policy versions during a swap),
     so one stub deleting a family at unload would delete it under the others: ``close`` releases only
-    this stub's own metrics (their labels name the instance and version, so no other stub holds them),
-    and keeps the family handles alive until the process ends.
+    this stub's own metrics (their labels name the instance, version and process: no other stub holds
+    them), and keeps the family handles alive until the process ends.
     """
 
     def __init__(self):
@@ -139,7 +140,9 @@ class TritonPythonModel:
         instance = f"{args.get('model_instance_name', '')}-v{args['model_version']}"
         hooks = options.hooks(Policy.load(version_dir / POLICY_FILE), instance, args["model_name"])
         label = f"{args['model_name']} ({instance})"
-        telemetry = ServingTelemetry(self.metrics, args["model_name"], instance)
+        # The metrics' instance label names this stub's process too: a reload of the same version starts
+        # new stubs beside the old ones, whose close() zeroes their gauges, which must not be the new ones'.
+        telemetry = ServingTelemetry(self.metrics, args["model_name"], f"{instance}-{os.getpid()}")
         cascade, placement = select_cascade(
             DeviceRequest.from_parameters(parameters),
             args.get("model_instance_kind", "CPU"),

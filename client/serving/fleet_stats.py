@@ -33,7 +33,9 @@ FLEET = "fleet"
 @dataclass(frozen=True)
 class ReplicaFigures:
     replica: str
-    requests: float = 0.0  # Triton's successful requests of the model
+    # Triton's successful and failed requests of the model: of the versions loaded now (Triton drops a
+    # version's series when it unloads; offramp's own counters keep them, so rows count since start).
+    requests: float = 0.0
     failed_requests: float = 0.0
     rows_by_exit: Mapping[int, float] = field(default_factory=dict)
     compute_sum: float = 0.0  # the compute fractions of the rows answered, summed
