@@ -100,6 +100,7 @@ class ModelConfig:
     parameters: dict[str, str] = field(default_factory=dict)
     default_model_filename: str | None = None
     gpu_accelerators: tuple[ExecutionAccelerator, ...] = ()
+    decoupled: bool = False  # any number of responses per request (model_transaction_policy)
 
     def to_proto(self) -> pb.ModelConfig:
         config = pb.ModelConfig(
@@ -124,6 +125,8 @@ class ModelConfig:
                     preferred_batch_size=list(self.preferred_batch_sizes),
                 )
             )
+        if self.decoupled:
+            config.model_transaction_policy.decoupled = True
         for accelerator in self.gpu_accelerators:
             config.optimization.execution_accelerators.gpu_execution_accelerator.append(accelerator.proto())
         for key, value in self.parameters.items():

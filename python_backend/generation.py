@@ -248,7 +248,12 @@ class ConfidentGroup(RowGroup):
         moving = torch.arange(n)
         hidden = decoder.embed(self._pending(), positions)
         exit_at = {layer: index for index, layer in enumerate(spec.exit_layers[:-1])}
+        # Rows past their deadline never go deeper again: once only they are left, the layers they
+        # skip need no keys and values for them.
+        all_past_deadline = all(r.past_deadline for r in self.rows)
         for index in range(spec.layers):
+            if len(moving) == 0 and all_past_deadline:
+                break
             hidden = decoder.layer(index, hidden, self.cache, 0, positions, None if len(moving) == n else moving)
             exit_index = exit_at.get(index + 1)
             if exit_index is None or len(moving) == 0:

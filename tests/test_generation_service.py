@@ -1,0 +1,220 @@
+"""The generator's request handling, checks, escalation, metrics and audit, without a server.
+
+The model is a tiny random Llama imported as a user's checkpoint would be; requests go through
+``GenerationService.submit`` with a recording stream, and rounds are run by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from offramp.backend.audit import AuditConfig, AuditLog, read_audit
+from offramp.backend.exit_decoder import ExitDecoder, reproducible_gemm
+from offramp.backend.generation import ALWAYS, NEVER
+from offramp.backend.generation_checks import python_prefix_error
+from offramp.backend.generation_contract import FLAG_CHECK_FAILED, FLAG_ESCALATED
+from offramp.backend.generation_policy import GenerationPolicy
+from offramp.backend.generation_service import (
+    GenerationService,
+    GenerationTelemetry,
+    ServiceOptions,
+)
+from offramp.build.decoder import import_checkpoint
+
+from tests.generation_support import tiny_checkpoint, tiny_tokenizer
+
+reproducible_gemm()  # before this process' first matrix product: MKL fixes its rounding mode there
+
+PROMPTS = ["def add(a, b):\n", "import json\n\n\nclass Encoder:\n    def encode(self, o):\n", "x = [1, 2,"]
+
+
+class RecordingStream:
+    def __init__(self) -> None:
+        self.responses: list[dict] = []
+        self.error: tuple[str, bool] | None = None
+
+    def send(self, outputs, final):
+        assert not self.done, "a response after the final one"
+        self.responses.append({**{k: np.asarray(v).copy() for k, v in outputs.items()}, "final": final})
+
+    def fail(self, message, request_error):
+        assert not self.done
+        self.error = (message, request_error)
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or any(r["final"] for r in self.responses)
+
+    def text(self, attempt: int | None = None) -> str:
+        last = max(int(r["ATTEMPT"][0]) for r in self.responses) if attempt is None else attempt
+        return "".join(r["TEXT"][0].decode() for r in self.responses if int(r["ATTEMPT"][0]) == last)
+
+    @property
+    def final(self) -> dict:
+        return self.responses[-1]
+
+
+class DictSink:
+    def __init__(self) -> None:
+        self.counters: dict[tuple, float] = {}
+
+    def increment(self, name, description, labels, value):
+        key = (name, tuple(sorted(labels.items())))
+        self.counters[key] = self.counters.get(key, 0.0) + value
+
+    def set(self, name, description, labels, value):
+        self.counters[(name, tuple(sorted(labels.items())))] = value
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(v for (n, ls), v in self.counters.items() if n == name and labels.items() <= dict(ls).items())
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_generator")
+    checkpoint = tiny_checkpoint(directory / "checkpoint", "llama", tiny_tokenizer())
+    manifest, out = import_checkpoint(checkpoint, directory / "artifacts", exit_layers=(1, 2, 4))
+    return manifest, out
+
+
+def make_service(artifacts, thresholds=(NEVER, NEVER), audit=None, **options):
+    from tokenizers import Tokenizer
+
+    manifest, directory = artifacts
+    decoder = ExitDecoder.load(directory)
+    policy = GenerationPolicy("test", manifest.fingerprint, 1, 3, thresholds)
+    sink = DictSink()
+    service = GenerationService(
+        decoder, Tokenizer.from_file(str(directory / "tokenizer.json")), policy, manifest.end_of_text,
+        ServiceOptions(**options), GenerationTelemetry(sink, "tiny"), audit, manifest.fingerprint,
+    )  # fmt: skip
+    return service, sink
+
+
+def submit(service, prompt: str, **parameters) -> RecordingStream:
+    stream = RecordingStream()
+    service.submit(np.array([prompt.encode()], dtype=object), parameters, stream)
+    return stream
+
+
+def run(service, streams) -> None:
+    with torch.inference_mode():
+        for _ in range(500):
+            if all(s.done for s in streams):
+                return
+            service.run_round()
+    raise AssertionError("requests did not finish")
+
+
+def test_bad_requests_fail_alone_and_at_once(artifacts):
+    service, sink = make_service(artifacts)
+    good = [submit(service, p, max_tokens=12, mode=m) for p, m in zip(PROMPTS, ["full", "self_speculative", "confident"])]
+    bad = {
+        "empty": submit(service, "", max_tokens=5),
+        "unknown parameter": submit(service, PROMPTS[0], temperature=0.7),
+        "too long": submit(service, "x = 1\n" * 200),
+        "mode": submit(service, PROMPTS[0], mode="fast"),
+        "max_tokens": submit(service, PROMPTS[0], max_tokens=0),
+        "stop": submit(service, PROMPTS[0], stop="\n"),
+        "check": submit(service, PROMPTS[0], check="spelling"),
+        "schema": submit(service, PROMPTS[0], check="json_schema", check_schema='{"type": "strin"}'),
+        "pattern": submit(service, PROMPTS[0], check="regex", check_pattern="(unclosed"),
+        "python prompt": submit(service, "    return x\n", check="python_syntax"),
+        "deadline": submit(service, PROMPTS[0], deadline_ms=-1),
+    }
+    for name, stream in bad.items():
+        assert stream.error is not None and stream.error[1], name  # answered at submit, as the client's fault
+        assert not stream.responses, name
+    assert "unknown parameter(s) ['temperature']" in bad["unknown parameter"].error[0]
+    assert "the prompt is empty" in bad["empty"].error[0]
+    assert "context holds" in bad["too long"].error[0]
+    run(service, good)
+    assert all(s.error is None and s.final["final"] for s in good)
+    assert sink.total("offramp_generation_requests_total", outcome="invalid") == len(bad)
+
+
+def test_responses_stream_the_completion_and_modes_agree(artifacts):
+    service, sink = make_service(artifacts)
+    streams = {m: [submit(service, p, max_tokens=20, mode=m) for p in PROMPTS] for m in ("full", "self_speculative")}
+    run(service, [s for group in streams.values() for s in group])
+    full_tokens = 0
+    for full, speculative in zip(streams["full"], streams["self_speculative"]):
+        ids = [int(t) for r in full.responses for t in r["TOKEN_IDS"]]
+        reason = full.final["FINISH_REASON"][0]
+        assert (len(ids), reason) == (20, b"length") or (len(ids) < 20 and reason == b"end_of_text")
+        full_tokens += len(ids)
+        assert [int(t) for r in speculative.responses for t in r["TOKEN_IDS"]] == ids
+        assert speculative.text() == full.text()
+        assert sum(r["final"] for r in full.responses) == 1
+    # Self-speculation commits several tokens per response; full one.
+    assert max(len(r["TOKEN_IDS"]) for s in streams["self_speculative"] for r in s.responses) > 1
+    assert all(len(r["TOKEN_IDS"]) <= 1 for s in streams["full"] for r in s.responses)  # 0: end of text
+    assert sink.total("offramp_generation_tokens_total", mode="full") == full_tokens
+    drafted = sink.total("offramp_generation_draft_tokens_total")
+    assert 0 < sink.total("offramp_generation_accepted_tokens_total") < drafted
+
+
+def test_a_stop_string_ends_the_completion_before_it(artifacts):
+    service, _ = make_service(artifacts)
+    probe = submit(service, PROMPTS[1], max_tokens=30)
+    run(service, [probe])
+    text = probe.text()
+    stop = text[3:5]
+    stopped = submit(service, PROMPTS[1], max_tokens=30, stop=json.dumps([stop]), mode="self_speculative")
+    run(service, [stopped])
+    assert stopped.text() == text[: text.index(stop)]
+    assert stopped.final["FINISH_REASON"][0] == b"stop"
+
+
+def test_a_failed_check_in_confident_mode_regenerates_that_request_at_full_depth(artifacts, tmp_path):
+    audit = AuditLog(AuditConfig(tmp_path / "audit.jsonl"))
+    reference, _ = make_service(artifacts)
+    full = [submit(reference, p, max_tokens=10) for p in PROMPTS]
+    run(reference, full)
+    # Confident at the first exit for every token: its completions differ from full depth's.
+    service, sink = make_service(artifacts, thresholds=(ALWAYS, NEVER), audit=audit)
+    pattern = re.escape(full[0].text())
+    checked = submit(service, PROMPTS[0], max_tokens=10, mode="confident", check="regex", check_pattern=pattern,
+                     request_id="checked")  # fmt: skip
+    others = [submit(service, p, max_tokens=10, mode="confident", request_id=f"other{i}") for i, p in enumerate(PROMPTS)]
+    impossible = submit(service, PROMPTS[2], max_tokens=10, mode="confident", check="json_schema", check_schema="false",
+                        request_id="impossible")  # fmt: skip
+    run(service, [checked, impossible, *others])
+    audit.close()
+    # The failing request started over at full depth (attempt 1) and now passes its check.
+    assert checked.text(0) != full[0].text()
+    assert checked.text() == full[0].text()
+    assert checked.final["FLAGS"][0] == FLAG_ESCALATED
+    # An impossible schema: regenerated once, then answered with the flag (no loop).
+    assert {int(r["ATTEMPT"][0]) for r in impossible.responses} == {0, 1}
+    assert impossible.final["FLAGS"][0] == FLAG_ESCALATED | FLAG_CHECK_FAILED
+    assert impossible.text() == full[2].text()
+    # Their batch-mates were not regenerated.
+    assert all({int(r["ATTEMPT"][0]) for r in s.responses} == {0} and s.final["FLAGS"][0] == 0 for s in others)
+    assert sink.total("offramp_generation_escalations_total") == 2
+    assert sink.total("offramp_generation_check_failures_total", check="json_schema") == 1
+    records = {r["request_id"]: r for r in read_audit([tmp_path / "audit.jsonl"])}
+    assert records["impossible"]["escalations"] == 1 and records["impossible"]["check_passed"] is False
+    assert records["checked"]["attempts"] == 2 and records["checked"]["check_passed"] is True
+    assert records["other0"]["tokens_by_exit"]["0"] == 9 and records["other0"]["policy_version"] == "test"
+
+
+def test_checks(artifacts):
+    assert python_prefix_error("def f(x):\n    return x +") is None  # the line goes on
+    assert python_prefix_error("x = 'abc") is None  # a string not closed yet
+    assert python_prefix_error("x = 1 +* 2") is not None
+    assert python_prefix_error("if x:\n    y = 1\n  z = 2\n") is not None  # a dedent to nowhere
+    service, sink = make_service(artifacts)
+    valid = submit(service, "def add(a, b):\n", max_tokens=6, check="python_syntax", stop=json.dumps(["\n"]))
+    run(service, [valid])
+    completion = valid.text()
+    expected = python_prefix_error("def add(a, b):\n" + completion + ("\n" if valid.final["FINISH_REASON"][0] == b"stop" else ""))
+    assert bool(valid.final["FLAGS"][0] & FLAG_CHECK_FAILED) == (expected is not None)
+    schema = json.dumps({"type": "object"})
+    json_check = submit(service, "{", max_tokens=4, check="json_schema", check_schema=schema)
+    run(service, [json_check])
+    assert json_check.final["FLAGS"][0] == FLAG_CHECK_FAILED  # a random model writes no JSON object
