@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Triton's own model files: they import triton_python_backend_utils, which only the stub provides.
-TRITON_MODEL_FILES = {"offramp.backend.triton_orchestrator", "offramp.backend.triton_segment"}
+# Triton's own model files (python_backend/triton_*.py): they import triton_python_backend_utils, which
+# only the stub provides.
+TRITON_MODEL_FILES = {f"offramp.backend.{path.stem}" for path in (ROOT / "python_backend").glob("triton_*.py")}
 
 
 @pytest.fixture(scope="module")
