@@ -52,8 +52,9 @@ class ImageSplits:
     test: ImageSet
     class_names: tuple[str, ...]  # empty where unlabelled data named none
     preprocess: ImageSpec  # what made the tensors: the build records it, the orchestrator applies it
-    # What load_image_splits was given (paths as strings), so a build can record where its splits came
-    # from and a later step (calibration, a benchmark) load them again: ``load_image_splits(**source)``.
+    # Where the images came from and how they were split: a build records it in its manifest
+    # (``build["data"]``), from which ``offramp calibrate`` and ``offramp infer`` load the held-out
+    # splits again (``offramp.build.calibrate.held_out_data``). Empty for splits made by hand.
     source: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,12 +116,13 @@ def load_image_splits(
         spec = _with_measured_statistics(spec, pixels["train"])
     sets = {split: ImageSet(spec.normalize(pixels[split]), labels[split]) for split in SPLITS}
     source = {
-        "train": str(train),
-        "calibration": None if calibration is None else str(calibration),
-        "test": None if test is None else str(test),
+        "kind": "images",
+        **{
+            split: str(Path(path).resolve()) if path else None
+            for split, path in zip(SPLITS, (train, calibration, test))
+        },
         "fractions": list(fractions),
         "seed": seed,
-        "image_size": image_size,
     }
     return ImageSplits(sets["train"], sets["calibration"], sets["test"], class_names, spec, source)
 

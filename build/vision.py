@@ -45,7 +45,7 @@ from offramp.build.artifacts import ModelArtifacts
 from offramp.build.build_cache import CachedBuild
 from offramp.build.cnn import CNNSegment, FullCNN
 from offramp.build.export import artifacts_from_network
-from offramp.build.image_data import ImageSplits, load_image_splits
+from offramp.build.image_data import ImageSplits
 from offramp.build.resnet import RESNETS, resnet
 from offramp.build.segmented import SegmentedNetwork
 from offramp.build.train import TrainConfig, predict_exits, seed_everything, train_exits
@@ -413,7 +413,7 @@ def build_vision_classifier(
             "weights": str(weights) if weights is not None else None,
             "exit_stages": [stage + 1 for stage in stages],  # counted from 1, as ``exits``
             "image": preprocess.to_dict(),
-            "data": splits.source,
+            "data": splits.source,  # what offramp calibrate loads the held-out images from
             "train": asdict(train),
             "train_rows": len(splits.train.labels),
             "calibration_rows": len(splits.calibration.labels),
@@ -426,17 +426,6 @@ def build_vision_classifier(
     )
     artifacts.save(out_dir)
     return artifacts
-
-
-def vision_splits_of(artifacts: ModelArtifacts) -> ImageSplits:
-    """The splits a vision build was made from, loaded again from the sources its manifest records
-    (the same split: seeded), preprocessed as it records."""
-    source = artifacts.build.get("data")
-    if artifacts.build.get("recipe") != RECIPE or not source:
-        raise VisionBuildError(
-            f"{artifacts.name}: its manifest records no image data to load the splits from"
-        )
-    return load_image_splits(**source, preprocess=ImageSpec.from_dict(artifacts.build["image"]))
 
 
 def train_attached(

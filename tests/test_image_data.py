@@ -49,15 +49,15 @@ def test_a_folder_is_split_per_class_and_preprocessed_as_the_service_will(folder
     assert sorted(map(bytes, served)) == sorted(map(bytes, ours))
 
 
-def test_the_splits_load_again_from_their_source(folder, tmp_path):
+def test_the_splits_record_their_source(folder, tmp_path):
     test = tmp_path / "test.npz"
     np.savez(test, images=pixels(6, 9)[:, 0], labels=[0, 1, 2, 0, 1, 2])
     splits = load_image_splits(folder, None, test, (0.8, 0.2, 0.0), seed=3, image_size=None)
     assert splits.source == {
-        "train": str(folder), "calibration": None, "test": str(test), "fractions": [0.8, 0.2, 0.0], "seed": 3,
-        "image_size": None,
+        "kind": "images", "train": str(folder.resolve()), "calibration": None, "test": str(test.resolve()),
+        "fractions": [0.8, 0.2, 0.0], "seed": 3,
     }  # fmt: skip
-    again = load_image_splits(**splits.source)
+    again = load_image_splits(folder, None, test, (0.8, 0.2, 0.0), seed=3, image_size=None)
     np.testing.assert_array_equal(again.calibration.images, splits.calibration.images)
 
 

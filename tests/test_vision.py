@@ -14,7 +14,7 @@ from offramp.backend.contract import TensorSpec
 from offramp.backend.image import IMAGE_INPUT, ImageSpec
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.artifacts import ModelArtifacts
-from offramp.build.calibrate import exit_logits_from_onnx
+from offramp.build.calibrate import exit_logits_from_onnx, held_out_data
 from offramp.build.image_data import ImageSet, ImageSplits, load_image_splits
 from offramp.build.resnet import resnet
 from offramp.build.train import TrainConfig
@@ -28,7 +28,6 @@ from offramp.build.vision import (
     layout_of,
     load_into,
     load_weights,
-    vision_splits_of,
 )
 from torch import nn
 
@@ -286,15 +285,16 @@ def test_a_generic_network_attached_keeps_its_logits_and_its_data_is_recorded(fa
         original = net(torch.from_numpy(test_images)).numpy()
     full = OnnxRunner(tmp_path / "generic" / artifacts.full_onnx).run({IMAGE_INPUT: test_images})["LOGITS"]
     np.testing.assert_allclose(full, original, rtol=0, atol=1e-5 * np.abs(original).max())
-    # Calibration and benchmarks load the same splits again from what the manifest records.
-    again = vision_splits_of(ModelArtifacts.load(tmp_path / "generic"))
-    np.testing.assert_array_equal(again.calibration.images, splits.calibration.images)
-    np.testing.assert_array_equal(again.test.labels, splits.test.labels)
+    # offramp calibrate loads the same held-out images again from what the manifest records.
+    calibration = held_out_data(ModelArtifacts.load(tmp_path / "generic"), tmp_path / "generic")
+    np.testing.assert_array_equal(calibration.inputs[IMAGE_INPUT], splits.calibration.images)
+    np.testing.assert_array_equal(calibration.labels, splits.calibration.labels)
 
 
-def test_splits_made_by_hand_cannot_be_loaded_again(attached):
-    with pytest.raises(VisionBuildError, match="records no image data"):
-        vision_splits_of(attached[0])
+def test_splits_made_by_hand_record_no_data(attached):
+    artifacts, directory, _ = attached
+    with pytest.raises(ValueError, match="records no data to hold out"):
+        held_out_data(artifacts, directory)
 
 
 def build_error(tmp_path, base: ImageSplits, **overrides) -> str:
