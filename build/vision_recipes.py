@@ -271,11 +271,12 @@ def results_markdown(results: dict, command: str) -> str:
         for mode, b in builds.items()
     ]
     e, seconds = experiment, {mode: f"{b['train_seconds']:.0f} s" for mode, b in builds.items()}
+    certifying = builds["attach"]["calibration"]["rows"]
     return "\n".join(
         [
             "# ResNet-18 on Fashion-MNIST, brought as a team's own model",
             "",
-            f"Written by `{command}` (`offramp.build.vision_recipes`). Data: a class-per-folder PNG copy "
+            f"Written by `{command}`. Data: a class-per-folder PNG copy "
             f"of Fashion-MNIST; {rows['train']:,} training, {rows['calibration']:,} calibration (carved out "
             f"of the train folder, stratified) and {rows['test']:,} test images (the whole test set), "
             "28x28, converted to RGB, normalized with Fashion-MNIST's mean 0.286 and std 0.353.",
@@ -284,9 +285,10 @@ def results_markdown(results: dict, command: str) -> str:
             f"(AdamW, one-cycle, lr {e['learning_rate']}, batch {e['batch_size']}; "
             f"{results['team']['train_seconds']:.0f} s here), saved as a `state_dict`. `attach`: those "
             f"weights frozen, the exit heads distilled towards its head for {e['attach_epochs']} epochs over "
-            f"cached features ({seconds['attach']}). `joint`: backbone and heads from scratch for "
-            f"{e['joint_epochs']} epochs ({seconds['joint']}). Exits after layer1, layer2, layer3 and layer4 "
-            "(the network's own head).",
+            f"cached features ({seconds['attach']}, the frozen network's one pass over the training images "
+            f"included). `joint`: backbone and heads from scratch for {e['joint_epochs']} epochs "
+            f"({seconds['joint']}). Exits after layer1, layer2, layer3 and layer4 (the network's own head). "
+            "Times on a 2-core machine shared with other work: indicative only.",
             "",
             "## Per exit, on the test split",
             "",
@@ -295,8 +297,9 @@ def results_markdown(results: dict, command: str) -> str:
             f"## Calibrated (Learn-then-Test, disagreement <= {_percent(e['epsilon'])}% w.p. >= "
             f"{_percent(1 - e['delta'])}%) and served",
             "",
-            "Certified compute: the mean compute fraction of the certifying calibration rows under the "
-            "chosen thresholds. Served: the test split sent through gRPC to the embedded tritonserver "
+            f"Certified compute: the mean compute fraction of the {certifying:,} certifying calibration rows "
+            "under the chosen thresholds (the other calibration rows fit the temperatures and the "
+            "candidate thresholds). Served: the test split sent through gRPC to the embedded tritonserver "
             f"({e['rows_per_request']} rows per request, concurrency {e['concurrency']}) as tensors; "
             "`<name>_full` through the same server. PNG bytes: the test folder's files sent as "
             "`IMAGE_BYTES`, decoded in the orchestrator; the share of rows with the same label and exit "
