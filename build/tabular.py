@@ -45,6 +45,27 @@ class Table:
         return f"{self.path}, {self.places[row]}"
 
 
+def write_columns(path: Path, columns: dict[str, list[Any]]) -> Path:
+    """``columns`` (name -> a value per row) as a CSV, TSV, JSON Lines or Parquet file, by the suffix."""
+    path = Path(path)
+    kind = file_format(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = list(zip(*columns.values()))
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(columns), path)
+    elif kind == "jsonl":
+        path.write_text("".join(json.dumps(dict(zip(columns, row))) + "\n" for row in rows), encoding="utf-8")
+    else:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, delimiter="\t" if kind == "tsv" else ",")
+            writer.writerow(columns)
+            writer.writerows(rows)
+    return path
+
+
 def file_format(path: Path) -> str:
     """``csv``, ``tsv``, ``jsonl`` or ``parquet``, from the file name's suffix."""
     suffix = path.suffix.lower()

@@ -157,11 +157,9 @@ def _attach_and_export(
         stage="features", data=record, model=checkpoint, max_length=settings.max_length,
         fractions=settings.fractions, seed=settings.seed, train_rows=train_rows,
     )  # fmt: skip
-    started = time.perf_counter()
-    pooled, final_logits = _training_features(
+    pooled, final_logits, timings["features_seconds"] = _training_features(
         out_dir, model, train_ids, train_mask, features_key, cache, progress
     )
-    timings["features_seconds"] = round(time.perf_counter() - started, 1)
 
     started = time.perf_counter()
     losses = []
@@ -237,16 +235,19 @@ def _training_features(
     key: str,
     cache: CachedBuild,
     progress: bool,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Pooled hidden states after every block (N, blocks, H) and the final head's logits (N, C) of the
-    training rows: from the previous build's stage where its key is this one, else one encoder pass."""
+    training rows, and the seconds the encoder pass took: from the previous build's stage where its key
+    is this one, else one encoder pass."""
     path = out_dir / FEATURES_FILE
-    if cache.previous.get("stages", {}).get("features") == key and path.exists():
+    previous = cache.previous
+    if previous.get("stages", {}).get("features") == key and path.exists():
         with np.load(path) as saved:
-            return saved["pooled"], saved["final_logits"]
+            return saved["pooled"], saved["final_logits"], previous.get("timings", {}).get("features_seconds")
+    started = time.perf_counter()
     features = pooled_layer_features(model.encoder, ids, mask, progress=progress, final_head=model.heads[-1])
     np.savez(path, pooled=features.pooled, final_logits=features.final_logits)
-    return features.pooled, features.final_logits
+    return features.pooled, features.final_logits, round(time.perf_counter() - started, 1)
 
 
 def distillation_targets(final_logits: np.ndarray, labels: np.ndarray, label_weight: float) -> np.ndarray:

@@ -73,8 +73,9 @@ class EncoderFamily:
 FAMILIES = (
     # BERT (and BERT-shaped encoders such as MiniLM): the pooler (dense + tanh on [CLS]), dropout, classifier.
     EncoderFamily(
-        "BERT", ("bert",), "encoder.layer", lambda m: nn.Sequential(m.base_model.pooler, m.dropout, m.classifier)
-    ),
+        "BERT", ("bert",), "encoder.layer",
+        lambda m: nn.Sequential(m.base_model.pooler, m.dropout, m.classifier),
+    ),  # fmt: skip
     # RoBERTa, XLM-R: dense + tanh + out_proj on <s>, all inside their `classifier` module.
     EncoderFamily(
         "RoBERTa", ("roberta", "xlm-roberta"), "encoder.layer", lambda m: m.classifier,
@@ -301,14 +302,16 @@ class MultiExitEncoder(ExitEncoder):
 class AttachedClassifier(ExitEncoder):
     """A fine-tuned ``*ForSequenceClassification`` model, kept whole and frozen, with a fresh mean-pooling
     head after each exit layer but the last (attach mode). The last exit is the model's own head, so the
-    last exit and the full network compute exactly the checkpoint's logits."""
+    last exit and the full network compute exactly the checkpoint's logits.
+
+    The early heads are linear. Heads with a tanh hidden layer of the model's width (as BERT's pooler),
+    distilled from a fine-tuned MiniLM on TREC, agreed with its head on 1.3 to 1.6 points more of the
+    calibration rows at the first three exits, but their confidence told right from wrong less well:
+    the compute Learn-then-Test certified at 1% disagreement rose from 0.63 to 0.68.
+    """
 
     def __init__(
-        self,
-        classifier: nn.Module,
-        exit_layers: Sequence[int] | None = None,
-        head_dropout: float = 0.1,
-        head_inner: int | None = None,
+        self, classifier: nn.Module, exit_layers: Sequence[int] | None = None, head_dropout: float = 0.1
     ) -> None:
         super().__init__()
         family = encoder_family(classifier.config)
@@ -317,7 +320,7 @@ class AttachedClassifier(ExitEncoder):
         self.classifier = classifier.eval().requires_grad_(False)
         self.num_classes = classifier.config.num_labels
         hidden = classifier.config.hidden_size
-        early = [MeanPoolHead(hidden, self.num_classes, head_dropout, head_inner) for _ in self.exit_layers[:-1]]
+        early = [MeanPoolHead(hidden, self.num_classes, head_dropout) for _ in self.exit_layers[:-1]]
         self.heads = nn.ModuleList([*early, ClassifierHead(family.own_head(classifier))])
 
     @property
@@ -436,12 +439,13 @@ def load_sequence_classifier(path: Path | str) -> nn.Module:
     encoder_family(config)
     if not is_sequence_classifier(config):
         raise UnsupportedModel(
-            f"{path} is not a fine-tuned sequence classifier (architectures: {config.architectures}); attach mode "
-            "needs a *ForSequenceClassification checkpoint, joint mode trains a base encoder"
+            f"{path} is not a fine-tuned sequence classifier (architectures: {config.architectures}); attach "
+            "mode needs a *ForSequenceClassification checkpoint, joint mode trains a base encoder"
         )
     if config.num_labels < 2 or config.problem_type in ("regression", "multi_label_classification"):
         raise UnsupportedModel(
-            f"{path} is a {config.problem_type or 'one-output'} model; offramp serves single-label classifiers"
+            f"{path} is a {config.problem_type or 'one-output'} model; offramp serves single-label "
+            "classifiers"
         )
     return AutoModelForSequenceClassification.from_pretrained(
         str(path), local_files_only=True, attn_implementation="eager"
@@ -485,7 +489,7 @@ def save_tokenizer(model_path: Path | str, out_dir: Path, max_length: int) -> Pa
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"{model_path}: no tokenizer could be loaded ({error})") from None
     if not tokenizer.is_fast:
-        raise UnsupportedModel(f"{model_path}: its tokenizer has no tokenizer.json (a fast tokenizer is needed)")
+        raise UnsupportedModel(f"{model_path}: its tokenizer has no tokenizer.json (a fast one is needed)")
     tokenizer.save_pretrained(str(folder))
     backend = configured_tokenizer(tokenizer.backend_tokenizer, max_length, tokenizer.pad_token)
     backend.save(str(folder / TOKENIZER_FILE))

@@ -17,14 +17,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def config_of(text: str, tmp_path: Path, flags: list[str] = ()):
     """The BuildConfig ``offramp build --config FILE [flags]`` would build."""
+    from offramp.client.cli.build import config_of
+
     path = tmp_path / "reviews.toml"
     path.write_text(text)
-    args = parser().parse_args(["build", "--config", str(path), *flags])
-    from offramp.client.cli.options import config_from_args
-
-    values = load_build_config(path)
-    sections = {s: config_from_args(t, args, values.get(s, {}), prefix=f"{s}.") for s, t in SECTIONS.items()}
-    return build_config(values, sections, args.name, args.out)
+    return config_of(parser().parse_args(["build", "--config", str(path), *flags]))
 
 
 TEXT_CONFIG = """

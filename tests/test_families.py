@@ -13,6 +13,7 @@ import torch
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.calibrate import exit_logits_from_onnx
+from offramp.build.tabular import write_columns
 from offramp.build.text_attach import load_attached_classifier
 from offramp.build.transformer import (
     AttachedClassifier,
@@ -31,7 +32,6 @@ from tests.tiny_text import (
     corpus,
     tiny_classifier_config,
     tiny_classifier_folder,
-    write_table,
 )
 
 # float32 through PyTorch's and ONNX Runtime's kernels on logits of magnitude ~1: measured below 1e-7.
@@ -55,7 +55,7 @@ def built(tmp_path_factory) -> dict[str, tuple[ModelArtifacts, Path, Path]]:
     """Per family: (artifacts, artifacts folder, checkpoint folder), built by the command line."""
     root = tmp_path_factory.mktemp("families")
     texts, labels = corpus(240)
-    train = write_table(root / "train.csv", {"text": texts, "label": labels})
+    train = write_columns(root / "train.csv", {"text": texts, "label": labels})
     builds = {}
     for model_type in FAMILY_TYPES:
         checkpoint = tiny_classifier_folder(root / f"{model_type}_checkpoint", model_type)
@@ -101,6 +101,25 @@ def test_a_rebuild_with_the_same_settings_is_the_cached_build(built, monkeypatch
     assert main(argv) == 0
     assert ModelArtifacts.load(directory).fingerprint == artifacts.fingerprint
     assert "agreement with the final head" in capsys.readouterr().out
+
+
+def test_a_changed_head_setting_reuses_the_encoder_pass(built, tmp_path, monkeypatch):
+    """Other head epochs: a new build, but the frozen encoder's features of the training rows are the
+    stage the previous build left, not computed again."""
+    import shutil
+
+    from offramp.build import text_attach
+
+    artifacts, directory, checkpoint = built["electra"]
+    shutil.copytree(directory, tmp_path / "copy")
+    monkeypatch.setattr(text_attach, "pooled_layer_features", lambda *a, **k: pytest.fail("encoder again"))
+    argv = ["build", "--model", str(checkpoint), "--train", str(directory.parent / "train.csv"),
+            "--out", str(tmp_path / "copy"), "--name", "tiny_electra", "--max-length", "32", "--epochs", "5",
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    again = ModelArtifacts.load(tmp_path / "copy")
+    assert again.build["key"] != artifacts.build["key"] and again.build["settings"]["epochs"] == 5
+    assert again.build["timings"]["features_seconds"] == artifacts.build["timings"]["features_seconds"]
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
@@ -165,3 +184,44 @@ def served_families(built, tmp_path_factory, running_server, execution_env):
         write_repository(artifacts, directory, policies[model_type], repository, options)
     with running_server(repository) as server:
         yield server, built, policies
+
+
+def test_attach_mode_trains_on_unlabelled_text(built, tmp_path):
+    """Attach mode needs no labels to train: the exit heads learn the final head's answers. Only the
+    calibration and test rows, which judge the exits, need labels."""
+    from offramp.build.text_attach import AttachSettings, build_attached_classifier
+    from offramp.build.text_data import TextSource
+
+    _, directory, checkpoint = built["distilbert"]
+    texts, labels = corpus(240, seed=3)
+    unlabelled = write_columns(tmp_path / "unlabelled.jsonl", {"text": texts})
+    held_out_texts, held_out_labels = corpus(90, seed=11)
+    labelled = write_columns(tmp_path / "held_out.csv", {"text": held_out_texts, "label": held_out_labels})
+    source = TextSource(train=unlabelled, calibration=labelled, test=labelled)
+    settings = AttachSettings(max_length=32, fractions=source.split_fractions(0.15, 0.15))
+    artifacts = build_attached_classifier(tmp_path / "out", source, checkpoint, name="u", settings=settings)
+    assert artifacts.build["labelled_train_rows"] == 0 and artifacts.build["train_rows"] == 240
+    assert min(artifacts.build["exit_test_agreement"]) > 0.5
+
+
+def test_calibration_rows_come_from_files_like_the_builds(built, tmp_path):
+    """`offramp calibrate --data FILE` for a text model: its text and label columns (names or indices), an
+    optional cohort column, tokenized by the build's own tokenizer; an unknown label names its row."""
+    from offramp.build.calibrate import data_file_rows, held_out_data
+    from offramp.build.text_data import TextDataError
+
+    artifacts, directory, _ = built["roberta"]
+    texts, labels = corpus(30, seed=4)
+    # Labels as names and as indices, mixed.
+    mixed = [label if row % 2 else CLASSES.index(label) for row, label in enumerate(labels)]
+    path = write_columns(tmp_path / "rows.jsonl", {"text": texts, "label": mixed, "cohort": ["a", "b"] * 15})
+    data = data_file_rows(artifacts, directory, path)
+    assert data.labels.tolist() == [CLASSES.index(label) for label in labels]
+    assert data.cohorts.tolist() == ["a", "b"] * 15
+    ids, mask = encode_texts(load_tokenizer(directory), texts)
+    np.testing.assert_array_equal(data.inputs["INPUT_IDS"], ids)
+    held_out = held_out_data(artifacts, directory, "test")  # the build's own test rows, read again
+    assert len(held_out.labels) == artifacts.build["split_sizes"]["test"]
+    bad = write_columns(tmp_path / "bad.csv", {"text": ["rain"], "label": ["news"]})
+    with pytest.raises(TextDataError, match=r"bad.csv, line 2: label 'news' is not one of the model's"):
+        data_file_rows(artifacts, directory, bad)

@@ -86,12 +86,23 @@ def test_a_bad_request_fails_alone_and_its_neighbours_are_answered_as_if_alone(o
             np.testing.assert_array_equal(answer[name], alone[name], err_msg=name)
 
 
-def test_every_answer_names_its_label(orchestrator):
-    """LABEL_NAME is the class name of LABEL, UTF-8 bytes; empty where no label could be given (-1)."""
+def test_every_answer_and_audit_record_names_its_label(orchestrator, tmp_path):
+    """LABEL_NAME is the class name of LABEL, UTF-8 bytes; empty where no label could be given (-1).
+    The audit records carry the name too."""
+    from offramp.backend.audit import AuditConfig, AuditLog, read_audit
+
     net = FakeNetwork()
-    answer = orchestrator.execute([FakeRequest({"X": net.inputs(12)["X"]})], net.run_segment, net.run_model)[0]
+    orchestrator.audit = AuditLog(AuditConfig(tmp_path / "audit.jsonl"))
+    try:
+        request = FakeRequest({"X": net.inputs(12)["X"]})
+        answer = orchestrator.execute([request], net.run_segment, net.run_model)[0]
+    finally:
+        orchestrator.audit.close()
+        orchestrator.audit = None
     assert answer["LABEL_NAME"].dtype == np.object_ and len(set(answer["LABEL"].tolist())) > 1
     assert answer["LABEL_NAME"].tolist() == [SPEC.class_names[label].encode() for label in answer["LABEL"]]
+    records = list(read_audit([tmp_path / "audit.jsonl"]))
+    assert len(records) == 12 and [r["label_name"] for r in records] == [SPEC.class_names[r["label"]] for r in records]
     assert label_names(np.array([2, -1, 0]), ("a", "b", "ç")).tolist() == [b"\xc3\xa7", b"", b"a"]
 
 

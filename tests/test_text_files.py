@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 from offramp.build.build_cache import staged_build
-from offramp.build.tabular import DataFileError, read_columns
+from offramp.build.tabular import DataFileError, read_columns, write_columns
 from offramp.build.text_data import (
     TextDataError,
     TextDataset,
@@ -19,7 +19,7 @@ from offramp.build.text_data import (
 )
 from offramp.client.cli.main import main
 
-from tests.tiny_text import CLASSES, corpus, tiny_classifier_folder, write_table
+from tests.tiny_text import CLASSES, corpus, tiny_classifier_folder
 
 FRACTIONS = (0.7, 0.15, 0.15)
 
@@ -27,7 +27,7 @@ FRACTIONS = (0.7, 0.15, 0.15)
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
 def test_the_three_formats_give_the_same_rows(tmp_path, suffix):
     texts, labels = corpus(30)
-    path = write_table(tmp_path / f"train{suffix}", {"review": texts, "y": labels})
+    path = write_columns(tmp_path / f"train{suffix}", {"review": texts, "y": labels})
     data = TextSource(train=path, text_column="review", label_column="y").splits(FRACTIONS, seed=0)
     everything = [*data.train.texts, *data.calibration.texts, *data.test.texts]
     assert sorted(everything) == sorted(texts) and data.train.class_names == tuple(sorted(CLASSES))
@@ -38,7 +38,7 @@ def test_the_three_formats_give_the_same_rows(tmp_path, suffix):
 def test_integer_labels_are_classes_in_numeric_order(tmp_path):
     texts, _ = corpus(40)
     labels = [i % 11 for i in range(40)]  # 0..10: numeric order puts 10 after 9, not after 1
-    path = write_table(tmp_path / "train.jsonl", {"text": texts, "label": labels})
+    path = write_columns(tmp_path / "train.jsonl", {"text": texts, "label": labels})
     splits = TextSource(train=path).splits((None, 0, 0), seed=0)
     assert splits.train.class_names == tuple(str(i) for i in range(11))
     assert [splits.train.class_names[i] for i in splits.train.labels[:3]] == [
@@ -49,7 +49,7 @@ def test_integer_labels_are_classes_in_numeric_order(tmp_path):
 def test_missing_file_and_column_are_named(tmp_path):
     with pytest.raises(DataFileError, match="no such file"):
         read_columns(tmp_path / "absent.csv", ["text"])
-    path = write_table(tmp_path / "t.csv", {"sentence": ["a b"], "label": ["x"]})
+    path = write_columns(tmp_path / "t.csv", {"sentence": ["a b"], "label": ["x"]})
     with pytest.raises(DataFileError, match=r"t.csv: no column 'text'; its columns are 'sentence', 'label'"):
         TextSource(train=path).splits(FRACTIONS, seed=0)
     (tmp_path / "t.xlsx").write_bytes(b"PK")
@@ -62,10 +62,10 @@ def test_non_utf8_and_empty_text_name_their_line(tmp_path):
     broken.write_bytes(b"text,label\nfine,a\ncaf\xe9 au lait,b\n")
     with pytest.raises(DataFileError, match=r"broken.csv, line 3: not valid UTF-8"):
         TextSource(train=broken).splits(FRACTIONS, seed=0)
-    empty = write_table(tmp_path / "empty.jsonl", {"text": ["fine", "   "], "label": ["a", "b"]})
+    empty = write_columns(tmp_path / "empty.jsonl", {"text": ["fine", "   "], "label": ["a", "b"]})
     with pytest.raises(TextDataError, match=r"empty.jsonl, line 2: empty text in column 'text'"):
         TextSource(train=empty).splits(FRACTIONS, seed=0)
-    unlabelled = write_table(tmp_path / "nolabel.parquet", {"text": ["fine", "also"], "label": ["a", None]})
+    unlabelled = write_columns(tmp_path / "nolabel.parquet", {"text": ["fine", "also"], "label": ["a", None]})
     with pytest.raises(TextDataError, match=r"nolabel.parquet, row 2: no usable label"):
         TextSource(train=unlabelled).splits(FRACTIONS, seed=0)
     bad_json = tmp_path / "bad.jsonl"
@@ -76,13 +76,13 @@ def test_non_utf8_and_empty_text_name_their_line(tmp_path):
 
 def test_a_held_out_label_training_never_saw_is_named(tmp_path):
     texts, labels = corpus(60)
-    train = write_table(tmp_path / "train.csv", {"text": texts, "label": labels})
+    train = write_columns(tmp_path / "train.csv", {"text": texts, "label": labels})
     held_out = {"text": ["snow and rain", "a new thing"], "label": ["weather", "news"]}
-    test = write_table(tmp_path / "test.csv", held_out)
+    test = write_columns(tmp_path / "test.csv", held_out)
     with pytest.raises(TextDataError, match=r"test.csv, line 3: label 'news' never occurs in the training"):
         TextSource(train=train, test=test).splits(FRACTIONS, seed=0)
     # Attach mode: the labels are the model's, whatever the training file holds (here, none at all).
-    unlabelled = write_table(tmp_path / "unlabelled.csv", {"text": texts})
+    unlabelled = write_columns(tmp_path / "unlabelled.csv", {"text": texts})
     splits = TextSource(train=unlabelled, calibration=train, test=train).splits((1.0, 0.0, 0.0), 0, CLASSES)
     assert not splits.train.labelled and splits.test.labelled
     with pytest.raises(TextDataError, match="is not one of the model's labels"):
@@ -130,9 +130,9 @@ def test_build_errors_come_before_training_and_leave_no_folder(tmp_path, capsys)
     """`offramp build` on imperfect data: exit status 2, one line naming the problem, no output folder."""
     model = tiny_classifier_folder(tmp_path / "model", "bert", layers=2)
     texts, labels = corpus(60)
-    train = write_table(tmp_path / "train.csv", {"text": texts, "label": labels})
+    train = write_columns(tmp_path / "train.csv", {"text": texts, "label": labels})
     cases = {
-        "unseen label": (["--test", str(write_table(tmp_path / "t.csv", {"text": ["x"], "label": ["news"]}))],
+        "unseen label": (["--test", str(write_columns(tmp_path / "t.csv", {"text": ["x"], "label": ["news"]}))],
                          "label 'news' is not one of the model's labels"),
         "missing column": (["--text-column", "review"], "no column 'review'"),
         "missing file": (["--calibration", str(tmp_path / "absent.csv")], "absent.csv: no such file"),

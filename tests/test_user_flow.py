@@ -17,9 +17,10 @@ from offramp.backend.image import encode_png
 from offramp.backend.policy import Policy
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.resnet import resnet
+from offramp.build.tabular import write_columns
 from offramp.client.cli.main import main
 
-from tests.tiny_text import CLASSES, corpus, tiny_classifier_folder, write_table
+from tests.tiny_text import CLASSES, corpus, tiny_classifier_folder
 from tests.torchvision_reference import seeded_state_dict
 
 pytestmark = pytest.mark.integration
@@ -51,8 +52,8 @@ def user_files(tmp_path_factory, fashion_test) -> dict[str, Path]:
     test_texts, test_labels = corpus(60, seed=9)
     files = {
         "text_model": tiny_classifier_folder(root / "topic-bert", "bert"),
-        "text_train": write_table(root / "train.csv", {"sentence": texts, "topic": labels}),
-        "text_test": write_table(root / "test.jsonl", {"sentence": test_texts, "topic": test_labels}),
+        "text_train": write_columns(root / "train.csv", {"sentence": texts, "topic": labels}),
+        "text_test": write_columns(root / "test.jsonl", {"sentence": test_texts, "topic": test_labels}),
     }
     images, image_labels = fashion_test
     for part, rows in (("train", range(0, 240)), ("test", range(240, 300))):

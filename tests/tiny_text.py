@@ -5,7 +5,6 @@ three-class corpus written as CSV, JSON Lines or Parquet."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -36,28 +35,6 @@ def corpus(rows: int, seed: int = 0) -> tuple[list[str], list[str]]:
         texts.append(" ".join(words))
         labels.append(label)
     return texts, labels
-
-
-def write_table(path: Path, columns: dict[str, list]) -> Path:
-    """``columns`` as a CSV, JSON Lines or Parquet file, by ``path``'s suffix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(columns)
-    rows = list(zip(*columns.values()))
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.table(columns), path)
-    elif path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(dict(zip(names, row))) + "\n" for row in rows))
-    else:
-        import csv
-
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(names)
-            writer.writerows(rows)
-    return path
 
 
 def save_word_tokenizer(directory: Path, model_max_length: int = 64) -> None:

@@ -12,6 +12,7 @@ from offramp.client.cli.subcommand import Subcommand
 
 if TYPE_CHECKING:
     from offramp.build.artifacts import ModelArtifacts
+    from offramp.build.build_config import BuildConfig
 
 # The three recipes of the repository as configs; without --config or a model, the first is built.
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -42,31 +43,33 @@ class BuildCommand(Subcommand):
             add_config_options(group, section_type, prefix=f"{section}.")
 
     def run(self, args: argparse.Namespace) -> int:
-        from offramp.build.build_config import SECTIONS, build_config, load_build_config
         from offramp.build.model_build import build_model, user_errors
 
-        config_file = args.config
-        if (
-            config_file is None
-            and getattr(args, "model.path") is None
-            and getattr(args, "model.architecture") is None
-        ):
-            config_file = DEFAULT_CONFIG
         try:
-            file_values = load_build_config(config_file) if config_file else {}
-            sections = {
-                section: config_from_args(
-                    section_type, args, file_values.get(section, {}), prefix=f"{section}."
-                )
-                for section, section_type in SECTIONS.items()
-            }
-            config = build_config(file_values, sections, args.name, args.out)
+            config = config_of(args)
             artifacts = build_model(config, progress=not args.quiet)
         except user_errors() as error:
             print(f"offramp build: error: {error}", file=sys.stderr)
             return 2
         print_summary(artifacts, config.out)
         return 0
+
+
+def config_of(args: argparse.Namespace) -> BuildConfig:
+    """The checked configuration of ``offramp build ARGS``: the config file's values (the default
+    example without a file or a model), the flags laid over them."""
+    from offramp.build.build_config import SECTIONS, build_config, load_build_config
+
+    config_file = args.config
+    model_given = getattr(args, "model.path") is not None or getattr(args, "model.architecture") is not None
+    if config_file is None and not model_given:
+        config_file = DEFAULT_CONFIG
+    file_values = load_build_config(config_file) if config_file else {}
+    sections = {
+        section: config_from_args(section_type, args, file_values.get(section, {}), prefix=f"{section}.")
+        for section, section_type in SECTIONS.items()
+    }
+    return build_config(file_values, sections, args.name, args.out)
 
 
 def print_summary(artifacts: ModelArtifacts, out: Path) -> None:
