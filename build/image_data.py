@@ -341,6 +341,11 @@ def _minimum_per_group(shares: dict[str, float]) -> int:
 def _derived_spec(source: _Source, positions: np.ndarray, image_size: int | None) -> ImageSpec:
     """Channels and size from the training images' headers; mean and std are measured later."""
     headers = {source.header(int(i)) for i in positions} - {None}
+    if not headers:
+        raise ImageDataError(
+            f"train data {source.path}: none of its {len(positions)} training images is a readable JPEG or "
+            f"PNG (the first: {source.describe(int(positions[0]))})"
+        )
     modes, sizes = {mode for mode, _ in headers}, {size for _, size in headers}
     channels = 1 if modes <= set(GRAYSCALE_MODES) else 3
     if image_size is None:

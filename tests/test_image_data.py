@@ -186,6 +186,17 @@ def test_every_undecodable_image_is_named(folder):
     assert str(folder / "bag" / "broken.png") in message and str(folder / "coat" / "notes.jpg") in message
 
 
+def test_training_data_without_one_readable_image(tmp_path):
+    root = tmp_path / "broken"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for row in range(10):
+            (root / name / f"{row}.png").write_bytes(b"not a png")
+    message = error_of(root, None, None, FRACTIONS, 0, None)
+    assert "none of its 12 training images is a readable JPEG or PNG" in message
+    assert str(root / "a") in message
+
+
 def test_images_of_several_sizes_need_an_image_size(tmp_path):
     root = write_folder(tmp_path / "mixed", {"a": 10})
     write_folder(root, {"b": 10}, height=12, width=14)
