@@ -32,7 +32,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -413,11 +413,33 @@ def import_checkpoint(
     return artifacts, out_dir
 
 
-def with_build_record(artifacts: DecoderArtifacts, directory: Path, **record: Any) -> DecoderArtifacts:
-    """The artifacts with ``record`` merged into their build record, saved."""
-    updated = replace(artifacts, build={**artifacts.build, **record})
-    updated.save(directory)
-    return updated
+def tiny_random_checkpoint(folder: Path, family: str, tokenizer, seed: int = 0, context: int = 128) -> Path:
+    """A random Llama (4 layers, width 64, grouped-query attention) or GPT-2 (4 layers, width 64) saved
+    as a Hugging Face folder with ``tokenizer.json``: a stand-in for a user's checkpoint, for tests and
+    quick pipeline checks. The late layers are scaled so that early exits
+    agree with the last one often but not always (damped in the Llama; amplified in the GPT-2, whose
+    random blocks barely move its embeddings)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    end = tokenizer.token_to_id("<|endoftext|>")
+    if family == "llama":
+        config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                             bos_token_id=end, eos_token_id=end, tie_word_embeddings=False)  # fmt: skip
+        model, late, factor = LlamaForCausalLM(config), ("self_attn.o_proj", "mlp.down_proj"), 0.3
+    else:
+        config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_embd=64, n_layer=4, n_head=4, n_positions=context,
+                            bos_token_id=end, eos_token_id=end)  # fmt: skip
+        model, late, factor = GPT2LMHeadModel(config), ("attn.c_proj", "mlp.c_proj"), 10.0
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(f".{i}.{part}.weight" in name for i in (2, 3) for part in late):
+                parameter.mul_(factor)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
 
 
 # --- The report ---------------------------------------------------------------------------------------

@@ -49,16 +49,13 @@ class Completion:
         firsts = [t for t, n in zip(self.arrivals, self.arrival_tokens) if n]
         return firsts[0] - self.sent_at if firsts else None
 
-    def token_gaps(self) -> list[float]:
-        """Seconds per token after the first: each response's wait spread over the tokens it brought."""
-        gaps, previous = [], None
-        for arrived, count in zip(self.arrivals, self.arrival_tokens):
-            if not count:
-                continue
-            if previous is not None:
-                gaps += [(arrived - previous) / count] * count
-            previous = arrived
-        return gaps
+    @property
+    def time_per_token(self) -> float | None:
+        """Seconds per token after the first: from the first token's arrival to the last's, over the
+        tokens between (responses may arrive in bursts; their spread over the whole completion does not)."""
+        arrived = [t for t, n in zip(self.arrivals, self.arrival_tokens) if n]
+        later = sum(self.arrival_tokens) - next((n for n in self.arrival_tokens if n), 0)
+        return (arrived[-1] - arrived[0]) / later if later else None
 
     def _take(self, outputs: Mapping[str, np.ndarray], final: bool, arrived: float) -> None:
         attempt = int(outputs["ATTEMPT"][0]) + 1

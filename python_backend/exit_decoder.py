@@ -223,22 +223,36 @@ class KVCache:
         self.keys[:, target] = self.keys[:, source]
         self.values[:, target] = self.values[:, source]
 
-    def write(self, layer: int, first_slot: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store ``keys``/``values`` (n, q, Hkv, D) of rows in slots ``first_slot + i`` at ``positions`` (n, q)."""
-        n, q = positions.shape
-        spec = self.spec
-        slots = torch.arange(first_slot, first_slot + n).view(n, 1, 1)
-        heads = torch.arange(spec.kv_heads).view(1, 1, -1)
-        index = ((slots * spec.kv_heads + heads) * spec.context + positions.view(n, q, 1)).reshape(-1)  # (n q Hkv,)
-        self.keys[layer].view(-1, spec.head_dim).index_copy_(0, index, keys.reshape(-1, spec.head_dim))
-        self.values[layer].view(-1, spec.head_dim).index_copy_(0, index, values.reshape(-1, spec.head_dim))
+    def write(self, layer: int, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``keys``/``values`` (n, q, Hkv, D) at ``index`` (a :class:`Placement`'s ``cache_index``)."""
+        d = self.spec.head_dim
+        self.keys[layer].view(-1, d).index_copy_(0, index, keys.reshape(-1, d))
+        self.values[layer].view(-1, d).index_copy_(0, index, values.reshape(-1, d))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the tokens of one forward pass go, and what every layer derives from that (once per pass):
+    rows in slots ``[first_slot, first_slot + n)``, their tokens at (n, q) ``positions``."""
+
+    first_slot: int
+    positions: torch.Tensor  # (n, q)
+    visible: torch.Tensor  # (n, 1, q, C) bool: key position <= query position
+    cache_index: torch.Tensor  # (n q Hkv,) rows of a layer's cache viewed as (S Hkv C, D)
+    cos: torch.Tensor | None  # (n, q, 1, D), Llama's rotary embedding
+    sin: torch.Tensor | None
+
+    @property
+    def rows(self) -> int:
+        return self.positions.shape[0]
 
 
 class ExitDecoder:
-    """The forward pass in pieces: embed, a range of layers, an exit's logits, KV fill from an exit state.
+    """The forward pass in pieces: embed, a range of layers, an exit's logits.
 
-    Tensors: n rows, q tokens per row, H hidden. Every call on rows ``[first_slot, first_slot + n)``
-    of a :class:`KVCache`. No gradient is ever needed: load under ``torch.inference_mode``.
+    Tensors: n rows, q tokens per row, H hidden. A pass works on the rows and positions of a
+    :class:`Placement` (``place``) in a :class:`KVCache`. No gradient is ever needed: run it under
+    ``torch.inference_mode``.
     """
 
     def __init__(self, spec: DecoderSpec, tensors: dict[str, torch.Tensor]) -> None:
@@ -278,8 +292,19 @@ class ExitDecoder:
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.spec.family == "llama":
-            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps))
+            return F.rms_norm(x, (x.shape[-1],), weight, self.spec.norm_eps)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.spec.norm_eps)
+
+    def place(self, first_slot: int, positions: torch.Tensor) -> Placement:
+        """The :class:`Placement` of rows in slots ``first_slot + i`` with tokens at (n, q) ``positions``."""
+        spec = self.spec
+        n, q = positions.shape
+        slots = torch.arange(first_slot, first_slot + n).view(n, 1, 1)
+        heads = torch.arange(spec.kv_heads).view(1, 1, -1)
+        index = ((slots * spec.kv_heads + heads) * spec.context + positions.view(n, q, 1)).reshape(-1)
+        visible = torch.arange(spec.context).view(1, 1, 1, -1) <= positions.view(n, 1, q, 1)
+        rotary = (self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)) if spec.family == "llama" else (None, None)
+        return Placement(first_slot, positions, visible, index, *rotary)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(n, q) token ids at (n, q) positions -> (n, q, H)."""
@@ -292,36 +317,28 @@ class ExitDecoder:
         """(..., H) hidden states after some layer -> (..., V) logits of the shared head."""
         return F.linear(self._norm(hidden, self.final_norm, self.final_norm_bias), self.head)
 
-    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding of (n, q, heads, D) at (n, q) positions (Llama's rotate-half form)."""
-        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # (n, q, 1, D)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
-
-    def _keys_values(self, block: LayerWeights, normed: torch.Tensor, positions: torch.Tensor):
-        """(n, q, H) normed input -> queries (n, q, Hq, D), keys and values (n, q, Hkv, D)."""
-        n, q, _ = normed.shape
-        d = self.spec.head_dim
+    def _queries_keys_values(self, block: LayerWeights, normed: torch.Tensor, placement: Placement):
+        """(n, q, H) normed input -> queries (n, q, Hq, D), keys and values (n, q, Hkv, D); rotary
+        embedding (Llama's rotate-half form) on queries and keys at once (they lie side by side)."""
+        spec = self.spec
         qkv = F.linear(normed, block.qkv, block.qkv_bias)
-        queries = qkv[..., : self.q_width].reshape(n, q, self.spec.heads, d)
-        keys = qkv[..., self.q_width : self.q_width + self.kv_width].reshape(n, q, self.spec.kv_heads, d)
-        values = qkv[..., self.q_width + self.kv_width :].reshape(n, q, self.spec.kv_heads, d)
-        if self.spec.family == "llama":
-            queries, keys = self._rotate(queries, positions), self._rotate(keys, positions)
-        return queries, keys, values
+        width = self.q_width + self.kv_width
+        heads = qkv[..., :width].unflatten(-1, (spec.heads + spec.kv_heads, spec.head_dim))
+        if placement.cos is not None:
+            half = spec.head_dim // 2
+            heads = heads * placement.cos + torch.cat([-heads[..., half:], heads[..., :half]], dim=-1) * placement.sin
+        values = qkv[..., width:].unflatten(-1, (spec.kv_heads, spec.head_dim))
+        return heads[:, :, : spec.heads], heads[:, :, spec.heads :], values
 
-    def _attend(self, layer: int, queries: torch.Tensor, cache: KVCache, first_slot: int, positions: torch.Tensor):
+    def _attend(self, layer: int, queries: torch.Tensor, cache: KVCache, placement: Placement) -> torch.Tensor:
         """(n, q, Hq, D) queries over all C positions of their rows' cache, keys up to each query's
         position -> (n, q, Hq D)."""
-        n, q = positions.shape
-        keys = cache.keys[layer, first_slot : first_slot + n]  # (n, Hkv, C, D), a view
-        values = cache.values[layer, first_slot : first_slot + n]
-        visible = torch.arange(self.spec.context).view(1, 1, 1, -1) <= positions.view(n, 1, q, 1)  # (n, 1, q, C)
+        n, q = placement.positions.shape
+        rows = slice(placement.first_slot, placement.first_slot + n)
         out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2), keys, values, attn_mask=visible,
+            queries.transpose(1, 2), cache.keys[layer, rows], cache.values[layer, rows], attn_mask=placement.visible,
             enable_gqa=self.spec.kv_heads != self.spec.heads,
-        )  # (n, Hq, q, D)  # fmt: skip
+        )  # (n, Hq, q, D); the cache slices are views  # fmt: skip
         return out.transpose(1, 2).reshape(n, q, self.q_width)
 
     def _mlp(self, block: LayerWeights, x: torch.Tensor) -> torch.Tensor:
@@ -334,15 +351,9 @@ class ExitDecoder:
         return F.linear(inner, block.down, block.down_bias)
 
     def layer(
-        self,
-        index: int,
-        hidden: torch.Tensor,
-        cache: KVCache,
-        first_slot: int,
-        positions: torch.Tensor,
-        moving: torch.Tensor | None = None,
+        self, index: int, hidden: torch.Tensor, cache: KVCache, placement: Placement, moving: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Layer ``index`` on (n, q, H) ``hidden`` of rows in slots ``first_slot + i`` at (n, q) positions.
+        """Layer ``index`` on (n, q, H) ``hidden`` of the rows and positions of ``placement``.
 
         Every row's key and value are computed and stored. ``moving`` (indices into the n rows)
         restricts the rest of the layer to those rows; the others keep their hidden state (rows that
@@ -350,12 +361,11 @@ class ExitDecoder:
         CALM's propagation). An empty ``moving`` stores keys and values only. Returns the new hidden.
         """
         block = self.blocks[index]
-        normed = self._norm(hidden, block.norm1, block.norm1_bias)
-        queries, keys, values = self._keys_values(block, normed, positions)
-        cache.write(index, first_slot, positions, keys, values)
+        queries, keys, values = self._queries_keys_values(block, self._norm(hidden, block.norm1, block.norm1_bias), placement)
+        cache.write(index, placement.cache_index, keys, values)
         if moving is not None and moving.numel() == 0:
             return hidden
-        attended = self._attend(index, queries, cache, first_slot, positions)
+        attended = self._attend(index, queries, cache, placement)
         if moving is None:
             hidden = hidden + F.linear(attended, block.out, block.out_bias)
             return hidden + self._mlp(block, hidden)
@@ -365,12 +375,10 @@ class ExitDecoder:
         hidden[moving] = moved
         return hidden
 
-    def layers(
-        self, first: int, stop: int, hidden: torch.Tensor, cache: KVCache, first_slot: int, positions: torch.Tensor
-    ) -> torch.Tensor:
+    def layers(self, first: int, stop: int, hidden: torch.Tensor, cache: KVCache, placement: Placement) -> torch.Tensor:
         """Layers ``[first, stop)`` on every row."""
         for index in range(first, stop):
-            hidden = self.layer(index, hidden, cache, first_slot, positions)
+            hidden = self.layer(index, hidden, cache, placement)
         return hidden
 
     def exit_cost(self, exit_index: int) -> float:

@@ -7,12 +7,13 @@ cache layout and why rows are batch-invariant):
 - ``self_speculative`` (LayerSkip's self-speculation, at batch > 1): each row drafts ``d`` tokens
   with the first ``E`` layers and the shared head (the keys and values those passes store in layers
   ``< E`` are the ones the full model would store), then one verify pass runs layers ``E..L-1`` on the
-  ``d + 1`` layer-``E`` states saved by the drafts (the pending token and the ``d`` drafts) and reads
-  the full model's prediction after each. A row accepts its longest prefix of drafts that agree,
-  plus the full model's own next token, so each verify pass commits 1 to ``d + 1`` tokens per row,
-  each row its own count. The committed tokens are the full model's greedy tokens, bitwise: every
-  number the verify pass reads is the number a ``full`` step would have computed. Keys and values
-  stored for rejected drafts lie past the row's new length, masked until overwritten.
+  ``d`` layer-``E`` states the draft passes saved (the pending token and the first ``d - 1`` drafts)
+  and reads the full model's next token after each, which checks all ``d`` drafts. A row accepts its
+  longest prefix of drafts that agree and, where one disagrees, the full model's token instead, so a
+  verify pass commits 1 to ``d`` tokens per row, each row its own count. The committed tokens are the
+  full model's greedy tokens, bitwise: every number the verify pass reads is the number a ``full``
+  step would have computed. Keys and values stored for rejected drafts lie past the row's new
+  length, masked until overwritten.
 - ``confident`` (CALM, Schuster et al. 2022): each token leaves at the first exit whose max-prob
   passes that exit's threshold (thresholds certified by Learn-then-Test, see
   ``offramp.build.generation_calibrate``); the last exit always answers. A row that left stops moving
@@ -134,7 +135,8 @@ class RowGroup:
         for i, row in enumerate(rows):
             tokens[i, : len(row.prompt)] = torch.tensor(row.prompt)
         positions = torch.arange(longest).expand(len(rows), longest)
-        hidden = decoder.layers(0, decoder.spec.layers, decoder.embed(tokens, positions), self.cache, first, positions)
+        placement = decoder.place(first, positions)
+        hidden = decoder.layers(0, decoder.spec.layers, decoder.embed(tokens, positions), self.cache, placement)
         last = torch.tensor([len(r.prompt) - 1 for r in rows])
         logits = decoder.exit_logits(hidden[torch.arange(len(rows)), last])  # (n, V)
         for row in rows:
@@ -158,7 +160,8 @@ class FullGroup(RowGroup):
     def step(self) -> list[tuple[Row, list[int], list[int]]]:
         decoder = self.decoder
         positions = self._positions()
-        hidden = decoder.layers(0, decoder.spec.layers, decoder.embed(self._pending(), positions), self.cache, 0, positions)
+        embedded = decoder.embed(self._pending(), positions)
+        hidden = decoder.layers(0, decoder.spec.layers, embedded, self.cache, decoder.place(0, positions))
         tokens = decoder.exit_logits(hidden[:, 0]).argmax(dim=-1).tolist()
         last_exit = len(decoder.spec.exit_layers) - 1
         for row in self.rows:
@@ -168,11 +171,10 @@ class FullGroup(RowGroup):
 
 @dataclass(frozen=True)
 class Verification:
-    """One step of the self-speculative group: rows verified, drafts per row, drafts accepted in all."""
+    """One step of the self-speculative group: drafts per row, and each row's accepted drafts."""
 
-    rows: int
     draft_length: int
-    accepted: int
+    accepted: tuple[int, ...]  # per row verified
 
 
 class SpeculativeGroup(RowGroup):
@@ -191,34 +193,36 @@ class SpeculativeGroup(RowGroup):
     def step(self) -> list[tuple[Row, list[int], list[int]]]:
         decoder = self.decoder
         spec = decoder.spec
-        # Drafts must fit every row's budget (tokens still allowed) and context: one token is the full
-        # model's own, so a row allowed k more tokens takes at most k - 1 drafts.
-        room = min(_allowed(row, spec.context) for row in self.rows)
-        drafts_wanted = max(0, min(self.draft_length, room - 1))
+        # d draft passes run the pending token and the first d - 1 drafts through the first E layers,
+        # each proposing the next token; the verify pass runs the other layers on those d saved states
+        # and reads the full model's token after each, which checks the d drafts. A row commits its
+        # agreeing drafts and, at its first disagreement, the full model's own token instead. (The
+        # last draft is checked without being run: when every draft agrees it becomes the pending
+        # token, so no pass is spent storing its keys.) Drafts never exceed a row's allowance, since
+        # a row commits at most d tokens.
+        drafts_wanted = max(1, min(self.draft_length, min(_allowed(row, spec.context) for row in self.rows)))
         start = self._positions()  # (B, 1)
         fed = self._pending()  # (B, 1)
         states, drafts = [], []
-        for i in range(drafts_wanted + 1):
+        for i in range(drafts_wanted):
             positions = start + i
-            hidden = decoder.layers(0, self.draft_layer, decoder.embed(fed, positions), self.cache, 0, positions)
+            hidden = decoder.layers(0, self.draft_layer, decoder.embed(fed, positions), self.cache,
+                                    decoder.place(0, positions))  # fmt: skip
             states.append(hidden)  # (B, 1, H): the verify pass starts here
-            if i < drafts_wanted:
-                fed = decoder.exit_logits(hidden[:, 0]).argmax(dim=-1, keepdim=True)  # (B, 1)
-                drafts.append(fed)
-        positions = start + torch.arange(drafts_wanted + 1).view(1, -1)  # (B, d + 1)
-        hidden = decoder.layers(self.draft_layer, spec.layers, torch.cat(states, dim=1), self.cache, 0, positions)
-        verified = decoder.exit_logits(hidden).argmax(dim=-1)  # (B, d + 1): the full model's next tokens
+            fed = decoder.exit_logits(hidden[:, 0]).argmax(dim=-1, keepdim=True)  # (B, 1)
+            drafts.append(fed)
+        positions = start + torch.arange(drafts_wanted).view(1, -1)  # (B, d)
+        hidden = decoder.layers(self.draft_layer, spec.layers, torch.cat(states, dim=1), self.cache,
+                                decoder.place(0, positions))  # fmt: skip
+        verified = decoder.exit_logits(hidden).argmax(dim=-1)  # (B, d): the full model's next tokens
+        drafted = torch.cat(drafts, dim=1)  # (B, d)
+        accepted = torch.cumprod((drafted == verified).int(), dim=1).sum(dim=1).tolist()
+        self.last_pass = Verification(drafts_wanted, tuple(accepted))
         last_exit = len(spec.exit_layers) - 1
-        if drafts_wanted:
-            drafted = torch.cat(drafts, dim=1)  # (B, d)
-            accepted = torch.cumprod((drafted == verified[:, :-1]).int(), dim=1).sum(dim=1).tolist()
-        else:
-            accepted = [0] * len(self.rows)
-        self.last_pass = Verification(len(self.rows), drafts_wanted, sum(accepted))
         committed = []
-        for row, count, candidates in zip(self.rows, accepted, verified.tolist()):
-            tokens = candidates[: count + 1]  # the agreeing drafts equal the verified tokens
-            row.length += count + 1
+        for row, count, proposed, checked in zip(self.rows, accepted, drafted.tolist(), verified.tolist()):
+            tokens = proposed[:count] + ([checked[count]] if count < drafts_wanted else [])
+            row.length += 1 + min(count, drafts_wanted - 1)  # the pending token and the agreeing drafts run
             row.drafted += drafts_wanted
             row.accepted += count
             row.verify_passes += 1
@@ -246,6 +250,7 @@ class ConfidentGroup(RowGroup):
         tokens = torch.zeros(n, dtype=torch.long)
         exits = torch.full((n,), len(spec.exit_layers) - 1, dtype=torch.long)
         moving = torch.arange(n)
+        placement = decoder.place(0, positions)
         hidden = decoder.embed(self._pending(), positions)
         exit_at = {layer: index for index, layer in enumerate(spec.exit_layers[:-1])}
         # Rows past their deadline never go deeper again: once only they are left, the layers they
@@ -254,7 +259,7 @@ class ConfidentGroup(RowGroup):
         for index in range(spec.layers):
             if len(moving) == 0 and all_past_deadline:
                 break
-            hidden = decoder.layer(index, hidden, self.cache, 0, positions, None if len(moving) == n else moving)
+            hidden = decoder.layer(index, hidden, self.cache, placement, None if len(moving) == n else moving)
             exit_index = exit_at.get(index + 1)
             if exit_index is None or len(moving) == 0:
                 continue

@@ -373,10 +373,9 @@ class GenerationService:
         verification = self.engine.last_verification
         if self.telemetry is None or verification is None:
             return
-        self.telemetry.verified(
-            verification.rows * verification.draft_length, verification.accepted, verification.rows,
-            [verification.draft_length] * verification.rows,
-        )
+        rows = len(verification.accepted)
+        self.telemetry.verified(rows * verification.draft_length, sum(verification.accepted), rows,
+                                [verification.draft_length] * rows)  # fmt: skip
 
     def _handle(self, emitted: list[Emitted]) -> None:
         now = self.clock()

@@ -113,12 +113,12 @@ def test_the_decoder_computes_what_transformers_does(family, llama_model, gpt2_m
         expected = module(ids).logits
         positions = torch.arange(20).expand(3, 20)
         cache = KVCache(decoder.spec, 3)
-        hidden = decoder.layers(0, 4, decoder.embed(ids, positions), cache, 0, positions)
+        hidden = decoder.layers(0, 4, decoder.embed(ids, positions), cache, decoder.place(0, positions))
         torch.testing.assert_close(decoder.exit_logits(hidden), expected, atol=1e-5, rtol=1e-5)
         # The early exit reads the shared head after the final norm (as assistant_early_exit does).
         after_two = module(ids, output_hidden_states=True).hidden_states[2]
         final_norm = module.model.norm if family == "llama" else module.transformer.ln_f
-        hidden = decoder.layers(0, 2, decoder.embed(ids, positions), cache, 0, positions)
+        hidden = decoder.layers(0, 2, decoder.embed(ids, positions), cache, decoder.place(0, positions))
         torch.testing.assert_close(decoder.exit_logits(hidden), module.lm_head(final_norm(after_two)), atol=1e-5, rtol=1e-5)
 
 
@@ -129,14 +129,16 @@ def test_a_row_is_bitwise_the_same_alone_batched_in_any_slot_or_chunked(family, 
     with torch.inference_mode():
         whole = KVCache(decoder.spec, 5)
         positions = torch.arange(24).expand(5, 24)
-        reference = decoder.exit_logits(decoder.layers(0, 4, decoder.embed(ids, positions), whole, 0, positions))
+        reference = decoder.exit_logits(
+            decoder.layers(0, 4, decoder.embed(ids, positions), whole, decoder.place(0, positions))
+        )
         # Row 2 alone, in slot 3 of another cache, prefilled with 9 tokens and then one token at a time.
         cache = KVCache(decoder.spec, 4)
         parts = [(0, 9)] + [(t, t + 1) for t in range(9, 24)]
         logits = []
         for start, stop in parts:
             p = torch.arange(start, stop).unsqueeze(0)
-            hidden = decoder.layers(0, 4, decoder.embed(ids[2:3, start:stop], p), cache, 3, p)
+            hidden = decoder.layers(0, 4, decoder.embed(ids[2:3, start:stop], p), cache, decoder.place(3, p))
             logits.append(decoder.exit_logits(hidden))
     assert torch.equal(torch.cat(logits, dim=1)[0], reference[2])
 
@@ -185,7 +187,8 @@ def test_confident_thresholds_decide_the_exit(decoders):
     with torch.inference_mode():
         ids = torch.tensor([r.generated[:8] for r in reference])
         positions = torch.arange(8).expand(len(reference), 8)
-        hidden = decoder.layers(0, 1, decoder.embed(ids, positions), KVCache(decoder.spec, len(reference)), 0, positions)
+        cache = KVCache(decoder.spec, len(reference))
+        hidden = decoder.layers(0, 1, decoder.embed(ids, positions), cache, decoder.place(0, positions))
         median = float(softmax_confidence(decoder.exit_logits(hidden))[0].median())
     middle = [Row(i, list(p), 12, "confident") for i, p in enumerate(texts)]
     decode(decoder, middle, DecodingSettings(1, 3, (median, median)))

@@ -14,11 +14,11 @@ import pytest
 from offramp.backend.generation import ALWAYS, NEVER
 from offramp.backend.generation_contract import FLAG_CHECK_FAILED, FLAG_ESCALATED
 from offramp.backend.generation_policy import GenerationPolicy
-from offramp.build.decoder import import_checkpoint
+from offramp.build.decoder import import_checkpoint, tiny_random_checkpoint
 from offramp.build.generation_repository import write_generator
 from offramp.client.generation_client import GenerationClient
 
-from tests.generation_support import tiny_checkpoint, tiny_tokenizer
+from tests.generation_support import tiny_tokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, running_server, execution_env):
     directory = tmp_path_factory.mktemp("generator")
-    checkpoint = tiny_checkpoint(directory / "checkpoint", "llama", tiny_tokenizer())
+    checkpoint = tiny_random_checkpoint(directory / "checkpoint", "llama", tiny_tokenizer())
     artifacts, artifacts_dir = import_checkpoint(checkpoint, directory / "artifacts", exit_layers=(1, 2, 4))
     policy = GenerationPolicy("served-test", artifacts.fingerprint, 1, 3, (ALWAYS, NEVER))
     write_generator(artifacts_dir, policy, directory / "repository", execution_env=execution_env, name=MODEL)

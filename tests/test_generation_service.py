@@ -23,9 +23,9 @@ from offramp.backend.generation_service import (
     GenerationTelemetry,
     ServiceOptions,
 )
-from offramp.build.decoder import import_checkpoint
+from offramp.build.decoder import import_checkpoint, tiny_random_checkpoint
 
-from tests.generation_support import tiny_checkpoint, tiny_tokenizer
+from tests.generation_support import tiny_tokenizer
 
 reproducible_gemm()  # before this process' first matrix product: MKL fixes its rounding mode there
 
@@ -76,7 +76,7 @@ class DictSink:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_generator")
-    checkpoint = tiny_checkpoint(directory / "checkpoint", "llama", tiny_tokenizer())
+    checkpoint = tiny_random_checkpoint(directory / "checkpoint", "llama", tiny_tokenizer())
     manifest, out = import_checkpoint(checkpoint, directory / "artifacts", exit_layers=(1, 2, 4))
     return manifest, out
 

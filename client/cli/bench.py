@@ -34,4 +34,9 @@ class BenchCommand(Subcommand):
             return 2
         if spike.spike:
             return main_spike(config, spike)
+        if config.workloads == ("generation",):  # the decoder's modes: their own benchmark (offramp generate bench)
+            from offramp.client.tools.generation_bench import GenerationBenchConfig, main_generation_bench
+
+            quick = GenerationBenchConfig.quick_defaults() | {"quick": True} if args.quick else {}
+            return main_generation_bench(GenerationBenchConfig(**quick))
         return main_bench(config, report_only=args.report_only)

@@ -11,6 +11,7 @@ from offramp.client.cli.build import BuildCommand
 from offramp.client.cli.calibrate import CalibrateCommand
 from offramp.client.cli.demo import DemoCommand
 from offramp.client.cli.deploy import DeployCommand
+from offramp.client.cli.generate import GenerateCommand
 from offramp.client.cli.gpu_check import GpuCheckCommand
 from offramp.client.cli.health import HealthCommand
 from offramp.client.cli.infer import InferCommand
@@ -35,6 +36,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     StatsCommand(),
     AuditCommand(),
     DemoCommand(),
+    GenerateCommand(),
     BenchCommand(),
     InputDataCommand(),
     SoakCommand(),

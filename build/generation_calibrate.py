@@ -1,0 +1,310 @@
+"""The generation policy of a decoder: the draft exit and length of ``self_speculative``, from measured
+acceptance and cost, and the ``confident`` thresholds, certified by Learn-then-Test.
+
+Both are measured on next-line completion tasks from the calibration modules (``code_data``:
+functions cut at a random line; complete up to the newline, at most ``max_tokens`` tokens), decoded
+by the serving code itself (``offramp.backend.generation``), batched.
+
+Draft exit and length. Self-speculation with the longest draft considered records, per verify pass,
+how many drafts the full model accepted (a); the first d drafts are the same whatever the draft
+length, so a pass of d drafts would have accepted ``min(a, d)``. Each step's parts
+are timed on this machine at batch 1 and 8: a draft pass (layers up to the exit and the head), the
+pass that stores the last draft's keys (no head), the verify pass (the remaining layers on d + 1
+tokens and the head) and a ``full`` step. The predicted speed-up of (exit, d) at batch b is
+``(1 + E[min(a, d)]) * full(b) / (d * draft(b) + store(b) + verify(d, b))``; the pair with the best
+geometric mean over the two batch sizes is chosen. The prediction is recorded beside the choice;
+the benchmark measures the real thing.
+
+Confident thresholds (Learn-then-Test, ``offramp.build.risk_control``). The loss of one completion
+is its token disagreement with the full model's greedy completion of the same prompt: the share of
+positions, up to the longer of the two, where the tokens differ (a position only one of them has
+counts as a disagreement), in [0, 1]. The risk is its expectation over prompts. Candidates are one
+max-prob threshold shared by every early exit, along a fixed path from "never" (candidate 0, risk 0)
+to lower and lower thresholds; they are tested in that order with Hoeffding-Bentkus p-values (the
+loss is not {0, 1}) and testing stops at the first p-value above delta (fixed-sequence testing).
+Every candidate before the stop is certified: with probability at least 1 - delta over the
+calibration prompts, its risk is at most epsilon. The certified candidate with the least measured
+compute is chosen. Prompts are i.i.d. only as far as the functions of calibration modules are; the
+test modules' figures are measured alongside to see whether it holds there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from offramp.backend.exit_decoder import TOKENIZER_FILE, ExitDecoder, KVCache
+from offramp.backend.generation import NEVER, DecodingSettings, GenerationEngine, Row
+from offramp.backend.generation_policy import GenerationPolicy
+from offramp.build.code_data import CompletionTask, completion_tasks, split_modules, stdlib_modules
+from offramp.build.decoder import DecoderArtifacts
+from offramp.build.risk_control import hoeffding_bentkus_p_value
+
+# Shared max-prob thresholds, most conservative first; candidate 0 never leaves early.
+THRESHOLD_PATH = (NEVER, 0.9999, 0.9995, 0.999, 0.998, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9,
+                  0.85, 0.8, 0.7, 0.6, 0.5)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    epsilon: float = 0.02  # token disagreement per completion, in expectation
+    delta: float = 0.05
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ("\n",)
+    calibration_tasks: int | None = None  # None: one per function of every calibration module
+    test_tasks: int = 400
+    draft_lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
+    acceptance_tasks: int = 160
+    timing_batches: tuple[int, ...] = (1, 8)
+    batch: int = 64  # rows decoded together during calibration
+    seed: int = 0
+
+
+def load_tokenizer(directory: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(directory) / TOKENIZER_FILE))
+
+
+def split_tasks(artifacts: DecoderArtifacts, tokenizer, settings: CalibrationSettings) -> dict[str, list[CompletionTask]]:
+    """Next-line tasks of the calibration and test modules (the build's own split, or the standard one)."""
+    seed = artifacts.build.get("settings", {}).get("split_seed", 0)
+    splits = split_modules(stdlib_modules(), seed)
+    prompt_tokens = artifacts.context - settings.max_tokens
+    tasks = {}
+    for split, limit in (("calibration", settings.calibration_tasks), ("test", settings.test_tasks)):
+        found = completion_tasks(splits[split], tokenizer, prompt_tokens, seed=settings.seed)
+        if limit is not None and len(found) > limit:
+            rng = np.random.default_rng(settings.seed)
+            found = [found[i] for i in sorted(rng.choice(len(found), limit, replace=False))]
+        tasks[split] = found
+    return tasks
+
+
+def complete(
+    decoder: ExitDecoder, tokenizer, tasks: Sequence[CompletionTask], mode: str, settings: DecodingSettings,
+    calibration: CalibrationSettings, end_of_text: int, on_step: Callable[[GenerationEngine], None] | None = None,
+) -> list[Row]:
+    """Every task completed in ``mode``, ``calibration.batch`` rows at a time (rows join as others leave)."""
+    engine = GenerationEngine(decoder, settings, lambda ids: tokenizer.decode(ids), end_of_text,
+                              capacity=calibration.batch)  # fmt: skip
+    rows = [Row(i, tokenizer.encode(t.prompt).ids, calibration.max_tokens, mode, calibration.stop)
+            for i, t in enumerate(tasks)]  # fmt: skip
+    waiting = list(rows)
+    with torch.inference_mode():
+        while waiting or engine.running:
+            room = calibration.batch - engine.running
+            if waiting and room > 0:
+                engine.add(waiting[:room])
+                waiting = waiting[room:]
+            engine.step()
+            if on_step is not None:
+                on_step(engine)
+    return rows
+
+
+def token_disagreement(reference: Sequence[int], candidate: Sequence[int]) -> float:
+    """Share of positions, up to the longer sequence, where the two differ (or only one has a token)."""
+    longest = max(len(reference), len(candidate))
+    if longest == 0:
+        return 0.0
+    same = sum(a == b for a, b in zip(reference, candidate))
+    return 1.0 - same / longest
+
+
+def exact_line_match(rows: Sequence[Row], tasks: Sequence[CompletionTask]) -> float:
+    """Share of completions equal to the true next line."""
+    return float(np.mean([row.text == task.target for row, task in zip(rows, tasks)]))
+
+
+# --- Draft exit and length ---------------------------------------------------------------------------
+
+
+def acceptance_lengths(
+    decoder: ExitDecoder, tokenizer, tasks: Sequence[CompletionTask], draft_exit: int, longest: int,
+    calibration: CalibrationSettings, end_of_text: int,
+) -> np.ndarray:
+    """Drafts accepted per verify pass (each row's, each step) with ``longest`` drafts from ``draft_exit``;
+    only passes that drafted ``longest`` (not cut by a row's budget) count."""
+    counts: list[int] = []
+
+    def record(engine: GenerationEngine) -> None:
+        verification = engine.last_verification
+        if verification is not None and verification.draft_length == longest:
+            counts.extend(verification.accepted)
+
+    never = (NEVER,) * (len(decoder.spec.exit_layers) - 1)
+    complete(decoder, tokenizer, tasks, "self_speculative", DecodingSettings(draft_exit, longest, never), calibration,
+             end_of_text, record)  # fmt: skip
+    return np.asarray(counts)
+
+
+def least_cpu_seconds(calls: dict, rounds: int = 25) -> dict:
+    """Each call's least CPU time (of this thread: other processes' load does not count) over ``rounds``
+    rounds that run every call once, interleaved, so that all see the same conditions."""
+    best = {key: float("inf") for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            started = time.thread_time()
+            call()
+            best[key] = min(best[key], time.thread_time() - started)
+    return best
+
+
+def step_costs(decoder: ExitDecoder, batch: int, draft_lengths: Sequence[int], prompt_tokens: int) -> dict:
+    """CPU seconds of each part of a step at ``batch`` rows, with ``prompt_tokens`` tokens in every row's
+    cache (attention runs over the whole context whatever the length, so it hardly matters)."""
+    spec = decoder.spec
+    cache = KVCache(spec, batch)
+    tokens = torch.randint(0, spec.vocab, (batch, 1))
+    at = torch.full((batch, 1), prompt_tokens)
+
+    def run(first: int, stop: int, width: int) -> Callable[[], None]:
+        def call() -> None:
+            positions = at + torch.arange(width).view(1, -1)
+            hidden = torch.randn(batch, width, spec.hidden) if first else decoder.embed(tokens, positions)
+            decoder.exit_logits(decoder.layers(first, stop, hidden, cache, decoder.place(0, positions))).argmax(-1)
+
+        return call
+
+    calls = {("full",): run(0, spec.layers, 1)}
+    for exit_index, layer in enumerate(spec.exit_layers[:-1]):
+        calls[("draft", exit_index)] = run(0, layer, 1)
+        calls.update({("verify", exit_index, d): run(layer, spec.layers, d) for d in draft_lengths})
+    seconds = least_cpu_seconds(calls)
+    costs: dict = {"full": seconds[("full",)], "draft": {}, "verify": {}}
+    for key, value in seconds.items():
+        if key[0] == "draft":
+            costs["draft"][key[1]] = value
+        elif key[0] == "verify":
+            costs["verify"].setdefault(key[1], {})[key[2]] = value
+    return costs
+
+
+def tokens_per_verify(accepted: np.ndarray, d: int) -> float:
+    """Tokens a pass of d drafts commits per row: the agreeing drafts, and the full model's token where
+    one disagreed (``accepted`` counts the agreeing drafts among more than d)."""
+    return float(np.minimum(accepted, d).mean() + (accepted < d).mean())
+
+
+def predicted_speedup(accepted: np.ndarray, d: int, costs: dict, exit_index: int) -> float:
+    seconds = d * costs["draft"][exit_index] + costs["verify"][exit_index][d]
+    return tokens_per_verify(accepted, d) * costs["full"] / seconds
+
+
+def choose_draft(
+    decoder: ExitDecoder, tokenizer, tasks: Sequence[CompletionTask], calibration: CalibrationSettings,
+    end_of_text: int, progress: Callable[[str], None] = print,
+) -> tuple[int, int, dict]:
+    """(draft exit, draft length, the record of what was measured)."""
+    longest = max(calibration.draft_lengths)
+    prompt_tokens = max(1, decoder.spec.context - calibration.max_tokens - longest - 1)
+    costs = {b: step_costs(decoder, b, calibration.draft_lengths, prompt_tokens) for b in calibration.timing_batches}
+    table = []
+    for exit_index in range(len(decoder.spec.exit_layers) - 1):
+        accepted = acceptance_lengths(decoder, tokenizer, tasks, exit_index, longest, calibration, end_of_text)
+        rate = float(accepted.mean() / longest) if len(accepted) else 0.0
+        progress(f"draft exit {exit_index} (layer {decoder.spec.exit_layers[exit_index]}): {len(accepted)} passes, "
+                 f"acceptance {rate:.3f}")  # fmt: skip
+        for d in calibration.draft_lengths:
+            speedups = {b: predicted_speedup(accepted, d, costs[b], exit_index) for b in calibration.timing_batches}
+            table.append({
+                "draft_exit": exit_index, "draft_layer": decoder.spec.exit_layers[exit_index], "draft_length": d,
+                "acceptance_rate": float(np.minimum(accepted, d).mean() / d) if len(accepted) else 0.0,
+                "tokens_per_verify": tokens_per_verify(accepted, d) if len(accepted) else 1.0,
+                "predicted_speedup": {str(b): s for b, s in speedups.items()},
+                "score": float(np.exp(np.mean(np.log(list(speedups.values()))))),
+            })  # fmt: skip
+    best = max(table, key=lambda r: r["score"])
+    costs_record = {str(b): {"full": c["full"], "draft": c["draft"],
+                             "verify": {str(e): {str(d): s for d, s in v.items()} for e, v in c["verify"].items()}}
+                    for b, c in costs.items()}  # fmt: skip
+    return best["draft_exit"], best["draft_length"], {"table": table, "step_seconds": costs_record}
+
+
+# --- Confident thresholds -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    threshold: float
+    risk: float  # mean token disagreement on the calibration completions
+    p_value: float
+    compute: float  # mean exit cost per token (layers and head up to the exit taken, over the full model's)
+    exit_shares: tuple[float, ...]
+
+
+def certify_thresholds(
+    decoder: ExitDecoder, tokenizer, tasks: Sequence[CompletionTask], references: Sequence[Row],
+    calibration: CalibrationSettings, end_of_text: int, progress: Callable[[str], None] = print,
+) -> tuple[list[CandidateResult], int]:
+    """Fixed-sequence Learn-then-Test along ``THRESHOLD_PATH`` (module docstring); returns every tested
+    candidate and the index of the chosen one (0: none certified past "never")."""
+    exits = len(decoder.spec.exit_layers)
+    exit_costs = np.asarray([decoder.exit_cost(e) for e in range(exits)])
+    results = [CandidateResult(NEVER, 0.0, 0.0, 1.0, (0.0,) * (exits - 1) + (1.0,))]
+    for threshold in THRESHOLD_PATH[1:]:
+        rows = complete(decoder, tokenizer, tasks, "confident", DecodingSettings(0, 1, (threshold,) * (exits - 1)),
+                        calibration, end_of_text)  # fmt: skip
+        losses = np.asarray([token_disagreement(r.generated, c.generated) for r, c in zip(references, rows)])
+        taken = np.concatenate([np.asarray(c.exits[1:], dtype=int) for c in rows if len(c.exits) > 1])
+        p = float(hoeffding_bentkus_p_value(losses.mean(), len(losses), calibration.epsilon))
+        shares = np.bincount(taken, minlength=exits) / max(len(taken), 1)
+        results.append(CandidateResult(threshold, float(losses.mean()), p, float(exit_costs[taken].mean()),
+                                       tuple(float(s) for s in shares)))  # fmt: skip
+        progress(f"threshold {threshold:g}: risk {losses.mean():.4f}, p {p:.3g}, compute {results[-1].compute:.3f}")
+        if p > calibration.delta:
+            break
+    # Testing stopped at the first candidate it could not reject (if any): all before it are certified.
+    certified = len(results) if results[-1].p_value <= calibration.delta else len(results) - 1
+    chosen = min(range(certified), key=lambda i: (results[i].compute, i))
+    return results, chosen
+
+
+def calibrate_generation(
+    artifacts_dir: Path, calibration: CalibrationSettings = CalibrationSettings(), progress: Callable[[str], None] = print
+) -> GenerationPolicy:
+    """The generation policy of the decoder in ``artifacts_dir`` (module docstring)."""
+    started = time.time()
+    artifacts = DecoderArtifacts.load(artifacts_dir)
+    decoder = ExitDecoder.load(artifacts_dir)
+    tokenizer = load_tokenizer(artifacts_dir)
+    tasks = split_tasks(artifacts, tokenizer, calibration)
+    progress(f"tasks: {len(tasks['calibration'])} calibration, {len(tasks['test'])} test")
+    end = artifacts.end_of_text
+    neutral = DecodingSettings(0, 1, (NEVER,) * (len(decoder.spec.exit_layers) - 1))
+    full = {split: complete(decoder, tokenizer, t, "full", neutral, calibration, end) for split, t in tasks.items()}
+    probe = tasks["calibration"][: calibration.acceptance_tasks]
+    draft_exit, draft_length, draft_record = choose_draft(decoder, tokenizer, probe, calibration, end, progress)
+    results, chosen = certify_thresholds(decoder, tokenizer, tasks["calibration"], full["calibration"], calibration,
+                                         end, progress)  # fmt: skip
+    thresholds = (results[chosen].threshold,) * (len(decoder.spec.exit_layers) - 1)
+    test_rows = complete(decoder, tokenizer, tasks["test"], "confident", DecodingSettings(0, 1, thresholds),
+                         calibration, end)  # fmt: skip
+    test_losses = [token_disagreement(r.generated, c.generated) for r, c in zip(full["test"], test_rows)]
+    provenance = {
+        "method": "learn_then_test",
+        "guarantee": (f"fixed-sequence Learn-then-Test, Hoeffding-Bentkus p-values: with probability >= "
+                      f"{1 - calibration.delta:g} over the calibration completions, the expected token "
+                      f"disagreement of confident with full per completion is <= {calibration.epsilon:g}"),
+        "risk": "token disagreement per completion (positions up to the longer completion)",
+        "epsilon": calibration.epsilon,
+        "delta": calibration.delta,
+        "task": f"next line (stop {list(calibration.stop)}), at most {calibration.max_tokens} tokens",
+        "calibration_completions": len(tasks["calibration"]),
+        "candidates": [asdict(r) for r in results],
+        "chosen": chosen,
+        "calibration_risk": results[chosen].risk,
+        "test_completions": len(test_losses),
+        "test_risk": float(np.mean(test_losses)),
+        "full_exact_line_match": {split: exact_line_match(full[split], t) for split, t in tasks.items()},
+        "draft": draft_record,
+        "settings": asdict(calibration),
+        "seconds": round(time.time() - started, 1),
+    }  # fmt: skip
+    policy = GenerationPolicy("", artifacts.fingerprint, draft_exit, draft_length, thresholds, provenance)
+    return policy.with_content_version("ltt")

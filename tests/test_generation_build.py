@@ -1,0 +1,146 @@
+"""The code model's data, training, checkpoint import and the calibration's measures (no server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from offramp.backend.exit_decoder import ExitDecoder, reproducible_gemm
+from offramp.build.code_data import (
+    SourceModule,
+    completion_tasks,
+    split_modules,
+    stdlib_modules,
+    token_stream,
+)
+from offramp.build.decoder import (
+    DecoderShape,
+    ExitTraining,
+    exit_logits_of,
+    import_checkpoint,
+    layer_keep_probabilities,
+    tiny_random_checkpoint,
+    train_code_model,
+)
+from offramp.build.generation_calibrate import token_disagreement, tokens_per_verify
+
+from tests.generation_support import tiny_tokenizer
+
+reproducible_gemm()  # before this process' first matrix product: MKL fixes its rounding mode there
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def test_modules_split_disjointly_seeded_and_stably():
+    modules = [SourceModule(f"pkg.m{i}", Path(f"m{i}.py"), "x = 1\n") for i in range(300)]
+    splits = split_modules(modules, seed=0)
+    names = [{m.name for m in part} for part in splits.values()]
+    assert sum(len(n) for n in names) == 300 and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert 0.7 < len(splits["train"]) / 300 < 0.9
+    # A module keeps its split when others go, and another seed splits otherwise.
+    fewer = split_modules(modules[::3], seed=0)
+    assert all(m.name in {x.name for x in splits[split]} for split, part in fewer.items() for m in part)
+    assert split_modules(modules, seed=1)["test"] != splits["test"]
+
+
+def test_the_standard_library_is_read_without_its_test_suites():
+    names = {m.name for m in stdlib_modules()}
+    assert {"json.decoder", "asyncio.events", "textwrap"} <= names
+    assert not any(n == "test" or n.startswith("test.") or ".tests." in n for n in names)
+
+
+def test_newlines_are_tokens_of_their_own(tokenizer):
+    text = "def f(x):\n        return x + 1\n\n\nclass A:\n    pass\n"
+    encoding = tokenizer.encode(text)
+    assert tokenizer.decode(encoding.ids) == text
+    pieces = [tokenizer.decode([i]) for i in encoding.ids]
+    assert all(p == "\n" or "\n" not in p for p in pieces)
+    assert pieces.count("\n") == text.count("\n")
+
+
+def test_completion_tasks_cut_functions_at_a_line(tokenizer):
+    module = next(m for m in stdlib_modules() if m.name == "textwrap")
+    tasks = completion_tasks([module], tokenizer, max_prompt_tokens=96, seed=3)
+    lines = module.text.splitlines()
+    assert len(tasks) > 10
+    for task in tasks:
+        assert task.prompt.endswith("\n") and task.target.strip()
+        assert lines[task.line - 1] == task.target
+        before = "".join(module.text.splitlines(keepends=True)[: task.line - 1])
+        assert before.endswith(task.prompt)  # the prompt is what precedes the line, whole lines of it
+        assert len(tokenizer.encode(task.prompt).ids) <= 96
+    assert [t.line for t in completion_tasks([module], tokenizer, 96, seed=3)] == [t.line for t in tasks]
+
+
+@pytest.mark.slow  # a minute on this machine under load
+def test_layerskip_training_lowers_every_exit_loss(tokenizer):
+    shape = DecoderShape(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, layers=4, heads=2, intermediate_size=128,
+                         context=32, exit_layers=(1, 2, 4))  # fmt: skip
+    from transformers import LlamaForCausalLM
+
+    assert layer_keep_probabilities(4, 0.2).tolist() == pytest.approx([1.0, 1 - 0.2 / 3, 1 - 0.4 / 3, 0.8])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(shape.llama_config(0))
+    stream = token_stream([m for m in stdlib_modules() if m.name in ("textwrap", "string")], tokenizer)
+    settings = ExitTraining(steps=24, batch_size=4, learning_rate=5e-3, warmup_steps=4, log_every=8)
+    curve = train_code_model(model, stream, shape, settings, Path("/nonexistent/state.pt"), "k", progress=lambda _: None)
+    for exit_index in range(3):
+        assert curve[-1][f"loss_exit_{exit_index}"] < curve[0][f"loss_exit_{exit_index}"] - 0.3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_users_checkpoint_is_imported_and_served_as_transformers_computes_it(family, tokenizer, tmp_path):
+    checkpoint = tiny_random_checkpoint(tmp_path / "checkpoint", family, tokenizer, seed=3)
+    artifacts, directory = import_checkpoint(checkpoint, tmp_path / "artifacts")
+    assert artifacts.family == family and artifacts.exit_layers == (1, 2, 3, 4)
+    decoder = ExitDecoder.load(directory)
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    ids = torch.tensor([tokenizer.encode("def add(a, b):\n    return a + b\n").ids])
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    from offramp.backend.exit_decoder import KVCache
+
+    with torch.inference_mode():
+        hidden = decoder.layers(0, 4, decoder.embed(ids, positions), KVCache(decoder.spec, 1), decoder.place(0, positions))
+        torch.testing.assert_close(decoder.exit_logits(hidden), reference(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exit layers"):
+        import_checkpoint(checkpoint, tmp_path / "bad", exit_layers=(2, 3))
+    (checkpoint / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        import_checkpoint(checkpoint, tmp_path / "again")
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        import_checkpoint(tmp_path, tmp_path / "out")
+
+
+def test_the_calibrations_measures():
+    assert token_disagreement([1, 2, 3, 4], [1, 2, 3, 4]) == 0.0
+    assert token_disagreement([1, 2, 3, 4], [1, 9, 3, 4]) == 0.25
+    assert token_disagreement([1, 2], [1, 2, 3, 4]) == 0.5  # positions only one has count
+    assert token_disagreement([], []) == 0.0
+    accepted = np.array([0, 1, 3, 5])  # drafts agreeing, out of more than any d below
+    # d = 2: commits min(a, 2) and, where a < 2, the full model's token: 1, 2, 2, 2
+    assert tokens_per_verify(accepted, 2) == pytest.approx(7 / 4)
+    assert tokens_per_verify(accepted, 4) == pytest.approx((1 + 2 + 4 + 4) / 4)
+
+
+def test_exit_logits_of_the_training_forward_match_the_model():
+    from transformers import LlamaForCausalLM
+
+    shape = DecoderShape(vocab_size=128, hidden_size=64, layers=4, heads=2, intermediate_size=128, context=16,
+                         exit_layers=(2, 4))  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(shape.llama_config(0)).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(exit_logits_of(model, ids, shape.exit_layers)[-1], model(ids).logits)
