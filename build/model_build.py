@@ -70,6 +70,10 @@ def text_mode(config: BuildConfig, model_path: Path) -> str:
 
 def _build_text(config: BuildConfig, progress: bool) -> ModelArtifacts:
     model, data, split, train = config.model, config.data, config.split, config.train
+    if not progress:  # transformers draws its own bars while it loads and saves weights
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     if data.dataset == "fashion-mnist":
         raise ConfigError("data.dataset fashion-mnist is images: give model.architecture")
     model_path = text_model_path(model.path)

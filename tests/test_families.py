@@ -225,3 +225,35 @@ def test_calibration_rows_come_from_files_like_the_builds(built, tmp_path):
     bad = write_columns(tmp_path / "bad.csv", {"text": ["rain"], "label": ["news"]})
     with pytest.raises(TextDataError, match=r"bad.csv, line 2: label 'news' is not one of the model's"):
         data_file_rows(artifacts, directory, bad)
+
+
+@pytest.mark.slow
+def test_a_real_size_minilm_classifier_keeps_its_logits(tmp_path):
+    """The packaged all-MiniLM-L6-v2 as a fine-tuned-shaped BertForSequenceClassification (6 layers,
+    hidden 384, its own pooler and a linear head), in attach mode: the last exit and `<name>_full`
+    are its logits through ONNX."""
+    from offramp.build.text_attach import AttachSettings, build_attached_classifier
+    from offramp.build.text_data import TextSource
+    from offramp.build.transformer import minilm_path
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    labels = {"id2label": dict(enumerate(CLASSES)), "label2id": {c: i for i, c in enumerate(CLASSES)}}
+    model = AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), **labels)
+    model.save_pretrained(str(tmp_path / "minilm_classifier"))
+    AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(str(tmp_path / "minilm_classifier"))
+    texts, topics = corpus(120)
+    train = write_columns(tmp_path / "train.csv", {"text": texts, "label": topics})
+    settings = AttachSettings(max_length=32, epochs=2)
+    artifacts = build_attached_classifier(
+        tmp_path / "out", TextSource(train=train), tmp_path / "minilm_classifier", name="m", settings=settings
+    )
+    assert artifacts.num_exits == 6 and artifacts.build["family"] == "BERT"
+    ids, mask = encode_texts(load_tokenizer(tmp_path / "out"), TEXTS)
+    inputs = {"INPUT_IDS": ids, "ATTENTION_MASK": mask}
+    expected = transformers_logits(tmp_path / "minilm_classifier", TEXTS, max_length=32)
+    full = OnnxRunner(tmp_path / "out" / artifacts.full_onnx).run(inputs)["LOGITS"]
+    exits = exit_logits_from_onnx(artifacts, tmp_path / "out", inputs)
+    # Six wider blocks than the tiny models: measured differences stay below 1e-5 on logits of ~1.
+    np.testing.assert_allclose(full, expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(exits[-1], expected, rtol=0, atol=1e-4)

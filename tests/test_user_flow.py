@@ -138,6 +138,17 @@ def test_images_and_test_rows_are_classified_by_name(served, user_files):
         assert len(rows) == 5 and all(row["label_name"] for row in rows)
 
 
+def test_calibration_rows_from_files_of_the_builds_kinds(served, user_files, tmp_path):
+    """`offramp calibrate --data` takes what the build took: a JSON Lines file of text, a folder of PNGs."""
+    _, _, text_out, image_out = served
+    for out, data in ((text_out, user_files["text_test"]), (image_out, user_files["images"] / "test")):
+        printed = run(["calibrate", "--artifacts", str(out), "--data", str(data), "--epsilon", "0.1",
+                       "--out", str(tmp_path / f"{out.name}.json"), "--quiet"])  # fmt: skip
+        policy = Policy.load(tmp_path / f"{out.name}.json")
+        rows = policy.provenance["calibration_rows"] + policy.provenance["fit_rows"]  # certify + fit
+        assert rows == 60 and f"-> {tmp_path}" in printed
+
+
 def test_perf_analyzer_runs_as_printed_on_real_rows(served, tmp_path):
     """`offramp input-data` writes real test rows and prints the perf_analyzer command; run as printed
     (its library path included), every request is answered."""
