@@ -5,15 +5,18 @@ Both are measured on next-line completion tasks from the calibration modules (``
 functions cut at a random line; complete up to the newline, at most ``max_tokens`` tokens), decoded
 by the serving code itself (``offramp.backend.generation``), batched.
 
-Draft exit and length. Self-speculation with the longest draft considered records, per verify pass,
-how many drafts the full model accepted (a); the first d drafts are the same whatever the draft
-length, so a pass of d drafts would have accepted ``min(a, d)``. Each step's parts
-are timed on this machine at batch 1 and 8: a draft pass (layers up to the exit and the head), the
-pass that stores the last draft's keys (no head), the verify pass (the remaining layers on d + 1
-tokens and the head) and a ``full`` step. The predicted speed-up of (exit, d) at batch b is
-``(1 + E[min(a, d)]) * full(b) / (d * draft(b) + store(b) + verify(d, b))``; the pair with the best
-geometric mean over the two batch sizes is chosen. The prediction is recorded beside the choice;
-the benchmark measures the real thing.
+Draft exit, length and vocabulary. Drafts need only be good guesses, so they may be chosen among the
+most frequent tokens of the train modules alone (512, 1,024, 2,048, or all): a fraction of the head's
+cost (FR-Spec, Zhao et al. 2025). For each exit and vocabulary, self-speculation with the longest
+draft length considered records, per verify pass, how many drafts the full model accepted (a); the
+first d drafts are the same whatever the draft length, so a pass of d drafts accepts ``min(a, d)``
+and commits ``min(a, d) + [a < d]`` tokens (the full model's own where a draft disagreed). The parts
+of a step are timed (CPU time of the thread, the least of interleaved rounds) at batch 1 and 8: a
+draft pass per exit and vocabulary (layers up to the exit and the head's rows), a verify pass per
+exit and d (the remaining layers on d tokens, the whole head) and a ``full`` step. The predicted
+speed-up of (exit, d, vocabulary) at batch b is ``E[min(a, d) + [a < d]] * full(b) / (d * draft(b) +
+verify(d, b))``; the one with the best geometric mean over the batch sizes is chosen. The prediction
+is recorded beside the choice; the benchmark measures the real thing.
 
 Confident thresholds (Learn-then-Test, ``offramp.build.risk_control``). The loss of one completion
 is its token disagreement with the full model's greedy completion of the same prompt: the share of
@@ -40,7 +43,13 @@ import torch
 from offramp.backend.exit_decoder import TOKENIZER_FILE, ExitDecoder, KVCache
 from offramp.backend.generation import NEVER, DecodingSettings, GenerationEngine, Row
 from offramp.backend.generation_policy import GenerationPolicy
-from offramp.build.code_data import CompletionTask, completion_tasks, split_modules, stdlib_modules
+from offramp.build.code_data import (
+    CompletionTask,
+    completion_tasks,
+    split_modules,
+    stdlib_modules,
+    token_stream,
+)
 from offramp.build.decoder import DecoderArtifacts
 from offramp.build.risk_control import hoeffding_bentkus_p_value
 
@@ -58,6 +67,7 @@ class CalibrationSettings:
     calibration_tasks: int | None = None  # None: one per function of every calibration module
     test_tasks: int = 400
     draft_lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
+    draft_vocabularies: tuple[int, ...] = (512, 1024, 2048)  # most frequent tokens drafts may choose; and all
     acceptance_tasks: int = 160
     timing_batches: tuple[int, ...] = (1, 8)
     batch: int = 64  # rows decoded together during calibration
@@ -126,10 +136,11 @@ def exact_line_match(rows: Sequence[Row], tasks: Sequence[CompletionTask]) -> fl
 
 def acceptance_lengths(
     decoder: ExitDecoder, tokenizer, tasks: Sequence[CompletionTask], draft_exit: int, longest: int,
-    calibration: CalibrationSettings, end_of_text: int,
+    vocabulary: tuple[int, ...], calibration: CalibrationSettings, end_of_text: int,
 ) -> np.ndarray:
-    """Drafts accepted per verify pass (each row's, each step) with ``longest`` drafts from ``draft_exit``;
-    only passes that drafted ``longest`` (not cut by a row's budget) count."""
+    """Drafts accepted per verify pass (each row's, each step) with ``longest`` drafts from ``draft_exit``
+    among ``vocabulary`` (empty: all); only passes that drafted ``longest`` (not cut by a row's budget)
+    count."""
     counts: list[int] = []
 
     def record(engine: GenerationEngine) -> None:
@@ -138,9 +149,16 @@ def acceptance_lengths(
             counts.extend(verification.accepted)
 
     never = (NEVER,) * (len(decoder.spec.exit_layers) - 1)
-    complete(decoder, tokenizer, tasks, "self_speculative", DecodingSettings(draft_exit, longest, never), calibration,
-             end_of_text, record)  # fmt: skip
+    settings = DecodingSettings(draft_exit, longest, never, vocabulary)
+    complete(decoder, tokenizer, tasks, "self_speculative", settings, calibration, end_of_text, record)
     return np.asarray(counts)
+
+
+def frequent_tokens(tokenizer, vocabulary: int, seed: int) -> list[int]:
+    """Every token id, the most frequent in the train modules first (ties: the lower id first)."""
+    train = split_modules(stdlib_modules(), seed)["train"]
+    counts = np.bincount(token_stream(train, tokenizer), minlength=vocabulary)[:vocabulary]
+    return sorted(range(vocabulary), key=lambda t: (-counts[t], t))
 
 
 def least_cpu_seconds(calls: dict, rounds: int = 25) -> dict:
@@ -155,33 +173,37 @@ def least_cpu_seconds(calls: dict, rounds: int = 25) -> dict:
     return best
 
 
-def step_costs(decoder: ExitDecoder, batch: int, draft_lengths: Sequence[int], prompt_tokens: int) -> dict:
+def step_costs(
+    decoder: ExitDecoder, batch: int, draft_lengths: Sequence[int], draft_heads: dict[int, torch.Tensor | None],
+    prompt_tokens: int,
+) -> dict:
     """CPU seconds of each part of a step at ``batch`` rows, with ``prompt_tokens`` tokens in every row's
-    cache (attention runs over the whole context whatever the length, so it hardly matters)."""
+    cache (attention runs over the whole context whatever the length, so it hardly matters): a full
+    step, a draft pass per exit and draft vocabulary size (``draft_heads``: size -> the head's rows,
+    None for all), a verify pass per exit and draft length."""
     spec = decoder.spec
     cache = KVCache(spec, batch)
     tokens = torch.randint(0, spec.vocab, (batch, 1))
     at = torch.full((batch, 1), prompt_tokens)
 
-    def run(first: int, stop: int, width: int) -> Callable[[], None]:
+    def run(first: int, stop: int, width: int, head: torch.Tensor | None = None) -> Callable[[], None]:
         def call() -> None:
             positions = at + torch.arange(width).view(1, -1)
             hidden = torch.randn(batch, width, spec.hidden) if first else decoder.embed(tokens, positions)
-            decoder.exit_logits(decoder.layers(first, stop, hidden, cache, decoder.place(0, positions))).argmax(-1)
+            hidden = decoder.layers(first, stop, hidden, cache, decoder.place(0, positions))
+            decoder.exit_logits(hidden, head).argmax(-1)
 
         return call
 
     calls = {("full",): run(0, spec.layers, 1)}
     for exit_index, layer in enumerate(spec.exit_layers[:-1]):
-        calls[("draft", exit_index)] = run(0, layer, 1)
+        calls.update({("draft", exit_index, size): run(0, layer, 1, head) for size, head in draft_heads.items()})
         calls.update({("verify", exit_index, d): run(layer, spec.layers, d) for d in draft_lengths})
     seconds = least_cpu_seconds(calls)
     costs: dict = {"full": seconds[("full",)], "draft": {}, "verify": {}}
     for key, value in seconds.items():
-        if key[0] == "draft":
-            costs["draft"][key[1]] = value
-        elif key[0] == "verify":
-            costs["verify"].setdefault(key[1], {})[key[2]] = value
+        if key[0] != "full":
+            costs[key[0]].setdefault(key[1], {})[key[2]] = value
     return costs
 
 
@@ -191,39 +213,53 @@ def tokens_per_verify(accepted: np.ndarray, d: int) -> float:
     return float(np.minimum(accepted, d).mean() + (accepted < d).mean())
 
 
-def predicted_speedup(accepted: np.ndarray, d: int, costs: dict, exit_index: int) -> float:
-    seconds = d * costs["draft"][exit_index] + costs["verify"][exit_index][d]
+def predicted_speedup(accepted: np.ndarray, d: int, costs: dict, exit_index: int, size: int) -> float:
+    seconds = d * costs["draft"][exit_index][size] + costs["verify"][exit_index][d]
     return tokens_per_verify(accepted, d) * costs["full"] / seconds
+
+
+@dataclass(frozen=True)
+class DraftChoice:
+    draft_exit: int
+    draft_length: int
+    vocabulary: tuple[int, ...]  # empty: all
+    record: dict  # what was measured, for the policy's provenance
 
 
 def choose_draft(
     decoder: ExitDecoder, tokenizer, tasks: Sequence[CompletionTask], calibration: CalibrationSettings,
-    end_of_text: int, progress: Callable[[str], None] = print,
-) -> tuple[int, int, dict]:
-    """(draft exit, draft length, the record of what was measured)."""
+    end_of_text: int, split_seed: int, progress: Callable[[str], None] = print,
+) -> DraftChoice:
+    """The draft exit, length and vocabulary with the best predicted speed-up (module docstring)."""
     longest = max(calibration.draft_lengths)
+    ranked = frequent_tokens(tokenizer, decoder.spec.vocab, split_seed)
+    sizes = sorted({min(k, decoder.spec.vocab) for k in calibration.draft_vocabularies} | {decoder.spec.vocab})
+    vocabularies = {k: () if k == decoder.spec.vocab else tuple(ranked[:k]) for k in sizes}
+    heads = {k: decoder.head[list(v)].contiguous() if v else None for k, v in vocabularies.items()}
     prompt_tokens = max(1, decoder.spec.context - calibration.max_tokens - longest - 1)
-    costs = {b: step_costs(decoder, b, calibration.draft_lengths, prompt_tokens) for b in calibration.timing_batches}
+    costs = {b: step_costs(decoder, b, calibration.draft_lengths, heads, prompt_tokens) for b in calibration.timing_batches}
     table = []
     for exit_index in range(len(decoder.spec.exit_layers) - 1):
-        accepted = acceptance_lengths(decoder, tokenizer, tasks, exit_index, longest, calibration, end_of_text)
-        rate = float(accepted.mean() / longest) if len(accepted) else 0.0
-        progress(f"draft exit {exit_index} (layer {decoder.spec.exit_layers[exit_index]}): {len(accepted)} passes, "
-                 f"acceptance {rate:.3f}")  # fmt: skip
-        for d in calibration.draft_lengths:
-            speedups = {b: predicted_speedup(accepted, d, costs[b], exit_index) for b in calibration.timing_batches}
-            table.append({
-                "draft_exit": exit_index, "draft_layer": decoder.spec.exit_layers[exit_index], "draft_length": d,
-                "acceptance_rate": float(np.minimum(accepted, d).mean() / d) if len(accepted) else 0.0,
-                "tokens_per_verify": tokens_per_verify(accepted, d) if len(accepted) else 1.0,
-                "predicted_speedup": {str(b): s for b, s in speedups.items()},
-                "score": float(np.exp(np.mean(np.log(list(speedups.values()))))),
-            })  # fmt: skip
+        for size, vocabulary in vocabularies.items():
+            accepted = acceptance_lengths(decoder, tokenizer, tasks, exit_index, longest, vocabulary, calibration,
+                                          end_of_text)  # fmt: skip
+            progress(f"draft exit {exit_index} (layer {decoder.spec.exit_layers[exit_index]}), {size} tokens: "
+                     f"{len(accepted)} passes, mean accepted of {longest}: {accepted.mean():.2f}")  # fmt: skip
+            for d in calibration.draft_lengths:
+                speedups = {b: predicted_speedup(accepted, d, costs[b], exit_index, size) for b in calibration.timing_batches}
+                table.append({
+                    "draft_exit": exit_index, "draft_layer": decoder.spec.exit_layers[exit_index], "draft_length": d,
+                    "draft_vocabulary": size,
+                    "acceptance_rate": float(np.minimum(accepted, d).mean() / d),
+                    "tokens_per_verify": tokens_per_verify(accepted, d),
+                    "predicted_speedup": {str(b): s for b, s in speedups.items()},
+                    "score": float(np.exp(np.mean(np.log(list(speedups.values()))))),
+                })  # fmt: skip
     best = max(table, key=lambda r: r["score"])
-    costs_record = {str(b): {"full": c["full"], "draft": c["draft"],
-                             "verify": {str(e): {str(d): s for d, s in v.items()} for e, v in c["verify"].items()}}
-                    for b, c in costs.items()}  # fmt: skip
-    return best["draft_exit"], best["draft_length"], {"table": table, "step_seconds": costs_record}
+    costs_record = {str(b): {part: {str(e): {str(k): v for k, v in by.items()} for e, by in c[part].items()}
+                             for part in ("draft", "verify")} | {"full": c["full"]} for b, c in costs.items()}  # fmt: skip
+    return DraftChoice(best["draft_exit"], best["draft_length"], vocabularies[best["draft_vocabulary"]],
+                       {"table": table, "step_seconds": costs_record})  # fmt: skip
 
 
 # --- Confident thresholds -------------------------------------------------------------------------------
@@ -279,7 +315,8 @@ def calibrate_generation(
     neutral = DecodingSettings(0, 1, (NEVER,) * (len(decoder.spec.exit_layers) - 1))
     full = {split: complete(decoder, tokenizer, t, "full", neutral, calibration, end) for split, t in tasks.items()}
     probe = tasks["calibration"][: calibration.acceptance_tasks]
-    draft_exit, draft_length, draft_record = choose_draft(decoder, tokenizer, probe, calibration, end, progress)
+    split_seed = artifacts.build.get("settings", {}).get("split_seed", 0)
+    draft = choose_draft(decoder, tokenizer, probe, calibration, end, split_seed, progress)
     results, chosen = certify_thresholds(decoder, tokenizer, tasks["calibration"], full["calibration"], calibration,
                                          end, progress)  # fmt: skip
     thresholds = (results[chosen].threshold,) * (len(decoder.spec.exit_layers) - 1)
@@ -302,9 +339,10 @@ def calibrate_generation(
         "test_completions": len(test_losses),
         "test_risk": float(np.mean(test_losses)),
         "full_exact_line_match": {split: exact_line_match(full[split], t) for split, t in tasks.items()},
-        "draft": draft_record,
+        "draft": draft.record,
         "settings": asdict(calibration),
         "seconds": round(time.time() - started, 1),
     }  # fmt: skip
-    policy = GenerationPolicy("", artifacts.fingerprint, draft_exit, draft_length, thresholds, provenance)
+    policy = GenerationPolicy("", artifacts.fingerprint, draft.draft_exit, draft.draft_length, thresholds, provenance,
+                              draft.vocabulary)  # fmt: skip
     return policy.with_content_version("ltt")

@@ -13,11 +13,12 @@ Input ``PROMPT`` (BYTES ``[1]``); outputs ``offramp.backend.generation_service.O
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import offramp.backend
-from offramp.backend.exit_decoder import DECODER_MANIFEST, MODEL_FILE, TOKENIZER_FILE
+from offramp.backend.exit_decoder import DECODER_MANIFEST, MODEL_FILE, TOKENIZER_FILE, DecoderSpec
 from offramp.backend.generation_contract import OUTPUTS, PROMPT_INPUT
 from offramp.backend.generation_policy import POLICY_FILE, GenerationPolicy
 from offramp.backend.generation_service import ServiceOptions
@@ -53,7 +54,8 @@ def write_generator(
     """``<repository>/<name>`` (default: the artifacts' name), replacing what was there; returns its folder."""
     artifacts_dir = Path(artifacts_dir)
     artifacts = DecoderArtifacts.load(artifacts_dir)
-    policy.validate(len(artifacts.exit_layers), artifacts.fingerprint)
+    spec = DecoderSpec.from_config(json.loads((artifacts_dir / "config.json").read_text()), artifacts.exit_layers)
+    policy.validate(len(artifacts.exit_layers), artifacts.fingerprint, spec.vocab)
     config = generator_model_config(name or artifacts.name, options, execution_env)
     model_dir = Path(repository) / config.name
     if model_dir.exists():

@@ -313,9 +313,10 @@ class ExitDecoder:
             hidden = hidden + F.embedding(positions, self.positions_table)
         return hidden
 
-    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) hidden states after some layer -> (..., V) logits of the shared head."""
-        return F.linear(self._norm(hidden, self.final_norm, self.final_norm_bias), self.head)
+    def exit_logits(self, hidden: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., H) hidden states after some layer -> (..., V) logits of the shared head (or of ``head``,
+        some of its rows)."""
+        return F.linear(self._norm(hidden, self.final_norm, self.final_norm_bias), self.head if head is None else head)
 
     def _queries_keys_values(self, block: LayerWeights, normed: torch.Tensor, placement: Placement):
         """(n, q, H) normed input -> queries (n, q, Hq, D), keys and values (n, q, Hkv, D); rotary

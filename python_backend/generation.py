@@ -180,7 +180,14 @@ class Verification:
 class SpeculativeGroup(RowGroup):
     """``self_speculative``: drafts from exit ``draft_exit``, verified by the rest of the model."""
 
-    def __init__(self, decoder: ExitDecoder, draft_exit: int, draft_length: int, capacity: int = 8) -> None:
+    def __init__(
+        self,
+        decoder: ExitDecoder,
+        draft_exit: int,
+        draft_length: int,
+        capacity: int = 8,
+        draft_vocabulary: Sequence[int] = (),
+    ) -> None:
         super().__init__(decoder, capacity)
         if not 0 <= draft_exit < len(decoder.spec.exit_layers) - 1:
             raise ValueError(f"draft exit {draft_exit} must be an early exit (0..{len(decoder.spec.exit_layers) - 2})")
@@ -188,7 +195,17 @@ class SpeculativeGroup(RowGroup):
             raise ValueError("draft length must be at least 1")
         self.draft_layer = decoder.spec.exit_layers[draft_exit]
         self.draft_length = draft_length
+        # Drafts only need to be good guesses (the verify pass decides), so they may come from the head's
+        # rows of the most frequent tokens alone: a fraction of the head's cost, a few rare tokens
+        # never drafted (FR-Spec's frequency-ranked drafting). Empty: the whole vocabulary.
+        self.draft_tokens = torch.tensor(list(draft_vocabulary), dtype=torch.long) if draft_vocabulary else None
+        self.draft_head = None if self.draft_tokens is None else decoder.head[self.draft_tokens].contiguous()
         self.last_pass: Verification | None = None
+
+    def _draft(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, H) states at the draft exit -> (B, 1) the next token of each row."""
+        best = self.decoder.exit_logits(hidden, self.draft_head).argmax(dim=-1, keepdim=True)
+        return best if self.draft_tokens is None else self.draft_tokens[best]
 
     def step(self) -> list[tuple[Row, list[int], list[int]]]:
         decoder = self.decoder
@@ -209,7 +226,7 @@ class SpeculativeGroup(RowGroup):
             hidden = decoder.layers(0, self.draft_layer, decoder.embed(fed, positions), self.cache,
                                     decoder.place(0, positions))  # fmt: skip
             states.append(hidden)  # (B, 1, H): the verify pass starts here
-            fed = decoder.exit_logits(hidden[:, 0]).argmax(dim=-1, keepdim=True)  # (B, 1)
+            fed = self._draft(hidden[:, 0])  # (B, 1)
             drafts.append(fed)
         positions = start + torch.arange(drafts_wanted).view(1, -1)  # (B, d)
         hidden = decoder.layers(self.draft_layer, spec.layers, torch.cat(states, dim=1), self.cache,
@@ -291,6 +308,7 @@ class DecodingSettings:
     draft_exit: int
     draft_length: int
     thresholds: tuple[float, ...]  # max-prob threshold per early exit (NEVER: no exit there)
+    draft_vocabulary: tuple[int, ...] = ()  # the tokens drafts are chosen among; empty: all
 
 
 class GenerationEngine:
@@ -315,7 +333,9 @@ class GenerationEngine:
         self.clock = clock
         self.groups: dict[str, RowGroup] = {
             "full": FullGroup(decoder, capacity),
-            "self_speculative": SpeculativeGroup(decoder, settings.draft_exit, settings.draft_length, capacity),
+            "self_speculative": SpeculativeGroup(
+                decoder, settings.draft_exit, settings.draft_length, capacity, settings.draft_vocabulary
+            ),
             "confident": ConfidentGroup(decoder, settings.thresholds, capacity),
         }
         self.last_verification: Verification | None = None

@@ -1,7 +1,7 @@
 """The generation policy: how the decoding modes use a decoder's exits, apart from its weights.
 
-``generation_policy.json`` holds the draft exit and draft length of ``self_speculative`` (chosen from
-measured acceptance and cost), the max-prob threshold per early exit of ``confident`` (certified by
+``generation_policy.json`` holds the draft exit, draft length and draft vocabulary of
+``self_speculative`` (chosen from measured acceptance and cost), the max-prob threshold per early exit of ``confident`` (certified by
 Learn-then-Test), the fingerprint of the weights it was made for, and its provenance.
 ``offramp.build.generation_calibrate`` makes one; :meth:`GenerationPolicy.uncalibrated` is the
 default until then (``confident`` never leaves early, so it answers as ``full`` does).
@@ -28,6 +28,7 @@ class GenerationPolicy:
     draft_length: int
     thresholds: tuple[float, ...]  # confident: max-prob threshold per early exit (2.0: never there)
     provenance: dict[str, Any] = field(default_factory=dict)
+    draft_vocabulary: tuple[int, ...] = ()  # the tokens drafts are chosen among (most frequent first); empty: all
 
     @classmethod
     def uncalibrated(cls, num_exits: int, fingerprint: str, draft_length: int = 4) -> GenerationPolicy:
@@ -43,9 +44,9 @@ class GenerationPolicy:
 
     @property
     def settings(self) -> DecodingSettings:
-        return DecodingSettings(self.draft_exit, self.draft_length, self.thresholds)
+        return DecodingSettings(self.draft_exit, self.draft_length, self.thresholds, self.draft_vocabulary)
 
-    def validate(self, num_exits: int, fingerprint: str) -> None:
+    def validate(self, num_exits: int, fingerprint: str, vocabulary: int) -> None:
         if fingerprint and self.model_fingerprint != fingerprint:
             raise ValueError(
                 f"generation policy {self.version} was made for weights {self.model_fingerprint[:12]}, "
@@ -57,6 +58,8 @@ class GenerationPolicy:
             raise ValueError(f"{len(self.thresholds)} thresholds for {num_exits - 1} early exits")
         if self.draft_length < 1:
             raise ValueError("draft length must be at least 1")
+        if self.draft_vocabulary and not 0 <= min(self.draft_vocabulary) <= max(self.draft_vocabulary) < vocabulary:
+            raise ValueError(f"the draft vocabulary holds ids outside [0, {vocabulary})")
 
     def save(self, path: Path) -> Path:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -65,4 +68,5 @@ class GenerationPolicy:
     @classmethod
     def load(cls, path: Path) -> GenerationPolicy:
         data = json.loads(Path(path).read_text())
-        return cls(**{**data, "thresholds": tuple(data["thresholds"])})
+        return cls(**{**data, "thresholds": tuple(data["thresholds"]),
+                      "draft_vocabulary": tuple(data.get("draft_vocabulary", ()))})  # fmt: skip

@@ -66,7 +66,7 @@ class TritonPythonModel:
         manifest = json.loads((version_dir / DECODER_MANIFEST).read_text())
         decoder = ExitDecoder.load(version_dir)
         policy = GenerationPolicy.load(version_dir / POLICY_FILE)
-        policy.validate(len(decoder.spec.exit_layers), manifest["fingerprint"])
+        policy.validate(len(decoder.spec.exit_layers), manifest["fingerprint"], decoder.spec.vocab)
         instance = f"{args.get('model_instance_name', '')}-v{args['model_version']}"
         self.metrics = _TritonMetrics()
         telemetry = GenerationTelemetry(self.metrics, args["model_name"], instance)

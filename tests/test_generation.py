@@ -143,17 +143,35 @@ def test_a_row_is_bitwise_the_same_alone_batched_in_any_slot_or_chunked(family, 
     assert torch.equal(torch.cat(logits, dim=1)[0], reference[2])
 
 
-@pytest.mark.parametrize("family,draft_exit,draft_length", [("llama", 0, 2), ("llama", 1, 5), ("gpt2", 1, 3)])
-def test_self_speculative_commits_exactly_the_tokens_of_full(family, draft_exit, draft_length, decoders):
+IDENTITY_PROMPTS = prompts(12, seed=4)
+IDENTITY_BUDGETS = [3 + (7 * i) % 19 for i in range(len(IDENTITY_PROMPTS))]
+
+
+@pytest.fixture(scope="module")
+def full_alone(decoders) -> dict[str, list[list[int]]]:
+    """Each identity prompt decoded alone in ``full`` mode, per family: the reference."""
+    references = {}
+    for family, decoder in decoders.items():
+        rows = [Row(i, list(p), IDENTITY_BUDGETS[i], "full") for i, p in enumerate(IDENTITY_PROMPTS)]
+        references[family] = [decode(decoder, [row]) and row.generated for row in rows]
+    return references
+
+
+@pytest.mark.parametrize(
+    "family,draft_exit,draft_length,vocabulary",
+    [("llama", 0, 2, ()), ("llama", 1, 5, ()), ("gpt2", 1, 3, ()), ("llama", 1, 3, tuple(range(0, VOCAB, 2)))],
+)
+def test_self_speculative_commits_exactly_the_tokens_of_full(
+    family, draft_exit, draft_length, vocabulary, decoders, full_alone
+):
     decoder = decoders[family]
-    settings = DecodingSettings(draft_exit, draft_length, (NEVER, NEVER))
-    texts = prompts(12, seed=4)
-    budgets = [3 + (7 * i) % 19 for i in range(len(texts))]
+    settings = DecodingSettings(draft_exit, draft_length, (NEVER, NEVER), vocabulary)  # drafts among some tokens
+    texts, budgets = IDENTITY_PROMPTS, IDENTITY_BUDGETS
 
     def rows(mode: str) -> list[Row]:
         return [Row(i, list(p), budgets[i], mode) for i, p in enumerate(texts)]
 
-    alone = [decode(decoder, [row], settings) and row.generated for row in rows("full")]
+    alone = full_alone[family]
     for joining in (None, 3):  # all at once; three rows joining per step while others run and leave
         speculative = rows("self_speculative")
         engine = decode(decoder, speculative, settings, joining)
