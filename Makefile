@@ -38,9 +38,10 @@ MODEL ?= fashion_cnn
 demo: $(STAMP) ## build, serve and measure an early-exit model on the embedded Triton server (MODEL=fashion_cnn|trec|rotten_tomatoes)
 	$(BIN)/offramp demo --model $(MODEL)
 
-bench: $(STAMP) ## early exit against the full model under perf_analyzer, CNN and both MiniLMs (~45 min once built); writes benchmarks/
+bench: $(STAMP) ## early exit against the full model under perf_analyzer, CNN and both MiniLMs (~45 min once built), then the code model's decoding modes; writes benchmarks/
 	$(BIN)/offramp bench
 	$(BIN)/offramp bench --segments-in-process --out benchmarks/in_process
+	$(BIN)/offramp bench --workload generation
 
 SOAK_ARGS ?=
 soak: $(STAMP) ## perf_analyzer against the early-exit CNN for 10 min, then checks (SOAK_ARGS="--duration 120")

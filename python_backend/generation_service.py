@@ -12,8 +12,8 @@ completion goes through its check: a failure in ``confident`` mode (before its d
 request again at full depth (``ATTEMPT`` 1, ``FLAG_ESCALATED``); a failure at full depth, in any mode,
 is answered with ``FLAG_CHECK_FAILED``. Only the request that failed is regenerated.
 
-Each response carries ``TEXT`` (new text), ``TOKEN_IDS`` and ``TOKEN_EXITS`` (the tokens committed
-and the exit that chose each), ``ATTEMPT``; the final one also ``FLAGS`` and ``FINISH_REASON``.
+What each response carries is ``offramp.backend.generation_contract``'s. A stream whose client went
+away (its ``send`` raises) loses its row at once; the others go on.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from offramp.backend.generation_policy import GenerationPolicy
 from offramp.backend.telemetry import ServingTelemetry
 
 MAX_DEADLINE_MS = 86_400_000
+FLAG_CANCELLED = 1 << 30  # internal: the client went away; never sent
 
 
 class RequestError(ValueError):
@@ -242,7 +243,7 @@ class ServiceOptions:
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> ServiceOptions:
         values = {}
-        for name, spec in cls.__dataclass_fields__.items():
+        for name in cls.__dataclass_fields__:
             key = f"offramp_{name}"
             if key in parameters:
                 values[name] = type(getattr(cls, name))(parameters[key])
@@ -303,10 +304,16 @@ class GenerationService:
 
     # --- the serving loop ---
 
-    def serve(self, idle_wait_s: float = 0.05) -> None:
-        """Run rounds until :meth:`close`; waits for requests while nothing runs."""
+    def serve(self, on_error: Callable[[Exception], None], idle_wait_s: float = 0.05) -> None:
+        """Run rounds until :meth:`close`; waits for requests while nothing runs. A round that fails
+        outside the batch's step (which answers its own failures) is reported to ``on_error``, its
+        running requests fail, and serving goes on."""
         while not self._stopping.is_set():
-            self.run_round(idle_wait_s)
+            try:
+                self.run_round(idle_wait_s)
+            except Exception as error:  # the loop must outlive any one round: it is every request's
+                on_error(error)
+                self._fail_running(f"generation failed: {error!r}")
 
     def close(self) -> None:
         """Stop :meth:`serve` after its round."""
@@ -381,6 +388,8 @@ class GenerationService:
         now = self.clock()
         for event in emitted:
             job: Job = event.row.key
+            if job.flags & FLAG_CANCELLED:
+                continue
             if event.tokens:
                 job.first_token_at = job.first_token_at or now
                 job.last_token_at = now
@@ -429,7 +438,12 @@ class GenerationService:
             "FLAGS": np.array([job.flags if final else 0], dtype=np.int32),
             "FINISH_REASON": np.array([(event.row.finish_reason or "").encode() if final else b""], dtype=object),
         }
-        job.stream.send(outputs, final)
+        try:
+            job.stream.send(outputs, final)
+        except Exception:  # the client is gone (a cancelled request): its row leaves, nobody else's
+            if not final:
+                self.engine.cancel(event.row)
+                job.flags |= FLAG_CANCELLED
 
     def _fail(self, job: Job, message: str, request_error: bool) -> None:
         job.stream.fail(message, request_error)

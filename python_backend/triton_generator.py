@@ -77,7 +77,7 @@ class TritonPythonModel:
             decoder, Tokenizer.from_file(str(version_dir / TOKENIZER_FILE)), policy, manifest["end_of_text"], options,
             telemetry, self.audit, manifest["fingerprint"],
         )  # fmt: skip
-        label = f"{args['model_name']} ({instance})"
+        self.label = label = f"{args['model_name']} ({instance})"
         self.publisher = PeriodicPublisher(telemetry, lambda e: _log(f"{label}: metrics not published: {e}", error=True))
         self.thread = threading.Thread(target=self._serve, name="offramp-generation", daemon=True)
         self.thread.start()
@@ -85,7 +85,7 @@ class TritonPythonModel:
 
     def _serve(self):
         with torch.inference_mode():
-            self.service.serve()
+            self.service.serve(lambda error: _log(f"{self.label}: a generation round failed: {error!r}", error=True))
 
     def execute(self, requests):
         for request in requests:

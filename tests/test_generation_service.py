@@ -218,3 +218,31 @@ def test_checks(artifacts):
     json_check = submit(service, "{", max_tokens=4, check="json_schema", check_schema=schema)
     run(service, [json_check])
     assert json_check.final["FLAGS"][0] == FLAG_CHECK_FAILED  # a random model writes no JSON object
+
+
+class GoneAfter(RecordingStream):
+    """A client that goes away after ``responses`` responses: sending raises from then on."""
+
+    def __init__(self, responses: int) -> None:
+        super().__init__()
+        self.left = responses
+
+    def send(self, outputs, final):
+        if self.left == 0:
+            raise RuntimeError("the client cancelled")
+        self.left -= 1
+        super().send(outputs, final)
+
+
+def test_a_client_that_goes_away_loses_its_row_alone(artifacts):
+    service, _ = make_service(artifacts)
+    gone = GoneAfter(2)
+    service.submit(np.array([PROMPTS[0].encode()], dtype=object), {"max_tokens": 30, "mode": "self_speculative"}, gone)
+    others = [submit(service, p, max_tokens=30, mode="self_speculative") for p in PROMPTS]
+    run(service, others)
+    assert len(gone.responses) == 2 and not gone.done
+    assert service.engine.running == 0  # its row left at once
+    alone, _ = make_service(artifacts)
+    references = [submit(alone, p, max_tokens=30) for p in PROMPTS]
+    run(alone, references)
+    assert [s.text() for s in others] == [r.text() for r in references]
