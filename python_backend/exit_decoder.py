@@ -276,6 +276,13 @@ class ExitDecoder:
             self.blocks = _gpt2_layers(tensors, spec)
         self.q_width = spec.heads * spec.head_dim
         self.kv_width = spec.kv_heads * spec.head_dim
+        folded = [self._folded_keys_values(block) for block in self.blocks]
+        # For each first layer, every later layer's folded key and value projections stacked: one product.
+        self.stacked_keys_values = [
+            (torch.cat([w for w, _ in folded[first:]]),
+             None if folded[0][1] is None else torch.cat([b for _, b in folded[first:]]))
+            for first in range(spec.layers)
+        ]  # fmt: skip
 
     @classmethod
     def load(cls, directory: Path, exit_layers: tuple[int, ...] | None = None) -> ExitDecoder:
@@ -350,6 +357,38 @@ class ExitDecoder:
         else:
             inner = F.gelu(up, approximate="tanh")
         return F.linear(inner, block.down, block.down_bias)
+
+    def _folded_keys_values(self, block: LayerWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's key and value projection of the *unscaled* normalised input: the norm's scale (and
+        shift) folded into the weight (and bias), so that every layer's keys and values of one hidden
+        state come from one product (``fill_keys_values``)."""
+        weight = block.qkv[self.q_width :]  # (2 Hkv D, H)
+        bias = None if block.qkv_bias is None else block.qkv_bias[self.q_width :]
+        folded = weight * block.norm1  # scale each input column
+        if block.norm1_bias is not None:
+            shift = weight @ block.norm1_bias
+            bias = shift if bias is None else bias + shift
+        return folded, bias
+
+    def fill_keys_values(self, first: int, hidden: torch.Tensor, cache: KVCache, placement: Placement) -> None:
+        """Keys and values of layers ``[first, L)`` for (n, q, H) ``hidden`` taken as every one of those
+        layers' input (CALM's propagation for rows that left at an exit), in one product."""
+        spec = self.spec
+        layers = spec.layers - first
+        if self.spec.family == "llama":
+            unit = F.rms_norm(hidden, (spec.hidden,), None, spec.norm_eps)
+        else:
+            unit = F.layer_norm(hidden, (spec.hidden,), None, None, spec.norm_eps)
+        kv = F.linear(unit, *self.stacked_keys_values[first])  # (n, q, layers 2 Hkv D)
+        n, q = placement.positions.shape
+        kv = kv.view(n, q, layers, 2, spec.kv_heads, spec.head_dim)
+        keys, values = kv[:, :, :, 0], kv[:, :, :, 1]  # (n, q, layers, Hkv, D)
+        if placement.cos is not None:
+            half = spec.head_dim // 2
+            cos, sin = placement.cos.unsqueeze(2), placement.sin.unsqueeze(2)  # (n, q, 1, 1, D)
+            keys = keys * cos + torch.cat([-keys[..., half:], keys[..., :half]], dim=-1) * sin
+        for offset in range(layers):
+            cache.write(first + offset, placement.cache_index, keys[:, :, offset], values[:, :, offset])
 
     def layer(
         self, index: int, hidden: torch.Tensor, cache: KVCache, placement: Placement, moving: torch.Tensor | None = None

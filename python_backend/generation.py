@@ -274,11 +274,13 @@ class ConfidentGroup(RowGroup):
         # skip need no keys and values for them.
         all_past_deadline = all(r.past_deadline for r in self.rows)
         for index in range(spec.layers):
-            if len(moving) == 0 and all_past_deadline:
+            if len(moving) == 0:  # every row left: the layers left only store keys and values, in one product
+                if not all_past_deadline:
+                    decoder.fill_keys_values(index, hidden, self.cache, placement)
                 break
             hidden = decoder.layer(index, hidden, self.cache, placement, None if len(moving) == n else moving)
             exit_index = exit_at.get(index + 1)
-            if exit_index is None or len(moving) == 0:
+            if exit_index is None:
                 continue
             threshold = rules[moving, exit_index]
             asked = moving[threshold <= 1.0]  # rows whose rule can pass here; the others skip the head

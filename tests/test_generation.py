@@ -187,6 +187,22 @@ def test_self_speculative_commits_exactly_the_tokens_of_full(
     assert [r.generated for r in mixed] == alone
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_keys_values_of_skipped_layers_come_from_the_exit_state_in_one_product(family, decoders):
+    decoder = decoders[family]
+    hidden = torch.randn(3, 1, decoder.spec.hidden, generator=torch.Generator().manual_seed(8))
+    positions = torch.tensor([[5], [17], [40]])
+    placement = decoder.place(0, positions)
+    layer_by_layer, at_once = KVCache(decoder.spec, 3), KVCache(decoder.spec, 3)
+    with torch.inference_mode():
+        for index in range(1, 4):  # each skipped layer on its own, its input the exit state
+            decoder.layer(index, hidden, layer_by_layer, placement, moving=torch.zeros(0, dtype=torch.long))
+        decoder.fill_keys_values(1, hidden, at_once, placement)
+    torch.testing.assert_close(at_once.keys, layer_by_layer.keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(at_once.values, layer_by_layer.values, atol=1e-5, rtol=1e-5)
+    assert at_once.keys[1:, 1, :, 17].abs().sum() > 0 and at_once.keys[0].abs().sum() == 0
+
+
 def test_confident_thresholds_decide_the_exit(decoders):
     decoder = decoders["llama"]
     texts = prompts(6, seed=5)
