@@ -20,7 +20,12 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from offramp.backend.cascade import CascadeResult
 from offramp.client.grpc_client import OUTPUT_NAMES
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
+from tritonclient.utils import (
+    InferenceServerException,
+    deserialize_bytes_tensor,
+    np_to_triton_dtype,
+    triton_to_np_dtype,
+)
 
 PROTOCOLS = ("grpc", "http")
 
@@ -140,9 +145,14 @@ def infer_http(
         if size is None:
             outputs[output["name"]] = np.asarray(output["data"], dtype=dtype).reshape(output["shape"])
             continue
-        outputs[output["name"]] = np.frombuffer(body[offset : offset + size], dtype=dtype).reshape(
-            output["shape"]
+        blob = body[offset : offset + size]
+        # BYTES (LABEL_NAME) arrives as length-prefixed strings, not a fixed-width buffer.
+        values = (
+            deserialize_bytes_tensor(blob)
+            if output["datatype"] == "BYTES"
+            else np.frombuffer(blob, dtype=dtype)
         )
+        outputs[output["name"]] = values.reshape(output["shape"])
         offset += size
     return Outcome(outputs=outputs, status=200)
 
