@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from offramp.backend.contract import HIDDEN_IN, HIDDEN_OUT, LOGITS_OUT
-from offramp.backend.policy import ExitRule, Policy
+from offramp.backend.policy import ExitRule, Policy, Rung
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.risk_control import (
@@ -202,9 +202,11 @@ def evaluate_policy(
     }
 
 
-def policy_version(method: str, rules: Sequence[ExitRule], cohorts: dict) -> str:
-    """A version that names the policy's content: the same calibration gives the same version."""
-    digest = hashlib.sha256(json.dumps([rules, cohorts], default=str, sort_keys=True).encode()).hexdigest()
+def policy_version(method: str, rules: Sequence[ExitRule], cohorts: dict, rungs: Sequence[Rung] = ()) -> str:
+    """A version that names the policy's content: the same calibration gives the same version (a
+    ladder's rungs are content too: the same rung 0 with and without a ladder are two versions)."""
+    content = [rules, cohorts, *([rungs] if rungs else [])]  # without rungs, the digest of before ladders
+    digest = hashlib.sha256(json.dumps(content, default=str, sort_keys=True).encode()).hexdigest()
     return f"{method}-{digest[:10]}"
 
 
@@ -222,12 +224,14 @@ def calibrate_artifacts(
     per_class: str | None = None,
     bonferroni: bool = False,
     min_group_rows: int = 50,
+    ladder: Sequence[float] = (),
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[Policy, CalibratedExitPolicy, np.ndarray]:
     """Runs ``data`` through the exported segments and calibrates a policy on the recorded logits.
 
     ``method``: "ltt" (Learn-then-Test, the stated guarantee) or "empirical" (no guarantee).
+    ``ladder``: further risk levels, each certified as a rung of the served policy (the SLO ladder).
     Returns the served policy, the full calibration result and the logits (exits, N, C).
     """
     logits = exit_logits_from_onnx(artifacts, artifacts_dir, data.inputs, progress=progress)
@@ -246,9 +250,11 @@ def calibrate_artifacts(
         cohorts=data.cohorts,
         bonferroni=bonferroni,
         min_group_rows=min_group_rows,
+        ladder=ladder,
         seed=seed,
     )
     rules = calibrated.rules()
     cohorts = {name: calibrated.rules(name) for name, c in calibrated.cohorts.items() if not c.fell_back}
-    policy = calibrated.to_policy(policy_version(method, rules, cohorts), artifacts.fingerprint)
+    version = policy_version(method, rules, cohorts, calibrated.ladder())
+    policy = calibrated.to_policy(version, artifacts.fingerprint)
     return policy, calibrated, logits

@@ -564,11 +564,9 @@ class CalibratedExitPolicy:
         chosen = self.result if cohort is None else self.cohorts.get(cohort, self.result)
         return self.path.rules(chosen.candidate, self.temperatures)
 
-    def to_policy(self, version: str, model_fingerprint: str) -> Policy:
-        """The served ``Policy``: per-exit rules, cohort overrides (not for fallbacks), the ladder's
-        higher rungs, provenance."""
-        overrides = {name: self.rules(name) for name, c in self.cohorts.items() if not c.fell_back}
-        rungs = tuple(
+    def ladder(self) -> tuple[Rung, ...]:
+        """The ladder's higher rungs as the policy serves them (empty without a ladder)."""
+        return tuple(
             Rung(
                 epsilon=epsilon,
                 exits=self.path.rules(c.candidate, self.temperatures),
@@ -577,6 +575,12 @@ class CalibratedExitPolicy:
             )
             for epsilon, c in self.rungs
         )
+
+    def to_policy(self, version: str, model_fingerprint: str) -> Policy:
+        """The served ``Policy``: per-exit rules, cohort overrides (not for fallbacks), the ladder's
+        higher rungs, provenance."""
+        overrides = {name: self.rules(name) for name, c in self.cohorts.items() if not c.fell_back}
+        rungs = self.ladder()
         return Policy(
             version=version,
             model_fingerprint=model_fingerprint,

@@ -66,6 +66,27 @@ def test_calibrate_writes_a_servable_policy_and_a_report(quick_cnn, calibration_
     assert json.loads(again.read_text()) == json.loads(out.read_text())
 
 
+def test_calibrate_ladder_writes_the_rungs_into_the_policy(quick_cnn, calibration_npz, tmp_path, capsys):
+    """`--ladder` certifies each higher level as a rung of the same policy, delta split across the rungs;
+    a ladder is content, so the policy's version differs from the one without it."""
+    artifacts, directory = quick_cnn
+    common = ["calibrate", "--artifacts", str(directory), "--data", str(calibration_npz), "--epsilon", "0.02",
+              "--delta", "0.1", "--quiet"]  # fmt: skip
+    with pytest.warns(UserWarning, match="tiny"):
+        assert main([*common, "--out", str(tmp_path / "ladder.json"), "--ladder", "0.05", "0.1"]) == 0
+        assert main([*common, "--out", str(tmp_path / "plain.json")]) == 0
+    ladder = Policy.load(tmp_path / "ladder.json").validate(artifacts.num_exits, artifacts.num_classes)
+    plain = Policy.load(tmp_path / "plain.json")
+    assert [rung.epsilon for rung in ladder.rungs] == [0.05, 0.1] and plain.rungs == ()
+    assert ladder.version != plain.version
+    # Rung 0 is certified at delta / 3 (each rung's share), so it may only be more careful than plain.
+    assert ladder.provenance["expected_cost"] >= plain.provenance["expected_cost"]
+    # A higher risk level never needs more compute: each rung's set of candidates includes the lower's.
+    costs = [ladder.provenance["expected_cost"], *(rung.expected_cost for rung in ladder.rungs)]
+    assert costs == sorted(costs, reverse=True)
+    assert "rung 1: epsilon 0.05" in capsys.readouterr().out
+
+
 def table_rows(markdown: str, heading: str) -> list[list[str]]:
     """The body rows of the first table after ``heading``, as lists of stripped cells."""
     section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]

@@ -35,6 +35,9 @@ class CalibrateCommand(Subcommand):
         add("--p-value", choices=P_VALUES, default=P_VALUES[0])
         add("--per-class", choices=[p for p in PER_CLASS if p], help="per-class thresholds")
         add("--bonferroni", action="store_true", help="one guarantee for all cohorts at once")
+        add("--ladder", type=float, nargs="+", default=(), metavar="EPSILON",
+            help="further risk levels above --epsilon, each certified as a rung the SLO controller may "
+            "climb to under load (delta is split across rungs)")  # fmt: skip
         add("--min-group-rows", type=int, default=50, help="smaller cohorts fall back to global")
         add("--report", help="folder for report.md and its plots")
         add("--evaluate-test", action="store_true", help="also judge the policy on the build's test split")
@@ -74,6 +77,7 @@ class CalibrateCommand(Subcommand):
             per_class=args.per_class,
             bonferroni=args.bonferroni,
             min_group_rows=args.min_group_rows,
+            ladder=args.ladder,
             progress=not args.quiet,
         )
         out = Path(args.out) if args.out else artifacts_dir / "policy.json"
@@ -85,6 +89,8 @@ class CalibrateCommand(Subcommand):
         print(f"  achieved calibration risk {provenance['achieved_risk']:.4f}, "
               f"expected compute {provenance['expected_cost']:.3f}")  # fmt: skip
         print("  exit-rate profile: " + ", ".join(f"{r:.1%}" for r in provenance["exit_rate_profile"]))
+        for rung, (epsilon, _) in enumerate(calibrated.rungs, start=1):
+            print(f"  rung {rung}: epsilon {epsilon:g}, expected compute {policy.rungs[rung - 1].expected_cost:.3f}")
         for warning in calibrated.warnings:
             print(f"  warning: {warning}")
         if test is not None:

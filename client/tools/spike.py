@@ -168,7 +168,8 @@ def ladder_policy(workload: Any, ladder: Sequence[float], delta: float = 0.05) -
         labels=workload.calibration_labels,
         ladder=ladder[1:],
     )
-    return calibrated.to_policy(policy_version("ladder", calibrated.rules(), {}), workload.artifacts.fingerprint)
+    version = policy_version("ladder", calibrated.rules(), {}, calibrated.ladder())
+    return calibrated.to_policy(version, workload.artifacts.fingerprint)
 
 
 def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = True) -> dict:
