@@ -123,3 +123,27 @@ def test_a_policy_for_another_model_is_refused(tmp_path):
     policy = Policy.fixed("0" * 64, 2)
     with pytest.raises(PolicyError, match="not for the served model"):
         write_repository(ARTIFACTS, tmp_path, policy, tmp_path / "repo")
+
+
+def test_the_command_line_sets_serving_options_and_refuses_unknown_ones(tmp_path, capsys):
+    """`offramp repository --serving NAME=VALUE` reaches the orchestrator's config; a name that is no
+    option, or a value of the wrong type, is an error before anything is written."""
+    from offramp.backend.orchestrator import ServingOptions
+    from offramp.client.cli.main import main
+
+    artifacts_dir = tmp_path / "artifacts"
+    artifacts_dir.mkdir()
+    ARTIFACTS.save(artifacts_dir)
+    for name in ["segment_0.onnx", "segment_1.onnx", "full.onnx"]:
+        (artifacts_dir / name).write_bytes(b"onnx")
+    repo = tmp_path / "repo"
+    common = ["repository", "--artifacts", str(artifacts_dir), "--repository", str(repo), "--no-execution-env"]
+    for bad, message in [("slo_p99_ms=fast", "slo_p99_ms: 'fast' is not a float"),
+                         ("drift_conservative=yes", "'yes' is not a bool"), ("latency=5", "not NAME=VALUE")]:  # fmt: skip
+        assert main([*common, "--serving", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert not repo.exists()
+    assert main([*common, "--serving", "slo_p99_ms=40", "--serving", "drift_conservative=true"]) == 0
+    config = parse((repo / "toy" / "config.pbtxt").read_text())
+    options = ServingOptions.from_parameters({k: v.string_value for k, v in config.parameters.items()})
+    assert options.slo_p99_ms == 40.0 and options.drift_conservative and options.drift_window == 2000

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from offramp.client.cli.subcommand import DEFAULT_REPOSITORY, DEFAULT_WORKDIR, Subcommand
+
+if TYPE_CHECKING:
+    from offramp.backend.orchestrator import ServingOptions
 
 
 class RepositoryCommand(Subcommand):
@@ -27,6 +31,11 @@ class RepositoryCommand(Subcommand):
         parser.add_argument("--threshold", type=float, default=0.9, help="the fixed threshold without --policy")
         parser.add_argument("--execution-env", help="virtualenv of the Python stubs (default: this one)")
         parser.add_argument("--no-execution-env", action="store_true", help="use the server's own Python")
+        parser.add_argument(
+            "--serving", action="append", default=[], metavar="NAME=VALUE",
+            help="an orchestrator serving option (offramp.backend.orchestrator.ServingOptions: audit_path, "
+            "drift_conservative, slo_p99_ms, slo_shed_max_exit, segments_in_process, ...); repeatable",
+        )  # fmt: skip
 
     def run(self, args: argparse.Namespace) -> int:
         from offramp.backend.environment import prepare_execution_env
@@ -48,10 +57,15 @@ class RepositoryCommand(Subcommand):
             policy = Policy.fixed(artifacts.fingerprint, artifacts.num_exits, threshold=args.threshold)
             print(f"no {policy_file}: serving one fixed max-prob threshold {args.threshold} (offramp "
                   "calibrate makes a policy with a guarantee)")  # fmt: skip
+        try:
+            serving = serving_options(args.serving)
+        except ValueError as error:
+            print(f"offramp repository: error: --serving: {error}", file=sys.stderr)
+            return 2
         env = None
         if not args.no_execution_env:
             env = prepare_execution_env(Path(args.execution_env) if args.execution_env else None)
-        options = RepositoryOptions(target=args.target, execution_env=env)
+        options = RepositoryOptions(target=args.target, execution_env=env, serving=serving)
         repository = Path(args.repository)
         for model_dir in write_repository(artifacts, artifacts_dir, policy, repository, options):
             print(model_dir)
@@ -60,6 +74,28 @@ class RepositoryCommand(Subcommand):
         print(f"serve it: offramp serve --repository {repository}")
         print("or by hand: " + by_hand_command(repository.resolve(), backends))
         return 0
+
+
+def serving_options(assignments: list[str]) -> ServingOptions:
+    """``ServingOptions`` from ``name=value`` texts, each typed as the field's default (bools: true/false)."""
+    from offramp.backend.orchestrator import ServingOptions
+
+    defaults = ServingOptions()
+    parameters = {}
+    for assignment in assignments:
+        name, equals, value = assignment.partition("=")
+        if not equals or not hasattr(defaults, name):
+            known = ", ".join(defaults.__dataclass_fields__)
+            raise ValueError(f"{assignment!r} is not NAME=VALUE with NAME one of {known}")
+        kind = type(getattr(defaults, name))
+        try:
+            if kind is bool and value.lower() not in ("true", "false"):
+                raise ValueError(value)
+            ServingOptions.from_parameters({f"offramp_{name}": value})
+        except ValueError:
+            raise ValueError(f"{name}: {value!r} is not a {kind.__name__}") from None
+        parameters[f"offramp_{name}"] = value
+    return ServingOptions.from_parameters(parameters)
 
 
 def by_hand_command(repository: Path, backends: Path) -> str:
