@@ -18,6 +18,19 @@ from pathlib import Path
 from offramp.build.artifacts import MANIFEST, ModelArtifacts
 
 
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and contents of a folder's files (not its subfolders, not its location):
+    a checkpoint as a build key sees it, so that the same weights key the same build wherever they are
+    installed, and weights saved again differently key a new one."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def build_key(**parts: object) -> str:
     """A short hash of what a build depends on (its settings, data, recipe version)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

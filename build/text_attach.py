@@ -15,7 +15,6 @@ rebuild reuses), then the heads train on those in seconds.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from offramp.build.artifacts import ModelArtifacts
-from offramp.build.build_cache import CachedBuild, build_key, staged_build
+from offramp.build.build_cache import CachedBuild, build_key, folder_digest, staged_build
 from offramp.build.export import artifacts_from_network
 from offramp.build.text_data import DEFAULT_FRACTIONS, Share, TextSource, TextSplits
 from offramp.build.text_recipes import (
     PooledHeads,
     checked_model_settings,
+    data_key,
     package_version,
     predict_by_length,
     torch_threads,
@@ -82,18 +82,6 @@ class AttachSettings:
         )
 
 
-def model_record(model_path: Path) -> dict[str, str]:
-    """The checkpoint as a build key sees it: its folder and a sha256 over the folder's files (weights,
-    config, tokenizer), so that a checkpoint saved again with other weights is a new build."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(model_path).iterdir() if p.is_file()):
-        digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return {"path": str(Path(model_path).resolve()), "sha256": digest.hexdigest()}
-
-
 def model_class_names(model_path: Path) -> tuple[str, ...]:
     """The checkpoint's classes, in its order (its ``id2label``)."""
     config = load_model_config(model_path)
@@ -116,9 +104,9 @@ def build_attached_classifier(
     out_dir, model_path = Path(out_dir), Path(model_path)
     with torch_threads(threads):
         checked_model_settings(model_path, settings.max_length, settings.exit_layers)
-        checkpoint = model_record(model_path)
+        checkpoint = folder_digest(model_path)
         cache = CachedBuild.look_up(
-            out_dir, name=name, mode="attach", data=source.record(), model=checkpoint,
+            out_dir, name=name, mode="attach", **data_key(source.record()), model=checkpoint,
             settings=asdict(settings), recipe=ATTACH_VERSION,
         )  # fmt: skip
         if cache.reusable is not None:
@@ -200,7 +188,7 @@ def _attach_and_export(
         "data": record,
         "model": model_path.name,
         "model_path": str(model_path),
-        "model_sha256": checkpoint["sha256"],
+        "model_sha256": checkpoint,
         "family": encoder_family(classifier.config).name,
         "exit_layers": list(model.exit_layers),
         "tokenizer_dir": TOKENIZER_DIR,

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from offramp.build.artifacts import ModelArtifacts
-from offramp.build.build_cache import CachedBuild, build_key, staged_build
+from offramp.build.build_cache import CachedBuild, build_key, folder_digest, staged_build
 from offramp.build.export import artifacts_from_network
 from offramp.build.markdown import markdown_table
 from offramp.build.text_data import DEFAULT_FRACTIONS, TEXT_TASKS, TextDataError, TextSource, TextSplits
@@ -174,16 +174,20 @@ PROBE_FIELDS = (
 
 def data_key(record: dict) -> dict:
     """What of a data record enters build keys: a packaged task as ``task`` (the key text of the builds
-    made before files were supported), files as ``data``."""
-    return {"task": record["task"]} if "task" in record else {"data": record}
+    made before files were supported), files as ``data``: their contents' sha256 and the columns, not
+    where they lie, so a build is found again from another checkout or folder."""
+    if "task" in record:
+        return {"task": record["task"]}
+    files = {part: file["sha256"] for part, file in record["files"].items()}
+    return {"data": {**record, "files": files}}
 
 
 def _stage_key(
-    stage: str, data: dict, model_path: object, settings: dict, fields: Sequence[str], train_rows: int
+    stage: str, data: dict, model_digest: str, settings: dict, fields: Sequence[str], train_rows: int
 ) -> str:
     """Key of one stage; the row cap enters as the rows actually used (a cap above the split = no cap)."""
     parts = {f: settings.get(f) for f in fields if f != "max_train_rows"}
-    return build_key(stage=stage, **data_key(data), model=str(model_path), train_rows=train_rows, **parts)
+    return build_key(stage=stage, **data_key(data), model=model_digest, train_rows=train_rows, **parts)
 
 
 def checked_model_settings(model_path: Path, max_length: int, exit_layers: Sequence[int] | None) -> None:
@@ -220,7 +224,7 @@ def _build_text_classifier(
         name=name,
         **data_key(record),
         settings=asdict(settings),
-        model=str(model_path),
+        model=folder_digest(model_path),
         probe=probe,
         recipe=RECIPE_VERSION,
     )
@@ -249,8 +253,9 @@ def _train_and_export(
     timings: dict[str, float] = {}
     tokenizer = load_tokenizer(save_tokenizer(model_path, out_dir, settings.max_length))
     train_rows = min(len(splits.train), settings.max_train_rows or len(splits.train))
-    train_key = _stage_key("train", record, model_path, asdict(settings), TRAIN_FIELDS, train_rows)
-    probe_key = _stage_key("probe", record, model_path, asdict(settings), PROBE_FIELDS, train_rows)
+    model_digest = folder_digest(model_path)
+    train_key = _stage_key("train", record, model_digest, asdict(settings), TRAIN_FIELDS, train_rows)
+    probe_key = _stage_key("probe", record, model_digest, asdict(settings), PROBE_FIELDS, train_rows)
     train = (*encode_texts(tokenizer, splits.train.texts[:train_rows]), splits.train.labels[:train_rows])
     calibration = (*encode_texts(tokenizer, splits.calibration.texts), splits.calibration.labels)
     test = (*encode_texts(tokenizer, splits.test.texts), splits.test.labels)
@@ -329,6 +334,7 @@ def _train_and_export(
         "data": record,
         "model": model_path.name if model_path.name != "model" else model_path.parent.name,
         "model_path": str(model_path),
+        "model_sha256": model_digest,
         "exit_layers": list(model.exit_layers),
         "tokenizer_dir": TOKENIZER_DIR,
         "max_length": settings.max_length,
@@ -358,10 +364,10 @@ def _train_and_export(
 
 def _previous_stage_key(previous: dict, stage: str, fields: Sequence[str]) -> str | None:
     """The stage key of an earlier build, recomputed from its recorded settings."""
-    if not previous.get("settings"):
-        return None
+    if not previous.get("settings") or not previous.get("model_sha256"):
+        return None  # a build keyed by where its model lay: its stages are not reused
     record = previous.get("data") or {"task": previous["task"]}
-    return _stage_key(stage, record, previous["model_path"], previous["settings"], fields, previous["train_rows"])
+    return _stage_key(stage, record, previous["model_sha256"], previous["settings"], fields, previous["train_rows"])
 
 
 def _previous_joint_checkpoint(out_dir: Path, previous: dict) -> Path | None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from offramp.build.artifacts import ModelArtifacts
-from offramp.build.build_cache import CachedBuild, build_key
+from offramp.build.build_cache import CachedBuild, build_key, folder_digest
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
@@ -25,9 +25,22 @@ def test_the_keys_of_builds_made_before_are_the_same():
     )  # fmt: skip
     text = _recorded_build("trec_minilm")
     assert text["key"] == build_key(
-        name="trec_minilm", task=text["task"], settings=text["settings"], model=text["model_path"],
+        name="trec_minilm", task=text["task"], settings=text["settings"], model=text["model_sha256"],
         probe=True, recipe=text["recipe_version"],
     )  # fmt: skip
+
+
+def test_a_checkpoint_keys_a_build_by_its_contents_not_its_location(tmp_path: Path):
+    """The same checkpoint in another folder (another checkout, a CI clone) keys the same build; a file
+    changed in it keys another."""
+    for folder in ("here", "there"):
+        (tmp_path / folder / "sub").mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
+        (tmp_path / folder / "model.safetensors").write_bytes(b"weights")
+        (tmp_path / folder / "sub" / "ignored.txt").write_text(folder)  # subfolders are not the checkpoint
+    assert folder_digest(tmp_path / "here") == folder_digest(tmp_path / "there")
+    (tmp_path / "there" / "model.safetensors").write_bytes(b"weights, trained again")
+    assert folder_digest(tmp_path / "here") != folder_digest(tmp_path / "there")
 
 
 def _save_build(directory: Path, key: str) -> None:
