@@ -115,7 +115,7 @@ def build_attached_classifier(
         classifier = load_sequence_classifier(model_path)
         with staged_build(out_dir) as work:
             return _attach_and_export(
-                work, source, splits, classifier, checkpoint, name, settings, progress, cache
+                work, source, splits, classifier, model_path, checkpoint, name, settings, progress, cache
             )
 
 
@@ -124,14 +124,14 @@ def _attach_and_export(
     source: TextSource,
     splits: TextSplits,
     classifier: torch.nn.Module,
-    checkpoint: dict[str, str],
+    model_path: Path,
+    checkpoint: str,  # folder_digest of model_path
     name: str,
     settings: AttachSettings,
     progress: bool,
     cache: CachedBuild,
 ) -> ModelArtifacts:
     record = source.record()
-    model_path = Path(checkpoint["path"])
     timings: dict[str, float] = {}
     tokenizer = load_tokenizer(save_tokenizer(model_path, out_dir, settings.max_length))
     train_rows = min(len(splits.train), settings.max_train_rows or len(splits.train))
@@ -142,7 +142,7 @@ def _attach_and_export(
     seed_everything(settings.seed)
     model = AttachedClassifier(classifier, settings.exit_layers, settings.head_dropout).eval()
     features_key = build_key(
-        stage="features", data=record, model=checkpoint, max_length=settings.max_length,
+        stage="features", **data_key(record), model=checkpoint, max_length=settings.max_length,
         fractions=settings.fractions, seed=settings.seed, train_rows=train_rows,
     )  # fmt: skip
     pooled, final_logits, timings["features_seconds"] = _training_features(
