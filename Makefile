@@ -53,8 +53,9 @@ test: $(STAMP) ## run the tests (slow ones excluded; see test-all)
 test-all: $(STAMP) ## run every test, slow ones included
 	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff: pyflakes checks over the package and tests
-	$(BIN)/ruff check --select F build client python_backend kernels tests
+lint: $(STAMP) ## ruff check (pyflakes, pycodestyle, import order, bugbear, pyupgrade) and ruff format --check
+	$(BIN)/ruff check build client python_backend kernels tests
+	$(BIN)/ruff format --check build client python_backend kernels tests
 
 # gpu-check installs nothing: the project's venv where there is one, else the machine's python3 (with CuPy).
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)

@@ -106,7 +106,9 @@ class MultiExitCNN(nn.Module):
         in_channels = first
         for index, channels in enumerate(config.stage_channels):
             blocks = [
-                ResidualBlock(in_channels if b == 0 else channels, channels, 2 if (index > 0 and b == 0) else 1)
+                ResidualBlock(
+                    in_channels if b == 0 else channels, channels, 2 if (index > 0 and b == 0) else 1
+                )
                 for b in range(config.blocks_per_stage)
             ]
             stages.append(nn.Sequential(stem, *blocks) if index == 0 else nn.Sequential(*blocks))
@@ -118,7 +120,7 @@ class MultiExitCNN(nn.Module):
         """Logits of every exit, each (B, classes), for images (B, C, H, W) in [0, 1]."""
         outputs = []
         hidden = image
-        for stage, head in zip(self.stages, self.heads):
+        for stage, head in zip(self.stages, self.heads, strict=True):
             hidden = stage(hidden)
             outputs.append(head(hidden))
         return outputs
@@ -126,7 +128,7 @@ class MultiExitCNN(nn.Module):
     def segmented(self) -> SegmentedNetwork:
         c = self.config
         return SegmentedNetwork(
-            segments=[CNNSegment(stage, head) for stage, head in zip(self.stages, self.heads)],
+            segments=[CNNSegment(stage, head) for stage, head in zip(self.stages, self.heads, strict=True)],
             full=FullCNN(list(self.stages), self.heads[-1]),
             inputs=[TensorSpec("IMAGE", "float32", (c.in_channels, c.image_size, c.image_size))],
         )

@@ -79,7 +79,7 @@ def split_of(name: str, seed: int, fractions: Sequence[float] = DEFAULT_FRACTION
     """The split a module belongs to: a seeded hash of its name mapped onto the cumulative fractions."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     position = int.from_bytes(digest[:8], "big") / 2**64
-    for split, bound in zip(SPLITS, np.cumsum(fractions)):
+    for split, bound in zip(SPLITS, np.cumsum(fractions), strict=True):
         if position < bound:
             return split
     return SPLITS[-1]
@@ -114,7 +114,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex("\n"), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -203,4 +206,3 @@ def _fitting_suffix(lines: Sequence[str], tokenizer, max_tokens: int) -> str:
         total += counts[start - 1]
         start -= 1
     return "".join(lines[start:])
-

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from offramp.backend.exit_decoder import DECODER_MANIFEST, FAMILIES, MODEL_FILE, TOKENIZER_FILE
 from offramp.build.build_cache import build_key
 from offramp.build.code_data import (
@@ -149,7 +150,7 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 def exit_weights(exit_layers: Sequence[int], layers: int) -> torch.Tensor:
     """Each exit's share of the loss: depth over total depth, the last exit 1; summing to 1."""
-    weights = torch.tensor([1.0 if l == layers else l / layers for l in exit_layers])
+    weights = torch.tensor([1.0 if layer == layers else layer / layers for layer in exit_layers])
     return weights / weights.sum()
 
 
@@ -158,7 +159,9 @@ def layer_keep_probabilities(layers: int, layer_dropout: float) -> torch.Tensor:
     return 1.0 - layer_dropout * torch.arange(layers) / max(layers - 1, 1)
 
 
-def exit_states_of(model, input_ids: torch.Tensor, exit_layers: Sequence[int], keep: torch.Tensor | None = None):
+def exit_states_of(
+    model, input_ids: torch.Tensor, exit_layers: Sequence[int], keep: torch.Tensor | None = None
+):
     """Final-normed hidden states (exits, B, T, H) at every exit of a ``LlamaForCausalLM`` (the LM head
     of each gives that exit's logits); ``keep`` (B, L) bool skips layer l for the sequences where it is
     False (layer dropout)."""
@@ -193,7 +196,9 @@ def learning_rate_at(step: int, settings: ExitTraining) -> float:
 
 
 @torch.no_grad()
-def exit_metrics(model, stream: np.ndarray, shape: DecoderShape, windows: int, seed: int) -> dict[str, list[float]]:
+def exit_metrics(
+    model, stream: np.ndarray, shape: DecoderShape, windows: int, seed: int
+) -> dict[str, list[float]]:
     """Per-exit next-token accuracy, loss, and agreement with the last exit's argmax, on ``windows``
     seeded windows of ``stream``."""
     model.eval()
@@ -257,13 +262,18 @@ def train_code_model(
     for step in range(start, settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, settings)
-        batch = _windows(train_stream, rng.integers(0, len(train_stream) - shape.context - 1, settings.batch_size),
-                         shape.context + 1)  # fmt: skip
+        batch = _windows(
+            train_stream,
+            rng.integers(0, len(train_stream) - shape.context - 1, settings.batch_size),
+            shape.context + 1,
+        )
         keep = torch.rand(settings.batch_size, shape.layers, generator=generator) < keep_probability
         states = exit_states_of(model, batch[:, :-1], shape.exit_layers, keep).flatten(1, 2)  # (E, B T, H)
         target = batch[:, 1:].reshape(-1)
         # The early exits' loss on a sampled share of positions (the head is as costly as a layer here).
-        sampled = torch.randperm(target.numel(), generator=generator)[: int(settings.early_exit_positions * target.numel())]
+        sampled = torch.randperm(target.numel(), generator=generator)[
+            : int(settings.early_exit_positions * target.numel())
+        ]
         losses = torch.stack([
             torch.nn.functional.cross_entropy(model.lm_head(states[e]), target) if e == len(weights) - 1 else
             torch.nn.functional.cross_entropy(model.lm_head(states[e, sampled]), target[sampled])
@@ -278,11 +288,17 @@ def train_code_model(
         window_exit_loss += losses.detach()
         window_steps += 1
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-            entry = {"step": step + 1, "loss": window_loss / window_steps, "seconds": time.time() - started,
-                     **{f"loss_exit_{e}": float(v) / window_steps for e, v in enumerate(window_exit_loss)}}  # fmt: skip
+            entry = {
+                "step": step + 1,
+                "loss": window_loss / window_steps,
+                "seconds": time.time() - started,
+                **{f"loss_exit_{e}": float(v) / window_steps for e, v in enumerate(window_exit_loss)},
+            }
             curve.append(entry)
-            progress(f"step {step + 1}/{settings.steps} loss {entry['loss']:.3f} "
-                     f"exits {' '.join(f'{float(v) / window_steps:.2f}' for v in window_exit_loss)}")  # fmt: skip
+            progress(
+                f"step {step + 1}/{settings.steps} loss {entry['loss']:.3f} "
+                f"exits {' '.join(f'{float(v) / window_steps:.2f}' for v in window_exit_loss)}"
+            )
             window_loss, window_exit_loss, window_steps = 0.0, torch.zeros(len(weights)), 0
         if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
             torch.save({"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -322,7 +338,9 @@ def build_code_model(
 
         torch.manual_seed(settings.seed)
         model = LlamaForCausalLM(shape.llama_config(end_of_text))
-        curve = train_code_model(model, streams["train"], shape, settings, out_dir / TRAINING_STATE, key, progress)
+        curve = train_code_model(
+            model, streams["train"], shape, settings, out_dir / TRAINING_STATE, key, progress
+        )
         trained_s = time.time() - started
         metrics = {
             split: exit_metrics(model, streams[split], shape, settings.eval_windows, seed=1)
@@ -424,13 +442,29 @@ def tiny_random_checkpoint(folder: Path, family: str, tokenizer, seed: int = 0, 
     torch.manual_seed(seed)
     end = tokenizer.token_to_id("<|endoftext|>")
     if family == "llama":
-        config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                             bos_token_id=end, eos_token_id=end, tie_word_embeddings=False)  # fmt: skip
+        config = LlamaConfig(
+            vocab_size=tokenizer.get_vocab_size(),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=context,
+            bos_token_id=end,
+            eos_token_id=end,
+            tie_word_embeddings=False,
+        )
         model, late, factor = LlamaForCausalLM(config), ("self_attn.o_proj", "mlp.down_proj"), 0.3
     else:
-        config = GPT2Config(vocab_size=tokenizer.get_vocab_size(), n_embd=64, n_layer=4, n_head=4, n_positions=context,
-                            bos_token_id=end, eos_token_id=end)  # fmt: skip
+        config = GPT2Config(
+            vocab_size=tokenizer.get_vocab_size(),
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            n_positions=context,
+            bos_token_id=end,
+            eos_token_id=end,
+        )
         model, late, factor = GPT2LMHeadModel(config), ("attn.c_proj", "mlp.c_proj"), 10.0
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -450,39 +484,49 @@ def training_report(artifacts: DecoderArtifacts) -> str:
     build = artifacts.build
     shape = DecoderShape(**{**build["shape"], "exit_layers": tuple(build["shape"]["exit_layers"])})
     settings = build["settings"]
-    exits = [f"layer {l}" for l in shape.exit_layers]
+    exits = [f"layer {layer}" for layer in shape.exit_layers]
     lines = [
         f"# The code model ({artifacts.name})",
         "",
         f"LlamaForCausalLM, {shape.layers} layers, width {shape.hidden_size}, {shape.heads} heads, MLP "
-        f"{shape.intermediate_size}, context {shape.context}, byte-level BPE vocabulary {shape.vocab_size}, tied "
+        f"{shape.intermediate_size}, context {shape.context}, byte-level BPE vocabulary {shape.vocab_size}, "
+        "tied "
         f"LM head; {build['parameters'] / 1e6:.2f} M parameters. Exits after layers "
-        f"{', '.join(str(l) for l in shape.exit_layers)} (the shared head after the final norm).",
+        f"{', '.join(str(layer) for layer in shape.exit_layers)} (the shared head after the final norm).",
         "",
         f"Data: the CPython {'.'.join(str(v) for v in __import__('sys').version_info[:2])} standard library "
         f"without its test suites, split by module (seed {settings['split_seed']}): "
-        + ", ".join(f"{split} {len(names)} modules / {build['tokens'][split]:,} tokens"
-                    for split, names in build["modules"].items())
+        + ", ".join(
+            f"{split} {len(names)} modules / {build['tokens'][split]:,} tokens"
+            for split, names in build["modules"].items()
+        )
         + ".",
         "",
         f"Training: {settings['steps']} steps of {settings['batch_size']} windows of {shape.context} tokens "
         f"({settings['steps'] * settings['batch_size'] * shape.context / 1e6:.2f} M tokens), AdamW lr "
-        f"{settings['learning_rate']:g} (warm-up {settings['warmup_steps']}, cosine to a tenth), early-exit loss "
+        f"{settings['learning_rate']:g} (warm-up {settings['warmup_steps']}, cosine to a tenth), early-exit "
+        "loss "
         f"weighted by depth, layer dropout rising to {settings['layer_dropout']:g}; {build['threads']} torch "
         f"threads, {build['train_seconds'] / 60:.1f} min on this machine.",
         "",
         "## Loss curve (training windows, mean over each logging interval)",
         "",
-    ]  # fmt: skip
+    ]
     curve = build["loss_curve"]
-    shown = curve[:: max(1, len(curve) // 12)] + ([curve[-1]] if len(curve) % max(1, len(curve) // 12) != 1 else [])
+    shown = curve[:: max(1, len(curve) // 12)] + (
+        [curve[-1]] if len(curve) % max(1, len(curve) // 12) != 1 else []
+    )
     lines.append(markdown_table(
         ["step", "minutes", "weighted loss", *exits],
         [[c["step"], f"{c['seconds'] / 60:.1f}", f"{c['loss']:.3f}",
           *(f"{c[f'loss_exit_{e}']:.3f}" for e in range(len(exits)))] for c in shown],
     ))  # fmt: skip
     for split, metrics in build["exit_metrics"].items():
-        lines += ["", f"## Per exit, {split} modules ({settings['eval_windows']} windows of {shape.context} tokens)", ""]
+        lines += [
+            "",
+            f"## Per exit, {split} modules ({settings['eval_windows']} windows of {shape.context} tokens)",
+            "",
+        ]
         lines.append(markdown_table(
             ["", *exits],
             [["next-token accuracy", *(f"{100 * a:.1f}%" for a in metrics["accuracy"])],
@@ -495,13 +539,17 @@ def training_report(artifacts: DecoderArtifacts) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Train (or reuse) the code model with exits; write its report.")
+    parser = argparse.ArgumentParser(
+        description="Train (or reuse) the code model with exits; write its report."
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--steps", type=int, default=ExitTraining.steps)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", type=Path, default=REPORT_FILE)
     args = parser.parse_args(argv)
-    artifacts, directory = build_code_model(args.workdir, settings=ExitTraining(steps=args.steps), threads=args.threads)
+    artifacts, directory = build_code_model(
+        args.workdir, settings=ExitTraining(steps=args.steps), threads=args.threads
+    )
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(training_report(artifacts))
     print(f"{directory}: {args.report}")

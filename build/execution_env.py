@@ -108,7 +108,9 @@ def copy_server_packages(site_packages: Path) -> Path:
         destination = target / package
         if destination.exists():
             shutil.rmtree(destination)
-        shutil.copytree(source, destination, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        shutil.copytree(
+            source, destination, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+        )
     return target
 
 
@@ -128,7 +130,7 @@ def link_interpreter_libpython(env: Path, python: str, run: Run = subprocess.run
     """Links ``python``'s shared libpython into ``env/lib`` (the stub loads it from there); None where
     that Python has no shared library (then the stub's own libpython must match)."""
     values = _query(python, f"json.dumps(sysconfig.get_config_vars(*{LIBPYTHON_CONFIG_VARS!r}))", run)
-    config_vars = dict(zip(LIBPYTHON_CONFIG_VARS, json.loads(values)))
+    config_vars = dict(zip(LIBPYTHON_CONFIG_VARS, json.loads(values), strict=True))
     library = shared_libpython(config_vars)
     return link_libpython(env, library, config_vars["INSTSONAME"]) if library is not None else None
 
@@ -170,7 +172,9 @@ def create_execution_env(
 
 
 def triton_server_flags(
-    shm_default_bytes: int | None = 64 << 20, shm_growth_bytes: int = 64 << 20, cuda_pool_bytes: int | None = None
+    shm_default_bytes: int | None = 64 << 20,
+    shm_growth_bytes: int = 64 << 20,
+    cuda_pool_bytes: int | None = None,
 ) -> list[str]:
     """``tritonserver`` options for the generated repository on a stock server.
 
@@ -220,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     made = create_execution_env(args.out, requirements, args.python, args.pip_arg, args.archive)
     print(f"{made}: {', '.join(requirements)} + offramp.backend, offramp.kernels")
     print(
-        'config.pbtxt: parameters { key: "EXECUTION_ENV_PATH" value: { string_value: "<as the server sees it>" } }'
+        'config.pbtxt: parameters { key: "EXECUTION_ENV_PATH" value: { string_value: "<as the server sees '
+        'it>" } }'
     )
     return 0
 

@@ -10,6 +10,9 @@ from typing import Any
 
 import onnx
 import torch
+from torch import nn
+from tqdm import tqdm
+
 from offramp.backend.contract import (
     BATCH_AXIS,
     FULL_LOGITS_OUT,
@@ -20,8 +23,6 @@ from offramp.backend.contract import (
 )
 from offramp.build.artifacts import ModelArtifacts, SegmentArtifact, fingerprint_files
 from offramp.build.segmented import SegmentedNetwork, count_macs
-from torch import nn
-from tqdm import tqdm
 
 # The exporter logs one warning per torchvision operator it cannot register; none is used here.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -73,12 +74,14 @@ def _variable_axes(spec_shape: Sequence[int]) -> dict[int, str]:
     return axes
 
 
-def onnx_files_from_network(network: SegmentedNetwork, out_dir: Path, progress: bool = False) -> tuple[list[Path], Path]:
+def onnx_files_from_network(
+    network: SegmentedNetwork, out_dir: Path, progress: bool = False
+) -> tuple[list[Path], Path]:
     """Writes ``segment_<k>.onnx`` for every segment and ``full.onnx``; returns their paths."""
     bar = tqdm(total=len(network.segments) + 1, desc="export ONNX", unit="file", disable=not progress)
     example = network.example_inputs(batch=4)
     raw_axes = [_variable_axes(spec.shape) for spec in network.inputs]
-    side_axes = {spec.name: axes for spec, axes in zip(network.inputs, raw_axes)}
+    side_axes = {spec.name: axes for spec, axes in zip(network.inputs, raw_axes, strict=True)}
     paths = []
     inputs, axes = list(example), raw_axes
     for index, segment in enumerate(network.segments):
@@ -94,11 +97,16 @@ def onnx_files_from_network(network: SegmentedNetwork, out_dir: Path, progress: 
         bar.update()
         with torch.no_grad():
             hidden, _ = segment(*inputs)
-        side = {spec.name: t for spec, t in zip(network.inputs, example)}
+        side = {spec.name: t for spec, t in zip(network.inputs, example, strict=True)}
         inputs = [hidden, *(side[name] for name in network.side_inputs)]
         axes = [network.hidden_axes, *(side_axes[name] for name in network.side_inputs)]
     full = onnx_from_module(
-        network.full, example, [spec.name for spec in network.inputs], [FULL_LOGITS_OUT], raw_axes, out_dir / "full.onnx"
+        network.full,
+        example,
+        [spec.name for spec in network.inputs],
+        [FULL_LOGITS_OUT],
+        raw_axes,
+        out_dir / "full.onnx",
     )
     bar.update()
     bar.close()
@@ -117,7 +125,7 @@ def hidden_spec(path: Path) -> TensorSpec:
 def segment_costs(network: SegmentedNetwork) -> tuple[list[int], int]:
     """MACs per row of each segment (with its head) and of the full network."""
     inputs = network.example_inputs(batch=2)
-    side = {spec.name: t for spec, t in zip(network.inputs, inputs)}
+    side = {spec.name: t for spec, t in zip(network.inputs, inputs, strict=True)}
     macs = []
     current = list(inputs)
     for segment in network.segments:
@@ -146,7 +154,7 @@ def artifacts_from_network(
     macs, full_macs = costs if costs is not None else segment_costs(network)
     cumulative = 0
     segments = []
-    for index, (path, segment_macs) in enumerate(zip(segment_paths, macs)):
+    for index, (path, segment_macs) in enumerate(zip(segment_paths, macs, strict=True)):
         cumulative += segment_macs
         segments.append(
             SegmentArtifact(

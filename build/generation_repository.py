@@ -27,6 +27,7 @@ from offramp.build.repository import ModelConfig, TensorConfig
 
 GENERATOR_ADAPTER = Path(offramp.backend.__file__).parent / "triton_generator.py"
 ARTIFACT_FILES = ("config.json", MODEL_FILE, TOKENIZER_FILE, DECODER_MANIFEST)
+DEFAULT_SERVICE_OPTIONS = ServiceOptions()
 
 
 def generator_model_config(name: str, options: ServiceOptions, execution_env: Path | None) -> ModelConfig:
@@ -39,7 +40,10 @@ def generator_model_config(name: str, options: ServiceOptions, execution_env: Pa
         instances=1,  # one running batch: a second instance would split it
         dynamic_batching=False,
         decoupled=True,
-        parameters={**({"EXECUTION_ENV_PATH": str(execution_env)} if execution_env else {}), **options.to_parameters()},
+        parameters={
+            **({"EXECUTION_ENV_PATH": str(execution_env)} if execution_env else {}),
+            **options.to_parameters(),
+        },
     )
 
 
@@ -47,14 +51,17 @@ def write_generator(
     artifacts_dir: Path,
     policy: GenerationPolicy,
     repository: Path,
-    options: ServiceOptions = ServiceOptions(),
+    options: ServiceOptions = DEFAULT_SERVICE_OPTIONS,
     execution_env: Path | None = None,
     name: str | None = None,
 ) -> Path:
-    """``<repository>/<name>`` (default: the artifacts' name), replacing what was there; returns its folder."""
+    """``<repository>/<name>`` (default: the artifacts' name), replacing what was there; returns its
+    folder."""
     artifacts_dir = Path(artifacts_dir)
     artifacts = DecoderArtifacts.load(artifacts_dir)
-    spec = DecoderSpec.from_config(json.loads((artifacts_dir / "config.json").read_text()), artifacts.exit_layers)
+    spec = DecoderSpec.from_config(
+        json.loads((artifacts_dir / "config.json").read_text()), artifacts.exit_layers
+    )
     policy.validate(len(artifacts.exit_layers), artifacts.fingerprint, spec.vocab)
     config = generator_model_config(name or artifacts.name, options, execution_env)
     model_dir = Path(repository) / config.name

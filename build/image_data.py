@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from offramp.backend.image import ImageError, ImageSpec, open_image, pixels_of
 from PIL import Image
+
+from offramp.backend.image import ImageError, ImageSpec, open_image, pixels_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 GRAYSCALE_MODES = ("1", "L", "LA")
@@ -119,7 +120,7 @@ def load_image_splits(
         "kind": "images",
         **{
             split: str(Path(path).resolve()) if path else None
-            for split, path in zip(SPLITS, (train, calibration, test))
+            for split, path in zip(SPLITS, (train, calibration, test), strict=True)
         },
         "fractions": list(fractions),
         "seed": seed,

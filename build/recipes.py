@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.build_cache import CachedBuild, staged_build
 from offramp.build.cnn import CNNConfig, MultiExitCNN
@@ -23,19 +24,22 @@ from offramp.build.train import (
 )
 
 CHECKPOINT = "checkpoint.pt"
+DEFAULT_CNN = CNNConfig()
+DEFAULT_TRAIN = TrainConfig()
 
 
 def build_fashion_mnist_cnn(
     out_dir: Path,
     *,
     name: str = "fashion_cnn",
-    cnn: CNNConfig = CNNConfig(),
-    train: TrainConfig = TrainConfig(),
+    cnn: CNNConfig = DEFAULT_CNN,
+    train: TrainConfig = DEFAULT_TRAIN,
     data_dir: Path | str = DEFAULT_DIR,
     calibration_rows: int = 5000,
     progress: bool = True,
 ) -> ModelArtifacts:
-    """Trains the multi-exit CNN on Fashion-MNIST, exports it to ``out_dir``; reuses a build with the same key."""
+    """Trains the multi-exit CNN on Fashion-MNIST, exports it to ``out_dir``; reuses a build with the same
+    key."""
     out_dir = Path(out_dir)
     cache = CachedBuild.look_up(
         out_dir,
@@ -107,7 +111,8 @@ def quick_train_config(rows: int = 8000, epochs: int = 1, seed: int = 0) -> Trai
 
 def served_fashion_cnn(workdir: Path, epochs: int = 3, quick: bool = False) -> tuple[ModelArtifacts, Path]:
     """The CNN the demo, the benchmark and the soak serve, reused when cached: ``<workdir>/fashion_cnn``
-    trained for ``epochs``, or with ``quick`` a seconds-long build (tests) in ``<workdir>/fashion_cnn_quick``."""
+    trained for ``epochs``, or with ``quick`` a seconds-long build (tests) in
+    ``<workdir>/fashion_cnn_quick``."""
     if quick:
         directory = Path(workdir) / "fashion_cnn_quick"
         return build_fashion_mnist_cnn(directory, train=quick_train_config(), progress=False), directory

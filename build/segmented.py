@@ -46,7 +46,7 @@ class SegmentedNetwork:
     @torch.no_grad()
     def exit_logits(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit, running the segments in a chain (each (B, C))."""
-        side = {spec.name: t for spec, t in zip(self.inputs, inputs)}
+        side = {spec.name: t for spec, t in zip(self.inputs, inputs, strict=True)}
         hidden, logits = self.segments[0](*inputs)
         outputs = [logits]
         for segment in self.segments[1:]:

@@ -50,14 +50,16 @@ def write_columns(path: Path, columns: dict[str, list[Any]]) -> Path:
     path = Path(path)
     kind = file_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = list(zip(*columns.values()))
+    rows = list(zip(*columns.values(), strict=True))
     if kind == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table(columns), path)
     elif kind == "jsonl":
-        path.write_text("".join(json.dumps(dict(zip(columns, row))) + "\n" for row in rows), encoding="utf-8")
+        path.write_text(
+            "".join(json.dumps(dict(zip(columns, row, strict=True))) + "\n" for row in rows), encoding="utf-8"
+        )
     else:
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, delimiter="\t" if kind == "tsv" else ",")

@@ -203,7 +203,7 @@ def segment_profiles(
     side = [s for s in artifacts.inputs if s.name in artifacts.side_inputs]
     profiles = []
     previous_hidden = None
-    for index, (segment, fraction) in enumerate(zip(artifacts.segments, survival)):
+    for index, (segment, fraction) in enumerate(zip(artifacts.segments, survival, strict=True)):
         batch = batch_range(fraction, opt_batch, max_batch)
         if index == 0:
             shapes = [input_shapes(s, batch, sequence) for s in artifacts.inputs]
@@ -344,7 +344,7 @@ def _check_inputs(network: Any, profile: SegmentProfile) -> None:
             raise EngineBuildError(
                 f"{profile.onnx}: {shapes.name} has {len(dims)} axes, the profile {len(shapes.min)}"
             )
-        for axis, (dim, low, high) in enumerate(zip(dims, shapes.min, shapes.max)):
+        for axis, (dim, low, high) in enumerate(zip(dims, shapes.min, shapes.max, strict=True)):
             if dim >= 0 and not low == high == dim:
                 raise EngineBuildError(
                     f"{profile.onnx}: axis {axis} of {shapes.name} is fixed at {dim}, "

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.build_cache import CachedBuild, build_key, folder_digest, staged_build
 from offramp.build.export import artifacts_from_network
@@ -258,6 +259,6 @@ def load_attached_classifier(out_dir: Path | str) -> AttachedClassifier:
     model = AttachedClassifier(
         load_sequence_classifier(build["model_path"]), build["exit_layers"], build["settings"]["head_dropout"]
     )
-    for head, state in zip(model.early_heads, torch.load(out_dir / HEADS_FILE)):
+    for head, state in zip(model.early_heads, torch.load(out_dir / HEADS_FILE), strict=True):
         head.load_state_dict(state)
     return model.eval()

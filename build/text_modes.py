@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.build_cache import build_key, staged_build
 from offramp.build.calibrate import calibrate_artifacts, held_out_data, text_inputs
@@ -166,12 +167,19 @@ def served_figures(
             test = text_splits_of(artifacts).test
             labels, rows = test.labels, len(test.labels)
             name = artifacts.name
-            send = lambda call, desc: send_all(  # noqa: E731
-                server.grpc_url, rows, experiment.rows_per_request, experiment.concurrency, call, desc
+
+            # The lambdas run within this iteration (send_all returns when every request is answered);
+            # the loop's variables are bound as defaults all the same.
+            def send(call, desc, rows=rows):
+                return send_all(
+                    server.grpc_url, rows, experiment.rows_per_request, experiment.concurrency, call, desc
+                )
+
+            early_parts, early_run = send(
+                lambda c, s, name=name, test=test: c.classify_text(name, test.texts[s]), name
             )
-            early_parts, early_run = send(lambda c, s: c.classify_text(name, test.texts[s]), name)
             full_parts, full_run = send(
-                lambda c, s: c.full_logits(
+                lambda c, s, name=name, test=test, artifacts=artifacts, directory=directory: c.full_logits(
                     full_model_name(name), text_inputs(artifacts, directory, test.texts[s])
                 ),
                 full_model_name(name),

@@ -34,7 +34,10 @@ def multi_exit_loss(
     exit_logits: Sequence[torch.Tensor], labels: torch.Tensor, weights: Sequence[float]
 ) -> torch.Tensor:
     """Weighted sum of the exits' cross-entropies (each logits (B, C), labels (B,))."""
-    return sum(w * nn.functional.cross_entropy(logits, labels) for w, logits in zip(weights, exit_logits))
+    return sum(
+        w * nn.functional.cross_entropy(logits, labels)
+        for w, logits in zip(weights, exit_logits, strict=True)
+    )
 
 
 def train_exits(
@@ -65,7 +68,9 @@ def train_exits(
     for epoch in range(config.epochs):
         order = torch.randperm(rows, generator=generator)
         total = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"train epoch {epoch + 1}/{config.epochs}", disable=not progress)
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"train epoch {epoch + 1}/{config.epochs}", disable=not progress
+        )
         for step in bar:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             exit_logits = model(*(t[index] for t in tensors))

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from offramp.backend.contract import TensorSpec
 from offramp.backend.image import IMAGE_INPUT, ImageSpec
 from offramp.build.artifacts import ModelArtifacts
@@ -49,7 +51,6 @@ from offramp.build.image_data import ImageSplits
 from offramp.build.resnet import RESNETS, resnet
 from offramp.build.segmented import SegmentedNetwork
 from offramp.build.train import TrainConfig, predict_exits, seed_everything, train_exits
-from torch import nn
 
 MODES = ("attach", "joint")
 EXIT_GRID = 4  # an exit head pools the stage's output to at most EXIT_GRID x EXIT_GRID positions
@@ -185,7 +186,7 @@ class MultiExitVision(nn.Module):
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit, each (B, classes), for preprocessed images (B, C, H, W)."""
-        exits = dict(zip(self.exit_after, self.heads))
+        exits = dict(zip(self.exit_after, self.heads, strict=True))
         return [exits[index](hidden) for index, hidden in self._stage_outputs(image) if index in exits]
 
     @torch.no_grad()
@@ -208,7 +209,7 @@ class MultiExitVision(nn.Module):
         """Segment k: the stages after exit k-1 up to exit k (the first with the stem) and exit k's head."""
         segments = []
         first = 0
-        for index, (last, head) in enumerate(zip(self.exit_after, self.heads)):
+        for index, (last, head) in enumerate(zip(self.exit_after, self.heads, strict=True)):
             bodies = [*([self.stem] if index == 0 else []), *self.stages[first : last + 1]]
             segments.append(CNNSegment(nn.Sequential(*bodies), head))
             first = last + 1
@@ -227,7 +228,7 @@ class _ExitClassifiers(nn.Module):
         self.classifiers = nn.ModuleList(head.classifier for head in heads)
 
     def forward(self, *features: torch.Tensor) -> list[torch.Tensor]:
-        return [classifier(f) for classifier, f in zip(self.classifiers, features)]
+        return [classifier(f) for classifier, f in zip(self.classifiers, features, strict=True)]
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

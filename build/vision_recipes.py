@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from offramp.backend.environment import prepare_execution_env
 from offramp.backend.image import IMAGE_BYTES_INPUT, IMAGE_INPUT, ImageSpec, encode_png
 from offramp.build.artifacts import ModelArtifacts
@@ -46,7 +48,6 @@ from offramp.build.train import TrainConfig, seed_everything, train_exits
 from offramp.build.vision import build_vision_classifier
 from offramp.client.grpc_client import OfframpClient, Predictions
 from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
-from torch import nn
 
 RESULTS = Path("benchmarks/vision_exits")
 # Fashion-MNIST's pixel statistics, the team's normalization (the same for the three RGB channels).
@@ -84,7 +85,7 @@ def write_image_folders(out: Path, train_images: int, data_dir: Path = DEFAULT_D
             continue
         images, labels = load_fashion_mnist(split, data_dir)
         staging = out / f".{split}.partial"
-        for row, (image, label) in enumerate(zip(images[:count], labels[:count])):
+        for row, (image, label) in enumerate(zip(images[:count], labels[:count], strict=True)):
             class_dir = staging / CLASS_NAMES[label].replace("/", "_")  # "t-shirt/top" is no folder name
             class_dir.mkdir(parents=True, exist_ok=True)
             (class_dir / f"{row:05d}.png").write_bytes(encode_png(np.rint(image * 255).astype(np.uint8)))
@@ -151,21 +152,26 @@ def served_figures(
     encoded = np.array(test_png, dtype=np.object_).reshape(-1, 1)
     figures = {}
     with EmbeddedTritonServer(repository, ports=ServerPorts.free()) as server:
-        send = lambda call: _send(
-            server.grpc_url, call, len(labels), experiment.rows_per_request, experiment.concurrency
-        )  # noqa: E731
+
+        def send(call):
+            return _send(
+                server.grpc_url, call, len(labels), experiment.rows_per_request, experiment.concurrency
+            )
+
         for mode, (artifacts, _) in built.items():
             name = artifacts.name
             started = time.perf_counter()
-            early = Predictions.concatenate(send(lambda c, s: c.classify(name, {IMAGE_INPUT: images[s]})))
+            early = Predictions.concatenate(
+                send(lambda c, s, name=name: c.classify(name, {IMAGE_INPUT: images[s]}))
+            )
             early_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            full = np.concatenate(send(lambda c, s: c.full_logits(full_model_name(name), images[s]))).argmax(
-                1
-            )
+            full = np.concatenate(
+                send(lambda c, s, name=name: c.full_logits(full_model_name(name), images[s]))
+            ).argmax(1)
             full_seconds = time.perf_counter() - started
             by_bytes = Predictions.concatenate(
-                send(lambda c, s: c.classify(name, {IMAGE_BYTES_INPUT: encoded[s]}))
+                send(lambda c, s, name=name: c.classify(name, {IMAGE_BYTES_INPUT: encoded[s]}))
             )
             figures[mode] = {
                 "rows": len(labels),

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+
 from offramp.backend.generation_contract import ERROR_ID_PREFIX, OUTPUTS
 
 
@@ -46,14 +47,14 @@ class Completion:
 
     @property
     def time_to_first_token(self) -> float | None:
-        firsts = [t for t, n in zip(self.arrivals, self.arrival_tokens) if n]
+        firsts = [t for t, n in zip(self.arrivals, self.arrival_tokens, strict=True) if n]
         return firsts[0] - self.sent_at if firsts else None
 
     @property
     def time_per_token(self) -> float | None:
         """Seconds per token after the first: from the first token's arrival to the last's, over the
         tokens between (responses may arrive in bursts; their spread over the whole completion does not)."""
-        arrived = [t for t, n in zip(self.arrivals, self.arrival_tokens) if n]
+        arrived = [t for t, n in zip(self.arrivals, self.arrival_tokens, strict=True) if n]
         later = sum(self.arrival_tokens) - next((n for n in self.arrival_tokens if n), 0)
         return (arrived[-1] - arrived[0]) / later if later else None
 
@@ -130,17 +131,25 @@ class GenerationClient:
                     prompt_input = grpcclient.InferInput("PROMPT", [1], "BYTES")
                     prompt_input.set_data_from_numpy(np.array([prompt.encode("utf-8")], dtype=object))
                     with lock:
-                        completions[request_id] = Completion(request_id, prompt, dict(parameters), time.perf_counter())
+                        completions[request_id] = Completion(
+                            request_id, prompt, dict(parameters), time.perf_counter()
+                        )
                     order.append(request_id)
                     client.async_stream_infer(
-                        self.model, [prompt_input], request_id=request_id, enable_empty_final_response=True,
-                        parameters={k: v for k, v in parameters.items() if k != "request_id"} | {"request_id": request_id},
-                    )  # fmt: skip
+                        self.model,
+                        [prompt_input],
+                        request_id=request_id,
+                        enable_empty_final_response=True,
+                        parameters={k: v for k, v in parameters.items() if k != "request_id"}
+                        | {"request_id": request_id},
+                    )
                     in_flight += 1
                 try:
                     done = finished.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    raise TimeoutError(f"{in_flight} completions unfinished after {timeout_s:.0f} s") from None
+                    raise TimeoutError(
+                        f"{in_flight} completions unfinished after {timeout_s:.0f} s"
+                    ) from None
                 if not isinstance(done, str):
                     raise RuntimeError(f"the stream failed: {done}")
                 in_flight -= 1

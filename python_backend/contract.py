@@ -46,16 +46,19 @@ class TensorSpec:
         )
 
     def violation(self, array: np.ndarray) -> str | None:
-        """What is wrong with ``array`` (n, ...) against the bounds, or None: dtype and shape are checked apart."""
+        """What is wrong with ``array`` (n, ...) against the bounds, or None: dtype and shape are checked
+        apart."""
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             return "holds NaN or infinite values"
         if self.max_length is not None:
-            lengths = [a for a, e in zip(array.shape[1:], self.shape) if e == -1]
+            lengths = [a for a, e in zip(array.shape[1:], self.shape, strict=True) if e == -1]
             if any(n > self.max_length for n in lengths):
                 return f"is {max(lengths)} long; the model takes at most {self.max_length}"
         if array.size and (self.low is not None or self.high is not None):
             smallest, largest = array.min(), array.max()
-            if (self.low is not None and smallest < self.low) or (self.high is not None and largest > self.high):
+            if (self.low is not None and smallest < self.low) or (
+                self.high is not None and largest > self.high
+            ):
                 return f"holds values in [{smallest}, {largest}]; allowed: [{self.low}, {self.high}]"
         return None
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from offramp.backend.exit_decoder import ExitDecoder, KVCache, softmax_confidence
 
 MODES = ("full", "self_speculative", "confident")
@@ -136,7 +137,9 @@ class RowGroup:
             tokens[i, : len(row.prompt)] = torch.tensor(row.prompt)
         positions = torch.arange(longest).expand(len(rows), longest)
         placement = decoder.place(first, positions)
-        hidden = decoder.layers(0, decoder.spec.layers, decoder.embed(tokens, positions), self.cache, placement)
+        hidden = decoder.layers(
+            0, decoder.spec.layers, decoder.embed(tokens, positions), self.cache, placement
+        )
         last = torch.tensor([len(r.prompt) - 1 for r in rows])
         logits = decoder.exit_logits(hidden[torch.arange(len(rows)), last])  # (n, V)
         for row in rows:
@@ -166,7 +169,7 @@ class FullGroup(RowGroup):
         last_exit = len(decoder.spec.exit_layers) - 1
         for row in self.rows:
             row.length += 1
-        return [(row, [token], [last_exit]) for row, token in zip(self.rows, tokens)]
+        return [(row, [token], [last_exit]) for row, token in zip(self.rows, tokens, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,9 @@ class SpeculativeGroup(RowGroup):
     ) -> None:
         super().__init__(decoder, capacity)
         if not 0 <= draft_exit < len(decoder.spec.exit_layers) - 1:
-            raise ValueError(f"draft exit {draft_exit} must be an early exit (0..{len(decoder.spec.exit_layers) - 2})")
+            raise ValueError(
+                f"draft exit {draft_exit} must be an early exit (0..{len(decoder.spec.exit_layers) - 2})"
+            )
         if draft_length < 1:
             raise ValueError("draft length must be at least 1")
         self.draft_layer = decoder.spec.exit_layers[draft_exit]
@@ -198,7 +203,9 @@ class SpeculativeGroup(RowGroup):
         # Drafts only need to be good guesses (the verify pass decides), so they may come from the head's
         # rows of the most frequent tokens alone: a fraction of the head's cost, a few rare tokens
         # never drafted (FR-Spec's frequency-ranked drafting). Empty: the whole vocabulary.
-        self.draft_tokens = torch.tensor(list(draft_vocabulary), dtype=torch.long) if draft_vocabulary else None
+        self.draft_tokens = (
+            torch.tensor(list(draft_vocabulary), dtype=torch.long) if draft_vocabulary else None
+        )
         self.draft_head = None if self.draft_tokens is None else decoder.head[self.draft_tokens].contiguous()
         self.last_pass: Verification | None = None
 
@@ -237,7 +244,9 @@ class SpeculativeGroup(RowGroup):
         self.last_pass = Verification(drafts_wanted, tuple(accepted))
         last_exit = len(spec.exit_layers) - 1
         committed = []
-        for row, count, proposed, checked in zip(self.rows, accepted, drafted.tolist(), verified.tolist()):
+        for row, count, proposed, checked in zip(
+            self.rows, accepted, drafted.tolist(), verified.tolist(), strict=True
+        ):
             tokens = proposed[:count] + ([checked[count]] if count < drafts_wanted else [])
             row.length += 1 + min(count, drafts_wanted - 1)  # the pending token and the agreeing drafts run
             row.drafted += drafts_wanted
@@ -263,7 +272,9 @@ class ConfidentGroup(RowGroup):
         spec = decoder.spec
         n = len(self.rows)
         positions = self._positions()
-        rules = torch.tensor([self.cheapest if r.past_deadline else self.thresholds for r in self.rows])  # (B, E-1)
+        rules = torch.tensor(
+            [self.cheapest if r.past_deadline else self.thresholds for r in self.rows]
+        )  # (B, E-1)
         tokens = torch.zeros(n, dtype=torch.long)
         exits = torch.full((n,), len(spec.exit_layers) - 1, dtype=torch.long)
         moving = torch.arange(n)
@@ -295,7 +306,7 @@ class ConfidentGroup(RowGroup):
             tokens[moving] = decoder.exit_logits(hidden[moving, 0]).argmax(dim=-1)
         for row in self.rows:
             row.length += 1
-        return [(row, [t], [e]) for row, t, e in zip(self.rows, tokens.tolist(), exits.tolist())]
+        return [(row, [t], [e]) for row, t, e in zip(self.rows, tokens.tolist(), exits.tolist(), strict=True)]
 
 
 def _allowed(row: Row, context: int) -> int:
@@ -367,7 +378,7 @@ class GenerationEngine:
                 continue
             for row in joining:
                 group.admit(row)
-            for row, token in zip(joining, group.prefill(joining)):
+            for row, token in zip(joining, group.prefill(joining), strict=True):
                 emitted.append(self._commit(group, row, [token], [last_exit]))
         return emitted
 
@@ -395,7 +406,7 @@ class GenerationEngine:
     def _apply_deadlines(self) -> None:
         now = self.clock()
         confident = self.groups["confident"]
-        for mode, group in self.groups.items():
+        for group in self.groups.values():
             for row in list(group.rows):
                 if row.deadline is None or row.past_deadline or now < row.deadline:
                     continue
@@ -407,7 +418,7 @@ class GenerationEngine:
         """Append tokens one by one until the row finishes; text and stop strings; leave when done."""
         taken_tokens, taken_exits = [], []
         context = self.decoder.spec.context
-        for token, exit_index in zip(tokens, exits):
+        for token, exit_index in zip(tokens, exits, strict=True):
             if token == self.end_of_text:
                 row.finish_reason = FINISH_END_OF_TEXT
                 break

@@ -1,7 +1,8 @@
 """The generation policy: how the decoding modes use a decoder's exits, apart from its weights.
 
 ``generation_policy.json`` holds the draft exit, draft length and draft vocabulary of
-``self_speculative`` (chosen from measured acceptance and cost), the max-prob threshold per early exit of ``confident`` (certified by
+``self_speculative`` (chosen from measured acceptance and cost), the max-prob threshold per early exit of
+``confident`` (certified by
 Learn-then-Test), the fingerprint of the weights it was made for, and its provenance.
 ``offramp.build.generation_calibrate`` makes one; :meth:`GenerationPolicy.uncalibrated` is the
 default until then (``confident`` never leaves early, so it answers as ``full`` does).
@@ -28,7 +29,9 @@ class GenerationPolicy:
     draft_length: int
     thresholds: tuple[float, ...]  # confident: max-prob threshold per early exit (2.0: never there)
     provenance: dict[str, Any] = field(default_factory=dict)
-    draft_vocabulary: tuple[int, ...] = ()  # the tokens drafts are chosen among (most frequent first); empty: all
+    draft_vocabulary: tuple[
+        int, ...
+    ] = ()  # the tokens drafts are chosen among (most frequent first); empty: all
 
     @classmethod
     def uncalibrated(cls, num_exits: int, fingerprint: str, draft_length: int = 4) -> GenerationPolicy:
@@ -58,7 +61,10 @@ class GenerationPolicy:
             raise ValueError(f"{len(self.thresholds)} thresholds for {num_exits - 1} early exits")
         if self.draft_length < 1:
             raise ValueError("draft length must be at least 1")
-        if self.draft_vocabulary and not 0 <= min(self.draft_vocabulary) <= max(self.draft_vocabulary) < vocabulary:
+        if (
+            self.draft_vocabulary
+            and not 0 <= min(self.draft_vocabulary) <= max(self.draft_vocabulary) < vocabulary
+        ):
             raise ValueError(f"the draft vocabulary holds ids outside [0, {vocabulary})")
 
     def save(self, path: Path) -> Path:

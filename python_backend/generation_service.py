@@ -24,10 +24,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
+
 from offramp.backend.audit import AuditLog
 from offramp.backend.contract import FLAG_DEADLINE
 from offramp.backend.exit_decoder import ExitDecoder
@@ -91,16 +92,19 @@ def _stop_strings(value: Any) -> tuple[str, ...]:
     try:
         stops = json.loads(text)
     except json.JSONDecodeError:
-        raise RequestError(f'parameter stop must be a JSON array of strings, e.g. ["\\n"], not {text!r}') from None
+        raise RequestError(
+            f'parameter stop must be a JSON array of strings, e.g. ["\\n"], not {text!r}'
+        ) from None
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise RequestError(f"parameter stop must be a JSON array of non-empty strings, not {text!r}")
     return tuple(stops)
 
 
-
-
 def parse_request(
-    prompt: np.ndarray | None, parameters: Mapping[str, Any], encode: Callable[[str], list[int]], context: int,
+    prompt: np.ndarray | None,
+    parameters: Mapping[str, Any],
+    encode: Callable[[str], list[int]],
+    context: int,
     default_max_tokens: int,
 ) -> GenerationRequest:
     """A request's prompt (``PROMPT``, BYTES ``[1]``) and parameters, checked; ``RequestError`` otherwise."""
@@ -120,7 +124,9 @@ def parse_request(
         raise RequestError("the prompt is empty")
     ids = encode(text)
     if len(ids) >= context:
-        raise RequestError(f"the prompt is {len(ids)} tokens; the context holds {context}, and one must be left to generate")
+        raise RequestError(
+            f"the prompt is {len(ids)} tokens; the context holds {context}, and one must be left to generate"
+        )
     mode = _string_parameter("mode", parameters.get("mode", "full"))
     if mode not in MODES:
         raise RequestError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -183,16 +189,30 @@ class GenerationTelemetry(ServingTelemetry):
     def streamed(self, mode: str, exits: list[int]) -> None:
         for exit_index in sorted(set(exits)):
             self.sink.increment(
-                "offramp_generation_tokens_total", "Tokens generated, by mode and by the exit that chose them",
-                {**self.labels, "mode": mode, "exit": str(exit_index)}, exits.count(exit_index),
-            )  # fmt: skip
+                "offramp_generation_tokens_total",
+                "Tokens generated, by mode and by the exit that chose them",
+                {**self.labels, "mode": mode, "exit": str(exit_index)},
+                exits.count(exit_index),
+            )
 
     def verified(self, drafted: int, accepted: int, passes: int, draft_lengths: list[int]) -> None:
         """Self-speculation of one step: drafts made and accepted, verify passes, each pass's draft length."""
         labels = self.labels
-        self.sink.increment("offramp_generation_draft_tokens_total", "Draft tokens proposed by the early exit", labels, drafted)
-        self.sink.increment("offramp_generation_accepted_tokens_total", "Draft tokens the full model accepted", labels, accepted)
-        self.sink.increment("offramp_generation_verify_passes_total", "Verify passes (one per row per step)", labels, passes)
+        self.sink.increment(
+            "offramp_generation_draft_tokens_total",
+            "Draft tokens proposed by the early exit",
+            labels,
+            drafted,
+        )
+        self.sink.increment(
+            "offramp_generation_accepted_tokens_total",
+            "Draft tokens the full model accepted",
+            labels,
+            accepted,
+        )
+        self.sink.increment(
+            "offramp_generation_verify_passes_total", "Verify passes (one per row per step)", labels, passes
+        )
         self._observe("offramp_generation_draft_length", "Draft length of each verify pass", labels,
                       self.DRAFT_BUCKETS, np.asarray(draft_lengths, dtype=np.float64))  # fmt: skip
 
@@ -205,16 +225,25 @@ class GenerationTelemetry(ServingTelemetry):
                                 "Requests generated again at full depth after a failed check",
                                 {**self.labels, "check": check}, 1)  # fmt: skip
         if job.flags & FLAG_CHECK_FAILED:
-            self.sink.increment("offramp_generation_check_failures_total", "Requests answered with a failed check",
-                                {**self.labels, "check": check}, 1)  # fmt: skip
+            self.sink.increment(
+                "offramp_generation_check_failures_total",
+                "Requests answered with a failed check",
+                {**self.labels, "check": check},
+                1,
+            )
         if job.flags & FLAG_DEADLINE:
             self.sink.increment("offramp_generation_deadline_requests_total",
                                 "Requests that finished at the cheapest exit because their deadline passed",
                                 self.labels, 1)  # fmt: skip
         labels = {**self.labels, "mode": mode}
         if job.first_token_at is not None:
-            self._observe("offramp_generation_time_to_first_token_seconds", "Time from arrival to the first token",
-                          labels, self.TTFT_BUCKETS, np.asarray([job.first_token_at - job.received]))  # fmt: skip
+            self._observe(
+                "offramp_generation_time_to_first_token_seconds",
+                "Time from arrival to the first token",
+                labels,
+                self.TTFT_BUCKETS,
+                np.asarray([job.first_token_at - job.received]),
+            )
         if job.tokens > 1 and job.last_token_at is not None:
             per_token = (job.last_token_at - job.first_token_at) / (job.tokens - 1)
             self._observe("offramp_generation_time_per_output_token_seconds",
@@ -277,7 +306,11 @@ class GenerationService:
         self.fingerprint = fingerprint
         self.clock = clock
         self.engine = GenerationEngine(
-            decoder, policy.settings, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), end_of_text, clock
+            decoder,
+            policy.settings,
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+            end_of_text,
+            clock,
         )
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.held: list[Job] = []  # taken off the queue, not admitted yet (no room this round)
@@ -287,7 +320,9 @@ class GenerationService:
 
     # --- arrival (any thread) ---
 
-    def submit(self, prompt: np.ndarray | None, parameters: Mapping[str, Any], stream: ResponseStream) -> None:
+    def submit(
+        self, prompt: np.ndarray | None, parameters: Mapping[str, Any], stream: ResponseStream
+    ) -> None:
         received = self.clock()
         try:
             request = parse_request(
@@ -348,7 +383,9 @@ class GenerationService:
                 job = self.held.pop(0)
             else:
                 try:
-                    job = self.waiting.get(timeout=wait_s) if wait_s and not jobs else self.waiting.get_nowait()
+                    job = (
+                        self.waiting.get(timeout=wait_s) if wait_s and not jobs else self.waiting.get_nowait()
+                    )
                 except queue.Empty:
                     break
             if jobs and tokens + len(job.request.prompt_ids) > self.options.max_prefill_tokens:
@@ -372,8 +409,14 @@ class GenerationService:
         request = job.request
         full_depth = job.attempt > 0
         deadline = None if request.deadline_ms is None else job.received + request.deadline_ms / 1000.0
-        job.row = Row(job, list(request.prompt_ids), request.max_tokens, "full" if full_depth else request.mode,
-                      request.stop, deadline)  # fmt: skip
+        job.row = Row(
+            job,
+            list(request.prompt_ids),
+            request.max_tokens,
+            "full" if full_depth else request.mode,
+            request.stop,
+            deadline,
+        )
         return job.row
 
     def _record_verification(self) -> None:
@@ -436,7 +479,9 @@ class GenerationService:
             "TOKEN_EXITS": np.asarray(event.exits, dtype=np.int32),
             "ATTEMPT": np.array([job.attempt], dtype=np.int32),
             "FLAGS": np.array([job.flags if final else 0], dtype=np.int32),
-            "FINISH_REASON": np.array([(event.row.finish_reason or "").encode() if final else b""], dtype=object),
+            "FINISH_REASON": np.array(
+                [(event.row.finish_reason or "").encode() if final else b""], dtype=object
+            ),
         }
         try:
             job.stream.send(outputs, final)
@@ -459,28 +504,34 @@ class GenerationService:
         if self.audit is None:
             return
         request = job.request
-        self.audit.record([{
-            "request_id": request.request_id,
-            "mode": request.mode,
-            "attempts": job.attempt + 1,
-            "prompt_tokens": len(request.prompt_ids),
-            "tokens": len(row.generated),
-            "tokens_by_exit": {str(k): v for k, v in sorted(job.tokens_by_exit.items())},
-            "drafted": job.drafted,
-            "accepted": job.accepted,
-            "acceptance_rate": job.accepted / job.drafted if job.drafted else None,
-            "verify_passes": job.verify_passes,
-            "draft_length": self.policy.draft_length if request.mode == "self_speculative" else None,
-            "escalations": int(bool(job.flags & FLAG_ESCALATED)),
-            "check": request.check.name if request.check is not None else None,
-            "check_passed": None if request.check is None else not job.flags & FLAG_CHECK_FAILED,
-            "check_reason": job.check_reason or None,
-            "flags": [name for bit, name in GENERATION_FLAG_NAMES.items() if job.flags & bit],
-            "finish_reason": row.finish_reason,
-            "deadline_ms": request.deadline_ms,
-            "time_to_first_token_s": None if job.first_token_at is None else round(job.first_token_at - job.received, 6),
-            "duration_s": round(self.clock() - job.received, 6),
-            "policy_version": self.policy.version,
-            "model_fingerprint": self.fingerprint,
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-        }])  # fmt: skip
+        self.audit.record(
+            [
+                {
+                    "request_id": request.request_id,
+                    "mode": request.mode,
+                    "attempts": job.attempt + 1,
+                    "prompt_tokens": len(request.prompt_ids),
+                    "tokens": len(row.generated),
+                    "tokens_by_exit": {str(k): v for k, v in sorted(job.tokens_by_exit.items())},
+                    "drafted": job.drafted,
+                    "accepted": job.accepted,
+                    "acceptance_rate": job.accepted / job.drafted if job.drafted else None,
+                    "verify_passes": job.verify_passes,
+                    "draft_length": self.policy.draft_length if request.mode == "self_speculative" else None,
+                    "escalations": int(bool(job.flags & FLAG_ESCALATED)),
+                    "check": request.check.name if request.check is not None else None,
+                    "check_passed": None if request.check is None else not job.flags & FLAG_CHECK_FAILED,
+                    "check_reason": job.check_reason or None,
+                    "flags": [name for bit, name in GENERATION_FLAG_NAMES.items() if job.flags & bit],
+                    "finish_reason": row.finish_reason,
+                    "deadline_ms": request.deadline_ms,
+                    "time_to_first_token_s": None
+                    if job.first_token_at is None
+                    else round(job.first_token_at - job.received, 6),
+                    "duration_s": round(self.clock() - job.received, 6),
+                    "policy_version": self.policy.version,
+                    "model_fingerprint": self.fingerprint,
+                    "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                }
+            ]
+        )

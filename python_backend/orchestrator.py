@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -149,7 +149,9 @@ class ServingOptions:
     metrics_url: str = "http://127.0.0.1:8002/metrics"
 
     def to_parameters(self) -> dict[str, str]:
-        return {f"offramp_{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()}
+        return {
+            f"offramp_{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()
+        }
 
     @classmethod
     def describes(cls, parameters: Mapping[str, Any]) -> bool:
@@ -284,8 +286,14 @@ class Orchestrator:
         self.drift = drift
         self.slo = slo
         self.outages = OutageMemory()
-        if slo is not None and slo.config.shed_max_exit is not None and slo.config.shed_max_exit >= self.num_exits:
-            raise ValueError(f"slo_shed_max_exit {slo.config.shed_max_exit} is past the last exit {self.num_exits - 1}")
+        if (
+            slo is not None
+            and slo.config.shed_max_exit is not None
+            and slo.config.shed_max_exit >= self.num_exits
+        ):
+            raise ValueError(
+                f"slo_shed_max_exit {slo.config.shed_max_exit} is past the last exit {self.num_exits - 1}"
+            )
         if telemetry is not None:
             telemetry.policy(policy.version, spec.fingerprint)
             if audit is not None:  # the writer's totals move in its own thread, between requests
@@ -322,7 +330,7 @@ class Orchestrator:
             if array.dtype != np.dtype(spec.dtype):
                 raise RequestError(f"input {spec.name!r} must be {spec.dtype}, not {array.dtype}")
             if array.ndim != 1 + len(spec.shape) or any(
-                e != -1 and a != e for a, e in zip(array.shape[1:], spec.shape)
+                e != -1 and a != e for a, e in zip(array.shape[1:], spec.shape, strict=True)
             ):
                 shape = ", ".join(str(d) for d in (-1, *spec.shape))
                 raise RequestError(f"input {spec.name!r} must have shape [{shape}], not {list(array.shape)}")
@@ -339,12 +347,14 @@ class Orchestrator:
         lengths = {
             (spec.name, length)
             for spec in self.spec.inputs
-            for length, declared in zip(inputs[spec.name].shape[1:], spec.shape)
+            for length, declared in zip(inputs[spec.name].shape[1:], spec.shape, strict=True)
             if declared == -1
         }
         if len({length for _, length in lengths}) > 1:
             described = ", ".join(f"{name!r} {length}" for name, length in sorted(lengths))
-            raise RequestError(f"inputs disagree on the sequence length: {described}; their lengths must be equal")
+            raise RequestError(
+                f"inputs disagree on the sequence length: {described}; their lengths must be equal"
+            )
 
         parameters = dict(request.parameters())
         unknown = sorted(set(parameters) - set(self.PARAMETERS))
@@ -353,8 +363,13 @@ class Orchestrator:
         last = self.num_exits - 1
         # A negative exit counts from the last, as Python indexes: min_exit -1 runs every segment
         # whatever the model's depth (the health canary does so).
-        min_exit = _int_parameter("min_exit", parameters.get("min_exit", 0), -self.num_exits, last) % self.num_exits
-        max_exit = _int_parameter("max_exit", parameters.get("max_exit", last), -self.num_exits, last) % self.num_exits
+        min_exit = (
+            _int_parameter("min_exit", parameters.get("min_exit", 0), -self.num_exits, last) % self.num_exits
+        )
+        max_exit = (
+            _int_parameter("max_exit", parameters.get("max_exit", last), -self.num_exits, last)
+            % self.num_exits
+        )
         if min_exit > max_exit:
             raise RequestError(f"min_exit {min_exit} is above max_exit {max_exit}")
         force_full = _bool_parameter("force_full", parameters.get("force_full", False))
@@ -396,7 +411,7 @@ class Orchestrator:
             tensors = encode(raw)
         except (TextError, ImageError) as error:
             raise RequestError(str(error)) from None
-        return dict(zip((s.name for s in self.spec.inputs), tensors))
+        return dict(zip((s.name for s in self.spec.inputs), tensors, strict=True))
 
     def merge(self, parsed: Sequence[ParsedRequest]) -> CascadeBatch:
         """One batch of all rows, in request order, with each row's own constraints."""
@@ -404,7 +419,9 @@ class Orchestrator:
             [np.full(p.rows, getattr(p, value), dtype=dtype) for p in parsed]
         )
         return CascadeBatch(
-            inputs={s.name: _concatenate_padded([p.inputs[s.name] for p in parsed]) for s in self.spec.inputs},
+            inputs={
+                s.name: _concatenate_padded([p.inputs[s.name] for p in parsed]) for s in self.spec.inputs
+            },
             force_full=repeat("force_full", bool),
             min_exit=repeat("min_exit", np.int64),
             max_exit=repeat("max_exit", np.int64),
@@ -473,7 +490,7 @@ class Orchestrator:
                 return [error] * len(parsed)
             return [answer for request in parsed for answer in self._serve([request], run_segment, run_model)]
         bounds = np.cumsum([0, *(p.rows for p in parsed)])
-        spans = list(zip(bounds[:-1], bounds[1:]))
+        spans = list(zip(bounds[:-1], bounds[1:], strict=True))
         if any(p.shed for p in parsed):
             shed = np.repeat([p.shed for p in parsed], [p.rows for p in parsed])  # (B,)
             outputs["FLAGS"][shed & (outputs["FLAGS"] & FLAG_DEPTH_CAP != 0)] |= FLAG_SHED
@@ -481,7 +498,7 @@ class Orchestrator:
             rows, message = failed
             lost = [bool(rows[a:b].any()) for a, b in spans]
             keep = np.repeat(~np.array(lost), [p.rows for p in parsed])
-            kept = [p for p, gone in zip(parsed, lost) if not gone]
+            kept = [p for p, gone in zip(parsed, lost, strict=True) if not gone]
             if kept:
                 self._observe(
                     {name: array[keep] for name, array in outputs.items()},
@@ -492,7 +509,7 @@ class Orchestrator:
                 )
             return [
                 ServiceDegraded(message) if gone else {name: array[a:b] for name, array in outputs.items()}
-                for (a, b), gone in zip(spans, lost)
+                for (a, b), gone in zip(spans, lost, strict=True)
             ]
         self._observe(outputs, policy_exit, parsed, batch, requested_full)
         return [{name: array[a:b] for name, array in outputs.items()} for a, b in spans]
@@ -563,7 +580,7 @@ class Orchestrator:
             else:
                 last = self.num_exits - 1
                 temperature = np.array([self.rule_sets[s][last].temperature for s in batch.rule_set[rows]])
-                scaled = (np.asarray(logits, dtype=np.float32) / temperature[:, None].astype(np.float32))
+                scaled = np.asarray(logits, dtype=np.float32) / temperature[:, None].astype(np.float32)
                 answer = compute_confidence(scaled)
                 if outputs["LOGITS"].shape[1] == 0:  # no row of the batch reached an exit: (B, 0) so far
                     outputs["LOGITS"] = np.full((len(rows), scaled.shape[1]), np.nan, dtype=np.float32)
@@ -579,7 +596,9 @@ class Orchestrator:
             return (unanswerable, reason + "; no exit was reached") if unanswerable.any() else None
         return rows, reason + "; the policy allows no answer at a shallower exit (degraded_answers)"
 
-    def _abstain(self, outputs: dict[str, np.ndarray], batch: CascadeBatch, run_model: RunModel | None) -> None:
+    def _abstain(
+        self, outputs: dict[str, np.ndarray], batch: CascadeBatch, run_model: RunModel | None
+    ) -> None:
         """Flags, or sends to the fallback model, the rows still unsure at their last allowed exit."""
         band = self.policy.abstention
         confidence = Confidence(*(outputs["CONFIDENCE"][:, i] for i in range(3)), outputs["LABEL"])
@@ -639,7 +658,7 @@ class Orchestrator:
         self, outputs: dict[str, np.ndarray], parsed: Sequence[ParsedRequest], batch: CascadeBatch
     ) -> list[dict[str, Any]]:
         """One record per answered row: which exit decided it, how sure, under which rule and policy."""
-        stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
         records = []
         position = 0
         last = self.num_exits - 1
@@ -687,7 +706,10 @@ def _concatenate_padded(arrays: list[np.ndarray]) -> np.ndarray:
         return arrays[0]
     longest = np.max([a.shape for a in arrays], axis=0)[1:]
     return np.concatenate(
-        [np.pad(a, [(0, 0), *((0, int(m - d)) for d, m in zip(a.shape[1:], longest))]) for a in arrays]
+        [
+            np.pad(a, [(0, 0), *((0, int(m - d)) for d, m in zip(a.shape[1:], longest, strict=True))])
+            for a in arrays
+        ]
     )
 
 

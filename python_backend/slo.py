@@ -100,7 +100,7 @@ class SloController:
         queue_now = self.queue()
         queue_ms = math.nan
         if queue_now is not None and self._queue_start is not None:
-            waited_us, answered = (b - a for a, b in zip(self._queue_start, queue_now))
+            waited_us, answered = (b - a for a, b in zip(self._queue_start, queue_now, strict=True))
             queue_ms = waited_us / answered / 1000.0 if answered > 0 else math.nan
         self._queue_start = queue_now
         own_p99 = float(np.percentile(own, 99)) if own else math.nan
@@ -145,7 +145,9 @@ def queue_counters_from_metrics(text: str, model: str) -> tuple[float, float] | 
     return totals[0], totals[1]
 
 
-def triton_queue_counters(metrics_url: str, model: str, timeout_s: float = 2.0) -> Callable[[], tuple[float, float] | None]:
+def triton_queue_counters(
+    metrics_url: str, model: str, timeout_s: float = 2.0
+) -> Callable[[], tuple[float, float] | None]:
     """A reader of ``model``'s queue counters on Triton's metrics page (None when it cannot be read: the
     controller then goes by the orchestrator's own times alone)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy

@@ -17,7 +17,9 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         threads = int(config.get("parameters", {}).get("intra_op_thread_count", {}).get("string_value", "1"))
-        self.runner = OnnxRunner(Path(args["model_repository"]) / args["model_version"] / "model.onnx", threads)
+        self.runner = OnnxRunner(
+            Path(args["model_repository"]) / args["model_version"] / "model.onnx", threads
+        )
 
     def execute(self, requests):
         inputs = [
@@ -28,7 +30,7 @@ class TritonPythonModel:
         # skips `hidden`): compute all once, answer each with what it asked for.
         results = self.runner.run_merged(inputs)
         responses = []
-        for request, result in zip(requests, results):
+        for request, result in zip(requests, results, strict=True):
             if isinstance(result, Exception):
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
                 continue

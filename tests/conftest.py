@@ -6,14 +6,19 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import pytest
 
 from offramp.backend.environment import prepare_execution_env
-from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts, ServerStartError, tritonserver_binary
+from offramp.client.serving.server import (
+    EmbeddedTritonServer,
+    ServerPorts,
+    ServerStartError,
+    tritonserver_binary,
+)
 
-RunningServer = Callable[..., ContextManager[EmbeddedTritonServer]]
+RunningServer = Callable[..., contextlib.AbstractContextManager[EmbeddedTritonServer]]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -18,14 +18,15 @@ from typing import Any, Self
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from offramp.backend.cascade import CascadeResult
-from offramp.client.grpc_client import OUTPUT_NAMES
 from tritonclient.utils import (
     InferenceServerException,
     deserialize_bytes_tensor,
     np_to_triton_dtype,
     triton_to_np_dtype,
 )
+
+from offramp.backend.cascade import CascadeResult
+from offramp.client.grpc_client import OUTPUT_NAMES
 
 PROTOCOLS = ("grpc", "http")
 
@@ -170,7 +171,8 @@ def infer(protocol: str, server: Any, model: str, inputs: Mapping[str, np.ndarra
 def assert_rows_match(
     outputs: Mapping[str, np.ndarray], expected: CascadeResult, rows: Any = slice(None)
 ) -> None:
-    """A served answer equals the reference for ``rows``: exits, labels and cost exactly, floats to ORT's noise."""
+    """A served answer equals the reference for ``rows``: exits, labels and cost exactly, floats to ORT's
+    noise."""
     n = len(expected.label[rows])
     np.testing.assert_array_equal(outputs["EXIT"].reshape(n), expected.exit[rows])
     np.testing.assert_array_equal(outputs["LABEL"].reshape(n), expected.label[rows])
@@ -200,7 +202,8 @@ def model_stats(server: Any, model: str) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Sent:
-    """One request of :class:`Traffic`: when it started and ended (time.monotonic()), its rows, what it got."""
+    """One request of :class:`Traffic`: when it started and ended (time.monotonic()), its rows, what it
+    got."""
 
     started: float
     ended: float

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from offramp.backend.cascade import (
     CascadeBatch,
     CascadeResult,
@@ -53,7 +54,6 @@ from offramp.backend.orchestrator import Orchestrator
 from offramp.backend.policy import ExitRule, Policy
 from offramp.kernels.cuda import COMPACT_SOURCE, CONFIDENCE_SOURCE, ENTRY_POINTS, Launchers
 from offramp.kernels.testing import SentinelArrays, relative_error_bound
-
 from tests.cuda_shim import Schedule, ShimModule, build_shim_module
 from tests.fakes import FakeNetwork
 from tests.test_orchestrator import SPEC, FakeRequest, good_rows
@@ -215,7 +215,9 @@ def test_kernel_path_answers_like_the_numpy_path(shim_modules, name: str) -> Non
     got = run_cascade(batch, net.run_segment, pol, COSTS, kernels=shim_kernels(shim_modules), **kwargs)
     assert_same_answers(got, want)
     assert len(net.calls) == len(want_calls)
-    for seen, expected in zip(net.calls, want_calls):  # the same rows reached each segment, in order
+    for seen, expected in zip(
+        net.calls, want_calls, strict=True
+    ):  # the same rows reached each segment, in order
         np.testing.assert_array_equal(seen, expected)
 
 
@@ -323,7 +325,9 @@ def test_device_cascade_keeps_tensors_on_the_device(shim_modules) -> None:
     for name in ("logits", "label", "exit", "confidence", "cost", "flags", "policy_exit"):
         assert type(getattr(got, name)) is np.ndarray, f"{name} was not brought back to the host"
     # The answers come back once, one copy per output array; nothing else crossed to the host.
-    arrays = [f.name for f in fields(CascadeResult) if f.name not in ("rows_per_segment", "outage", "unfinished")]
+    arrays = [
+        f.name for f in fields(CascadeResult) if f.name not in ("rows_per_segment", "outage", "unfinished")
+    ]
     assert DeviceArray.host_copies == len(arrays)  # one copy each; no outage, so no `unfinished`
 
 
@@ -360,7 +364,7 @@ def test_orchestrator_answers_the_same_on_the_device(shim_modules) -> None:
         SPEC, pol, cascade=DeviceCascade(device, shim_kernels(shim_modules, device))
     ).execute(requests, FakeNetwork().run_segment, net.run_model)
     assert isinstance(on_device[2], Exception) and str(on_device[2]) == str(host[2])
-    for got, want in zip(on_device, host):
+    for got, want in zip(on_device, host, strict=True):
         if isinstance(want, Exception):
             continue
         for name in ("LOGITS", "LABEL", "EXIT", "COST", "FLAGS"):
@@ -584,7 +588,6 @@ def test_adapter_asks_for_host_outputs_on_the_host_path(adapter) -> None:
 def write_toy_orchestrator(tmp_path: Path, parameters: dict[str, str]) -> dict[str, str]:
     """A version folder of the toy model's orchestrator, and the ``args`` Triton would pass."""
     from offramp.build.repository import RepositoryOptions, write_orchestrator
-
     from tests.test_repository import ARTIFACTS
 
     model_dir = write_orchestrator(
@@ -681,10 +684,10 @@ def test_served_gpu_orchestrator_without_a_gpu_falls_back_and_says_why(
     a KIND_GPU instance, so that is the case a CPU machine can reach (CuPy without a GPU is the other).
     """
     from google.protobuf import text_format
-    from offramp.build.repository import RepositoryOptions, write_repository
-    from offramp.client.grpc_client import OfframpClient
     from tritonclient.grpc import model_config_pb2
 
+    from offramp.build.repository import RepositoryOptions, write_repository
+    from offramp.client.grpc_client import OfframpClient
     from tests.served_reference import Reference, spread_policy
     from tests.test_served_cnn import assert_matches
 

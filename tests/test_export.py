@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
 import torch
 
+from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.calibrate import exit_logits_from_onnx
 from offramp.build.cnn import CNNConfig, MultiExitCNN
 from offramp.build.recipes import CHECKPOINT
-from offramp.backend.segment_runner import OnnxRunner
 
 # float32 through different kernels (PyTorch's vs ONNX Runtime's convolutions): agreement to ~1e-6
 # relative is what chained segments measured here (docs/embedded-server.md, 'ONNX export'); 1e-4
@@ -22,7 +24,9 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def torch_model(quick_cnn):
     artifacts, directory = quick_cnn
-    model = MultiExitCNN(CNNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in artifacts.build["cnn"].items()}))
+    model = MultiExitCNN(
+        CNNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in artifacts.build["cnn"].items()})
+    )
     model.load_state_dict(torch.load(directory / CHECKPOINT))
     return model.eval()
 
@@ -56,7 +60,7 @@ def test_every_exported_tensor_has_a_symbolic_batch_axis(quick_cnn):
 
 def test_exit_costs_rise_to_the_full_network(quick_cnn):
     costs = quick_cnn[0].exit_costs
-    assert all(a < b for a, b in zip(costs, costs[1:]))
+    assert all(a < b for a, b in itertools.pairwise(costs))
     # The last exit runs the whole network plus the early heads, which are tiny.
     assert 1.0 <= costs[-1] < 1.01
 
@@ -80,5 +84,5 @@ def test_merged_segment_requests_fail_one_by_one(tmp_path):
     requests = [{"INPUT_IDS": good[0]}, {"INPUT_IDS": np.array([[1, 99, 2]])}, {"INPUT_IDS": good[1]}]
     answers = runner.run_merged(requests)
     assert isinstance(answers[1], Exception) and "99" in str(answers[1])
-    for ids, answer in zip(good, (answers[0], answers[2])):
+    for ids, answer in zip(good, (answers[0], answers[2]), strict=True):
         np.testing.assert_array_equal(answer["hidden"], table[ids])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from offramp.backend.exit_decoder import (
     DecoderSpec,
     ExitDecoder,
@@ -34,6 +35,7 @@ reproducible_gemm()  # before this process' first matrix product: MKL fixes its 
 
 VOCAB = 96
 LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789 ()=:.,+-*"
+NEVER_EXIT = DecodingSettings(1, 3, (NEVER, NEVER))
 
 
 def detokenize(ids: list[int]) -> str:
@@ -50,8 +52,15 @@ def llama_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return config, LlamaForCausalLM(config).eval()
 
 
@@ -60,7 +69,9 @@ def gpt2_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return config, GPT2LMHeadModel(config).eval()
 
 
@@ -72,7 +83,9 @@ def _decoder(model, late: list[str], factor: float, exit_layers=(1, 2, 4)) -> Ex
 
 @pytest.fixture(scope="module")
 def decoders(llama_model, gpt2_model) -> dict[str, ExitDecoder]:
-    llama_late = [f"layers.{i}.self_attn.o_proj.weight" for i in (2, 3)] + [f"layers.{i}.mlp.down_proj.weight" for i in (2, 3)]
+    llama_late = [f"layers.{i}.self_attn.o_proj.weight" for i in (2, 3)] + [
+        f"layers.{i}.mlp.down_proj.weight" for i in (2, 3)
+    ]
     gpt2_late = [f"h.{i}.attn.c_proj.weight" for i in (2, 3)] + [f"h.{i}.mlp.c_proj.weight" for i in (2, 3)]
     return {"llama": _decoder(llama_model, llama_late, 0.3), "gpt2": _decoder(gpt2_model, gpt2_late, 10.0)}
 
@@ -86,7 +99,7 @@ def prompts(count: int, seed: int, longest: int = 30) -> list[list[int]]:
 def decode(
     decoder: ExitDecoder,
     rows: list[Row],
-    settings: DecodingSettings = DecodingSettings(1, 3, (NEVER, NEVER)),
+    settings: DecodingSettings = NEVER_EXIT,
     joining_per_step: int | None = None,
     clock=None,
 ) -> GenerationEngine:
@@ -119,7 +132,9 @@ def test_the_decoder_computes_what_transformers_does(family, llama_model, gpt2_m
         after_two = module(ids, output_hidden_states=True).hidden_states[2]
         final_norm = module.model.norm if family == "llama" else module.transformer.ln_f
         hidden = decoder.layers(0, 2, decoder.embed(ids, positions), cache, decoder.place(0, positions))
-        torch.testing.assert_close(decoder.exit_logits(hidden), module.lm_head(final_norm(after_two)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            decoder.exit_logits(hidden), module.lm_head(final_norm(after_two)), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -159,13 +174,20 @@ def full_alone(decoders) -> dict[str, list[list[int]]]:
 
 @pytest.mark.parametrize(
     "family,draft_exit,draft_length,vocabulary",
-    [("llama", 0, 2, ()), ("llama", 1, 5, ()), ("gpt2", 1, 3, ()), ("llama", 1, 3, tuple(range(0, VOCAB, 2)))],
+    [
+        ("llama", 0, 2, ()),
+        ("llama", 1, 5, ()),
+        ("gpt2", 1, 3, ()),
+        ("llama", 1, 3, tuple(range(0, VOCAB, 2))),
+    ],
 )
 def test_self_speculative_commits_exactly_the_tokens_of_full(
     family, draft_exit, draft_length, vocabulary, decoders, full_alone
 ):
     decoder = decoders[family]
-    settings = DecodingSettings(draft_exit, draft_length, (NEVER, NEVER), vocabulary)  # drafts among some tokens
+    settings = DecodingSettings(
+        draft_exit, draft_length, (NEVER, NEVER), vocabulary
+    )  # drafts among some tokens
     texts, budgets = IDENTITY_PROMPTS, IDENTITY_BUDGETS
 
     def rows(mode: str) -> list[Row]:
@@ -182,7 +204,10 @@ def test_self_speculative_commits_exactly_the_tokens_of_full(
         assert all(len(r.generated) == budgets[i] for i, r in enumerate(speculative))
         assert engine.running == 0
     # Mixed with rows of the other modes in the same engine: separate groups, same answers.
-    mixed = [Row(i, list(p), budgets[i], ("self_speculative", "full", "confident")[i % 3]) for i, p in enumerate(texts)]
+    mixed = [
+        Row(i, list(p), budgets[i], ("self_speculative", "full", "confident")[i % 3])
+        for i, p in enumerate(texts)
+    ]
     decode(decoder, mixed, settings, 4)
     assert [r.generated for r in mixed] == alone
 
@@ -239,7 +264,7 @@ def test_rows_finish_on_their_own(decoders):
     stops = [detokenize(r.generated)[4:6] for r in probe]
     rows = [Row(i, list(p), 20, "self_speculative", (stops[i],)) for i, p in enumerate(texts)]
     decode(decoder, rows, joining_per_step=3)
-    for row, full in zip(rows, probe):
+    for row, full in zip(rows, probe, strict=True):
         whole = detokenize(full.generated)
         assert row.finish_reason == FINISH_STOP
         assert row.text == whole[: whole.index(row.stop[0])]
@@ -254,7 +279,10 @@ def test_rows_finish_on_their_own(decoders):
     assert end.finish_reason == FINISH_END_OF_TEXT and end.generated == probe[0].generated[:2]
     long = Row(1, list(range(8, 8 + 60)), 20, "self_speculative")
     decode(decoder, [long])
-    assert long.finish_reason == FINISH_CONTEXT and len(long.prompt) + len(long.generated) == decoder.spec.context
+    assert (
+        long.finish_reason == FINISH_CONTEXT
+        and len(long.prompt) + len(long.generated) == decoder.spec.context
+    )
     assert probe[0].finish_reason == FINISH_MAX_TOKENS
 
 
@@ -262,8 +290,12 @@ def test_a_deadline_finishes_the_row_at_the_cheapest_exit(decoders):
     decoder = decoders["llama"]
     now = [0.0]
     texts = prompts(4, seed=7)
-    rows = [Row(i, list(p), 16, mode, deadline=None if i == 0 else 1.0)
-            for i, (p, mode) in enumerate(zip(texts, ["self_speculative", "self_speculative", "full", "confident"]))]  # fmt: skip
+    rows = [
+        Row(i, list(p), 16, mode, deadline=None if i == 0 else 1.0)
+        for i, (p, mode) in enumerate(
+            zip(texts, ["self_speculative", "self_speculative", "full", "confident"], strict=True)
+        )
+    ]
     engine = GenerationEngine(decoder, DecodingSettings(1, 3, (NEVER, NEVER)), detokenize, end_of_text=0,
                               clock=lambda: now[0])  # fmt: skip
     with torch.inference_mode():

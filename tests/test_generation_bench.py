@@ -5,37 +5,59 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from offramp.build.generation_calibrate import token_disagreement
 from offramp.client.tools.generation_bench import generation_report, prompt_input_data, rotated, summarize
 
 
-def run(mode: str, round_: int, tokens_per_s: float, completions: list[list[int]], exits: list[list[int]]) -> dict:
+def run(
+    mode: str, round_: int, tokens_per_s: float, completions: list[list[int]], exits: list[list[int]]
+) -> dict:
     return {
-        "workload": "next_line", "mode": mode, "concurrency": 8, "round": round_, "errors": 0,
-        "tokens_per_s": tokens_per_s, "ms_per_token_p50": 1000 / tokens_per_s, "ms_per_token_p99": 2000 / tokens_per_s,
-        "ttft_ms_p50": 30.0, "ttft_ms_p99": 60.0, "exact_line_match": 0.5, "tokens_per_step": 2.0 if mode != "full" else 1.0,
-        "drafted": 40.0 if mode == "self_speculative" else 0.0, "accepted": 30.0 if mode == "self_speculative" else 0.0,
-        "verify_passes": 10.0, "completions": completions, "exits": exits,
-    }  # fmt: skip
+        "workload": "next_line",
+        "mode": mode,
+        "concurrency": 8,
+        "round": round_,
+        "errors": 0,
+        "tokens_per_s": tokens_per_s,
+        "ms_per_token_p50": 1000 / tokens_per_s,
+        "ms_per_token_p99": 2000 / tokens_per_s,
+        "ttft_ms_p50": 30.0,
+        "ttft_ms_p99": 60.0,
+        "exact_line_match": 0.5,
+        "tokens_per_step": 2.0 if mode != "full" else 1.0,
+        "drafted": 40.0 if mode == "self_speculative" else 0.0,
+        "accepted": 30.0 if mode == "self_speculative" else 0.0,
+        "verify_passes": 10.0,
+        "completions": completions,
+        "exits": exits,
+    }
 
 
 def test_ratios_are_formed_within_rounds_and_their_median_reported():
     same = [[1, 2, 3], [4, 5]]
     runs = [
-        run("full", 0, 100.0, same, [[3, 3, 3], [3, 3]]), run("self_speculative", 0, 150.0, same, [[3, 3, 3], [3, 3]]),
+        run("full", 0, 100.0, same, [[3, 3, 3], [3, 3]]),
+        run("self_speculative", 0, 150.0, same, [[3, 3, 3], [3, 3]]),
         run("confident", 0, 300.0, [[1, 2, 9], [4, 5]], [[3, 0, 0], [3, 0]]),
         # A slower round for every mode: its ratios are the same, the medians of rates would not be.
-        run("full", 1, 50.0, same, [[3, 3, 3], [3, 3]]), run("self_speculative", 1, 80.0, [[1, 2, 3], [4, 6]], [[3, 3, 3], [3, 3]]),
+        run("full", 1, 50.0, same, [[3, 3, 3], [3, 3]]),
+        run("self_speculative", 1, 80.0, [[1, 2, 3], [4, 6]], [[3, 3, 3], [3, 3]]),
         run("confident", 1, 140.0, [[1, 2, 9], [4, 5]], [[3, 0, 1], [3, 0]]),
-    ]  # fmt: skip
+    ]
     (row,) = summarize(runs, token_disagreement)
     assert row["self_speculative"]["ratio"] == (1.5 + 1.6) / 2
     assert row["confident"]["ratio"] == (3.0 + 2.8) / 2
     assert row["full"]["tokens_per_s"] == 75.0
-    assert (row["identical"], row["compared"]) == (3, 4)  # round 1 differed on one prompt: counted, not hidden
+    assert (row["identical"], row["compared"]) == (
+        3,
+        4,
+    )  # round 1 differed on one prompt: counted, not hidden
     assert row["acceptance_rate"] == 0.75
     assert row["confident_disagreement"] == pytest.approx((1 / 3 + 0 + 1 / 3 + 0) / 4)
-    assert row["confident_exit_shares"] == pytest.approx([5 / 6, 1 / 6])  # the first token (the prefill's) left out
+    assert row["confident_exit_shares"] == pytest.approx(
+        [5 / 6, 1 / 6]
+    )  # the first token (the prefill's) left out
     summary = {
         "policy": {"version": "v", "draft_exit": 1, "draft_length": 3, "thresholds": [0.9, 0.9, 0.9],
                    "provenance": {"method": "uncalibrated"}},

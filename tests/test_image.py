@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from offramp.backend import image as image_module
 from offramp.backend.contract import HIDDEN_IN, TensorSpec
 from offramp.backend.image import (
@@ -28,7 +30,6 @@ from offramp.backend.policy import ExitRule, Policy
 from offramp.build import execution_env
 from offramp.build.artifacts import ModelArtifacts, SegmentArtifact
 from offramp.build.repository import orchestrator_inputs, orchestrator_spec
-from PIL import Image
 
 SPEC = ImageSpec(channels=1, size=8, resize=10, mean=(0.5,), std=(0.25,))
 
@@ -215,7 +216,7 @@ def test_a_bad_image_request_fails_alone(orchestrator, inputs, message):
     ]
     answers = orchestrator.execute([good[0], FakeRequest(inputs), good[1]], run_segment, run_model)
     assert isinstance(answers[1], RequestError) and re.search(message, str(answers[1])), answers[1]
-    for request, answer in zip(good, (answers[0], answers[2])):
+    for request, answer in zip(good, (answers[0], answers[2]), strict=True):
         alone = orchestrator.execute([request], run_segment, run_model)[0]
         for name in alone:
             np.testing.assert_array_equal(answer[name], alone[name], err_msg=name)

@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
 from offramp.backend.audit import read_audit
 from offramp.backend.cascade import CascadeBatch, CascadeResult, run_cascade
 from offramp.backend.contract import HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.orchestrator import ServingOptions
 from offramp.build.repository import RepositoryOptions, write_orchestrator, write_repository
 from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts, ServerStartError
-from tritonclient.utils import InferenceServerException
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -117,14 +118,17 @@ def _with(value: float, where: tuple = (1, 0, 14, 14)) -> Callable[[np.ndarray],
     return inputs
 
 
-FOUR = lambda images: {"IMAGE": images[:4]}
+def first_four(images):
+    return {"IMAGE": images[:4]}
+
+
 BAD_CASES = {
     "wrong dtype": BadCase(
         lambda im: {"IMAGE": im[:4].astype(np.float64)},
         r"data-type is 'FP64', but model '\w+' expects 'FP32'",
     ),
     "mislabelled dtype": BadCase(
-        FOUR, r"data-type is 'INT32', but model '\w+' expects 'FP32'", datatypes={"IMAGE": "INT32"}
+        first_four, r"data-type is 'INT32', but model '\w+' expects 'FP32'", datatypes={"IMAGE": "INT32"}
     ),
     "wrong rank": BadCase(lambda im: {"IMAGE": im[:4, 0]}, r"unexpected shape for input 'IMAGE'"),
     "wrong image size": BadCase(lambda im: {"IMAGE": im[:4, :, :27]}, r"unexpected shape for input 'IMAGE'"),
@@ -136,25 +140,31 @@ BAD_CASES = {
     "NaN pixel": BadCase(_with(np.nan), r"input 'IMAGE' holds NaN or infinite values"),
     "Inf pixel": BadCase(_with(np.inf), r"input 'IMAGE' holds NaN or infinite values"),
     "-Inf pixel": BadCase(_with(-np.inf, (3, 0, 0, 0)), r"input 'IMAGE' holds NaN or infinite values"),
-    "unknown parameter": BadCase(FOUR, r"unknown request parameters \['depth'\]", {"depth": 1}),
-    "min_exit not an integer": BadCase(FOUR, r"parameter 'min_exit' must be an integer", {"min_exit": "two"}),
-    "min_exit a float": BadCase(FOUR, r"parameter 'min_exit' must be an integer", {"min_exit": 1.5}),
+    "unknown parameter": BadCase(first_four, r"unknown request parameters \['depth'\]", {"depth": 1}),
+    "min_exit not an integer": BadCase(
+        first_four, r"parameter 'min_exit' must be an integer", {"min_exit": "two"}
+    ),
+    "min_exit a float": BadCase(first_four, r"parameter 'min_exit' must be an integer", {"min_exit": 1.5}),
     "max_exit out of range": BadCase(
-        FOUR, r"parameter 'max_exit' must lie in \[-3, 2\], not 9", {"max_exit": 9}
+        first_four, r"parameter 'max_exit' must lie in \[-3, 2\], not 9", {"max_exit": 9}
     ),
     "min_exit above max_exit": BadCase(
-        FOUR, r"min_exit 2 is above max_exit 1", {"min_exit": 2, "max_exit": 1}
+        first_four, r"min_exit 2 is above max_exit 1", {"min_exit": 2, "max_exit": 1}
     ),
-    "force_full not a boolean": BadCase(FOUR, r"parameter 'force_full' must be a boolean", {"force_full": 5}),
+    "force_full not a boolean": BadCase(
+        first_four, r"parameter 'force_full' must be a boolean", {"force_full": 5}
+    ),
     "force_full against max_exit": BadCase(
-        FOUR, r"force_full contradicts max_exit 0", {"force_full": True, "max_exit": 0}
+        first_four, r"force_full contradicts max_exit 0", {"force_full": True, "max_exit": 0}
     ),
-    "deadline_ms negative": BadCase(FOUR, r"parameter 'deadline_ms' must lie in", {"deadline_ms": -1}),
+    "deadline_ms negative": BadCase(first_four, r"parameter 'deadline_ms' must lie in", {"deadline_ms": -1}),
     "deadline_ms a word": BadCase(
-        FOUR, r"parameter 'deadline_ms' must be an integer", {"deadline_ms": "soon"}
+        first_four, r"parameter 'deadline_ms' must be an integer", {"deadline_ms": "soon"}
     ),
-    "request_id not a string": BadCase(FOUR, r"parameter 'request_id' must be a string", {"request_id": 7}),
-    "cohort not a string": BadCase(FOUR, r"parameter 'cohort' must be a string", {"cohort": True}),
+    "request_id not a string": BadCase(
+        first_four, r"parameter 'request_id' must be a string", {"request_id": 7}
+    ),
+    "cohort not a string": BadCase(first_four, r"parameter 'cohort' must be a string", {"cohort": True}),
 }
 
 
@@ -636,10 +646,10 @@ if st is not None:
                     {"IMAGE": x},
                     parameters=r.parameters or None,
                 )
-                for r, x in zip(burst, inputs)
+                for r, x in zip(burst, inputs, strict=True)
             ]
             outcomes = [f.result(timeout=60) for f in futures]
-        for request, array, outcome in zip(burst, inputs, outcomes):
+        for request, array, outcome in zip(burst, inputs, outcomes, strict=True):
             problems = expected_problems(request, last)
             FUZZ_SEEN.append("refused" if problems else "answered")
             if problems:
@@ -887,7 +897,12 @@ def test_the_soak_command_line_defaults_are_the_configs(monkeypatch):
         assert args.run(args) == 0
     assert configs[0] == soak.SoakConfig()
     short = configs[1]
-    assert (short.duration_s, short.window_s, short.shm_growth_step_bytes, short.quick) == (30, 30, 4096, True)
+    assert (short.duration_s, short.window_s, short.shm_growth_step_bytes, short.quick) == (
+        30,
+        30,
+        4096,
+        True,
+    )
 
 
 def test_a_perf_analyzer_that_hangs_after_its_last_answer_is_killed(tmp_path):

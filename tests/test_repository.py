@@ -29,7 +29,9 @@ ARTIFACTS = ModelArtifacts(
     class_names=("a", "b", "c"),
     segments=(
         SegmentArtifact("segment_0.onnx", ("IMAGE",), TensorSpec("hidden", "float32", (4, 4, 4)), 100, 0.4),
-        SegmentArtifact("segment_1.onnx", ("hidden_in",), TensorSpec("hidden", "float32", (8, 2, 2)), 150, 1.0),
+        SegmentArtifact(
+            "segment_1.onnx", ("hidden_in",), TensorSpec("hidden", "float32", (8, 2, 2)), 150, 1.0
+        ),
     ),
     full_onnx="full.onnx",
     full_macs=250,
@@ -62,7 +64,9 @@ def test_model_config_round_trips_through_text_format():
     proto = parse(config.to_pbtxt())
     assert proto == config.to_proto()
     assert proto.backend == "python" and proto.max_batch_size == 64
-    assert proto.instance_group[0].count == 3 and proto.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    assert (
+        proto.instance_group[0].count == 3 and proto.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    )
     assert proto.dynamic_batching.max_queue_delay_microseconds == 100
     assert proto.parameters["EXECUTION_ENV_PATH"].string_value == "/env"
 
@@ -84,7 +88,10 @@ def test_triton_onnx_target_uses_the_onnxruntime_platform_with_one_thread():
         assert "EXECUTION_ENV_PATH" not in proto.parameters
     # The orchestrator stays a Python model, in the environment it was given.
     orchestrator = orchestrator_model_config(ARTIFACTS, options).to_proto()
-    assert orchestrator.backend == "python" and orchestrator.parameters["EXECUTION_ENV_PATH"].string_value == "/env"
+    assert (
+        orchestrator.backend == "python"
+        and orchestrator.parameters["EXECUTION_ENV_PATH"].string_value == "/env"
+    )
 
 
 def test_orchestrator_serves_the_tensor_contract():
@@ -137,9 +144,19 @@ def test_the_command_line_sets_serving_options_and_refuses_unknown_ones(tmp_path
     for name in ["segment_0.onnx", "segment_1.onnx", "full.onnx"]:
         (artifacts_dir / name).write_bytes(b"onnx")
     repo = tmp_path / "repo"
-    common = ["repository", "--artifacts", str(artifacts_dir), "--repository", str(repo), "--no-execution-env"]
-    for bad, message in [("slo_p99_ms=fast", "slo_p99_ms: 'fast' is not a float"),
-                         ("drift_conservative=yes", "'yes' is not a bool"), ("latency=5", "not NAME=VALUE")]:  # fmt: skip
+    common = [
+        "repository",
+        "--artifacts",
+        str(artifacts_dir),
+        "--repository",
+        str(repo),
+        "--no-execution-env",
+    ]
+    for bad, message in [
+        ("slo_p99_ms=fast", "slo_p99_ms: 'fast' is not a float"),
+        ("drift_conservative=yes", "'yes' is not a bool"),
+        ("latency=5", "not NAME=VALUE"),
+    ]:
         assert main([*common, "--serving", bad]) == 2
         assert message in capsys.readouterr().err
     assert not repo.exists()

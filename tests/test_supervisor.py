@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from offramp.client.serving.processes import PythonStub
 from offramp.client.serving.supervisor import RestartPolicy, Supervisor
 
+DEFAULT_POLICY = RestartPolicy()
+
 
 @dataclass
 class ScriptedServer:
@@ -70,7 +72,9 @@ class Clock:
         return self.now
 
 
-def _supervised(*models: str, policy: RestartPolicy = RestartPolicy()) -> tuple[ScriptedServer, Supervisor, Clock]:
+def _supervised(
+    *models: str, policy: RestartPolicy = DEFAULT_POLICY
+) -> tuple[ScriptedServer, Supervisor, Clock]:
     server, clock = ScriptedServer(), Clock()
     for model in models:
         server.start(model)

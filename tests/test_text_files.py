@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+
 from offramp.build.build_cache import staged_build
 from offramp.build.tabular import DataFileError, read_columns, write_columns
 from offramp.build.text_data import (
@@ -18,7 +19,6 @@ from offramp.build.text_data import (
     split_dataset,
 )
 from offramp.client.cli.main import main
-
 from tests.tiny_text import CLASSES, corpus, tiny_classifier_folder
 
 FRACTIONS = (0.7, 0.15, 0.15)
@@ -132,14 +132,16 @@ def test_build_errors_come_before_training_and_leave_no_folder(tmp_path, capsys)
     texts, labels = corpus(60)
     train = write_columns(tmp_path / "train.csv", {"text": texts, "label": labels})
     cases = {
-        "unseen label": (["--test", str(write_columns(tmp_path / "t.csv", {"text": ["x"], "label": ["news"]}))],
-                         "label 'news' is not one of the model's labels"),
+        "unseen label": (
+            ["--test", str(write_columns(tmp_path / "t.csv", {"text": ["x"], "label": ["news"]}))],
+            "label 'news' is not one of the model's labels",
+        ),
         "missing column": (["--text-column", "review"], "no column 'review'"),
         "missing file": (["--calibration", str(tmp_path / "absent.csv")], "absent.csv: no such file"),
         "too long": (["--max-length", "500"], "max_length 500: .* takes at most 66 tokens"),
         "bad exits": (["--exits", "1,5"], "exit_layers must be increasing block counts in 1..2"),
         "few rows": (["--calibration-share", "0.01"], "needs at least 100 rows per class"),
-    }  # fmt: skip
+    }
     capsys.readouterr()
     for name, (flags, message) in cases.items():
         out = tmp_path / "out" / name.replace(" ", "_")

@@ -79,7 +79,7 @@ def print_summary(artifacts: ModelArtifacts, out: Path) -> None:
     print(f"{artifacts.name}: {artifacts.num_exits} exits, {artifacts.num_classes} classes "
           f"({', '.join(artifacts.class_names)}); mode {build.get('mode', 'joint')}")  # fmt: skip
     for index, (accuracy, agree, cost) in enumerate(
-        zip(artifacts.exit_test_accuracy, agreement, artifacts.exit_costs)
+        zip(artifacts.exit_test_accuracy, agreement, artifacts.exit_costs, strict=True)
     ):
         agrees = "" if agree is None else f", agreement with the final head {agree:.2%}"
         print(f"exit {index}: test accuracy {accuracy:.2%}{agrees}, compute fraction {cost:.3f}")

@@ -20,9 +20,12 @@ class CalibrateCommand(Subcommand):
 
         add = parser.add_argument
         add("--artifacts", default=str(DEFAULT_WORKDIR / "fashion_cnn"), help="the build's folder")
-        add("--data", help="labelled rows of the kinds the build takes (text: CSV/TSV/JSON Lines/Parquet "
+        add(
+            "--data",
+            help="labelled rows of the kinds the build takes (text: CSV/TSV/JSON Lines/Parquet "
             "with an optional 'cohort' column; images: class folders or .npz), or an .npz of the model's "
-            "inputs, 'labels' and 'cohorts'; default: the build's own calibration split")
+            "inputs, 'labels' and 'cohorts'; default: the build's own calibration split",
+        )
         add("--text-column", help="--data's text column (default: the build's)")
         add("--label-column", help="--data's label column (default: the build's)")
         add("--out", help="the policy file to write (default: policy.json in the artifacts folder)")
@@ -90,19 +93,27 @@ class CalibrateCommand(Subcommand):
               f"expected compute {provenance['expected_cost']:.3f}")  # fmt: skip
         print("  exit-rate profile: " + ", ".join(f"{r:.1%}" for r in provenance["exit_rate_profile"]))
         for rung, (epsilon, _) in enumerate(calibrated.rungs, start=1):
-            print(f"  rung {rung}: epsilon {epsilon:g}, expected compute {policy.rungs[rung - 1].expected_cost:.3f}")
+            print(
+                f"  rung {rung}: epsilon {epsilon:g}, expected compute "
+                f"{policy.rungs[rung - 1].expected_cost:.3f}"
+            )
         for warning in calibrated.warnings:
             print(f"  warning: {warning}")
         if test is not None:
             from offramp.build.calibrate import evaluate_policy
 
             figures = evaluate_policy(artifacts, artifacts_dir, policy, test)
-            print(f"  test split ({figures['rows']} rows): disagreement with full {figures['disagreement']:.2%}, "
-                  f"accuracy {figures['accuracy']:.2%} (full {figures['full_accuracy']:.2%}), "
-                  f"compute {figures['compute']:.3f}")  # fmt: skip
+            print(
+                f"  test split ({figures['rows']} rows): disagreement with full "
+                f"{figures['disagreement']:.2%}, "
+                f"accuracy {figures['accuracy']:.2%} (full {figures['full_accuracy']:.2%}), "
+                f"compute {figures['compute']:.3f}"
+            )
         if args.report:
             from offramp.build.calibration_report import write_calibration_report
 
-            report = write_calibration_report(Path(args.report), policy, calibrated, logits, data, artifacts.class_names)
+            report = write_calibration_report(
+                Path(args.report), policy, calibrated, logits, data, artifacts.class_names
+            )
             print(f"  report: {report}")
         return 0

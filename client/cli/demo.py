@@ -18,8 +18,12 @@ class DemoCommand(Subcommand):
         add = parser.add_argument
         add("--workdir", default=str(DEFAULT_WORKDIR))
         add("--repository", default=str(DEFAULT_REPOSITORY))
-        add("--model", default=FASHION_CNN, choices=(FASHION_CNN, *TEXT_TASKS),
-            help="the CNN (minutes) or a MiniLM text classifier (its first build takes much longer)")  # fmt: skip
+        add(
+            "--model",
+            default=FASHION_CNN,
+            choices=(FASHION_CNN, *TEXT_TASKS),
+            help="the CNN (minutes) or a MiniLM text classifier (its first build takes much longer)",
+        )
         add("--epochs", type=int, help="training epochs (default: 3 for the CNN, 2 for text)")
         add("--concurrency", type=int, default=8)
         add("--rows-per-request", type=int, default=16)

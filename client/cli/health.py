@@ -22,9 +22,19 @@ class HealthCommand(Subcommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add = parser.add_argument
-        add("url", nargs="?", default=DEFAULT_GRPC_URL, help="gRPC address of the server (default: %(default)s)")
-        add("--model", action="append", dest="models", metavar="NAME",
-            help="the orchestrator model, repeatable (default: every offramp model the server has loaded)")  # fmt: skip
+        add(
+            "url",
+            nargs="?",
+            default=DEFAULT_GRPC_URL,
+            help="gRPC address of the server (default: %(default)s)",
+        )
+        add(
+            "--model",
+            action="append",
+            dest="models",
+            metavar="NAME",
+            help="the orchestrator model, repeatable (default: every offramp model the server has loaded)",
+        )
         add("--live", action="store_true", help="a liveness probe: succeed whenever the service answers")
         add("--timeout", type=float, default=5.0, help="seconds per canary (default: %(default)s)")
         add("--json", action="store_true", help="the details as JSON")

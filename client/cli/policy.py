@@ -54,12 +54,16 @@ class PolicyCommand(Subcommand):
                 for version in control.versions():
                     provenance = version.policy.provenance
                     cost = provenance.get("expected_cost", float("nan"))
-                    print(f"{version.number:>4} {'*' if version.active else ' '} {version.policy.version:<24} "
-                          f"{provenance.get('method', '?')}, expected compute {cost:.3f}")  # fmt: skip
+                    print(
+                        f"{version.number:>4} {'*' if version.active else ' '} {version.policy.version:<24} "
+                        f"{provenance.get('method', '?')}, expected compute {cost:.3f}"
+                    )
             elif args.action == "show":
                 print(control.policy(args.version).to_json())
             elif args.action == "diff":
-                for line in policy_diff(control.policy(args.version), control.policy(args.other)) or ["no differences"]:
+                for line in policy_diff(control.policy(args.version), control.policy(args.other)) or [
+                    "no differences"
+                ]:
                     print(line)
             elif args.action == "deploy":
                 number = control.deploy(Policy.load(Path(args.policy)))
@@ -98,7 +102,9 @@ def run_fleet(args: argparse.Namespace) -> int:
             return 0 if status.agreed else 1
         canary = CanaryRows.load(Path(args.canary)) if args.canary else None
         if canary is None:
-            print("offramp policy: no --canary: a replica is only checked to load the version", file=sys.stderr)
+            print(
+                "offramp policy: no --canary: a replica is only checked to load the version", file=sys.stderr
+            )
         if args.action == "rollback":
             rollout = fleet.rollback(args.version, canary, args.canary_tolerance)
         elif args.policy:

@@ -35,8 +35,12 @@ class ServeCommand(Subcommand):
         add("--http-port", type=int, default=default.http, help="default: %(default)s")
         add("--grpc-port", type=int, default=default.grpc, help="default: %(default)s")
         add("--metrics-port", type=int, default=default.metrics, help="default: %(default)s")
-        add("--health-port", type=int, default=DEFAULT_HEALTH_PORT,
-            help="/health/live, /health/ready and the supervisor's /metrics (default: %(default)s)")  # fmt: skip
+        add(
+            "--health-port",
+            type=int,
+            default=DEFAULT_HEALTH_PORT,
+            help="/health/live, /health/ready and the supervisor's /metrics (default: %(default)s)",
+        )
         add("--log", type=Path, default=None, help="server log file (default: a temp file)")
         add("--model-control", choices=MODEL_CONTROL_MODES, default="explicit",
             help="'explicit' loads every model, lets `offramp policy` swap policies live and the supervisor "
@@ -91,14 +95,18 @@ def serve(args: argparse.Namespace) -> int:
         print(f"gRPC     {server.grpc_url}", flush=True)
         print(f"HTTP     {server.http_url}", flush=True)
         print(f"metrics  {server.metrics_url}", flush=True)
-        print(f"health   http://{args.host}:{health.port}/health/ready (also /health/live, /health, /metrics)",
-              flush=True)  # fmt: skip
+        print(
+            f"health   http://{args.host}:{health.port}/health/ready (also /health/live, /health, /metrics)",
+            flush=True,
+        )
         print(f"log      {server.log_path}", flush=True)
         if server.removed_orphans:
             removed = [str(p) for p in server.removed_orphans]
             print(f"removed shared memory of killed servers: {removed}", flush=True)
         if supervisor is None:
-            print("crashed models are not restarted (no supervisor without explicit model control)", flush=True)
+            print(
+                "crashed models are not restarted (no supervisor without explicit model control)", flush=True
+            )
         if server.admin_key:
             print(f"model control needs header {ADMIN_KEY_HEADER}: {server.admin_key}", flush=True)
         print("Ctrl-C to stop", flush=True)
@@ -118,8 +126,11 @@ def serve(args: argparse.Namespace) -> int:
             signal.signal(sig, signal.SIG_IGN)
         extras.close()
         left = server.stop()
-        print("stopped" + (f"; removed shared memory Triton left behind: {[str(p) for p in left]}" if left else ""),
-              flush=True)  # fmt: skip
+        print(
+            "stopped"
+            + (f"; removed shared memory Triton left behind: {[str(p) for p in left]}" if left else ""),
+            flush=True,
+        )
         return 0 if started else 130
     finally:
         extras.close()

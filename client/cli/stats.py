@@ -52,7 +52,7 @@ class StatsCommand(Subcommand):
         figures = read()
         if args.over:
             time.sleep(args.over)
-            figures = [later.difference(earlier) for later, earlier in zip(read(), figures)]
+            figures = [later.difference(earlier) for later, earlier in zip(read(), figures, strict=True)]
         if args.json:
             print(json.dumps([asdict(f) for f in [*figures, fleet_total(figures)]], indent=2))
         else:

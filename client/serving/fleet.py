@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.orchestrator import Orchestrator
 from offramp.backend.policy import Policy, PolicyError
@@ -373,7 +374,7 @@ class FleetControl:
         if down:
             raise FleetError(f"not rolling out: {down[0].replica} does not answer ({down[0].error})")
         steps: list[RolloutStep] = []
-        for target, state in zip(self.replicas, states):
+        for target, state in zip(self.replicas, states, strict=True):
             failure = self._serve_and_check(target, version, canary, expected, tolerance)
             steps.append(RolloutStep(target.grpc_url, state.version, failure or f"serves version {version}"))
             self.say(f"  {target.grpc_url}: {steps[-1].outcome}")

@@ -64,8 +64,15 @@ def level_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
     for concurrency in sorted({r["concurrency"] for r in runs}):
         at = [r for r in runs if r["concurrency"] == concurrency]
         arm = {a: [r for r in at if r["arm"] == a] for a in (EARLY, FULL)}
-        median = lambda a, key: statistics.median(r[key] for r in arm[a])  # noqa: E731
-        ratios = [e["rows_per_s"] / f["rows_per_s"] for e, f in zip(arm[EARLY], arm[FULL]) if f["rows_per_s"]]
+
+        def median(a, key, arm=arm):
+            return statistics.median(r[key] for r in arm[a])
+
+        ratios = [
+            e["rows_per_s"] / f["rows_per_s"]
+            for e, f in zip(arm[EARLY], arm[FULL], strict=True)
+            if f["rows_per_s"]
+        ]
         spread: dict[str, int] = {}
         for run in at:
             for replica, count in run["by_replica"].items():

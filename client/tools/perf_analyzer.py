@@ -62,7 +62,8 @@ def _binary_from_wheel() -> Path | None:
 
 
 def perf_analyzer_binary() -> Path:
-    """Return the ``perf_analyzer`` executable: ``$OFFRAMP_PERF_ANALYZER``, the tritonclient wheel's, or PATH's.
+    """Return the ``perf_analyzer`` executable: ``$OFFRAMP_PERF_ANALYZER``, the tritonclient wheel's, or
+    PATH's.
 
     Raises:
         PerfAnalyzerError: none of them exists.
@@ -79,7 +80,8 @@ def perf_analyzer_binary() -> Path:
     if on_path:
         return Path(on_path)
     raise PerfAnalyzerError(
-        "perf_analyzer not found: it ships inside the tritonclient wheel (pip install 'tritonclient[grpc]==2.49.0'), "
+        "perf_analyzer not found: it ships inside the tritonclient wheel (pip install "
+        "'tritonclient[grpc]==2.49.0'), "
         "or set OFFRAMP_PERF_ANALYZER to the binary"
     )
 
@@ -119,10 +121,15 @@ def explain_start_failure(output: str) -> str | None:
 
 
 def check_perf_analyzer() -> Path:
-    """Return the binary after checking that it starts; raise :class:`PerfAnalyzerError` saying what to install."""
+    """Return the binary after checking that it starts; raise :class:`PerfAnalyzerError` saying what to
+    install."""
     binary = perf_analyzer_binary()
     result = subprocess.run(
-        [str(binary), "--version"], env=perf_analyzer_environment(), capture_output=True, text=True, timeout=60,
+        [str(binary), "--version"],
+        env=perf_analyzer_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     output = result.stdout + result.stderr
@@ -261,7 +268,8 @@ def parse_perf_csv(text: str, batch_size: int = 1) -> list[PerfResult]:
     """The rows of perf_analyzer's ``-f`` CSV (one per concurrency level or request rate), latencies in ms.
 
     The first block is the latency report: a header line starting ``Concurrency,`` (``Request Rate,``
-    in request-rate mode) and one line per level; it ends at the first blank line (server metrics may follow with ``--collect-metrics``).
+    in request-rate mode) and one line per level; it ends at the first blank line (server metrics may follow
+    with ``--collect-metrics``).
     With ``--percentile`` perf_analyzer drops the "Avg latency" column; it is then None.
 
     Raises:
@@ -271,7 +279,9 @@ def parse_perf_csv(text: str, batch_size: int = 1) -> list[PerfResult]:
     try:
         start = next(i for i, line in enumerate(lines) if line.startswith(_LOAD_COLUMNS))
     except StopIteration:
-        raise ValueError("perf_analyzer CSV has no 'Concurrency,...' (or 'Request Rate,...') header") from None
+        raise ValueError(
+            "perf_analyzer CSV has no 'Concurrency,...' (or 'Request Rate,...') header"
+        ) from None
     block = []
     for line in lines[start:]:
         if not line.strip():
@@ -284,9 +294,7 @@ def parse_perf_csv(text: str, batch_size: int = 1) -> list[PerfResult]:
         missing = [c for c in (load, "Inferences/Second", "p50 latency", "p99 latency") if not row.get(c)]
         if missing:
             raise ValueError(f"perf_analyzer CSV row lacks {missing}: {row}")
-        values = {
-            f: float(row[c]) / 1000.0 for c, f in _CSV_COLUMNS.items() if row.get(c) not in (None, "")
-        }
+        values = {f: float(row[c]) / 1000.0 for c, f in _CSV_COLUMNS.items() if row.get(c) not in (None, "")}
         for required in ("p90_ms", "p95_ms"):
             values.setdefault(required, float("nan"))
         results.append(
@@ -343,7 +351,9 @@ def run_perf_analyzer(
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, env=perf_analyzer_environment(), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=perf_analyzer_environment(), stdout=log, stderr=subprocess.STDOUT
+        )
     written_at = None
     while process.poll() is None:
         now = time.perf_counter()

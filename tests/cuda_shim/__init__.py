@@ -23,8 +23,9 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -173,7 +174,7 @@ def _run_isolated(launch: Callable[[], str | None], allocations: list[np.ndarray
             return f"still running after {LAUNCH_TIMEOUT_S:.0f} s, killed"
         return f"the kernel crashed the process ({signal.Signals(os.WTERMSIG(status)).name})"
     error, contents = pickle.loads(b"".join(chunks))
-    for allocation, content in zip(allocations, contents):
+    for allocation, content in zip(allocations, contents, strict=True):
         ctypes.memmove(allocation.ctypes.data, content, allocation.nbytes)
     return error
 
