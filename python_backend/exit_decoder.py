@@ -31,7 +31,10 @@ processed together (one step of ``full``, a verify pass of several):
   number of rows (measured here: one row, 2-10 rows and 11 or more rows gave three different roundings);
   MKL's conditional-numerical-reproducibility STRICT mode removes that dependence (measured: every
   row count from 1 to 600 bitwise equal). :func:`reproducible_gemm` sets the mode, which MKL fixes at
-  the process' first matrix product; the tests and the Triton adapter call it first;
+  the process' first matrix product; the tests and the Triton adapter call it first. Not every CPU
+  gets there: on a 2-core AVX2 machine (2026-12-02) a one-row product still rounded differently from
+  a 24-row one in STRICT mode, so a verify pass can differ from single steps in the last bits there
+  and the identity with ``full`` is no longer guaranteed (the bitwise test skips, saying so);
 - elementwise kernels (norms, activations, rotary) are vectorised over a contiguous last axis whose
   length is a multiple of 16 (the model's widths are multiples of 64), so no element falls in a
   scalar tail loop whose rounding could differ.

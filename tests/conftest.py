@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from offramp.backend.environment import prepare_execution_env
+from offramp.backend.exit_decoder import reproducible_gemm
 from offramp.client.serving.server import (
     EmbeddedTritonServer,
     ServerPorts,
@@ -19,6 +20,12 @@ from offramp.client.serving.server import (
 )
 
 RunningServer = Callable[..., contextlib.AbstractContextManager[EmbeddedTritonServer]]
+
+# The decoder tests compare a row's logits bitwise alone and batched, as the generator's stub serves
+# them: MKL's sgemm rounds a row by the row count of its product unless its reproducibility mode is
+# STRICT, and MKL fixes the mode at the process's first matrix product, so it is set here, before any
+# test runs one.
+reproducible_gemm()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

