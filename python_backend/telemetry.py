@@ -42,7 +42,7 @@ _FLAG_COUNTERS = {
     FLAG_ABSTAINED: ("offramp_abstained_rows_total", "Rows flagged for review: unsure at their last exit"),
     FLAG_FALLBACK: ("offramp_fallback_rows_total", "Rows answered by the policy's fallback model"),
     FLAG_FALLBACK_FAILED: ("offramp_fallback_failures_total", "Rows whose fallback model call failed"),
-    FLAG_CONSERVATIVE: ("offramp_conservative_rows_total", "Rows run to full depth by drift conservative mode"),
+    FLAG_CONSERVATIVE: ("offramp_conservative_rows_total", "Rows run to full depth by conservative mode (drift or risk alarm)"),
     FLAG_REROUTED: ("offramp_rerouted_rows_total", "Rows answered by the full model because a segment was unavailable"),
     FLAG_DEGRADED: ("offramp_degraded_rows_total", "Rows answered at a shallower exit because models were unavailable"),
 }
@@ -197,7 +197,41 @@ class ServingTelemetry:
         if score is not None:
             self._set("offramp_drift_score", "PSI of the live exit profile against calibration", labels, score)
         self._set("offramp_drift_alarm", "1 while the drift score is past its alarm level", labels, float(alarm))
-        self._set("offramp_conservative_mode", "1 while drift forces every row to full depth", labels, float(conservative))
+        self._set("offramp_conservative_mode", "1 while drift or a risk alarm forces every row to full depth", labels,
+                  float(conservative))  # fmt: skip
+
+    def shadow(
+        self, counts: Mapping[tuple[int, str], Sequence[int]], gauges: Mapping[str, Mapping[str, float]], raised: Sequence[str]
+    ) -> None:
+        """Shadow checks settled: (exit, cohort) -> (checked, disagreed); cohort -> its risk test's figures
+        (``offramp.backend.shadow.ShadowChecks``); the cohorts whose alarm was just raised."""
+        for (exit_index, cohort), (checked, disagreed) in counts.items():
+            labels = {**self.labels, "exit": str(exit_index), "cohort": cohort}
+            self.sink.increment("offramp_shadow_checks_total", "Early answers checked at full depth", labels, checked)
+            if disagreed:
+                self.sink.increment(
+                    "offramp_shadow_disagreements_total", "Checked early answers the full model disagreed with",
+                    labels, disagreed,
+                )  # fmt: skip
+        for cohort in raised:
+            self.sink.increment("offramp_risk_alarms_total", "Risk alarms raised", {**self.labels, "cohort": cohort}, 1)
+        for cohort, figures in gauges.items():
+            labels = {**self.labels, "cohort": cohort}
+            self._set("offramp_shadow_rate", "Check probability of a row leaving at the first exit", labels, figures["rate"])
+            self._set("offramp_risk_estimate", "Live risk estimate (mean of D/q) since the last alarm change", labels,
+                      figures["estimate"])  # fmt: skip
+            if "alarm" in figures:
+                self._set("offramp_risk_alarm", "1 while the live risk test says the risk is above epsilon", labels,
+                          figures["alarm"])  # fmt: skip
+                self._set("offramp_risk_evidence", "log e-value of the active risk test (alarm/clear at level)", labels,
+                          figures["evidence"])  # fmt: skip
+                self._set("offramp_risk_evidence_level", "log(1/alpha) the active risk test must reach", labels,
+                          figures["level"])  # fmt: skip
+
+    def shadow_lost(self, dropped: int, failed: int) -> None:
+        """Checks not run so far: the queue was full, or the full model's call failed (set: they only grow)."""
+        self._set("offramp_shadow_dropped_rows", "Shadow checks dropped: the check queue was full", self.labels, dropped)
+        self._set("offramp_shadow_failed_rows", "Shadow checks whose full-model call failed", self.labels, failed)
 
     def slo(self, window: SloWindow) -> None:
         """What the SLO controller decided at the end of a window."""
