@@ -561,10 +561,11 @@ class ShadowChecks:
                         events.append(event)
             if events:
                 self._boosted, self.conservative = self._flags()
+            gauges = self._gauges()
         if events and self.audit is not None:
             self.audit.record(events, sampled=False)
-        if events and self.telemetry is not None:
-            self.telemetry.shadow({}, {}, [e["cohort"] for e in events if e["event"] == "raised"])
+        if events and self.telemetry is not None:  # an instance may change state on the others' evidence alone
+            self.telemetry.shadow({}, gauges, [e["cohort"] for e in events if e["event"] == "raised"])
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Runs what is queued, writes the store, stops the worker."""

@@ -200,6 +200,11 @@ class ServingTelemetry:
         self._set("offramp_conservative_mode", "1 while drift or a risk alarm forces every row to full depth", labels,
                   float(conservative))  # fmt: skip
 
+    def conservative_mode(self, conservative: bool) -> None:
+        """Conservative mode without a drift monitor (a risk alarm's)."""
+        self._set("offramp_conservative_mode", "1 while drift or a risk alarm forces every row to full depth",
+                  self.labels, float(conservative))  # fmt: skip
+
     def shadow(
         self, counts: Mapping[tuple[int, str], Sequence[int]], gauges: Mapping[str, Mapping[str, float]], raised: Sequence[str]
     ) -> None:

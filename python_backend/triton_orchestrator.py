@@ -18,6 +18,7 @@ from offramp.backend.device import DeviceRequest, from_bls_tensor, is_device_arr
 from offramp.backend.orchestrator import POLICY_FILE, Orchestrator, RequestError, ServiceDegraded, ServingOptions
 from offramp.backend.policy import Policy
 from offramp.backend.segment_runner import OnnxRunner
+from offramp.backend.shared_state import PeriodicExchange
 from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
 
 
@@ -139,6 +140,7 @@ class TritonPythonModel:
         self.metrics = _TritonMetrics()
         instance = f"{args.get('model_instance_name', '')}-v{args['model_version']}"
         hooks = options.hooks(Policy.load(version_dir / POLICY_FILE), instance, args["model_name"])
+        shared = hooks.pop("shared", None)
         label = f"{args['model_name']} ({instance})"
         # The metrics' instance label names this stub's process too: a reload of the same version starts
         # new stubs beside the old ones, whose close() zeroes their gauges, which must not be the new ones'.
@@ -162,6 +164,14 @@ class TritonPythonModel:
             for name in [*self.spec.segment_models, self.spec.full_model]:
                 self.local[name] = OnnxRunner(repository / name / "1" / "model.onnx", threads=1)
         self.publisher = PeriodicPublisher(telemetry, lambda e: _log(f"{label}: metrics not published: {e}", error=True))
+        self.exchange = None
+        if shared is not None:  # the model's instances decide drift and risk alarms on the same evidence
+            self.exchange = PeriodicExchange(
+                shared,
+                self.orchestrator.shared_state,
+                self.orchestrator.absorb_shared,
+                lambda e: _log(f"{label}: state not shared with the other instances: {e}", error=True),
+            )
 
     def _call(self, model_name, tensors, output_names):
         runner = self.local.get(model_name)
@@ -197,7 +207,8 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        if self.exchange is not None:
+            self.exchange.close()
+        self.orchestrator.close()  # queued shadow checks settle (their BLS calls still work here)
         self.publisher.close()  # before the metrics it publishes to are released
-        if self.orchestrator.audit is not None:
-            self.orchestrator.audit.close()
         self.metrics.close()

@@ -4,19 +4,25 @@ the store of live rows kept for recalibration."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import threading
 
 import numpy as np
 import pytest
+from offramp.backend.contract import FLAG_CONSERVATIVE
 from offramp.backend.drift import DriftConfig, DriftMonitor
+from offramp.backend.orchestrator import Orchestrator, ServingOptions
+from offramp.backend.policy import ExitRule, Policy
 from offramp.backend.shadow import ShadowChecks, ShadowConfig, expected_epsilon
 from offramp.backend.shadow_store import ShadowStore, read_store
 from offramp.backend.shared_state import SharedState, shared_directory
 from offramp.backend.telemetry import ServingTelemetry
 
+from tests.fakes import FakeNetwork
 from tests.test_monitoring import RecordingSink
+from tests.test_orchestrator import SPEC, FakeRequest
 
 EXITS = 3
 CLASSES = 4
@@ -285,3 +291,47 @@ def test_checks_keep_a_uniform_sample_with_both_answers(tmp_path):
     early = meta["exit"] < EXITS - 1
     assert (meta["label"][early] != meta["full_label"][early]).all()  # checked: the full answer is known
     assert (meta["label"][~early] == meta["full_label"][~early]).all()  # the last exit is the full answer
+
+
+def test_the_orchestrator_checks_its_early_answers_and_goes_conservative_on_an_alarm(tmp_path):
+    """A policy that sends every row out at the first exit (threshold 0) of a network whose first exit
+    often disagrees with its full depth: the checks run at full depth through ``run_model`` after the
+    answers are returned, the alarm rises, and the next requests run at full depth, flagged, with the
+    policy's own choice in the audit line."""
+    net = FakeNetwork()
+    policy = Policy("bad-1", "fp", (ExitRule("max_prob", 0.0),) * 3, provenance={"epsilon": 0.05})
+    options = ServingOptions(
+        audit_path=str(tmp_path / "audit.jsonl"),
+        shadow=ShadowConfig(rate=0.5, seed=8),
+        shared_state_dir=str(tmp_path),
+    )
+    assert ServingOptions.from_parameters(options.to_parameters()) == options
+    hooks = options.hooks(policy, "i0", "fake")
+    assert isinstance(hooks.pop("shared"), SharedState)
+    sink = RecordingSink()
+    orchestrator = Orchestrator(SPEC, policy, telemetry=ServingTelemetry(sink, "fake", "i0", 0.0), **hooks)
+    x = net.inputs(64)["X"]
+    full = net.run_full({"X": x}).argmax(axis=1)
+    first = orchestrator.execute([FakeRequest({"X": x})], net.run_segment, net.run_model)[0]
+    disagree = float(np.mean(first["LABEL"] != full))
+    assert (first["EXIT"] == 0).all() and disagree > 0.2, disagree  # 0.28 here: over 4x epsilon
+    for _ in range(10):
+        orchestrator.execute([FakeRequest({"X": x})], net.run_segment, net.run_model)
+        orchestrator.shadow.drain()
+        if orchestrator.conservative:
+            break
+    assert orchestrator.conservative
+    answer = orchestrator.execute(
+        [FakeRequest({"X": x}, {"request_id": "late"})], net.run_segment, net.run_model
+    )[0]
+    orchestrator.close()
+    assert (answer["EXIT"] == 2).all() and (answer["FLAGS"] & FLAG_CONSERVATIVE).all()
+    np.testing.assert_array_equal(answer["LABEL"], full)
+    assert counter(sink, "offramp_shadow_checks_total", exit="0") > 0
+    assert counter(sink, "offramp_risk_alarms_total") == 1
+    lines = [json.loads(line) for line in (tmp_path / "audit.i0.jsonl").read_text().splitlines()]
+    late = [r for r in lines if r.get("request_id") == "late" and "kind" not in r]
+    assert len(late) == 64 and {r["policy_exit"] for r in late} == {0} and {r["exit"] for r in late} == {2}
+    assert [r["event"] for r in lines if r.get("kind") == "risk_alarm"] == ["raised"]
+    shadowed = [r for r in lines if r.get("kind") == "shadow"]
+    assert shadowed and all(r["agree"] == (r["label"] == r["full_label"]) for r in shadowed)
