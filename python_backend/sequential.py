@@ -129,7 +129,9 @@ class EProcess:
         self.log_starts = np.full(len(bets.rhos), -np.inf)  # log sum_s w_s exp(-S_j(t_s))
         self.rows = 0
         self.starts = {kind: 0 for kind in self.KINDS}
-        self.start("event")  # the first start: now
+        # The first start (now) is the first periodic one, so a reported event gets the first, largest
+        # event weight: a sudden shift is where the evidence is needed soonest.
+        self.start("periodic")
 
     def start(self, kind: str) -> None:
         """A fresh wealth from now on, with the next weight of its kind."""

@@ -73,7 +73,7 @@ class ShadowConfig:
     cohort_rates: str = ""  # "vip=0.05": by cohort, instead of the exit's rate
     new_cohort_rate: float = 0.1  # a cohort's first new_cohort_rows rows in this process
     new_cohort_rows: int = 1000
-    boost_rate: float = 0.25  # while the profile moves, the evidence grows, or an alarm is up
+    boost_rate: float = 0.5  # while the profile moves, the evidence grows, or an alarm is up
     epsilon: float = 0.0  # the risk level tested; 0: the policy's own (its provenance)
     alpha: float = 0.05  # P(an alarm while the risk is within epsilon) <= alpha
     clear_alpha: float = 0.05  # P(a clear while it is still above) <= clear_alpha

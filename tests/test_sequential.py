@@ -153,7 +153,8 @@ def test_an_alarm_clears_when_the_risk_is_back_below_epsilon_and_not_while_above
 def test_restarts_weigh_late_starts_less():
     process = EProcess(Bets.against(ABOVE, 0.05), restart_rows=100)
     process.advance(np.zeros(len(process.bets.rhos)), 1000)
-    assert process.starts == {"event": 1, "periodic": 10}
+    assert process.starts == {"event": 0, "periodic": 11}
+    process.start("event")
     # No growth yet: the evidence is the sum of the weights made so far, under 1.
-    weights = 0.5 / 2 + sum(0.5 / (i * (i + 1)) for i in range(1, 11))
+    weights = 0.5 / 2 + sum(0.5 / (i * (i + 1)) for i in range(1, 12))
     assert process.log_value == pytest.approx(math.log(weights))

@@ -103,7 +103,7 @@ def test_rates_by_exit_cohort_newness_and_boost():
         assert shadow.rate(0, "") == 0.01 and shadow.rate(1, "") == 0.03
         assert shadow.rate(0, "vip") == 0.2  # new, but its own rate is higher
         shadow.profile_moved(True)
-        assert shadow.rate(0, "") == 0.25  # boosted while the exit profile moves
+        assert shadow.rate(0, "") == 0.5  # boosted while the exit profile moves
         shadow.profile_moved(False)
         assert shadow.rate(0, "") == 0.01
     finally:
