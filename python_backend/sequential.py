@@ -183,6 +183,7 @@ class RiskAlarm:
     config: AlarmConfig
     raised: bool = False
     alarms: int = 0
+    decided_after: int = 0  # rows the test that last changed the state had seen
     process: EProcess = field(init=False)
 
     def __post_init__(self) -> None:
@@ -217,6 +218,7 @@ class RiskAlarm:
         self.process.advance(growth[BELOW if self.raised else ABOVE], rows)
         if self.evidence < self.level:
             return None
+        self.decided_after = self.process.rows
         self.raised = not self.raised
         self.alarms += self.raised
         self.process = self._process(BELOW if self.raised else ABOVE)

@@ -464,7 +464,7 @@ class ShadowChecks:
             "cohort": cohort,
             "epsilon": self.epsilon,
             "estimated_risk": round(evidence, 6),
-            "rows_in_test": state.alarm.process.rows if change == "cleared" else None,
+            "rows_in_test": state.alarm.decided_after,  # since the last change (or the start)
             "policy_version": self.policy_version,
         }
 
@@ -564,7 +564,8 @@ class ShadowChecks:
             gauges = self._gauges()
         if events and self.audit is not None:
             self.audit.record(events, sampled=False)
-        if events and self.telemetry is not None:  # an instance may change state on the others' evidence alone
+        # An instance may change state on the others' evidence alone: its gauges must say so too.
+        if events and self.telemetry is not None:
             self.telemetry.shadow({}, gauges, [e["cohort"] for e in events if e["event"] == "raised"])
 
     def close(self, timeout_s: float = 10.0) -> None:

@@ -166,6 +166,7 @@ def test_disagreements_raise_the_alarm_conservative_mode_runs_and_agreement_clea
     assert shadow.conservative
     raised = [r for r in audit.rows if r.get("kind") == "risk_alarm"]
     assert [r["event"] for r in raised] == ["raised"] and raised[0]["estimated_risk"] > 0.5
+    assert 0 < raised[0]["rows_in_test"] <= 400
     assert counter(sink, "offramp_risk_alarms_total") == 1
     checked = [r for r in audit.rows if r.get("kind") == "shadow"]
     assert (
