@@ -47,6 +47,8 @@ from offramp.backend.shadow_store import ShadowStore
 
 # run_full(inputs) -> logits (n, C) of the network without exits
 RunFull = Callable[[Mapping[str, np.ndarray]], Any]
+HAND_OVER_ROWS = 256
+HAND_OVER_S = 0.25
 OTHER_COHORTS = "*"  # past MAX_COHORTS distinct names, the rest share one test
 MAX_COHORTS = 64
 
@@ -205,6 +207,12 @@ class ShadowChecks:
         self.conservative = False  # an alarm is raised and every row runs to full depth
         self._boosted: frozenset[str] = frozenset()
         self._queue: queue.Queue[list[_Record] | None] = queue.Queue()
+        # Records with nothing to check wait here and go to the worker together (the next check, or
+        # HAND_OVER_ROWS rows, or HAND_OVER_S): one settlement per record cost the CNN's orchestrator
+        # 0.4 ms of CPU per request, about a tenth of its throughput at concurrency 8.
+        self._held: list[_Record] = []
+        self._held_rows = 0
+        self._handed_at = clock()
         self._pending = 0  # checks queued, not yet run
         self._run_full: RunFull | None = None
         self.dropped = 0  # checks not run: the queue was full
@@ -328,7 +336,16 @@ class ShadowChecks:
             )
             state.rows += int(mine.sum())
         if records:
-            self._queue.put(records)
+            self._held.extend(records)
+            self._held_rows += int(free.sum())
+            due = self._held_rows >= HAND_OVER_ROWS or now - self._handed_at >= HAND_OVER_S
+            if due or any(r.checks is not None or r.kept is not None for r in records):
+                self._hand_over(now)
+
+    def _hand_over(self, now: float) -> None:
+        if self._held:
+            self._queue.put(self._held)
+        self._held, self._held_rows, self._handed_at = [], 0, now
 
     def _kept(self, index, inputs, exits, early_labels, full_labels, cohort, request_ids, rows, now) -> dict:
         return {
@@ -369,6 +386,7 @@ class ShadowChecks:
 
     def drain(self) -> None:
         """Waits until every row observed so far is settled (its check run and counted)."""
+        self._hand_over(self.clock())
         self._queue.join()
 
     def _settle(self, records: list[_Record]) -> None:
@@ -379,6 +397,9 @@ class ShadowChecks:
         counts: dict[tuple[int, str], list[int]] = {}
         audit: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
+        # The rows of one cohort under the same bet go to its test as one batch: its value is the same
+        # (the wealth is a product), the test only looks at it less often.
+        batches: dict[tuple[str, float, float], tuple[list[float], int]] = {}
         with self._lock:
             for record in records:
                 nonzero, zeros = list(record.known), record.zeros
@@ -395,9 +416,11 @@ class ShadowChecks:
                             tally[0] += 1
                             tally[1] += wrong
                         audit.extend(self._check_records(record, check, disagree))
-                event = self._advance(
-                    record, Observations(np.array(nonzero), zeros, record.bet_scale, record.z_max)
-                )
+                key = (record.cohort, record.bet_scale, record.z_max)
+                known, none = batches.get(key, ([], 0))
+                batches[key] = (known + nonzero, none + zeros)
+            for (cohort, bet_scale, z_max), (nonzero, zeros) in batches.items():
+                event = self._advance(cohort, Observations(np.array(nonzero), zeros, bet_scale, z_max))
                 if event is not None:
                     events.append(event)
             boosted, conservative = self._flags()
@@ -435,9 +458,9 @@ class ShadowChecks:
                 check.full_labels = labels[start : start + len(check.exits)]
                 start += len(check.exits)
 
-    def _advance(self, record: _Record, observed: Observations) -> dict[str, Any] | None:
-        """Adds the record's rows to its cohort's test (and to what the other instances read)."""
-        state = self._state(record.cohort)
+    def _advance(self, cohort: str, observed: Observations) -> dict[str, Any] | None:
+        """Adds rows to the cohort's test (and to what the other instances read)."""
+        state = self._state(cohort)
         state.loss_sum += float(np.sum(observed.nonzero))
         state.loss_rows += observed.rows
         if state.alarm is None:
@@ -446,7 +469,7 @@ class ShadowChecks:
         for direction, values in growth.items():
             state.growth[direction] = state.growth.get(direction, 0.0) + values
         state.grown_rows += observed.rows
-        return self._move(record.cohort, state, growth, observed.rows)
+        return self._move(cohort, state, growth, observed.rows)
 
     def _move(
         self, cohort: str, state: _CohortState, growth: dict[str, np.ndarray], rows: int
@@ -570,6 +593,7 @@ class ShadowChecks:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Runs what is queued, writes the store, stops the worker."""
+        self._hand_over(self.clock())
         self._queue.put(None)
         self._worker.join(timeout_s)
         if self.store is not None:

@@ -175,8 +175,9 @@ def test_disagreements_raise_the_alarm_conservative_mode_runs_and_agreement_clea
         and {"request_id", "row", "exit"} <= checked[0].keys()
     )
     # Conservative mode: every row at full depth, its early answer known (here the same): no check runs,
-    # and the evidence that the risk is back below epsilon grows from every row.
-    for _ in range(20):
+    # and the evidence that the risk is back below epsilon grows from every row (the foreign rows checked
+    # after the alarm count against it first: 800 clean rows clear it).
+    for _ in range(40):
         served = batch(rng, 20, exits=0)
         served["conservative"] = True
         shadow.observe(**served, run_full=full_model(1))
