@@ -79,9 +79,9 @@ def test_foreign_images_raise_the_risk_alarm_and_in_domain_rows_clear_it(
         assert not any(conservative(a) for a in answers)
         assert max(metric_values(server, "offramp_risk_alarm").values(), default=0) == 0
 
-        # The switch. Expected: about 300 rows (a quarter of the foreign rows checked once the drift
+        # The switch. Expected: a few hundred rows (half the foreign early rows checked once the drift
         # monitor sees the profile move, 0.3 of them disagreeing, each checked disagreement bringing about
-        # log 6 nats against the 7.5 the test needs); the goal is 1,000.
+        # 2 nats against the 6.5 the test needs; 192 and 304 seen in two runs); the goal is 1,000.
         switch_rows, _ = serve_until(server, name, foreign, conservative)
         assert switch_rows <= 1000, switch_rows
         # Both instances decide on the same evidence: each has raised, and every answer is conservative.
