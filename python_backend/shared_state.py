@@ -78,7 +78,13 @@ class SharedState:
         return found
 
     def close(self) -> None:
+        """Removes this process's file, and the directories the last process leaves empty."""
         self.path.unlink(missing_ok=True)
+        for directory in (self.directory, self.directory.parent):
+            try:
+                directory.rmdir()
+            except OSError:  # another instance's file is still there (or another version's directory)
+                break
 
 
 class PeriodicExchange:

@@ -214,6 +214,8 @@ def test_instances_add_their_evidence(tmp_path):
         child.wait()
     # The second process is gone: its file is skipped and removed.
     assert first.peers() == {} and not second.path.exists()
+    first.close()  # the last one out leaves nothing under the root
+    assert not any(tmp_path.glob("offramp-shared-*"))
 
 
 def _half_wrong(inputs):
