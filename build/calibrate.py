@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
 from offramp.backend.contract import HIDDEN_IN, HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.policy import ExitRule, Policy
 from offramp.backend.segment_runner import OnnxRunner
@@ -21,7 +23,6 @@ from offramp.build.risk_control import (
 )
 from offramp.build.tabular import read_columns
 from offramp.kernels.confidence import compute_confidence, exits_by_threshold
-from tqdm import tqdm
 
 
 def exit_logits_from_onnx(
@@ -82,7 +83,9 @@ class CalibrationData:
             return cls({n: data[n] for n in input_names}, data["labels"].astype(np.int64), cohorts)
 
 
-def held_out_data(artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "calibration") -> CalibrationData:
+def held_out_data(
+    artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "calibration"
+) -> CalibrationData:
     """A held-out split of the build's own data: ``calibration`` (never trained on, where thresholds are
     chosen) or ``test`` (never seen by training or calibration, where they are judged). The data is read
     again from what the manifest records (its files, unchanged, or the packaged set, and the split) and
@@ -97,7 +100,9 @@ def held_out_data(artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "
         if split == "test":
             images, labels = load_fashion_mnist("test", build["data"])
         else:
-            _, (images, labels) = fashion_mnist_train_and_calibration(build["data"], build["calibration_rows"])
+            _, (images, labels) = fashion_mnist_train_and_calibration(
+                build["data"], build["calibration_rows"]
+            )
         return CalibrationData({"IMAGE": images}, labels)
     if build.get("tokenizer_dir"):
         from offramp.build.text_recipes import text_splits_of
@@ -109,7 +114,9 @@ def held_out_data(artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "
         from offramp.build.image_data import load_image_splits
 
         data = build["data"]
-        paths = {part: Path(data[part]) if data.get(part) else None for part in ("train", "calibration", "test")}
+        paths = {
+            part: Path(data[part]) if data.get(part) else None for part in ("train", "calibration", "test")
+        }
         splits = load_image_splits(
             paths["train"], paths["calibration"], paths["test"], tuple(data["fractions"]), data["seed"], None,
             preprocess=ImageSpec.from_dict(build["image"]),
@@ -120,7 +127,9 @@ def held_out_data(artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "
     raise ValueError(f"{artifacts_dir}: its manifest records no data to hold out; pass the rows with --data")
 
 
-def text_inputs(artifacts: ModelArtifacts, artifacts_dir: Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
+def text_inputs(
+    artifacts: ModelArtifacts, artifacts_dir: Path, texts: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Token ids and mask of ``texts``, by the build's own tokenizer (as the orchestrator tokenizes)."""
     from offramp.build.transformer import encode_texts, load_tokenizer
 
@@ -178,7 +187,9 @@ def data_file_rows(
         splits = load_image_splits(
             path, path, path, (1.0, 0.0, 0.0), 0, None, preprocess=ImageSpec.from_dict(build["image"])
         )
-        labels = model_class_indices(splits.class_names, splits.calibration.labels, artifacts.class_names, path)
+        labels = model_class_indices(
+            splits.class_names, splits.calibration.labels, artifacts.class_names, path
+        )
         return CalibrationData({names[0]: splits.calibration.images}, labels)
     return CalibrationData.from_npz(path, names)
 
@@ -194,7 +205,9 @@ def shadow_rows(artifacts: ModelArtifacts, directory: Path, since: float | None 
     names = [spec.name for spec in artifacts.inputs]
     missing = [name for name in names if name not in inputs]
     if missing:
-        raise ValueError(f"{directory}: the kept rows lack the model's inputs {missing}; they hold {sorted(inputs)}")
+        raise ValueError(
+            f"{directory}: the kept rows lack the model's inputs {missing}; they hold {sorted(inputs)}"
+        )
     cohorts = meta["cohort"].astype(str)
     return CalibrationData(
         {name: inputs[name] for name in names},

@@ -65,7 +65,9 @@ def train_exits(
     for epoch in range(config.epochs):
         order = torch.randperm(rows, generator=generator)
         total = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"train epoch {epoch + 1}/{config.epochs}", disable=not progress)
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"train epoch {epoch + 1}/{config.epochs}", disable=not progress
+        )
         for step in bar:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             exit_logits = model(*(t[index] for t in tensors))

@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+
 from offramp.backend.sequential import ABOVE, BELOW, AlarmConfig, Observations, RiskAlarm
 from offramp.backend.shadow_store import ShadowStore
 

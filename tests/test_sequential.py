@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+
 from offramp.backend.sequential import ABOVE, BELOW, AlarmConfig, Bets, EProcess, Observations, RiskAlarm
 
 RATES = (0.01, 0.05, 0.25, 1.0)

@@ -12,13 +12,13 @@ import json
 
 import numpy as np
 import pytest
+
 from offramp.backend.contract import FLAG_CONSERVATIVE
 from offramp.backend.orchestrator import ServingOptions
 from offramp.backend.shadow import ShadowConfig
 from offramp.build.calibrate import CalibrationData, calibrate_artifacts
 from offramp.build.foreign_images import load_photo_crops_as_fashion
 from offramp.build.repository import RepositoryOptions, write_repository
-
 from tests.reliability_support import infer, metric_values, wait_for
 from tests.served_reference import Reference
 

@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from offramp.backend.contract import FLAG_CONSERVATIVE
 from offramp.backend.drift import DriftConfig, DriftMonitor
 from offramp.backend.orchestrator import Orchestrator, ServingOptions
@@ -19,7 +20,6 @@ from offramp.backend.shadow import ShadowChecks, ShadowConfig, expected_epsilon
 from offramp.backend.shadow_store import ShadowStore, read_store
 from offramp.backend.shared_state import SharedState, shared_directory
 from offramp.backend.telemetry import ServingTelemetry
-
 from tests.fakes import FakeNetwork
 from tests.test_monitoring import RecordingSink
 from tests.test_orchestrator import SPEC, FakeRequest

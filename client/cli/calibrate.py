@@ -21,11 +21,18 @@ class CalibrateCommand(Subcommand):
 
         add = parser.add_argument
         add("--artifacts", default=str(DEFAULT_WORKDIR / "fashion_cnn"), help="the build's folder")
-        add("--data", help="labelled rows of the kinds the build takes (text: CSV/TSV/JSON Lines/Parquet "
+        add(
+            "--data",
+            help="labelled rows of the kinds the build takes (text: CSV/TSV/JSON Lines/Parquet "
             "with an optional 'cohort' column; images: class folders or .npz), or an .npz of the model's "
-            "inputs, 'labels' and 'cohorts'; default: the build's own calibration split")
-        add("--shadow", metavar="DIR", help="the live rows a served policy's shadow checks kept "
-            "(offramp_shadow_store_path): certify on live traffic, disagreement with the full model only")
+            "inputs, 'labels' and 'cohorts'; default: the build's own calibration split",
+        )
+        add(
+            "--shadow",
+            metavar="DIR",
+            help="the live rows a served policy's shadow checks kept "
+            "(offramp_shadow_store_path): certify on live traffic, disagreement with the full model only",
+        )
         add("--shadow-since-h", type=float, help="with --shadow: only rows kept in the last this many hours")
         add("--text-column", help="--data's text column (default: the build's)")
         add("--label-column", help="--data's label column (default: the build's)")
@@ -108,6 +115,8 @@ class CalibrateCommand(Subcommand):
         if args.report:
             from offramp.build.calibration_report import write_calibration_report
 
-            report = write_calibration_report(Path(args.report), policy, calibrated, logits, data, artifacts.class_names)
+            report = write_calibration_report(
+                Path(args.report), policy, calibrated, logits, data, artifacts.class_names
+            )
             print(f"  report: {report}")
         return 0

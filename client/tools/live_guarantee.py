@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from offramp.backend.sequential import AlarmConfig, Observations, RiskAlarm
 
 
@@ -116,6 +117,7 @@ def in_process_figures(artifacts: Any, directory: Path, policy: Any, images: np.
 def switch(args: argparse.Namespace) -> dict[str, Any]:
     """3,000 in-domain rows, 3,000 foreign, 4,000 in-domain, in requests of 16 rows, one at a time."""
     import tritonclient.grpc as grpcclient
+
     from offramp.backend.contract import FLAG_CONSERVATIVE
     from offramp.backend.environment import prepare_execution_env
     from offramp.backend.orchestrator import ServingOptions
