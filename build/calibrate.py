@@ -194,6 +194,28 @@ def data_file_rows(
     return CalibrationData.from_npz(path, names)
 
 
+def shadow_rows(artifacts: ModelArtifacts, directory: Path, since: float | None = None) -> CalibrationData:
+    """The live rows a served policy's shadow checks kept (``offramp_shadow_store_path``): a uniform
+    sample of the rows the policy decided, with the model's inputs as the segments take them, the
+    cohorts, and for labels the full network's answers (the risk they can certify is disagreement with
+    it: no true labels are kept). ``since`` (a Unix time) keeps only the rows written from then on."""
+    from offramp.backend.shadow_store import read_store
+
+    inputs, meta = read_store(Path(directory), since)
+    names = [spec.name for spec in artifacts.inputs]
+    missing = [name for name in names if name not in inputs]
+    if missing:
+        raise ValueError(
+            f"{directory}: the kept rows lack the model's inputs {missing}; they hold {sorted(inputs)}"
+        )
+    cohorts = meta["cohort"].astype(str)
+    return CalibrationData(
+        {name: inputs[name] for name in names},
+        meta["full_label"].astype(np.int64),
+        cohorts if (cohorts != "").any() else None,
+    )
+
+
 def evaluate_policy(
     artifacts: ModelArtifacts, artifacts_dir: Path, policy: Policy, data: CalibrationData
 ) -> dict[str, float]:

@@ -51,9 +51,10 @@ class AuditLog:
         self._thread = threading.Thread(target=self._write_loop, name="offramp-audit", daemon=True)
         self._thread.start()
 
-    def record(self, rows: list[Mapping[str, Any]]) -> None:
-        """Queues rows for writing, after sampling; never blocks on the disk."""
-        if self.config.sample_rate < 1.0:
+    def record(self, rows: list[Mapping[str, Any]], sampled: bool = True) -> None:
+        """Queues rows for writing, after sampling (unless ``sampled`` is False: events, which must all
+        show); never blocks on the disk."""
+        if sampled and self.config.sample_rate < 1.0:
             rows = [r for r in rows if self._sampler.random() < self.config.sample_rate]
         if not rows:
             return

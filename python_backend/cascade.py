@@ -78,6 +78,9 @@ class CascadeResult:
     # (B,) int: the first exit whose threshold the row passed (the last if none), where request
     # constraints did not hide it; -1 where they did. The drift monitor watches these free choices.
     policy_exit: Any
+    # (B,) int64: the label at policy_exit (-1 where it is -1). Under conservative mode a row answers at
+    # full depth, and this is the early answer the policy would have sent: a shadow check for free.
+    policy_label: Any
     rows_per_segment: tuple[int, ...]  # how many rows each segment ran (0 after the batch emptied)
     # A segment was unavailable: what it said, and (B,) bool the rows it left without the answer their
     # policy would give (answered at the deepest exit they reached, FLAG_DEGRADED, or not at all:
@@ -254,6 +257,7 @@ class _Answers:
     cost: Any  # (B,) float32
     flags: Any  # (B,) int32
     policy_exit: Any  # (B,) int64
+    policy_label: Any  # (B,) int64
     logits: Any = None  # (B, C) float32, allocated at the first answer, once C is known
 
     @classmethod
@@ -267,6 +271,7 @@ class _Answers:
             cost=xp.zeros(rows, dtype=xp.float32),
             flags=xp.where(batch.force_full, FLAG_FORCED_FULL, 0).astype(xp.int32),
             policy_exit=xp.full(rows, -1, dtype=xp.int64),
+            policy_label=xp.full(rows, -1, dtype=xp.int64),
         )
 
     def record(
@@ -304,6 +309,7 @@ class _Answers:
             cost=self.cost,
             flags=self.flags,
             policy_exit=self.policy_exit,
+            policy_label=self.policy_label,
             rows_per_segment=tuple(rows_per_segment),
             outage=outage,
             unfinished=unfinished,
@@ -382,8 +388,9 @@ def run_cascade(
             return answers.result(rows_per_segment, str(outage), unfinished)
         decision = mover.decide(logits, index, groups_of(running))
         passes = decision.passes
-        undecided = answers.policy_exit[running] < 0
-        answers.policy_exit[running[undecided & (passes | last)]] = index
+        chosen = (answers.policy_exit[running] < 0) & (passes | last)  # (n,) the policy decides here
+        answers.policy_exit[running[chosen]] = index
+        answers.policy_label[running[chosen]] = decision.confidence.label[chosen]
         if last:
             leaving = pending
         else:

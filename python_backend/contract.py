@@ -70,7 +70,7 @@ FLAG_DEADLINE = 4  # the request's deadline passed: answered at the next exit wh
 FLAG_ABSTAINED = 8  # below the policy's abstention band at its last allowed exit: flagged for review
 FLAG_FALLBACK = 16  # answered by the policy's fallback model instead
 FLAG_FALLBACK_FAILED = 32  # the fallback model failed; the row keeps its own answer, flagged for review
-FLAG_CONSERVATIVE = 64  # served at full depth because the drift monitor's conservative mode is on
+FLAG_CONSERVATIVE = 64  # served at full depth because conservative mode is on (drift alarm or risk alarm)
 # A model the row needed was unavailable (its stub died, it was unloaded): answered at the deepest exit
 # it had reached instead of where its policy would have let it leave (the policy allows it).
 FLAG_DEGRADED = 128

@@ -5,13 +5,22 @@ The score is the population stability index (PSI) between the exit-rate distribu
 PSI = sum_k (live_k - ref_k) * ln(live_k / ref_k), over exits, with both distributions floored at
 ``floor`` so an empty bin does not make it infinite. Common reading: below 0.1 stable, 0.1-0.25 a
 moderate shift, above 0.25 a large one. A shift of the input mix towards harder rows moves rows to
-later exits, which is what this watches.
+later exits, and inputs unlike the training data often leave earlier (the model is most confident
+where it knows least); both move the profile.
+
+The window is the last ``window`` rows of every orchestrator instance of the model together: each
+instance keeps its own recent exits with their times, ``snapshot`` gives them to the others (through
+``offramp.backend.shared_state``) and ``absorb`` takes theirs, and the score is over the latest
+``window`` of all of them. A short window reacts to a sudden shift within a few hundred rows; per
+instance, a window mixes old and new traffic for as many rows times the number of instances.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,18 +44,42 @@ class DriftConfig:
 
 
 class DriftMonitor:
-    """A ring buffer of recent exits and the PSI against the reference profile."""
+    """A ring buffer of recent exits (with their times), the other instances' latest, and the PSI of the
+    newest ``window`` of them against the reference profile."""
 
-    def __init__(self, config: DriftConfig) -> None:
+    def __init__(self, config: DriftConfig, clock: Callable[[], float] = time.time) -> None:
         if not config.clear_level <= config.alarm_level:
             raise ValueError("drift clear_level must not exceed alarm_level")
         self.config = config
+        self.clock = clock
         self.reference = np.asarray(config.reference, dtype=np.float64)
         self._exits = np.full(config.window, -1, dtype=np.int64)
+        self._times = np.full(config.window, -np.inf)
         self._next = 0
         self._seen = 0
+        self._peer_exits = np.empty(0, dtype=np.int64)
+        self._peer_times = np.empty(0)
+        self._peers_seen = 0
         self.score: float | None = None
         self.alarm = False
+
+    @property
+    def moving(self) -> bool:
+        """Whether the profile has left the stable band (score at or past the clear level)."""
+        return self.score is not None and self.score >= self.config.clear_level
+
+    def snapshot(self) -> dict[str, Any]:
+        """This instance's recent exits and their times, and how many it has seen, for the others."""
+        held = self._exits >= 0
+        return {"exits": self._exits[held].tolist(), "times": self._times[held].tolist(), "seen": self._seen}
+
+    def absorb(self, peers: Iterable[Mapping[str, Any]]) -> None:
+        """The other instances' latest snapshots (replacing the previous ones)."""
+        peers = [p for p in peers if p.get("exits")]
+        exits = [np.asarray(p["exits"], dtype=np.int64) for p in peers]
+        self._peer_exits = np.concatenate(exits or [[]]).astype(np.int64)
+        self._peer_times = np.concatenate([np.asarray(p["times"], dtype=np.float64) for p in peers] or [[]])
+        self._peers_seen = sum(int(p.get("seen", 0)) for p in peers)
 
     @property
     def conservative(self) -> bool:
@@ -55,14 +88,20 @@ class DriftMonitor:
 
     def update(self, exits: Sequence[int] | np.ndarray) -> bool:
         """Adds the exits the policy chose freely; returns True when the alarm state changed."""
-        exits = np.asarray(exits, dtype=np.int64)[-self.config.window :]
+        exits = np.asarray(exits, dtype=np.int64)
+        self._seen += len(exits)
+        exits = exits[-self.config.window :]
         positions = (self._next + np.arange(len(exits))) % self.config.window
         self._exits[positions] = exits
+        self._times[positions] = self.clock()
         self._next = (self._next + len(exits)) % self.config.window
-        self._seen += len(exits)
-        if self._seen < self.config.min_rows:
+        if self._seen + self._peers_seen < self.config.min_rows:
             return False
-        recent = self._exits[self._exits >= 0]
+        held = self._exits >= 0
+        recent = np.concatenate([self._exits[held], self._peer_exits])
+        times = np.concatenate([self._times[held], self._peer_times])
+        if len(recent) > self.config.window:  # the newest window of all instances together
+            recent = recent[np.argpartition(-times, self.config.window - 1)[: self.config.window]]
         live = np.bincount(recent, minlength=len(self.reference))[: len(self.reference)] / len(recent)
         self.score = population_stability_index(live, self.reference)
         before = self.alarm

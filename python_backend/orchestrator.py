@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +38,9 @@ from offramp.backend.contract import (
 from offramp.backend.drift import DriftConfig, DriftMonitor
 from offramp.backend.image import IMAGE_BYTES_INPUT, ImageDecoder, ImageError, ImageSpec
 from offramp.backend.policy import Policy
+from offramp.backend.shadow import ShadowChecks, ShadowConfig, expected_epsilon
+from offramp.backend.shadow_store import ShadowStore
+from offramp.backend.shared_state import SharedState, shared_directory
 from offramp.backend.slo import SloConfig, SloController, triton_queue_counters
 from offramp.backend.telemetry import ServingTelemetry
 from offramp.backend.text import TEXT_INPUT, TextEncoder, TextError, TextSpec
@@ -132,7 +136,10 @@ class ServingOptions:
     audit_path: str = ""  # JSON-lines audit file; empty: no audit
     audit_sample_rate: float = 1.0
     audit_max_bytes: int = 64 * 1024 * 1024
-    drift_window: int = 2000
+    # Rows of all instances in the drift window. 500 moves the score past drift_clear_level within a few
+    # hundred rows of a sudden shift (2,000 took 600 on the demo CNN), while a stable profile's PSI
+    # over 3 exits stays near chi-square(2) / 500: about 0.004, rarely past 0.03.
+    drift_window: int = 500
     drift_alarm_level: float = 0.25
     drift_clear_level: float = 0.1
     drift_conservative: bool = False  # force full depth while the drift alarm is raised
@@ -147,10 +154,18 @@ class ServingOptions:
     slo_shed_max_exit: int = -1
     # Where the controller reads Triton's queue counters for this model (Triton's metrics port).
     metrics_url: str = "http://127.0.0.1:8002/metrics"
+    # Shadow checks of early answers at full depth and the live risk alarm (offramp.backend.shadow),
+    # carried as their own ``offramp_shadow_*`` parameters.
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
+    # Where the orchestrator instances of a model share their drift windows and risk evidence (a file
+    # per process; /dev/shm is memory); empty: each instance decides on its own rows.
+    shared_state_dir: str = "/dev/shm"
 
     def to_parameters(self) -> dict[str, str]:
+        plain = {k: v for k, v in asdict(self).items() if k != "shadow"}
         return {
-            f"offramp_{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()
+            **{f"offramp_{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in plain.items()},
+            **self.shadow.to_parameters(),
         }
 
     @classmethod
@@ -160,8 +175,10 @@ class ServingOptions:
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> ServingOptions:
-        values: dict[str, Any] = {}
-        for name, field_type in ((f, type(getattr(cls(), f))) for f in cls.__dataclass_fields__):
+        values: dict[str, Any] = {"shadow": ShadowConfig.from_parameters(parameters)}
+        for name, field_type in (
+            (f, type(getattr(cls(), f))) for f in cls.__dataclass_fields__ if f != "shadow"
+        ):
             raw = parameters.get(f"offramp_{name}")
             if raw is None:
                 continue
@@ -169,8 +186,9 @@ class ServingOptions:
         return cls(**values)
 
     def hooks(self, policy: Policy, instance: str = "", model: str = "") -> dict[str, Any]:
-        """The audit log, drift monitor and SLO controller these options ask for (drift needs the
-        policy's profile; the controller reads ``model``'s queue counters at ``metrics_url``).
+        """The audit log, drift monitor, SLO controller, shadow checks (with their store) and the state
+        shared with the model's other instances these options ask for (drift needs the policy's
+        profile; the controller reads ``model``'s queue counters at ``metrics_url``).
 
         Each instance writes its own audit file (``<stem>.<instance><suffix>``): instances are
         separate processes, and one file rotated by two writers would lose records.
@@ -201,6 +219,28 @@ class ServingOptions:
             )
             queue = triton_queue_counters(self.metrics_url, model) if model else lambda: None
             hooks["slo"] = SloController(config, len(policy.rungs), queue, time.monotonic)
+        if self.shadow.rate > 0:
+            store = None
+            if self.shadow.store_path:
+                store = ShadowStore(
+                    Path(self.shadow.store_path),
+                    f"{model}-{instance}-{os.getpid()}",
+                    self.shadow.store_max_rows,
+                    self.shadow.store_max_age_h * 3600.0,
+                )
+            hooks["shadow"] = ShadowChecks(
+                self.shadow,
+                len(policy.exits),
+                expected_epsilon(policy.provenance),
+                model=model,
+                policy_version=policy.version,
+                audit=hooks.get("audit"),
+                store=store,
+            )
+        if self.shared_state_dir and model and ("drift" in hooks or "shadow" in hooks):
+            hooks["shared"] = SharedState(
+                shared_directory(Path(self.shared_state_dir), model, policy.version)
+            )
         return hooks
 
 
@@ -217,6 +257,26 @@ class ParsedRequest:
     cohort: str | None
     rung: int = 0  # the ladder's rung the request is served at
     shed: bool = False  # load shedding capped its depth (max_exit)
+
+
+@dataclass
+class Answered:
+    """A batch's answers and what monitoring needs of them, every array (B,) in row order."""
+
+    outputs: dict[str, np.ndarray]  # the output tensors
+    policy_exit: np.ndarray  # the exit the policy chose freely; -1: it did not choose
+    policy_label: np.ndarray  # its label there
+    requested_full: np.ndarray  # the request itself forced full depth
+    conservative: bool  # conservative mode ran every row to full depth
+
+    def rows(self, keep: np.ndarray) -> Answered:
+        return replace(
+            self,
+            outputs={name: array[keep] for name, array in self.outputs.items()},
+            policy_exit=self.policy_exit[keep],
+            policy_label=self.policy_label[keep],
+            requested_full=self.requested_full[keep],
+        )
 
 
 def _bool_parameter(name: str, value: Any) -> bool:
@@ -262,6 +322,7 @@ class Orchestrator:
         image_decoder: ImageDecoder | None = None,
         cascade: Cascade = run_cascade,
         slo: SloController | None = None,
+        shadow: ShadowChecks | None = None,
     ) -> None:
         self.spec = spec
         # run_cascade on the host; offramp.backend.device.DeviceCascade where it runs on a GPU.
@@ -285,6 +346,9 @@ class Orchestrator:
         self.audit = audit
         self.drift = drift
         self.slo = slo
+        self.shadow = shadow
+        if shadow is not None:
+            shadow.telemetry = telemetry
         self.outages = OutageMemory()
         if (
             slo is not None
@@ -484,11 +548,12 @@ class Orchestrator:
             return []
         batch = self.merge(parsed)
         try:
-            outputs, policy_exit, requested_full, failed = self._answer(batch, run_segment, run_model)
+            answered, failed = self._answer(batch, run_segment, run_model)
         except Exception as error:  # a failed segment fails the rows that needed it, not the server
             if len(parsed) == 1 or isinstance(error, SegmentUnavailable):
                 return [error] * len(parsed)
             return [answer for request in parsed for answer in self._serve([request], run_segment, run_model)]
+        outputs = answered.outputs
         bounds = np.cumsum([0, *(p.rows for p in parsed)])
         spans = list(zip(bounds[:-1], bounds[1:], strict=True))
         if any(p.shed for p in parsed):
@@ -500,29 +565,27 @@ class Orchestrator:
             keep = np.repeat(~np.array(lost), [p.rows for p in parsed])
             kept = [p for p, gone in zip(parsed, lost, strict=True) if not gone]
             if kept:
-                self._observe(
-                    {name: array[keep] for name, array in outputs.items()},
-                    policy_exit[keep],
-                    kept,
-                    replace(batch, rule_set=batch.rule_set[keep]),
-                    requested_full[keep],
+                kept_batch = replace(
+                    batch, inputs={n: t[keep] for n, t in batch.inputs.items()}, rule_set=batch.rule_set[keep]
                 )
+                self._observe(answered.rows(keep), kept, kept_batch, run_model)
             return [
                 ServiceDegraded(message) if gone else {name: array[a:b] for name, array in outputs.items()}
                 for (a, b), gone in zip(spans, lost, strict=True)
             ]
-        self._observe(outputs, policy_exit, parsed, batch, requested_full)
+        self._observe(answered, parsed, batch, run_model)
         return [{name: array[a:b] for name, array in outputs.items()} for a, b in spans]
 
     def _answer(
         self, batch: CascadeBatch, run_segment: RunSegment, run_model: RunModel | None
-    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, tuple[np.ndarray, str] | None]:
-        """The output tensors of every row of the batch, the exit the policy chose freely (-1: it did
-        not choose), which rows the requests themselves forced to full depth, and, where models were
-        unavailable, the rows left without an answer the policy allows (B,) with the reason."""
+    ) -> tuple[Answered, tuple[np.ndarray, str] | None]:
+        """The answers of every row of the batch and, where models were unavailable, the rows left
+        without an answer the policy allows (B,) with the reason."""
         requested_full = batch.force_full
         policy = self.policy
-        conservative = self.drift is not None and self.drift.conservative
+        # Drift's alarm, or the live risk test's: full depth through the segments, so the policy's
+        # early answer is still known for every row (evidence for the test that clears the alarm).
+        conservative = self.conservative
         if conservative:
             batch = replace(batch, force_full=np.ones(batch.rows, dtype=bool))
             policy = self.conservative_policy
@@ -552,7 +615,7 @@ class Orchestrator:
             "COST": result.cost,
             "FLAGS": result.flags,
         }
-        if conservative:  # rows the request did not force are flagged as forced by the drift alarm
+        if conservative:  # rows the request did not force are flagged as forced by conservative mode
             outputs["FLAGS"] = np.where(
                 requested_full, result.flags, (result.flags & ~FLAG_FORCED_FULL) | FLAG_CONSERVATIVE
             ).astype(np.int32)
@@ -562,7 +625,15 @@ class Orchestrator:
         if self.policy.abstention is not None:
             self._abstain(outputs, batch, run_model)
         outputs["LABEL_NAME"] = label_names(outputs["LABEL"], self.spec.class_names)  # of the final labels
-        return outputs, result.policy_exit, requested_full, failed
+        answered = Answered(outputs, result.policy_exit, result.policy_label, requested_full, conservative)
+        return answered, failed
+
+    @property
+    def conservative(self) -> bool:
+        """Whether every row runs to full depth now: the drift alarm or a risk alarm asks for it."""
+        return (self.drift is not None and self.drift.conservative) or (
+            self.shadow is not None and self.shadow.conservative
+        )
 
     def _reroute(
         self, outputs: dict[str, np.ndarray], batch: CascadeBatch, result: CascadeResult, run_full: Any
@@ -624,38 +695,86 @@ class Orchestrator:
 
     def _observe(
         self,
-        outputs: dict[str, np.ndarray],
-        policy_exit: np.ndarray,
+        answered: Answered,
         parsed: Sequence[ParsedRequest],
         batch: CascadeBatch,
-        requested_full: np.ndarray,
+        run_model: RunModel | None,
     ) -> None:
-        """Metrics, drift and audit for the answered rows; none of it may fail the requests.
+        """Metrics, drift, shadow checks and audit for the answered rows; none of it waits on a check.
 
-        Drift watches the exits the policy chose freely, conservative mode included (its rows run
-        through every segment, so the choice is still known), not rows the request forced, and only at
-        rung 0: a higher rung moves the profile on purpose (its own is in the policy's ladder).
+        Drift and the shadow checks watch the exits the policy chose freely, conservative mode included
+        (its rows run through every segment, so the choice and its answer are still known), not rows the
+        request forced, and only at rung 0: a higher rung moves the profile on purpose (its own is in
+        the policy's ladder). Rows answered by another model than the cascade (rerouted in an outage,
+        sent to a fallback) are left out of the checks: their answer is not the policy's.
         """
+        outputs, policy_exit = answered.outputs, answered.policy_exit
         rungs = np.repeat([p.rung for p in parsed], [p.rows for p in parsed])  # (B,)
+        free = (policy_exit >= 0) & ~answered.requested_full & (rungs == 0)  # (B,)
+        cohorts = np.concatenate([np.full(p.rows, p.cohort or "", dtype=object) for p in parsed])  # (B,)
         if self.drift is not None:
-            free = policy_exit[(policy_exit >= 0) & ~requested_full & (rungs == 0)]
-            if len(free):
-                self.drift.update(free)
+            if free.any():
+                self.drift.update(policy_exit[free])
+            if self.shadow is not None:
+                self.shadow.profile_moved(self.drift.moving)
+        if self.shadow is not None:
+            own = (outputs["FLAGS"] & (FLAG_REROUTED | FLAG_DEGRADED | FLAG_FALLBACK)) == 0
+            full = self.spec.full_model
+            self.shadow.observe(
+                labels=outputs["LABEL"],
+                policy_exit=policy_exit,
+                policy_label=answered.policy_label,
+                free=free & own,
+                conservative=answered.conservative,
+                cohorts=cohorts,
+                inputs=batch.inputs,
+                request_ids=[p.request_id for p in parsed for _ in range(p.rows)],
+                rows=np.concatenate([np.arange(p.rows) for p in parsed]),
+                run_full=None if run_model is None else lambda tensors: run_model(full, tensors),
+            )
         if self.telemetry is not None:
-            cohorts = np.concatenate([np.full(p.rows, p.cohort or "", dtype=object) for p in parsed])
             self.telemetry.answered(
                 outputs["EXIT"], outputs["CONFIDENCE"][:, 0], outputs["COST"], outputs["FLAGS"], cohorts
             )
             if self.slo is not None:
                 self.telemetry.rows_by_rung(rungs)
             if self.drift is not None:
-                self.telemetry.drift(self.drift.score, self.drift.alarm, self.drift.conservative)
+                self.telemetry.drift(self.drift.score, self.drift.alarm, self.conservative)
+            elif self.shadow is not None:
+                self.telemetry.conservative_mode(self.conservative)
             self.telemetry.publish()
         if self.audit is not None:
-            self.audit.record(self.audit_records(outputs, parsed, batch))
+            self.audit.record(self.audit_records(outputs, parsed, batch, policy_exit))
+
+    def shared_state(self) -> dict[str, Any]:
+        """What this instance tells the model's other instances: its drift window and risk evidence."""
+        state: dict[str, Any] = {}
+        if self.drift is not None:
+            state["drift"] = self.drift.snapshot()
+        if self.shadow is not None:
+            state["shadow"] = self.shadow.snapshot()
+        return state
+
+    def absorb_shared(self, peers: Mapping[int, Mapping[str, Any]]) -> None:
+        """The other instances' latest states (pid -> ``shared_state()``)."""
+        if self.drift is not None:
+            self.drift.absorb([p["drift"] for p in peers.values() if "drift" in p])
+        if self.shadow is not None:
+            self.shadow.absorb({pid: p["shadow"] for pid, p in peers.items() if "shadow" in p})
+
+    def close(self) -> None:
+        """Settles the queued shadow checks, then closes the audit log they write to."""
+        if self.shadow is not None:
+            self.shadow.close()
+        if self.audit is not None:
+            self.audit.close()
 
     def audit_records(
-        self, outputs: dict[str, np.ndarray], parsed: Sequence[ParsedRequest], batch: CascadeBatch
+        self,
+        outputs: dict[str, np.ndarray],
+        parsed: Sequence[ParsedRequest],
+        batch: CascadeBatch,
+        policy_exit: np.ndarray,
     ) -> list[dict[str, Any]]:
         """One record per answered row: which exit decided it, how sure, under which rule and policy."""
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -692,6 +811,9 @@ class Orchestrator:
                         "cost": round(float(outputs["COST"][position]), 6),
                         "policy_version": self.policy.version,
                         "rung": request.rung,
+                        # The exit the policy chose (-1: the request's constraints decided): under
+                        # conservative mode the row answered at full depth, and left here otherwise.
+                        "policy_exit": int(policy_exit[position]),
                         "model_fingerprint": self.spec.fingerprint,
                     }
                 )

@@ -47,7 +47,7 @@ _FLAG_COUNTERS = {
     FLAG_FALLBACK_FAILED: ("offramp_fallback_failures_total", "Rows whose fallback model call failed"),
     FLAG_CONSERVATIVE: (
         "offramp_conservative_rows_total",
-        "Rows run to full depth by drift conservative mode",
+        "Rows run to full depth by conservative mode (drift or risk alarm)",
     ),
     FLAG_REROUTED: (
         "offramp_rerouted_rows_total",
@@ -143,9 +143,12 @@ class ServingTelemetry:
                 values[np.isfinite(values)],
             )
         self._observe(
-            "offramp_compute_fraction", "Fraction of the full network's compute each row used",
-            self.labels, COST_BUCKETS, cost,
-        )  # fmt: skip
+            "offramp_compute_fraction",
+            "Fraction of the full network's compute each row used",
+            self.labels,
+            COST_BUCKETS,
+            cost,
+        )
         for bit, (name, description) in _FLAG_COUNTERS.items():
             count = int(np.count_nonzero(flags & bit))
             if count:
@@ -216,9 +219,11 @@ class ServingTelemetry:
 
     def policy(self, version: str, fingerprint: str) -> None:
         self.sink.set(
-            "offramp_policy_info", "The policy being served (value 1)",
-            {**self.labels, "version": version, "model_fingerprint": fingerprint[:16]}, 1.0,
-        )  # fmt: skip
+            "offramp_policy_info",
+            "The policy being served (value 1)",
+            {**self.labels, "version": version, "model_fingerprint": fingerprint[:16]},
+            1.0,
+        )
 
     def drift(self, score: float | None, alarm: bool, conservative: bool) -> None:
         labels = self.labels
@@ -231,9 +236,88 @@ class ServingTelemetry:
         )
         self._set(
             "offramp_conservative_mode",
-            "1 while drift forces every row to full depth",
+            "1 while drift or a risk alarm forces every row to full depth",
             labels,
             float(conservative),
+        )
+
+    def conservative_mode(self, conservative: bool) -> None:
+        """Conservative mode without a drift monitor (a risk alarm's)."""
+        self._set(
+            "offramp_conservative_mode",
+            "1 while drift or a risk alarm forces every row to full depth",
+            self.labels,
+            float(conservative),
+        )
+
+    def shadow(
+        self,
+        counts: Mapping[tuple[int, str], Sequence[int]],
+        gauges: Mapping[str, Mapping[str, float]],
+        raised: Sequence[str],
+    ) -> None:
+        """Shadow checks settled: (exit, cohort) -> (checked, disagreed); cohort -> its risk test's figures
+        (``offramp.backend.shadow.ShadowChecks``); the cohorts whose alarm was just raised."""
+        for (exit_index, cohort), (checked, disagreed) in counts.items():
+            labels = {**self.labels, "exit": str(exit_index), "cohort": cohort}
+            self.sink.increment(
+                "offramp_shadow_checks_total", "Early answers checked at full depth", labels, checked
+            )
+            if disagreed:
+                self.sink.increment(
+                    "offramp_shadow_disagreements_total",
+                    "Checked early answers the full model disagreed with",
+                    labels,
+                    disagreed,
+                )
+        for cohort in raised:
+            self.sink.increment(
+                "offramp_risk_alarms_total", "Risk alarms raised", {**self.labels, "cohort": cohort}, 1
+            )
+        for cohort, figures in gauges.items():
+            labels = {**self.labels, "cohort": cohort}
+            self._set(
+                "offramp_shadow_rate",
+                "Check probability of a row leaving at the first exit",
+                labels,
+                figures["rate"],
+            )
+            self._set(
+                "offramp_risk_estimate",
+                "Live risk estimate (mean of D/q) since the last alarm change",
+                labels,
+                figures["estimate"],
+            )
+            if "alarm" in figures:
+                self._set(
+                    "offramp_risk_alarm",
+                    "1 while the live risk test says the risk is above epsilon",
+                    labels,
+                    figures["alarm"],
+                )
+                self._set(
+                    "offramp_risk_evidence",
+                    "log e-value of the active risk test (alarm/clear at level)",
+                    labels,
+                    figures["evidence"],
+                )
+                self._set(
+                    "offramp_risk_evidence_level",
+                    "log(1/alpha) the active risk test must reach",
+                    labels,
+                    figures["level"],
+                )
+
+    def shadow_lost(self, dropped: int, failed: int) -> None:
+        """Checks not run so far: the queue was full, or the full model's call failed (set: only grow)."""
+        self._set(
+            "offramp_shadow_dropped_rows",
+            "Shadow checks dropped: the check queue was full",
+            self.labels,
+            dropped,
+        )
+        self._set(
+            "offramp_shadow_failed_rows", "Shadow checks whose full-model call failed", self.labels, failed
         )
 
     def slo(self, window: SloWindow) -> None:
@@ -258,8 +342,12 @@ class ServingTelemetry:
             float(window.missed),
         )
         if window.requests:
-            self._set("offramp_slo_latency_estimate_ms", "Queue wait plus own p99 per request, last window",
-                      labels, window.estimate_ms)  # fmt: skip
+            self._set(
+                "offramp_slo_latency_estimate_ms",
+                "Queue wait plus own p99 per request, last window",
+                labels,
+                window.estimate_ms,
+            )
 
     def rows_by_rung(self, rungs: np.ndarray) -> None:
         """Rows answered at each rung of the ladder, (n,) the rung of each."""

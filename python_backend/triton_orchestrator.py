@@ -30,6 +30,7 @@ from offramp.backend.orchestrator import (
 )
 from offramp.backend.policy import Policy
 from offramp.backend.segment_runner import OnnxRunner
+from offramp.backend.shared_state import PeriodicExchange
 from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
 
 
@@ -155,6 +156,7 @@ class TritonPythonModel:
         self.metrics = _TritonMetrics()
         instance = f"{args.get('model_instance_name', '')}-v{args['model_version']}"
         hooks = options.hooks(Policy.load(version_dir / POLICY_FILE), instance, args["model_name"])
+        shared = hooks.pop("shared", None)
         label = f"{args['model_name']} ({instance})"
         # The metrics' instance label names this stub's process too: a reload of the same version starts
         # new stubs beside the old ones, whose close() zeroes their gauges, which must not be the new ones'.
@@ -182,6 +184,14 @@ class TritonPythonModel:
         self.publisher = PeriodicPublisher(
             telemetry, lambda e: _log(f"{label}: metrics not published: {e}", error=True)
         )
+        self.exchange = None
+        if shared is not None:  # the model's instances decide drift and risk alarms on the same evidence
+            self.exchange = PeriodicExchange(
+                shared,
+                self.orchestrator.shared_state,
+                self.orchestrator.absorb_shared,
+                lambda e: _log(f"{label}: state not shared with the other instances: {e}", error=True),
+            )
 
     def _call(self, model_name, tensors, output_names):
         runner = self.local.get(model_name)
@@ -219,7 +229,8 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        if self.exchange is not None:
+            self.exchange.close()
+        self.orchestrator.close()  # queued shadow checks settle (their BLS calls still work here)
         self.publisher.close()  # before the metrics it publishes to are released
-        if self.orchestrator.audit is not None:
-            self.orchestrator.audit.close()
         self.metrics.close()

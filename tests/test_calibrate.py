@@ -26,8 +26,21 @@ def calibration_npz(quick_cnn, fashion_test, tmp_path_factory):
 def test_calibrate_writes_a_servable_policy_and_a_report(quick_cnn, calibration_npz, tmp_path, capsys):
     artifacts, directory = quick_cnn
     out = tmp_path / "policy.json"
-    args = ["calibrate", "--artifacts", str(directory), "--data", str(calibration_npz), "--out", str(out),
-            "--epsilon", "0.05", "--delta", "0.1", "--report", str(tmp_path / "report")]  # fmt: skip
+    args = [
+        "calibrate",
+        "--artifacts",
+        str(directory),
+        "--data",
+        str(calibration_npz),
+        "--out",
+        str(out),
+        "--epsilon",
+        "0.05",
+        "--delta",
+        "0.1",
+        "--report",
+        str(tmp_path / "report"),
+    ]
     with pytest.warns(UserWarning, match="tiny"):
         assert main(args) == 0
     policy = Policy.load(out).validate(artifacts.num_exits, artifacts.num_classes, artifacts.fingerprint)
@@ -71,8 +84,18 @@ def test_calibrate_ladder_writes_the_rungs_into_the_policy(quick_cnn, calibratio
     """`--ladder` certifies each higher level as a rung of the same policy, delta split across the rungs;
     a ladder is content, so the policy's version differs from the one without it."""
     artifacts, directory = quick_cnn
-    common = ["calibrate", "--artifacts", str(directory), "--data", str(calibration_npz), "--epsilon", "0.02",
-              "--delta", "0.1", "--quiet"]  # fmt: skip
+    common = [
+        "calibrate",
+        "--artifacts",
+        str(directory),
+        "--data",
+        str(calibration_npz),
+        "--epsilon",
+        "0.02",
+        "--delta",
+        "0.1",
+        "--quiet",
+    ]
     with pytest.warns(UserWarning, match="tiny"):
         assert main([*common, "--out", str(tmp_path / "ladder.json"), "--ladder", "0.05", "0.1"]) == 0
         assert main([*common, "--out", str(tmp_path / "plain.json")]) == 0
@@ -108,3 +131,52 @@ def test_a_wrong_calibration_file_names_what_it_lacks(tmp_path):
     np.savez(path, pixels=np.zeros((2, 1, 28, 28), np.float32))
     with pytest.raises(ValueError, match=r"missing arrays \['IMAGE', 'labels'\]"):
         CalibrationData.from_npz(path, ["IMAGE"])
+
+
+def test_calibrate_from_the_rows_shadow_checks_kept(quick_cnn, fashion_test, tmp_path, capsys):
+    """Rows kept by a served policy's store (two processes' chunks, one cohort) certify a new policy at
+    the same guarantee, with the full network's answers as what early answers must agree with."""
+    from offramp.backend.segment_runner import OnnxRunner
+    from offramp.backend.shadow_store import ShadowStore
+
+    artifacts, directory = quick_cnn
+    images = fashion_test[0][:2000]
+    full = OnnxRunner(directory / artifacts.full_onnx).run({"IMAGE": images})["LOGITS"].argmax(axis=1)
+    for instance, part in (("m-0", slice(0, 1200)), ("m-1", slice(1200, 2000))):
+        store = ShadowStore(tmp_path / "kept", instance)
+        rows = len(images[part])
+        store.add(
+            {"IMAGE": images[part]},
+            exit=np.zeros(rows, np.int64),
+            label=full[part],
+            full_label=full[part],
+            cohort=np.full(rows, ""),
+            request_id=np.full(rows, "r"),
+            row=np.arange(rows),
+            time=np.full(rows, 1e9),
+        )
+        store.flush()
+    out = tmp_path / "policy.json"
+    args = [
+        "calibrate",
+        "--artifacts",
+        str(directory),
+        "--shadow",
+        str(tmp_path / "kept"),
+        "--out",
+        str(out),
+        "--epsilon",
+        "0.05",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    policy = Policy.load(out).validate(artifacts.num_exits, artifacts.num_classes, artifacts.fingerprint)
+    assert policy.provenance["epsilon"] == 0.05 and policy.provenance["risk"] == "disagreement"
+    assert policy.provenance["calibration_rows"] + policy.provenance["fit_rows"] == 2000
+    # The same rows given as a data file certify the same policy: the store loses nothing on the way.
+    np.savez(tmp_path / "same.npz", IMAGE=images, labels=full)
+    same = tmp_path / "same.json"
+    assert main([*args[:3], "--data", str(tmp_path / "same.npz"), "--out", str(same), *args[7:]]) == 0
+    assert Policy.load(same).exits == policy.exits
+    assert main([*args, "--data", str(tmp_path / "same.npz")]) == 2
+    assert "not true labels" in capsys.readouterr().err

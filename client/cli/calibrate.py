@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from offramp.client.cli.subcommand import DEFAULT_WORKDIR, Subcommand
@@ -26,6 +27,13 @@ class CalibrateCommand(Subcommand):
             "with an optional 'cohort' column; images: class folders or .npz), or an .npz of the model's "
             "inputs, 'labels' and 'cohorts'; default: the build's own calibration split",
         )
+        add(
+            "--shadow",
+            metavar="DIR",
+            help="the live rows a served policy's shadow checks kept "
+            "(offramp_shadow_store_path): certify on live traffic, disagreement with the full model only",
+        )
+        add("--shadow-since-h", type=float, help="with --shadow: only rows kept in the last this many hours")
         add("--text-column", help="--data's text column (default: the build's)")
         add("--label-column", help="--data's label column (default: the build's)")
         add("--out", help="the policy file to write (default: policy.json in the artifacts folder)")
@@ -48,7 +56,7 @@ class CalibrateCommand(Subcommand):
 
     def run(self, args: argparse.Namespace) -> int:
         from offramp.build.artifacts import MANIFEST, ModelArtifacts
-        from offramp.build.calibrate import calibrate_artifacts, data_file_rows, held_out_data
+        from offramp.build.calibrate import calibrate_artifacts, data_file_rows, held_out_data, shadow_rows
         from offramp.build.model_build import user_errors
 
         artifacts_dir = Path(args.artifacts)
@@ -57,8 +65,15 @@ class CalibrateCommand(Subcommand):
                   "(offramp build prints it)", file=sys.stderr)  # fmt: skip
             return 2
         artifacts = ModelArtifacts.load(artifacts_dir)
+        if args.shadow and (args.data or args.risk != "disagreement"):
+            print("offramp calibrate: error: --shadow rows carry the full model's answers, not true labels: "
+                  "use them alone (no --data) and with --risk disagreement", file=sys.stderr)  # fmt: skip
+            return 2
         try:
-            if args.data:
+            if args.shadow:
+                since = None if args.shadow_since_h is None else time.time() - args.shadow_since_h * 3600.0
+                data = shadow_rows(artifacts, Path(args.shadow), since)
+            elif args.data:
                 columns = (args.text_column, args.label_column)
                 data = data_file_rows(artifacts, artifacts_dir, Path(args.data), *columns)
             else:
