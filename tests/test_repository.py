@@ -160,7 +160,9 @@ def test_the_command_line_sets_serving_options_and_refuses_unknown_ones(tmp_path
         assert main([*common, "--serving", bad]) == 2
         assert message in capsys.readouterr().err
     assert not repo.exists()
-    assert main([*common, "--serving", "slo_p99_ms=40", "--serving", "drift_conservative=true"]) == 0
+    given = ["slo_p99_ms=40", "drift_conservative=true", "shadow_rate=0.02"]
+    assert main([*common, *(f"--serving={assignment}" for assignment in given)]) == 0
     config = parse((repo / "toy" / "config.pbtxt").read_text())
     options = ServingOptions.from_parameters({k: v.string_value for k, v in config.parameters.items()})
-    assert options.slo_p99_ms == 40.0 and options.drift_conservative and options.drift_window == 2000
+    assert options.slo_p99_ms == 40.0 and options.drift_conservative and options.shadow.rate == 0.02
+    assert options.drift_window == ServingOptions().drift_window  # what was not given keeps its default

@@ -36,7 +36,8 @@ class RepositoryCommand(Subcommand):
         parser.add_argument(
             "--serving", action="append", default=[], metavar="NAME=VALUE",
             help="an orchestrator serving option (offramp.backend.orchestrator.ServingOptions: audit_path, "
-            "drift_conservative, slo_p99_ms, slo_shed_max_exit, segments_in_process, ...); repeatable",
+            "drift_conservative, slo_p99_ms, slo_shed_max_exit, segments_in_process, ...; shadow checks: "
+            "shadow_rate, shadow_store_path, ...); repeatable",
         )  # fmt: skip
 
     def run(self, args: argparse.Namespace) -> int:
@@ -79,25 +80,35 @@ class RepositoryCommand(Subcommand):
 
 
 def serving_options(assignments: list[str]) -> ServingOptions:
-    """``ServingOptions`` from ``name=value`` texts, each typed as the field's default (bools: true/false)."""
+    """``ServingOptions`` from ``name=value`` texts, each typed as the field's default (bools: true/false);
+    the shadow checks' settings are ``shadow_<field>``. The options' own checks (a rate out of range,
+    say) raise ValueError with their message."""
     from offramp.backend.orchestrator import ServingOptions
 
     defaults = ServingOptions()
+    names = [name for name in defaults.__dataclass_fields__ if name != "shadow"]
+    kinds = {name: type(getattr(defaults, name)) for name in names}
+    for name in defaults.shadow.__dataclass_fields__:
+        kinds[f"shadow_{name}"] = type(getattr(defaults.shadow, name))
     parameters = {}
     for assignment in assignments:
         name, equals, value = assignment.partition("=")
-        if not equals or not hasattr(defaults, name):
-            known = ", ".join(defaults.__dataclass_fields__)
-            raise ValueError(f"{assignment!r} is not NAME=VALUE with NAME one of {known}")
-        kind = type(getattr(defaults, name))
-        try:
-            if kind is bool and value.lower() not in ("true", "false"):
-                raise ValueError(value)
-            ServingOptions.from_parameters({f"offramp_{name}": value})
-        except ValueError:
-            raise ValueError(f"{name}: {value!r} is not a {kind.__name__}") from None
+        if not equals or name not in kinds:
+            raise ValueError(f"{assignment!r} is not NAME=VALUE with NAME one of {', '.join(kinds)}")
+        if not _parses(kinds[name], value):
+            raise ValueError(f"{name}: {value!r} is not a {kinds[name].__name__}")
         parameters[f"offramp_{name}"] = value
     return ServingOptions.from_parameters(parameters)
+
+
+def _parses(kind: type, text: str) -> bool:
+    if kind is bool:
+        return text.lower() in ("true", "false")
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
 
 
 def by_hand_command(repository: Path, backends: Path) -> str:
