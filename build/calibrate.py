@@ -219,8 +219,8 @@ def policy_version(method: str, rules: Sequence[ExitRule], cohorts: dict) -> str
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """What a policy is calibrated by (``offramp calibrate``'s options); the defaults are the measured
-    ones (``benchmarks/exit_rules.md``)."""
+    """What a policy is calibrated by: ``offramp calibrate``'s options, with its defaults (what each rule
+    family certifies on the benchmark models: ``benchmarks/exit_rules.md``)."""
 
     epsilon: float = 0.01
     delta: float = 0.05

@@ -1134,12 +1134,13 @@ def calibrate_best_rule(
     best = min(results, key=lambda r: r.result.expected_cost)
     for message in best.warnings:
         warnings.warn(message, CalibrationWarning, stacklevel=2)
+    clauses = best.guarantee.removeprefix(share.describe(share.delta))  # per-class and cohort clauses
     guarantee = (
-        f"{best.guarantee}; {len(rules)} rule families ({', '.join(rules)}) certified at delta / "
-        f"{len(rules)} each, the least compute kept ({best.rule})"
+        f"{method.describe(method.delta)}{clauses}; {len(rules)} rule families ({', '.join(rules)}), each "
+        f"certified at delta / {len(rules)} = {share.delta:.4g}, the least compute kept ({best.rule})"
     )
     tried = tuple((r.rule, r.result.expected_cost) for r in results)
-    return replace(best, guarantee=guarantee, tried=tried)
+    return replace(best, guarantee=guarantee, delta=float(method.delta), tried=tried)
 
 
 def ladder_levels(method: Method, ladder: Sequence[float]) -> tuple[float, ...]:

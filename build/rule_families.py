@@ -7,7 +7,7 @@ not use), so the candidates' order is never learnt from the rows that test it:
 
 - ``confidence``: the value is max-prob, entropy or margin; nothing else (data-free).
 - ``patience``: max-prob, discounted where the label has held at the last ``PATIENCE`` exits
-  (data-free defaults, chosen by measurement: ``benchmarks/exit_rules.md``).
+  (data-free defaults, not tuned: ``benchmarks/exit_rules.md`` reports what they certify).
 - ``score``: a learned exit score, a logistic model of "this exit's label is the last exit's" over
   the logit of max-prob, entropy, margin and agreement with the previous exit, with an intercept per
   exit (the exit index), fitted on the fit rows with sign constraints that make it monotone.

@@ -8,7 +8,12 @@ import re
 import numpy as np
 import pytest
 from offramp.backend.policy import Policy
-from offramp.build.calibrate import CalibrationData, calibrate_artifacts, exit_logits_from_onnx, simulate_exits
+from offramp.build.calibrate import (
+    CalibrationData,
+    calibrate_artifacts,
+    exit_logits_from_onnx,
+    simulate_exits,
+)
 from offramp.build.risk_control import fit_split
 from offramp.client.cli.main import main
 
@@ -99,7 +104,9 @@ def test_calibrate_rule_all_keeps_the_family_with_the_least_certified_compute(
         out = tmp_path / f"{rule}.json"
         with pytest.warns(UserWarning, match="tiny"):
             assert main([*common, "--rule", rule, "--out", str(out)]) == 0
-        policies[rule] = Policy.load(out).validate(artifacts.num_exits, artifacts.num_classes, artifacts.fingerprint)
+        policies[rule] = Policy.load(out).validate(
+            artifacts.num_exits, artifacts.num_classes, artifacts.fingerprint
+        )
     console = capsys.readouterr().out
 
     patience = policies["patience"]
@@ -111,7 +118,8 @@ def test_calibrate_rule_all_keeps_the_family_with_the_least_certified_compute(
     assert set(tried) == {"confidence", "patience", "score", "novelty"}
     assert chosen.rule == min(tried, key=tried.get) and chosen.provenance["rule"] == chosen.rule
     assert chosen.provenance["expected_cost"] == min(tried.values())
-    assert chosen.provenance["delta"] == 0.05 / 4  # each family at delta / families
+    assert chosen.provenance["delta"] == 0.05 / 4  # the level each family was tested at
+    assert "with probability >= 0.95 over the calibration rows" in chosen.provenance["guarantee"]
     assert "certified compute per rule: confidence" in console and f"rule: {chosen.rule}" in console
     # The served rules take, on the certifying rows, the exits the calibration counted.
     data = np.load(calibration_npz)
