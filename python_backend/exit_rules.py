@@ -68,10 +68,6 @@ class LabelHistory:
         """(n,) bool, on a history already ``after`` this exit: the label repeats the previous exit's."""
         return self.streak >= 2
 
-    def select(self, rows: Any) -> LabelHistory:
-        """The history of a subset of rows (a boolean mask or an index array)."""
-        return LabelHistory(self.previous[rows], self.streak[rows])
-
 
 def energy(logits: Any, confidence: Confidence, xp: Any = np) -> Any:
     """(n,) float32 energy score ``-logsumexp(z)`` of temperature-scaled logits (n, C); NaN where invalid.
