@@ -68,7 +68,9 @@ class ModelArtifacts:
             side_inputs=tuple(data["side_inputs"]),
             class_names=tuple(data["class_names"]),
             segments=tuple(
-                SegmentArtifact(s["onnx"], tuple(s["input_names"]), spec(s["hidden"]), s["macs"], s["exit_cost"])
+                SegmentArtifact(
+                    s["onnx"], tuple(s["input_names"]), spec(s["hidden"]), s["macs"], s["exit_cost"]
+                )
                 for s in data["segments"]
             ),
             full_onnx=data["full_onnx"],

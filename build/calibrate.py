@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
 from offramp.backend.contract import HIDDEN_IN, HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.exit_rules import rule_passes
 from offramp.backend.policy import RULE_FAMILIES, ExitRule, Policy
@@ -23,7 +25,6 @@ from offramp.build.risk_control import (
 )
 from offramp.build.rule_families import scaled_exits
 from offramp.build.tabular import read_columns
-from tqdm import tqdm
 
 
 def exit_logits_from_onnx(
@@ -91,7 +92,9 @@ class CalibrationData:
             return cls({n: data[n] for n in input_names}, data["labels"].astype(np.int64), cohorts)
 
 
-def held_out_data(artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "calibration") -> CalibrationData:
+def held_out_data(
+    artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "calibration"
+) -> CalibrationData:
     """A held-out split of the build's own data: ``calibration`` (never trained on, where thresholds are
     chosen) or ``test`` (never seen by training or calibration, where they are judged). The data is read
     again from what the manifest records (its files, unchanged, or the packaged set, and the split) and
@@ -106,7 +109,9 @@ def held_out_data(artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "
         if split == "test":
             images, labels = load_fashion_mnist("test", build["data"])
         else:
-            _, (images, labels) = fashion_mnist_train_and_calibration(build["data"], build["calibration_rows"])
+            _, (images, labels) = fashion_mnist_train_and_calibration(
+                build["data"], build["calibration_rows"]
+            )
         return CalibrationData({"IMAGE": images}, labels)
     if build.get("tokenizer_dir"):
         from offramp.build.text_recipes import text_splits_of
@@ -118,7 +123,9 @@ def held_out_data(artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "
         from offramp.build.image_data import load_image_splits
 
         data = build["data"]
-        paths = {part: Path(data[part]) if data.get(part) else None for part in ("train", "calibration", "test")}
+        paths = {
+            part: Path(data[part]) if data.get(part) else None for part in ("train", "calibration", "test")
+        }
         splits = load_image_splits(
             paths["train"], paths["calibration"], paths["test"], tuple(data["fractions"]), data["seed"], None,
             preprocess=ImageSpec.from_dict(build["image"]),
@@ -129,7 +136,9 @@ def held_out_data(artifacts: ModelArtifacts, artifacts_dir: Path, split: str = "
     raise ValueError(f"{artifacts_dir}: its manifest records no data to hold out; pass the rows with --data")
 
 
-def text_inputs(artifacts: ModelArtifacts, artifacts_dir: Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
+def text_inputs(
+    artifacts: ModelArtifacts, artifacts_dir: Path, texts: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Token ids and mask of ``texts``, by the build's own tokenizer (as the orchestrator tokenizes)."""
     from offramp.build.transformer import encode_texts, load_tokenizer
 
@@ -187,7 +196,9 @@ def data_file_rows(
         splits = load_image_splits(
             path, path, path, (1.0, 0.0, 0.0), 0, None, preprocess=ImageSpec.from_dict(build["image"])
         )
-        labels = model_class_indices(splits.class_names, splits.calibration.labels, artifacts.class_names, path)
+        labels = model_class_indices(
+            splits.class_names, splits.calibration.labels, artifacts.class_names, path
+        )
         return CalibrationData({names[0]: splits.calibration.images}, labels)
     return CalibrationData.from_npz(path, names)
 
@@ -243,7 +254,9 @@ class CalibrationSettings:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
         if self.metric != "max_prob" and self.rule not in ("confidence", "all"):
-            raise ValueError(f"metric {self.metric!r} is the confidence rule's; the {self.rule} rule has its own")
+            raise ValueError(
+                f"metric {self.metric!r} is the confidence rule's; the {self.rule} rule has its own"
+            )
 
 
 def calibrate_logits(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from offramp.backend.policy import ExitRule, Policy
 from offramp.build.calibrate import CalibrationData, simulate_exits
 from offramp.build.markdown import markdown_table

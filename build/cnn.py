@@ -106,7 +106,9 @@ class MultiExitCNN(nn.Module):
         in_channels = first
         for index, channels in enumerate(config.stage_channels):
             blocks = [
-                ResidualBlock(in_channels if b == 0 else channels, channels, 2 if (index > 0 and b == 0) else 1)
+                ResidualBlock(
+                    in_channels if b == 0 else channels, channels, 2 if (index > 0 and b == 0) else 1
+                )
                 for b in range(config.blocks_per_stage)
             ]
             stages.append(nn.Sequential(stem, *blocks) if index == 0 else nn.Sequential(*blocks))

@@ -114,7 +114,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex("\n"), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -203,4 +206,3 @@ def _fitting_suffix(lines: Sequence[str], tokenizer, max_tokens: int) -> str:
         total += counts[start - 1]
         start -= 1
     return "".join(lines[start:])
-

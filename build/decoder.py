@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from offramp.backend.exit_decoder import DECODER_MANIFEST, FAMILIES, MODEL_FILE, TOKENIZER_FILE
 from offramp.build.build_cache import build_key
 from offramp.build.code_data import (
@@ -158,7 +159,9 @@ def layer_keep_probabilities(layers: int, layer_dropout: float) -> torch.Tensor:
     return 1.0 - layer_dropout * torch.arange(layers) / max(layers - 1, 1)
 
 
-def exit_states_of(model, input_ids: torch.Tensor, exit_layers: Sequence[int], keep: torch.Tensor | None = None):
+def exit_states_of(
+    model, input_ids: torch.Tensor, exit_layers: Sequence[int], keep: torch.Tensor | None = None
+):
     """Final-normed hidden states (exits, B, T, H) at every exit of a ``LlamaForCausalLM`` (the LM head
     of each gives that exit's logits); ``keep`` (B, L) bool skips layer l for the sequences where it is
     False (layer dropout)."""
@@ -193,7 +196,9 @@ def learning_rate_at(step: int, settings: ExitTraining) -> float:
 
 
 @torch.no_grad()
-def exit_metrics(model, stream: np.ndarray, shape: DecoderShape, windows: int, seed: int) -> dict[str, list[float]]:
+def exit_metrics(
+    model, stream: np.ndarray, shape: DecoderShape, windows: int, seed: int
+) -> dict[str, list[float]]:
     """Per-exit next-token accuracy, loss, and agreement with the last exit's argmax, on ``windows``
     seeded windows of ``stream``."""
     model.eval()
@@ -263,7 +268,9 @@ def train_code_model(
         states = exit_states_of(model, batch[:, :-1], shape.exit_layers, keep).flatten(1, 2)  # (E, B T, H)
         target = batch[:, 1:].reshape(-1)
         # The early exits' loss on a sampled share of positions (the head is as costly as a layer here).
-        sampled = torch.randperm(target.numel(), generator=generator)[: int(settings.early_exit_positions * target.numel())]
+        sampled = torch.randperm(target.numel(), generator=generator)[
+            : int(settings.early_exit_positions * target.numel())
+        ]
         losses = torch.stack([
             torch.nn.functional.cross_entropy(model.lm_head(states[e]), target) if e == len(weights) - 1 else
             torch.nn.functional.cross_entropy(model.lm_head(states[e, sampled]), target[sampled])
@@ -322,7 +329,9 @@ def build_code_model(
 
         torch.manual_seed(settings.seed)
         model = LlamaForCausalLM(shape.llama_config(end_of_text))
-        curve = train_code_model(model, streams["train"], shape, settings, out_dir / TRAINING_STATE, key, progress)
+        curve = train_code_model(
+            model, streams["train"], shape, settings, out_dir / TRAINING_STATE, key, progress
+        )
         trained_s = time.time() - started
         metrics = {
             split: exit_metrics(model, streams[split], shape, settings.eval_windows, seed=1)
@@ -475,14 +484,20 @@ def training_report(artifacts: DecoderArtifacts) -> str:
         "",
     ]  # fmt: skip
     curve = build["loss_curve"]
-    shown = curve[:: max(1, len(curve) // 12)] + ([curve[-1]] if len(curve) % max(1, len(curve) // 12) != 1 else [])
+    shown = curve[:: max(1, len(curve) // 12)] + (
+        [curve[-1]] if len(curve) % max(1, len(curve) // 12) != 1 else []
+    )
     lines.append(markdown_table(
         ["step", "minutes", "weighted loss", *exits],
         [[c["step"], f"{c['seconds'] / 60:.1f}", f"{c['loss']:.3f}",
           *(f"{c[f'loss_exit_{e}']:.3f}" for e in range(len(exits)))] for c in shown],
     ))  # fmt: skip
     for split, metrics in build["exit_metrics"].items():
-        lines += ["", f"## Per exit, {split} modules ({settings['eval_windows']} windows of {shape.context} tokens)", ""]
+        lines += [
+            "",
+            f"## Per exit, {split} modules ({settings['eval_windows']} windows of {shape.context} tokens)",
+            "",
+        ]
         lines.append(markdown_table(
             ["", *exits],
             [["next-token accuracy", *(f"{100 * a:.1f}%" for a in metrics["accuracy"])],
@@ -495,13 +510,17 @@ def training_report(artifacts: DecoderArtifacts) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Train (or reuse) the code model with exits; write its report.")
+    parser = argparse.ArgumentParser(
+        description="Train (or reuse) the code model with exits; write its report."
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--steps", type=int, default=ExitTraining.steps)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", type=Path, default=REPORT_FILE)
     args = parser.parse_args(argv)
-    artifacts, directory = build_code_model(args.workdir, settings=ExitTraining(steps=args.steps), threads=args.threads)
+    artifacts, directory = build_code_model(
+        args.workdir, settings=ExitTraining(steps=args.steps), threads=args.threads
+    )
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(training_report(artifacts))
     print(f"{directory}: {args.report}")

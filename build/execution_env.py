@@ -108,7 +108,9 @@ def copy_server_packages(site_packages: Path) -> Path:
         destination = target / package
         if destination.exists():
             shutil.rmtree(destination)
-        shutil.copytree(source, destination, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        shutil.copytree(
+            source, destination, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+        )
     return target
 
 
@@ -170,7 +172,9 @@ def create_execution_env(
 
 
 def triton_server_flags(
-    shm_default_bytes: int | None = 64 << 20, shm_growth_bytes: int = 64 << 20, cuda_pool_bytes: int | None = None
+    shm_default_bytes: int | None = 64 << 20,
+    shm_growth_bytes: int = 64 << 20,
+    cuda_pool_bytes: int | None = None,
 ) -> list[str]:
     """``tritonserver`` options for the generated repository on a stock server.
 

@@ -10,6 +10,9 @@ from typing import Any
 
 import onnx
 import torch
+from torch import nn
+from tqdm import tqdm
+
 from offramp.backend.contract import (
     BATCH_AXIS,
     FULL_LOGITS_OUT,
@@ -20,8 +23,6 @@ from offramp.backend.contract import (
 )
 from offramp.build.artifacts import ModelArtifacts, SegmentArtifact, fingerprint_files
 from offramp.build.segmented import SegmentedNetwork, count_macs
-from torch import nn
-from tqdm import tqdm
 
 # The exporter logs one warning per torchvision operator it cannot register; none is used here.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -73,7 +74,9 @@ def _variable_axes(spec_shape: Sequence[int]) -> dict[int, str]:
     return axes
 
 
-def onnx_files_from_network(network: SegmentedNetwork, out_dir: Path, progress: bool = False) -> tuple[list[Path], Path]:
+def onnx_files_from_network(
+    network: SegmentedNetwork, out_dir: Path, progress: bool = False
+) -> tuple[list[Path], Path]:
     """Writes ``segment_<k>.onnx`` for every segment and ``full.onnx``; returns their paths."""
     bar = tqdm(total=len(network.segments) + 1, desc="export ONNX", unit="file", disable=not progress)
     example = network.example_inputs(batch=4)
@@ -98,7 +101,12 @@ def onnx_files_from_network(network: SegmentedNetwork, out_dir: Path, progress: 
         inputs = [hidden, *(side[name] for name in network.side_inputs)]
         axes = [network.hidden_axes, *(side_axes[name] for name in network.side_inputs)]
     full = onnx_from_module(
-        network.full, example, [spec.name for spec in network.inputs], [FULL_LOGITS_OUT], raw_axes, out_dir / "full.onnx"
+        network.full,
+        example,
+        [spec.name for spec in network.inputs],
+        [FULL_LOGITS_OUT],
+        raw_axes,
+        out_dir / "full.onnx",
     )
     bar.update()
     bar.close()

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from offramp.backend.exit_decoder import TOKENIZER_FILE, ExitDecoder, KVCache
 from offramp.backend.generation import NEVER, DecodingSettings, GenerationEngine, Row
 from offramp.backend.generation_policy import GenerationPolicy
@@ -80,7 +81,9 @@ def load_tokenizer(directory: Path):
     return Tokenizer.from_file(str(Path(directory) / TOKENIZER_FILE))
 
 
-def split_tasks(artifacts: DecoderArtifacts, tokenizer, settings: CalibrationSettings) -> dict[str, list[CompletionTask]]:
+def split_tasks(
+    artifacts: DecoderArtifacts, tokenizer, settings: CalibrationSettings
+) -> dict[str, list[CompletionTask]]:
     """Next-line tasks of the calibration and test modules (the build's own split, or the standard one)."""
     seed = artifacts.build.get("settings", {}).get("split_seed", 0)
     splits = split_modules(stdlib_modules(), seed)
@@ -96,8 +99,14 @@ def split_tasks(artifacts: DecoderArtifacts, tokenizer, settings: CalibrationSet
 
 
 def complete(
-    decoder: ExitDecoder, tokenizer, tasks: Sequence[CompletionTask], mode: str, settings: DecodingSettings,
-    calibration: CalibrationSettings, end_of_text: int, on_step: Callable[[GenerationEngine], None] | None = None,
+    decoder: ExitDecoder,
+    tokenizer,
+    tasks: Sequence[CompletionTask],
+    mode: str,
+    settings: DecodingSettings,
+    calibration: CalibrationSettings,
+    end_of_text: int,
+    on_step: Callable[[GenerationEngine], None] | None = None,
 ) -> list[Row]:
     """Every task completed in ``mode``, ``calibration.batch`` rows at a time (rows join as others leave)."""
     engine = GenerationEngine(decoder, settings, lambda ids: tokenizer.decode(ids), end_of_text,
@@ -135,8 +144,14 @@ def exact_line_match(rows: Sequence[Row], tasks: Sequence[CompletionTask]) -> fl
 
 
 def acceptance_lengths(
-    decoder: ExitDecoder, tokenizer, tasks: Sequence[CompletionTask], draft_exit: int, longest: int,
-    vocabulary: tuple[int, ...], calibration: CalibrationSettings, end_of_text: int,
+    decoder: ExitDecoder,
+    tokenizer,
+    tasks: Sequence[CompletionTask],
+    draft_exit: int,
+    longest: int,
+    vocabulary: tuple[int, ...],
+    calibration: CalibrationSettings,
+    end_of_text: int,
 ) -> np.ndarray:
     """Drafts accepted per verify pass (each row's, each step) with ``longest`` drafts from ``draft_exit``
     among ``vocabulary`` (empty: all); only passes that drafted ``longest`` (not cut by a row's budget)
@@ -174,7 +189,10 @@ def least_cpu_seconds(calls: dict, rounds: int = 25) -> dict:
 
 
 def step_costs(
-    decoder: ExitDecoder, batch: int, draft_lengths: Sequence[int], draft_heads: dict[int, torch.Tensor | None],
+    decoder: ExitDecoder,
+    batch: int,
+    draft_lengths: Sequence[int],
+    draft_heads: dict[int, torch.Tensor | None],
     prompt_tokens: int,
 ) -> dict:
     """CPU seconds of each part of a step at ``batch`` rows, with ``prompt_tokens`` tokens in every row's
@@ -197,7 +215,9 @@ def step_costs(
 
     calls = {("full",): run(0, spec.layers, 1)}
     for exit_index, layer in enumerate(spec.exit_layers[:-1]):
-        calls.update({("draft", exit_index, size): run(0, layer, 1, head) for size, head in draft_heads.items()})
+        calls.update(
+            {("draft", exit_index, size): run(0, layer, 1, head) for size, head in draft_heads.items()}
+        )
         calls.update({("verify", exit_index, d): run(layer, spec.layers, d) for d in draft_lengths})
     seconds = least_cpu_seconds(calls)
     costs: dict = {"full": seconds[("full",)], "draft": {}, "verify": {}}
@@ -227,17 +247,27 @@ class DraftChoice:
 
 
 def choose_draft(
-    decoder: ExitDecoder, tokenizer, tasks: Sequence[CompletionTask], calibration: CalibrationSettings,
-    end_of_text: int, split_seed: int, progress: Callable[[str], None] = print,
+    decoder: ExitDecoder,
+    tokenizer,
+    tasks: Sequence[CompletionTask],
+    calibration: CalibrationSettings,
+    end_of_text: int,
+    split_seed: int,
+    progress: Callable[[str], None] = print,
 ) -> DraftChoice:
     """The draft exit, length and vocabulary with the best predicted speed-up (module docstring)."""
     longest = max(calibration.draft_lengths)
     ranked = frequent_tokens(tokenizer, decoder.spec.vocab, split_seed)
-    sizes = sorted({min(k, decoder.spec.vocab) for k in calibration.draft_vocabularies} | {decoder.spec.vocab})
+    sizes = sorted(
+        {min(k, decoder.spec.vocab) for k in calibration.draft_vocabularies} | {decoder.spec.vocab}
+    )
     vocabularies = {k: () if k == decoder.spec.vocab else tuple(ranked[:k]) for k in sizes}
     heads = {k: decoder.head[list(v)].contiguous() if v else None for k, v in vocabularies.items()}
     prompt_tokens = max(1, decoder.spec.context - calibration.max_tokens - longest - 1)
-    costs = {b: step_costs(decoder, b, calibration.draft_lengths, heads, prompt_tokens) for b in calibration.timing_batches}
+    costs = {
+        b: step_costs(decoder, b, calibration.draft_lengths, heads, prompt_tokens)
+        for b in calibration.timing_batches
+    }
     table = []
     for exit_index in range(len(decoder.spec.exit_layers) - 1):
         for size, vocabulary in vocabularies.items():
@@ -246,7 +276,10 @@ def choose_draft(
             progress(f"draft exit {exit_index} (layer {decoder.spec.exit_layers[exit_index]}), {size} tokens: "
                      f"{len(accepted)} passes, mean accepted of {longest}: {accepted.mean():.2f}")  # fmt: skip
             for d in calibration.draft_lengths:
-                speedups = {b: predicted_speedup(accepted, d, costs[b], exit_index, size) for b in calibration.timing_batches}
+                speedups = {
+                    b: predicted_speedup(accepted, d, costs[b], exit_index, size)
+                    for b in calibration.timing_batches
+                }
                 table.append({
                     "draft_exit": exit_index, "draft_layer": decoder.spec.exit_layers[exit_index], "draft_length": d,
                     "draft_vocabulary": size,
@@ -275,8 +308,13 @@ class CandidateResult:
 
 
 def certify_thresholds(
-    decoder: ExitDecoder, tokenizer, tasks: Sequence[CompletionTask], references: Sequence[Row],
-    calibration: CalibrationSettings, end_of_text: int, progress: Callable[[str], None] = print,
+    decoder: ExitDecoder,
+    tokenizer,
+    tasks: Sequence[CompletionTask],
+    references: Sequence[Row],
+    calibration: CalibrationSettings,
+    end_of_text: int,
+    progress: Callable[[str], None] = print,
 ) -> tuple[list[CandidateResult], int]:
     """Fixed-sequence Learn-then-Test along ``THRESHOLD_PATH`` (module docstring); returns every tested
     candidate and the index of the chosen one (0: none certified past "never")."""
@@ -292,7 +330,9 @@ def certify_thresholds(
         shares = np.bincount(taken, minlength=exits) / max(len(taken), 1)
         results.append(CandidateResult(threshold, float(losses.mean()), p, float(exit_costs[taken].mean()),
                                        tuple(float(s) for s in shares)))  # fmt: skip
-        progress(f"threshold {threshold:g}: risk {losses.mean():.4f}, p {p:.3g}, compute {results[-1].compute:.3f}")
+        progress(
+            f"threshold {threshold:g}: risk {losses.mean():.4f}, p {p:.3g}, compute {results[-1].compute:.3f}"
+        )
         if p > calibration.delta:
             break
     # Testing stopped at the first candidate it could not reject (if any): all before it are certified.
@@ -302,7 +342,9 @@ def certify_thresholds(
 
 
 def calibrate_generation(
-    artifacts_dir: Path, calibration: CalibrationSettings = CalibrationSettings(), progress: Callable[[str], None] = print
+    artifacts_dir: Path,
+    calibration: CalibrationSettings = CalibrationSettings(),
+    progress: Callable[[str], None] = print,
 ) -> GenerationPolicy:
     """The generation policy of the decoder in ``artifacts_dir`` (module docstring)."""
     started = time.time()
@@ -313,7 +355,10 @@ def calibrate_generation(
     progress(f"tasks: {len(tasks['calibration'])} calibration, {len(tasks['test'])} test")
     end = artifacts.end_of_text
     neutral = DecodingSettings(0, 1, (NEVER,) * (len(decoder.spec.exit_layers) - 1))
-    full = {split: complete(decoder, tokenizer, t, "full", neutral, calibration, end) for split, t in tasks.items()}
+    full = {
+        split: complete(decoder, tokenizer, t, "full", neutral, calibration, end)
+        for split, t in tasks.items()
+    }
     probe = tasks["calibration"][: calibration.acceptance_tasks]
     split_seed = artifacts.build.get("settings", {}).get("split_seed", 0)
     draft = choose_draft(decoder, tokenizer, probe, calibration, end, split_seed, progress)

@@ -39,7 +39,10 @@ def generator_model_config(name: str, options: ServiceOptions, execution_env: Pa
         instances=1,  # one running batch: a second instance would split it
         dynamic_batching=False,
         decoupled=True,
-        parameters={**({"EXECUTION_ENV_PATH": str(execution_env)} if execution_env else {}), **options.to_parameters()},
+        parameters={
+            **({"EXECUTION_ENV_PATH": str(execution_env)} if execution_env else {}),
+            **options.to_parameters(),
+        },
     )
 
 
@@ -54,7 +57,9 @@ def write_generator(
     """``<repository>/<name>`` (default: the artifacts' name), replacing what was there; returns its folder."""
     artifacts_dir = Path(artifacts_dir)
     artifacts = DecoderArtifacts.load(artifacts_dir)
-    spec = DecoderSpec.from_config(json.loads((artifacts_dir / "config.json").read_text()), artifacts.exit_layers)
+    spec = DecoderSpec.from_config(
+        json.loads((artifacts_dir / "config.json").read_text()), artifacts.exit_layers
+    )
     policy.validate(len(artifacts.exit_layers), artifacts.fingerprint, spec.vocab)
     config = generator_model_config(name or artifacts.name, options, execution_env)
     model_dir = Path(repository) / config.name

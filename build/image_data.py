@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from offramp.backend.image import ImageError, ImageSpec, open_image, pixels_of
 from PIL import Image
+
+from offramp.backend.image import ImageError, ImageSpec, open_image, pixels_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 GRAYSCALE_MODES = ("1", "L", "LA")

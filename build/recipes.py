@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.build_cache import CachedBuild, staged_build
 from offramp.build.cnn import CNNConfig, MultiExitCNN

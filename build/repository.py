@@ -60,7 +60,12 @@ class TensorConfig:
     def _fields(self) -> dict:
         # Triton needs at least one dim; a per-row scalar is dims [1] reshaped to [] for the model.
         if not self.dims:
-            return {"name": self.name, "data_type": _DTYPES[self.dtype], "dims": [1], "reshape": pb.ModelTensorReshape()}
+            return {
+                "name": self.name,
+                "data_type": _DTYPES[self.dtype],
+                "dims": [1],
+                "reshape": pb.ModelTensorReshape(),
+            }
         return {"name": self.name, "data_type": _DTYPES[self.dtype], "dims": list(self.dims)}
 
     def input_proto(self) -> pb.ModelInput:
@@ -96,7 +101,9 @@ class ModelConfig:
     instance_kind: str = "KIND_CPU"  # or "KIND_GPU": `instances` per GPU
     dynamic_batching: bool = True
     max_queue_delay_us: int = 0
-    preferred_batch_sizes: tuple[int, ...] = ()  # for the dynamic batcher: what a TensorRT engine is tuned for
+    preferred_batch_sizes: tuple[
+        int, ...
+    ] = ()  # for the dynamic batcher: what a TensorRT engine is tuned for
     parameters: dict[str, str] = field(default_factory=dict)
     default_model_filename: str | None = None
     gpu_accelerators: tuple[ExecutionAccelerator, ...] = ()
@@ -188,7 +195,9 @@ class RepositoryOptions:
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, not {self.target!r}")
         if self.orchestrator_device not in (None, *DEVICES):
-            raise ValueError(f"orchestrator_device must be one of {DEVICES}, not {self.orchestrator_device!r}")
+            raise ValueError(
+                f"orchestrator_device must be one of {DEVICES}, not {self.orchestrator_device!r}"
+            )
         if self.onnx_tensorrt is not None and self.target != "triton-onnx":
             raise ValueError("onnx_tensorrt is an option of the triton-onnx target")
         DeviceRequest(self.device, self.device_fallback)  # refuses unknown values
@@ -279,7 +288,10 @@ def segment_model_configs(
                 *(TensorConfig.of(s) for s in artifacts.inputs if s.name in artifacts.side_inputs),
             ]
         )
-        outputs = [TensorConfig.of(segment.hidden), TensorConfig(LOGITS_OUT, "float32", (artifacts.num_classes,))]
+        outputs = [
+            TensorConfig.of(segment.hidden),
+            TensorConfig(LOGITS_OUT, "float32", (artifacts.num_classes,)),
+        ]
         name = segment_model_name(artifacts.name, index)
         configs.append(_onnx_model_config(name, inputs, outputs, options, profiles.get(index)))
         previous_hidden = segment.hidden
@@ -334,7 +346,9 @@ def orchestrator_model_config(
         instance_kind="KIND_GPU" if options.device == "gpu" else "KIND_CPU",
         max_queue_delay_us=options.max_queue_delay_us,
         parameters={
-            **_env_parameters(options), **options.serving.to_parameters(), **_device_parameters(options)
+            **_env_parameters(options),
+            **options.serving.to_parameters(),
+            **_device_parameters(options),
         },
     )
 
@@ -354,7 +368,9 @@ def full_model_name(name: str) -> str:
     return f"{name}_full"
 
 
-def orchestrator_spec(artifacts: ModelArtifacts, name: str | None = None, compact: bool = True) -> OrchestratorSpec:
+def orchestrator_spec(
+    artifacts: ModelArtifacts, name: str | None = None, compact: bool = True
+) -> OrchestratorSpec:
     tokenizer = _tokenizer_dir(artifacts)
     return OrchestratorSpec(
         model_name=name or artifacts.name,

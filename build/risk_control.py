@@ -67,13 +67,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from scipy.special import xlogy
+from scipy.stats import binom
+
 from offramp.backend.exit_rules import NEVER, RULE_METRICS, passes_threshold, rule_gate, rule_value
 from offramp.backend.policy import RULE_FAMILIES, ExitRule, Policy, Rung
 from offramp.build.rule_families import FITTED_FAMILIES, rule_template, scaled_exits
 from offramp.build.temperature import fit_temperatures
 from offramp.kernels.confidence import Confidence, compute_confidence
-from scipy.special import xlogy
-from scipy.stats import binom
 
 RISKS = ("disagreement", "error_increase", "error_increase_net")
 P_VALUES = ("binomial", "hoeffding_bentkus")
@@ -1079,7 +1080,10 @@ def calibrate_exit_policy(
         min_group_rows=min_group_rows,
     )
     rungs = tuple(
-        (epsilon, certify(outcomes, candidates.path, costs, replace(method, epsilon=epsilon), risk=risk).result)
+        (
+            epsilon,
+            certify(outcomes, candidates.path, costs, replace(method, epsilon=epsilon), risk=risk).result,
+        )
         for epsilon in levels
     )
     for message in certified.warnings:
@@ -1151,5 +1155,7 @@ def ladder_levels(method: Method, ladder: Sequence[float]) -> tuple[float, ...]:
     if not isinstance(method, LearnThenTest):
         raise ValueError("a ladder needs Learn-then-Test: an empirical search has no delta to split")
     if levels[0] < method.epsilon or levels[-1] >= 1:
-        raise ValueError(f"ladder levels must lie above rung 0's epsilon {method.epsilon} and below 1: {list(ladder)}")
+        raise ValueError(
+            f"ladder levels must lie above rung 0's epsilon {method.epsilon} and below 1: {list(ladder)}"
+        )
     return levels

@@ -22,10 +22,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
+from scipy.optimize import minimize
+
 from offramp.backend.exit_rules import SCORE, SCORE_SIGNS, LabelHistory, energy, score_features
 from offramp.backend.policy import RULE_FAMILIES, ExitRule
 from offramp.kernels.confidence import Confidence, compute_confidence
-from scipy.optimize import minimize
 
 # Families whose rules are fitted on rows: they need a fit split whatever the temperatures.
 FITTED_FAMILIES = ("score", "novelty")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.build_cache import CachedBuild, build_key, staged_build
 from offramp.build.export import artifacts_from_network

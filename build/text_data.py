@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from offramp.build.tabular import DataFileError, Table, read_columns
 
 ROTTEN_TOMATOES = "rotten_tomatoes"
@@ -165,7 +166,10 @@ class TextDataError(ValueError):
 
 
 def split_dataset(
-    data: TextDataset, fractions: Sequence[Share | None] = DEFAULT_FRACTIONS, seed: int = 0, stratify: bool = True
+    data: TextDataset,
+    fractions: Sequence[Share | None] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+    stratify: bool = True,
 ) -> TextSplits:
     """Train / calibration / test by a seeded permutation; stratified by label unless told otherwise (or
     the rows have no labels).
@@ -180,9 +184,11 @@ def split_dataset(
     calibration_share, test_share = _checked_fractions(fractions, len(data))
     rng = np.random.default_rng(seed)
     stratify = stratify and data.labelled
-    groups = [np.flatnonzero(data.labels == c) for c in range(len(data.class_names))] if stratify else [
-        np.arange(len(data))
-    ]
+    groups = (
+        [np.flatnonzero(data.labels == c) for c in range(len(data.class_names))]
+        if stratify
+        else [np.arange(len(data))]
+    )
     sizes = [len(rows) for rows in groups]
     calibration_sizes = _part_sizes(sizes, calibration_share)
     test_sizes = _part_sizes(sizes, test_share)
@@ -208,14 +214,20 @@ def _checked_fractions(fractions: Sequence[Share | None], rows: int) -> tuple[Sh
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise TextDataError(f"calibration and test must be shares or row counts, not {value!r}")
         if isinstance(value, float) and value >= 1:
-            raise TextDataError(f"a share of the rows is below 1, not {value}; give a number of rows as an integer")
+            raise TextDataError(
+                f"a share of the rows is below 1, not {value}; give a number of rows as an integer"
+            )
     if all(isinstance(v, float) for v in held_out) and train is not None:
         if train < 0 or abs(train + sum(held_out) - 1.0) > 1e-9:
-            raise TextDataError(f"fractions must be three non-negative numbers summing to 1, not {tuple(fractions)}")
+            raise TextDataError(
+                f"fractions must be three non-negative numbers summing to 1, not {tuple(fractions)}"
+            )
     counted = sum(v for v in held_out if isinstance(v, int))
     shared = sum(v for v in held_out if isinstance(v, float))
     if counted + int(rows * shared) >= rows:
-        raise TextDataError(f"calibration {held_out[0]} and test {held_out[1]} leave no training rows of {rows}")
+        raise TextDataError(
+            f"calibration {held_out[0]} and test {held_out[1]} leave no training rows of {rows}"
+        )
     return held_out[0], held_out[1]
 
 
@@ -235,7 +247,11 @@ def rows_needed_per_class(calibration: float, test: float) -> int:
     """The fewest rows a class needs for a row in train and in each part given as a (non-zero) share."""
     for rows in range(1, 1_000_000):
         calibration_rows, test_rows = int(rows * calibration), int(rows * test)
-        if (calibration_rows or not calibration) and (test_rows or not test) and rows - calibration_rows - test_rows:
+        if (
+            (calibration_rows or not calibration)
+            and (test_rows or not test)
+            and rows - calibration_rows - test_rows
+        ):
             return rows
     raise TextDataError(f"shares {calibration} and {test} leave no rows for some part")
 
@@ -252,7 +268,11 @@ def _check_rows_per_part(
     """Every class (every row, unstratified) has a row in train and in each part asked for."""
     asked = f"calibration {calibration_share}, test {test_share}"
     for group, (size, calibration, test) in enumerate(zip(sizes, calibration_sizes, test_sizes)):
-        short = size - calibration - test < 1 or (calibration_share and not calibration) or (test_share and not test)
+        short = (
+            size - calibration - test < 1
+            or (calibration_share and not calibration)
+            or (test_share and not test)
+        )
         if not short:
             continue
         if not stratified:
@@ -312,7 +332,10 @@ class TextSource:
         if self.task is not None:
             return {"task": self.task}
         return {
-            "files": {part: {"path": str(path.resolve()), "sha256": file_sha256(path)} for part, path in self.files().items()},
+            "files": {
+                part: {"path": str(path.resolve()), "sha256": file_sha256(path)}
+                for part, path in self.files().items()
+            },
             "text_column": self.text_column,
             "label_column": self.label_column,
             "class_names": list(self.class_names) if self.class_names else None,
@@ -329,7 +352,9 @@ class TextSource:
             if not path.is_file():
                 raise TextDataError(f"the build's {part} file {path} is gone; pass the rows with --data")
             if file_sha256(path) != entry["sha256"]:
-                raise TextDataError(f"the build's {part} file {path} changed since the build; pass the rows with --data")
+                raise TextDataError(
+                    f"the build's {part} file {path} changed since the build; pass the rows with --data"
+                )
             paths[part] = path
         names = record.get("class_names")
         return cls(
@@ -355,7 +380,9 @@ class TextSource:
         classes are ``class_names`` or the training labels, and each must occur in training."""
         if self.task is not None:
             return split_dataset(load_text_dataset(self.task), fractions, seed=seed)
-        texts, keys, table = read_text_file(self.train, self.text_column, self.label_column, model_classes is not None)
+        texts, keys, table = read_text_file(
+            self.train, self.text_column, self.label_column, model_classes is not None
+        )
         if model_classes is not None:
             names = self._renamed(model_classes)
             unknown = "is not one of the model's labels"
@@ -366,7 +393,9 @@ class TextSource:
         if model_classes is None:  # joint mode: a class no training row has cannot be learnt
             unseen = [name for name, count in train.class_counts().items() if count == 0]
             if unseen:
-                raise TextDataError(f"{self.train}: no training row has the label {', '.join(map(repr, unseen))}")
+                raise TextDataError(
+                    f"{self.train}: no training row has the label {', '.join(map(repr, unseen))}"
+                )
             unknown = "never occurs in the training data, whose labels are"
         splits = split_dataset(train, fractions, seed=seed)
         held_out = {}
@@ -381,7 +410,9 @@ class TextSource:
                 held_out[part] = getattr(splits, part)
                 continue
             texts, keys, part_table = read_text_file(path, self.text_column, self.label_column, False)
-            held_out[part] = TextDataset(path.stem, texts, label_indices(keys, names, part_table, unknown), names)
+            held_out[part] = TextDataset(
+                path.stem, texts, label_indices(keys, names, part_table, unknown), names
+            )
         return TextSplits(splits.train, held_out["calibration"], held_out["test"])
 
     def _renamed(self, model_classes: Sequence[str]) -> tuple[str, ...]:
@@ -408,7 +439,9 @@ def read_text_file(
     path: Path, text_column: str, label_column: str, unlabelled_ok: bool
 ) -> tuple[list[str], list[str] | None, Table]:
     """Texts and label keys (as strings; None where the file has no label column and ``unlabelled_ok``)."""
-    table = read_columns(path, [text_column] if unlabelled_ok else [text_column, label_column], [label_column])
+    table = read_columns(
+        path, [text_column] if unlabelled_ok else [text_column, label_column], [label_column]
+    )
     if not len(table):
         raise TextDataError(f"{path}: no rows")
     texts = []
@@ -420,7 +453,11 @@ def read_text_file(
         texts.append(text)
     if label_column not in table.columns:
         return texts, None, table
-    return texts, [_label_key(value, table.where(row)) for row, value in enumerate(table.columns[label_column])], table
+    return (
+        texts,
+        [_label_key(value, table.where(row)) for row, value in enumerate(table.columns[label_column])],
+        table,
+    )
 
 
 def _label_key(value: object, where: str) -> str:
@@ -445,7 +482,9 @@ def _sorted_labels(keys: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(sorted(distinct))
 
 
-def label_indices(keys: Sequence[str] | None, class_names: Sequence[str], table: Table, unknown: str) -> np.ndarray:
+def label_indices(
+    keys: Sequence[str] | None, class_names: Sequence[str], table: Table, unknown: str
+) -> np.ndarray:
     """Indices into ``class_names`` (int64 (N,), -1 for every row where there are no labels): a label is
     a class name, or else an integer index; anything else is an error naming the label and its row
     (``unknown`` says why, before the list of classes)."""

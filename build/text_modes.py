@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.build_cache import build_key, staged_build
 from offramp.build.calibrate import calibrate_artifacts, held_out_data, text_inputs

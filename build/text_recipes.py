@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.build_cache import CachedBuild, build_key, staged_build
 from offramp.build.export import artifacts_from_network
@@ -55,11 +57,12 @@ from offramp.build.transformer import (
     save_tokenizer,
     transformer_costs,
 )
-from torch import nn
 
 CHECKPOINT = "checkpoint.pt"  # the exported model's weights (after the head refit)
 JOINT_CHECKPOINT = "checkpoint_joint.pt"  # after joint fine-tuning, before the head refit
-ENCODER_CONFIG_DIR = "encoder"  # config.json of the backbone, to rebuild the PyTorch model from the checkpoint
+ENCODER_CONFIG_DIR = (
+    "encoder"  # config.json of the backbone, to rebuild the PyTorch model from the checkpoint
+)
 RESULTS_FILE = Path("benchmarks/text_exits.md")
 # Enters the build key: bump it when the recipe's steps change what a build makes (2: the refit's sign test).
 RECIPE_VERSION = 2
@@ -242,7 +245,9 @@ def _build_text_classifier(
     checked_model_settings(model_path, settings.max_length, settings.exit_layers)
     splits = source.splits(settings.fractions, settings.seed)
     with staged_build(out_dir) as work:
-        artifacts = _train_and_export(work, source, record, splits, settings, name, model_path, probe, progress, cache)
+        artifacts = _train_and_export(
+            work, source, record, splits, settings, name, model_path, probe, progress, cache
+        )
     return artifacts
 
 
@@ -374,7 +379,9 @@ def _previous_stage_key(previous: dict, stage: str, fields: Sequence[str]) -> st
     if not previous.get("settings"):
         return None
     record = previous.get("data") or {"task": previous["task"]}
-    return _stage_key(stage, record, previous["model_path"], previous["settings"], fields, previous["train_rows"])
+    return _stage_key(
+        stage, record, previous["model_path"], previous["settings"], fields, previous["train_rows"]
+    )
 
 
 def _previous_joint_checkpoint(out_dir: Path, previous: dict) -> Path | None:
@@ -423,7 +430,12 @@ def predict_by_length(exit_logits_of, ids: np.ndarray, mask: np.ndarray, batch_s
 
 
 def tiny_encoder_folder(
-    directory: Path | str, *, layers: int = 2, hidden_size: int = 32, seed: int = 0, tokenizer_from: Path | None = None
+    directory: Path | str,
+    *,
+    layers: int = 2,
+    hidden_size: int = 32,
+    seed: int = 0,
+    tokenizer_from: Path | None = None,
 ) -> Path:
     """A randomly initialised BERT (``layers`` blocks, ``hidden_size`` wide) saved with a real tokenizer
     (MiniLM's by default): a stand-in for MiniLM that builds in seconds, for tests."""
@@ -446,7 +458,13 @@ def tiny_encoder_folder(
 
 
 def quick_text_classifier(
-    out_dir: Path | str, task: str = "trec", *, rows: int = 512, seed: int = 0, progress: bool = False, threads: int = 1
+    out_dir: Path | str,
+    task: str = "trec",
+    *,
+    rows: int = 512,
+    seed: int = 0,
+    progress: bool = False,
+    threads: int = 1,
 ) -> ModelArtifacts:
     """A text build small enough for tests (seconds): a tiny random BERT (2 blocks, hidden 32) with
     MiniLM's tokenizer, ``rows`` training rows, 2 epochs. The stand-in encoder is saved under
@@ -517,7 +535,9 @@ def frozen_probe_accuracies(
     train_features = pooled_layer_features(encoder, train[0], train[1], progress=progress).pooled
     test_features = pooled_layer_features(encoder, test[0], test[1], progress=progress).pooled
     seed_everything(settings.seed)
-    heads = PooledHeads.fresh(train_features.shape[1], train_features.shape[2], num_classes, settings.head_dropout)
+    heads = PooledHeads.fresh(
+        train_features.shape[1], train_features.shape[2], num_classes, settings.head_dropout
+    )
     train_exits(heads, [train_features], train[2], settings.head_config(distilled=False), progress=False)
     return exit_accuracies(predict_exits(heads, [test_features]), test[2])
 
@@ -542,8 +562,12 @@ def refit_exit_heads(
     differences of 2-4 calibration rows, and lost up to a point on test.
     """
     layers = [block - 1 for block in model.exit_layers]
-    train_features = pooled_layer_features(model.encoder, train[0], train[1], progress=progress).pooled[:, layers]
-    calibration_features = pooled_layer_features(model.encoder, calibration[0], calibration[1], progress=progress)
+    train_features = pooled_layer_features(model.encoder, train[0], train[1], progress=progress).pooled[
+        :, layers
+    ]
+    calibration_features = pooled_layer_features(
+        model.encoder, calibration[0], calibration[1], progress=progress
+    )
     calibration_features = calibration_features.pooled[:, layers]
     joint = PooledHeads([head.classifier for head in model.heads], settings.head_dropout).eval()
     refit = copy.deepcopy(joint)  # warm start from the jointly trained heads
@@ -684,13 +708,19 @@ def results_markdown(built: dict[str, ModelArtifacts], command: str | None = Non
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m offramp.build.text_recipes", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m offramp.build.text_recipes", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--task", action="append", choices=TEXT_TASKS, help="repeatable; default both")
     parser.add_argument("--epochs", type=int, default=TextTrainSettings.epochs)
     parser.add_argument("--max-length", type=int, default=TextTrainSettings.max_length)
-    parser.add_argument("--max-train-rows", type=int, default=None, help="train on the first N rows of the train split")
+    parser.add_argument(
+        "--max-train-rows", type=int, default=None, help="train on the first N rows of the train split"
+    )
     parser.add_argument("--seed", type=int, default=TextTrainSettings.seed)
-    parser.add_argument("--out", type=Path, default=Path("artifacts/text"), help="one folder per task under it")
+    parser.add_argument(
+        "--out", type=Path, default=Path("artifacts/text"), help="one folder per task under it"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="Markdown report to write")
     parser.add_argument("--no-probe", action="store_true", help="skip the frozen-backbone probe baseline")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -698,7 +728,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy machine)"
     )
     args = parser.parse_args(argv)
-    command = "python -m offramp.build.text_recipes " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    command = "python -m offramp.build.text_recipes " + shlex.join(
+        sys.argv[1:] if argv is None else list(argv)
+    )
     text_results(
         args.out,
         args.task or TEXT_TASKS,

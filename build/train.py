@@ -47,7 +47,9 @@ def recorded_settings(settings: dict[str, object]) -> dict[str, object]:
     """``settings`` as build keys hold them: a distillation field only where it differs from its default,
     so a build made before distillation existed keeps its key (and its cache: the vision recipe trains
     for an hour, the text ones for many minutes) while distillation is off."""
-    return {k: v for k, v in settings.items() if k not in DISTILLATION_DEFAULTS or v != DISTILLATION_DEFAULTS[k]}
+    return {
+        k: v for k, v in settings.items() if k not in DISTILLATION_DEFAULTS or v != DISTILLATION_DEFAULTS[k]
+    }
 
 
 def seed_everything(seed: int) -> None:
@@ -122,7 +124,9 @@ def train_exits(
     for epoch in range(config.epochs):
         order = torch.randperm(rows, generator=generator)
         total = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"train epoch {epoch + 1}/{config.epochs}", disable=not progress)
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"train epoch {epoch + 1}/{config.epochs}", disable=not progress
+        )
         for step in bar:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             exit_logits = model(*(t[index] for t in tensors))

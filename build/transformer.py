@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from offramp.backend.contract import BATCH_AXIS, SEQUENCE_AXIS, TensorSpec
-from offramp.build.segmented import SegmentedNetwork, count_macs
 from torch import nn
 from tqdm import tqdm
+
+from offramp.backend.contract import BATCH_AXIS, SEQUENCE_AXIS, TensorSpec
+from offramp.build.segmented import SegmentedNetwork, count_macs
 
 INPUT_IDS = "INPUT_IDS"
 ATTENTION_MASK = "ATTENTION_MASK"
@@ -73,19 +74,26 @@ class EncoderFamily:
 FAMILIES = (
     # BERT (and BERT-shaped encoders such as MiniLM): the pooler (dense + tanh on [CLS]), dropout, classifier.
     EncoderFamily(
-        "BERT", ("bert",), "encoder.layer",
+        "BERT",
+        ("bert",),
+        "encoder.layer",
         lambda m: nn.Sequential(m.base_model.pooler, m.dropout, m.classifier),
     ),  # fmt: skip
     # RoBERTa, XLM-R: dense + tanh + out_proj on <s>, all inside their `classifier` module.
     EncoderFamily(
-        "RoBERTa", ("roberta", "xlm-roberta"), "encoder.layer", lambda m: m.classifier,
+        "RoBERTa",
+        ("roberta", "xlm-roberta"),
+        "encoder.layer",
+        lambda m: m.classifier,
         lambda config: config.pad_token_id + 1,
     ),  # fmt: skip
     # ELECTRA: dense + GELU + out_proj on [CLS], inside its `classifier` module.
     EncoderFamily("ELECTRA", ("electra",), "encoder.layer", lambda m: m.classifier),
     # DistilBERT: pre_classifier + ReLU + classifier on [CLS], as attributes of the model itself.
     EncoderFamily(
-        "DistilBERT", ("distilbert",), "transformer.layer",
+        "DistilBERT",
+        ("distilbert",),
+        "transformer.layer",
         lambda m: nn.Sequential(FirstToken(), m.pre_classifier, nn.ReLU(), m.dropout, m.classifier),
     ),  # fmt: skip
 )
@@ -151,13 +159,17 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 class MeanPoolHead(nn.Module):
     """Masked mean pooling, then dropout and a linear classifier (or linear-tanh-linear with ``inner``)."""
 
-    def __init__(self, hidden_size: int, num_classes: int, dropout: float = 0.1, inner: int | None = None) -> None:
+    def __init__(
+        self, hidden_size: int, num_classes: int, dropout: float = 0.1, inner: int | None = None
+    ) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         if inner is None:
             self.classifier: nn.Module = nn.Linear(hidden_size, num_classes)
         else:
-            self.classifier = nn.Sequential(nn.Linear(hidden_size, inner), nn.Tanh(), nn.Linear(inner, num_classes))
+            self.classifier = nn.Sequential(
+                nn.Linear(hidden_size, inner), nn.Tanh(), nn.Linear(inner, num_classes)
+            )
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(masked_mean(hidden, attention_mask)))  # (B, C)
@@ -188,7 +200,9 @@ class EncoderSegment(nn.Module):
     ``(hidden_in (B, T, H), ATTENTION_MASK)``. Both return ``(hidden (B, T, H), logits (B, C))``.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], head: nn.Module, embeddings: nn.Module | None = None) -> None:
+    def __init__(
+        self, blocks: Sequence[nn.Module], head: nn.Module, embeddings: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.embeddings = embeddings
         self.blocks = nn.ModuleList(blocks)

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from offramp.backend.contract import TensorSpec
 from offramp.backend.image import IMAGE_INPUT, ImageSpec
 from offramp.build.artifacts import ModelArtifacts
@@ -49,7 +51,6 @@ from offramp.build.image_data import ImageSplits
 from offramp.build.resnet import RESNETS, resnet
 from offramp.build.segmented import SegmentedNetwork
 from offramp.build.train import TrainConfig, predict_exits, seed_everything, train_exits
-from torch import nn
 
 MODES = ("attach", "joint")
 EXIT_GRID = 4  # an exit head pools the stage's output to at most EXIT_GRID x EXIT_GRID positions

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from offramp.backend.environment import prepare_execution_env
 from offramp.backend.image import IMAGE_BYTES_INPUT, IMAGE_INPUT, ImageSpec, encode_png
 from offramp.build.artifacts import ModelArtifacts
@@ -46,7 +48,6 @@ from offramp.build.train import TrainConfig, seed_everything, train_exits
 from offramp.build.vision import build_vision_classifier
 from offramp.client.grpc_client import OfframpClient, Predictions
 from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
-from torch import nn
 
 RESULTS = Path("benchmarks/vision_exits")
 # Fashion-MNIST's pixel statistics, the team's normalization (the same for the three RGB channels).

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+
 from offramp.backend.generation_contract import ERROR_ID_PREFIX, OUTPUTS
 
 
@@ -130,7 +131,9 @@ class GenerationClient:
                     prompt_input = grpcclient.InferInput("PROMPT", [1], "BYTES")
                     prompt_input.set_data_from_numpy(np.array([prompt.encode("utf-8")], dtype=object))
                     with lock:
-                        completions[request_id] = Completion(request_id, prompt, dict(parameters), time.perf_counter())
+                        completions[request_id] = Completion(
+                            request_id, prompt, dict(parameters), time.perf_counter()
+                        )
                     order.append(request_id)
                     client.async_stream_infer(
                         self.model, [prompt_input], request_id=request_id, enable_empty_final_response=True,
@@ -140,7 +143,9 @@ class GenerationClient:
                 try:
                     done = finished.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    raise TimeoutError(f"{in_flight} completions unfinished after {timeout_s:.0f} s") from None
+                    raise TimeoutError(
+                        f"{in_flight} completions unfinished after {timeout_s:.0f} s"
+                    ) from None
                 if not isinstance(done, str):
                     raise RuntimeError(f"the stream failed: {done}")
                 in_flight -= 1

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from offramp.backend.contract import describe_flags
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from offramp.backend.contract import describe_flags
 
 OUTPUT_NAMES = ("LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST", "FLAGS", "LABEL_NAME")
 
@@ -43,7 +44,9 @@ class Predictions:
 
     @staticmethod
     def concatenate(parts: list[Predictions]) -> Predictions:
-        return Predictions(*(np.concatenate([getattr(p, f) for p in parts]) for f in Predictions.__dataclass_fields__))
+        return Predictions(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in Predictions.__dataclass_fields__)
+        )
 
 
 # The statuses of a request a replica did not run: another replica may take it (module docstring).
@@ -149,7 +152,11 @@ class OfframpClient:
         return self._input_names[model]
 
     def _infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...], parameters: Mapping[str, Any]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: tuple[str, ...],
+        parameters: Mapping[str, Any],
     ) -> grpcclient.InferResult:
         tensors = []
         for name, array in inputs.items():

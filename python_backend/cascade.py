@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
 from offramp.backend.contract import (
     FLAG_DEADLINE,
     FLAG_DEGRADED,
@@ -90,7 +91,11 @@ class CascadeResult:
 def rule_sets(policy: Policy) -> list[tuple[ExitRule, ...]]:
     """The policy's rule sets as ``CascadeBatch.rule_set`` indexes them: global first, then the cohorts
     by name, then the ladder's rungs above rung 0."""
-    return [policy.exits, *(policy.cohorts[name] for name in sorted(policy.cohorts)), *(r.exits for r in policy.rungs)]
+    return [
+        policy.exits,
+        *(policy.cohorts[name] for name in sorted(policy.cohorts)),
+        *(r.exits for r in policy.rungs),
+    ]
 
 
 @dataclass(frozen=True)
@@ -306,7 +311,9 @@ class _Answers:
         self.exit[exited_positions] = exit_index
         self.cost[exited_positions] = cost
 
-    def result(self, rows_per_segment: Sequence[int], outage: str = "", unfinished: Any = None) -> CascadeResult:
+    def result(
+        self, rows_per_segment: Sequence[int], outage: str = "", unfinished: Any = None
+    ) -> CascadeResult:
         no_answer = self.xp.zeros((len(self.label), 0), dtype=self.xp.float32)  # an empty batch
         return CascadeResult(
             logits=self.logits if self.logits is not None else no_answer,
@@ -388,7 +395,9 @@ def run_cascade(
             unfinished[running[pending]] = True
             if previous is not None:
                 decision, positions, went_on = previous
-                answers.record(mover, mover.split(went_on), decision, positions, index - 1, exit_costs[index - 1])
+                answers.record(
+                    mover, mover.split(went_on), decision, positions, index - 1, exit_costs[index - 1]
+                )
                 answers.flags[positions[went_on]] |= FLAG_DEGRADED
             return answers.result(rows_per_segment, str(outage), unfinished)
         decision = mover.decide(logits, index, groups_of(running), history)

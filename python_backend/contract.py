@@ -55,7 +55,9 @@ class TensorSpec:
                 return f"is {max(lengths)} long; the model takes at most {self.max_length}"
         if array.size and (self.low is not None or self.high is not None):
             smallest, largest = array.min(), array.max()
-            if (self.low is not None and smallest < self.low) or (self.high is not None and largest > self.high):
+            if (self.low is not None and smallest < self.low) or (
+                self.high is not None and largest > self.high
+            ):
                 return f"holds values in [{smallest}, {largest}]; allowed: [{self.low}, {self.high}]"
         return None
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
+
 from offramp.backend.cascade import Cascade, CascadeBatch, CascadeResult, RunSegment, run_cascade
 
 DEVICE_PARAMETER = "offramp_device"
@@ -158,6 +159,7 @@ def gpu_cascade(device_id: int) -> DeviceCascade:
     if reason is not None:
         raise DeviceUnavailable(reason)
     import cupy
+
     from offramp.kernels.cuda import ENTRY_POINTS, cupy_kernel, cupy_launchers
 
     def scope() -> AbstractContextManager[Any]:

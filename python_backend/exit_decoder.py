@@ -67,7 +67,11 @@ def reproducible_gemm() -> None:
         RuntimeError: a product already ran in another mode, or MKL refused the mode.
     """
     library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-    get, auto, set_mode = library.mkl_serv_cbwr_get, library.mkl_serv_cbwr_get_auto_branch, library.mkl_serv_cbwr_set
+    get, auto, set_mode = (
+        library.mkl_serv_cbwr_get,
+        library.mkl_serv_cbwr_get_auto_branch,
+        library.mkl_serv_cbwr_set,
+    )
     get.argtypes, get.restype = [ctypes.c_int], ctypes.c_int
     auto.argtypes, auto.restype = [], ctypes.c_int
     set_mode.argtypes, set_mode.restype = [ctypes.c_int], ctypes.c_int
@@ -103,7 +107,9 @@ class DecoderSpec:
     rope_theta: float  # Llama only
 
     @classmethod
-    def from_config(cls, config: dict, exit_layers: tuple[int, ...], context: int | None = None) -> DecoderSpec:
+    def from_config(
+        cls, config: dict, exit_layers: tuple[int, ...], context: int | None = None
+    ) -> DecoderSpec:
         family = config.get("model_type")
         if family == "llama":
             rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -127,13 +133,19 @@ class DecoderSpec:
                 config.get("layer_norm_epsilon", 1e-5), 0.0,
             )  # fmt: skip
             if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise ValueError(f"activation {config['activation_function']!r} is not supported (GPT-2: gelu_new)")
+                raise ValueError(
+                    f"activation {config['activation_function']!r} is not supported (GPT-2: gelu_new)"
+                )
             if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn"):
-                raise ValueError("GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported")
+                raise ValueError(
+                    "GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported"
+                )
         else:
             raise ValueError(f"model_type {family!r} is not one of {FAMILIES}")
         if not spec.exit_layers or spec.exit_layers[-1] != spec.layers or spec.exit_layers[0] < 1:
-            raise ValueError(f"exit layers {spec.exit_layers} must lie in 1..{spec.layers} and end with {spec.layers}")
+            raise ValueError(
+                f"exit layers {spec.exit_layers} must lie in 1..{spec.layers} and end with {spec.layers}"
+            )
         return spec
 
 
@@ -264,14 +276,19 @@ class ExitDecoder:
             self.final_norm, self.final_norm_bias = tensors["model.norm.weight"], None
             self.head = tensors.get("lm_head.weight", self.embedding)
             self.blocks = _llama_layers(tensors, spec)
-            inverse = 1.0 / spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim)
+            inverse = 1.0 / spec.rope_theta ** (
+                torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim
+            )
             angles = torch.outer(torch.arange(spec.context, dtype=torch.float32), inverse)  # (C, D/2)
             angles = torch.cat([angles, angles], dim=-1)  # (C, D)
             self.cos, self.sin = angles.cos(), angles.sin()
         else:
             self.embedding = tensors["transformer.wte.weight"]
             self.positions_table = tensors["transformer.wpe.weight"]
-            self.final_norm, self.final_norm_bias = tensors["transformer.ln_f.weight"], tensors["transformer.ln_f.bias"]
+            self.final_norm, self.final_norm_bias = (
+                tensors["transformer.ln_f.weight"],
+                tensors["transformer.ln_f.bias"],
+            )
             self.head = tensors.get("lm_head.weight", self.embedding)
             self.blocks = _gpt2_layers(tensors, spec)
         self.q_width = spec.heads * spec.head_dim
@@ -292,7 +309,9 @@ class ExitDecoder:
         directory = Path(directory)
         config = json.loads((directory / "config.json").read_text())
         manifest = json.loads((directory / DECODER_MANIFEST).read_text())
-        spec = DecoderSpec.from_config(config, tuple(exit_layers or manifest["exit_layers"]), manifest.get("context"))
+        spec = DecoderSpec.from_config(
+            config, tuple(exit_layers or manifest["exit_layers"]), manifest.get("context")
+        )
         return cls(spec, load_file(str(directory / MODEL_FILE)))
 
     # --- pieces ---
@@ -310,7 +329,11 @@ class ExitDecoder:
         heads = torch.arange(spec.kv_heads).view(1, 1, -1)
         index = ((slots * spec.kv_heads + heads) * spec.context + positions.view(n, q, 1)).reshape(-1)
         visible = torch.arange(spec.context).view(1, 1, 1, -1) <= positions.view(n, 1, q, 1)
-        rotary = (self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)) if spec.family == "llama" else (None, None)
+        rotary = (
+            (self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2))
+            if spec.family == "llama"
+            else (None, None)
+        )
         return Placement(first_slot, positions, visible, index, *rotary)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -323,7 +346,9 @@ class ExitDecoder:
     def exit_logits(self, hidden: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         """(..., H) hidden states after some layer -> (..., V) logits of the shared head (or of ``head``,
         some of its rows)."""
-        return F.linear(self._norm(hidden, self.final_norm, self.final_norm_bias), self.head if head is None else head)
+        return F.linear(
+            self._norm(hidden, self.final_norm, self.final_norm_bias), self.head if head is None else head
+        )
 
     def _queries_keys_values(self, block: LayerWeights, normed: torch.Tensor, placement: Placement):
         """(n, q, H) normed input -> queries (n, q, Hq, D), keys and values (n, q, Hkv, D); rotary
@@ -334,11 +359,16 @@ class ExitDecoder:
         heads = qkv[..., :width].unflatten(-1, (spec.heads + spec.kv_heads, spec.head_dim))
         if placement.cos is not None:
             half = spec.head_dim // 2
-            heads = heads * placement.cos + torch.cat([-heads[..., half:], heads[..., :half]], dim=-1) * placement.sin
+            heads = (
+                heads * placement.cos
+                + torch.cat([-heads[..., half:], heads[..., :half]], dim=-1) * placement.sin
+            )
         values = qkv[..., width:].unflatten(-1, (spec.kv_heads, spec.head_dim))
         return heads[:, :, : spec.heads], heads[:, :, spec.heads :], values
 
-    def _attend(self, layer: int, queries: torch.Tensor, cache: KVCache, placement: Placement) -> torch.Tensor:
+    def _attend(
+        self, layer: int, queries: torch.Tensor, cache: KVCache, placement: Placement
+    ) -> torch.Tensor:
         """(n, q, Hq, D) queries over all C positions of their rows' cache, keys up to each query's
         position -> (n, q, Hq D)."""
         n, q = placement.positions.shape
@@ -370,7 +400,9 @@ class ExitDecoder:
             bias = shift if bias is None else bias + shift
         return folded, bias
 
-    def fill_keys_values(self, first: int, hidden: torch.Tensor, cache: KVCache, placement: Placement) -> None:
+    def fill_keys_values(
+        self, first: int, hidden: torch.Tensor, cache: KVCache, placement: Placement
+    ) -> None:
         """Keys and values of layers ``[first, L)`` for (n, q, H) ``hidden`` taken as every one of those
         layers' input (CALM's propagation for rows that left at an exit), in one product."""
         spec = self.spec
@@ -391,7 +423,12 @@ class ExitDecoder:
             cache.write(first + offset, placement.cache_index, keys[:, :, offset], values[:, :, offset])
 
     def layer(
-        self, index: int, hidden: torch.Tensor, cache: KVCache, placement: Placement, moving: torch.Tensor | None = None
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        cache: KVCache,
+        placement: Placement,
+        moving: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Layer ``index`` on (n, q, H) ``hidden`` of the rows and positions of ``placement``.
 
@@ -401,7 +438,9 @@ class ExitDecoder:
         CALM's propagation). An empty ``moving`` stores keys and values only. Returns the new hidden.
         """
         block = self.blocks[index]
-        queries, keys, values = self._queries_keys_values(block, self._norm(hidden, block.norm1, block.norm1_bias), placement)
+        queries, keys, values = self._queries_keys_values(
+            block, self._norm(hidden, block.norm1, block.norm1_bias), placement
+        )
         cache.write(index, placement.cache_index, keys, values)
         if moving is not None and moving.numel() == 0:
             return hidden
@@ -415,7 +454,9 @@ class ExitDecoder:
         hidden[moving] = moved
         return hidden
 
-    def layers(self, first: int, stop: int, hidden: torch.Tensor, cache: KVCache, placement: Placement) -> torch.Tensor:
+    def layers(
+        self, first: int, stop: int, hidden: torch.Tensor, cache: KVCache, placement: Placement
+    ) -> torch.Tensor:
         """Layers ``[first, stop)`` on every row."""
         for index in range(first, stop):
             hidden = self.layer(index, hidden, cache, placement)

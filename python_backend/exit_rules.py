@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from offramp.kernels.confidence import METRICS, Confidence
 
 SCORE = "score"

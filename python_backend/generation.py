@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from offramp.backend.exit_decoder import ExitDecoder, KVCache, softmax_confidence
 
 MODES = ("full", "self_speculative", "confident")
@@ -136,7 +137,9 @@ class RowGroup:
             tokens[i, : len(row.prompt)] = torch.tensor(row.prompt)
         positions = torch.arange(longest).expand(len(rows), longest)
         placement = decoder.place(first, positions)
-        hidden = decoder.layers(0, decoder.spec.layers, decoder.embed(tokens, positions), self.cache, placement)
+        hidden = decoder.layers(
+            0, decoder.spec.layers, decoder.embed(tokens, positions), self.cache, placement
+        )
         last = torch.tensor([len(r.prompt) - 1 for r in rows])
         logits = decoder.exit_logits(hidden[torch.arange(len(rows)), last])  # (n, V)
         for row in rows:
@@ -190,7 +193,9 @@ class SpeculativeGroup(RowGroup):
     ) -> None:
         super().__init__(decoder, capacity)
         if not 0 <= draft_exit < len(decoder.spec.exit_layers) - 1:
-            raise ValueError(f"draft exit {draft_exit} must be an early exit (0..{len(decoder.spec.exit_layers) - 2})")
+            raise ValueError(
+                f"draft exit {draft_exit} must be an early exit (0..{len(decoder.spec.exit_layers) - 2})"
+            )
         if draft_length < 1:
             raise ValueError("draft length must be at least 1")
         self.draft_layer = decoder.spec.exit_layers[draft_exit]
@@ -198,7 +203,9 @@ class SpeculativeGroup(RowGroup):
         # Drafts only need to be good guesses (the verify pass decides), so they may come from the head's
         # rows of the most frequent tokens alone: a fraction of the head's cost, a few rare tokens
         # never drafted (FR-Spec's frequency-ranked drafting). Empty: the whole vocabulary.
-        self.draft_tokens = torch.tensor(list(draft_vocabulary), dtype=torch.long) if draft_vocabulary else None
+        self.draft_tokens = (
+            torch.tensor(list(draft_vocabulary), dtype=torch.long) if draft_vocabulary else None
+        )
         self.draft_head = None if self.draft_tokens is None else decoder.head[self.draft_tokens].contiguous()
         self.last_pass: Verification | None = None
 
@@ -263,7 +270,9 @@ class ConfidentGroup(RowGroup):
         spec = decoder.spec
         n = len(self.rows)
         positions = self._positions()
-        rules = torch.tensor([self.cheapest if r.past_deadline else self.thresholds for r in self.rows])  # (B, E-1)
+        rules = torch.tensor(
+            [self.cheapest if r.past_deadline else self.thresholds for r in self.rows]
+        )  # (B, E-1)
         tokens = torch.zeros(n, dtype=torch.long)
         exits = torch.full((n,), len(spec.exit_layers) - 1, dtype=torch.long)
         moving = torch.arange(n)

@@ -114,7 +114,9 @@ def parse_check(name: str, schema: str | None, pattern: str | None, prompt: str)
     if name == "python_syntax":
         error = python_prefix_error(prompt)
         if error is not None:
-            raise ValueError(f"check python_syntax: the prompt is not a valid prefix of Python source ({error})")
+            raise ValueError(
+                f"check python_syntax: the prompt is not a valid prefix of Python source ({error})"
+            )
         return PythonSyntax()
     if name == "json_schema":
         import jsonschema

@@ -20,9 +20,22 @@ OUTPUTS = {  # name -> (dtype, dims; the model takes no batch axis)
     "FLAGS": ("int32", (1,)),
     "FINISH_REASON": ("object", (1,)),
 }
-PARAMETERS = ("max_tokens", "stop", "mode", "deadline_ms", "check", "check_schema", "check_pattern", "request_id")
+PARAMETERS = (
+    "max_tokens",
+    "stop",
+    "mode",
+    "deadline_ms",
+    "check",
+    "check_schema",
+    "check_pattern",
+    "request_id",
+)
 FLAG_ESCALATED = 512  # a check failed at a shallow depth: the request was generated again at full depth
 FLAG_CHECK_FAILED = 1024  # the answer fails its check (at full depth, or past its deadline)
-GENERATION_FLAG_NAMES = {FLAG_DEADLINE: "deadline", FLAG_ESCALATED: "escalated", FLAG_CHECK_FAILED: "check_failed"}
+GENERATION_FLAG_NAMES = {
+    FLAG_DEADLINE: "deadline",
+    FLAG_ESCALATED: "escalated",
+    FLAG_CHECK_FAILED: "check_failed",
+}
 # Errors name their request ("[request_id <id>] message"): on a gRPC stream nothing else does.
 ERROR_ID_PREFIX = "[request_id "

@@ -28,7 +28,9 @@ class GenerationPolicy:
     draft_length: int
     thresholds: tuple[float, ...]  # confident: max-prob threshold per early exit (2.0: never there)
     provenance: dict[str, Any] = field(default_factory=dict)
-    draft_vocabulary: tuple[int, ...] = ()  # the tokens drafts are chosen among (most frequent first); empty: all
+    draft_vocabulary: tuple[
+        int, ...
+    ] = ()  # the tokens drafts are chosen among (most frequent first); empty: all
 
     @classmethod
     def uncalibrated(cls, num_exits: int, fingerprint: str, draft_length: int = 4) -> GenerationPolicy:
@@ -58,7 +60,10 @@ class GenerationPolicy:
             raise ValueError(f"{len(self.thresholds)} thresholds for {num_exits - 1} early exits")
         if self.draft_length < 1:
             raise ValueError("draft length must be at least 1")
-        if self.draft_vocabulary and not 0 <= min(self.draft_vocabulary) <= max(self.draft_vocabulary) < vocabulary:
+        if (
+            self.draft_vocabulary
+            and not 0 <= min(self.draft_vocabulary) <= max(self.draft_vocabulary) < vocabulary
+        ):
             raise ValueError(f"the draft vocabulary holds ids outside [0, {vocabulary})")
 
     def save(self, path: Path) -> Path:

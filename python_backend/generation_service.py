@@ -24,10 +24,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from typing import Any, Protocol
 
 import numpy as np
+
 from offramp.backend.audit import AuditLog
 from offramp.backend.contract import FLAG_DEADLINE
 from offramp.backend.exit_decoder import ExitDecoder
@@ -91,16 +92,19 @@ def _stop_strings(value: Any) -> tuple[str, ...]:
     try:
         stops = json.loads(text)
     except json.JSONDecodeError:
-        raise RequestError(f'parameter stop must be a JSON array of strings, e.g. ["\\n"], not {text!r}') from None
+        raise RequestError(
+            f'parameter stop must be a JSON array of strings, e.g. ["\\n"], not {text!r}'
+        ) from None
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise RequestError(f"parameter stop must be a JSON array of non-empty strings, not {text!r}")
     return tuple(stops)
 
 
-
-
 def parse_request(
-    prompt: np.ndarray | None, parameters: Mapping[str, Any], encode: Callable[[str], list[int]], context: int,
+    prompt: np.ndarray | None,
+    parameters: Mapping[str, Any],
+    encode: Callable[[str], list[int]],
+    context: int,
     default_max_tokens: int,
 ) -> GenerationRequest:
     """A request's prompt (``PROMPT``, BYTES ``[1]``) and parameters, checked; ``RequestError`` otherwise."""
@@ -120,7 +124,9 @@ def parse_request(
         raise RequestError("the prompt is empty")
     ids = encode(text)
     if len(ids) >= context:
-        raise RequestError(f"the prompt is {len(ids)} tokens; the context holds {context}, and one must be left to generate")
+        raise RequestError(
+            f"the prompt is {len(ids)} tokens; the context holds {context}, and one must be left to generate"
+        )
     mode = _string_parameter("mode", parameters.get("mode", "full"))
     if mode not in MODES:
         raise RequestError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -190,9 +196,21 @@ class GenerationTelemetry(ServingTelemetry):
     def verified(self, drafted: int, accepted: int, passes: int, draft_lengths: list[int]) -> None:
         """Self-speculation of one step: drafts made and accepted, verify passes, each pass's draft length."""
         labels = self.labels
-        self.sink.increment("offramp_generation_draft_tokens_total", "Draft tokens proposed by the early exit", labels, drafted)
-        self.sink.increment("offramp_generation_accepted_tokens_total", "Draft tokens the full model accepted", labels, accepted)
-        self.sink.increment("offramp_generation_verify_passes_total", "Verify passes (one per row per step)", labels, passes)
+        self.sink.increment(
+            "offramp_generation_draft_tokens_total",
+            "Draft tokens proposed by the early exit",
+            labels,
+            drafted,
+        )
+        self.sink.increment(
+            "offramp_generation_accepted_tokens_total",
+            "Draft tokens the full model accepted",
+            labels,
+            accepted,
+        )
+        self.sink.increment(
+            "offramp_generation_verify_passes_total", "Verify passes (one per row per step)", labels, passes
+        )
         self._observe("offramp_generation_draft_length", "Draft length of each verify pass", labels,
                       self.DRAFT_BUCKETS, np.asarray(draft_lengths, dtype=np.float64))  # fmt: skip
 
@@ -277,7 +295,11 @@ class GenerationService:
         self.fingerprint = fingerprint
         self.clock = clock
         self.engine = GenerationEngine(
-            decoder, policy.settings, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), end_of_text, clock
+            decoder,
+            policy.settings,
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+            end_of_text,
+            clock,
         )
         self.waiting: queue.Queue[Job] = queue.Queue()
         self.held: list[Job] = []  # taken off the queue, not admitted yet (no room this round)
@@ -287,7 +309,9 @@ class GenerationService:
 
     # --- arrival (any thread) ---
 
-    def submit(self, prompt: np.ndarray | None, parameters: Mapping[str, Any], stream: ResponseStream) -> None:
+    def submit(
+        self, prompt: np.ndarray | None, parameters: Mapping[str, Any], stream: ResponseStream
+    ) -> None:
         received = self.clock()
         try:
             request = parse_request(
@@ -348,7 +372,9 @@ class GenerationService:
                 job = self.held.pop(0)
             else:
                 try:
-                    job = self.waiting.get(timeout=wait_s) if wait_s and not jobs else self.waiting.get_nowait()
+                    job = (
+                        self.waiting.get(timeout=wait_s) if wait_s and not jobs else self.waiting.get_nowait()
+                    )
                 except queue.Empty:
                     break
             if jobs and tokens + len(job.request.prompt_ids) > self.options.max_prefill_tokens:
@@ -436,7 +462,9 @@ class GenerationService:
             "TOKEN_EXITS": np.asarray(event.exits, dtype=np.int32),
             "ATTEMPT": np.array([job.attempt], dtype=np.int32),
             "FLAGS": np.array([job.flags if final else 0], dtype=np.int32),
-            "FINISH_REASON": np.array([(event.row.finish_reason or "").encode() if final else b""], dtype=object),
+            "FINISH_REASON": np.array(
+                [(event.row.finish_reason or "").encode() if final else b""], dtype=object
+            ),
         }
         try:
             job.stream.send(outputs, final)
@@ -482,5 +510,5 @@ class GenerationService:
             "duration_s": round(self.clock() - job.received, 6),
             "policy_version": self.policy.version,
             "model_fingerprint": self.fingerprint,
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }])  # fmt: skip

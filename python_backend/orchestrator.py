@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -149,7 +149,9 @@ class ServingOptions:
     metrics_url: str = "http://127.0.0.1:8002/metrics"
 
     def to_parameters(self) -> dict[str, str]:
-        return {f"offramp_{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()}
+        return {
+            f"offramp_{k}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(self).items()
+        }
 
     @classmethod
     def describes(cls, parameters: Mapping[str, Any]) -> bool:
@@ -284,8 +286,14 @@ class Orchestrator:
         self.drift = drift
         self.slo = slo
         self.outages = OutageMemory()
-        if slo is not None and slo.config.shed_max_exit is not None and slo.config.shed_max_exit >= self.num_exits:
-            raise ValueError(f"slo_shed_max_exit {slo.config.shed_max_exit} is past the last exit {self.num_exits - 1}")
+        if (
+            slo is not None
+            and slo.config.shed_max_exit is not None
+            and slo.config.shed_max_exit >= self.num_exits
+        ):
+            raise ValueError(
+                f"slo_shed_max_exit {slo.config.shed_max_exit} is past the last exit {self.num_exits - 1}"
+            )
         if telemetry is not None:
             telemetry.policy(policy.version, spec.fingerprint)
             if audit is not None:  # the writer's totals move in its own thread, between requests
@@ -344,7 +352,9 @@ class Orchestrator:
         }
         if len({length for _, length in lengths}) > 1:
             described = ", ".join(f"{name!r} {length}" for name, length in sorted(lengths))
-            raise RequestError(f"inputs disagree on the sequence length: {described}; their lengths must be equal")
+            raise RequestError(
+                f"inputs disagree on the sequence length: {described}; their lengths must be equal"
+            )
 
         parameters = dict(request.parameters())
         unknown = sorted(set(parameters) - set(self.PARAMETERS))
@@ -353,8 +363,13 @@ class Orchestrator:
         last = self.num_exits - 1
         # A negative exit counts from the last, as Python indexes: min_exit -1 runs every segment
         # whatever the model's depth (the health canary does so).
-        min_exit = _int_parameter("min_exit", parameters.get("min_exit", 0), -self.num_exits, last) % self.num_exits
-        max_exit = _int_parameter("max_exit", parameters.get("max_exit", last), -self.num_exits, last) % self.num_exits
+        min_exit = (
+            _int_parameter("min_exit", parameters.get("min_exit", 0), -self.num_exits, last) % self.num_exits
+        )
+        max_exit = (
+            _int_parameter("max_exit", parameters.get("max_exit", last), -self.num_exits, last)
+            % self.num_exits
+        )
         if min_exit > max_exit:
             raise RequestError(f"min_exit {min_exit} is above max_exit {max_exit}")
         force_full = _bool_parameter("force_full", parameters.get("force_full", False))
@@ -404,7 +419,9 @@ class Orchestrator:
             [np.full(p.rows, getattr(p, value), dtype=dtype) for p in parsed]
         )
         return CascadeBatch(
-            inputs={s.name: _concatenate_padded([p.inputs[s.name] for p in parsed]) for s in self.spec.inputs},
+            inputs={
+                s.name: _concatenate_padded([p.inputs[s.name] for p in parsed]) for s in self.spec.inputs
+            },
             force_full=repeat("force_full", bool),
             min_exit=repeat("min_exit", np.int64),
             max_exit=repeat("max_exit", np.int64),
@@ -563,7 +580,7 @@ class Orchestrator:
             else:
                 last = self.num_exits - 1
                 temperature = np.array([self.rule_sets[s][last].temperature for s in batch.rule_set[rows]])
-                scaled = (np.asarray(logits, dtype=np.float32) / temperature[:, None].astype(np.float32))
+                scaled = np.asarray(logits, dtype=np.float32) / temperature[:, None].astype(np.float32)
                 answer = compute_confidence(scaled)
                 if outputs["LOGITS"].shape[1] == 0:  # no row of the batch reached an exit: (B, 0) so far
                     outputs["LOGITS"] = np.full((len(rows), scaled.shape[1]), np.nan, dtype=np.float32)
@@ -579,7 +596,9 @@ class Orchestrator:
             return (unanswerable, reason + "; no exit was reached") if unanswerable.any() else None
         return rows, reason + "; the policy allows no answer at a shallower exit (degraded_answers)"
 
-    def _abstain(self, outputs: dict[str, np.ndarray], batch: CascadeBatch, run_model: RunModel | None) -> None:
+    def _abstain(
+        self, outputs: dict[str, np.ndarray], batch: CascadeBatch, run_model: RunModel | None
+    ) -> None:
         """Flags, or sends to the fallback model, the rows still unsure at their last allowed exit."""
         band = self.policy.abstention
         confidence = Confidence(*(outputs["CONFIDENCE"][:, i] for i in range(3)), outputs["LABEL"])
@@ -639,7 +658,7 @@ class Orchestrator:
         self, outputs: dict[str, np.ndarray], parsed: Sequence[ParsedRequest], batch: CascadeBatch
     ) -> list[dict[str, Any]]:
         """One record per answered row: which exit decided it, how sure, under which rule and policy."""
-        stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
         records = []
         position = 0
         last = self.num_exits - 1

@@ -90,7 +90,11 @@ class Abstention:
             raise PolicyError(f"policy abstention: metric {self.metric!r} is not one of {METRICS}")
         if self.action not in ABSTENTION_ACTIONS:
             raise PolicyError(f"policy abstention: action must be one of {ABSTENTION_ACTIONS}")
-        if not math.isfinite(self.threshold) or not math.isfinite(self.fallback_cost) or self.fallback_cost < 0:
+        if (
+            not math.isfinite(self.threshold)
+            or not math.isfinite(self.fallback_cost)
+            or self.fallback_cost < 0
+        ):
             raise PolicyError("policy abstention: threshold and fallback_cost must be finite numbers")
 
 
@@ -136,7 +140,9 @@ class Policy:
         return tuple(float(p) / total for p in profile) if total > 0 else None
 
     @classmethod
-    def fixed(cls, fingerprint: str, num_exits: int, metric: str = "max_prob", threshold: float = 0.9) -> Policy:
+    def fixed(
+        cls, fingerprint: str, num_exits: int, metric: str = "max_prob", threshold: float = 0.9
+    ) -> Policy:
         """One uncalibrated threshold for every exit: a starting point, with no guarantee."""
         return cls(
             version="fixed-1",

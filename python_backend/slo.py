@@ -145,7 +145,9 @@ def queue_counters_from_metrics(text: str, model: str) -> tuple[float, float] | 
     return totals[0], totals[1]
 
 
-def triton_queue_counters(metrics_url: str, model: str, timeout_s: float = 2.0) -> Callable[[], tuple[float, float] | None]:
+def triton_queue_counters(
+    metrics_url: str, model: str, timeout_s: float = 2.0
+) -> Callable[[], tuple[float, float] | None]:
     """A reader of ``model``'s queue counters on Triton's metrics page (None when it cannot be read: the
     controller then goes by the orchestrator's own times alone)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy

@@ -22,7 +22,6 @@ from typing import Protocol
 
 import numpy as np
 
-from offramp.backend.slo import SloWindow
 from offramp.backend.contract import (
     FLAG_ABSTAINED,
     FLAG_CONSERVATIVE,
@@ -33,18 +32,31 @@ from offramp.backend.contract import (
     FLAG_FORCED_FULL,
     FLAG_REROUTED,
 )
+from offramp.backend.slo import SloWindow
 
 CONFIDENCE_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 COST_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0)
 _FLAG_COUNTERS = {
-    FLAG_FORCED_FULL: ("offramp_forced_full_rows_total", "Rows served at full depth because the request asked"),
+    FLAG_FORCED_FULL: (
+        "offramp_forced_full_rows_total",
+        "Rows served at full depth because the request asked",
+    ),
     FLAG_DEADLINE: ("offramp_deadline_exits_total", "Rows that took an exit because their deadline passed"),
     FLAG_ABSTAINED: ("offramp_abstained_rows_total", "Rows flagged for review: unsure at their last exit"),
     FLAG_FALLBACK: ("offramp_fallback_rows_total", "Rows answered by the policy's fallback model"),
     FLAG_FALLBACK_FAILED: ("offramp_fallback_failures_total", "Rows whose fallback model call failed"),
-    FLAG_CONSERVATIVE: ("offramp_conservative_rows_total", "Rows run to full depth by drift conservative mode"),
-    FLAG_REROUTED: ("offramp_rerouted_rows_total", "Rows answered by the full model because a segment was unavailable"),
-    FLAG_DEGRADED: ("offramp_degraded_rows_total", "Rows answered at a shallower exit because models were unavailable"),
+    FLAG_CONSERVATIVE: (
+        "offramp_conservative_rows_total",
+        "Rows run to full depth by drift conservative mode",
+    ),
+    FLAG_REROUTED: (
+        "offramp_rerouted_rows_total",
+        "Rows answered by the full model because a segment was unavailable",
+    ),
+    FLAG_DEGRADED: (
+        "offramp_degraded_rows_total",
+        "Rows answered at a shallower exit because models were unavailable",
+    ),
 }
 
 
@@ -71,7 +83,9 @@ class _Histogram:
 
     def add(self, values: np.ndarray) -> None:
         # A value v counts in every bucket whose bound is >= v (Prometheus' le).
-        self.counts += np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self.counts))
+        self.counts += np.bincount(
+            np.searchsorted(self.bounds, values, side="left"), minlength=len(self.counts)
+        )
         self.total += float(np.sum(values))
 
 
@@ -103,7 +117,14 @@ class ServingTelemetry:
         self._gauges: dict[tuple[str, Labels], tuple[str, float]] = {}  # the latest value of each
         self._published_gauges: dict[tuple[str, Labels], float] = {}  # what the sink holds
 
-    def answered(self, exits: np.ndarray, max_prob: np.ndarray, cost: np.ndarray, flags: np.ndarray, cohorts: np.ndarray) -> None:
+    def answered(
+        self,
+        exits: np.ndarray,
+        max_prob: np.ndarray,
+        cost: np.ndarray,
+        flags: np.ndarray,
+        cohorts: np.ndarray,
+    ) -> None:
         """Per answered row (all (n,)): its exit, confidence, compute fraction, flags and cohort name."""
         for (exit_index, cohort), count in zip(*_count_pairs(exits, cohorts)):
             self.sink.increment(
@@ -131,7 +152,12 @@ class ServingTelemetry:
                 self.sink.increment(name, description, self.labels, count)
 
     def _observe(
-        self, name: str, description: str, labels: Mapping[str, str], bounds: Sequence[float], values: np.ndarray
+        self,
+        name: str,
+        description: str,
+        labels: Mapping[str, str],
+        bounds: Sequence[float],
+        values: np.ndarray,
     ) -> None:
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
@@ -177,7 +203,9 @@ class ServingTelemetry:
             for bound, count in zip([*histogram.bounds, math.inf], cumulative.tolist()):
                 if count or first:
                     le = "+Inf" if bound == math.inf else f"{bound:g}"
-                    self.sink.increment(f"{name}_bucket", histogram.description, {**dict(labels), "le": le}, count)
+                    self.sink.increment(
+                        f"{name}_bucket", histogram.description, {**dict(labels), "le": le}, count
+                    )
             self.sink.increment(f"{name}_sum", histogram.description, dict(labels), total)
             self.sink.increment(f"{name}_count", histogram.description, dict(labels), observed)
         gauges, self._gauges = self._gauges, {}
@@ -195,16 +223,40 @@ class ServingTelemetry:
     def drift(self, score: float | None, alarm: bool, conservative: bool) -> None:
         labels = self.labels
         if score is not None:
-            self._set("offramp_drift_score", "PSI of the live exit profile against calibration", labels, score)
-        self._set("offramp_drift_alarm", "1 while the drift score is past its alarm level", labels, float(alarm))
-        self._set("offramp_conservative_mode", "1 while drift forces every row to full depth", labels, float(conservative))
+            self._set(
+                "offramp_drift_score", "PSI of the live exit profile against calibration", labels, score
+            )
+        self._set(
+            "offramp_drift_alarm", "1 while the drift score is past its alarm level", labels, float(alarm)
+        )
+        self._set(
+            "offramp_conservative_mode",
+            "1 while drift forces every row to full depth",
+            labels,
+            float(conservative),
+        )
 
     def slo(self, window: SloWindow) -> None:
         """What the SLO controller decided at the end of a window."""
         labels = self.labels
-        self._set("offramp_slo_rung", "The ladder's rung being served (0: the policy's own rules)", labels, window.rung)
-        self._set("offramp_slo_shedding", "1 while load shedding caps every row's depth", labels, float(window.shedding))
-        self._set("offramp_slo_missed", "1 while at the top rung and over the latency target", labels, float(window.missed))
+        self._set(
+            "offramp_slo_rung",
+            "The ladder's rung being served (0: the policy's own rules)",
+            labels,
+            window.rung,
+        )
+        self._set(
+            "offramp_slo_shedding",
+            "1 while load shedding caps every row's depth",
+            labels,
+            float(window.shedding),
+        )
+        self._set(
+            "offramp_slo_missed",
+            "1 while at the top rung and over the latency target",
+            labels,
+            float(window.missed),
+        )
         if window.requests:
             self._set("offramp_slo_latency_estimate_ms", "Queue wait plus own p99 per request, last window",
                       labels, window.estimate_ms)  # fmt: skip
@@ -214,7 +266,10 @@ class ServingTelemetry:
         values, counts = np.unique(rungs, return_counts=True)
         for rung, count in zip(values.tolist(), counts.tolist()):
             self.sink.increment(
-                "offramp_rung_rows_total", "Rows answered, by the ladder's rung", {**self.labels, "rung": str(rung)}, count
+                "offramp_rung_rows_total",
+                "Rows answered, by the ladder's rung",
+                {**self.labels, "rung": str(rung)},
+                count,
             )
 
     def audit(self, written: int, dropped: int, lost: int) -> None:

@@ -46,7 +46,9 @@ class TextEncoder:
                 try:
                     value = value.decode("utf-8")
                 except UnicodeDecodeError as error:
-                    raise TextError(f"TEXT row {index} is not valid UTF-8 ({error.reason} at byte {error.start})") from None
+                    raise TextError(
+                        f"TEXT row {index} is not valid UTF-8 ({error.reason} at byte {error.start})"
+                    ) from None
             if not isinstance(value, str):
                 raise TextError(f"TEXT row {index} must be bytes or a string, not {type(value).__name__}")
             texts.append(value)
@@ -54,7 +56,9 @@ class TextEncoder:
         if not self.spec.truncate:
             too_long = [i for i, e in enumerate(encodings) if e.overflowing]
             if too_long:
-                raise TextError(f"TEXT rows {too_long[:5]} exceed {self.spec.max_length} tokens (truncation is off)")
+                raise TextError(
+                    f"TEXT rows {too_long[:5]} exceed {self.spec.max_length} tokens (truncation is off)"
+                )
         ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), -1)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(len(texts), -1)
         return ids, mask

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+
 from offramp.backend.audit import AuditConfig, AuditLog
 from offramp.backend.exit_decoder import DECODER_MANIFEST, TOKENIZER_FILE, ExitDecoder, reproducible_gemm
 from offramp.backend.generation_contract import ERROR_ID_PREFIX
@@ -59,7 +60,9 @@ class TritonPythonModel:
         torch.set_num_threads(1)  # one thread per stub: stubs are processes, and the cores are shared
         torch.set_grad_enabled(False)
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        parameters = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        parameters = {
+            k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()
+        }
         options = ServiceOptions.from_parameters(parameters)
         from tokenizers import Tokenizer
 
@@ -72,20 +75,26 @@ class TritonPythonModel:
         telemetry = GenerationTelemetry(self.metrics, args["model_name"], instance)
         self.audit = None
         if options.audit_path:
-            self.audit = AuditLog(AuditConfig(Path(options.audit_path), sample_rate=options.audit_sample_rate))
+            self.audit = AuditLog(
+                AuditConfig(Path(options.audit_path), sample_rate=options.audit_sample_rate)
+            )
         self.service = GenerationService(
             decoder, Tokenizer.from_file(str(version_dir / TOKENIZER_FILE)), policy, manifest["end_of_text"], options,
             telemetry, self.audit, manifest["fingerprint"],
         )  # fmt: skip
         self.label = label = f"{args['model_name']} ({instance})"
-        self.publisher = PeriodicPublisher(telemetry, lambda e: _log(f"{label}: metrics not published: {e}", error=True))
+        self.publisher = PeriodicPublisher(
+            telemetry, lambda e: _log(f"{label}: metrics not published: {e}", error=True)
+        )
         self.thread = threading.Thread(target=self._serve, name="offramp-generation", daemon=True)
         self.thread.start()
         _log(f"{label}: policy {policy.version}, exits after layers {decoder.spec.exit_layers}")
 
     def _serve(self):
         with torch.inference_mode():
-            self.service.serve(lambda error: _log(f"{self.label}: a generation round failed: {error!r}", error=True))
+            self.service.serve(
+                lambda error: _log(f"{self.label}: a generation round failed: {error!r}", error=True)
+            )
 
     def execute(self, requests):
         for request in requests:

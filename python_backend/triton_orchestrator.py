@@ -14,8 +14,20 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_OUT, LOGITS_OUT, SegmentUnavailable
-from offramp.backend.device import DeviceRequest, from_bls_tensor, is_device_array, select_cascade, to_bls_tensor
-from offramp.backend.orchestrator import POLICY_FILE, Orchestrator, RequestError, ServiceDegraded, ServingOptions
+from offramp.backend.device import (
+    DeviceRequest,
+    from_bls_tensor,
+    is_device_array,
+    select_cascade,
+    to_bls_tensor,
+)
+from offramp.backend.orchestrator import (
+    POLICY_FILE,
+    Orchestrator,
+    RequestError,
+    ServiceDegraded,
+    ServingOptions,
+)
 from offramp.backend.policy import Policy
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
@@ -75,7 +87,9 @@ class _TritonMetrics:
         key = (name, tuple(sorted(labels.items())))
         if key not in self.metrics:
             if name not in self.families:
-                self.families[name] = pb_utils.MetricFamily(name=name, description=description, kind=self.kinds[kind])
+                self.families[name] = pb_utils.MetricFamily(
+                    name=name, description=description, kind=self.kinds[kind]
+                )
                 if kind == "gauge":
                     self.gauges.add(name)
             self.metrics[key] = self.families[name].Metric(labels=dict(labels))
@@ -134,7 +148,9 @@ def _bls(model_name, tensors, output_names, device_id=None):
 class TritonPythonModel:
     def initialize(self, args):
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        parameters = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        parameters = {
+            k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()
+        }
         options = ServingOptions.from_parameters(parameters)
         self.metrics = _TritonMetrics()
         instance = f"{args.get('model_instance_name', '')}-v{args['model_version']}"
@@ -152,7 +168,9 @@ class TritonPythonModel:
         self.device_id = placement.device_id  # None: NumPy on the host
         if placement.device == "gpu":
             if options.segments_in_process:
-                raise ValueError("offramp_segments_in_process runs ONNX Runtime on the CPU: not with offramp_device gpu")
+                raise ValueError(
+                    "offramp_segments_in_process runs ONNX Runtime on the CPU: not with offramp_device gpu"
+                )
             hooks["cascade"] = cascade
         self.orchestrator = Orchestrator.from_directory(version_dir, telemetry=telemetry, **hooks)
         self.spec = self.orchestrator.spec
@@ -161,7 +179,9 @@ class TritonPythonModel:
             repository = Path(args["model_repository"]).parent
             for name in [*self.spec.segment_models, self.spec.full_model]:
                 self.local[name] = OnnxRunner(repository / name / "1" / "model.onnx", threads=1)
-        self.publisher = PeriodicPublisher(telemetry, lambda e: _log(f"{label}: metrics not published: {e}", error=True))
+        self.publisher = PeriodicPublisher(
+            telemetry, lambda e: _log(f"{label}: metrics not published: {e}", error=True)
+        )
 
     def _call(self, model_name, tensors, output_names):
         runner = self.local.get(model_name)
@@ -179,7 +199,9 @@ class TritonPythonModel:
         return self._call(model_name, tensors, [FULL_LOGITS_OUT])[0]
 
     def execute(self, requests):
-        answers = self.orchestrator.execute([_Request(r) for r in requests], self._run_segment, self._run_model)
+        answers = self.orchestrator.execute(
+            [_Request(r) for r in requests], self._run_segment, self._run_model
+        )
         responses = []
         for answer in answers:
             if isinstance(answer, Exception):

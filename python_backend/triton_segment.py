@@ -17,7 +17,9 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         threads = int(config.get("parameters", {}).get("intra_op_thread_count", {}).get("string_value", "1"))
-        self.runner = OnnxRunner(Path(args["model_repository"]) / args["model_version"] / "model.onnx", threads)
+        self.runner = OnnxRunner(
+            Path(args["model_repository"]) / args["model_version"] / "model.onnx", threads
+        )
 
     def execute(self, requests):
         inputs = [

@@ -11,7 +11,12 @@ from typing import Any, ContextManager
 import pytest
 
 from offramp.backend.environment import prepare_execution_env
-from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts, ServerStartError, tritonserver_binary
+from offramp.client.serving.server import (
+    EmbeddedTritonServer,
+    ServerPorts,
+    ServerStartError,
+    tritonserver_binary,
+)
 
 RunningServer = Callable[..., ContextManager[EmbeddedTritonServer]]
 

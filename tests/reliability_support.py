@@ -18,9 +18,10 @@ from typing import Any, Self
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
+
 from offramp.backend.cascade import CascadeResult
 from offramp.client.grpc_client import OUTPUT_NAMES
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 PROTOCOLS = ("grpc", "http")
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
 from offramp.backend.cascade import CascadeBatch, CascadeResult, run_cascade
 from offramp.backend.contract import HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.policy import ExitRule, Policy
@@ -39,7 +40,8 @@ def spread_policy(
     logits = exit_logits_from_onnx(artifacts, directory, dict(inputs))
     quantiles = [0.6] + [0.5] * (artifacts.num_exits - 2) + [0.0]
     rules = tuple(
-        ExitRule("max_prob", float(np.quantile(compute_confidence(l).max_prob, q))) for l, q in zip(logits, quantiles)
+        ExitRule("max_prob", float(np.quantile(compute_confidence(l).max_prob, q)))
+        for l, q in zip(logits, quantiles)
     )
     provenance = {}
     if drift_reference:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import json_format
+from tritonclient.grpc import service_pb2
+
 from offramp.client.cli.options import add_config_options, config_from_args
 from offramp.client.serving.statistics import flatten_model_stats, model_statistics, statistics_delta
 from offramp.client.tools import bench
@@ -37,7 +39,6 @@ from offramp.client.tools.perf_analyzer import (
     read_input_data,
     write_input_data,
 )
-from tritonclient.grpc import service_pb2
 
 # What perf_analyzer 2.49 wrote here with --verbose-csv (one concurrency level).
 VERBOSE_CSV = """Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency,Avg latency,request/response,response wait
@@ -60,7 +61,9 @@ def test_parse_verbose_csv_in_rows_per_second_and_milliseconds():
     assert result.concurrency == 8
     assert result.rows_per_s == pytest.approx(1658.15)
     assert result.requests_per_s == pytest.approx(1658.15 / 8)
-    assert (result.p50_ms, result.p90_ms, result.p95_ms, result.p99_ms) == pytest.approx((0.438, 7.638, 11.286, 23.119))
+    assert (result.p50_ms, result.p90_ms, result.p95_ms, result.p99_ms) == pytest.approx(
+        (0.438, 7.638, 11.286, 23.119)
+    )
     assert result.avg_ms == pytest.approx(2.362)
     assert result.server_queue_ms == pytest.approx(0.095)
     assert result.network_ms == pytest.approx(2.012)
@@ -107,11 +110,15 @@ def test_command_line(tmp_path):
                      "--request-parameter cohort:night:string"):  # fmt: skip
         assert expected in text
     with pytest.raises(ValueError):
-        PerfAnalyzerOptions("u", "m", tmp_path, request_parameters={"cohort": "a:b"}).command(Path("p"), tmp_path)
+        PerfAnalyzerOptions("u", "m", tmp_path, request_parameters={"cohort": "a:b"}).command(
+            Path("p"), tmp_path
+        )
 
 
 def test_request_rate_mode_is_open_loop_and_its_report_parses(tmp_path):
-    options = PerfAnalyzerOptions("127.0.0.1:9001", "trec", tmp_path / "data.json", batch_size=8, request_rate=312.5)
+    options = PerfAnalyzerOptions(
+        "127.0.0.1:9001", "trec", tmp_path / "data.json", batch_size=8, request_rate=312.5
+    )
     text = " ".join(options.command(Path("/bin/perf_analyzer"), tmp_path / "out.csv"))
     assert "--request-rate-range 312.500 --async --request-distribution poisson" in text
     assert "--concurrency-range" not in text
@@ -222,7 +229,10 @@ def test_sweep_summary():
     assert high["forward_tax"] == pytest.approx(1 - 0.98)
     assert high["compaction_gain"] == pytest.approx(0.25)  # 1.5, 1.0, 1.25 -> 1.25
     assert high["arms"]["early"]["rows_per_s"] == 250.0 and high["arms"]["early"]["reps"] == 3
-    assert (high["arms"]["early"]["rows_per_s_min"], high["arms"]["early"]["rows_per_s_max"]) == (200.0, 300.0)
+    assert (high["arms"]["early"]["rows_per_s_min"], high["arms"]["early"]["rows_per_s_max"]) == (
+        200.0,
+        300.0,
+    )
     assert math.isnan(low["tax"])
 
 
@@ -236,7 +246,12 @@ def test_goals():
     assert goals["orchestration tax (throughput) at concurrency 8"]["met"] is False
     p99 = goals["p99 latency early/full, worst level"]
     assert p99["measured"] == pytest.approx(1.25) and p99["met"] is False and "concurrency 8" in p99["shown"]
-    assert evaluate_goals(levels, Goals(throughput_ratio=None, realised_share=None, max_tax=None, max_p99_ratio=None)) == []
+    assert (
+        evaluate_goals(
+            levels, Goals(throughput_ratio=None, realised_share=None, max_tax=None, max_p99_ratio=None)
+        )
+        == []
+    )
 
 
 def test_quality_summary():
@@ -260,11 +275,19 @@ def stats(requests, rows, executions, queue_ms, compute_ms, fail=0):
 def test_time_breakdown():
     # 100 orchestrator executions of 10 ms each (1 request, 8 rows); 100 calls to segment 0 (2 ms each,
     # 1 ms queued) and 50 to segment 1 (4 ms each): 4 ms + 2 ms per execution inside segments.
-    early = record("early", 8, 0, 800.0, server_cpu_s={"tritonserver": 0.2, "m": 0.3, "m_segment_0": 0.1,
-                                                         "m_segment_1": 0.2}, client_cpu_s=0.1,
-                   stats={"m": stats(100, 800, 100, 0.0, 1000.0),
-                          "m_segment_0": stats(100, 800, 100, 100.0, 200.0),
-                          "m_segment_1": stats(50, 200, 50, 0.0, 200.0)})
+    early = record(
+        "early",
+        8,
+        0,
+        800.0,
+        server_cpu_s={"tritonserver": 0.2, "m": 0.3, "m_segment_0": 0.1, "m_segment_1": 0.2},
+        client_cpu_s=0.1,
+        stats={
+            "m": stats(100, 800, 100, 0.0, 1000.0),
+            "m_segment_0": stats(100, 800, 100, 100.0, 200.0),
+            "m_segment_1": stats(50, 200, 50, 0.0, 200.0),
+        },
+    )
     full = record("full", 8, 0, 400.0, server_cpu_s={"tritonserver": 0.1, "m_full": 0.7}, client_cpu_s=0.1,
                   stats={"m_full": stats(100, 800, 50, 0.0, 800.0)})  # fmt: skip
     b = time_breakdown([early, full], 8, "m", "m_full", ["m_segment_0", "m_segment_1"], 0.4)
@@ -337,17 +360,31 @@ def test_statistics_are_flattened_and_differenced():
 def test_quick_flag_sets_short_defaults_that_options_override():
     parser = argparse.ArgumentParser()
     add_config_options(parser, bench.BenchConfig)
-    quick = config_from_args(bench.BenchConfig, parser.parse_args(["--repeats", "2"]), bench.BenchConfig.quick_defaults())
-    assert quick.quick and quick.repeats == 2 and quick.concurrency == (1, 4) and quick.measurement_interval_ms == 500
+    quick = config_from_args(
+        bench.BenchConfig, parser.parse_args(["--repeats", "2"]), bench.BenchConfig.quick_defaults()
+    )
+    assert (
+        quick.quick
+        and quick.repeats == 2
+        and quick.concurrency == (1, 4)
+        and quick.measurement_interval_ms == 500
+    )
     assert quick.out != bench.DEFAULT_OUT
     default = config_from_args(bench.BenchConfig, parser.parse_args([]))
     assert default.concurrency == (1, 4, 8, 16) and default.repeats == 3 and default.rows_per_request == 8
-    assert default.out == bench.DEFAULT_OUT and default.workloads == ("fashion_cnn", "trec", "rotten_tomatoes")
+    assert default.out == bench.DEFAULT_OUT and default.workloads == (
+        "fashion_cnn",
+        "trec",
+        "rotten_tomatoes",
+    )
     with pytest.raises(ValueError, match="early"):
         bench.BenchConfig(arms=("full",))
     with pytest.raises(KeyError, match="unknown workload"):
         bench.resolve_workload("no_such_workload")
-    assert bench.resolve_workload("offramp.client.tools.bench:fashion_cnn_workload") is bench.fashion_cnn_workload
+    assert (
+        bench.resolve_workload("offramp.client.tools.bench:fashion_cnn_workload")
+        is bench.fashion_cnn_workload
+    )
 
 
 # --- Against a real server --------------------------------------------------------------------------------
@@ -370,7 +407,9 @@ def _quick_workload(quick_cnn, fashion_test):
 
 
 @pytest.mark.integration
-def test_perf_analyzer_against_a_real_server(quick_cnn, fashion_test, running_server, execution_env, tmp_path):
+def test_perf_analyzer_against_a_real_server(
+    quick_cnn, fashion_test, running_server, execution_env, tmp_path
+):
     from offramp.build.repository import RepositoryOptions, write_repository
     from offramp.client.tools.perf_analyzer import check_perf_analyzer, run_perf_analyzer
 
@@ -381,10 +420,18 @@ def test_perf_analyzer_against_a_real_server(quick_cnn, fashion_test, running_se
     artifacts, directory = quick_cnn
     workload = _quick_workload(quick_cnn, fashion_test)
     repository = tmp_path / "repo"
-    write_repository(artifacts, directory, workload.policy, repository, RepositoryOptions(execution_env=execution_env))
-    data = write_input_data(tmp_path / "data.json", {"IMAGE": fashion_test[0][bench.pick_data_rows(10000, 64, 0)]})
+    write_repository(
+        artifacts, directory, workload.policy, repository, RepositoryOptions(execution_env=execution_env)
+    )
+    data = write_input_data(
+        tmp_path / "data.json", {"IMAGE": fashion_test[0][bench.pick_data_rows(10000, 64, 0)]}
+    )
     with running_server(repository) as server:
-        for model, parameters in ((artifacts.name, {}), (f"{artifacts.name}_full", {}), (artifacts.name, {"force_full": True})):
+        for model, parameters in (
+            (artifacts.name, {}),
+            (f"{artifacts.name}_full", {}),
+            (artifacts.name, {"force_full": True}),
+        ):
             before = model_statistics(server.grpc_url)
             options = PerfAnalyzerOptions(
                 url=server.grpc_url, model=model, input_data=data, concurrency=2, batch_size=4,
@@ -398,7 +445,9 @@ def test_perf_analyzer_against_a_real_server(quick_cnn, fashion_test, running_se
             assert result.rows_per_s > 0 and result.requests_per_s > 0
             assert 0 < result.p50_ms <= result.p90_ms <= result.p99_ms
             assert result.avg_ms > 0
-            assert delta[model]["success"] > 0 and delta[model]["inference_count"] == 4 * delta[model]["success"]
+            assert (
+                delta[model]["success"] > 0 and delta[model]["inference_count"] == 4 * delta[model]["success"]
+            )
             assert sum(s["fail"] for s in delta.values()) == 0, delta
             if parameters:  # forced rows reach the full model through the orchestrator
                 assert delta[f"{artifacts.name}_full"]["success"] > 0
@@ -436,7 +485,9 @@ def test_quick_benchmark_end_to_end(quick_cnn, fashion_test, tmp_path):
     assert "Throughput and latency" in text and "Where the time goes" in text
     for name in ("throughput", "latency", "accuracy_compute"):
         assert (config.out / "plots" / f"fashion_cnn_{name}.png").stat().st_size > 1000
-    assert (config.out / "results" / "fashion_cnn" / "runs.csv").read_text().count("\n") == 1 + 2 * len(bench.ARM_KEYS)
+    assert (config.out / "results" / "fashion_cnn" / "runs.csv").read_text().count("\n") == 1 + 2 * len(
+        bench.ARM_KEYS
+    )
 
 
 @pytest.mark.integration
@@ -466,7 +517,8 @@ def test_a_text_workload_under_perf_analyzer(quick_text_model, tmp_path):
     # The last exit costs a little over 1: every exit head runs on the way (the full model has one).
     assert quality["rows"] == 64 and 0 < quality["mean_compute_fraction"] <= artifacts.exit_costs[-1] + 1e-6
     offline = bench._policy_exits(
-        exit_logits_from_onnx(artifacts, directory, {n: a[:64] for n, a in test.inputs.items()}), workload.policy
+        exit_logits_from_onnx(artifacts, directory, {n: a[:64] for n, a in test.inputs.items()}),
+        workload.policy,
     )
     # A row on a threshold may flip with the batch it runs in (float noise): at most one here.
     expected = np.bincount(offline, minlength=artifacts.num_exits) / 64

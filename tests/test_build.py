@@ -43,7 +43,9 @@ def test_the_same_seed_builds_the_same_model_and_a_cached_build_is_reused(tmp_pa
     reused = build_fashion_mnist_cnn(tmp_path / "a", train=config, progress=False)
     assert reused.fingerprint == first.fingerprint and reused.build["key"] == first.build["key"]
     assert (tmp_path / "a" / "segment_0.onnx").stat().st_mtime_ns == mtime
-    other = build_fashion_mnist_cnn(tmp_path / "c", train=quick_train_config(rows=1000, seed=1), progress=False)
+    other = build_fashion_mnist_cnn(
+        tmp_path / "c", train=quick_train_config(rows=1000, seed=1), progress=False
+    )
     assert other.fingerprint != first.fingerprint
 
 
@@ -57,5 +59,11 @@ def test_demo_runs_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    for figure in ["accuracy", "throughput (rows/s)", "agreement with full", "mean compute fraction", "exit 0:"]:
+    for figure in [
+        "accuracy",
+        "throughput (rows/s)",
+        "agreement with full",
+        "mean compute fraction",
+        "exit 0:",
+    ]:
         assert figure in result.stdout

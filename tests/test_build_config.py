@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from offramp.build.build_cache import CachedBuild
 from offramp.build.build_config import SECTIONS, ConfigError, build_config, load_build_config
 from offramp.client.cli.main import main, parser

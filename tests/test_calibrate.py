@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+
 from offramp.backend.policy import Policy
 from offramp.build.calibrate import (
     CalibrationData,

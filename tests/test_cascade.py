@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from offramp.backend.cascade import CascadeBatch, CascadeResult, run_cascade
 from offramp.backend.contract import FLAG_DEADLINE, FLAG_DEPTH_CAP, FLAG_FORCED_FULL
 from offramp.backend.policy import ExitRule, Policy
-
 from tests.fakes import FakeNetwork
 
 COSTS = (0.3, 0.6, 1.0)

@@ -42,7 +42,9 @@ def test_known_values():
 
 
 def test_non_finite_rows_are_invalid_and_never_pass():
-    logits = np.array([[1.0, np.nan, 0.0], [np.inf, 0.0, 0.0], [-np.inf, 0.0, 0.0], [9.0, 0.0, 0.0]], np.float32)
+    logits = np.array(
+        [[1.0, np.nan, 0.0], [np.inf, 0.0, 0.0], [-np.inf, 0.0, 0.0], [9.0, 0.0, 0.0]], np.float32
+    )
     c = compute_confidence(logits)
     np.testing.assert_array_equal(c.label, [-1, -1, -1, 0])
     assert np.isnan(c.max_prob[:3]).all() and np.isnan(c.entropy[:3]).all() and np.isnan(c.margin[:3]).all()

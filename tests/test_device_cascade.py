@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from offramp.backend.cascade import (
     CascadeBatch,
     CascadeResult,
@@ -54,7 +55,6 @@ from offramp.backend.orchestrator import Orchestrator
 from offramp.backend.policy import ExitRule, Policy
 from offramp.kernels.cuda import COMPACT_SOURCE, CONFIDENCE_SOURCE, ENTRY_POINTS, Launchers
 from offramp.kernels.testing import SentinelArrays, relative_error_bound
-
 from tests.cuda_shim import Schedule, ShimModule, build_shim_module
 from tests.fakes import FakeNetwork
 from tests.test_orchestrator import SPEC, FakeRequest, good_rows
@@ -345,7 +345,9 @@ def test_device_cascade_keeps_tensors_on_the_device(shim_modules) -> None:
     for name in ("logits", "label", "exit", "confidence", "cost", "flags", "policy_exit"):
         assert type(getattr(got, name)) is np.ndarray, f"{name} was not brought back to the host"
     # The answers come back once, one copy per output array; nothing else crossed to the host.
-    arrays = [f.name for f in fields(CascadeResult) if f.name not in ("rows_per_segment", "outage", "unfinished")]
+    arrays = [
+        f.name for f in fields(CascadeResult) if f.name not in ("rows_per_segment", "outage", "unfinished")
+    ]
     assert DeviceArray.host_copies == len(arrays)  # one copy each; no outage, so no `unfinished`
 
 
@@ -606,7 +608,6 @@ def test_adapter_asks_for_host_outputs_on_the_host_path(adapter) -> None:
 def write_toy_orchestrator(tmp_path: Path, parameters: dict[str, str]) -> dict[str, str]:
     """A version folder of the toy model's orchestrator, and the ``args`` Triton would pass."""
     from offramp.build.repository import RepositoryOptions, write_orchestrator
-
     from tests.test_repository import ARTIFACTS
 
     model_dir = write_orchestrator(
@@ -703,10 +704,10 @@ def test_served_gpu_orchestrator_without_a_gpu_falls_back_and_says_why(
     a KIND_GPU instance, so that is the case a CPU machine can reach (CuPy without a GPU is the other).
     """
     from google.protobuf import text_format
-    from offramp.build.repository import RepositoryOptions, write_repository
-    from offramp.client.grpc_client import OfframpClient
     from tritonclient.grpc import model_config_pb2
 
+    from offramp.build.repository import RepositoryOptions, write_repository
+    from offramp.client.grpc_client import OfframpClient
     from tests.served_reference import Reference, spread_policy
     from tests.test_served_cnn import assert_matches
 

@@ -9,6 +9,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from scipy.special import expit, logsumexp, softmax, xlogy
+
 from offramp.backend.cascade import CascadeBatch, run_cascade
 from offramp.backend.contract import HIDDEN_IN
 from offramp.backend.exit_rules import SCORE_SIGNS, LabelHistory, rule_passes, rule_value
@@ -17,8 +19,6 @@ from offramp.build.calibrate import simulate_exits
 from offramp.build.rule_families import fit_exit_score, rule_template, scaled_exits
 from offramp.kernels.confidence import compute_confidence
 from offramp.kernels.testing import mixed_logits
-from scipy.special import expit, logsumexp, softmax, xlogy
-
 from tests.fakes import FakeNetwork
 
 EXITS, ROWS, CLASSES = 4, 600, 5

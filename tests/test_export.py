@@ -7,10 +7,10 @@ import onnx
 import pytest
 import torch
 
+from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.calibrate import exit_logits_from_onnx
 from offramp.build.cnn import CNNConfig, MultiExitCNN
 from offramp.build.recipes import CHECKPOINT
-from offramp.backend.segment_runner import OnnxRunner
 
 # float32 through different kernels (PyTorch's vs ONNX Runtime's convolutions): agreement to ~1e-6
 # relative is what chained segments measured here (docs/embedded-server.md, 'ONNX export'); 1e-4
@@ -22,7 +22,9 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def torch_model(quick_cnn):
     artifacts, directory = quick_cnn
-    model = MultiExitCNN(CNNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in artifacts.build["cnn"].items()}))
+    model = MultiExitCNN(
+        CNNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in artifacts.build["cnn"].items()})
+    )
     model.load_state_dict(torch.load(directory / CHECKPOINT))
     return model.eval()
 

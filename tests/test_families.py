@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.calibrate import exit_logits_from_onnx
@@ -24,7 +25,6 @@ from offramp.build.transformer import (
     load_tokenizer,
 )
 from offramp.client.cli.main import main
-
 from tests.served_reference import Reference, spread_policy
 from tests.tiny_text import (
     CLASSES,
@@ -232,10 +232,11 @@ def test_a_real_size_minilm_classifier_keeps_its_logits(tmp_path):
     """The packaged all-MiniLM-L6-v2 as a fine-tuned-shaped BertForSequenceClassification (6 layers,
     hidden 384, its own pooler and a linear head), in attach mode: the last exit and `<name>_full`
     are its logits through ONNX."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from offramp.build.text_attach import AttachSettings, build_attached_classifier
     from offramp.build.text_data import TextSource
     from offramp.build.transformer import minilm_path
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(0)
     labels = {"id2label": dict(enumerate(CLASSES)), "label2id": {c: i for i, c in enumerate(CLASSES)}}

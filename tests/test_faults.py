@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+
 from offramp.backend.audit import read_audit
 from offramp.backend.cascade import CascadeResult
 from offramp.backend.contract import FLAG_ABSTAINED, FLAG_FALLBACK, FLAG_FALLBACK_FAILED, FLAG_REROUTED
@@ -35,7 +36,6 @@ from offramp.build.repository import (
 )
 from offramp.client.serving.processes import server_processes, stub_shm_region
 from offramp.client.serving.server import SHM_DIR, EmbeddedTritonServer, ServerPorts
-
 from tests.reliability_support import (
     Traffic,
     assert_rows_match,
@@ -150,7 +150,10 @@ def assert_answered_or_refused(traffic: Traffic, expected: CascadeResult, error:
                 continue
             # Rows `_full` answered for a missing segment: the full network's exit; the others as expected.
             assert set(np.unique(flags)) <= {0, FLAG_REROUTED}
-            exits, labels = sent.outcome.outputs["EXIT"].reshape(-1), sent.outcome.outputs["LABEL"].reshape(-1)
+            exits, labels = (
+                sent.outcome.outputs["EXIT"].reshape(-1),
+                sent.outcome.outputs["LABEL"].reshape(-1),
+            )
             plain = flags == 0
             np.testing.assert_array_equal(exits[plain], expected.exit[sent.rows][plain])
             np.testing.assert_array_equal(labels[plain], expected.label[sent.rows][plain])
@@ -188,7 +191,9 @@ def test_an_unloaded_segment_is_stood_in_for_by_the_full_model_and_service_recov
     gone = traffic.between(unloaded, loading)
     # Each orchestrator instance tries a segment it found unavailable again a second later.
     back = traffic.between(loaded + 1.5, float("inf"))
-    assert all(s.outcome.ok for s in traffic.sent), [s.outcome.error for s in traffic.sent if not s.outcome.ok][:2]
+    assert all(s.outcome.ok for s in traffic.sent), [
+        s.outcome.error for s in traffic.sent if not s.outcome.ok
+    ][:2]
     assert before and all(not s.outcome.outputs["FLAGS"].any() for s in before)
     rerouted = [s for s in gone if (s.outcome.outputs["FLAGS"] & FLAG_REROUTED).any()]
     assert gone and rerouted, "no row needed the unloaded segment"
@@ -329,13 +334,17 @@ def test_a_killed_segment_stub_without_a_supervisor(own_repository, tmp_path, re
             time.sleep(1.5)
             restarted = any(role == segment and pid != victim for pid, role in server_processes(pgid).items())
         after_kill = traffic.between(killed + 0.5, float("inf"))
-        rerouted = [s for s in after_kill if s.outcome.ok and (s.outcome.outputs["FLAGS"] == FLAG_REROUTED).all()]
+        rerouted = [
+            s for s in after_kill if s.outcome.ok and (s.outcome.outputs["FLAGS"] == FLAG_REROUTED).all()
+        ]
         record_property("stub_restarted_by_triton", restarted)
         record_property("model_ready_with_dead_stub", ready_after_kill)
         record_property("requests_after_kill", len(after_kill))
         record_property("rerouted_after_kill", len(rerouted))
         assert_answered_or_refused(traffic, expected)
-        assert all(s.outcome.ok for s in traffic.sent), [s.outcome.error for s in traffic.sent if not s.outcome.ok][:2]
+        assert all(s.outcome.ok for s in traffic.sent), [
+            s.outcome.error for s in traffic.sent if not s.outcome.ok
+        ][:2]
         if not restarted:  # every row needs segment 0: `_full` answered all of them
             assert after_kill and len(rerouted) == len(after_kill)
         else:  # rerouted until Triton's own restart (seen on some runs here), the segments' answers after

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
 from offramp.backend.contract import TensorSpec
 from offramp.backend.orchestrator import POLICY_FILE, SPEC_FILE, OrchestratorSpec
 from offramp.backend.policy import Policy
@@ -34,7 +36,6 @@ from offramp.client.serving.fleet_stats import (
 )
 from offramp.client.serving.policy_control import PolicyControl
 from offramp.client.serving.server import SHM_REGION_PREFIX, orphaned_shm_regions
-from tritonclient.grpc import model_config_pb2 as pb
 
 FINGERPRINT = "f" * 64
 

@@ -23,6 +23,7 @@ import onnx
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+
 from offramp.backend.policy import ExitRule
 from offramp.build.repository import RepositoryOptions, full_model_name, segment_model_name, write_repository
 from offramp.client.grpc_client import OfframpClient
@@ -33,7 +34,6 @@ from offramp.client.serving.health import check_service
 from offramp.client.serving.policy_control import PolicyControl
 from offramp.client.serving.server import SHM_DIR, SHM_REGION_PREFIX, ServerPorts
 from offramp.client.tools.fleet_load import FleetLoad, LoadResult
-
 from tests.served_reference import Reference, spread_policy
 
 pytestmark = pytest.mark.integration

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from offramp.backend.exit_decoder import (
     DecoderSpec,
     ExitDecoder,
@@ -60,7 +61,9 @@ def gpt2_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return config, GPT2LMHeadModel(config).eval()
 
 
@@ -72,7 +75,9 @@ def _decoder(model, late: list[str], factor: float, exit_layers=(1, 2, 4)) -> Ex
 
 @pytest.fixture(scope="module")
 def decoders(llama_model, gpt2_model) -> dict[str, ExitDecoder]:
-    llama_late = [f"layers.{i}.self_attn.o_proj.weight" for i in (2, 3)] + [f"layers.{i}.mlp.down_proj.weight" for i in (2, 3)]
+    llama_late = [f"layers.{i}.self_attn.o_proj.weight" for i in (2, 3)] + [
+        f"layers.{i}.mlp.down_proj.weight" for i in (2, 3)
+    ]
     gpt2_late = [f"h.{i}.attn.c_proj.weight" for i in (2, 3)] + [f"h.{i}.mlp.c_proj.weight" for i in (2, 3)]
     return {"llama": _decoder(llama_model, llama_late, 0.3), "gpt2": _decoder(gpt2_model, gpt2_late, 10.0)}
 
@@ -119,7 +124,9 @@ def test_the_decoder_computes_what_transformers_does(family, llama_model, gpt2_m
         after_two = module(ids, output_hidden_states=True).hidden_states[2]
         final_norm = module.model.norm if family == "llama" else module.transformer.ln_f
         hidden = decoder.layers(0, 2, decoder.embed(ids, positions), cache, decoder.place(0, positions))
-        torch.testing.assert_close(decoder.exit_logits(hidden), module.lm_head(final_norm(after_two)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            decoder.exit_logits(hidden), module.lm_head(final_norm(after_two)), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -159,13 +166,20 @@ def full_alone(decoders) -> dict[str, list[list[int]]]:
 
 @pytest.mark.parametrize(
     "family,draft_exit,draft_length,vocabulary",
-    [("llama", 0, 2, ()), ("llama", 1, 5, ()), ("gpt2", 1, 3, ()), ("llama", 1, 3, tuple(range(0, VOCAB, 2)))],
+    [
+        ("llama", 0, 2, ()),
+        ("llama", 1, 5, ()),
+        ("gpt2", 1, 3, ()),
+        ("llama", 1, 3, tuple(range(0, VOCAB, 2))),
+    ],
 )
 def test_self_speculative_commits_exactly_the_tokens_of_full(
     family, draft_exit, draft_length, vocabulary, decoders, full_alone
 ):
     decoder = decoders[family]
-    settings = DecodingSettings(draft_exit, draft_length, (NEVER, NEVER), vocabulary)  # drafts among some tokens
+    settings = DecodingSettings(
+        draft_exit, draft_length, (NEVER, NEVER), vocabulary
+    )  # drafts among some tokens
     texts, budgets = IDENTITY_PROMPTS, IDENTITY_BUDGETS
 
     def rows(mode: str) -> list[Row]:
@@ -182,7 +196,10 @@ def test_self_speculative_commits_exactly_the_tokens_of_full(
         assert all(len(r.generated) == budgets[i] for i, r in enumerate(speculative))
         assert engine.running == 0
     # Mixed with rows of the other modes in the same engine: separate groups, same answers.
-    mixed = [Row(i, list(p), budgets[i], ("self_speculative", "full", "confident")[i % 3]) for i, p in enumerate(texts)]
+    mixed = [
+        Row(i, list(p), budgets[i], ("self_speculative", "full", "confident")[i % 3])
+        for i, p in enumerate(texts)
+    ]
     decode(decoder, mixed, settings, 4)
     assert [r.generated for r in mixed] == alone
 
@@ -254,7 +271,10 @@ def test_rows_finish_on_their_own(decoders):
     assert end.finish_reason == FINISH_END_OF_TEXT and end.generated == probe[0].generated[:2]
     long = Row(1, list(range(8, 8 + 60)), 20, "self_speculative")
     decode(decoder, [long])
-    assert long.finish_reason == FINISH_CONTEXT and len(long.prompt) + len(long.generated) == decoder.spec.context
+    assert (
+        long.finish_reason == FINISH_CONTEXT
+        and len(long.prompt) + len(long.generated) == decoder.spec.context
+    )
     assert probe[0].finish_reason == FINISH_MAX_TOKENS
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from offramp.build.generation_calibrate import token_disagreement
 from offramp.client.tools.generation_bench import generation_report, prompt_input_data, rotated, summarize
 
 
-def run(mode: str, round_: int, tokens_per_s: float, completions: list[list[int]], exits: list[list[int]]) -> dict:
+def run(
+    mode: str, round_: int, tokens_per_s: float, completions: list[list[int]], exits: list[list[int]]
+) -> dict:
     return {
         "workload": "next_line", "mode": mode, "concurrency": 8, "round": round_, "errors": 0,
         "tokens_per_s": tokens_per_s, "ms_per_token_p50": 1000 / tokens_per_s, "ms_per_token_p99": 2000 / tokens_per_s,
@@ -32,10 +35,15 @@ def test_ratios_are_formed_within_rounds_and_their_median_reported():
     assert row["self_speculative"]["ratio"] == (1.5 + 1.6) / 2
     assert row["confident"]["ratio"] == (3.0 + 2.8) / 2
     assert row["full"]["tokens_per_s"] == 75.0
-    assert (row["identical"], row["compared"]) == (3, 4)  # round 1 differed on one prompt: counted, not hidden
+    assert (row["identical"], row["compared"]) == (
+        3,
+        4,
+    )  # round 1 differed on one prompt: counted, not hidden
     assert row["acceptance_rate"] == 0.75
     assert row["confident_disagreement"] == pytest.approx((1 / 3 + 0 + 1 / 3 + 0) / 4)
-    assert row["confident_exit_shares"] == pytest.approx([5 / 6, 1 / 6])  # the first token (the prefill's) left out
+    assert row["confident_exit_shares"] == pytest.approx(
+        [5 / 6, 1 / 6]
+    )  # the first token (the prefill's) left out
     summary = {
         "policy": {"version": "v", "draft_exit": 1, "draft_length": 3, "thresholds": [0.9, 0.9, 0.9],
                    "provenance": {"method": "uncalibrated"}},

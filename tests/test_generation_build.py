@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from offramp.backend.exit_decoder import ExitDecoder, reproducible_gemm
 from offramp.build.code_data import (
     SourceModule,
@@ -26,7 +27,6 @@ from offramp.build.decoder import (
     train_code_model,
 )
 from offramp.build.generation_calibrate import token_disagreement, tokens_per_verify
-
 from tests.generation_support import tiny_tokenizer
 
 reproducible_gemm()  # before this process' first matrix product: MKL fixes its rounding mode there
@@ -41,7 +41,9 @@ def test_modules_split_disjointly_seeded_and_stably():
     modules = [SourceModule(f"pkg.m{i}", Path(f"m{i}.py"), "x = 1\n") for i in range(300)]
     splits = split_modules(modules, seed=0)
     names = [{m.name for m in part} for part in splits.values()]
-    assert sum(len(n) for n in names) == 300 and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert sum(len(n) for n in names) == 300 and not (
+        names[0] & names[1] or names[0] & names[2] or names[1] & names[2]
+    )
     assert 0.7 < len(splits["train"]) / 300 < 0.9
     # A module keeps its split when others go, and another seed splits otherwise.
     fewer = split_modules(modules[::3], seed=0)
@@ -89,7 +91,9 @@ def test_layerskip_training_lowers_every_exit_loss(tokenizer):
     model = LlamaForCausalLM(shape.llama_config(0))
     stream = token_stream([m for m in stdlib_modules() if m.name in ("textwrap", "string")], tokenizer)
     settings = ExitTraining(steps=24, batch_size=4, learning_rate=5e-3, warmup_steps=4, log_every=8)
-    curve = train_code_model(model, stream, shape, settings, Path("/nonexistent/state.pt"), "k", progress=lambda _: None)
+    curve = train_code_model(
+        model, stream, shape, settings, Path("/nonexistent/state.pt"), "k", progress=lambda _: None
+    )
     for exit_index in range(3):
         assert curve[-1][f"loss_exit_{exit_index}"] < curve[0][f"loss_exit_{exit_index}"] - 0.3
 
@@ -108,7 +112,9 @@ def test_a_users_checkpoint_is_imported_and_served_as_transformers_computes_it(f
     from offramp.backend.exit_decoder import KVCache
 
     with torch.inference_mode():
-        hidden = decoder.layers(0, 4, decoder.embed(ids, positions), KVCache(decoder.spec, 1), decoder.place(0, positions))
+        hidden = decoder.layers(
+            0, 4, decoder.embed(ids, positions), KVCache(decoder.spec, 1), decoder.place(0, positions)
+        )
         torch.testing.assert_close(decoder.exit_logits(hidden), reference(ids).logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="exit layers"):
         import_checkpoint(checkpoint, tmp_path / "bad", exit_layers=(2, 3))

@@ -11,13 +11,13 @@ import time
 import urllib.request
 
 import pytest
+
 from offramp.backend.generation import ALWAYS, NEVER
 from offramp.backend.generation_contract import FLAG_CHECK_FAILED, FLAG_ESCALATED
 from offramp.backend.generation_policy import GenerationPolicy
 from offramp.build.decoder import import_checkpoint, tiny_random_checkpoint
 from offramp.build.generation_repository import write_generator
 from offramp.client.generation_client import GenerationClient
-
 from tests.generation_support import tiny_tokenizer
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,9 @@ def server(tmp_path_factory, running_server, execution_env):
 
 def test_streams_concurrent_requests_and_self_speculative_is_full(server):
     client = GenerationClient(server.grpc_url, MODEL)
-    requests = [(p, {"max_tokens": 24, "mode": mode}) for mode in ("full", "self_speculative") for p in PROMPTS]
+    requests = [
+        (p, {"max_tokens": 24, "mode": mode}) for mode in ("full", "self_speculative") for p in PROMPTS
+    ]
     completions = client.stream(requests, concurrency=8)
     full, speculative = completions[: len(PROMPTS)], completions[len(PROMPTS) :]
     for a, b in zip(full, speculative):
@@ -54,7 +56,9 @@ def test_streams_concurrent_requests_and_self_speculative_is_full(server):
         assert b.tokens == a.tokens and b.text == a.text and a.tokens
         assert a.finish_reason in ("length", "end_of_text")
         assert len(a.arrivals) >= len(a.tokens)  # token by token (the last response may bring none)
-    assert sum(len(c.arrivals) for c in speculative) < sum(len(c.arrivals) for c in full)  # several per verify pass
+    assert sum(len(c.arrivals) for c in speculative) < sum(
+        len(c.arrivals) for c in full
+    )  # several per verify pass
     # Requests were in flight together: some started before others finished.
     starts = sorted(c.sent_at for c in completions)
     assert starts[7] < min(c.done_at for c in completions)
@@ -62,8 +66,15 @@ def test_streams_concurrent_requests_and_self_speculative_is_full(server):
 
 def test_a_malformed_request_among_many_streams_fails_alone(server):
     client = GenerationClient(server.grpc_url, MODEL)
-    alone = client.stream([(p, {"max_tokens": 16, "mode": "self_speculative"}) for p in PROMPTS], concurrency=1)
-    bad = {2: ("", {}), 5: (PROMPTS[0], {"temperature": 1}), 9: ("x = 1\n" * 100, {}), 11: (PROMPTS[1], {"mode": "turbo"})}
+    alone = client.stream(
+        [(p, {"max_tokens": 16, "mode": "self_speculative"}) for p in PROMPTS], concurrency=1
+    )
+    bad = {
+        2: ("", {}),
+        5: (PROMPTS[0], {"temperature": 1}),
+        9: ("x = 1\n" * 100, {}),
+        11: (PROMPTS[1], {"mode": "turbo"}),
+    }
     requests = []
     for index in range(16):
         if index in bad:
@@ -95,7 +106,9 @@ def test_a_deadline_finishes_a_long_completion_at_the_cheapest_exit(server):
 
 def test_an_impossible_schema_is_flagged_not_retried_forever(server):
     client = GenerationClient(server.grpc_url, MODEL)
-    completion = client.complete(PROMPTS[2], max_tokens=12, mode="confident", check="json_schema", check_schema="false")
+    completion = client.complete(
+        PROMPTS[2], max_tokens=12, mode="confident", check="json_schema", check_schema="false"
+    )
     assert completion.error is None
     assert completion.attempts == 2
     assert completion.flags == FLAG_ESCALATED | FLAG_CHECK_FAILED

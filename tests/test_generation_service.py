@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 import torch
+
 from offramp.backend.audit import AuditConfig, AuditLog, read_audit
 from offramp.backend.exit_decoder import ExitDecoder, reproducible_gemm
 from offramp.backend.generation import ALWAYS, NEVER
@@ -24,7 +25,6 @@ from offramp.backend.generation_service import (
     ServiceOptions,
 )
 from offramp.build.decoder import import_checkpoint, tiny_random_checkpoint
-
 from tests.generation_support import tiny_tokenizer
 
 reproducible_gemm()  # before this process' first matrix product: MKL fixes its rounding mode there
@@ -70,7 +70,9 @@ class DictSink:
         self.counters[(name, tuple(sorted(labels.items())))] = value
 
     def total(self, name: str, **labels: str) -> float:
-        return sum(v for (n, ls), v in self.counters.items() if n == name and labels.items() <= dict(ls).items())
+        return sum(
+            v for (n, ls), v in self.counters.items() if n == name and labels.items() <= dict(ls).items()
+        )
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +114,10 @@ def run(service, streams) -> None:
 
 def test_bad_requests_fail_alone_and_at_once(artifacts):
     service, sink = make_service(artifacts)
-    good = [submit(service, p, max_tokens=12, mode=m) for p, m in zip(PROMPTS, ["full", "self_speculative", "confident"])]
+    good = [
+        submit(service, p, max_tokens=12, mode=m)
+        for p, m in zip(PROMPTS, ["full", "self_speculative", "confident"])
+    ]
     bad = {
         "empty": submit(service, "", max_tokens=5),
         "unknown parameter": submit(service, PROMPTS[0], temperature=0.7),
@@ -139,7 +144,9 @@ def test_bad_requests_fail_alone_and_at_once(artifacts):
 
 def test_responses_stream_the_completion_and_modes_agree(artifacts):
     service, sink = make_service(artifacts)
-    streams = {m: [submit(service, p, max_tokens=20, mode=m) for p in PROMPTS] for m in ("full", "self_speculative")}
+    streams = {
+        m: [submit(service, p, max_tokens=20, mode=m) for p in PROMPTS] for m in ("full", "self_speculative")
+    }
     run(service, [s for group in streams.values() for s in group])
     full_tokens = 0
     for full, speculative in zip(streams["full"], streams["self_speculative"]):
@@ -180,7 +187,10 @@ def test_a_failed_check_in_confident_mode_regenerates_that_request_at_full_depth
     pattern = re.escape(full[0].text())
     checked = submit(service, PROMPTS[0], max_tokens=10, mode="confident", check="regex", check_pattern=pattern,
                      request_id="checked")  # fmt: skip
-    others = [submit(service, p, max_tokens=10, mode="confident", request_id=f"other{i}") for i, p in enumerate(PROMPTS)]
+    others = [
+        submit(service, p, max_tokens=10, mode="confident", request_id=f"other{i}")
+        for i, p in enumerate(PROMPTS)
+    ]
     impossible = submit(service, PROMPTS[2], max_tokens=10, mode="confident", check="json_schema", check_schema="false",
                         request_id="impossible")  # fmt: skip
     run(service, [checked, impossible, *others])
@@ -194,7 +204,9 @@ def test_a_failed_check_in_confident_mode_regenerates_that_request_at_full_depth
     assert impossible.final["FLAGS"][0] == FLAG_ESCALATED | FLAG_CHECK_FAILED
     assert impossible.text() == full[2].text()
     # Their batch-mates were not regenerated.
-    assert all({int(r["ATTEMPT"][0]) for r in s.responses} == {0} and s.final["FLAGS"][0] == 0 for s in others)
+    assert all(
+        {int(r["ATTEMPT"][0]) for r in s.responses} == {0} and s.final["FLAGS"][0] == 0 for s in others
+    )
     assert sink.total("offramp_generation_escalations_total") == 2
     assert sink.total("offramp_generation_check_failures_total", check="json_schema") == 1
     records = {r["request_id"]: r for r in read_audit([tmp_path / "audit.jsonl"])}
@@ -212,7 +224,9 @@ def test_checks(artifacts):
     valid = submit(service, "def add(a, b):\n", max_tokens=6, check="python_syntax", stop=json.dumps(["\n"]))
     run(service, [valid])
     completion = valid.text()
-    expected = python_prefix_error("def add(a, b):\n" + completion + ("\n" if valid.final["FINISH_REASON"][0] == b"stop" else ""))
+    expected = python_prefix_error(
+        "def add(a, b):\n" + completion + ("\n" if valid.final["FINISH_REASON"][0] == b"stop" else "")
+    )
     assert bool(valid.final["FLAGS"][0] & FLAG_CHECK_FAILED) == (expected is not None)
     schema = json.dumps({"type": "object"})
     json_check = submit(service, "{", max_tokens=4, check="json_schema", check_schema=schema)
@@ -237,7 +251,9 @@ class GoneAfter(RecordingStream):
 def test_a_client_that_goes_away_loses_its_row_alone(artifacts):
     service, _ = make_service(artifacts)
     gone = GoneAfter(2)
-    service.submit(np.array([PROMPTS[0].encode()], dtype=object), {"max_tokens": 30, "mode": "self_speculative"}, gone)
+    service.submit(
+        np.array([PROMPTS[0].encode()], dtype=object), {"max_tokens": 30, "mode": "self_speculative"}, gone
+    )
     others = [submit(service, p, max_tokens=30, mode="self_speculative") for p in PROMPTS]
     run(service, others)
     assert len(gone.responses) == 2 and not gone.done

@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from offramp.backend import image as image_module
 from offramp.backend.contract import HIDDEN_IN, TensorSpec
 from offramp.backend.image import (
@@ -28,7 +30,6 @@ from offramp.backend.policy import ExitRule, Policy
 from offramp.build import execution_env
 from offramp.build.artifacts import ModelArtifacts, SegmentArtifact
 from offramp.build.repository import orchestrator_inputs, orchestrator_spec
-from PIL import Image
 
 SPEC = ImageSpec(channels=1, size=8, resize=10, mean=(0.5,), std=(0.25,))
 

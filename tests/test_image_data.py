@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from offramp.backend.image import ImageDecoder, ImageSpec, encode_png
 from offramp.build.image_data import UNLABELLED, ImageDataError, load_image_splits
 

@@ -19,7 +19,6 @@ import pytest
 
 from offramp.kernels.confidence import METRICS
 from offramp.kernels.cuda import COMPACT_SOURCE, CONFIDENCE_SOURCE, ENTRY_POINTS, Launchers, RowLayout
-from tests.cuda_shim import Schedule, ShimLaunchError, ShimModule, build_shim_module
 from offramp.kernels.testing import (
     SentinelArrays,
     check_batch_invariance,
@@ -34,6 +33,7 @@ from offramp.kernels.testing import (
     row_tensors,
     run_confidence,
 )
+from tests.cuda_shim import Schedule, ShimLaunchError, ShimModule, build_shim_module
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the CPU shim with")
 

@@ -18,9 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import kubernetes_validate
-import offramp.backend
 import pytest
 import yaml
+
+import offramp.backend
 from offramp.backend.contract import FLAG_DEGRADED
 from offramp.backend.policy import Policy
 from offramp.backend.text import TEXT_INPUT

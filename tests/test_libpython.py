@@ -9,6 +9,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+
 from offramp.backend.environment import link_libpython, shared_libpython
 from offramp.build import execution_env
 

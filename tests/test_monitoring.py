@@ -18,7 +18,6 @@ from offramp.backend.drift import DriftConfig, DriftMonitor, population_stabilit
 from offramp.backend.slo import SloWindow
 from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
 from offramp.client.serving.supervisor import Supervisor
-
 from tests.reliability_support import wait_for
 from tests.test_supervisor import ScriptedServer
 
@@ -41,7 +40,9 @@ def emitted_names() -> set[str]:
     sink = RecordingSink()
     telemetry = ServingTelemetry(sink, "m", "m_0", publish_interval_s=0.0)
     flags = np.array([FLAG_FORCED_FULL, FLAG_DEADLINE, FLAG_ABSTAINED, 8 | 16, 32, 64, 128, 256], np.int32)
-    telemetry.answered(np.arange(8) % 3, np.full(8, 0.9), np.full(8, 0.5), flags, np.array(["a"] * 8, dtype=object))
+    telemetry.answered(
+        np.arange(8) % 3, np.full(8, 0.9), np.full(8, 0.5), flags, np.array(["a"] * 8, dtype=object)
+    )
     telemetry.policy("v1", "f" * 64)
     telemetry.drift(0.3, True, True)
     telemetry.audit(1, 2, 3)
@@ -61,7 +62,11 @@ def test_telemetry_counts_rows_by_exit_and_cohort():
         np.array([0, 0, 1, 2]), np.array([0.9, 0.8, np.nan, 0.5]), np.ones(4), np.zeros(4, np.int32),
         np.array(["", "", "vip", ""], dtype=object),
     )  # fmt: skip
-    exits = {dict(k)["exit"] + "/" + dict(k)["cohort"]: v for (n, k), v in sink.values.items() if n == "offramp_exits_total"}
+    exits = {
+        dict(k)["exit"] + "/" + dict(k)["cohort"]: v
+        for (n, k), v in sink.values.items()
+        if n == "offramp_exits_total"
+    }
     assert exits == {"0/": 2, "1/vip": 1, "2/": 1}
 
 
@@ -101,7 +106,9 @@ def test_histograms_and_gauges_are_gathered_and_published_at_most_once_per_inter
     assert all(name == "offramp_exits_total" for name, _ in changed)  # counters only: not yet due
     now[0] = 1.5
     telemetry.publish()
-    assert series("offramp_exit_confidence_bucket")["0.95"] == 3 and series("offramp_exit_confidence_count") == {"": 4}
+    assert series("offramp_exit_confidence_bucket")["0.95"] == 3 and series(
+        "offramp_exit_confidence_count"
+    ) == {"": 4}
     assert sink.values[("offramp_drift_score", (("instance", "i"), ("model", "m")))] == 0.1
 
 
@@ -157,7 +164,9 @@ def test_psi_is_zero_for_equal_profiles_and_grows_with_the_shift():
 
 
 def test_drift_alarm_raises_and_clears_with_hysteresis():
-    monitor = DriftMonitor(DriftConfig(reference=(0.6, 0.2, 0.2), window=200, min_rows=200, conservative=True))
+    monitor = DriftMonitor(
+        DriftConfig(reference=(0.6, 0.2, 0.2), window=200, min_rows=200, conservative=True)
+    )
     rng = np.random.default_rng(0)
     monitor.update(rng.choice(3, 200, p=[0.6, 0.2, 0.2]))
     assert monitor.score < 0.1 and not monitor.alarm
@@ -171,7 +180,9 @@ def test_drift_alarm_raises_and_clears_with_hysteresis():
 def test_audit_log_writes_every_row_once_rotates_and_summarizes(tmp_path):
     log = AuditLog(AuditConfig(tmp_path / "audit.jsonl", max_bytes=2000, backups=50))
     for batch in range(20):
-        log.record([{"request_id": f"r{batch}", "row": i, "exit": i % 3, "policy_version": "v1"} for i in range(5)])
+        log.record(
+            [{"request_id": f"r{batch}", "row": i, "exit": i % 3, "policy_version": "v1"} for i in range(5)]
+        )
     log.close()
     records = list(read_audit([tmp_path / "audit.jsonl"]))
     assert len(records) == 100 and log.written == 100 and log.dropped == log.lost == 0

@@ -18,7 +18,6 @@ from offramp.backend.policy import ExitRule
 from offramp.build.repository import RepositoryOptions, write_repository
 from offramp.client.grpc_client import OfframpClient
 from offramp.client.serving.policy_control import PolicyControl, policy_diff
-
 from tests.reliability_support import metric_values, wait_for
 from tests.served_reference import spread_policy
 
@@ -61,7 +60,9 @@ def test_request_policies_metrics_and_audit(ops_server, fashion_test):
         with OfframpClient(server.grpc_url) as client:
             start = (index * 8) % 256
             forced = index % 2 == 0
-            result = client.classify(artifacts.name, images[start : start + 8], force_full=forced, request_id=f"r{index}")
+            result = client.classify(
+                artifacts.name, images[start : start + 8], force_full=forced, request_id=f"r{index}"
+            )
             return forced, result
 
     with ThreadPoolExecutor(8) as pool:
@@ -74,6 +75,7 @@ def test_request_policies_metrics_and_audit(ops_server, fashion_test):
     assert sum(exits.values()) == 64 * 8
     assert sum(v for k, v in metric_values(server, "offramp_forced_full_rows_total").items()) == 32 * 8
     assert any(f'version="{policy.version}"' in k for k in metric_values(server, "offramp_policy_info"))
+
     # The histograms are published at most once a second on a request; the rest of the last second
     # by the orchestrator's publisher thread, with no request after it.
     def histogram_counts() -> list[float]:
@@ -82,14 +84,19 @@ def test_request_policies_metrics_and_audit(ops_server, fashion_test):
             for name in ("offramp_compute_fraction", "offramp_exit_confidence")
         ]
 
-    assert wait_for(lambda: histogram_counts() == [64 * 8] * 2, timeout_s=5.0, interval_s=0.2), histogram_counts()
+    assert wait_for(lambda: histogram_counts() == [64 * 8] * 2, timeout_s=5.0, interval_s=0.2), (
+        histogram_counts()
+    )
 
     records = audit_records(root, 64 * 8)
     assert len(records) == 64 * 8  # exactly one record per answered row
     by_request = {}
     for record in records:
         by_request.setdefault(record["request_id"], []).append(record["row"])
-        assert record["policy_version"] == policy.version and record["model_fingerprint"] == artifacts.fingerprint
+        assert (
+            record["policy_version"] == policy.version
+            and record["model_fingerprint"] == artifacts.fingerprint
+        )
     assert sorted(by_request) == sorted(f"r{i}" for i in range(64))
     assert all(sorted(rows) == list(range(8)) for rows in by_request.values())
 
@@ -97,8 +104,8 @@ def test_request_policies_metrics_and_audit(ops_server, fashion_test):
 def test_drift_raises_the_alarm_on_a_harder_mix_and_conservative_mode_clears(ops_server, fashion_test):
     server, artifacts, _, _ = ops_server
     images, labels = fashion_test
-    hard = images[np.isin(labels, HARD_CLASSES)][:2 * DRIFT_WINDOW]
-    usual = images[:3 * DRIFT_WINDOW]
+    hard = images[np.isin(labels, HARD_CLASSES)][: 2 * DRIFT_WINDOW]
+    usual = images[: 3 * DRIFT_WINDOW]
 
     def drift_score():
         values = metric_values(server, "offramp_drift_score")

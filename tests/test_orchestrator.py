@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 from offramp.backend.contract import (
     FLAG_DEGRADED,
     FLAG_FORCED_FULL,
@@ -18,7 +19,6 @@ from offramp.backend.contract import (
 )
 from offramp.backend.orchestrator import Orchestrator, OrchestratorSpec, RequestError, ServiceDegraded
 from offramp.backend.policy import ExitRule, Policy, PolicyError
-
 from tests.fakes import FakeNetwork
 
 SPEC = OrchestratorSpec(
@@ -72,7 +72,9 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize("inputs,parameters,message", BAD_REQUESTS)
-def test_a_bad_request_fails_alone_and_its_neighbours_are_answered_as_if_alone(orchestrator, inputs, parameters, message):
+def test_a_bad_request_fails_alone_and_its_neighbours_are_answered_as_if_alone(
+    orchestrator, inputs, parameters, message
+):
     net = FakeNetwork()
     before, after = good_rows(net, 0, 5), good_rows(net, 5, 3)
     requests = [FakeRequest({"X": before}), FakeRequest(inputs, parameters), FakeRequest({"X": after})]
@@ -102,7 +104,9 @@ def test_every_answer_and_audit_record_names_its_label(orchestrator, tmp_path):
     assert answer["LABEL_NAME"].dtype == np.object_ and len(set(answer["LABEL"].tolist())) > 1
     assert answer["LABEL_NAME"].tolist() == [SPEC.class_names[label].encode() for label in answer["LABEL"]]
     records = list(read_audit([tmp_path / "audit.jsonl"]))
-    assert len(records) == 12 and [r["label_name"] for r in records] == [SPEC.class_names[r["label"]] for r in records]
+    assert len(records) == 12 and [r["label_name"] for r in records] == [
+        SPEC.class_names[r["label"]] for r in records
+    ]
     assert label_names(np.array([2, -1, 0]), ("a", "b", "ç")).tolist() == [b"\xc3\xa7", b"", b"a"]
 
 
@@ -144,7 +148,11 @@ def test_a_request_that_breaks_a_segment_fails_alone_and_the_rest_run_again(orch
             raise RuntimeError("segment overflow")
         return net.run_segment(index, tensors, need_hidden)
 
-    requests = [FakeRequest({"X": good_rows(net, 2, 3)}), FakeRequest({"X": poison}), FakeRequest({"X": good_rows(net, 5, 4)})]
+    requests = [
+        FakeRequest({"X": good_rows(net, 2, 3)}),
+        FakeRequest({"X": poison}),
+        FakeRequest({"X": good_rows(net, 5, 4)}),
+    ]
     answers = orchestrator.execute(requests, fragile, None)
     assert str(answers[1]) == "segment overflow"
     for request, answer in [(requests[0], answers[0]), (requests[2], answers[2])]:
@@ -303,11 +311,17 @@ MASK = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.int64)
 @pytest.mark.parametrize(
     "inputs,message",
     [
-        ({"IDS": IDS, "MASK": MASK[:, :3]}, r"disagree on the sequence length: 'IDS' 4, 'MASK' 3; their lengths must be equal"),
+        (
+            {"IDS": IDS, "MASK": MASK[:, :3]},
+            r"disagree on the sequence length: 'IDS' 4, 'MASK' 3; their lengths must be equal",
+        ),
         ({"IDS": IDS + 1, "MASK": MASK}, r"'IDS' holds values in \[1, 100\]; allowed: \[0, 99\]"),
         ({"IDS": IDS - 6, "MASK": MASK}, r"'IDS' holds values in \[-6, 93\]"),
         ({"IDS": IDS, "MASK": MASK * 2}, r"'MASK' holds values in \[0, 2\]; allowed: \[0, 1\]"),
-        ({"IDS": np.zeros((1, 9), np.int64), "MASK": np.ones((1, 9), np.int64)}, r"'IDS' is 9 long; the model takes at most 8"),
+        (
+            {"IDS": np.zeros((1, 9), np.int64), "MASK": np.ones((1, 9), np.int64)},
+            r"'IDS' is 9 long; the model takes at most 8",
+        ),
     ],
 )
 def test_pre_tokenized_inputs_outside_the_models_limits_are_refused(inputs, message):
@@ -339,7 +353,11 @@ def test_only_bad_requests_never_reach_a_segment(orchestrator):
     ],
 )
 def test_invalid_policies_are_refused_at_load(tmp_path, change, message):
-    data = {"version": "p1", "model_fingerprint": "fp", "exits": [{"metric": "max_prob", "threshold": 0.5}] * 3}
+    data = {
+        "version": "p1",
+        "model_fingerprint": "fp",
+        "exits": [{"metric": "max_prob", "threshold": 0.5}] * 3,
+    }
     data.update(change)
     path = tmp_path / "policy.json"
     path.write_text(json.dumps(data))
@@ -363,13 +381,18 @@ def test_policy_round_trips_through_json(tmp_path):
 
 
 def _ladder_orchestrator(
-    rung: int, shedding: bool = False, shed_max_exit: int | None = None, thresholds=(0.45, 0.3), **policy_fields
+    rung: int,
+    shedding: bool = False,
+    shed_max_exit: int | None = None,
+    thresholds=(0.45, 0.3),
+    **policy_fields,
 ):
     from offramp.backend.policy import Rung
     from offramp.backend.slo import SloConfig, SloController
 
     rungs = tuple(
-        Rung(0.01 * (i + 2), (ExitRule("max_prob", threshold),) * 3, expected_cost=0.5) for i, threshold in enumerate(thresholds)
+        Rung(0.01 * (i + 2), (ExitRule("max_prob", threshold),) * 3, expected_cost=0.5)
+        for i, threshold in enumerate(thresholds)
     )
     policy = Policy("ladder-1", "fp", (ExitRule("max_prob", 0.6),) * 3, rungs=rungs, **policy_fields)
     slo = SloController(SloConfig(100.0, shed_max_exit=shed_max_exit), len(rungs), lambda: None, lambda: 0.0)
@@ -381,9 +404,15 @@ def test_rows_are_served_at_the_controllers_rung_except_forced_and_pinned_ones()
     net = FakeNetwork()
     x = good_rows(net, 0, 64)
     orchestrator, rungs = _ladder_orchestrator(2, pinned_cohorts=("vip",))
-    requests = [FakeRequest({"X": x}), FakeRequest({"X": x}, {"cohort": "vip"}), FakeRequest({"X": x}, {"force_full": True})]
+    requests = [
+        FakeRequest({"X": x}),
+        FakeRequest({"X": x}, {"cohort": "vip"}),
+        FakeRequest({"X": x}, {"force_full": True}),
+    ]
     plain, pinned, forced = orchestrator.execute(requests, net.run_segment, net.run_model)
-    at_rung = Orchestrator(SPEC, Policy("r2", "fp", rungs[1].exits)).execute([requests[0]], net.run_segment, None)[0]
+    at_rung = Orchestrator(SPEC, Policy("r2", "fp", rungs[1].exits)).execute(
+        [requests[0]], net.run_segment, None
+    )[0]
     at_zero = Orchestrator(SPEC, Policy("r0", "fp", (ExitRule("max_prob", 0.6),) * 3)).execute(
         [requests[0]], net.run_segment, None
     )[0]
@@ -396,7 +425,6 @@ def test_rows_are_served_at_the_controllers_rung_except_forced_and_pinned_ones()
 def test_audit_records_and_metrics_say_which_rung_served_each_row(tmp_path):
     from offramp.backend.audit import AuditConfig, AuditLog, read_audit
     from offramp.backend.telemetry import ServingTelemetry
-
     from tests.test_monitoring import RecordingSink
 
     net = FakeNetwork()
@@ -404,7 +432,10 @@ def test_audit_records_and_metrics_say_which_rung_served_each_row(tmp_path):
     sink = RecordingSink()
     orchestrator.telemetry = ServingTelemetry(sink, "fake", publish_interval_s=0.0)
     orchestrator.audit = AuditLog(AuditConfig(tmp_path / "audit.jsonl"))
-    requests = [FakeRequest({"X": good_rows(net, 0, 4)}), FakeRequest({"X": good_rows(net, 4, 3)}, {"force_full": True})]
+    requests = [
+        FakeRequest({"X": good_rows(net, 0, 4)}),
+        FakeRequest({"X": good_rows(net, 4, 3)}, {"force_full": True}),
+    ]
     orchestrator.execute(requests, net.run_segment, net.run_model)
     orchestrator.audit.close()
     assert [r["rung"] for r in read_audit([tmp_path / "audit.jsonl"])] == [1] * 4 + [0] * 3

@@ -13,7 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Triton's own model files (python_backend/triton_*.py): they import triton_python_backend_utils, which
 # only the stub provides.
-TRITON_MODEL_FILES = {f"offramp.backend.{path.stem}" for path in (ROOT / "python_backend").glob("triton_*.py")}
+TRITON_MODEL_FILES = {
+    f"offramp.backend.{path.stem}" for path in (ROOT / "python_backend").glob("triton_*.py")
+}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,18 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     before = subprocess.run(["git", "status", "--porcelain", "--ignored", "build"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout  # fmt: skip
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(work),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -35,7 +48,9 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", "--no-index", "--no-deps", str(wheel)], check=True, capture_output=True
+        [str(venv / "bin" / "pip"), "install", "-q", "--no-index", "--no-deps", str(wheel)],
+        check=True,
+        capture_output=True,
     )
     target = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -54,7 +69,10 @@ def test_the_wheel_carries_the_data_files(installed_wheel: Path) -> None:
     wheel = next(installed_wheel.parent.glob("offramp-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"offramp/kernels/confidence.cu", "offramp/kernels/compact.cu"} <= names
-    assert {"offramp/backend/monitoring/grafana_dashboard.json", "offramp/backend/monitoring/prometheus_alerts.yml"} <= names
+    assert {
+        "offramp/backend/monitoring/grafana_dashboard.json",
+        "offramp/backend/monitoring/prometheus_alerts.yml",
+    } <= names
     assert not any(name.startswith("tests/") for name in names)
 
 
@@ -66,7 +84,10 @@ def test_every_subcommand_answers_help_from_the_wheel(installed_wheel: Path, tmp
     for subcommand in SUBCOMMANDS:
         assert subcommand.name in result.stdout
         helped = _run(installed_wheel, "offramp", subcommand.name, "--help", cwd=tmp_path)
-        assert helped.returncode == 0 and helped.stdout.startswith("usage: offramp"), (subcommand.name, helped.stderr)
+        assert helped.returncode == 0 and helped.stdout.startswith("usage: offramp"), (
+            subcommand.name,
+            helped.stderr,
+        )
 
 
 def test_gpu_check_from_the_wheel_says_there_is_no_device(installed_wheel: Path, tmp_path: Path) -> None:
@@ -94,7 +115,9 @@ def test_every_module_imports_from_the_wheel(installed_wheel: Path, tmp_path: Pa
     assert int(result.stdout) >= 40
 
 
-def test_the_stock_triton_environment_is_made_from_the_installed_packages(installed_wheel: Path, tmp_path: Path) -> None:
+def test_the_stock_triton_environment_is_made_from_the_installed_packages(
+    installed_wheel: Path, tmp_path: Path
+) -> None:
     """`build/execution_env.py` copies offramp's server packages into the environment: from a wheel, the
     installed ones (there is no checkout)."""
     code = (
@@ -103,7 +126,19 @@ def test_the_stock_triton_environment_is_made_from_the_installed_packages(instal
         "target = copy_server_packages(Path(sys.argv[1]))\n"
         "print(*(p.relative_to(target) for p in sorted(target.rglob('*')) if p.suffix in ('.py', '.cu')))\n"
     )
-    result = _run(installed_wheel, str(installed_wheel / "bin" / "python"), "-c", code, str(tmp_path / "site"), cwd=tmp_path)
+    result = _run(
+        installed_wheel,
+        str(installed_wheel / "bin" / "python"),
+        "-c",
+        code,
+        str(tmp_path / "site"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     copied = set(result.stdout.split())
-    assert {"backend/orchestrator.py", "backend/cascade.py", "kernels/confidence.cu", "kernels/cuda.py"} <= copied
+    assert {
+        "backend/orchestrator.py",
+        "backend/cascade.py",
+        "kernels/confidence.cu",
+        "kernels/cuda.py",
+    } <= copied

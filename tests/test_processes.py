@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from offramp.client.serving.processes import (
     cpu_seconds,
     machine_busy_cpu_seconds,

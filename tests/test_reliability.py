@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
 from offramp.backend.audit import read_audit
 from offramp.backend.cascade import CascadeBatch, CascadeResult, run_cascade
 from offramp.backend.contract import HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.orchestrator import ServingOptions
 from offramp.build.repository import RepositoryOptions, write_orchestrator, write_repository
 from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts, ServerStartError
-from tritonclient.utils import InferenceServerException
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -887,7 +888,12 @@ def test_the_soak_command_line_defaults_are_the_configs(monkeypatch):
         assert args.run(args) == 0
     assert configs[0] == soak.SoakConfig()
     short = configs[1]
-    assert (short.duration_s, short.window_s, short.shm_growth_step_bytes, short.quick) == (30, 30, 4096, True)
+    assert (short.duration_s, short.window_s, short.shm_growth_step_bytes, short.quick) == (
+        30,
+        30,
+        4096,
+        True,
+    )
 
 
 def test_a_perf_analyzer_that_hangs_after_its_last_answer_is_killed(tmp_path):

@@ -29,7 +29,9 @@ ARTIFACTS = ModelArtifacts(
     class_names=("a", "b", "c"),
     segments=(
         SegmentArtifact("segment_0.onnx", ("IMAGE",), TensorSpec("hidden", "float32", (4, 4, 4)), 100, 0.4),
-        SegmentArtifact("segment_1.onnx", ("hidden_in",), TensorSpec("hidden", "float32", (8, 2, 2)), 150, 1.0),
+        SegmentArtifact(
+            "segment_1.onnx", ("hidden_in",), TensorSpec("hidden", "float32", (8, 2, 2)), 150, 1.0
+        ),
     ),
     full_onnx="full.onnx",
     full_macs=250,
@@ -62,7 +64,9 @@ def test_model_config_round_trips_through_text_format():
     proto = parse(config.to_pbtxt())
     assert proto == config.to_proto()
     assert proto.backend == "python" and proto.max_batch_size == 64
-    assert proto.instance_group[0].count == 3 and proto.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    assert (
+        proto.instance_group[0].count == 3 and proto.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    )
     assert proto.dynamic_batching.max_queue_delay_microseconds == 100
     assert proto.parameters["EXECUTION_ENV_PATH"].string_value == "/env"
 
@@ -84,7 +88,10 @@ def test_triton_onnx_target_uses_the_onnxruntime_platform_with_one_thread():
         assert "EXECUTION_ENV_PATH" not in proto.parameters
     # The orchestrator stays a Python model, in the environment it was given.
     orchestrator = orchestrator_model_config(ARTIFACTS, options).to_proto()
-    assert orchestrator.backend == "python" and orchestrator.parameters["EXECUTION_ENV_PATH"].string_value == "/env"
+    assert (
+        orchestrator.backend == "python"
+        and orchestrator.parameters["EXECUTION_ENV_PATH"].string_value == "/env"
+    )
 
 
 def test_orchestrator_serves_the_tensor_contract():

@@ -18,6 +18,8 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy.stats import binom
+
 from offramp.backend.policy import RULE_FAMILIES, Policy
 from offramp.build.calibrate import exit_logits_from_onnx, simulate_exits
 from offramp.build.risk_control import (
@@ -48,7 +50,6 @@ from offramp.build.temperature import (
     negative_log_likelihood,
     reliability_bins,
 )
-from scipy.stats import binom
 
 EPSILON, DELTA = 0.05, 0.1
 DRAWS, CALIBRATION_ROWS, MIN_GROUP_ROWS = 400, 2000, 50
@@ -242,7 +243,9 @@ def test_every_rung_of_a_ladder_holds_at_once_in_all_but_delta_of_calibration_dr
     loss, cost = candidate_losses(taken, evidence.label), costs[taken]  # (K, N) each
     risk = loss.mean(axis=1)  # (K,) the population's
     weights = draw_weights(logits.shape[1], DRAWS, CALIBRATION_ROWS, seed=11)
-    chosen = [simulated_choices(loss, cost, weights, [], e, DELTA / len(LADDER))[0] for e in LADDER]  # each (S,)
+    chosen = [
+        simulated_choices(loss, cost, weights, [], e, DELTA / len(LADDER))[0] for e in LADDER
+    ]  # each (S,)
     violated = np.any([risk[c] > e for c, e in zip(chosen, LADDER)], axis=0)  # (S,)
     uncorrected = np.any(
         [risk[simulated_choices(loss, cost, weights, [], e, DELTA)[0]] > e for e in LADDER], axis=0

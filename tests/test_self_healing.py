@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from offramp.backend.contract import FLAG_FORCED_FULL, FLAG_REROUTED
 from offramp.build.repository import RepositoryOptions, full_model_name, segment_model_name, write_repository
 from offramp.client.serving.health import HealthEndpoint, ServiceHealth, check_service
 from offramp.client.serving.processes import python_stubs
 from offramp.client.serving.server import SHM_DIR, EmbeddedTritonServer, ServerPorts
 from offramp.client.serving.supervisor import RestartPolicy, Supervisor, supervised
-
 from tests.reliability_support import Traffic, assert_rows_match, wait_for
 from tests.served_reference import Reference, spread_policy
 
@@ -70,7 +70,9 @@ def repository(quick_cnn, fashion_test, tmp_path_factory, execution_env):
     images = fashion_test[0]
     policy = spread_policy(artifacts, directory, {"IMAGE": images[5000:6000]})
     root = tmp_path_factory.mktemp("healing")
-    write_repository(artifacts, directory, policy, root / "repo", RepositoryOptions(execution_env=execution_env))
+    write_repository(
+        artifacts, directory, policy, root / "repo", RepositoryOptions(execution_env=execution_env)
+    )
     reference = Reference(artifacts, directory, policy)
     return root, artifacts, images[:ROWS], reference
 
@@ -152,9 +154,9 @@ def _kill_under_load(service: HealingService, model: str, forced_traffic: bool =
         os.kill(victim.pid, signal.SIGKILL)
         time.sleep(0.3)
         health_during = _health(service)
-        assert wait_for(lambda: supervisor.record(model).restarts > restarts_before, timeout_s=RECOVERY_GOAL_S), (
-            f"{model} was not restarted within {RECOVERY_GOAL_S} s: {supervisor.events[-3:]}"
-        )
+        assert wait_for(
+            lambda: supervisor.record(model).restarts > restarts_before, timeout_s=RECOVERY_GOAL_S
+        ), f"{model} was not restarted within {RECOVERY_GOAL_S} s: {supervisor.events[-3:]}"
         time.sleep(2.0)
         if forced is not None:
             forced.stop()
@@ -167,7 +169,9 @@ def _kill_under_load(service: HealingService, model: str, forced_traffic: bool =
     if forced is not None:
         for sent in forced.sent:  # forced rows: the full network's answer, whichever way it came
             assert sent.outcome.ok, sent.outcome.error
-            np.testing.assert_array_equal(sent.outcome.outputs["LABEL"].reshape(-1), service.full_labels[sent.rows])
+            np.testing.assert_array_equal(
+                sent.outcome.outputs["LABEL"].reshape(-1), service.full_labels[sent.rows]
+            )
             assert (sent.outcome.outputs["FLAGS"] & FLAG_FORCED_FULL).all()
     return KillOutcome(
         sent=len(everything),
@@ -203,7 +207,9 @@ def test_a_killed_segment_costs_no_request_and_heals(healing, segment, record_pr
     assert outcome.health_during.live and outcome.health_during.ready, outcome.health_during.describe()
 
 
-def test_a_killed_full_model_costs_no_request_and_forced_rows_go_through_the_segments(healing, record_property):
+def test_a_killed_full_model_costs_no_request_and_forced_rows_go_through_the_segments(
+    healing, record_property
+):
     outcome = _kill_under_load(healing, full_model_name(healing.artifacts.name), forced_traffic=True)
     _record(record_property, outcome)
     assert outcome.failed == [], [s.outcome.error for s in outcome.failed[:3]]
@@ -215,16 +221,22 @@ def test_a_killed_orchestrator_fails_requests_only_while_it_restarts(healing, re
     name = healing.artifacts.name
     outcome = _kill_under_load(healing, name)
     _record(record_property, outcome)
-    restarted = next(e for e in reversed(healing.supervisor.events) if e.model == name and e.kind == "restarted")
+    restarted = next(
+        e for e in reversed(healing.supervisor.events) if e.model == name and e.kind == "restarted"
+    )
     assert outcome.restarts == 1 and outcome.recovery_s < RECOVERY_GOAL_S
     late = [s for s in outcome.failed if s.started > restarted.time + 1.0]
     assert not late, f"requests failed after the orchestrator was back: {[s.outcome.error for s in late[:3]]}"
     for sent in outcome.failed:
-        assert "not healthy" in sent.outcome.error or "unavailable" in sent.outcome.error.lower(), sent.outcome.error
+        assert "not healthy" in sent.outcome.error or "unavailable" in sent.outcome.error.lower(), (
+            sent.outcome.error
+        )
     assert outcome.health_after.status == "ready"
 
 
-def test_a_segment_that_keeps_dying_is_given_up_on_and_the_full_model_serves(repository, tmp_path, record_property):
+def test_a_segment_that_keeps_dying_is_given_up_on_and_the_full_model_serves(
+    repository, tmp_path, record_property
+):
     root, artifacts, images, reference = repository
     expected = reference({"IMAGE": images})
     server = _start(root / "repo", tmp_path, "give-up")
@@ -242,7 +254,9 @@ def test_a_segment_that_keeps_dying_is_given_up_on_and_the_full_model_serves(rep
                 victim = _stub_of(server, segment)
                 os.kill(victim.pid, signal.SIGKILL)
                 record = supervisor.record(segment)
-                settled = wait_for(lambda: record.restarts == kill + 1 or record.gave_up, timeout_s=RECOVERY_GOAL_S)
+                settled = wait_for(
+                    lambda: record.restarts == kill + 1 or record.gave_up, timeout_s=RECOVERY_GOAL_S
+                )
                 assert settled, f"kill {kill + 1}: {supervisor.events[-2:]}"
             assert record.gave_up and record.restarts == 4 and record.crashes == 5
             gave_up = time.monotonic()
@@ -255,7 +269,9 @@ def test_a_segment_that_keeps_dying_is_given_up_on_and_the_full_model_serves(rep
         record_property("requests", len(traffic.sent))
         record_property("failed", len(failed))
         assert not failed, [s.outcome.error for s in failed[:3]]
-        assert after and all(s.outcome.ok and (s.outcome.outputs["FLAGS"] & ~FLAG_REROUTED == 0).all() for s in after)
+        assert after and all(
+            s.outcome.ok and (s.outcome.outputs["FLAGS"] & ~FLAG_REROUTED == 0).all() for s in after
+        )
         rerouted = [s for s in after if (s.outcome.outputs["FLAGS"] & FLAG_REROUTED).any()]
         assert rerouted, "no row needed the given-up segment after the give-up"
         for sent in after:  # the full model's answer where rerouted, the policy's elsewhere

@@ -13,7 +13,6 @@ from offramp.backend.contract import FLAG_DEADLINE
 from offramp.backend.orchestrator import ServingOptions
 from offramp.build.repository import RepositoryOptions, write_repository
 from offramp.client.grpc_client import OfframpClient, Predictions
-
 from tests.served_reference import Reference, spread_policy
 
 pytestmark = pytest.mark.integration
@@ -66,7 +65,9 @@ def test_full_model_and_forced_rows(served_cnn, fashion_test):
         full = client.full_logits(f"{artifacts.name}_full", images)
     assert (forced.exit == artifacts.num_exits - 1).all() and (forced.cost == 1.0).all()
     np.testing.assert_allclose(forced.logits, full, rtol=0, atol=1e-5)
-    assert_matches(forced, Reference(artifacts, directory, policy)({"IMAGE": images}, np.ones(64, dtype=bool)))
+    assert_matches(
+        forced, Reference(artifacts, directory, policy)({"IMAGE": images}, np.ones(64, dtype=bool))
+    )
 
 
 def _raw_infer(url, model, images, parameters=None):
@@ -96,7 +97,9 @@ def test_a_bad_request_fails_alone(served_cnn, fashion_test, images, parameters,
 
     with ThreadPoolExecutor(6) as pool:
         goods = [pool.submit(good_request, s) for s in range(0, ROWS, 16)]
-        bads = [pool.submit(_raw_infer, server.grpc_url, artifacts.name, images, parameters) for _ in range(4)]
+        bads = [
+            pool.submit(_raw_infer, server.grpc_url, artifacts.name, images, parameters) for _ in range(4)
+        ]
         for future in bads:
             with pytest.raises(InferenceServerException, match=message):
                 future.result()
@@ -119,7 +122,9 @@ def test_request_policies_through_the_server(served_cnn, fashion_test):
     assert (deep.exit == 2).all()
 
 
-def test_segments_in_process_serve_the_same_answers(quick_cnn, served_cnn, fashion_test, tmp_path, running_server, execution_env):
+def test_segments_in_process_serve_the_same_answers(
+    quick_cnn, served_cnn, fashion_test, tmp_path, running_server, execution_env
+):
     _, artifacts, directory, policy = served_cnn
     options = RepositoryOptions(execution_env=execution_env, serving=ServingOptions(segments_in_process=True))
     write_repository(artifacts, directory, policy, tmp_path / "repo", options)

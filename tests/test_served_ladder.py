@@ -7,18 +7,20 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+
 from offramp.backend.orchestrator import ServingOptions
 from offramp.backend.policy import Rung
 from offramp.build.repository import RepositoryOptions, write_repository
 from offramp.client.serving.server import ServerPorts
-
 from tests.reliability_support import Traffic, assert_rows_match, infer, metric_values, wait_for
 from tests.served_reference import Reference, spread_policy
 
 pytestmark = pytest.mark.integration
 
 
-def test_an_unreachable_target_climbs_the_ladder_to_its_top_rung(quick_cnn, fashion_test, tmp_path, running_server, execution_env):
+def test_an_unreachable_target_climbs_the_ladder_to_its_top_rung(
+    quick_cnn, fashion_test, tmp_path, running_server, execution_env
+):
     artifacts, directory = quick_cnn
     images = fashion_test[0]
     rung_0 = spread_policy(artifacts, directory, {"IMAGE": images[5000:6000]})
@@ -27,9 +29,15 @@ def test_an_unreachable_target_climbs_the_ladder_to_its_top_rung(quick_cnn, fash
     policy = replace(rung_0, version="ladder-1", rungs=(Rung(0.05, cheaper, expected_cost=0.5),))
     ports = ServerPorts.free()
     # 0.01 ms: no request can meet it, so every busy window climbs.
-    serving = ServingOptions(slo_p99_ms=0.01, slo_window_s=0.5, metrics_url=f"http://127.0.0.1:{ports.metrics}/metrics")
+    serving = ServingOptions(
+        slo_p99_ms=0.01, slo_window_s=0.5, metrics_url=f"http://127.0.0.1:{ports.metrics}/metrics"
+    )
     write_repository(
-        artifacts, directory, policy, tmp_path / "repo", RepositoryOptions(execution_env=execution_env, serving=serving)
+        artifacts,
+        directory,
+        policy,
+        tmp_path / "repo",
+        RepositoryOptions(execution_env=execution_env, serving=serving),
     )
     rows = images[:64]
     at_top = Reference(artifacts, directory, replace(rung_0, exits=cheaper))({"IMAGE": rows})
@@ -49,7 +57,9 @@ def test_an_unreachable_target_climbs_the_ladder_to_its_top_rung(quick_cnn, fash
         answer = infer("grpc", server, artifacts.name, {"IMAGE": rows})
         forced = infer("grpc", server, artifacts.name, {"IMAGE": rows}, parameters={"force_full": True})
         # At the top rung and over the target: the SLO is missed (a window without requests misses nothing).
-        missed = wait_for(lambda: max(metric_values(server, "offramp_slo_missed").values(), default=0) == 1, 30)
+        missed = wait_for(
+            lambda: max(metric_values(server, "offramp_slo_missed").values(), default=0) == 1, 30
+        )
     assert answer.ok and forced.ok
     assert_rows_match(answer.outputs, at_top)
     assert (forced.outputs["EXIT"] == artifacts.num_exits - 1).all()

@@ -10,7 +10,6 @@ from tritonclient.utils import InferenceServerException
 from offramp.backend.text import TextEncoder, TextSpec
 from offramp.build.repository import RepositoryOptions, write_repository
 from offramp.client.grpc_client import OfframpClient
-
 from tests.served_reference import QUESTIONS, Reference, spread_policy
 
 TEXT_ROWS = list(QUESTIONS) * 4
@@ -19,7 +18,9 @@ TEXT_ROWS = list(QUESTIONS) * 4
 @pytest.fixture(scope="module")
 def served_text(quick_text_model, tmp_path_factory, running_server, execution_env):
     artifacts, directory = quick_text_model
-    encoder = TextEncoder(directory, TextSpec(artifacts.build["tokenizer_dir"], artifacts.build["max_length"]))
+    encoder = TextEncoder(
+        directory, TextSpec(artifacts.build["tokenizer_dir"], artifacts.build["max_length"])
+    )
     ids, mask = encoder.encode(np.array(TEXT_ROWS, dtype=object))
     policy = spread_policy(artifacts, directory, {"INPUT_IDS": ids, "ATTENTION_MASK": mask}, version="text-1")
     repository = tmp_path_factory.mktemp("text_repo")
@@ -49,7 +50,15 @@ def test_served_text_equals_the_in_process_cascade(served_text):
 
 @pytest.mark.parametrize(
     "text",
-    ["", " ", "😀🚀" * 10, "word " * 500, "naïve café über straße", "\x00\x01 control", "<script>alert(1)</script>"],
+    [
+        "",
+        " ",
+        "😀🚀" * 10,
+        "word " * 500,
+        "naïve café über straße",
+        "\x00\x01 control",
+        "<script>alert(1)</script>",
+    ],
 )
 def test_unusual_text_gets_an_answer(served_text, text):
     server, artifacts, *_ = served_text
@@ -65,5 +74,8 @@ def test_invalid_utf8_fails_alone(served_text):
             client.classify_text(artifacts.name, [b"ok", b"\xff\xfe broken"])
         with pytest.raises(InferenceServerException, match="either TEXT or"):
             ids = np.ones((1, 4), np.int64)
-            client.classify(artifacts.name, {"TEXT": np.array([[b"x"]], dtype=object), "INPUT_IDS": ids, "ATTENTION_MASK": ids})
+            client.classify(
+                artifacts.name,
+                {"TEXT": np.array([[b"x"]], dtype=object), "INPUT_IDS": ids, "ATTENTION_MASK": ids},
+            )
         assert len(client.classify_text(artifacts.name, ["still served"])) == 1

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
 from offramp.backend.image import IMAGE_BYTES_INPUT, IMAGE_INPUT, ImageSpec, encode_png
 from offramp.build.image_data import load_image_splits
 from offramp.build.repository import RepositoryOptions, full_model_name, write_repository
@@ -18,9 +21,6 @@ from offramp.build.resnet import resnet
 from offramp.build.train import TrainConfig
 from offramp.build.vision import build_vision_classifier
 from offramp.client.grpc_client import OfframpClient
-from PIL import Image
-from tritonclient.utils import InferenceServerException
-
 from tests.served_reference import Reference, spread_policy
 from tests.torchvision_reference import seeded_state_dict
 

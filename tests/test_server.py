@@ -172,7 +172,11 @@ def test_command_and_environment(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     ports = ServerPorts(http=18000, grpc=18001, metrics=18002)
     server = EmbeddedTritonServer(
-        Path("repo"), ports=ports, model_control="explicit", load_models=["a", "b"], extra_args=["--log-verbose=1"]
+        Path("repo"),
+        ports=ports,
+        model_control="explicit",
+        load_models=["a", "b"],
+        extra_args=["--log-verbose=1"],
     )
     command = server.command()
     for flag in [
@@ -253,8 +257,16 @@ def test_serve_reports_a_taken_port_on_one_line(add_one_repository: Path, capsys
         squatter.bind(("127.0.0.1", ports.http))
         squatter.listen()
         args = parser.parse_args(
-            ["--repository", str(add_one_repository), "--http-port", str(ports.http),
-             "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]
+            [
+                "--repository",
+                str(add_one_repository),
+                "--http-port",
+                str(ports.http),
+                "--grpc-port",
+                str(ports.grpc),
+                "--metrics-port",
+                str(ports.metrics),
+            ]
         )
         assert serve(args) == 1
     error = capsys.readouterr().err.splitlines()
@@ -279,7 +291,9 @@ def test_server_is_ready_and_infers(add_one_server: EmbeddedTritonServer) -> Non
 
 
 @pytest.mark.integration
-def test_stub_runs_inside_the_execution_env(add_one_server: EmbeddedTritonServer, execution_env: Path) -> None:
+def test_stub_runs_inside_the_execution_env(
+    add_one_server: EmbeddedTritonServer, execution_env: Path
+) -> None:
     _, environment = infer_add_one(add_one_server.grpc_url, np.zeros((1, 2), np.float32))
     assert environment == {
         "prefix": str(execution_env),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from offramp.backend.slo import SloConfig, SloController
 
 
@@ -88,7 +89,9 @@ def test_a_window_closes_only_when_due():
     assert slo.tick().requests == 5
 
 
-@pytest.mark.parametrize("bad", [{"p99_ms": 0}, {"p99_ms": 10, "descend_at": 0.9}, {"p99_ms": 10, "descend_windows": 0}])
+@pytest.mark.parametrize(
+    "bad", [{"p99_ms": 0}, {"p99_ms": 10, "descend_at": 0.9}, {"p99_ms": 10, "descend_windows": 0}]
+)
 def test_a_bad_configuration_is_refused(bad):
     with pytest.raises(ValueError):
         SloConfig(**bad)

@@ -70,7 +70,9 @@ class Clock:
         return self.now
 
 
-def _supervised(*models: str, policy: RestartPolicy = RestartPolicy()) -> tuple[ScriptedServer, Supervisor, Clock]:
+def _supervised(
+    *models: str, policy: RestartPolicy = RestartPolicy()
+) -> tuple[ScriptedServer, Supervisor, Clock]:
     server, clock = ScriptedServer(), Clock()
     for model in models:
         server.start(model)

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
 from offramp.backend.contract import TensorSpec
 from offramp.backend.orchestrator import Orchestrator
 from offramp.backend.policy import Policy
@@ -47,8 +49,6 @@ from offramp.build.tensorrt import (
     segment_profiles,
     survival_fractions,
 )
-from tritonclient.grpc import model_config_pb2 as pb
-
 from tests.test_repository import ARTIFACTS
 
 TEXT_ARTIFACTS = ModelArtifacts(

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+
 from offramp.build.build_cache import staged_build
 from offramp.build.tabular import DataFileError, read_columns, write_columns
 from offramp.build.text_data import (
@@ -18,7 +19,6 @@ from offramp.build.text_data import (
     split_dataset,
 )
 from offramp.client.cli.main import main
-
 from tests.tiny_text import CLASSES, corpus, tiny_classifier_folder
 
 FRACTIONS = (0.7, 0.15, 0.15)

@@ -7,8 +7,9 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from offramp.build.train import TrainConfig, multi_exit_loss
 from torch.nn import functional
+
+from offramp.build.train import TrainConfig, multi_exit_loss
 
 ROWS, CLASSES = 12, 5
 

@@ -12,8 +12,8 @@ import torch
 
 from offramp.backend.contract import HIDDEN_IN, HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.segment_runner import OnnxRunner
-from offramp.build.export import artifacts_from_network
 from offramp.build.calibrate import exit_logits_from_onnx
+from offramp.build.export import artifacts_from_network
 from offramp.build.transformer import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -30,7 +30,9 @@ VOCAB = 50
 # MiniLM: 6 wider blocks; measured differences stayed below 1e-5 (untrained heads, logits ~1) and at 6e-6 for
 # the fine-tuned TREC build (logits up to ~10).
 MINILM_ATOL = 1e-4
-TINY = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128
+)
 
 
 def has_package(module: str) -> bool:
@@ -78,7 +80,9 @@ def tiny_model() -> MultiExitEncoder:
 def tiny_exported(tiny_model, tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_encoder")
     costs = transformer_costs(tiny_model, 16)
-    return artifacts_from_network("tiny", tiny_model.segmented(), tuple("abcde"), directory, costs=costs), directory
+    return artifacts_from_network(
+        "tiny", tiny_model.segmented(), tuple("abcde"), directory, costs=costs
+    ), directory
 
 
 # --- the adapter in PyTorch -------------------------------------------------------------------------
@@ -107,7 +111,9 @@ def test_segments_reproduce_hugging_face_bertmodel(tiny_model):
         hidden, _ = network.segments[1](hidden, torch.from_numpy(mask))
         reference = tiny_model.encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
     real = torch.from_numpy(mask).bool()
-    np.testing.assert_allclose(hidden[real].numpy(), reference.last_hidden_state[real].numpy(), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(
+        hidden[real].numpy(), reference.last_hidden_state[real].numpy(), rtol=0, atol=ATOL
+    )
 
 
 def test_segment_chain_and_full_network_equal_the_model(tiny_model):
@@ -175,7 +181,9 @@ def test_every_exported_file_has_symbolic_batch_and_sequence_axes(tiny_exported)
             dims = value.type.tensor_type.shape.dim
             assert dims[0].dim_param, f"{name}:{value.name} has a fixed batch axis"
             if value.name in sequence_tensors:
-                assert dims[1].dim_param, f"{name}:{value.name} has a fixed sequence axis ({dims[1].dim_value})"
+                assert dims[1].dim_param, (
+                    f"{name}:{value.name} has a fixed sequence axis ({dims[1].dim_value})"
+                )
             elif value.name == LOGITS_OUT or value.name == "LOGITS":
                 assert [d.dim_value for d in dims[1:]] == [5]
         # The mask is computed with arithmetic only: no branch on the data survives in the graph.
@@ -221,7 +229,14 @@ def test_trec_has_its_unique_questions_in_six_coarse_classes():
     data = load_trec()
     assert data.class_names == ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
     assert len(data) == len(set(data.texts)) == 5381
-    assert data.class_counts() == {"ABBR": 86, "DESC": 1153, "ENTY": 1245, "HUM": 1215, "LOC": 824, "NUM": 858}
+    assert data.class_counts() == {
+        "ABBR": 86,
+        "DESC": 1153,
+        "ENTY": 1245,
+        "HUM": 1215,
+        "LOC": 824,
+        "NUM": 858,
+    }
     assert data.columns["fine_label"][0].startswith(data.class_names[data.labels[0]] + ":")
 
 
@@ -239,7 +254,9 @@ def test_split_is_seeded_stratified_and_disjoint():
     assert split_dataset(data, seed=1).test.texts != splits.test.texts
     everything = np.bincount(data.labels)
     for part, fraction in [(splits.calibration, 0.15), (splits.test, 0.15)]:
-        np.testing.assert_array_equal(np.bincount(part.labels, minlength=6), (everything * fraction).astype(int))
+        np.testing.assert_array_equal(
+            np.bincount(part.labels, minlength=6), (everything * fraction).astype(int)
+        )
 
 
 def test_a_repeated_text_is_kept_once_and_a_relabelled_one_refused():
@@ -278,7 +295,9 @@ def test_saved_tokenizer_pads_to_the_longest_row_and_matches_hugging_face(tmp_pa
     assert ids.dtype == mask.dtype == np.int64
     assert ids.shape == (3, 16) and mask[0].sum() < 16 and mask[1].sum() == 16  # truncated at max_length
     short_ids, _ = encode_texts(load_tokenizer(folder), texts[::2])
-    assert short_ids.shape[1] == mask[0].sum() < 16  # padded to the longest row of this batch, not to max_length
+    assert (
+        short_ids.shape[1] == mask[0].sum() < 16
+    )  # padded to the longest row of this batch, not to max_length
     reference = AutoTokenizer.from_pretrained(str(minilm_path()))(
         texts, padding=True, truncation=True, max_length=16, return_tensors="np"
     )
@@ -296,7 +315,10 @@ def test_quick_text_build_records_what_the_orchestrator_needs(quick_text_model):
     assert [s.name for s in artifacts.inputs] == [INPUT_IDS, ATTENTION_MASK]
     assert artifacts.side_inputs == (ATTENTION_MASK,)
     assert (directory / build["tokenizer_dir"] / "tokenizer.json").exists() and build["max_length"] == 64
-    assert build["split_sizes"] == {"train": 3775, "calibration": 803, "test": 803} and build["train_rows"] == 512
+    assert (
+        build["split_sizes"] == {"train": 3775, "calibration": 803, "test": 803}
+        and build["train_rows"] == 512
+    )
     assert len(artifacts.exit_test_accuracy) == len(build["probe_test_accuracy"]) == artifacts.num_exits == 2
     assert set(build["timings"]) >= {"train_seconds", "test_seconds", "export_seconds", "probe_seconds"}
     for segment in artifacts.segments:

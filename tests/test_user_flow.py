@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from offramp.backend.image import encode_png
 from offramp.backend.policy import Policy
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.resnet import resnet
 from offramp.build.tabular import write_columns
 from offramp.client.cli.main import main
-
 from tests.tiny_text import CLASSES, corpus, tiny_classifier_folder
 from tests.torchvision_reference import seeded_state_dict
 

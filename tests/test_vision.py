@@ -10,6 +10,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from offramp.backend.contract import TensorSpec
 from offramp.backend.image import IMAGE_INPUT, ImageSpec
 from offramp.backend.segment_runner import OnnxRunner
@@ -29,8 +31,6 @@ from offramp.build.vision import (
     load_into,
     load_weights,
 )
-from torch import nn
-
 from tests.torchvision_reference import ARCHITECTURES, load_recording, reference_images, seeded_state_dict
 
 QUICK = TrainConfig(epochs=2, batch_size=64)

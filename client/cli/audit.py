@@ -26,6 +26,8 @@ class AuditCommand(Subcommand):
             for key, count in sorted(summary[field].items(), key=lambda kv: str(kv[0])):
                 print(f"  {str(key):<24} {count:>8} {count / max(total, 1):>7.1%}")
         print("by policy_version and exit:")
-        for (version, exit_index), count in sorted(summary["version_exit"].items(), key=lambda kv: str(kv[0])):
+        for (version, exit_index), count in sorted(
+            summary["version_exit"].items(), key=lambda kv: str(kv[0])
+        ):
             print(f"  {str(version):<24} exit {exit_index}: {count}")
         return 0

@@ -19,7 +19,11 @@ class BenchCommand(Subcommand):
 
         add_config_options(parser, BenchConfig, {"quick": BenchConfig.quick_defaults()})
         add_config_options(parser.add_argument_group("the spike benchmark (--spike)"), SpikeConfig)
-        parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md and the plots from saved results")
+        parser.add_argument(
+            "--report-only",
+            action="store_true",
+            help="rewrite BENCHMARKS.md and the plots from saved results",
+        )
         parser.epilog = f"workloads: {', '.join(sorted(WORKLOADS))}"
 
     def run(self, args: argparse.Namespace) -> int:
@@ -34,7 +38,9 @@ class BenchCommand(Subcommand):
             return 2
         if spike.spike:
             return main_spike(config, spike)
-        if config.workloads == ("generation",):  # the decoder's modes: their own benchmark (offramp generate bench)
+        if config.workloads == (
+            "generation",
+        ):  # the decoder's modes: their own benchmark (offramp generate bench)
             from offramp.client.tools.generation_bench import GenerationBenchConfig, main_generation_bench
 
             quick = GenerationBenchConfig.quick_defaults() | {"quick": True} if args.quick else {}

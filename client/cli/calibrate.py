@@ -21,9 +21,12 @@ class CalibrateCommand(Subcommand):
 
         add = parser.add_argument
         add("--artifacts", default=str(DEFAULT_WORKDIR / "fashion_cnn"), help="the build's folder")
-        add("--data", help="labelled rows of the kinds the build takes (text: CSV/TSV/JSON Lines/Parquet "
+        add(
+            "--data",
+            help="labelled rows of the kinds the build takes (text: CSV/TSV/JSON Lines/Parquet "
             "with an optional 'cohort' column; images: class folders or .npz), or an .npz of the model's "
-            "inputs, 'labels' and 'cohorts'; default: the build's own calibration split")
+            "inputs, 'labels' and 'cohorts'; default: the build's own calibration split",
+        )
         add("--text-column", help="--data's text column (default: the build's)")
         add("--label-column", help="--data's label column (default: the build's)")
         add("--out", help="the policy file to write (default: policy.json in the artifacts folder)")
@@ -37,10 +40,18 @@ class CalibrateCommand(Subcommand):
             "a learned monotone exit score, a confidence threshold with a novelty (energy) gate; all: "
             "each at delta / families, the least certified compute kept")  # fmt: skip
         add("--metric", choices=METRICS, default=METRICS[0], help="the confidence rule's figure")
-        add("--path", choices=PATHS, default=PATHS[0],
-            help="shared: one data-free threshold for every exit; per_exit: shaped on the fit split")
-        add("--temperature", choices=TEMPERATURES, default=TEMPERATURES[0],
-            help="fit: per exit on the fit split; one: none (a data-free rule then certifies on every row)")
+        add(
+            "--path",
+            choices=PATHS,
+            default=PATHS[0],
+            help="shared: one data-free threshold for every exit; per_exit: shaped on the fit split",
+        )
+        add(
+            "--temperature",
+            choices=TEMPERATURES,
+            default=TEMPERATURES[0],
+            help="fit: per exit on the fit split; one: none (a data-free rule then certifies on every row)",
+        )
         add("--p-value", choices=P_VALUES, default=P_VALUES[0])
         add("--per-class", choices=[p for p in PER_CLASS if p], help="per-class thresholds")
         add("--bonferroni", action="store_true", help="one guarantee for all cohorts at once")
@@ -120,6 +131,8 @@ class CalibrateCommand(Subcommand):
         if args.report:
             from offramp.build.calibration_report import write_calibration_report
 
-            report = write_calibration_report(Path(args.report), policy, calibrated, logits, data, artifacts.class_names)
+            report = write_calibration_report(
+                Path(args.report), policy, calibrated, logits, data, artifacts.class_names
+            )
             print(f"  report: {report}")
         return 0

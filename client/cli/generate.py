@@ -1,10 +1,10 @@
 """``offramp generate``: the code-completion model with exits, from build to streamed completions.
 
-    offramp generate build                  train (or reuse) the code model; or --checkpoint DIR: import yours
-    offramp generate calibrate              draft exit and length, certified confident thresholds -> policy
-    offramp generate repository             write the streaming generator into a model repository
-    offramp generate complete "def f(x):"   stream a completion from a running server
-    offramp generate bench                  the modes side by side (also: offramp bench --workload generation)
+offramp generate build                  train (or reuse) the code model; or --checkpoint DIR: import yours
+offramp generate calibrate              draft exit and length, certified confident thresholds -> policy
+offramp generate repository             write the streaming generator into a model repository
+offramp generate complete "def f(x):"   stream a completion from a running server
+offramp generate bench                  the modes side by side (also: offramp bench --workload generation)
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def _build(args: argparse.Namespace) -> int:
         artifacts, directory = import_checkpoint(Path(args.checkpoint), out, exits, args.name)
         print(f"{directory}: {artifacts.family}, exits after layers {artifacts.exit_layers}")
         return 0
-    artifacts, directory = build_code_model(args.workdir, settings=ExitTraining(steps=args.steps), threads=args.threads)
+    artifacts, directory = build_code_model(
+        args.workdir, settings=ExitTraining(steps=args.steps), threads=args.threads
+    )
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(training_report(artifacts))
     print(f"{directory}; report {args.report}")
@@ -62,10 +64,15 @@ def _repository(args: argparse.Namespace) -> int:
     if policy_file.exists():
         policy = GenerationPolicy.load(policy_file)
     else:
-        print(f"no {policy_file}: serving the uncalibrated policy (confident never leaves early)", file=sys.stderr)
+        print(
+            f"no {policy_file}: serving the uncalibrated policy (confident never leaves early)",
+            file=sys.stderr,
+        )
         policy = GenerationPolicy.uncalibrated(len(artifacts.exit_layers), artifacts.fingerprint)
     options = ServiceOptions(audit_path=args.audit_path or "")
-    model_dir = write_generator(args.artifacts, policy, args.repository, options, prepare_execution_env(), args.name)
+    model_dir = write_generator(
+        args.artifacts, policy, args.repository, options, prepare_execution_env(), args.name
+    )
     print(model_dir)
     return 0
 
@@ -99,7 +106,9 @@ def _bench(args: argparse.Namespace) -> int:
     from offramp.client.tools.generation_bench import GenerationBenchConfig, main_generation_bench
 
     try:
-        config = config_from_args(GenerationBenchConfig, args, GenerationBenchConfig.quick_defaults() if args.quick else {})
+        config = config_from_args(
+            GenerationBenchConfig, args, GenerationBenchConfig.quick_defaults() if args.quick else {}
+        )
     except ValueError as error:
         print(f"offramp generate bench: error: {error}", file=sys.stderr)
         return 2
@@ -119,7 +128,9 @@ class GenerateCommand(Subcommand):
 
         build = steps.add_parser("build", help="train (or reuse) the code model, or import a checkpoint")
         build.add_argument("--checkpoint", help="a Hugging Face Llama or GPT-2 folder with tokenizer.json")
-        build.add_argument("--exit-layers", help="comma-separated layers an exit follows (default: 4 evenly spread)")
+        build.add_argument(
+            "--exit-layers", help="comma-separated layers an exit follows (default: 4 evenly spread)"
+        )
         build.add_argument("--name")
         build.add_argument("--out", type=Path, help="artifacts folder of an imported checkpoint")
         build.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
@@ -128,9 +139,13 @@ class GenerateCommand(Subcommand):
         build.add_argument("--report", type=Path, default=Path("benchmarks/code_model.md"))
         build.set_defaults(step_run=_build)
 
-        calibrate = steps.add_parser("calibrate", help="draft exit and length; certified confident thresholds")
+        calibrate = steps.add_parser(
+            "calibrate", help="draft exit and length; certified confident thresholds"
+        )
         calibrate.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS)
-        calibrate.add_argument("--epsilon", type=float, default=0.02, help="token disagreement per completion")
+        calibrate.add_argument(
+            "--epsilon", type=float, default=0.02, help="token disagreement per completion"
+        )
         calibrate.add_argument("--delta", type=float, default=0.05)
         calibrate.add_argument("--tasks", type=int, help="calibration completions (default: all)")
         calibrate.add_argument("--out", type=Path, help="default: ARTIFACTS/generation_policy.json")
@@ -144,14 +159,16 @@ class GenerateCommand(Subcommand):
         repository.add_argument("--audit-path", help="write one JSON line per finished request here")
         repository.set_defaults(step_run=_repository)
 
-        complete = steps.add_parser("complete", help="stream a completion from a running server; print it as JSON")
+        complete = steps.add_parser(
+            "complete", help="stream a completion from a running server; print it as JSON"
+        )
         complete.add_argument("prompt", nargs="?")
         complete.add_argument("--file", help="read the prompt from this file")
         complete.add_argument("--url", default=DEFAULT_GRPC_URL)
         complete.add_argument("--model", default="code_llama")
         complete.add_argument("--mode", choices=("full", "self_speculative", "confident"))
         complete.add_argument("--max-tokens", type=int)
-        complete.add_argument("--stop", help='a JSON array of stop strings, e.g. \'["\\n"]\'')
+        complete.add_argument("--stop", help="a JSON array of stop strings, e.g. '[\"\\n\"]'")
         complete.add_argument("--deadline-ms", type=int)
         complete.add_argument("--check", choices=("python_syntax", "json_schema", "regex"))
         complete.add_argument("--check-schema", help="JSON Schema (text) for --check json_schema")
@@ -159,7 +176,9 @@ class GenerateCommand(Subcommand):
         complete.add_argument("--request-id")
         complete.set_defaults(step_run=_complete)
 
-        bench = steps.add_parser("bench", help="the decoding modes side by side on one server; writes GENERATION.md")
+        bench = steps.add_parser(
+            "bench", help="the decoding modes side by side on one server; writes GENERATION.md"
+        )
         add_config_options(bench, GenerationBenchConfig, {"quick": GenerationBenchConfig.quick_defaults()})
         bench.set_defaults(step_run=_bench)
 

@@ -22,7 +22,12 @@ class HealthCommand(Subcommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add = parser.add_argument
-        add("url", nargs="?", default=DEFAULT_GRPC_URL, help="gRPC address of the server (default: %(default)s)")
+        add(
+            "url",
+            nargs="?",
+            default=DEFAULT_GRPC_URL,
+            help="gRPC address of the server (default: %(default)s)",
+        )
         add("--model", action="append", dest="models", metavar="NAME",
             help="the orchestrator model, repeatable (default: every offramp model the server has loaded)")  # fmt: skip
         add("--live", action="store_true", help="a liveness probe: succeed whenever the service answers")

@@ -36,8 +36,9 @@ class InferCommand(Subcommand):
 
     def run(self, args: argparse.Namespace) -> int:
         import numpy as np
-        from offramp.client.grpc_client import OfframpClient, predictions_to_json
         from tritonclient.utils import InferenceServerException
+
+        from offramp.client.grpc_client import OfframpClient, predictions_to_json
 
         given = [
             flag

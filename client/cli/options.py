@@ -84,7 +84,9 @@ def add_config_options(
         default = getattr(defaults, item.name)
         flag = meta["flag"] or "--" + item.name.replace("_", "-")
         dest = prefix + item.name
-        others = "".join(f"; {name}: {_shown(d[item.name])}" for name, d in other_defaults.items() if item.name in d)
+        others = "".join(
+            f"; {name}: {_shown(d[item.name])}" for name, d in other_defaults.items() if item.name in d
+        )
         if isinstance(default, bool):
             action = "store_false" if default else "store_true"
             parser.add_argument(flag, dest=dest, action=action, default=None, help=meta["help"])

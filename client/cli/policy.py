@@ -59,7 +59,9 @@ class PolicyCommand(Subcommand):
             elif args.action == "show":
                 print(control.policy(args.version).to_json())
             elif args.action == "diff":
-                for line in policy_diff(control.policy(args.version), control.policy(args.other)) or ["no differences"]:
+                for line in policy_diff(control.policy(args.version), control.policy(args.other)) or [
+                    "no differences"
+                ]:
                     print(line)
             elif args.action == "deploy":
                 number = control.deploy(Policy.load(Path(args.policy)))
@@ -98,7 +100,9 @@ def run_fleet(args: argparse.Namespace) -> int:
             return 0 if status.agreed else 1
         canary = CanaryRows.load(Path(args.canary)) if args.canary else None
         if canary is None:
-            print("offramp policy: no --canary: a replica is only checked to load the version", file=sys.stderr)
+            print(
+                "offramp policy: no --canary: a replica is only checked to load the version", file=sys.stderr
+            )
         if args.action == "rollback":
             rollout = fleet.rollback(args.version, canary, args.canary_tolerance)
         elif args.policy:

@@ -24,7 +24,9 @@ class RepositoryCommand(Subcommand):
             help="policy.json to serve (default: the artifacts folder's policy.json, which offramp calibrate "
             "writes, else one fixed max-prob threshold)",
         )
-        parser.add_argument("--threshold", type=float, default=0.9, help="the fixed threshold without --policy")
+        parser.add_argument(
+            "--threshold", type=float, default=0.9, help="the fixed threshold without --policy"
+        )
         parser.add_argument("--execution-env", help="virtualenv of the Python stubs (default: this one)")
         parser.add_argument("--no-execution-env", action="store_true", help="use the server's own Python")
 

@@ -98,7 +98,9 @@ def serve(args: argparse.Namespace) -> int:
             removed = [str(p) for p in server.removed_orphans]
             print(f"removed shared memory of killed servers: {removed}", flush=True)
         if supervisor is None:
-            print("crashed models are not restarted (no supervisor without explicit model control)", flush=True)
+            print(
+                "crashed models are not restarted (no supervisor without explicit model control)", flush=True
+            )
         if server.admin_key:
             print(f"model control needs header {ADMIN_KEY_HEADER}: {server.admin_key}", flush=True)
         print("Ctrl-C to stop", flush=True)

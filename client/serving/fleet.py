@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from offramp.backend.contract import FULL_LOGITS_OUT, HIDDEN_OUT, LOGITS_OUT
 from offramp.backend.orchestrator import Orchestrator
 from offramp.backend.policy import Policy, PolicyError

@@ -152,7 +152,9 @@ def canary_inputs(metadata: dict[str, Any]) -> dict[str, np.ndarray]:
     return rows
 
 
-def _ask(client: Any, model: str, inputs: dict[str, np.ndarray], parameters: dict, timeout_s: float) -> CanaryResult:
+def _ask(
+    client: Any, model: str, inputs: dict[str, np.ndarray], parameters: dict, timeout_s: float
+) -> CanaryResult:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -170,7 +172,9 @@ def _ask(client: Any, model: str, inputs: dict[str, np.ndarray], parameters: dic
     return CanaryResult(name, True, int(np.bitwise_or.reduce(result.as_numpy("FLAGS").reshape(-1))))
 
 
-def check_model(client: Any, model: str, timeout_s: float = 5.0, headers: dict[str, str] | None = None) -> ModelHealth:
+def check_model(
+    client: Any, model: str, timeout_s: float = 5.0, headers: dict[str, str] | None = None
+) -> ModelHealth:
     """Both canaries of one orchestrator model."""
     inputs = canary_inputs(client.get_model_metadata(model, headers=headers, as_json=True))
     return ModelHealth(
@@ -212,7 +216,12 @@ class HealthEndpoint:
     (the supervisor's counters) over HTTP, served from a thread; every probe runs the canaries afresh."""
 
     def __init__(
-        self, host: str, port: int, grpc_url: str, supervisor: Any = None, headers: dict[str, str] | None = None
+        self,
+        host: str,
+        port: int,
+        grpc_url: str,
+        supervisor: Any = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         import http.server
 
@@ -242,7 +251,9 @@ class HealthEndpoint:
             return health
         notes = [f"{m}: a stub died; being restarted" for m in self.supervisor.broken_models()
                  if m not in self.supervisor.given_up_models()]  # fmt: skip
-        notes += [f"{m}: given up after repeated crashes (unloaded)" for m in self.supervisor.given_up_models()]
+        notes += [
+            f"{m}: given up after repeated crashes (unloaded)" for m in self.supervisor.given_up_models()
+        ]
         return health.with_notes(tuple(notes))
 
     def respond(self, path: str) -> tuple[int, str, str]:
@@ -250,7 +261,11 @@ class HealthEndpoint:
             text = self.supervisor.metrics_text() if self.supervisor is not None else ""
             return 200, text, "text/plain; version=0.0.4"
         if path not in ("/health", "/health/live", "/health/ready"):
-            return 404, json.dumps({"error": f"no {path}; try /health, /health/live, /health/ready, /metrics"}), JSON
+            return (
+                404,
+                json.dumps({"error": f"no {path}; try /health, /health/live, /health/ready, /metrics"}),
+                JSON,
+            )
         health = self.health()
         passed = {"/health": True, "/health/live": health.live, "/health/ready": health.ready}[path]
         return (200 if passed else 503), json.dumps(health.to_dict(), indent=2) + "\n", JSON

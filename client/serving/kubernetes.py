@@ -47,13 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import offramp.backend
 from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+import offramp.backend
 from offramp.backend.orchestrator import SPEC_FILE, OrchestratorSpec, ServingOptions
 from offramp.build.execution_env import shared_memory_bytes, triton_server_flags
 from offramp.client.cli.options import option
 from offramp.client.serving.server import ADMIN_KEY_HEADER, RESTRICTED_APIS, SHM_REGION_PREFIX
-from tritonclient.grpc import model_config_pb2 as pb
 
 MONITORING = Path(offramp.backend.__file__).parent / "monitoring"
 PROBE_SOURCE = Path(__file__).with_name("http_probe.py")
@@ -195,7 +196,7 @@ def _max_sequence_length(model_dir: Path) -> int:
     """The longest a variable axis gets (a text model's token count), from the newest version's spec; 1
     where the model has no variable axis."""
     versions = sorted(
-        (int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / SPEC_FILE).exists())
+        int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / SPEC_FILE).exists()
     )
     if not versions:
         return 1

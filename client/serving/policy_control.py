@@ -26,10 +26,11 @@ from typing import Any
 
 import tritonclient.grpc as grpcclient
 from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
 from offramp.backend.orchestrator import POLICY_FILE, SPEC_FILE, Orchestrator, OrchestratorSpec
 from offramp.backend.policy import Policy
 from offramp.client.serving.server import ADMIN_KEY_HEADER
-from tritonclient.grpc import model_config_pb2 as pb
 
 
 class PolicyControlError(RuntimeError):
@@ -44,13 +45,19 @@ class PolicyVersion:
 
 
 def _version_dirs(model_dir: Path) -> dict[int, Path]:
-    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / POLICY_FILE).exists()}
+    return {
+        int(p.name): p
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and (p / POLICY_FILE).exists()
+    }
 
 
 class PolicyControl:
     """The policy versions of one orchestrator model, on disk and on a running server."""
 
-    def __init__(self, repository: Path, model: str, url: str | None = None, admin_key: str | None = None) -> None:
+    def __init__(
+        self, repository: Path, model: str, url: str | None = None, admin_key: str | None = None
+    ) -> None:
         self.model_dir = Path(repository) / model
         if not (self.model_dir / "config.pbtxt").exists():
             raise PolicyControlError(f"{self.model_dir} is not a model of the repository (no config.pbtxt)")
@@ -111,9 +118,15 @@ class PolicyControl:
         if not active:
             raise PolicyControlError(f"{self.model} is not being served at {self.url}")
         numbers = sorted(_version_dirs(self.model_dir))
-        target = to_version if to_version is not None else max((n for n in numbers if n < min(active)), default=None)
+        target = (
+            to_version
+            if to_version is not None
+            else max((n for n in numbers if n < min(active)), default=None)
+        )
         if target is None or target not in numbers:
-            raise PolicyControlError(f"no version to roll back to (versions {numbers}, active {sorted(active)})")
+            raise PolicyControlError(
+                f"no version to roll back to (versions {numbers}, active {sorted(active)})"
+            )
         self.serve_version(target)
         self.pin(target)
         return target

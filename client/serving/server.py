@@ -52,6 +52,7 @@ def _is_loopback(host: str) -> bool:
     except ValueError:
         return host == "localhost"
 
+
 LOG_TAIL_LINES = 40
 _TRITON_ERROR_LINE = re.compile(r"E\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ")
 
@@ -466,7 +467,9 @@ class EmbeddedTritonServer:
             try:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                LOGGER.warning("tritonserver %d ignored SIGTERM for %.0f s; killing it", process.pid, timeout_s)
+                LOGGER.warning(
+                    "tritonserver %d ignored SIGTERM for %.0f s; killing it", process.pid, timeout_s
+                )
                 self._kill_group(process.pid)
                 process.wait()
         # The stubs share the server's process group and leave once it is gone; give them a moment.
@@ -480,7 +483,9 @@ class EmbeddedTritonServer:
         # that was killed could not unlink its own, and Triton leaves it. Remove them; report them.
         left = self.shm_regions()
         if left:
-            LOGGER.warning("tritonserver %d left shared-memory regions behind (removed): %s", process.pid, left)
+            LOGGER.warning(
+                "tritonserver %d left shared-memory regions behind (removed): %s", process.pid, left
+            )
             for region in left:
                 region.unlink(missing_ok=True)
         return left

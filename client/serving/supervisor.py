@@ -99,7 +99,10 @@ class Supervisor:
     """Polls a server's stubs; restarts the models whose stubs died, with backoff and a budget."""
 
     def __init__(
-        self, server: ServerView, policy: RestartPolicy = RestartPolicy(), clock: Callable[[], float] = time.monotonic
+        self,
+        server: ServerView,
+        policy: RestartPolicy = RestartPolicy(),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.server = server
         self.policy = policy
@@ -127,7 +130,11 @@ class Supervisor:
                 if self.server.region_exists(stub.region):
                     self._crashed(stub)
             self._known = stubs
-            due = [m for m, r in self.models.items() if r.broken and not r.gave_up and self.clock() >= r.not_before]
+            due = [
+                m
+                for m, r in self.models.items()
+                if r.broken and not r.gave_up and self.clock() >= r.not_before
+            ]
             for model in due:
                 self._repair(model, self.models[model])
             if due:  # the stubs a restart started are watched from now on, not only from the next poll
@@ -152,7 +159,9 @@ class Supervisor:
         record.restart_times = recent
         if len(recent) >= self.policy.max_restarts:
             record.gave_up = True
-            self._event(model, "gave_up", f"{len(recent)} restarts within {self.policy.window_s:.0f} s; unloading it")
+            self._event(
+                model, "gave_up", f"{len(recent)} restarts within {self.policy.window_s:.0f} s; unloading it"
+            )
             try:
                 self.server.unload(model)
             except Exception as error:  # noqa: BLE001 (the model stays broken either way; say why)
@@ -172,7 +181,11 @@ class Supervisor:
         record.restart_times.append(now)
         record.not_before = now + self.policy.backoff(len(record.restart_times))
         since = record.broken_since if record.broken_since is not None else now
-        self._event(model, "restarted", f"found dead {now - since:.2f} s before; the reload took {reloaded - now:.2f} s")
+        self._event(
+            model,
+            "restarted",
+            f"found dead {now - since:.2f} s before; the reload took {reloaded - now:.2f} s",
+        )
         record.broken_since = None
         self._clean_up(record)
 
@@ -196,18 +209,34 @@ class Supervisor:
     def metrics_text(self) -> str:
         """The supervisor's counters in Prometheus' text format."""
         families = {
-            "offramp_supervisor_stub_crashes_total": ("counter", "Python-backend stubs found dead", "crashes"),
+            "offramp_supervisor_stub_crashes_total": (
+                "counter",
+                "Python-backend stubs found dead",
+                "crashes",
+            ),
             "offramp_supervisor_restarts_total": ("counter", "models reloaded after a stub died", "restarts"),
-            "offramp_supervisor_restart_failures_total": ("counter", "reloads that failed", "failed_restarts"),
-            "offramp_supervisor_broken": ("gauge", "1 while a model has a dead stub not yet repaired", "broken"),
-            "offramp_supervisor_gave_up": ("gauge", "1 once the supervisor stopped restarting a model", "gave_up"),
+            "offramp_supervisor_restart_failures_total": (
+                "counter",
+                "reloads that failed",
+                "failed_restarts",
+            ),
+            "offramp_supervisor_broken": (
+                "gauge",
+                "1 while a model has a dead stub not yet repaired",
+                "broken",
+            ),
+            "offramp_supervisor_gave_up": (
+                "gauge",
+                "1 once the supervisor stopped restarting a model",
+                "gave_up",
+            ),
         }
         with self._lock:
             records = sorted(self.models.items())
             lines = []
             for name, (kind, description, attribute) in families.items():
                 lines += [f"# HELP {name} {description}", f"# TYPE {name} {kind}"]
-                lines += [f'{name}{{model={json.dumps(m)}}} {int(getattr(r, attribute))}' for m, r in records]
+                lines += [f"{name}{{model={json.dumps(m)}}} {int(getattr(r, attribute))}" for m, r in records]
         return "\n".join(lines) + "\n"
 
 
@@ -243,7 +272,9 @@ class TritonServerView:
     """``ServerView`` of a tritonserver on this machine: its stubs from its process group, model control
     over gRPC (explicit model-control mode; ``admin_key`` where the server restricts it)."""
 
-    def __init__(self, grpc_url: str, pgid: int, admin_key: str | None = None, shm_dir: Path = SHM_DIR) -> None:
+    def __init__(
+        self, grpc_url: str, pgid: int, admin_key: str | None = None, shm_dir: Path = SHM_DIR
+    ) -> None:
         import tritonclient.grpc as grpcclient
 
         self.pgid = pgid

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from offramp.backend.policy import Policy
 from offramp.build.artifacts import ModelArtifacts
 from offramp.client.cli.options import comma_list, option, positive_int
@@ -70,7 +71,9 @@ DEFAULT_CONCURRENCY = (1, 4, 8, 16)
 ARM_KEYS = (EARLY, FULL, NOCOMPACT, SEGMENTS_FULL, FORWARD_FULL)
 # Shared max-prob thresholds for the accuracy / compute curve: from "every row leaves at exit 0" (a
 # max-prob is at least 1/C) to "almost none leaves early".
-CURVE_THRESHOLDS = tuple(np.round(np.concatenate([np.linspace(0.0, 0.9, 46), 1 - np.logspace(-1, -4, 25)]), 6))
+CURVE_THRESHOLDS = tuple(
+    np.round(np.concatenate([np.linspace(0.0, 0.9, 46), 1 - np.logspace(-1, -4, 25)]), 6)
+)
 
 
 # --- Workloads -----------------------------------------------------------------------------------------
@@ -115,7 +118,9 @@ class WorkloadSettings:
 WorkloadFactory = Callable[[WorkloadSettings], Workload]
 
 
-def bench_policy(artifacts: ModelArtifacts, calibration_logits: np.ndarray, calibration_labels: np.ndarray) -> Policy:
+def bench_policy(
+    artifacts: ModelArtifacts, calibration_logits: np.ndarray, calibration_labels: np.ndarray
+) -> Policy:
     """The exit policy every workload serves in the benchmark: change it here, and only here.
 
     Learn-then-Test at 1% disagreement with the full model, with probability 0.95 over the
@@ -230,7 +235,9 @@ def resolve_workload(spec: str) -> WorkloadFactory:
     if ":" in spec:
         module, _, attribute = spec.partition(":")
         return getattr(importlib.import_module(module), attribute)
-    raise KeyError(f"unknown workload {spec!r}; known: {sorted(WORKLOADS)}, a build's folder, or module:function")
+    raise KeyError(
+        f"unknown workload {spec!r}; known: {sorted(WORKLOADS)}, a build's folder, or module:function"
+    )
 
 
 # --- The models under test ----------------------------------------------------------------------------
@@ -251,10 +258,18 @@ def arms_of(name: str) -> dict[str, Arm]:
         EARLY: Arm(EARLY, name, {}, "early exit (compaction on)"),
         FULL: Arm(FULL, f"{name}_full", {}, "full model, no exits"),
         NOCOMPACT: Arm(NOCOMPACT, f"{name}_nocompact", {}, "early exit, batch-level (no compaction)"),
-        SEGMENTS_FULL: Arm(SEGMENTS_FULL, f"{name}_segments_full", {"force_full": True},
-                           "forced full depth through every segment (orchestration tax)"),
-        FORWARD_FULL: Arm(FORWARD_FULL, name, {"force_full": True},
-                          "forced full depth, forwarded to the full model (one BLS hop)"),
+        SEGMENTS_FULL: Arm(
+            SEGMENTS_FULL,
+            f"{name}_segments_full",
+            {"force_full": True},
+            "forced full depth through every segment (orchestration tax)",
+        ),
+        FORWARD_FULL: Arm(
+            FORWARD_FULL,
+            name,
+            {"force_full": True},
+            "forced full depth, forwarded to the full model (one BLS hop)",
+        ),
     }
 
 
@@ -285,11 +300,15 @@ def write_bench_repository(workload: Workload, repository: Path, options: Any) -
     if repository.exists():
         shutil.rmtree(repository)
     name = workload.name
-    written = write_repository(workload.artifacts, workload.artifacts_dir, workload.policy, repository, options)
+    written = write_repository(
+        workload.artifacts, workload.artifacts_dir, workload.policy, repository, options
+    )
     artifacts, directory = workload.artifacts, workload.artifacts_dir
     write_orchestrator(artifacts, workload.policy, repository, options, f"{name}_nocompact", False, directory)
     segments_policy = replace(workload.policy, full_depth_route="segments")
-    write_orchestrator(artifacts, segments_policy, repository, options, f"{name}_segments_full", artifacts_dir=directory)
+    write_orchestrator(
+        artifacts, segments_policy, repository, options, f"{name}_segments_full", artifacts_dir=directory
+    )
     return sorted([p.name for p in written] + [f"{name}_nocompact", f"{name}_segments_full"])
 
 
@@ -326,7 +345,9 @@ class BenchConfig:
         (), parse=Path, repeatable=True, shown="none",
         help="a build's folder to measure instead of the workloads (repeatable): any model offramp build made",
     )  # fmt: skip
-    concurrency: tuple[int, ...] = option(DEFAULT_CONCURRENCY, parse=comma_list(positive_int), help="concurrency levels")
+    concurrency: tuple[int, ...] = option(
+        DEFAULT_CONCURRENCY, parse=comma_list(positive_int), help="concurrency levels"
+    )
     repeats: int = option(3, help="interleaved rounds per level")
     rows_per_request: int = option(8, help="test rows per request")
     data_rows: int = option(512, help="distinct test rows perf_analyzer cycles through")
@@ -397,7 +418,9 @@ def served_quality(
         if key == FORWARD_FULL:
             continue  # the same model as `early`; forced rows are checked by the tests
         if key == FULL:
-            call = lambda client, part, arm=arm: client.full_logits(arm.model, {n: a[part] for n, a in inputs.items()})
+            call = lambda client, part, arm=arm: client.full_logits(
+                arm.model, {n: a[part] for n, a in inputs.items()}
+            )
         else:
             call = lambda client, part, arm=arm: client.classify(
                 arm.model, {n: a[part] for n, a in inputs.items()}, **dict(arm.parameters)
@@ -417,7 +440,9 @@ def served_quality(
         summary["nocompact_same_labels"] = float(np.mean(answers[NOCOMPACT]["label"] == early["label"]))
         summary["nocompact_same_exits"] = float(np.mean(answers[NOCOMPACT]["exit"] == early["exit"]))
     if SEGMENTS_FULL in answers:
-        summary["segments_full_agreement_with_full"] = float(np.mean(answers[SEGMENTS_FULL]["label"] == full["label"]))
+        summary["segments_full_agreement_with_full"] = float(
+            np.mean(answers[SEGMENTS_FULL]["label"] == full["label"])
+        )
     summary["passes"] = passes
     summary["concurrency"] = config.quality_concurrency
     summary["rows_per_request"] = config.rows_per_request
@@ -435,13 +460,21 @@ def sweep_order(arms: Sequence[str], level_index: int, rep: int) -> list[str]:
 
 
 def run_sweep(
-    server: Any, workload: Workload, arms: Mapping[str, Arm], data_file: Path, config: BenchConfig, raw_dir: Path
+    server: Any,
+    workload: Workload,
+    arms: Mapping[str, Arm],
+    data_file: Path,
+    config: BenchConfig,
+    raw_dir: Path,
 ) -> list[dict]:
     """perf_analyzer at every concurrency level, every arm, ``repeats`` interleaved rounds."""
     from offramp.client.tools.perf_analyzer import PerfAnalyzerOptions, check_perf_analyzer, run_perf_analyzer
 
     binary = check_perf_analyzer()
-    shapes = {spec.name: list(np.asarray(workload.test_inputs[spec.name]).shape[1:]) for spec in workload.artifacts.inputs}
+    shapes = {
+        spec.name: list(np.asarray(workload.test_inputs[spec.name]).shape[1:])
+        for spec in workload.artifacts.inputs
+    }
     plan = [
         (concurrency, rep, key)
         for level_index, concurrency in enumerate(config.concurrency)
@@ -449,7 +482,9 @@ def run_sweep(
         for key in sweep_order(list(arms), level_index, rep)
     ]
     records = []
-    bar = _progress(total=len(plan), desc=f"perf_analyzer {workload.name}", unit="run", disable=not config.progress)
+    bar = _progress(
+        total=len(plan), desc=f"perf_analyzer {workload.name}", unit="run", disable=not config.progress
+    )
     for position, (concurrency, rep, key) in enumerate(plan):
         arm = arms[key]
         bar.set_postfix_str(f"c={concurrency} round {rep + 1}/{config.repeats} {key}")
@@ -470,7 +505,9 @@ def run_sweep(
         stats_before = model_statistics(server.grpc_url)
         cpu_before = server_cpu_seconds_by_role(server.pid, server.repository)
         busy_before = machine_busy_cpu_seconds()
-        run = run_perf_analyzer(options, csv_path, binary=binary, timeout_s=60 + 40 * config.measurement_interval_ms / 1000)
+        run = run_perf_analyzer(
+            options, csv_path, binary=binary, timeout_s=60 + 40 * config.measurement_interval_ms / 1000
+        )
         busy_after = machine_busy_cpu_seconds()
         cpu_after = server_cpu_seconds_by_role(server.pid, server.repository)
         stats = statistics_delta(stats_before, model_statistics(server.grpc_url))
@@ -541,10 +578,15 @@ def offline_timings(workload: Workload, inputs: Mapping[str, np.ndarray], batch_
             return (out[HIDDEN_OUT][:rows] if need_hidden else None), out[LOGITS_OUT][:rows]
 
         try:
-            cascade_ms = best_ms(lambda raw=raw, fake_segment=fake_segment: run_cascade(
-                CascadeBatch.plain(raw, artifacts.num_exits), fake_segment, workload.policy,
-                artifacts.exit_costs, artifacts.side_inputs,
-            ))
+            cascade_ms = best_ms(
+                lambda raw=raw, fake_segment=fake_segment: run_cascade(
+                    CascadeBatch.plain(raw, artifacts.num_exits),
+                    fake_segment,
+                    workload.policy,
+                    artifacts.exit_costs,
+                    artifacts.side_inputs,
+                )
+            )
         except Exception as error:  # noqa: BLE001 - the cascade's signature may move; the rest still holds
             cascade_ms = None
             print(f"offline cascade timing skipped: {error}", file=sys.stderr)
@@ -573,7 +615,14 @@ def machine_record() -> dict[str, Any]:
 
 def package_versions() -> dict[str, str | None]:
     versions = {}
-    for package in ("nvidia-pytriton", "tritonclient", "torch", "onnxruntime", "numpy", "nvidia-cuda-runtime-cu12"):
+    for package in (
+        "nvidia-pytriton",
+        "tritonclient",
+        "torch",
+        "onnxruntime",
+        "numpy",
+        "nvidia-cuda-runtime-cu12",
+    ):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -633,15 +682,23 @@ def run_workload(workload: Workload, config: BenchConfig) -> dict:
     offline = offline_timings(workload, data_inputs, sorted({1, r, 2 * r, 4 * r}))
     costs = workload.artifacts.exit_costs
     curves = {
-        "calibration": accuracy_compute_curve(workload.calibration_logits, workload.calibration_labels, costs, CURVE_THRESHOLDS),
-        "test": accuracy_compute_curve(test_logits, workload.test_labels[:quality_rows], costs, CURVE_THRESHOLDS),
+        "calibration": accuracy_compute_curve(
+            workload.calibration_logits, workload.calibration_labels, costs, CURVE_THRESHOLDS
+        ),
+        "test": accuracy_compute_curve(
+            test_logits, workload.test_labels[:quality_rows], costs, CURVE_THRESHOLDS
+        ),
     }
     # The served rows' exits, predicted offline, tell whether the perf_analyzer rows are a fair sample.
-    data_exits = _policy_exits(exit_logits_from_onnx(workload.artifacts, workload.artifacts_dir, data_inputs), workload.policy)
+    data_exits = _policy_exits(
+        exit_logits_from_onnx(workload.artifacts, workload.artifacts_dir, data_inputs), workload.policy
+    )
 
     log_path = scratch / "tritonserver.log"
     print(f"[{workload.name}] serving {len(models)} models from {repository}", flush=True)
-    with EmbeddedTritonServer(repository, ports=ServerPorts.free(), log_path=log_path, startup_timeout_s=600) as server:
+    with EmbeddedTritonServer(
+        repository, ports=ServerPorts.free(), log_path=log_path, startup_timeout_s=600
+    ) as server:
         warm_up(server.grpc_url, workload, arms, config.rows_per_request)
         quality, _ = served_quality(server.grpc_url, workload, arms, quality_rows, config)
         records = run_sweep(server, workload, arms, data_file, config, raw_dir)
@@ -668,7 +725,9 @@ def run_workload(workload: Workload, config: BenchConfig) -> dict:
         "data": {
             "rows": len(data_rows),
             "row_indices": data_rows.tolist(),
-            "offline_exit_fractions": (np.bincount(data_exits, minlength=len(costs)) / len(data_exits)).tolist(),
+            "offline_exit_fractions": (
+                np.bincount(data_exits, minlength=len(costs)) / len(data_exits)
+            ).tolist(),
             "offline_mean_compute_fraction": float(np.asarray(costs)[data_exits].mean()),
         },
         "quality": quality,

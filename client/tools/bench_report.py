@@ -50,7 +50,9 @@ def write_report(out: Path) -> Path:
     sections = []
     for summary in summaries:
         images = write_plots(summary, plots)
-        sections.append(workload_section(summary, {k: p.relative_to(out).as_posix() for k, p in images.items()}))
+        sections.append(
+            workload_section(summary, {k: p.relative_to(out).as_posix() for k, p in images.items()})
+        )
     text = header(summaries) + "\n".join(sections)
     path = out / REPORT
     path.write_text(text)
@@ -86,30 +88,45 @@ def header(summaries: Sequence[Mapping]) -> str:
         "## Setup",
         "",
         f"- Date: {first['date']} (UTC); run took {first['duration_s'] / 60:.1f} min"
-        + (f" for {first['workload']}" if len(summaries) > 1 else "") + ".",
-        (f"- Machine: {machine['nproc']} cores ({machine['cpu_model']}), {machine['memory_gib']} GiB, "
-        f"Linux {machine['kernel']}, Python {machine['python']}; load average at start "
-        f"{' '.join(machine['loadavg_at_start'])}."),
+        + (f" for {first['workload']}" if len(summaries) > 1 else "")
+        + ".",
+        (
+            f"- Machine: {machine['nproc']} cores ({machine['cpu_model']}), {machine['memory_gib']} GiB, "
+            f"Linux {machine['kernel']}, Python {machine['python']}; load average at start "
+            f"{' '.join(machine['loadavg_at_start'])}."
+        ),
         "- Load by other processes during the runs (cores busy outside the server and perf_analyzer, "
         "median [min, max] over runs): "
-        + "; ".join(f"{s['workload']}: {_f(l['other_cores_median'])} [{_f(l['other_cores_min'])}, "
-                    f"{_f(l['other_cores_max'])}] of {machine['nproc']}" for s, l in zip(summaries, load))
+        + "; ".join(
+            f"{s['workload']}: {_f(l['other_cores_median'])} [{_f(l['other_cores_min'])}, "
+            f"{_f(l['other_cores_max'])}] of {machine['nproc']}"
+            for s, l in zip(summaries, load)
+        )
         + ".",
-        (f"- Software: tritonserver {versions.get('tritonserver') or '?'} (from nvidia-pytriton "
-        f"{versions.get('nvidia-pytriton')}, Python backend, ONNX Runtime {versions.get('onnxruntime')} inside "
-        f"the stubs, CPU), perf_analyzer from tritonclient {versions.get('tritonclient')} (gRPC), "
-        f"torch {versions.get('torch')}, numpy {versions.get('numpy')}."),
-        (f"- Serving: every segment and the full model have {config['segment_instances']} instance(s) of "
-        f"{config['threads_per_instance']} thread(s) and dynamic batching (queue delay "
-        f"{config['max_queue_delay_us']} us); each orchestrator has {config['orchestrator_instances']} instance(s)"
-        + (", and runs the segments' ONNX files in its own process (no BLS hop per segment)."
-           if config.get("segments_in_process") else ", and calls the segment models over BLS.")),
-        (f"- Load: perf_analyzer, synchronous, {config['rows_per_request']} real test rows per request "
-        f"(it cycles through {first['data']['rows']} distinct rows), concurrency "
-        f"{', '.join(str(c) for c in config['concurrency'])}; each run is three "
-        f"{config['measurement_interval_ms']} ms windows. Every round measures each model once, in an "
-        f"order that rotates from round to round; {config['repeats']} round(s) per level. Ratios are taken "
-        "within a round, then the median over rounds is reported."),
+        (
+            f"- Software: tritonserver {versions.get('tritonserver') or '?'} (from nvidia-pytriton "
+            f"{versions.get('nvidia-pytriton')}, Python backend, ONNX Runtime {versions.get('onnxruntime')} inside "
+            f"the stubs, CPU), perf_analyzer from tritonclient {versions.get('tritonclient')} (gRPC), "
+            f"torch {versions.get('torch')}, numpy {versions.get('numpy')}."
+        ),
+        (
+            f"- Serving: every segment and the full model have {config['segment_instances']} instance(s) of "
+            f"{config['threads_per_instance']} thread(s) and dynamic batching (queue delay "
+            f"{config['max_queue_delay_us']} us); each orchestrator has {config['orchestrator_instances']} instance(s)"
+            + (
+                ", and runs the segments' ONNX files in its own process (no BLS hop per segment)."
+                if config.get("segments_in_process")
+                else ", and calls the segment models over BLS."
+            )
+        ),
+        (
+            f"- Load: perf_analyzer, synchronous, {config['rows_per_request']} real test rows per request "
+            f"(it cycles through {first['data']['rows']} distinct rows), concurrency "
+            f"{', '.join(str(c) for c in config['concurrency'])}; each run is three "
+            f"{config['measurement_interval_ms']} ms windows. Every round measures each model once, in an "
+            f"order that rotates from round to round; {config['repeats']} round(s) per level. Ratios are taken "
+            "within a round, then the median over rounds is reported."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -123,21 +140,40 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
     rules = policy["exits"]
     thresholds = ", ".join(_f(r["threshold"], ".4g") for r in rules[:-1])
     parts += [
-        (f"Model: {exits} exits at compute fractions {', '.join(_f(c, '.3f') for c in model['exit_costs'])} "
-        f"(multiply-accumulates); per-exit test accuracy {', '.join(_pct(a, 2) for a in model['exit_test_accuracy'])}."),
-        (f"Policy: `{policy['version']}`, {policy['provenance'].get('method', '?')}; max-prob thresholds "
-        f"{thresholds} at exits 0..{exits - 2}; expected compute on calibration "
-        f"{_f(policy['provenance'].get('expected_cost'), '.3f')}."),
+        (
+            f"Model: {exits} exits at compute fractions {', '.join(_f(c, '.3f') for c in model['exit_costs'])} "
+            f"(multiply-accumulates); per-exit test accuracy {', '.join(_pct(a, 2) for a in model['exit_test_accuracy'])}."
+        ),
+        (
+            f"Policy: `{policy['version']}`, {policy['provenance'].get('method', '?')}; max-prob thresholds "
+            f"{thresholds} at exits 0..{exits - 2}; expected compute on calibration "
+            f"{_f(policy['provenance'].get('expected_cost'), '.3f')}."
+        ),
         "",
-        (f"### Quality through the server ({quality['rows']:,} test rows, concurrency {quality['concurrency']}, "
-        f"{quality['rows_per_request']} rows per request)"),
+        (
+            f"### Quality through the server ({quality['rows']:,} test rows, concurrency {quality['concurrency']}, "
+            f"{quality['rows_per_request']} rows per request)"
+        ),
         "",
         markdown_table(
-            ["accuracy early exit", "accuracy full", "agreement with full", "mean compute fraction",
-             "ideal speed-up", "exit distribution"],
-            [[_pct(quality["accuracy_early"], 2), _pct(quality["accuracy_full"], 2), _pct(quality["agreement"], 2),
-              _f(quality["mean_compute_fraction"], ".3f"), _f(quality["ideal_speedup"], ".2f", "x"),
-              " / ".join(_pct(f) for f in quality["exit_fractions"])]],
+            [
+                "accuracy early exit",
+                "accuracy full",
+                "agreement with full",
+                "mean compute fraction",
+                "ideal speed-up",
+                "exit distribution",
+            ],
+            [
+                [
+                    _pct(quality["accuracy_early"], 2),
+                    _pct(quality["accuracy_full"], 2),
+                    _pct(quality["agreement"], 2),
+                    _f(quality["mean_compute_fraction"], ".3f"),
+                    _f(quality["ideal_speedup"], ".2f", "x"),
+                    " / ".join(_pct(f) for f in quality["exit_fractions"]),
+                ]
+            ],
         ),
         "",
     ]
@@ -158,28 +194,53 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
         "### Throughput and latency (medians over rounds)",
         "",
         markdown_table(
-            ["concurrency", "early rows/s", "full rows/s", "throughput ratio", "share of ideal",
-             "p50 ms early / full", "p90 ms early / full", "p99 ms early / full", "p50 / p90 / p99 ratio",
-             "server CPU ms/row early / full", "CPU-bound ratio"],
-            [[lv["concurrency"], _f(_arm(lv, EARLY, "rows_per_s"), ",.0f"), _f(_arm(lv, FULL, "rows_per_s"), ",.0f"),
-              _f(lv["throughput_ratio"], ".2f", "x"), _pct(lv["realised_share"], 0),
-              f"{_f(_arm(lv, EARLY, 'p50_ms'))} / {_f(_arm(lv, FULL, 'p50_ms'))}",
-              f"{_f(_arm(lv, EARLY, 'p90_ms'))} / {_f(_arm(lv, FULL, 'p90_ms'))}",
-              f"{_f(_arm(lv, EARLY, 'p99_ms'))} / {_f(_arm(lv, FULL, 'p99_ms'))}",
-              f"{_f(lv['p50_ratio'])} / {_f(lv['p90_ratio'])} / {_f(lv['p99_ratio'])}",
-              (f"{_f(lv.get('server_cpu_per_row_ms', {}).get(EARLY), '.3f')} / "
-               f"{_f(lv.get('server_cpu_per_row_ms', {}).get(FULL), '.3f')}"),
-              _f(lv.get("cpu_bound_ratio"), ".2f", "x")] for lv in levels],
+            [
+                "concurrency",
+                "early rows/s",
+                "full rows/s",
+                "throughput ratio",
+                "share of ideal",
+                "p50 ms early / full",
+                "p90 ms early / full",
+                "p99 ms early / full",
+                "p50 / p90 / p99 ratio",
+                "server CPU ms/row early / full",
+                "CPU-bound ratio",
+            ],
+            [
+                [
+                    lv["concurrency"],
+                    _f(_arm(lv, EARLY, "rows_per_s"), ",.0f"),
+                    _f(_arm(lv, FULL, "rows_per_s"), ",.0f"),
+                    _f(lv["throughput_ratio"], ".2f", "x"),
+                    _pct(lv["realised_share"], 0),
+                    f"{_f(_arm(lv, EARLY, 'p50_ms'))} / {_f(_arm(lv, FULL, 'p50_ms'))}",
+                    f"{_f(_arm(lv, EARLY, 'p90_ms'))} / {_f(_arm(lv, FULL, 'p90_ms'))}",
+                    f"{_f(_arm(lv, EARLY, 'p99_ms'))} / {_f(_arm(lv, FULL, 'p99_ms'))}",
+                    f"{_f(lv['p50_ratio'])} / {_f(lv['p90_ratio'])} / {_f(lv['p99_ratio'])}",
+                    (
+                        f"{_f(lv.get('server_cpu_per_row_ms', {}).get(EARLY), '.3f')} / "
+                        f"{_f(lv.get('server_cpu_per_row_ms', {}).get(FULL), '.3f')}"
+                    ),
+                    _f(lv.get("cpu_bound_ratio"), ".2f", "x"),
+                ]
+                for lv in levels
+            ],
         ),
         "",
-        ("Share of ideal: the throughput ratio over the ideal speed-up (1 / mean compute fraction). "
-         "CPU-bound ratio: full / early server CPU per row (all rounds pooled), the throughput ratio the "
-         "server's CPU cost allows once the cores are saturated. On a shared machine it is the steadier "
-         "figure: a busy machine gives the arm with more runnable processes (the early-exit pipeline) a "
-         "larger share of the CPU at other people's expense."),
+        (
+            "Share of ideal: the throughput ratio over the ideal speed-up (1 / mean compute fraction). "
+            "CPU-bound ratio: full / early server CPU per row (all rounds pooled), the throughput ratio the "
+            "server's CPU cost allows once the cores are saturated. On a shared machine it is the steadier "
+            "figure: a busy machine gives the arm with more runnable processes (the early-exit pipeline) a "
+            "larger share of the CPU at other people's expense."
+        ),
         "",
         "Throughput ratio per round: "
-        + "; ".join(f"c={lv['concurrency']}: " + ", ".join(_f(r, ".2f") for r in lv["throughput_ratios"]) for lv in levels)
+        + "; ".join(
+            f"c={lv['concurrency']}: " + ", ".join(_f(r, ".2f") for r in lv["throughput_ratios"])
+            for lv in levels
+        )
         + ".",
         "",
     ]
@@ -187,17 +248,37 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
         parts += [
             "### Orchestration tax and compaction gain",
             "",
-            ("Tax: throughput lost when every row is forced to full depth through the orchestrator and all "
-            "segments (`force_full`, policy routing forced rows through the segments), against `_full`; "
-            "the forwarded variant sends forced rows to `_full` through one BLS hop instead. Compaction "
-            "gain: early exit with compaction over the same orchestrator without it."),
+            (
+                "Tax: throughput lost when every row is forced to full depth through the orchestrator and all "
+                "segments (`force_full`, policy routing forced rows through the segments), against `_full`; "
+                "the forwarded variant sends forced rows to `_full` through one BLS hop instead. Compaction "
+                "gain: early exit with compaction over the same orchestrator without it."
+            ),
             "",
             markdown_table(
-                ["concurrency", "through segments rows/s", "tax (throughput)", "tax (p50 latency)",
-                 "forwarded rows/s", "forwarded tax", "no-compaction rows/s", "compaction gain"],
-                [[lv["concurrency"], _f(_arm(lv, SEGMENTS_FULL, "rows_per_s"), ",.0f"), _pct(lv["tax"]),
-                  _pct(lv["tax_p50"]), _f(_arm(lv, FORWARD_FULL, "rows_per_s"), ",.0f"), _pct(lv["forward_tax"]),
-                  _f(_arm(lv, NOCOMPACT, "rows_per_s"), ",.0f"), _pct(lv["compaction_gain"])] for lv in levels],
+                [
+                    "concurrency",
+                    "through segments rows/s",
+                    "tax (throughput)",
+                    "tax (p50 latency)",
+                    "forwarded rows/s",
+                    "forwarded tax",
+                    "no-compaction rows/s",
+                    "compaction gain",
+                ],
+                [
+                    [
+                        lv["concurrency"],
+                        _f(_arm(lv, SEGMENTS_FULL, "rows_per_s"), ",.0f"),
+                        _pct(lv["tax"]),
+                        _pct(lv["tax_p50"]),
+                        _f(_arm(lv, FORWARD_FULL, "rows_per_s"), ",.0f"),
+                        _pct(lv["forward_tax"]),
+                        _f(_arm(lv, NOCOMPACT, "rows_per_s"), ",.0f"),
+                        _pct(lv["compaction_gain"]),
+                    ]
+                    for lv in levels
+                ],
             ),
             "",
         ]
@@ -250,34 +331,73 @@ def breakdown_section(s: Mapping) -> list[str]:
         "",
         latency_ladder(s),
         "",
-        ("CPU time per served row (ms), by process (the server's stubs by the model they serve; perf_analyzer "
-        "runs on the same cores):"),
+        (
+            "CPU time per served row (ms), by process (the server's stubs by the model they serve; perf_analyzer "
+            "runs on the same cores):"
+        ),
         "",
         markdown_table(["process", "early exit", "full model"], cpu_rows),
         "",
-        ("Inside the server, from Triton's statistics (per request: queue and total; per execution: "
-        "input + infer + output):"),
+        (
+            "Inside the server, from Triton's statistics (per request: queue and total; per execution: "
+            "input + infer + output):"
+        ),
         "",
-        markdown_table(["model", "requests", "rows per execution", "queue ms / request", "execution ms",
-                        "request ms (queue + compute)"], seg_rows),
+        markdown_table(
+            [
+                "model",
+                "requests",
+                "rows per execution",
+                "queue ms / request",
+                "execution ms",
+                "request ms (queue + compute)",
+            ],
+            seg_rows,
+        ),
         "",
-        (f"Per orchestrator execution: {_f(orch['execution_ms'], '.3f')} ms, of which "
-        f"{_f(b['segment_time_per_execution_ms'], '.3f')} ms inside {_f(b['bls_calls_per_execution'], '.2f')} segment "
-        f"calls (their queue and compute) and {_f(b['orchestrator_overhead_per_execution_ms'], '.3f')} ms "
-        f"({_pct(b['overhead_share'], 0)}) in the orchestrator itself: request parsing, the cascade, responses "
-        f"and the BLS hops, {_f(b['overhead_per_bls_call_ms'], '.3f')} ms per segment call."),
+        (
+            f"Per orchestrator execution: {_f(orch['execution_ms'], '.3f')} ms, of which "
+            f"{_f(b['segment_time_per_execution_ms'], '.3f')} ms inside {_f(b['bls_calls_per_execution'], '.2f')} segment "
+            f"calls (their queue and compute) and {_f(b['orchestrator_overhead_per_execution_ms'], '.3f')} ms "
+            f"({_pct(b['overhead_share'], 0)}) in the orchestrator itself: request parsing, the cascade, responses "
+            f"and the BLS hops, {_f(b['overhead_per_bls_call_ms'], '.3f')} ms per segment call."
+        ),
         "",
         "perf_analyzer's split of the average request latency (ms):",
         "",
-        markdown_table(["arm", "client send", "network + server send/recv", "server queue", "compute input",
-                        "compute infer", "compute output", "client recv", "average"], split_rows),
+        markdown_table(
+            [
+                "arm",
+                "client send",
+                "network + server send/recv",
+                "server queue",
+                "compute input",
+                "compute infer",
+                "compute output",
+                "client recv",
+                "average",
+            ],
+            split_rows,
+        ),
         "",
-        ("Offline, one ONNX Runtime thread in one process, no server (minimum of repeated runs): each "
-        "segment and the full model per batch, the cumulative time fraction of leaving after each "
-        "exit against the multiply-accumulate fraction, and the cascade's own NumPy logic with free segments:"),
+        (
+            "Offline, one ONNX Runtime thread in one process, no server (minimum of repeated runs): each "
+            "segment and the full model per batch, the cumulative time fraction of leaving after each "
+            "exit against the multiply-accumulate fraction, and the cascade's own NumPy logic with free segments:"
+        ),
         "",
-        markdown_table(["rows", "segment ms", "full ms", "full ms per row", "time fraction", "MAC fraction",
-                        "cascade logic ms"], offline_rows),
+        markdown_table(
+            [
+                "rows",
+                "segment ms",
+                "full ms",
+                "full ms per row",
+                "time fraction",
+                "MAC fraction",
+                "cascade logic ms",
+            ],
+            offline_rows,
+        ),
         "",
     ]
     return lines
@@ -306,16 +426,22 @@ def _breakdown_sentences(s: Mapping) -> str:
     level = next((lv for lv in s["levels"] if lv["concurrency"] == b["concurrency"]), None)
     measured = f" (measured: {_f(level['throughput_ratio'], '.2f')}x)" if level else ""
     sentences = [
-        (f"Server CPU per row: early exit {_f(early_total, '.4f')} ms against {_f(full_total, '.4f')} ms for the "
-        f"full model, so on a CPU-bound server the early-exit service can reach at most "
-        f"{_f(_ratio(full_total, early_total), '.2f')}x the full model's throughput{measured}, where the exits' "
-        f"compute fraction alone would allow {_f(quality['ideal_speedup'], '.2f')}x."),
-        (f"Of the early-exit server CPU, the segments take {_pct(_ratio(segments, early_total), 0)}, the "
-        f"orchestrator's stub {_pct(_ratio(orchestrator, early_total), 0)} and tritonserver itself (gRPC, "
-        f"batching, BLS routing) {_pct(_ratio(core_early, early_total), 0)}; for the full model tritonserver "
-        f"takes {_pct(_ratio(core_full, full_total), 0)}."),
-        (f"In time, the segments' compute per served row is {_f(b['measured_compute_fraction'], '.2f')} of the "
-        f"full model's (the multiply-accumulate fraction says {_f(b['mac_compute_fraction'], '.2f')})."),
+        (
+            f"Server CPU per row: early exit {_f(early_total, '.4f')} ms against {_f(full_total, '.4f')} ms for the "
+            f"full model, so on a CPU-bound server the early-exit service can reach at most "
+            f"{_f(_ratio(full_total, early_total), '.2f')}x the full model's throughput{measured}, where the exits' "
+            f"compute fraction alone would allow {_f(quality['ideal_speedup'], '.2f')}x."
+        ),
+        (
+            f"Of the early-exit server CPU, the segments take {_pct(_ratio(segments, early_total), 0)}, the "
+            f"orchestrator's stub {_pct(_ratio(orchestrator, early_total), 0)} and tritonserver itself (gRPC, "
+            f"batching, BLS routing) {_pct(_ratio(core_early, early_total), 0)}; for the full model tritonserver "
+            f"takes {_pct(_ratio(core_full, full_total), 0)}."
+        ),
+        (
+            f"In time, the segments' compute per served row is {_f(b['measured_compute_fraction'], '.2f')} of the "
+            f"full model's (the multiply-accumulate fraction says {_f(b['mac_compute_fraction'], '.2f')})."
+        ),
     ]
     logic = _nearest_offline(s, b["orchestrator"]["rows_per_execution"])
     calls = b["bls_calls_per_execution"]
@@ -356,8 +482,16 @@ def latency_ladder(s: Mapping) -> str:
     steps = [(FULL, "full model"), (FORWARD_FULL, "+ orchestrator and one BLS hop (forced, forwarded)"),
              (SEGMENTS_FULL, "+ the cascade over three segment calls (forced, through segments)"),
              (NOCOMPACT, "early exit without compaction"), (EARLY, "early exit")]  # fmt: skip
-    shown = [f"{label} {_f(_arm(level, arm, 'p50_ms'), '.2f')} ms" for arm, label in steps if _arm(level, arm, "p50_ms")]
-    return f"Median latency at concurrency {level['concurrency']}, no queueing to speak of: " + "; ".join(shown) + "."
+    shown = [
+        f"{label} {_f(_arm(level, arm, 'p50_ms'), '.2f')} ms"
+        for arm, label in steps
+        if _arm(level, arm, "p50_ms")
+    ]
+    return (
+        f"Median latency at concurrency {level['concurrency']}, no queueing to speak of: "
+        + "; ".join(shown)
+        + "."
+    )
 
 
 def _ratio(a: float | None, b: float | None) -> float:
@@ -410,7 +544,12 @@ def write_plots(s: Mapping, directory: Path) -> dict[str, Path]:
         ax.plot([p["mean_compute_fraction"] for p in curve], [p["accuracy"] * 100 for p in curve], style,
                 label=f"one max-prob threshold, {split} rows (offline)")  # fmt: skip
     model = s["model"]
-    ax.plot(model["exit_costs"], [a * 100 for a in model["exit_test_accuracy"]], "k^", label="each exit alone (test)")
+    ax.plot(
+        model["exit_costs"],
+        [a * 100 for a in model["exit_test_accuracy"]],
+        "k^",
+        label="each exit alone (test)",
+    )
     quality = s["quality"]
     ax.plot([quality["mean_compute_fraction"]], [quality["accuracy_early"] * 100], "r*", markersize=14,
             label="served policy, measured through the server (test)")  # fmt: skip

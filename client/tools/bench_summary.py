@@ -25,7 +25,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-EARLY, FULL, NOCOMPACT, SEGMENTS_FULL, FORWARD_FULL = "early", "full", "nocompact", "segments_full", "forward_full"
+EARLY, FULL, NOCOMPACT, SEGMENTS_FULL, FORWARD_FULL = (
+    "early",
+    "full",
+    "nocompact",
+    "segments_full",
+    "forward_full",
+)
 LATENCIES = ("p50_ms", "p90_ms", "p99_ms")
 
 
@@ -39,7 +45,9 @@ def _by_key(records: Sequence[Mapping]) -> dict[tuple[str, int, int], Mapping]:
     return {(r["arm"], r["concurrency"], r["rep"]): r for r in records}
 
 
-def paired_ratios(records: Sequence[Mapping], numerator: str, denominator: str, field: str, concurrency: int) -> list[float]:
+def paired_ratios(
+    records: Sequence[Mapping], numerator: str, denominator: str, field: str, concurrency: int
+) -> list[float]:
     """``numerator / denominator`` of ``perf[field]`` for every repeat at ``concurrency`` where both arms ran."""
     index = _by_key(records)
     reps = sorted({r["rep"] for r in records if r["concurrency"] == concurrency})
@@ -54,7 +62,9 @@ def paired_ratios(records: Sequence[Mapping], numerator: str, denominator: str, 
     return ratios
 
 
-def paired_ratio(records: Sequence[Mapping], numerator: str, denominator: str, field: str, concurrency: int) -> float:
+def paired_ratio(
+    records: Sequence[Mapping], numerator: str, denominator: str, field: str, concurrency: int
+) -> float:
     """The median over repeats of the per-repeat ratio (NaN if no repeat has both arms)."""
     return median(paired_ratios(records, numerator, denominator, field, concurrency))
 
@@ -199,7 +209,9 @@ def evaluate_goals(levels: Sequence[Mapping], goals: Goals) -> list[dict]:
         add(f"orchestration tax (throughput) at concurrency {goals.concurrency}", f"< {goals.max_tax:.0%}",
             value, value < goals.max_tax, f"{value:.1%}" if at else missing)  # fmt: skip
     if goals.max_p99_ratio is not None and levels:
-        worst = max((level["p99_ratio"] for level in levels if math.isfinite(level["p99_ratio"])), default=math.nan)
+        worst = max(
+            (level["p99_ratio"] for level in levels if math.isfinite(level["p99_ratio"])), default=math.nan
+        )
         where = next((level["concurrency"] for level in levels if level["p99_ratio"] == worst), None)
         add("p99 latency early/full, worst level", f"<= {goals.max_p99_ratio:g}",
             worst, worst <= goals.max_p99_ratio, f"{worst:.2f} (concurrency {where})")  # fmt: skip
@@ -243,7 +255,10 @@ def model_timing(records: Sequence[Mapping], model: str) -> dict[str, float]:
         "execution_total_ms": exec_ns * 1e-6,
         # Request latency inside the server: queue and compute, per request.
         "request_ms": _per(
-            sum(s.get(k, 0.0) for k in ("queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns")),
+            sum(
+                s.get(k, 0.0)
+                for k in ("queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns")
+            ),
             requests,
             1e-6,
         ),
@@ -257,11 +272,17 @@ def cpu_per_row(records: Sequence[Mapping], rows_model: str) -> dict[str, float]
     for record in records:
         for label, seconds in record.get("server_cpu_s", {}).items():
             totals[label] = totals.get(label, 0.0) + seconds
-        totals["client (perf_analyzer)"] = totals.get("client (perf_analyzer)", 0.0) + record.get("client_cpu_s", 0.0)
+        totals["client (perf_analyzer)"] = totals.get("client (perf_analyzer)", 0.0) + record.get(
+            "client_cpu_s", 0.0
+        )
     per_row = {label: _per(seconds, rows, 1e3) for label, seconds in totals.items() if seconds > 0}
     server_total = sum(v for k, v in per_row.items() if not k.startswith("client"))
     # Stubs of models the arm does not use still wake up now and then: below 1% they are one line.
-    idle = [k for k, v in per_row.items() if k not in ("tritonserver", "client (perf_analyzer)") and v < 0.01 * server_total]
+    idle = [
+        k
+        for k, v in per_row.items()
+        if k not in ("tritonserver", "client (perf_analyzer)") and v < 0.01 * server_total
+    ]
     if idle:
         per_row[IDLE_PROCESSES] = sum(per_row.pop(k) for k in idle)
     per_row["server total"] = server_total
@@ -297,7 +318,9 @@ def time_breakdown(
     inside_segments_ms = _per(sum(s["request_ms"] * s["requests"] for s in segments.values()), executions)
     segment_compute_ms = sum(s["execution_total_ms"] for s in segments.values())
     rows_early, rows_full = orchestrator["rows"], full["rows"]
-    measured_fraction = _per(_per(segment_compute_ms, rows_early), _per(full["execution_total_ms"], rows_full))
+    measured_fraction = _per(
+        _per(segment_compute_ms, rows_early), _per(full["execution_total_ms"], rows_full)
+    )
     overhead_ms = orchestrator["execution_ms"] - inside_segments_ms
     return {
         "concurrency": concurrency,
@@ -314,7 +337,10 @@ def time_breakdown(
         "full_compute_per_row_ms": _per(full["execution_total_ms"], rows_full),
         "measured_compute_fraction": measured_fraction,
         "mac_compute_fraction": mac_mean_compute_fraction,
-        "cpu_per_row_ms": {EARLY: cpu_per_row(early_runs, early_model), FULL: cpu_per_row(full_runs, full_model)},
+        "cpu_per_row_ms": {
+            EARLY: cpu_per_row(early_runs, early_model),
+            FULL: cpu_per_row(full_runs, full_model),
+        },
         "perf_split_ms": {
             arm: {k: median(r["perf"].get(k) for r in runs) for k in _PERF_SPLIT}
             for arm, runs in ((EARLY, early_runs), (FULL, full_runs))
@@ -358,7 +384,7 @@ def accuracy_compute_curve(
     rows = exit_logits.shape[1]
     shifted = exit_logits - exit_logits.max(axis=2, keepdims=True)
     probs = np.exp(shifted)
-    max_prob = (probs.max(axis=2) / probs.sum(axis=2))  # (exits, N)
+    max_prob = probs.max(axis=2) / probs.sum(axis=2)  # (exits, N)
     answers = exit_logits.argmax(axis=2)  # (exits, N)
     costs = np.asarray(exit_costs)
     curve = []
@@ -385,13 +411,19 @@ def with_derived_figures(summary: Mapping) -> dict:
     settings = summary.get("goal_settings")
     goals = Goals(**settings) if settings is not None else Goals()
     measured = [level["concurrency"] for level in levels]
-    concurrency = goals.concurrency if goals.concurrency in measured else (measured[-1] if measured else goals.concurrency)
+    concurrency = (
+        goals.concurrency
+        if goals.concurrency in measured
+        else (measured[-1] if measured else goals.concurrency)
+    )
     name = summary["workload"]
     segments = [f"{name}_segment_{k}" for k in range(summary["model"]["exits"])]
     return {
         **summary,
         "levels": levels,
         "goals": evaluate_goals(levels, goals),
-        "breakdown": time_breakdown(records, concurrency, name, f"{name}_full", segments, quality["mean_compute_fraction"]),
+        "breakdown": time_breakdown(
+            records, concurrency, name, f"{name}_full", segments, quality["mean_compute_fraction"]
+        ),
         "load": machine_load(records),
     }

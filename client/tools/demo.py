@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
 from offramp.backend.environment import prepare_execution_env
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.calibrate import calibrate_artifacts, held_out_data
@@ -23,7 +25,6 @@ from offramp.build.recipes import served_fashion_cnn
 from offramp.build.repository import RepositoryOptions, full_model_name, write_repository
 from offramp.client.grpc_client import OfframpClient, Predictions
 from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
-from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,12 @@ class RunResult:
 
 
 def send_all(
-    url: str, rows: int, rows_per_request: int, concurrency: int, call: Callable[[OfframpClient, slice], object], desc: str
+    url: str,
+    rows: int,
+    rows_per_request: int,
+    concurrency: int,
+    call: Callable[[OfframpClient, slice], object],
+    desc: str,
 ) -> tuple[list[object], RunResult]:
     """Sends ``rows`` in requests of ``rows_per_request`` from ``concurrency`` threads; keeps the order."""
     slices = [slice(s, min(s + rows_per_request, rows)) for s in range(0, rows, rows_per_request)]
@@ -117,11 +123,16 @@ def run_demo(
 ) -> int:
     print(f"[1/4] build: {model} (reused when cached) -> {workdir}")
     workload = (
-        fashion_cnn_workload(workdir, epochs or 3) if model == "fashion_cnn" else text_workload(model, workdir, epochs or 2)
+        fashion_cnn_workload(workdir, epochs or 3)
+        if model == "fashion_cnn"
+        else text_workload(model, workdir, epochs or 2)
     )
     artifacts, artifacts_dir = workload.artifacts, workload.artifacts_dir
     print(f"      {workload.description}")
-    print("      per-exit test accuracy (PyTorch): " + ", ".join(f"{a:.2%}" for a in artifacts.exit_test_accuracy))
+    print(
+        "      per-exit test accuracy (PyTorch): "
+        + ", ".join(f"{a:.2%}" for a in artifacts.exit_test_accuracy)
+    )
     print("      exit costs (fraction of full):   " + ", ".join(f"{c:.2f}" for c in artifacts.exit_costs))
 
     print("[2/4] policy: Learn-then-Test on the held-out calibration split, disagreement with the full model "
@@ -156,7 +167,12 @@ def run_demo(
 
 
 def print_summary(
-    early: Predictions, full_labels: np.ndarray, labels: np.ndarray, early_run: RunResult, full_run: RunResult, exits: int
+    early: Predictions,
+    full_labels: np.ndarray,
+    labels: np.ndarray,
+    early_run: RunResult,
+    full_run: RunResult,
+    exits: int,
 ) -> None:
     counts = np.bincount(early.exit, minlength=exits)
     mean_cost = float(early.cost.mean())
@@ -167,13 +183,21 @@ def print_summary(
     print(f"agreement with full:    {(early.label == full_labels).mean():.2%}")
     print(f"mean compute fraction:  {mean_cost:.3f} (ideal speed-up {1 / mean_cost:.2f}x; "
           f"measured {early_run.rows_per_second / full_run.rows_per_second:.2f}x)")  # fmt: skip
-    print("exit distribution:      " + ", ".join(f"exit {k}: {c / len(early):.1%}" for k, c in enumerate(counts)))
+    print(
+        "exit distribution:      "
+        + ", ".join(f"exit {k}: {c / len(early):.1%}" for k, c in enumerate(counts))
+    )
 
 
 def main_demo(args: object) -> int:
     try:
         return run_demo(
-            Path(args.workdir), Path(args.repository), args.model, args.epochs, args.concurrency, args.rows_per_request
+            Path(args.workdir),
+            Path(args.repository),
+            args.model,
+            args.epochs,
+            args.concurrency,
+            args.rows_per_request,
         )
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from offramp.build.markdown import markdown_table
 from offramp.client.serving.fleet import Replica, parse_fleet
 from offramp.client.serving.statistics import model_statistics, statistics_delta

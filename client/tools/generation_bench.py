@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from offramp.client.cli.options import comma_list, option, positive_int
 
 MODES = ("full", "self_speculative", "confident")
@@ -55,7 +56,9 @@ GOALS = {  # (mode, concurrency) -> tokens/s over full
 class GenerationBenchConfig:
     """What ``offramp generate bench`` measures; each field is also its command-line option."""
 
-    concurrency: tuple[int, ...] = option((1, 8, 32), parse=comma_list(positive_int), help="concurrency levels")
+    concurrency: tuple[int, ...] = option(
+        (1, 8, 32), parse=comma_list(positive_int), help="concurrency levels"
+    )
     workloads: tuple[str, ...] = option(tuple(WORKLOADS), parse=comma_list(str), help="next_line, 64_tokens")
     requests: int = option(64, help="completions per run (prompts from the test modules)")
     repeats: int = option(3, help="interleaved rounds per level")
@@ -104,7 +107,9 @@ def prepared_model(config: GenerationBenchConfig) -> tuple[Any, Path, Any]:
         tokenizer = train_tokenizer((m.text for m in modules), 384)
         checkpoint = tiny_random_checkpoint(folder / "checkpoint", "llama", tokenizer, context=256)
         artifacts, directory = import_checkpoint(checkpoint, folder / "artifacts", exit_layers=(1, 2, 4))
-        settings = CalibrationSettings(calibration_tasks=48, test_tasks=16, acceptance_tasks=16, draft_lengths=(2, 3))
+        settings = CalibrationSettings(
+            calibration_tasks=48, test_tasks=16, acceptance_tasks=16, draft_lengths=(2, 3)
+        )
     else:
         artifacts, directory = build_code_model(config.workdir)
         settings = CalibrationSettings()
@@ -135,7 +140,9 @@ def server_counters(metrics_url: str) -> dict[str, float]:
     """The generator's counters on the metrics page, summed over their labels (tokens also by mode)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(metrics_url, timeout=10) as response:
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+        metrics_url, timeout=10
+    ) as response:
         text = response.read().decode()
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -153,14 +160,18 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
 
 
-def run_once(url: str, model: str, tasks: Sequence[Any], workload: str, mode: str, concurrency: int, metrics_url: str) -> dict:
+def run_once(
+    url: str, model: str, tasks: Sequence[Any], workload: str, mode: str, concurrency: int, metrics_url: str
+) -> dict:
     """One run: every task's prompt through ``mode`` at ``concurrency``; what it measured."""
     from offramp.client.generation_client import GenerationClient
 
     parameters = {**WORKLOADS[workload], "mode": mode}
     before = server_counters(metrics_url)
     started = time.perf_counter()
-    completions = GenerationClient(url, model).stream([(t.prompt, dict(parameters)) for t in tasks], concurrency)
+    completions = GenerationClient(url, model).stream(
+        [(t.prompt, dict(parameters)) for t in tasks], concurrency
+    )
     wall = time.perf_counter() - started
     after = server_counters(metrics_url)
     delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
@@ -198,7 +209,9 @@ def perf_analyzer_run(url: str, model: str, data: Path, mode: str, concurrency: 
         request_parameters={"max_tokens": 64, "mode": mode}, extra_args=("--streaming",),
     )  # fmt: skip
     before = server_counters(metrics_url)
-    run = run_perf_analyzer(options, raw / f"perf_{mode}_c{concurrency}.csv", timeout_s=120 + 6 * config.perf_window_ms / 1000)
+    run = run_perf_analyzer(
+        options, raw / f"perf_{mode}_c{concurrency}.csv", timeout_s=120 + 6 * config.perf_window_ms / 1000
+    )
     after = server_counters(metrics_url)
     tokens = after.get(f"tokens:{mode}", 0.0) - before.get(f"tokens:{mode}", 0.0)
     requests = sum(v for k, v in after.items() if k == "offramp_generation_requests_total") - sum(
@@ -210,7 +223,9 @@ def perf_analyzer_run(url: str, model: str, data: Path, mode: str, concurrency: 
             "p50_ms": run.result.p50_ms, "p99_ms": run.result.p99_ms}  # fmt: skip
 
 
-def transformers_reference(directory: Path, artifacts: Any, policy: Any, tasks: Sequence[Any], completions: Mapping) -> dict:
+def transformers_reference(
+    directory: Path, artifacts: Any, policy: Any, tasks: Sequence[Any], completions: Mapping
+) -> dict:
     """transformers' greedy ``generate`` at batch 1, plain and with ``assistant_early_exit``."""
     import torch
     from tokenizers import Tokenizer
@@ -220,7 +235,11 @@ def transformers_reference(directory: Path, artifacts: Any, policy: Any, tasks: 
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     model = AutoModelForCausalLM.from_pretrained(directory).eval()
     early_layer = artifacts.exit_layers[policy.draft_exit]
-    results: dict[str, Any] = {"draft_layer": early_layer, "draft_length": policy.draft_length, "prompts": len(tasks)}
+    results: dict[str, Any] = {
+        "draft_layer": early_layer,
+        "draft_length": policy.draft_length,
+        "prompts": len(tasks),
+    }
     outputs: dict[str, list[list[int]]] = {}
     for name, extra in (("plain", {}), ("assistant_early_exit", {"assistant_early_exit": early_layer})):
         generated, seconds = [], 0.0
@@ -241,7 +260,10 @@ def transformers_reference(directory: Path, artifacts: Any, policy: Any, tasks: 
     results["early_exit_same_as_plain"] = outputs["assistant_early_exit"] == outputs["plain"]
     served = completions.get("full", [])
     compared = [(h, s) for h, s in zip(outputs["plain"], served) if len(s) == 64]
-    results["plain_same_as_served_full"] = {"compared": len(compared), "equal": sum(h == s for h, s in compared)}
+    results["plain_same_as_served_full"] = {
+        "compared": len(compared),
+        "equal": sum(h == s for h, s in compared),
+    }
     return results
 
 
@@ -254,13 +276,14 @@ def rotated(items: Sequence[str], shift: int) -> list[str]:
 
 
 def run_generation_bench(config: GenerationBenchConfig) -> dict:
+    from tokenizers import Tokenizer
+
     from offramp.backend.environment import prepare_execution_env
     from offramp.build.code_data import completion_tasks, split_modules, stdlib_modules
     from offramp.build.generation_calibrate import token_disagreement
     from offramp.build.generation_repository import write_generator
     from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
     from offramp.client.tools.bench import machine_record, package_versions
-    from tokenizers import Tokenizer
 
     started = time.time()
     artifacts, directory, policy = prepared_model(config)
@@ -268,7 +291,9 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
     seed = artifacts.build.get("settings", {}).get("split_seed", 0)
     test_modules = split_modules(stdlib_modules(), seed)["test"]
     tasks = completion_tasks(test_modules, tokenizer, artifacts.context - 64, seed=1)
-    tasks = [tasks[i] for i in sorted(np.random.default_rng(1).choice(len(tasks), config.requests, replace=False))]
+    tasks = [
+        tasks[i] for i in sorted(np.random.default_rng(1).choice(len(tasks), config.requests, replace=False))
+    ]
     scratch = config.workdir / "generation-bench"
     repository = scratch / "model_repository"
     write_generator(directory, policy, repository, execution_env=prepare_execution_env(), name="coder")
@@ -279,7 +304,9 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
                               startup_timeout_s=600) as server:  # fmt: skip
         url, metrics = server.grpc_url, server.metrics_url
         run_once(url, "coder", tasks[:4], "next_line", "full", 2, metrics)  # warm-up: the stub's first calls
-        plan = [(w, c, r) for w in config.workloads for c in config.concurrency for r in range(config.repeats)]
+        plan = [
+            (w, c, r) for w in config.workloads for c in config.concurrency for r in range(config.repeats)
+        ]
         for step, (workload, concurrency, rep) in enumerate(plan):
             for mode in rotated(MODES, rep + step):
                 record = run_once(url, "coder", tasks, workload, mode, concurrency, metrics)
@@ -290,8 +317,13 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
             data = prompt_input_data(scratch / "prompts.json", [t.prompt for t in tasks])
             for concurrency in config.concurrency:
                 for mode in MODES:
-                    perf.append(perf_analyzer_run(url, "coder", data, mode, concurrency, metrics, config, raw))
-                    print(f"perf_analyzer c={concurrency} {mode}: {perf[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+                    perf.append(
+                        perf_analyzer_run(url, "coder", data, mode, concurrency, metrics, config, raw)
+                    )
+                    print(
+                        f"perf_analyzer c={concurrency} {mode}: {perf[-1]['tokens_per_s']:.1f} tokens/s",
+                        flush=True,
+                    )
     reference = None
     if config.reference_prompts and artifacts.family == "llama":
         served_full = next(r["completions"] for r in runs if r["workload"] == "64_tokens" and r["mode"] == "full") \
@@ -304,8 +336,12 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
         "machine": machine_record(),
         "versions": {**package_versions(), "transformers": importlib.metadata.version("transformers")},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-        "model": {"name": artifacts.name, "exit_layers": list(artifacts.exit_layers), "fingerprint": artifacts.fingerprint,
-                  "context": artifacts.context},  # fmt: skip
+        "model": {
+            "name": artifacts.name,
+            "exit_layers": list(artifacts.exit_layers),
+            "fingerprint": artifacts.fingerprint,
+            "context": artifacts.context,
+        },  # fmt: skip
         "policy": json.loads(json.dumps(asdict(policy))),
         "tasks": [{"module": t.module, "function": t.function, "line": t.line} for t in tasks],
         "runs": runs,
@@ -324,7 +360,9 @@ def summarize(runs: Sequence[Mapping], disagreement: Any) -> list[dict]:
     """Per workload and concurrency: each mode's medians over rounds, ratios to ``full`` within a round,
     identity of self_speculative with full, confident's disagreement with full."""
     table = []
-    keys = sorted({(r["workload"], r["concurrency"]) for r in runs}, key=lambda k: (list(WORKLOADS).index(k[0]), k[1]))
+    keys = sorted(
+        {(r["workload"], r["concurrency"]) for r in runs}, key=lambda k: (list(WORKLOADS).index(k[0]), k[1])
+    )
     for workload, concurrency in keys:
         level = [r for r in runs if r["workload"] == workload and r["concurrency"] == concurrency]
         rounds = sorted({r["round"] for r in level})
@@ -343,11 +381,21 @@ def summarize(runs: Sequence[Mapping], disagreement: Any) -> list[dict]:
         speculative = [by[(k, "self_speculative")] for k in rounds if (k, "self_speculative") in by]
         drafted = sum(s["drafted"] for s in speculative)
         row["acceptance_rate"] = sum(s["accepted"] for s in speculative) / drafted if drafted else None
-        pairs = [(by[(k, "full")], by[(k, "self_speculative")]) for k in rounds if (k, "full") in by and (k, "self_speculative") in by]
+        pairs = [
+            (by[(k, "full")], by[(k, "self_speculative")])
+            for k in rounds
+            if (k, "full") in by and (k, "self_speculative") in by
+        ]
         row["identical"] = sum(a == b for f, s in pairs for a, b in zip(f["completions"], s["completions"]))
         row["compared"] = sum(len(f["completions"]) for f, _ in pairs)
-        confident = [(by[(k, "full")], by[(k, "confident")]) for k in rounds if (k, "full") in by and (k, "confident") in by]
-        losses = [disagreement(a, b) for f, c in confident for a, b in zip(f["completions"], c["completions"])]
+        confident = [
+            (by[(k, "full")], by[(k, "confident")])
+            for k in rounds
+            if (k, "full") in by and (k, "confident") in by
+        ]
+        losses = [
+            disagreement(a, b) for f, c in confident for a, b in zip(f["completions"], c["completions"])
+        ]
         row["confident_disagreement"] = float(np.mean(losses)) if losses else None
         exits = [e for _, c in confident for seq in c["exits"] for e in seq[1:]]
         row["confident_exit_shares"] = (np.bincount(exits) / len(exits)).tolist() if exits else []
@@ -441,7 +489,9 @@ def generation_report(summary: Mapping) -> str:
             r = table.get((workload, concurrency))
             if r is not None and r[mode]["ratio"] is not None:
                 met = "met" if r[mode]["ratio"] >= goal else "not met"
-                goal_rows.append([f"{mode} at c={concurrency}", workload, f"{goal:g}x", f"{r[mode]['ratio']:.2f}x", met])
+                goal_rows.append(
+                    [f"{mode} at c={concurrency}", workload, f"{goal:g}x", f"{r[mode]['ratio']:.2f}x", met]
+                )
     lines.append(markdown_table(["goal", "workload", "target", "measured", ""], goal_rows))
     return "\n".join(lines) + "\n"
 
@@ -456,4 +506,3 @@ def main_generation_bench(config: GenerationBenchConfig) -> int:
     except (PerfAnalyzerError, ServerStartError, ValueError, FileNotFoundError) as error:
         print(f"offramp generate bench: error: {error}", file=sys.stderr)
         return 1
-

@@ -149,10 +149,10 @@ def kernel_checks(report: Report, sizes: CheckSizes, xp: Any = None, kernel: Cal
     """The checks, with ``xp`` and ``kernel`` CuPy and ``cupy_kernel`` unless given (tests run this
     function with NumPy and the CPU shim's kernels, to check the script itself)."""
     import numpy as np
-    from offramp.kernels.confidence import METRICS, confidence_reference
-    from offramp.kernels.cuda import Launchers, RowLayout, cupy_kernel
 
     from offramp.kernels import testing as kc
+    from offramp.kernels.confidence import METRICS, confidence_reference
+    from offramp.kernels.cuda import Launchers, RowLayout, cupy_kernel
 
     if xp is None:
         import cupy as xp
@@ -333,6 +333,7 @@ def copy_bandwidth(nbytes: int = 512 << 20) -> float:
 def recorded_launch(call: Callable[[Any], Any]) -> Callable[[], None]:
     """The one kernel launch ``call(launchers)`` makes, as a function that repeats exactly that launch."""
     import cupy
+
     from offramp.kernels.cuda import Launchers, cupy_kernel
 
     launched: list[tuple] = []
@@ -495,6 +496,7 @@ def cascade_scenarios(rows: int, num_exits: int) -> list[tuple[str, dict[str, An
     """(name, CascadeBatch fields but the inputs, policy): max-prob; cohorts with their own metric and
     temperature; forced rows, minimum and maximum exits."""
     import numpy as np
+
     from offramp.backend.policy import ExitRule, Policy
 
     plain_policy = Policy("gpu-check", "fp", (ExitRule("max_prob", 0.9),) * num_exits)
@@ -536,9 +538,9 @@ def compare_cascades(device_xp: Any, kernels: Any, rows: int, num_classes: int) 
     (tests call it with NumPy and the CPU shim's kernels, to check this function itself).
     """
     import numpy as np
+
     from offramp.backend.cascade import CascadeBatch, run_cascade
     from offramp.backend.device import DeviceCascade
-
     from offramp.kernels.testing import relative_error_bound
 
     net = ExactNetwork(num_classes=num_classes)
@@ -576,6 +578,7 @@ def compare_cascades(device_xp: Any, kernels: Any, rows: int, num_classes: int) 
 def cascade_checks(report: Report, quick: bool) -> None:
     import cupy
     import numpy as np
+
     from offramp.backend.cascade import CascadeBatch, run_cascade
     from offramp.backend.device import DeviceCascade
     from offramp.kernels.cuda import cupy_launchers

@@ -122,7 +122,11 @@ def check_perf_analyzer() -> Path:
     """Return the binary after checking that it starts; raise :class:`PerfAnalyzerError` saying what to install."""
     binary = perf_analyzer_binary()
     result = subprocess.run(
-        [str(binary), "--version"], env=perf_analyzer_environment(), capture_output=True, text=True, timeout=60,
+        [str(binary), "--version"],
+        env=perf_analyzer_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     output = result.stdout + result.stderr
@@ -271,7 +275,9 @@ def parse_perf_csv(text: str, batch_size: int = 1) -> list[PerfResult]:
     try:
         start = next(i for i, line in enumerate(lines) if line.startswith(_LOAD_COLUMNS))
     except StopIteration:
-        raise ValueError("perf_analyzer CSV has no 'Concurrency,...' (or 'Request Rate,...') header") from None
+        raise ValueError(
+            "perf_analyzer CSV has no 'Concurrency,...' (or 'Request Rate,...') header"
+        ) from None
     block = []
     for line in lines[start:]:
         if not line.strip():
@@ -284,9 +290,7 @@ def parse_perf_csv(text: str, batch_size: int = 1) -> list[PerfResult]:
         missing = [c for c in (load, "Inferences/Second", "p50 latency", "p99 latency") if not row.get(c)]
         if missing:
             raise ValueError(f"perf_analyzer CSV row lacks {missing}: {row}")
-        values = {
-            f: float(row[c]) / 1000.0 for c, f in _CSV_COLUMNS.items() if row.get(c) not in (None, "")
-        }
+        values = {f: float(row[c]) / 1000.0 for c, f in _CSV_COLUMNS.items() if row.get(c) not in (None, "")}
         for required in ("p90_ms", "p95_ms"):
             values.setdefault(required, float("nan"))
         results.append(
@@ -343,7 +347,9 @@ def run_perf_analyzer(
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, env=perf_analyzer_environment(), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=perf_analyzer_environment(), stdout=log, stderr=subprocess.STDOUT
+        )
     written_at = None
     while process.poll() is None:
         now = time.perf_counter()

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from offramp.build.markdown import markdown_table
 from offramp.client.cli.options import option
 from offramp.client.serving.processes import (
@@ -79,7 +80,9 @@ class SoakConfig:
     memory_growth: float = option(0.10, help="allowed RSS growth after the first window")
     shm_growth: float = option(0.10, help="allowed /dev/shm growth after the first window")
     # The Python backend's shm-growth-byte-size, given to the server: the quantum its regions grow by.
-    shm_growth_step_bytes: int = option(1 << 20, flag="--shm-growth-step", help="the Python backend's shm-growth-byte-size")
+    shm_growth_step_bytes: int = option(
+        1 << 20, flag="--shm-growth-step", help="the Python backend's shm-growth-byte-size"
+    )
     p50_ratio: float = option(1.5, help="allowed last/first window p50")
     p99_ratio: float = option(2.0, help="allowed last/first window p99")
     orchestrator_instances: int = 2
@@ -279,7 +282,11 @@ def evaluate(
     }
     if config.kill:
         recovered = healing is not None and healing["healed_at_s"] - healing["killed_at_s"] <= HEALING_GOAL_S
-        checks["healed"] = {"passed": recovered, "goal_s": HEALING_GOAL_S, **(healing or {"error": "no restart"})}
+        checks["healed"] = {
+            "passed": recovered,
+            "goal_s": HEALING_GOAL_S,
+            **(healing or {"error": "no restart"}),
+        }
     # perf_analyzer's figures; a window whose perf_analyzer hung has none (the next or previous one stands in).
     measured = [w for w in windows if math.isfinite(w.p50_ms)]
     first, last = (measured[0], measured[-1]) if measured else (windows[0], windows[-1])
@@ -557,7 +564,9 @@ def run_soak(
             ports=ServerPorts.free(),
             log_path=out / "tritonserver.log",
             # The pools' own start size; the growth step stated, as the shm check allows for it.
-            extra_args=triton_server_flags(shm_default_bytes=None, shm_growth_bytes=config.shm_growth_step_bytes),
+            extra_args=triton_server_flags(
+                shm_default_bytes=None, shm_growth_bytes=config.shm_growth_step_bytes
+            ),
             startup_timeout_s=600,
             # As `offramp serve` runs it: explicit model control, supervised.
             model_control="explicit",
@@ -566,7 +575,9 @@ def run_soak(
         supervised(server) as supervisor,
     ):
         if config.kill and config.kill not in {s.model for s in python_stubs(server.pid).values()}:
-            raise ValueError(f"--kill {config.kill}: no stub serves it; models: {sorted(server_processes(server.pid).values())}")
+            raise ValueError(
+                f"--kill {config.kill}: no stub serves it; models: {sorted(server_processes(server.pid).values())}"
+            )
         exits_before, labels_before = _classify_check_rows(server.grpc_url, name, inputs.check_images)
         load = SoakLoad(config, server.grpc_url, name, inputs.data_file, binary, out / "perf")
 
@@ -599,7 +610,9 @@ def run_soak(
         processes = server_processes(server.pid, inputs.repository)
     answers_equal = bool((exits_before == exits_after).all() and (labels_before == labels_after).all())
 
-    summary = soak_summary(config, started_at, name, warm, windows, samples, processes, answers_equal, healing)
+    summary = soak_summary(
+        config, started_at, name, warm, windows, samples, processes, answers_equal, healing
+    )
     write_soak_results(summary, samples, out)
     return summary
 
@@ -624,7 +637,9 @@ def soak_summary(
         "machine": machine_load(),
         "processes": sorted(processes.values()),
         "warmup": {
-            "requests_per_s": warm_up.requests_per_s, "p50_ms": warm_up.p50_ms, "p99_ms": warm_up.p99_ms
+            "requests_per_s": warm_up.requests_per_s,
+            "p50_ms": warm_up.p50_ms,
+            "p99_ms": warm_up.p99_ms,
         },
         "windows": [asdict(w) for w in windows],
         **evaluate(config, windows, samples, answers_equal, healing),

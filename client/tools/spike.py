@@ -85,7 +85,9 @@ class RungWatch:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def _run(self) -> None:
-        pattern = re.compile(rf'^offramp_slo_rung{{[^}}]*model="{re.escape(self.model)}"[^}}]*}} (\S+)$', re.MULTILINE)
+        pattern = re.compile(
+            rf'^offramp_slo_rung{{[^}}]*model="{re.escape(self.model)}"[^}}]*}} (\S+)$', re.MULTILINE
+        )
         while not self._stop.wait(self.interval_s):
             try:
                 text = self._opener.open(self.metrics_url, timeout=5).read().decode()
@@ -130,9 +132,13 @@ class Probe:
                     row, self._next = self._next % len(self.full_labels), self._next + 1
                 started = time.monotonic()
                 try:
-                    answer = client.classify(self.model, {n: a[row : row + 1] for n, a in self.inputs.items()})
+                    answer = client.classify(
+                        self.model, {n: a[row : row + 1] for n, a in self.inputs.items()}
+                    )
                     with self._lock:
-                        self.answers.append((time.monotonic(), bool(answer.label[0] == self.full_labels[row])))
+                        self.answers.append(
+                            (time.monotonic(), bool(answer.label[0] == self.full_labels[row]))
+                        )
                 except Exception:  # noqa: BLE001 (an overloaded server may time a probe out: not an answer)
                     pass
                 self._stop.wait(max(0.0, len(self._threads) / self.rate - (time.monotonic() - started)))
@@ -168,7 +174,9 @@ def ladder_policy(workload: Any, ladder: Sequence[float], delta: float = 0.05) -
         labels=workload.calibration_labels,
         ladder=ladder[1:],
     )
-    return calibrated.to_policy(policy_version("ladder", calibrated.rules(), {}), workload.artifacts.fingerprint)
+    return calibrated.to_policy(
+        policy_version("ladder", calibrated.rules(), {}), workload.artifacts.fingerprint
+    )
 
 
 def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = True) -> dict:
@@ -193,17 +201,25 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
     rows = pick_data_rows(workload.test_rows, bench.data_rows, bench.seed)
     inputs = {n: a[rows] for n, a in workload.test_inputs.items()}
     data = write_input_data(out / "input_data.json", inputs)
-    full_labels = exit_logits_from_onnx(workload.artifacts, workload.artifacts_dir, dict(inputs))[-1].argmax(axis=1)
+    full_labels = exit_logits_from_onnx(workload.artifacts, workload.artifacts_dir, dict(inputs))[-1].argmax(
+        axis=1
+    )
     repository = Path(bench.workdir) / "spike" / "repository"
     options = repository_options(bench)
     write_repository(workload.artifacts, workload.artifacts_dir, fixed, repository, options)
     ports = ServerPorts.free()
     steps: list[Step] = []
     with EmbeddedTritonServer(
-        repository, ports=ports, log_path=out / "tritonserver.log", model_control="explicit", load_models=("*",)
+        repository,
+        ports=ports,
+        log_path=out / "tritonserver.log",
+        model_control="explicit",
+        load_models=("*",),
     ) as server:
 
-        def perf(model: str, concurrency: int = 1, request_rate: float | None = None, seconds: float = 6.0) -> Any:
+        def perf(
+            model: str, concurrency: int = 1, request_rate: float | None = None, seconds: float = 6.0
+        ) -> Any:
             # Three windows make one measurement (stability is not sought: the step is what it is).
             run_options = PerfAnalyzerOptions(
                 url=server.grpc_url, model=model, input_data=data, concurrency=concurrency,
@@ -215,7 +231,9 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
 
         say(f"[{name}] light-load p99 and capacity of the full model")
         light = perf(f"{name}_full", concurrency=1)
-        saturated = perf(f"{name}_full", concurrency=4 * bench.orchestrator_instances * bench.segment_instances)
+        saturated = perf(
+            f"{name}_full", concurrency=4 * bench.orchestrator_instances * bench.segment_instances
+        )
         slo_ms = spike.slo_factor * light.p99_ms
         capacity = saturated.rows_per_s / bench.rows_per_request  # requests per second
         say(f"[{name}] full model: p99 {light.p99_ms:.1f} ms at concurrency 1 (SLO {slo_ms:.1f} ms); "
@@ -305,7 +323,10 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
         f"model's {summary['full_light_p99_ms']:.1f} ms at concurrency 1); offered load in multiples of the full "
         f"model's capacity, {summary['full_capacity_rows_per_s']:.0f} rows/s; "
         f"{summary['config']['rows_per_request']} rows per request. Ladder: {ladder}.\n\n"
-        + markdown_table(["model", "offered", "rows/s", "p50 ms", "p99 ms", "within SLO", "agreement (probes)", "rungs"], rows)
+        + markdown_table(
+            ["model", "offered", "rows/s", "p50 ms", "p99 ms", "within SLO", "agreement (probes)", "rungs"],
+            rows,
+        )
         + f"\n\nGoals:\n{goals}\n"
     )
 
@@ -342,6 +363,8 @@ def main_spike(bench: Any, spike: SpikeConfig) -> int:
     from offramp.client.tools.bench import WorkloadSettings, resolve_workload
 
     for spec in bench.workloads:
-        workload = resolve_workload(spec)(WorkloadSettings(workdir=bench.workdir, quick=bench.quick, epochs=bench.epochs))
+        workload = resolve_workload(spec)(
+            WorkloadSettings(workdir=bench.workdir, quick=bench.quick, epochs=bench.epochs)
+        )
         run_spike(workload, bench, spike, progress=bench.progress)
     return 0
