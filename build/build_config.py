@@ -146,7 +146,7 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """[train]: how the exits are trained; None takes the default of the kind of build."""
+    """[train]: how the exits are trained; a setting left out takes the default of the kind of build."""
 
     mode: str | None = option(
         None, parse=str, shown="attach for a fine-tuned classifier, else joint",
@@ -154,7 +154,7 @@ class TrainingConfig:
         "trained together",
     )  # fmt: skip
     epochs: int | None = option(
-        None, parse=int, shown="attach 30, joint text 2, fashion_cnn 3", help="epochs"
+        None, parse=int, shown="text attach 30, text joint 2, images 3", help="epochs"
     )
     batch_size: int | None = option(None, parse=int, shown="the mode's", help="rows per step")
     learning_rate: float | None = option(None, parse=float, shown="the mode's", help="peak learning rate")
@@ -166,6 +166,15 @@ class TrainingConfig:
     label_weight: float | None = option(
         None, parse=float, shown="0",
         help="attach: weight of the labels against the final head's distribution in the exit heads' targets",
+    )  # fmt: skip
+    distill_weight: float | None = option(
+        None, parse=float, shown="joint text 0, fashion_cnn 0",
+        help="joint: share of self-distillation towards the last exit in each early exit's loss (attach "
+        "always distils: see --label-weight)",
+    )  # fmt: skip
+    distill_temperature: float | None = option(
+        None, parse=float, shown="1",
+        help="the temperature of self-distillation (attach, and joint with --distill-weight)",
     )  # fmt: skip
     probe: bool = option(
         True,
@@ -234,6 +243,12 @@ class BuildConfig:
                 raise ConfigError(f"train.{name} must be positive, not {value}")
         if train.label_weight is not None and not 0.0 <= train.label_weight <= 1.0:
             raise ConfigError(f"train.label_weight is a weight in [0, 1], not {train.label_weight}")
+        if train.distill_weight is not None and not 0.0 <= train.distill_weight <= 1.0:
+            raise ConfigError(f"train.distill_weight is a weight in [0, 1], not {train.distill_weight}")
+        if train.distill_weight is not None and train.mode == "attach":
+            raise ConfigError("attach mode always distils; train.label_weight mixes the labels in")
+        if train.distill_temperature is not None and not train.distill_temperature > 0:
+            raise ConfigError(f"train.distill_temperature must be positive, not {train.distill_temperature}")
         return self
 
 

@@ -12,17 +12,19 @@ import numpy as np
 from tqdm import tqdm
 
 from offramp.backend.contract import HIDDEN_IN, HIDDEN_OUT, LOGITS_OUT
-from offramp.backend.policy import ExitRule, Policy, Rung
+from offramp.backend.exit_rules import rule_passes
+from offramp.backend.policy import RULE_FAMILIES, ExitRule, Policy, Rung
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.risk_control import (
     CalibratedExitPolicy,
     EmpiricalSearch,
     LearnThenTest,
+    calibrate_best_rule,
     calibrate_exit_policy,
 )
+from offramp.build.rule_families import scaled_exits
 from offramp.build.tabular import read_columns
-from offramp.kernels.confidence import compute_confidence, exits_by_threshold
 
 
 def exit_logits_from_onnx(
@@ -48,13 +50,15 @@ def exit_logits_from_onnx(
 
 
 def simulate_exits(all_exit_logits: np.ndarray, rules: tuple[ExitRule, ...]) -> np.ndarray:
-    """The exit each row takes under ``rules`` (the cascade's decision, offline): (N,) int."""
+    """The exit each row takes under ``rules`` (the cascade's decision, offline, by the same
+    ``exit_rules`` functions): (N,) int."""
     num_exits, rows, _ = all_exit_logits.shape
     taken = np.full(rows, num_exits - 1)
     undecided = np.ones(rows, dtype=bool)
-    for index, rule in enumerate(rules[:-1]):
-        confidence = compute_confidence(all_exit_logits[index], rule.temperature)
-        leaving = undecided & exits_by_threshold(confidence, rule.metric, rule.threshold)
+    exits = scaled_exits(all_exit_logits, [rule.temperature for rule in rules])
+    # Not strict: the last exit has no rule to pass (every row still undecided answers there).
+    for index, (rule, (scaled, confidence, history)) in enumerate(zip(rules[:-1], exits, strict=False)):
+        leaving = undecided & rule_passes(rule, scaled, confidence, history)
         taken[leaving] = index
         undecided &= ~leaving
     return taken
@@ -62,6 +66,12 @@ def simulate_exits(all_exit_logits: np.ndarray, rules: tuple[ExitRule, ...]) -> 
 
 # "ltt": Learn-then-Test, a stated guarantee; "empirical": a plain search on the same rows, none.
 METHODS = ("ltt", "empirical")
+# --rule: one family, or "all" of them (each at delta / 4, the least certified compute kept).
+RULE_CHOICES = (*RULE_FAMILIES, "all")
+# --temperature: fitted per exit on a fit split, or 1 (nothing fitted: with a data-free rule and path,
+# every calibration row certifies).
+TEMPERATURES = ("fit", "one")
+PATHS = ("shared", "per_exit")  # --path (per-class thresholds follow from --per-class)
 
 
 @dataclass(frozen=True)
@@ -243,51 +253,89 @@ def policy_version(method: str, rules: Sequence[ExitRule], cohorts: dict, rungs:
     return f"{method}-{digest[:10]}"
 
 
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What a policy is calibrated by: ``offramp calibrate``'s options, with its defaults (what each rule
+    family certifies on the benchmark models: ``benchmarks/exit_rules.md``)."""
+
+    epsilon: float = 0.01
+    delta: float = 0.05
+    method: str = "ltt"  # METHODS
+    risk: str = "disagreement"
+    rule: str = "confidence"  # RULE_CHOICES
+    metric: str = "max_prob"  # of the confidence family
+    path: str = "shared"  # shared, per_exit (per_class follows from per_class)
+    temperature: str = "fit"  # TEMPERATURES
+    p_value: str = "binomial"
+    per_class: str | None = None
+    bonferroni: bool = False
+    min_group_rows: int = 50
+    fit_fraction: float = 0.25
+    ladder: tuple[float, ...] = ()  # further risk levels, each certified as a rung (the SLO ladder)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        choices = {"method": METHODS, "rule": RULE_CHOICES, "temperature": TEMPERATURES, "path": PATHS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.ladder and self.rule == "all":
+            raise ValueError("a ladder is certified for one rule family: name it with rule, not 'all'")
+        if self.metric != "max_prob" and self.rule not in ("confidence", "all"):
+            raise ValueError(
+                f"metric {self.metric!r} is the confidence rule's; the {self.rule} rule has its own"
+            )
+
+
+def calibrate_logits(
+    logits: np.ndarray,
+    exit_costs: Sequence[float],
+    fingerprint: str,
+    labels: np.ndarray | None,
+    cohorts: np.ndarray | None = None,
+    settings: CalibrationSettings = CalibrationSettings(),
+) -> tuple[Policy, CalibratedExitPolicy]:
+    """The served policy and the full calibration result, from recorded exit logits (E, N, C)."""
+    s = settings
+    if s.method == "ltt":
+        procedure: LearnThenTest | EmpiricalSearch = LearnThenTest(s.epsilon, s.delta, s.p_value)
+    else:
+        procedure = EmpiricalSearch(s.epsilon)
+    options = dict(
+        labels=labels, risk=s.risk, metric=s.metric, path="per_class" if s.per_class else s.path,
+        per_class=s.per_class, cohorts=cohorts, bonferroni=s.bonferroni, min_group_rows=s.min_group_rows,
+        fit_fraction=s.fit_fraction, seed=s.seed,
+        temperatures=(1.0,) * logits.shape[0] if s.temperature == "one" else None,
+    )  # fmt: skip
+    if s.rule == "all":
+        calibrated = calibrate_best_rule(logits, exit_costs, procedure, **options)
+    else:
+        calibrated = calibrate_exit_policy(
+            logits, exit_costs, procedure, rule=s.rule, ladder=s.ladder, **options
+        )
+    rules = calibrated.rules()
+    overrides = {name: calibrated.rules(name) for name, c in calibrated.cohorts.items() if not c.fell_back}
+    version = policy_version(s.method, rules, overrides, calibrated.ladder())
+    return calibrated.to_policy(version, fingerprint), calibrated
+
+
 def calibrate_artifacts(
     artifacts: ModelArtifacts,
     artifacts_dir: Path,
     data: CalibrationData,
     *,
-    epsilon: float = 0.01,
-    delta: float = 0.05,
-    method: str = "ltt",
-    risk: str = "disagreement",
-    metric: str = "max_prob",
-    p_value: str = "binomial",
-    per_class: str | None = None,
-    bonferroni: bool = False,
-    min_group_rows: int = 50,
-    ladder: Sequence[float] = (),
-    seed: int = 0,
     progress: bool = False,
+    **settings: object,
 ) -> tuple[Policy, CalibratedExitPolicy, np.ndarray]:
     """Runs ``data`` through the exported segments and calibrates a policy on the recorded logits.
 
-    ``method``: "ltt" (Learn-then-Test, the stated guarantee) or "empirical" (no guarantee).
-    ``ladder``: further risk levels, each certified as a rung of the served policy (the SLO ladder).
-    Returns the served policy, the full calibration result and the logits (exits, N, C).
+    ``settings``: the fields of :class:`CalibrationSettings` (``method``: "ltt", Learn-then-Test, the
+    stated guarantee, or "empirical", none). Returns the served policy, the full calibration result
+    and the logits (exits, N, C).
     """
+    chosen = CalibrationSettings(**settings)
     logits = exit_logits_from_onnx(artifacts, artifacts_dir, data.inputs, progress=progress)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    procedure = LearnThenTest(epsilon, delta, p_value) if method == "ltt" else EmpiricalSearch(epsilon)
-    calibrated = calibrate_exit_policy(
-        logits,
-        artifacts.exit_costs,
-        procedure,
-        labels=data.labels,
-        risk=risk,
-        metric=metric,
-        path="per_class" if per_class else "shared",
-        per_class=per_class,
-        cohorts=data.cohorts,
-        bonferroni=bonferroni,
-        min_group_rows=min_group_rows,
-        ladder=ladder,
-        seed=seed,
+    policy, calibrated = calibrate_logits(
+        logits, artifacts.exit_costs, artifacts.fingerprint, data.labels, data.cohorts, chosen
     )
-    rules = calibrated.rules()
-    cohorts = {name: calibrated.rules(name) for name, c in calibrated.cohorts.items() if not c.fell_back}
-    version = policy_version(method, rules, cohorts, calibrated.ladder())
-    policy = calibrated.to_policy(version, artifacts.fingerprint)
     return policy, calibrated, logits

@@ -137,6 +137,8 @@ def _summary(policy: Policy, calibrated: CalibratedExitPolicy, served: AnsweredR
         + ", ".join(f"exit {k}: {rate:.1%}" for k, rate in enumerate(result.exit_rates)),
         f"- accuracy {accuracy} (full model {full_accuracy}), agreement with the full model {agreement} "
         "(same rows, same thresholds)",
+        f"- rule: {calibrated.rule}"
+        + "".join(f"; certified compute of the {family} rule {c:.3f}" for family, c in calibrated.tried),
         f"- thresholds per exit ({calibrated.metric}): "
         + ", ".join(_format_threshold(rule.threshold, calibrated.metric) for rule in policy.exits[:-1])
         + "; temperatures: "

@@ -88,6 +88,9 @@ def _build_text(config: BuildConfig, progress: bool) -> ModelArtifacts:
     if text_mode(config, model_path) == "attach":
         from offramp.build.text_attach import AttachSettings, build_attached_classifier
 
+        if train.distill_weight is not None:
+            raise ConfigError("attach mode always distils; train.label_weight mixes the labels in")
+
         settings = AttachSettings(
             max_length=max_length,
             exit_layers=model.exits,
@@ -100,6 +103,7 @@ def _build_text(config: BuildConfig, progress: bool) -> ModelArtifacts:
             weight_decay=_or(train.weight_decay, AttachSettings.weight_decay),
             head_dropout=_or(train.head_dropout, AttachSettings.head_dropout),
             label_weight=_or(train.label_weight, AttachSettings.label_weight),
+            distill_temperature=_or(train.distill_temperature, AttachSettings.distill_temperature),
         )
         return build_attached_classifier(
             config.out,
@@ -127,6 +131,8 @@ def _build_text(config: BuildConfig, progress: bool) -> ModelArtifacts:
         exit_layers=model.exits,
         head_dropout=_or(train.head_dropout, TextTrainSettings.head_dropout),
         fractions=fractions,
+        distill_weight=_or(train.distill_weight, TextTrainSettings.distill_weight),
+        distill_temperature=_or(train.distill_temperature, TextTrainSettings.distill_temperature),
     )
     return build_text_classifier(
         config.out, source, settings=settings, name=config.name, model_path=model_path, probe=train.probe,
@@ -161,6 +167,8 @@ def _build_fashion_cnn(config: BuildConfig, progress: bool) -> ModelArtifacts:
         weight_decay=_or(train.weight_decay, defaults.weight_decay),
         seed=split.seed,
         max_train_rows=train.max_train_rows,
+        distill_weight=_or(train.distill_weight, defaults.distill_weight),
+        distill_temperature=_or(train.distill_temperature, defaults.distill_temperature),
     )
     return build_fashion_mnist_cnn(
         config.out, name=config.name, train=settings, data_dir=data.train or DEFAULT_DIR,
@@ -209,6 +217,8 @@ def _build_vision(config: BuildConfig, progress: bool) -> ModelArtifacts:
         weight_decay=_or(train.weight_decay, defaults.weight_decay),
         seed=split.seed,
         max_train_rows=train.max_train_rows,
+        distill_weight=_or(train.distill_weight, defaults.distill_weight),
+        distill_temperature=_or(train.distill_temperature, defaults.distill_temperature),
     )
     mode = _or(train.mode, "attach" if model.weights else "joint")
     with staged_build(config.out) as work:

@@ -45,7 +45,7 @@ def build_fashion_mnist_cnn(
         out_dir,
         name=name,
         cnn=asdict(cnn),
-        train=asdict(train),
+        train=train.record(),
         data=str(data_dir),
         calibration_rows=calibration_rows,
     )
@@ -77,7 +77,7 @@ def build_fashion_mnist_cnn(
                 "recipe": "fashion_mnist_cnn",
                 "mode": "joint",
                 "cnn": asdict(cnn),
-                "train": asdict(train),
+                "train": train.record(),
                 "data": str(data_dir),
                 "calibration_rows": calibration_rows,
                 "train_rows": len(train_labels) if train.max_train_rows is None else train.max_train_rows,

@@ -38,10 +38,19 @@ p-values (for ``H: R > epsilon`` from n rows with mean loss ``r``):
   ``p = min(exp(-n h(min(r, epsilon), epsilon)), e P(Binomial(n, epsilon) <= ceil(n r)))`` with
   ``h(a, b) = a log(a / b) + (1 - a) log((1 - a) / (1 - b))``.
 
-Policy semantics (the same as ``build.calibrate.simulate_exits`` and the cascade): at exit ``k`` a
-row leaves when ``exits_by_threshold(compute_confidence(logits_k, T_k), metric, threshold_k)``
-holds, a per-class threshold being indexed by the row's label at that exit; the last exit always
-answers; a row with a non-finite logit never passes (its label is -1), so it never leaves early.
+Policy semantics (the same as ``build.calibrate.simulate_exits`` and the cascade, which call the same
+functions of ``offramp.backend.exit_rules``): at exit ``k`` a row leaves when its rule's value (max-prob,
+entropy, margin or a learned score of ``logits_k / T_k``, discounted by patience) passes
+``threshold_k`` and the rule's gates (validity, a novelty limit) hold, a per-class threshold being
+indexed by the row's label at that exit; the last exit always answers; a row with a non-finite logit
+never passes (its label is -1), so it never leaves early.
+
+Rule families (``rule=``, ``build/rule_families.py``): each is one threshold per exit along the path,
+everything else in its rules fixed before the test (data-free, or fitted on the fit split), so each
+is certified exactly as a confidence threshold is. :func:`calibrate_best_rule` tries several families
+and keeps the one with the least certified compute; each is certified at ``delta / families``
+(Bonferroni), so with probability at least ``1 - delta`` every family's certified candidates hold at
+once, and the one kept with them, however it was chosen.
 
 Per-class thresholds (``per_class=``) and per-cohort thresholds (``cohorts=``) are documented on
 :func:`calibrate_exit_policy`. :class:`EmpiricalSearch` is the same search with the test replaced by
@@ -61,17 +70,16 @@ import numpy as np
 from scipy.special import xlogy
 from scipy.stats import binom
 
-from offramp.backend.policy import ExitRule, Policy, Rung
+from offramp.backend.exit_rules import NEVER, RULE_METRICS, passes_threshold, rule_gate, rule_value
+from offramp.backend.policy import RULE_FAMILIES, ExitRule, Policy, Rung
+from offramp.build.rule_families import FITTED_FAMILIES, rule_template, scaled_exits
 from offramp.build.temperature import fit_temperatures
-from offramp.kernels.confidence import METRICS, Confidence, compute_confidence, exits_by_threshold
+from offramp.kernels.confidence import Confidence, compute_confidence
 
 RISKS = ("disagreement", "error_increase", "error_increase_net")
 P_VALUES = ("binomial", "hoeffding_bentkus")
 PER_CLASS = (None, "marginal", "class_conditional")
 LOSS_BOUNDS = {"disagreement": (0.0, 1.0), "error_increase": (0.0, 1.0), "error_increase_net": (-1.0, 1.0)}
-
-# Thresholds no row passes: max_prob and margin lie in [0, 1], entropy is >= 0 (and NaN fails all).
-NEVER = {"max_prob": 2.0, "margin": 2.0, "entropy": -1.0}
 
 
 class CalibrationWarning(UserWarning):
@@ -243,16 +251,21 @@ class CandidatePath:
     ``thresholds`` holds the early exits' thresholds only (the last exit always answers): (K, E-1)
     for one threshold per exit, (K, E-1, C) for one per class (indexed by the row's label at that
     exit). Every step relaxes every threshold or keeps it, so a row's exit never moves later.
+    ``template`` holds, per exit, the family's rule that the thresholds complete (patience, a novelty
+    limit, a score's weights); empty: plain ``metric`` thresholds.
     """
 
     metric: str
     levels: np.ndarray  # (K,) the path's parameter (lambda or alpha), 0 for candidate 0
     thresholds: np.ndarray  # (K, E-1) or (K, E-1, C), float64 holding float32 values
     kind: str  # "shared", "per_exit" or "per_class"
+    template: tuple[ExitRule, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown exit metric {self.metric!r}; expected one of {METRICS}")
+        if self.metric not in RULE_METRICS:
+            raise ValueError(f"unknown exit metric {self.metric!r}; expected one of {RULE_METRICS}")
+        if self.template and {r.metric for r in self.template} != {self.metric}:
+            raise ValueError(f"the template's rules threshold another value than {self.metric!r}")
         if len(self.levels) != len(self.thresholds):
             raise ValueError("one level per candidate")
         sign = -1.0 if self.metric == "entropy" else 1.0
@@ -271,15 +284,22 @@ class CandidatePath:
     def num_exits(self) -> int:
         return self.thresholds.shape[1] + 1
 
+    @property
+    def base_rules(self) -> tuple[ExitRule, ...]:
+        """Per exit, the rule the path's thresholds complete (its threshold and temperature unset)."""
+        return self.template or (ExitRule(self.metric),) * self.num_exits
+
     def rules(self, candidate: int, temperatures: Sequence[float]) -> tuple[ExitRule, ...]:
         """The policy's exit rules for ``candidate``; the last exit's threshold is never consulted."""
-        rules = []
+        thresholds = []
         for k in range(self.num_exits - 1):
             value = self.thresholds[candidate, k]
-            threshold = tuple(float(v) for v in value) if self.per_class else float(value)
-            rules.append(ExitRule(self.metric, threshold, float(temperatures[k])))
-        rules.append(ExitRule(self.metric, NEVER[self.metric], float(temperatures[-1])))
-        return tuple(rules)
+            thresholds.append(tuple(float(v) for v in value) if self.per_class else float(value))
+        thresholds.append(NEVER[self.metric])
+        return tuple(
+            replace(rule, threshold=threshold, temperature=float(t))
+            for rule, threshold, t in zip(self.base_rules, thresholds, temperatures, strict=True)
+        )
 
 
 def _as_float32_values(values: np.ndarray) -> np.ndarray:
@@ -288,16 +308,30 @@ def _as_float32_values(values: np.ndarray) -> np.ndarray:
 
 
 def shared_path(
-    metric: str, num_exits: int, num_classes: int, steps: int = 401, smallest: float = 1e-6
+    metric: str,
+    num_exits: int,
+    num_classes: int,
+    steps: int = 401,
+    smallest: float = 1e-6,
+    template: tuple[ExitRule, ...] = (),
 ) -> CandidatePath:
     """One threshold shared by every early exit, along ``lambda`` in (0, 1]: a geometric grid from
     ``smallest`` (fine where confident exits live) merged with a linear one (fine further out).
 
     max_prob: exit if ``p >= 1 - lambda (1 - 1/C)``; entropy: exit if ``H <= lambda log C``;
-    margin: exit if ``margin >= 1 - lambda``. Candidate 0 (lambda = 0) uses thresholds no row passes,
-    so it is exactly "no early exit" even for rows whose float32 max-prob rounds to 1. The path
-    depends on no data.
+    margin and score: exit if the value is ``>= 1 - lambda``. Candidate 0 (lambda = 0) uses thresholds
+    no row passes, so it is exactly "no early exit" even for rows whose float32 max-prob rounds to 1.
+    The path depends on no data (a ``template``, the rules it completes, may).
     """
+    lam, values = _shared_values(metric, num_classes, steps, smallest)
+    thresholds = np.repeat(values[:, None], num_exits - 1, axis=1)  # (K, E-1)
+    return _without_repeats(CandidatePath(metric, lam, thresholds, "shared", template))
+
+
+def _shared_values(
+    metric: str, num_classes: int, steps: int, smallest: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The shared path's levels (K,) and thresholds (K,), from "no early exit" on."""
     half = (steps - 1) // 2
     lam = np.unique(
         np.concatenate([[0.0], np.geomspace(smallest, 1.0, half), np.linspace(0.0, 1.0, steps - half)])
@@ -306,21 +340,20 @@ def shared_path(
         values = 1.0 - lam * (1.0 - 1.0 / num_classes)
     elif metric == "entropy":
         values = lam * math.log(num_classes)
-    elif metric == "margin":
+    elif metric in ("margin", "score"):
         values = 1.0 - lam
     else:
-        raise ValueError(f"unknown exit metric {metric!r}; expected one of {METRICS}")
+        raise ValueError(f"unknown exit metric {metric!r}; expected one of {RULE_METRICS}")
     values = _as_float32_values(values)
     values[0] = NEVER[metric]
-    thresholds = np.repeat(values[:, None], num_exits - 1, axis=1)  # (K, E-1)
-    return _without_repeats(CandidatePath(metric, lam, thresholds, "shared"))
+    return lam, values
 
 
 def _without_repeats(path: CandidatePath) -> CandidatePath:
     flat = path.thresholds.reshape(len(path), -1)
     keep = np.ones(len(path), dtype=bool)
     keep[1:] = (flat[1:] != flat[:-1]).any(axis=1)
-    return CandidatePath(path.metric, path.levels[keep], path.thresholds[keep], path.kind)
+    return CandidatePath(path.metric, path.levels[keep], path.thresholds[keep], path.kind, path.template)
 
 
 def _risk_matched_thresholds(
@@ -354,6 +387,8 @@ def fitted_path(
     steps: int = 121,
     smallest: float = 1e-4,
     min_class_rows: int = 30,
+    template: tuple[ExitRule, ...] = (),
+    fine_steps: int = 201,
 ) -> CandidatePath:
     """Per-exit (or per exit and class) thresholds shaped on a FIT split, along ``alpha``.
 
@@ -364,10 +399,17 @@ def fitted_path(
     at exit k is c, a class with fewer than ``min_class_rows`` such rows taking exit k's pooled
     threshold. The path is valid for Learn-then-Test only if ``fit_logits`` are NOT the rows it
     then certifies on: the shape is learnt on one split, the order tested on another.
+
+    Fine steps at the conservative end: alpha's first step (the loosest thresholds under which no fit
+    row's loss counts) is placed by the few losses a fit split of some hundred rows holds, and can
+    let many certifying rows leave at once; fixed-sequence testing stops at the first step it cannot
+    certify, and would certify nothing. So the path first walks ``fine_steps`` of the data-free shared
+    grid from "no early exit" down to that step, each exit's threshold held at the stricter of the
+    two (levels below ``smallest`` mark them).
     """
-    confidences = exit_confidences(fit_logits, temperatures)
     num_exits, rows, num_classes = fit_logits.shape
-    full = confidences[-1].label
+    evidence = exit_evidence(fit_logits, temperatures, template or (ExitRule(metric),) * num_exits)
+    full = evidence.label[-1]
     truth = None if fit_labels is None else np.asarray(fit_labels)
     if risk != "disagreement" and truth is None:
         raise ValueError(f"risk {risk!r} needs the fit rows' labels")
@@ -375,16 +417,14 @@ def fitted_path(
     shape = (len(levels), num_exits - 1) + ((num_classes,) if per_class else ())
     thresholds = np.empty(shape)
     for k in range(num_exits - 1):
-        conf = confidences[k]
-        loss = _exit_loss(conf.label, full, truth, risk)
-        valid = conf.valid
-        value = getattr(conf, metric).astype(np.float32)
+        label, value, valid = evidence.label[k], evidence.value[k], evidence.gate[k]
+        loss = _exit_loss(label, full, truth, risk)
         pooled = _risk_matched_thresholds(value[valid], loss[valid], rows, metric, levels)
         if not per_class:
             thresholds[:, k] = pooled
             continue
         for c in range(num_classes):
-            members = valid & (conf.label == c)
+            members = valid & (label == c)
             count = int(members.sum())
             if count < min_class_rows:
                 thresholds[:, k, c] = pooled
@@ -393,8 +433,18 @@ def fitted_path(
                     value[members], loss[members], count, metric, levels
                 )
     thresholds[0] = NEVER[metric]
+    lam, fine = _shared_values(metric, num_classes, fine_steps, 1e-6)
+    stricter = np.minimum if metric == "entropy" else np.maximum
+    grid = fine[1:].reshape((-1,) + (1,) * (thresholds.ndim - 1))  # (F, 1) or (F, 1, 1)
+    prefix = stricter(grid, thresholds[1][None])  # (F, E-1) or (F, E-1, C): down to alpha's first step
     return _without_repeats(
-        CandidatePath(metric, levels, thresholds, "per_class" if per_class else "per_exit")
+        CandidatePath(
+            metric,
+            np.concatenate([[0.0], smallest * lam[1:], levels[1:]]),
+            np.concatenate([thresholds[:1], prefix, thresholds[1:]]),
+            "per_class" if per_class else "per_exit",
+            template,
+        )
     )
 
 
@@ -409,17 +459,42 @@ def exit_confidences(exit_logits: np.ndarray, temperatures: Sequence[float]) -> 
     return [compute_confidence(exit_logits[k], float(t)) for k, t in enumerate(temperatures)]
 
 
-def exits_taken(confidences: Sequence[Confidence], path: CandidatePath) -> np.ndarray:
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
+class ExitEvidence:
+    """What every candidate of a path is decided on, per exit and row, computed once by the serving
+    code (``exit_rules``): a candidate only moves the thresholds."""
+
+    value: np.ndarray  # (E, n) float32: the rule's value, what the threshold is compared with
+    gate: np.ndarray  # (E, n) bool: valid and past the rule's gates (a novelty limit)
+    label: np.ndarray  # (E, n) int64: each exit's label, -1 where the logits were not finite
+
+
+def exit_evidence(
+    exit_logits: np.ndarray, temperatures: Sequence[float], rules: Sequence[ExitRule]
+) -> ExitEvidence:
+    """The evidence of rows (logits (E, n, C)) under ``rules`` (one per exit; thresholds unused)."""
+    values, gates, labels = [], [], []
+    for rule, (scaled, confidence, history) in zip(
+        rules, scaled_exits(exit_logits, temperatures), strict=True
+    ):
+        values.append(rule_value(rule, confidence, history))
+        gates.append(rule_gate(rule, scaled, confidence))
+        labels.append(confidence.label)
+    return ExitEvidence(np.stack(values), np.stack(gates), np.stack(labels))
+
+
+def exits_taken(evidence: ExitEvidence, path: CandidatePath) -> np.ndarray:
     """(K, N) int: the exit each row takes under each candidate, as ``simulate_exits`` decides it."""
-    num_exits = len(confidences)
+    num_exits, rows = evidence.label.shape
     if path.num_exits != num_exits:
         raise ValueError(f"a path for {path.num_exits} exits applied to {num_exits}")
-    rows = len(confidences[0].label)
     taken = np.full((len(path), rows), num_exits - 1, dtype=np.int16)
     for j in range(len(path)):
         undecided = np.ones(rows, dtype=bool)
         for k in range(num_exits - 1):
-            leaving = undecided & exits_by_threshold(confidences[k], path.metric, path.thresholds[j, k])
+            threshold = path.thresholds[j, k]
+            passes = passes_threshold(evidence.value[k], path.metric, threshold, evidence.label[k])
+            leaving = undecided & passes & evidence.gate[k]
             taken[j, leaving] = k
             undecided &= ~leaving
     return taken
@@ -439,12 +514,11 @@ def _exit_loss(answer: np.ndarray, full: np.ndarray, truth: np.ndarray | None, r
 
 def candidate_losses(
     taken: np.ndarray,
-    confidences: Sequence[Confidence],
+    exit_labels: np.ndarray,
     risk: str = "disagreement",
     labels: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(K, N) per-row loss of every candidate, from the exits taken (K, N) and every exit's labels."""
-    exit_labels = np.stack([c.label for c in confidences])  # (E, N)
+    """(K, N) per-row loss of every candidate, from the exits taken (K, N) and every exit's labels (E, N)."""
     answer = exit_labels[taken, np.arange(taken.shape[1])]  # (K, N)
     return _exit_loss(answer, exit_labels[-1], None if labels is None else np.asarray(labels), risk)
 
@@ -474,10 +548,10 @@ def candidate_outcomes(
     labels: np.ndarray | None = None,  # (n,)
 ) -> CandidateOutcomes:
     """The exits taken and the losses of every candidate on the rows of ``exit_logits``."""
-    confidences = exit_confidences(exit_logits, temperatures)
-    taken = exits_taken(confidences, path)  # (K, n)
-    losses = candidate_losses(taken, confidences, risk, labels)  # (K, n)
-    return CandidateOutcomes(taken, losses, confidences[-1].label)
+    evidence = exit_evidence(exit_logits, temperatures, path.base_rules)
+    taken = exits_taken(evidence, path)  # (K, n)
+    losses = candidate_losses(taken, evidence.label, risk, labels)  # (K, n)
+    return CandidateOutcomes(taken, losses, evidence.label[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,6 +619,9 @@ class CalibratedExitPolicy:
     # A ladder (``ladder`` of calibrate_exit_policy): the global certification at each higher risk
     # level, ascending; the policy's own (``result``) is rung 0.
     rungs: tuple[tuple[float, Certification], ...] = ()
+    rule: str = "confidence"  # the rule family (RULE_FAMILIES)
+    # calibrate_best_rule: every family tried and its certified expected compute, in the order tried.
+    tried: tuple[tuple[str, float], ...] = ()
 
     @property
     def calibration_rows(self) -> int:
@@ -586,6 +663,7 @@ class CalibratedExitPolicy:
             version=version,
             model_fingerprint=model_fingerprint,
             exits=self.rules(),
+            rule=self.rule,
             cohorts=overrides,
             rungs=rungs,
             provenance=self.provenance(),
@@ -609,6 +687,8 @@ class CalibratedExitPolicy:
 
         return {
             "method": self.method,
+            "rule": self.rule,
+            "rules_tried": {family: cost for family, cost in self.tried},
             "guarantee": self.guarantee,
             "risk": self.risk,
             "epsilon": self.epsilon,
@@ -718,15 +798,19 @@ def build_candidates(
     path: CandidatePath | str = "shared",
     fit_fraction: float = 0.25,
     seed: int = 0,
+    rule: str = "confidence",
 ) -> Candidates:
-    """Temperatures and the candidate path, each fitted on the fit split when not given.
+    """Temperatures, the rule family's rules and the candidate path, each fitted on the fit split when
+    not given.
 
-    Rows certify only if nothing was fitted on them: with ``temperatures`` given and a data-free
-    ``"shared"`` path (or a :class:`CandidatePath` built on other rows) every row certifies;
-    otherwise a seeded ``fit_fraction`` of the rows (:func:`fit_split`) is set aside to fit on.
+    Rows certify only if nothing was fitted on them: with ``temperatures`` given, a data-free rule
+    family (``confidence``, ``patience``) and a data-free ``"shared"`` path (or a
+    :class:`CandidatePath` built on other rows) every row certifies; otherwise a seeded
+    ``fit_fraction`` of the rows (:func:`fit_split`) is set aside to fit on.
     """
     builds_path = isinstance(path, str) and path != "shared"
-    if temperatures is None or builds_path:
+    fits_rule = rule in FITTED_FAMILIES and not isinstance(path, CandidatePath)
+    if temperatures is None or builds_path or fits_rule:
         if fit_fraction <= 0:
             raise ValueError("fitting temperatures or a path needs a fit split (fit_fraction > 0)")
         split = RowSplit(*fit_split(rows.num_rows, fit_fraction, seed))
@@ -740,13 +824,16 @@ def build_candidates(
     temperatures = tuple(float(t) for t in temperatures)
     num_exits, _, num_classes = rows.exit_logits.shape
     if isinstance(path, CandidatePath):
-        candidates = path
-    elif path == "shared":
-        candidates = shared_path(metric, num_exits, num_classes)
+        return Candidates(temperatures, path, split)
+    template = rule_template(rule, metric, fitting.exit_logits, temperatures)
+    value = template[0].metric  # what the family thresholds
+    if path == "shared":
+        candidates = shared_path(value, num_exits, num_classes, template=template)
     elif path in ("per_exit", "per_class"):
         candidates = fitted_path(
-            fitting.exit_logits, temperatures, metric, path == "per_class", fitting.labels, risk
-        )
+            fitting.exit_logits, temperatures, value, path == "per_class", fitting.labels, risk,
+            template=template,
+        )  # fmt: skip
     else:
         raise ValueError(f"unknown path {path!r}")
     return Candidates(temperatures, candidates, split)
@@ -906,8 +993,12 @@ def calibrate_exit_policy(
     fit_fraction: float = 0.25,
     seed: int = 0,
     ladder: Sequence[float] = (),
+    rule: str = "confidence",
 ) -> CalibratedExitPolicy:
     """Calibrate exit thresholds on logits (exits, N, C) so that ``method`` holds for ``risk``.
+
+    ``rule``: the rule family (``build/rule_families.py``; ``metric`` applies to ``confidence``);
+    :func:`calibrate_best_rule` tries several.
 
     The steps, each callable on its own (to certify one path at several risk levels, or a path of
     another exit rule): :func:`validated_calibration_rows`, :func:`build_candidates` (temperatures,
@@ -977,6 +1068,7 @@ def calibrate_exit_policy(
         path=path,
         fit_fraction=fit_fraction,
         seed=seed,
+        rule=rule,
     )
     certifying = rows.subset(candidates.split.certify)
     outcomes = candidate_outcomes(
@@ -1021,7 +1113,44 @@ def calibrate_exit_policy(
         data_fingerprint=data_fingerprint(rows.exit_logits, rows.labels, rows.cohorts),
         warnings=certified.warnings,
         rungs=rungs,
+        rule=rule,
     )
+
+
+def calibrate_best_rule(
+    exit_logits: np.ndarray,
+    exit_costs: Sequence[float],
+    method: Method,
+    *,
+    rules: Sequence[str] = RULE_FAMILIES,
+    **options: Any,
+) -> CalibratedExitPolicy:
+    """:func:`calibrate_exit_policy` for every family of ``rules``, each at ``delta / len(rules)``; the
+    one with the least certified expected compute is returned (the first of them on a tie).
+
+    Valid by Bonferroni: each family's certification errs with probability at most
+    ``delta / len(rules)``, so all of them hold at once with probability at least ``1 - delta``, and
+    any certified candidate of any family, this one included, has its risk within epsilon. The
+    result records every family's certified compute (``tried``); its warnings are its own.
+    """
+    if not rules or len(set(rules)) != len(rules):
+        raise ValueError(f"rules must name distinct families, not {list(rules)}")
+    share = replace(method, delta=method.delta / len(rules))
+    results = []
+    for family in rules:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            results.append(calibrate_exit_policy(exit_logits, exit_costs, share, rule=family, **options))
+    best = min(results, key=lambda r: r.result.expected_cost)
+    for message in best.warnings:
+        warnings.warn(message, CalibrationWarning, stacklevel=2)
+    clauses = best.guarantee.removeprefix(share.describe(share.delta))  # per-class and cohort clauses
+    guarantee = (
+        f"{method.describe(method.delta)}{clauses}; {len(rules)} rule families ({', '.join(rules)}), each "
+        f"certified at delta / {len(rules)} = {share.delta:.4g}, the least compute kept ({best.rule})"
+    )
+    tried = tuple((r.rule, r.result.expected_cost) for r in results)
+    return replace(best, guarantee=guarantee, delta=float(method.delta), tried=tried)
 
 
 def ladder_levels(method: Method, ladder: Sequence[float]) -> tuple[float, ...]:

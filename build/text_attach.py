@@ -34,7 +34,14 @@ from offramp.build.text_recipes import (
     predict_by_length,
     torch_threads,
 )
-from offramp.build.train import TrainConfig, exit_accuracies, exit_agreements, seed_everything, train_exits
+from offramp.build.train import (
+    TrainConfig,
+    exit_accuracies,
+    exit_agreements,
+    recorded_settings,
+    seed_everything,
+    train_exits,
+)
 from offramp.build.transformer import (
     TOKENIZER_DIR,
     AttachedClassifier,
@@ -72,6 +79,7 @@ class AttachSettings:
     label_weight: float = (
         0.0  # 0: pure self-distillation; 1: the labels alone (rows without one: distillation)
     )
+    distill_temperature: float = 1.0
 
     def head_config(self) -> TrainConfig:
         return TrainConfig(
@@ -80,6 +88,8 @@ class AttachSettings:
             learning_rate=self.learning_rate,
             weight_decay=self.weight_decay,
             seed=self.seed,
+            distill_weight=1.0 - self.label_weight,
+            distill_temperature=self.distill_temperature,
         )
 
 
@@ -108,7 +118,7 @@ def build_attached_classifier(
         checkpoint = folder_digest(model_path)
         cache = CachedBuild.look_up(
             out_dir, name=name, mode="attach", **data_key(source.record()), model=checkpoint,
-            settings=asdict(settings), recipe=ATTACH_VERSION,
+            settings=recorded_settings(asdict(settings)), recipe=ATTACH_VERSION,
         )  # fmt: skip
         if cache.reusable is not None:
             return cache.reusable
@@ -155,8 +165,10 @@ def _attach_and_export(
     if model.early_heads:
         layers = [block - 1 for block in model.exit_layers[:-1]]
         heads = PooledHeads([head.classifier for head in model.early_heads], settings.head_dropout)
-        targets = distillation_targets(final_logits, train_labels, settings.label_weight)
-        losses = train_exits(heads, [pooled[:, layers]], targets, settings.head_config(), progress=progress)
+        losses = train_exits(
+            heads, [pooled[:, layers]], train_labels, settings.head_config(), teacher=final_logits,
+            progress=progress,
+        )  # fmt: skip
     model.eval()
     timings["heads_seconds"] = round(time.perf_counter() - started, 1)
     torch.save([head.state_dict() for head in model.early_heads], out_dir / HEADS_FILE)
@@ -237,19 +249,6 @@ def _training_features(
     features = pooled_layer_features(model.encoder, ids, mask, progress=progress, final_head=model.heads[-1])
     np.savez(path, pooled=features.pooled, final_logits=features.final_logits)
     return features.pooled, features.final_logits, round(time.perf_counter() - started, 1)
-
-
-def distillation_targets(final_logits: np.ndarray, labels: np.ndarray, label_weight: float) -> np.ndarray:
-    """Soft targets (N, C) float32 for the early heads: the final head's softmax, mixed with the one-hot
-    label by ``label_weight`` on the rows that have one (label -1: none)."""
-    shifted = final_logits - final_logits.max(axis=1, keepdims=True)
-    targets = np.exp(shifted)
-    targets /= targets.sum(axis=1, keepdims=True)
-    labelled = labels >= 0
-    if label_weight and labelled.any():
-        one_hot = np.eye(final_logits.shape[1], dtype=np.float32)[labels[labelled]]
-        targets[labelled] = (1.0 - label_weight) * targets[labelled] + label_weight * one_hot
-    return targets.astype(np.float32)
 
 
 def load_attached_classifier(out_dir: Path | str) -> AttachedClassifier:

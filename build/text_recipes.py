@@ -33,10 +33,12 @@ from offramp.build.export import artifacts_from_network
 from offramp.build.markdown import markdown_table
 from offramp.build.text_data import DEFAULT_FRACTIONS, TEXT_TASKS, TextDataError, TextSource, TextSplits
 from offramp.build.train import (
+    DISTILLATION_DEFAULTS,
     TrainConfig,
     exit_accuracies,
     exit_agreements,
     predict_exits,
+    recorded_settings,
     seed_everything,
     train_exits,
 )
@@ -87,15 +89,22 @@ class TextTrainSettings:
     # After joint fine-tuning, retrain the heads on the frozen fine-tuned encoder (probe epochs and rate)
     # and swap in, per exit, the refit head where it is clearly better on the calibration split.
     refit_heads: bool = True
+    # Self-distillation of the early exits towards the last exit (build/train.py), in the joint training
+    # and the head refit; 0: labels alone.
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
 
-    def head_config(self) -> TrainConfig:
-        """Training of heads alone on pooled features (the probe, the refit)."""
+    def head_config(self, distilled: bool = True) -> TrainConfig:
+        """Training of heads alone on pooled features: the refit (``distilled`` as the joint training),
+        the probe baseline (not: it measures the frozen encoder's layers on the labels)."""
         return TrainConfig(
             epochs=self.probe_epochs,
             batch_size=64,
             learning_rate=self.probe_learning_rate,
             weight_decay=self.weight_decay,
             seed=self.seed,
+            distill_weight=self.distill_weight if distilled else 0.0,
+            distill_temperature=self.distill_temperature,
         )
 
     def train_config(self) -> TrainConfig:
@@ -106,6 +115,8 @@ class TextTrainSettings:
             weight_decay=self.weight_decay,
             seed=self.seed,
             max_train_rows=self.max_train_rows,
+            distill_weight=self.distill_weight,
+            distill_temperature=self.distill_temperature,
         )
 
 
@@ -168,7 +179,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 # when these agree, even where later settings (head refit, export) changed.
 TRAIN_FIELDS = (
     "epochs", "max_length", "max_train_rows", "seed", "batch_size", "learning_rate", "weight_decay",
-    "exit_layers", "head_dropout", "fractions",
+    "exit_layers", "head_dropout", "fractions", "distill_weight", "distill_temperature",
 )  # fmt: skip
 PROBE_FIELDS = (
     "max_length", "max_train_rows", "seed", "weight_decay", "head_dropout", "fractions", "probe_epochs",
@@ -190,7 +201,9 @@ def _stage_key(
     stage: str, data: dict, model_digest: str, settings: dict, fields: Sequence[str], train_rows: int
 ) -> str:
     """Key of one stage; the row cap enters as the rows actually used (a cap above the split = no cap)."""
-    parts = {f: settings.get(f) for f in fields if f != "max_train_rows"}
+    # A record made before distillation existed has no distillation fields: it trained at the defaults.
+    parts = {f: settings.get(f, DISTILLATION_DEFAULTS.get(f)) for f in fields if f != "max_train_rows"}
+    parts = recorded_settings(parts)
     return build_key(stage=stage, **data_key(data), model=model_digest, train_rows=train_rows, **parts)
 
 
@@ -227,7 +240,7 @@ def _build_text_classifier(
         out_dir,
         name=name,
         **data_key(record),
-        settings=asdict(settings),
+        settings=recorded_settings(asdict(settings)),
         model=folder_digest(model_path),
         probe=probe,
         recipe=RECIPE_VERSION,
@@ -536,7 +549,7 @@ def frozen_probe_accuracies(
     heads = PooledHeads.fresh(
         train_features.shape[1], train_features.shape[2], num_classes, settings.head_dropout
     )
-    train_exits(heads, [train_features], train[2], settings.head_config(), progress=False)
+    train_exits(heads, [train_features], train[2], settings.head_config(distilled=False), progress=False)
     return exit_accuracies(predict_exits(heads, [test_features]), test[2])
 
 

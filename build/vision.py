@@ -378,7 +378,7 @@ def build_vision_classifier(
         data=_data_fingerprint(splits),
         exits=stages,
         mode=mode,
-        train=asdict(train),
+        train=train.record(),
         preprocess=preprocess.to_dict(),
     )
     if cache.reusable is not None:
@@ -415,7 +415,7 @@ def build_vision_classifier(
             "exit_stages": [stage + 1 for stage in stages],  # counted from 1, as ``exits``
             "image": preprocess.to_dict(),
             "data": splits.source,  # what offramp calibrate loads the held-out images from
-            "train": asdict(train),
+            "train": train.record(),
             "train_rows": len(splits.train.labels),
             "calibration_rows": len(splits.calibration.labels),
             "test_rows": len(splits.test.labels),
@@ -434,11 +434,13 @@ def train_attached(
 ) -> list[float]:
     """Attach mode: the backbone and its own head frozen (evaluation mode: batch-norm statistics too);
     the exit heads' classifiers trained on the pooled features of one pass over ``images`` towards the
-    own head's softmax. Returns the epoch losses (summed over exits)."""
+    own head's output distribution (at ``config.distill_temperature``; no labels). Returns the epoch
+    losses (summed over exits)."""
     for module in model.backbone:
         module.requires_grad_(False)
     model.eval()
     rows = len(images) if config.max_train_rows is None else min(len(images), config.max_train_rows)
     features, final_logits = model.pooled_features(images[:rows])
-    teacher = torch.softmax(torch.from_numpy(final_logits), dim=1).numpy()  # (N, classes): soft targets
-    return train_exits(_ExitClassifiers(list(model.exit_heads)), features, teacher, config, progress=progress)
+    unlabelled = np.full(rows, -1, dtype=np.int64)  # every row learns from the teacher alone
+    heads = _ExitClassifiers(list(model.exit_heads))
+    return train_exits(heads, features, unlabelled, config, teacher=final_logits, progress=progress)

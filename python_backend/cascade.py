@@ -2,8 +2,9 @@
 
 For each segment: run it on the rows still active, decide which rows exit, scatter those rows'
 outputs to their original positions, and compact the survivors (original positions, hidden state,
-side tensors) into a dense batch for the next segment. ``run_cascade`` is that loop; a row mover
-does the deciding and the moving. ``IndexingRowMover`` does both with array indexing (NumPy on the
+side tensors, the row's label history) into a dense batch for the next segment. ``run_cascade`` is
+that loop; a row mover does the deciding (``exit_rules.rule_passes``: every rule family) and the
+moving. ``IndexingRowMover`` does both with array indexing (NumPy on the
 host, or CuPy); ``KernelRowMover`` decides with the fused confidence kernel and moves rows with the
 compaction kernels (``offramp.kernels.cuda``), on CuPy or, in tests, on NumPy with the kernels
 executed by the CPU shim. ``run_segment`` is a BLS call under Triton and a plain function in tests.
@@ -26,8 +27,9 @@ from offramp.backend.contract import (
     HIDDEN_IN,
     SegmentUnavailable,
 )
+from offramp.backend.exit_rules import NEVER, LabelHistory, is_plain, rule_passes
 from offramp.backend.policy import ExitRule, Policy
-from offramp.kernels.confidence import Confidence, compute_confidence, exits_by_threshold
+from offramp.kernels.confidence import Confidence, compute_confidence
 
 # run_segment(index, tensors, need_hidden) -> (hidden or None, logits (B, C))
 RunSegment = Callable[[int, Mapping[str, Any], bool], tuple[Any, Any]]
@@ -105,7 +107,8 @@ class Decision:
 
     logits: Any  # (n, C) float32, divided by each row's temperature
     confidence: Confidence  # of those logits, each field (n,)
-    passes: Any  # (n,) bool: the row passes its own rule set's threshold
+    passes: Any  # (n,) bool: the row passes its own rule set's rule
+    history: LabelHistory  # the rows' label history after this exit, each field (n,)
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,9 @@ class RowMover(Protocol):
     """The steps of one exit that touch rows: deciding which leave, scattering their answers to their
     original positions, and compacting the rest into the next segment's batch."""
 
-    def decide(self, logits: Any, exit_index: int, groups: Any) -> Decision:
+    def decide(self, logits: Any, exit_index: int, groups: Any, history: LabelHistory) -> Decision:
         """Judges logits (n, C) by each row's rule at this exit; ``groups`` (n,) indexes ``rule_sets``
-        (None: every row takes the global rules)."""
+        (None: every row takes the global rules); ``history`` is the rows' before this exit."""
 
     def split(self, leaving: Any) -> RowSplit:
         """The segment batch split by ``leaving`` (n,) bool, with both counts read to the host."""
@@ -160,17 +163,17 @@ class IndexingRowMover:
     xp: Any
     sets: list[tuple[ExitRule, ...]]
 
-    def decide(self, logits: Any, exit_index: int, groups: Any) -> Decision:
+    def decide(self, logits: Any, exit_index: int, groups: Any, history: LabelHistory) -> Decision:
         """Each rule set's rule judges every row (it is row-wise); each row keeps its own set's verdict."""
         xp = self.xp
         scaled, members = _temperature_scaled(logits, exit_index, groups, self.sets, xp)
         confidence = compute_confidence(scaled, 1.0, xp)
+        history = history.after(confidence.label, xp)
         passes = None
         for g, rows in members:
-            rule = self.sets[g][exit_index]
-            verdict = exits_by_threshold(confidence, rule.metric, rule.threshold, xp)  # (n,)
+            verdict = rule_passes(self.sets[g][exit_index], scaled, confidence, history, xp)  # (n,)
             passes = verdict if passes is None else xp.where(rows, verdict, passes)
-        return Decision(scaled, confidence, passes)
+        return Decision(scaled, confidence, passes, history)
 
     def split(self, leaving: Any) -> RowSplit:
         survivors, exited = self.xp.flatnonzero(~leaving), self.xp.flatnonzero(leaving)
@@ -198,22 +201,38 @@ class KernelRowMover:
     kernels: Any  # offramp.kernels.cuda.Launchers over xp
     sets: list[tuple[ExitRule, ...]]
 
-    def decide(self, logits: Any, exit_index: int, groups: Any) -> Decision:
-        """One kernel launch per rule set present.
+    def decide(self, logits: Any, exit_index: int, groups: Any, history: LabelHistory) -> Decision:
+        """One kernel launch per rule set present whose rule the kernel decides alone (``is_plain``).
 
         The logits arrive already divided by each row's temperature, so the kernel runs at temperature 1
         (z / 1 is z exactly, as the indexing mover computes it); the rows of other rule sets are held
-        back with the kernel's never-exit flags, so each launch decides its own rows only.
+        back with the kernel's never-exit flags, so each launch decides its own rows only. A rule with
+        patience, a novelty gate or a learned score is decided from the kernel's figures and the rows'
+        label history by array operations on the device (``exit_rules``), launching the kernel only
+        where no figures exist yet.
         """
-        scaled, members = _temperature_scaled(logits, exit_index, groups, self.sets, self.xp)
-        confidence, passes = None, None
+        xp = self.xp
+        scaled, members = _temperature_scaled(logits, exit_index, groups, self.sets, xp)
+        confidence, passes, after = None, None, None
         for g, rows in members:
             rule = self.sets[g][exit_index]
-            held = None if len(members) == 1 else ~rows
-            figures, exit_mask = self.kernels.confidence(scaled, 1.0, rule.metric, rule.threshold, held)
-            confidence = figures if confidence is None else confidence
-            passes = exit_mask if passes is None else passes | exit_mask
-        return Decision(scaled, confidence, passes.view(bool))  # (n,) uint8 of 0 and 1, viewed as bool
+            alone = len(members) == 1
+            plain = is_plain(rule)
+            if plain or confidence is None:
+                # Where the kernel cannot decide the rule, its figures alone: no row passes NEVER.
+                metric = rule.metric if plain else "max_prob"
+                threshold = rule.threshold if plain else NEVER[metric]
+                held = None if alone else ~rows
+                figures, exit_mask = self.kernels.confidence(scaled, 1.0, metric, threshold, held)
+                if confidence is None:
+                    confidence, after = figures, history.after(figures.label, xp)
+            if plain:
+                verdict = exit_mask.view(bool)  # (n,) uint8 of 0 and 1, viewed as bool
+            else:
+                verdict = rule_passes(rule, scaled, confidence, after, xp)
+                verdict = verdict if alone else verdict & rows
+            passes = verdict if passes is None else passes | verdict
+        return Decision(scaled, confidence, passes, after)
 
     def split(self, leaving: Any) -> RowSplit:
         partition = self.kernels.partition_rows(leaving)
@@ -358,12 +377,13 @@ def run_cascade(
         except SegmentUnavailable:
             pass  # the full model is down: the forced rows go through every segment instead
         else:
-            decision = mover.decide(logits, last_exit, groups_of(forced))
+            decision = mover.decide(logits, last_exit, groups_of(forced), LabelHistory.fresh(len(forced), xp))
             everyone = mover.split(xp.ones(len(forced), dtype=bool))
             answers.record(mover, everyone, decision, forced, last_exit, 1.0)
             running = xp.nonzero(~batch.force_full)[0]
     pending = xp.ones(len(running), dtype=bool)  # rows of the segment batch not yet answered
     num_pending = len(running)
+    history = LabelHistory.fresh(len(running), xp)  # aligned with `running`, compacted with the rows
     # The previous exit's verdict, its segment batch's positions and which of its rows went on: where
     # the next segment is unavailable, those rows answer there instead (the deepest exit they reached).
     previous: tuple[Decision, Any, Any] | None = None
@@ -386,8 +406,9 @@ def run_cascade(
                 )
                 answers.flags[positions[went_on]] |= FLAG_DEGRADED
             return answers.result(rows_per_segment, str(outage), unfinished)
-        decision = mover.decide(logits, index, groups_of(running))
+        decision = mover.decide(logits, index, groups_of(running), history)
         passes = decision.passes
+        history = decision.history
         chosen = (answers.policy_exit[running] < 0) & (passes | last)  # (n,) the policy decides here
         answers.policy_exit[running[chosen]] = index
         answers.policy_label[running[chosen]] = decision.confidence.label[chosen]
@@ -418,6 +439,9 @@ def run_cascade(
             running = mover.gather_survivors(split, running)
             hidden = mover.gather_survivors(split, hidden)
             side = {name: mover.gather_survivors(split, tensor) for name, tensor in side.items()}
+            history = LabelHistory(
+                mover.gather_survivors(split, history.previous), mover.gather_survivors(split, history.streak)
+            )
             pending = xp.ones(split.num_survivors, dtype=bool)
         else:
             pending = pending & ~leaving

@@ -1,7 +1,13 @@
 """The exit policy: versioned apart from the weights, read by the orchestrator at load.
 
-``policy.json`` holds one rule per exit (metric, threshold, temperature), cohort overrides and
-provenance. The last exit always answers, so its threshold is never consulted.
+``policy.json`` holds one rule per exit (metric, threshold, temperature, and what the rule family adds:
+patience, a novelty gate, a learned score's weights; ``exit_rules.py`` says what each computes), the
+family's name, cohort overrides and provenance. The last exit always answers, so its threshold is
+never consulted.
+
+The file's ``format`` is 2 since rule families other than confidence thresholds exist; a file without
+one is format 1, whose rules read as confidence thresholds (every new field at its default). A file of
+a later format than this code knows is refused, not half read.
 """
 
 from __future__ import annotations
@@ -12,10 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from offramp.backend.exit_rules import RULE_METRICS, SCORE, SCORE_SIGNS
 from offramp.kernels.confidence import METRICS
 
 FULL_DEPTH_ROUTES = ("full_model", "segments")
 ABSTENTION_ACTIONS = ("flag", "fallback")
+POLICY_FORMAT = 2
+# Rule families (how calibration shaped the rules; the rules themselves say what is computed):
+# a confidence threshold, patience, a learned exit score, a confidence threshold with a novelty gate.
+RULE_FAMILIES = ("confidence", "patience", "score", "novelty")
 
 
 class PolicyError(ValueError):
@@ -24,13 +35,24 @@ class PolicyError(ValueError):
 
 @dataclass(frozen=True)
 class ExitRule:
-    metric: str = "max_prob"
+    """One exit's rule (``exit_rules.rule_passes`` computes it): the row's value (``metric``, of its logits
+    divided by ``temperature``) against ``threshold``, with the family's additions."""
+
+    metric: str = "max_prob"  # max_prob, entropy, margin, or score (the learned exit score)
     threshold: float | tuple[float, ...] = 1.0  # scalar, or one per class (by the row's label)
     temperature: float = 1.0
+    # Patience: where the label has held at the last `patience` exits (this one included; 0: never), the
+    # row's uncertainty counts `patience_discount` times (0: the streak alone lets it leave).
+    patience: int = 0
+    patience_discount: float = 1.0
+    # Novelty gate: the row leaves only where its energy score -logsumexp(logits / T) is at most this.
+    energy_limit: float | None = None
+    # The learned score's weights: bias, then one per exit_rules.SCORE_FEATURES (metric "score" only).
+    score_weights: tuple[float, ...] = ()
 
     def validate(self, where: str, num_classes: int) -> None:
-        if self.metric not in METRICS:
-            raise PolicyError(f"{where}: metric {self.metric!r} is not one of {METRICS}")
+        if self.metric not in RULE_METRICS:
+            raise PolicyError(f"{where}: metric {self.metric!r} is not one of {RULE_METRICS}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise PolicyError(f"{where}: temperature must be a positive number, not {self.temperature!r}")
         values = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,)
@@ -38,6 +60,19 @@ class ExitRule:
             raise PolicyError(f"{where}: {len(values)} per-class thresholds for {num_classes} classes")
         if not all(isinstance(v, int | float) and not math.isnan(v) for v in values):
             raise PolicyError(f"{where}: thresholds must be numbers, not {self.threshold!r}")
+        if not (isinstance(self.patience, int) and self.patience >= 0):
+            raise PolicyError(f"{where}: patience must be a whole number of exits, not {self.patience!r}")
+        if not 0.0 <= self.patience_discount <= 1.0:
+            raise PolicyError(f"{where}: patience_discount lies in [0, 1], not {self.patience_discount!r}")
+        if self.energy_limit is not None and not math.isfinite(self.energy_limit):
+            raise PolicyError(f"{where}: energy_limit must be a finite number, not {self.energy_limit!r}")
+        if (self.metric == SCORE) != bool(self.score_weights):
+            raise PolicyError(f"{where}: score_weights go with metric {SCORE!r} and only with it")
+        if self.score_weights:
+            if len(self.score_weights) != len(SCORE_SIGNS) or not all(map(math.isfinite, self.score_weights)):
+                raise PolicyError(f"{where}: score_weights must be {len(SCORE_SIGNS)} finite numbers")
+            if any(w * sign < 0 for w, sign in zip(self.score_weights, SCORE_SIGNS, strict=True)):
+                raise PolicyError(f"{where}: score_weights {self.score_weights} are not monotone")
 
 
 @dataclass(frozen=True)
@@ -80,6 +115,8 @@ class Policy:
     version: str
     model_fingerprint: str
     exits: tuple[ExitRule, ...]
+    rule: str = "confidence"  # the family calibration shaped the rules by (RULE_FAMILIES)
+    format: int = POLICY_FORMAT
     # Where rows forced to full depth run: the `<name>_full` model, or on through every segment.
     full_depth_route: str = "full_model"
     cohorts: dict[str, tuple[ExitRule, ...]] = field(default_factory=dict)
@@ -121,6 +158,10 @@ class Policy:
     def validate(self, num_exits: int, num_classes: int, fingerprint: str | None = None) -> Policy:
         if not self.version:
             raise PolicyError("policy: version is empty")
+        if not 1 <= self.format <= POLICY_FORMAT:
+            raise PolicyError(f"policy format {self.format}: this offramp reads formats 1 to {POLICY_FORMAT}")
+        if self.rule not in RULE_FAMILIES:
+            raise PolicyError(f"policy: rule {self.rule!r} is not one of {RULE_FAMILIES}")
         if fingerprint is not None and self.model_fingerprint != fingerprint:
             raise PolicyError(
                 f"policy {self.version} was made for model {self.model_fingerprint[:12]}, "
@@ -154,11 +195,17 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Policy:
+        written = data.get("format", 1)
+        if not (isinstance(written, int) and 1 <= written <= POLICY_FORMAT):
+            # A later format may mean something this code would misread: refuse before reading a field.
+            raise PolicyError(f"policy format {written!r}: this offramp reads formats 1 to {POLICY_FORMAT}")
         try:
             return cls(
                 version=str(data["version"]),
                 model_fingerprint=str(data["model_fingerprint"]),
                 exits=_rules(data["exits"]),
+                rule=str(data.get("rule", "confidence")),
+                format=written,
                 full_depth_route=data.get("full_depth_route", "full_model"),
                 cohorts={str(k): _rules(v) for k, v in data.get("cohorts", {}).items()},
                 abstention=Abstention(**data["abstention"]) if data.get("abstention") else None,
@@ -175,7 +222,7 @@ class Policy:
                 pinned_cohorts=tuple(str(c) for c in data.get("pinned_cohorts", [])),
                 provenance=dict(data.get("provenance", {})),
             )
-        except (KeyError, TypeError, AttributeError) as error:
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise PolicyError(f"policy: malformed ({type(error).__name__}: {error})") from error
 
     @classmethod
@@ -196,6 +243,10 @@ def _rules(items: list[dict[str, Any]]) -> tuple[ExitRule, ...]:
                 metric=item.get("metric", "max_prob"),
                 threshold=tuple(threshold) if isinstance(threshold, list) else threshold,
                 temperature=item.get("temperature", 1.0),
+                patience=item.get("patience", 0),
+                patience_discount=item.get("patience_discount", 1.0),
+                energy_limit=item.get("energy_limit"),
+                score_weights=tuple(item.get("score_weights", ())),
             )
         )
     return tuple(rules)

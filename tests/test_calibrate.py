@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from offramp.backend.policy import Policy
-from offramp.build.calibrate import CalibrationData, calibrate_artifacts, simulate_exits
+from offramp.build.calibrate import (
+    CalibrationData,
+    calibrate_artifacts,
+    exit_logits_from_onnx,
+    simulate_exits,
+)
+from offramp.build.risk_control import fit_split
 from offramp.client.cli.main import main
 
 
@@ -180,3 +186,46 @@ def test_calibrate_from_the_rows_shadow_checks_kept(quick_cnn, fashion_test, tmp
     assert Policy.load(same).exits == policy.exits
     assert main([*args, "--data", str(tmp_path / "same.npz")]) == 2
     assert "not true labels" in capsys.readouterr().err
+
+
+def test_calibrate_rule_all_keeps_the_family_with_the_least_certified_compute(
+    quick_cnn, calibration_npz, tmp_path, capsys
+):
+    artifacts, directory = quick_cnn
+    common = ["calibrate", "--artifacts", str(directory), "--data", str(calibration_npz), "--quiet"]
+    policies = {}
+    for rule in ("patience", "all"):
+        out = tmp_path / f"{rule}.json"
+        with pytest.warns(UserWarning, match="tiny"):
+            assert main([*common, "--rule", rule, "--out", str(out)]) == 0
+        policies[rule] = Policy.load(out).validate(
+            artifacts.num_exits, artifacts.num_classes, artifacts.fingerprint
+        )
+    console = capsys.readouterr().out
+
+    patience = policies["patience"]
+    assert patience.rule == "patience" and patience.provenance["rule"] == "patience"
+    assert all(r.patience >= 2 for r in patience.exits)
+
+    chosen = policies["all"]
+    tried = chosen.provenance["rules_tried"]
+    assert set(tried) == {"confidence", "patience", "score", "novelty"}
+    assert chosen.rule == min(tried, key=tried.get) and chosen.provenance["rule"] == chosen.rule
+    assert chosen.provenance["expected_cost"] == min(tried.values())
+    assert chosen.provenance["delta"] == 0.05 / 4  # the level each family was tested at
+    assert "with probability >= 0.95 over the calibration rows" in chosen.provenance["guarantee"]
+    assert "certified compute per rule: confidence" in console and f"rule: {chosen.rule}" in console
+    # The served rules take, on the certifying rows, the exits the calibration counted.
+    data = np.load(calibration_npz)
+    logits = exit_logits_from_onnx(artifacts, directory, {"IMAGE": data["IMAGE"]})
+    _, certify = fit_split(2000, 0.25, seed=0)
+    taken = simulate_exits(logits[:, certify], chosen.exits)
+    rates = np.bincount(taken, minlength=artifacts.num_exits) / len(certify)
+    np.testing.assert_allclose(rates, chosen.provenance["exit_rate_profile"])
+
+
+def test_calibrate_refuses_a_confidence_metric_for_another_rule(quick_cnn, calibration_npz, capsys):
+    _, directory = quick_cnn
+    args = ["calibrate", "--artifacts", str(directory), "--rule", "patience", "--metric", "entropy"]
+    assert main(args) == 2
+    assert "the patience rule has its own" in capsys.readouterr().err

@@ -50,6 +50,7 @@ from offramp.backend.device import (
     select_cascade,
     to_bls_tensor,
 )
+from offramp.backend.exit_rules import LabelHistory
 from offramp.backend.orchestrator import Orchestrator
 from offramp.backend.policy import ExitRule, Policy
 from offramp.kernels.cuda import COMPACT_SOURCE, CONFIDENCE_SOURCE, ENTRY_POINTS, Launchers
@@ -177,13 +178,34 @@ def scenario(name: str) -> tuple[FakeNetwork, CascadeBatch, Policy, dict[str, An
     if name == "without compaction":
         kwargs["compact"] = False
         return net, base, policy(0.6), kwargs
+    if name in RULES:
+        return net, base, Policy("test", "fp", (RULES[name],) * 3, full_depth_route="segments"), kwargs
+    if name == "a cohort per rule family":
+        cohorts = {family: (rule,) * 3 for family, rule in RULES.items()}
+        batch = CascadeBatch(inputs, base.force_full, base.min_exit, base.max_exit, rule_set=rows % 5)
+        return net, batch, policy(0.6, cohorts=cohorts), kwargs
+    if name == "patience without compaction":
+        kwargs["compact"] = False
+        return net, base, Policy("test", "fp", (RULES["patience"],) * 3, full_depth_route="segments"), kwargs
     raise KeyError(name)
+
+
+# One rule of each family that needs more than the kernel's figures, with settings that make the fake
+# network's rows leave at every exit.
+RULES = {
+    "patience": ExitRule("max_prob", 0.9, patience=2, patience_discount=0.3),
+    "learned score": ExitRule("score", 0.8, score_weights=(-1.0, 0.8, -0.5, 1.0, 1.5)),
+    "novelty gate": ExitRule("max_prob", 0.6, energy_limit=-2.5),
+    "patience on entropy, per class": ExitRule(
+        "entropy", (0.5, 0.9, 0.7, 0.8), temperature=1.5, patience=2, patience_discount=0.5
+    ),
+}
 
 
 SCENARIOS = [
     "plain", "side input", "entropy, per class", "margin", "cohorts", "forced rows to the full model",
     "min, max exit and deadlines", "without compaction", "side input, forced rows to the full model",
-    "all rows forced to the full model",
+    "all rows forced to the full model", *RULES, "a cohort per rule family", "patience without compaction",
 ]  # fmt: skip
 
 
@@ -229,7 +251,7 @@ def test_the_kernels_make_the_decisions_and_move_the_rows(shim_modules, monkeypa
         raise AssertionError("the kernel path computed confidence with NumPy")
 
     monkeypatch.setattr(cascade_module, "compute_confidence", refuse)
-    monkeypatch.setattr(cascade_module, "exits_by_threshold", refuse)
+    monkeypatch.setattr(cascade_module, "rule_passes", refuse)  # a plain rule: the kernel alone decides
     launched: Counter = Counter()
     net, batch, pol, kwargs = scenario("side input")
     result = run_cascade(
@@ -284,7 +306,7 @@ def test_both_row_movers_decide_alike(shim_modules) -> None:
     logits[3, 1] = np.nan
     groups = np.arange(40) % 2  # (n,)
     by_indexing, by_kernels = (
-        mover.decide(logits, 1, groups)
+        mover.decide(logits, 1, groups, LabelHistory.fresh(40))
         for mover in row_movers(shim_modules, policy(0.6, cohorts={"high_risk": cohort}))
     )
     np.testing.assert_array_equal(by_kernels.logits, by_indexing.logits)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from offramp.backend.policy import Policy
+from offramp.backend.policy import RULE_FAMILIES, Policy
 from offramp.build.calibrate import exit_logits_from_onnx, simulate_exits
 from offramp.build.risk_control import (
     NEVER,
@@ -33,7 +33,7 @@ from offramp.build.risk_control import (
     candidate_losses,
     candidate_outcomes,
     certify,
-    exit_confidences,
+    exit_evidence,
     exits_taken,
     fit_split,
     fitted_path,
@@ -42,6 +42,7 @@ from offramp.build.risk_control import (
     shared_path,
     validated_calibration_rows,
 )
+from offramp.build.rule_families import rule_template
 from offramp.build.temperature import (
     expected_calibration_error,
     fit_temperature,
@@ -92,7 +93,9 @@ def real_exits(quick_cnn, fashion_test):
 
 @pytest.fixture(scope="module")
 def population(real_exits):
-    """Temperatures and per-class path fitted on 2,000 rows; the other rows are the population."""
+    """Temperatures, the per-class path and each rule family's rules fitted on 2,000 rows; the other
+    rows are the population. Paths: "global" (confidence), "per_class", and one shared path per
+    other rule family, as ``build_candidates`` makes them."""
     logits, labels, costs = real_exits
     fit, pool = fit_split(logits.shape[1], 0.2, seed=1)
     temperatures = fit_temperatures(logits[:, fit], labels[fit])
@@ -102,6 +105,9 @@ def population(real_exits):
             logits[:, fit], temperatures, "max_prob", per_class=True, fit_labels=labels[fit]
         ),
     }
+    for family in RULE_FAMILIES[1:]:
+        template = rule_template(family, "max_prob", logits[:, fit], temperatures)
+        paths[family] = shared_path(template[0].metric, logits.shape[0], logits.shape[2], template=template)
     return logits[:, pool], costs, temperatures, paths
 
 
@@ -153,16 +159,20 @@ def simulated_choices(
     return ltt, empirical
 
 
-@pytest.mark.parametrize("variant", ["global", "per_class_marginal", "per_class_conditional"])
+@pytest.mark.parametrize(
+    "variant", ["global", "per_class_marginal", "per_class_conditional", *RULE_FAMILIES[1:]]
+)
 def test_learn_then_test_risk_exceeds_epsilon_in_at_most_delta_of_calibration_draws(population, variant):
+    """The guarantee per rule family: "global" is the confidence family's shared path; patience, score
+    and novelty are theirs, their rules fitted on rows outside the population."""
     logits, costs, temperatures, paths = population
     started = time.perf_counter()
-    path = paths["global" if variant == "global" else "per_class"]
-    confidences = exit_confidences(logits, temperatures)
-    taken = exits_taken(confidences, path)  # (K, N)
-    loss = candidate_losses(taken, confidences)  # (K, N) disagreement with the last exit
+    path = paths["per_class" if variant.startswith("per_class") else variant]
+    evidence = exit_evidence(logits, temperatures, path.base_rules)
+    taken = exits_taken(evidence, path)  # (K, N)
+    loss = candidate_losses(taken, evidence.label)  # (K, N) disagreement with the last exit
     cost = costs[taken]  # (K, N)
-    full = confidences[-1].label
+    full = evidence.label[-1]
     classes = [full == c for c in range(logits.shape[2])] if variant == "per_class_conditional" else []
 
     weights = draw_weights(logits.shape[1], DRAWS, CALIBRATION_ROWS, seed=7)
@@ -199,6 +209,28 @@ def test_learn_then_test_risk_exceeds_epsilon_in_at_most_delta_of_calibration_dr
     assert empirical_rate >= ltt_rate
 
 
+def test_the_least_compute_of_every_rule_family_holds_in_all_but_delta_of_calibration_draws(population):
+    """``--rule all``: each family certified at delta / families on the same draw, the least certified
+    compute kept; the kept policy's population risk passes epsilon in at most delta of the draws."""
+    logits, costs, temperatures, paths = population
+    weights = draw_weights(logits.shape[1], DRAWS, CALIBRATION_ROWS, seed=12)
+    draws = np.arange(DRAWS)
+    risks, draw_costs = [], []  # per family, (S,) each: the population risk and the draw's cost of its choice
+    for family in ("global", *RULE_FAMILIES[1:]):
+        evidence = exit_evidence(logits, temperatures, paths[family].base_rules)
+        taken = exits_taken(evidence, paths[family])  # (K, N)
+        loss, cost = candidate_losses(taken, evidence.label), costs[taken]  # (K, N) each
+        chosen = simulated_choices(loss, cost, weights, [], EPSILON, DELTA / len(RULE_FAMILIES))[0]  # (S,)
+        risks.append(loss.mean(axis=1)[chosen])
+        draw_costs.append((weights @ cost.T / CALIBRATION_ROWS)[draws, chosen])
+    kept = np.argmin(draw_costs, axis=0)  # (S,) the family with the least certified compute, per draw
+    rate = float(np.mean(np.asarray(risks)[kept, draws] > EPSILON))
+    print(f"\nall families: kept {np.bincount(kept, minlength=len(RULE_FAMILIES))}, risk > eps in {rate:.3f}")
+    slack = 3 * math.sqrt(DELTA * (1 - DELTA) / DRAWS)  # the draws' own binomial noise around delta
+    assert rate <= DELTA + slack
+    assert np.mean(np.asarray(draw_costs)[kept, draws]) < 0.9, "early exit should pay on this model"
+
+
 LADDER = (0.005, 0.01, 0.02, 0.05)
 
 
@@ -206,9 +238,9 @@ def test_every_rung_of_a_ladder_holds_at_once_in_all_but_delta_of_calibration_dr
     """Each rung certified at delta / K on the same draw: the chance that ANY rung's population risk
     passes its own epsilon is at most delta (Bonferroni), whatever rung the service then serves."""
     logits, costs, temperatures, paths = population
-    confidences = exit_confidences(logits, temperatures)
-    taken = exits_taken(confidences, paths["global"])  # (K, N)
-    loss, cost = candidate_losses(taken, confidences), costs[taken]  # (K, N) each
+    evidence = exit_evidence(logits, temperatures, paths["global"].base_rules)
+    taken = exits_taken(evidence, paths["global"])  # (K, N)
+    loss, cost = candidate_losses(taken, evidence.label), costs[taken]  # (K, N) each
     risk = loss.mean(axis=1)  # (K,) the population's
     weights = draw_weights(logits.shape[1], DRAWS, CALIBRATION_ROWS, seed=11)
     chosen = [
@@ -258,10 +290,10 @@ def test_a_ladder_certifies_each_level_on_the_same_candidates_at_a_split_delta(t
 def test_the_simulation_chooses_what_calibrate_exit_policy_chooses(population, per_class):
     logits, costs, temperatures, paths = population
     path = paths["global" if per_class is None else "per_class"]
-    confidences = exit_confidences(logits, temperatures)
-    taken = exits_taken(confidences, path)
-    loss, cost = candidate_losses(taken, confidences), costs[taken]
-    classes = [confidences[-1].label == c for c in range(logits.shape[2])] if per_class else []
+    evidence = exit_evidence(logits, temperatures, path.base_rules)
+    taken = exits_taken(evidence, path)
+    loss, cost = candidate_losses(taken, evidence.label), costs[taken]
+    classes = [evidence.label[-1] == c for c in range(logits.shape[2])] if per_class else []
     picks = np.random.default_rng(11).integers(0, logits.shape[1], (3, CALIBRATION_ROWS))
     weights = np.stack([np.bincount(p, minlength=logits.shape[1]) for p in picks]).astype(np.float64)
     ltt, empirical = simulated_choices(loss, cost, weights, classes)
@@ -388,12 +420,12 @@ def test_rows_with_non_finite_logits_never_exit_early():
         per_class="marginal",
     )
     assert result.result.exit_rates[0] > 0.3, "loose thresholds: most valid rows should leave early"
-    confidences = exit_confidences(logits, result.temperatures)
-    taken = exits_taken(confidences, result.path)
-    assert (taken[:, ~confidences[0].valid] >= 1).all()
-    assert (taken[:, ~confidences[0].valid & ~confidences[1].valid] == 2).all()
+    valid = exit_evidence(logits, result.temperatures, result.path.base_rules).label >= 0  # (E, N)
+    taken = exits_taken(exit_evidence(logits, result.temperatures, result.path.base_rules), result.path)
+    assert (taken[:, ~valid[0]] >= 1).all()
+    assert (taken[:, ~valid[0] & ~valid[1]] == 2).all()
     served = simulate_exits(logits, result.to_policy("v", "fp").exits)
-    assert (served[~confidences[0].valid] != 0).all() and (served[~confidences[1].valid] == 2).all()
+    assert (served[~valid[0]] != 0).all() and (served[~valid[1]] == 2).all()
     assert all(math.isfinite(t) for t in result.temperatures)
 
 
@@ -521,6 +553,6 @@ def test_the_policy_round_trips_and_the_cascade_takes_the_calibrated_exits(tmp_p
     # The served rules take, row for row, the exits the calibration measured.
     _, certify = fit_split(3000, 0.25, seed=0)
     taken = simulate_exits(logits[:, certify], loaded.exits)
-    confidences = exit_confidences(logits[:, certify], result.temperatures)
-    np.testing.assert_array_equal(taken, exits_taken(confidences, result.path)[result.result.candidate])
+    evidence = exit_evidence(logits[:, certify], result.temperatures, result.path.base_rules)
+    np.testing.assert_array_equal(taken, exits_taken(evidence, result.path)[result.result.candidate])
     np.testing.assert_allclose(np.bincount(taken, minlength=3) / len(certify), result.result.exit_rates)

@@ -254,9 +254,14 @@ def test_the_store_keeps_a_bounded_recent_sample_per_instance(tmp_path):
     def add(target, rows, start):
         target.add(
             inputs={"X": np.arange(start, start + rows, dtype=np.float32)[:, None]},
-            exit=np.zeros(rows, np.int64), label=np.zeros(rows, np.int64), full_label=np.zeros(rows, np.int64),
-            cohort=np.full(rows, ""), request_id=np.full(rows, "r"), row=np.arange(rows), time=np.full(rows, now[0]),
-        )  # fmt: skip
+            exit=np.zeros(rows, np.int64),
+            label=np.zeros(rows, np.int64),
+            full_label=np.zeros(rows, np.int64),
+            cohort=np.full(rows, ""),
+            request_id=np.full(rows, "r"),
+            row=np.arange(rows),
+            time=np.full(rows, now[0]),
+        )
 
     add(other, 5, -5)
     other.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from offramp.client.cli.subcommand import DEFAULT_WORKDIR, Subcommand
@@ -15,7 +16,7 @@ class CalibrateCommand(Subcommand):
     help = "calibrate exit thresholds with a stated guarantee"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from offramp.build.calibrate import METHODS
+        from offramp.build.calibrate import METHODS, PATHS, RULE_CHOICES, TEMPERATURES
         from offramp.build.risk_control import P_VALUES, PER_CLASS, RISKS
         from offramp.kernels.confidence import METRICS
 
@@ -42,7 +43,23 @@ class CalibrateCommand(Subcommand):
         add("--method", choices=METHODS, default=METHODS[0],
             help="ltt: Learn-then-Test (guarantee); empirical: plain search, NO guarantee")  # fmt: skip
         add("--risk", choices=RISKS, default=RISKS[0])
-        add("--metric", choices=METRICS, default=METRICS[0])
+        add("--rule", choices=RULE_CHOICES, default=RULE_CHOICES[0],
+            help="the exit rule family: a confidence threshold, patience (the label held at the last exits), "
+            "a learned monotone exit score, a confidence threshold with a novelty (energy) gate; all: "
+            "each at delta / families, the least certified compute kept")  # fmt: skip
+        add("--metric", choices=METRICS, default=METRICS[0], help="the confidence rule's figure")
+        add(
+            "--path",
+            choices=PATHS,
+            default=PATHS[0],
+            help="shared: one data-free threshold for every exit; per_exit: shaped on the fit split",
+        )
+        add(
+            "--temperature",
+            choices=TEMPERATURES,
+            default=TEMPERATURES[0],
+            help="fit: per exit on the fit split; one: none (a data-free rule then certifies on every row)",
+        )
         add("--p-value", choices=P_VALUES, default=P_VALUES[0])
         add("--per-class", choices=[p for p in PER_CLASS if p], help="per-class thresholds")
         add("--bonferroni", action="store_true", help="one guarantee for all cohorts at once")
@@ -56,13 +73,38 @@ class CalibrateCommand(Subcommand):
 
     def run(self, args: argparse.Namespace) -> int:
         from offramp.build.artifacts import MANIFEST, ModelArtifacts
-        from offramp.build.calibrate import calibrate_artifacts, data_file_rows, held_out_data, shadow_rows
+        from offramp.build.calibrate import (
+            CalibrationSettings,
+            calibrate_artifacts,
+            data_file_rows,
+            held_out_data,
+            shadow_rows,
+        )
         from offramp.build.model_build import user_errors
 
         artifacts_dir = Path(args.artifacts)
         if not (artifacts_dir / MANIFEST).is_file():
             print(f"offramp calibrate: error: {artifacts_dir} holds no {MANIFEST}: pass a build's folder "
                   "(offramp build prints it)", file=sys.stderr)  # fmt: skip
+            return 2
+        try:
+            settings = CalibrationSettings(
+                epsilon=args.epsilon,
+                delta=args.delta,
+                method=args.method,
+                risk=args.risk,
+                rule=args.rule,
+                metric=args.metric,
+                path=args.path,
+                temperature=args.temperature,
+                p_value=args.p_value,
+                per_class=args.per_class,
+                bonferroni=args.bonferroni,
+                min_group_rows=args.min_group_rows,
+                ladder=tuple(args.ladder),
+            )
+        except ValueError as error:
+            print(f"offramp calibrate: error: {error}", file=sys.stderr)
             return 2
         artifacts = ModelArtifacts.load(artifacts_dir)
         if args.shadow and (args.data or args.risk != "disagreement"):
@@ -83,20 +125,7 @@ class CalibrateCommand(Subcommand):
             print(f"offramp calibrate: error: {error}", file=sys.stderr)
             return 2
         policy, calibrated, logits = calibrate_artifacts(
-            artifacts,
-            artifacts_dir,
-            data,
-            epsilon=args.epsilon,
-            delta=args.delta,
-            method=args.method,
-            risk=args.risk,
-            metric=args.metric,
-            p_value=args.p_value,
-            per_class=args.per_class,
-            bonferroni=args.bonferroni,
-            min_group_rows=args.min_group_rows,
-            ladder=args.ladder,
-            progress=not args.quiet,
+            artifacts, artifacts_dir, data, progress=not args.quiet, **asdict(settings)
         )
         out = Path(args.out) if args.out else artifacts_dir / "policy.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +133,9 @@ class CalibrateCommand(Subcommand):
         provenance = policy.provenance
         print(f"policy {policy.version} -> {out}")
         print(f"  {calibrated.guarantee}")
+        if calibrated.tried:
+            print("  certified compute per rule: " + ", ".join(f"{r} {c:.3f}" for r, c in calibrated.tried))
+        print(f"  rule: {policy.rule}")
         print(f"  achieved calibration risk {provenance['achieved_risk']:.4f}, "
               f"expected compute {provenance['expected_cost']:.3f}")  # fmt: skip
         print("  exit-rate profile: " + ", ".join(f"{r:.1%}" for r in provenance["exit_rate_profile"]))
