@@ -479,9 +479,10 @@ class Orchestrator:
 
     def merge(self, parsed: Sequence[ParsedRequest]) -> CascadeBatch:
         """One batch of all rows, in request order, with each row's own constraints."""
-        repeat = lambda value, dtype: np.concatenate(  # noqa: E731
-            [np.full(p.rows, getattr(p, value), dtype=dtype) for p in parsed]
-        )
+
+        def repeat(value: str, dtype: Any) -> np.ndarray:
+            return np.concatenate([np.full(p.rows, getattr(p, value), dtype=dtype) for p in parsed])
+
         return CascadeBatch(
             inputs={
                 s.name: _concatenate_padded([p.inputs[s.name] for p in parsed]) for s in self.spec.inputs
@@ -597,7 +598,11 @@ class Orchestrator:
         run_full = None
         if run_model is not None:
             full = self.spec.full_model
-            run_full = lambda tensors: self.outages.call(full, lambda: run_model(full, tensors))  # noqa: E731
+
+            def call_full(tensors: Any) -> Any:
+                return self.outages.call(full, lambda: run_model(full, tensors))
+
+            run_full = call_full
         result = self.cascade(
             batch,
             segment,

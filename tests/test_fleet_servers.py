@@ -105,7 +105,10 @@ def check_answers(result: LoadResult, service: Service) -> dict[str, int]:
 def test_two_replicas_roll_a_policy_out_and_a_rollback_survives_a_restart(service, running_server, tmp_path):
     """The short version (default run): a roll-out with the canary, the pin, a rollback, and a replica
     restarted after it, which answers with the rolled-back version."""
-    start = lambda: running_server(service.repository, model_control="explicit", load_models=("*",))  # noqa: E731
+
+    def start():
+        return running_server(service.repository, model_control="explicit", load_models=("*",))
+
     with start() as one, start() as two:
         replicas = [replica(one.grpc_url, one.metrics_url), replica(two.grpc_url, two.metrics_url)]
         fleet = FleetControl(service.repository, service.artifacts.name, replicas)

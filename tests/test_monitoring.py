@@ -78,10 +78,12 @@ def test_histograms_and_gauges_are_gathered_and_published_at_most_once_per_inter
     publication on), sum and count; nothing reaches the sink between publications."""
     sink, now = RecordingSink(), [0.0]
     telemetry = ServingTelemetry(sink, "m", "i", publish_interval_s=1.0, clock=lambda: now[0])
-    rows = lambda exits, confidence: telemetry.answered(  # noqa: E731
-        np.array(exits), np.array(confidence), np.full(len(exits), 0.5), np.zeros(len(exits), np.int32),
-        np.array([""] * len(exits), dtype=object),
-    )  # fmt: skip
+
+    def rows(exits: list[int], confidence: list[float]) -> None:
+        telemetry.answered(
+            np.array(exits), np.array(confidence), np.full(len(exits), 0.5), np.zeros(len(exits), np.int32),
+            np.array([""] * len(exits), dtype=object),
+        )  # fmt: skip
 
     def series(name: str) -> dict[str, float]:
         found = {}

@@ -160,7 +160,10 @@ SPEC = ImageSpec(channels=1, size=28, mean=(0.286,), std=(0.353,))
 def fashion_splits(fashion_test) -> ImageSplits:
     images, labels = fashion_test
     normalized = SPEC.normalize(np.rint(images[:900] * 255).astype(np.uint8))
-    part = lambda rows: ImageSet(normalized[rows], labels[:900][rows])  # noqa: E731
+
+    def part(rows: slice) -> ImageSet:
+        return ImageSet(normalized[rows], labels[:900][rows])
+
     names = tuple(f"class {i}" for i in range(10))
     return ImageSplits(part(slice(0, 600)), part(slice(600, 750)), part(slice(750, 900)), names, SPEC)
 
