@@ -776,12 +776,8 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-RUNS_CSV_FIELDS = (
-    "arm",
-    "model",
-    "concurrency",
-    "rep",
-    "position",
+RUN_KEYS = ("arm", "model", "concurrency", "rep", "position")  # what a run was
+PERF_KEYS = (
     "rows_per_s",
     "requests_per_s",
     "p50_ms",
@@ -789,11 +785,8 @@ RUNS_CSV_FIELDS = (
     "p95_ms",
     "p99_ms",
     "avg_ms",
-    "wall_s",
-    "client_cpu_s",
-    "server_cpu_s",
-    "busy_cores",
-)
+)  # perf_analyzer's
+RUNS_CSV_FIELDS = (*RUN_KEYS, *PERF_KEYS, "wall_s", "client_cpu_s", "server_cpu_s", "busy_cores")
 
 
 def write_runs_csv(records: Sequence[Mapping], path: Path) -> Path:
@@ -804,19 +797,8 @@ def write_runs_csv(records: Sequence[Mapping], path: Path) -> Path:
         for r in records:
             writer.writerow(
                 {
-                    **{k: r[k] for k in ("arm", "model", "concurrency", "rep", "position")},
-                    **{
-                        k: r["perf"].get(k)
-                        for k in (
-                            "rows_per_s",
-                            "requests_per_s",
-                            "p50_ms",
-                            "p90_ms",
-                            "p95_ms",
-                            "p99_ms",
-                            "avg_ms",
-                        )
-                    },
+                    **{k: r[k] for k in RUN_KEYS},
+                    **{k: r["perf"].get(k) for k in PERF_KEYS},
                     "wall_s": round(r["wall_s"], 3),
                     "client_cpu_s": round(r["client_cpu_s"], 3),
                     "server_cpu_s": round(sum(r["server_cpu_s"].values()), 3),

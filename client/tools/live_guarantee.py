@@ -270,10 +270,8 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     data = write_input_data(out / "input.json", {"IMAGE": images})
     rounds = []
     with EmbeddedTritonServer(repository, ports=ServerPorts.free(), log_path=out / "server.log") as server:
-        for model in (
-            name,
-            shadow_name,
-        ):  # warm up, and past the shadowed model's first rows (checked at 10%)
+
+        def perf(model: str, interval_ms: int, csv: Path) -> Any:
             options = PerfAnalyzerOptions(
                 server.grpc_url,
                 model,
@@ -281,27 +279,20 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
                 concurrency=args.concurrency,
                 batch_size=args.rows_per_request,
                 shapes={"IMAGE": (1, 28, 28)},
-                measurement_interval_ms=3000,
+                measurement_interval_ms=interval_ms,
                 stability_percentage=100,
                 max_trials=3,
             )
-            run_perf_analyzer(options, out / "warmup" / f"{model}.csv")
+            return run_perf_analyzer(options, csv).result
+
+        # Warm up, and past the shadowed model's first rows (a new cohort's, checked at 10%).
+        for model in (name, shadow_name):
+            perf(model, 3000, out / "warmup" / f"{model}.csv")
         for index in range(args.rounds):
             order = (name, shadow_name) if index % 2 == 0 else (shadow_name, name)
             measured = {}
             for model in order:
-                options = PerfAnalyzerOptions(
-                    server.grpc_url,
-                    model,
-                    data,
-                    concurrency=args.concurrency,
-                    batch_size=args.rows_per_request,
-                    shapes={"IMAGE": (1, 28, 28)},
-                    measurement_interval_ms=args.interval_ms,
-                    stability_percentage=100,
-                    max_trials=3,
-                )
-                result = run_perf_analyzer(options, out / f"round{index}" / f"{model}.csv").result
+                result = perf(model, args.interval_ms, out / f"round{index}" / f"{model}.csv")
                 measured["shadow" if model == shadow_name else "plain"] = {
                     "rows_per_s": result.rows_per_s,
                     "p99_ms": result.p99_ms,
