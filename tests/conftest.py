@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,12 @@ RunningServer = Callable[..., contextlib.AbstractContextManager[EmbeddedTritonSe
 # The decoder tests compare a row's logits bitwise alone and batched, as the generator's stub serves
 # them: MKL's sgemm rounds a row by the row count of its product unless its reproducibility mode is
 # STRICT, and MKL fixes the mode at the process's first matrix product, so it is set here, before any
-# test runs one.
-reproducible_gemm()
+# test runs one. Where it cannot be set (a torch without MKL, an MKL that refuses the mode), the suite
+# still runs: the bitwise test measures the rounding itself and skips, saying why.
+try:
+    reproducible_gemm()
+except (OSError, AttributeError, RuntimeError) as error:
+    warnings.warn(f"MKL's STRICT reproducibility mode is not set: {error}", stacklevel=1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
