@@ -18,18 +18,23 @@ TRITON_MODEL_FILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv holding only the offramp wheel; its dependencies come from this venv's site-packages
-    through a .pth line (not its .pth files, so this checkout's editable install stays out)."""
-    work = tmp_path_factory.mktemp("wheel")
-    before = subprocess.run(
+def build_folder_state() -> str:
+    """What git sees in build/ (the offramp.build sources), ignored files included."""
+    return subprocess.run(
         ["git", "status", "--porcelain", "--ignored", "build"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv holding only the offramp wheel; its dependencies come from this venv's site-packages
+    through a .pth line (not its .pth files, so this checkout's editable install stays out)."""
+    work = tmp_path_factory.mktemp("wheel")
+    before = build_folder_state()
     subprocess.run(
         [
             sys.executable,
@@ -46,13 +51,7 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
         capture_output=True,
     )
-    after = subprocess.run(
-        ["git", "status", "--porcelain", "--ignored", "build"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    after = build_folder_state()
     assert after == before, f"building the wheel wrote into build/ (the offramp.build sources): {after}"
     wheel = next(work.glob("offramp-*.whl"))
     venv = work / "venv"
