@@ -213,16 +213,24 @@ class RiskAlarm:
         """Both directions' log-growth over the rows: what ``advance`` takes, and what peers share."""
         return {d: bets.log_growth(observed) for d, bets in self.bets.items()}
 
-    def advance(self, growth: dict[str, np.ndarray], rows: int) -> str | None:
-        """Adds rows' log-growth; returns "raised" or "cleared" when the state changed."""
+    def advance(self, growth: dict[str, np.ndarray], rows: int, decide: bool = True) -> str | None:
+        """Adds rows' log-growth; returns "raised" or "cleared" when the state changed. With ``decide``
+        false the evidence only accumulates: another alarm decides for this one (``adopt``)."""
         self.process.advance(growth[BELOW if self.raised else ABOVE], rows)
-        if self.evidence < self.level:
+        if not decide or self.evidence < self.level:
+            return None
+        return self.adopt(not self.raised)
+
+    def adopt(self, raised: bool) -> str | None:
+        """Takes the state ``raised`` (decided here, or by the alarm this one follows): a change starts
+        the next episode's test; returns "raised" or "cleared" when the state changed."""
+        if raised == self.raised:
             return None
         self.decided_after = self.process.rows
-        self.raised = not self.raised
-        self.alarms += self.raised
-        self.process = self._process(BELOW if self.raised else ABOVE)
-        return "raised" if self.raised else "cleared"
+        self.raised = raised
+        self.alarms += raised
+        self.process = self._process(BELOW if raised else ABOVE)
+        return "raised" if raised else "cleared"
 
     def event(self) -> None:
         """Something outside the test says the stream may have changed now: start a fresh wealth."""

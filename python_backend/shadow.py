@@ -22,7 +22,11 @@ a weak witness of it. This measures the promise itself, on live traffic:
   to full depth (with ``conservative``; through the segments, so each row's early answer is still
   known and every row is evidence), and a test of "risk >= epsilon" on the cohort's rows after the
   alarm clears it at 1/clear_alpha. The instances of a model add their evidence through
-  ``offramp.backend.shared_state``.
+  ``offramp.backend.shared_state``, and one of them decides: the live instance with the lowest process
+  id raises and clears, the others take its state (``absorb``). Were each instance to decide on its own,
+  their tests would start their episodes at different rows of the shared stream: one instance cleared
+  while another, with no traffic of its own after that, kept its alarm (and conservative mode) for good,
+  and with k deciders a false alarm would have up to k chances.
 - Keeping (``store_path``, off unless the operator sets it): a uniform sample of the free rows (every
   row with the same probability ``store_rate``, whatever its exit) with inputs and both answers, for
   ``offramp calibrate --shadow`` to certify a new policy on live traffic; a retention limit in rows and
@@ -189,8 +193,11 @@ class ShadowChecks:
         audit: Any = None,
         store: ShadowStore | None = None,
         clock: Callable[[], float] = time.time,
+        pid: int | None = None,
     ) -> None:
         self.config = config
+        self.pid = os.getpid() if pid is None else pid  # this instance's id among the model's instances
+        self.leader: int | None = None  # the instance whose alarm decisions this one takes (None: itself)
         self.num_exits = num_exits
         self.epsilon = config.epsilon or epsilon
         self.model, self.policy_version = model, policy_version
@@ -433,6 +440,7 @@ class ShadowChecks:
         if self.telemetry is not None:
             self.telemetry.shadow(counts, gauges, [e["cohort"] for e in events if e["event"] == "raised"])
             self.telemetry.shadow_lost(self.dropped, self.failed)
+            self.telemetry.publish()  # if due, as a request would
 
     def _run_checks(self, checks: list[_Checks]) -> None:
         """Full-depth labels for every check, in calls of at most ``batch_rows`` rows of one shape."""
@@ -475,7 +483,10 @@ class ShadowChecks:
     def _move(
         self, cohort: str, state: _CohortState, growth: dict[str, np.ndarray], rows: int
     ) -> dict[str, Any] | None:
-        change = state.alarm.advance(growth, rows)
+        return self._event(cohort, state, state.alarm.advance(growth, rows, decide=self.leader is None))
+
+    def _event(self, cohort: str, state: _CohortState, change: str | None) -> dict[str, Any] | None:
+        """The audit line of an alarm's change (None for no change)."""
         if change is None:
             return None
         evidence = state.loss_sum / max(state.loss_rows, 1)
@@ -489,6 +500,7 @@ class ShadowChecks:
             "epsilon": self.epsilon,
             "estimated_risk": round(evidence, 6),
             "rows_in_test": state.alarm.decided_after,  # since the last change (or the start)
+            "decided_by": self.leader or self.pid,  # the instance whose test decided
             "policy_version": self.policy_version,
         }
 
@@ -557,30 +569,45 @@ class ShadowChecks:
     # --- other instances ----------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """This process's cumulative log-growth per cohort, for the other instances."""
+        """Per cohort: this process's cumulative log-growth, for the other instances to add, and its
+        alarm's state, for them to take when this instance decides."""
         with self._lock:
             return {
-                key: {"rows": state.grown_rows, **{d: list(map(float, v)) for d, v in state.growth.items()}}
+                key: {
+                    "rows": state.grown_rows,
+                    "raised": state.alarm.raised,
+                    **{d: list(map(float, v)) for d, v in state.growth.items()},
+                }
                 for key, state in self._cohorts.items()
-                if state.grown_rows
+                if state.alarm is not None
             }
 
     def absorb(self, peers: Mapping[int, Mapping[str, Any]]) -> None:
-        """Adds what the other instances saw since the last look to each cohort's test."""
+        """Adds what the other live instances (pid -> ``snapshot()``) saw since the last look to each
+        cohort's test; then, unless this instance has the lowest id and decides, takes the decider's
+        alarm states."""
         events = []
         with self._lock:
+            lowest = min(peers, default=self.pid)
+            self.leader = lowest if lowest < self.pid else None
             for pid, cohorts in peers.items():
                 for key, shared in cohorts.items():
                     state = self._state(self._key(key))
                     if state.alarm is None:
                         continue
-                    growth = {d: np.asarray(shared[d]) for d in (ABOVE, BELOW)}
-                    seen, seen_rows = state.peers.get(pid, ({d: 0.0 for d in growth}, 0))
+                    seen, seen_rows = state.peers.get(pid, ({ABOVE: 0.0, BELOW: 0.0}, 0))
                     rows = int(shared["rows"]) - seen_rows
                     if rows <= 0:
                         continue
+                    growth = {d: np.asarray(shared[d]) for d in (ABOVE, BELOW)}
                     state.peers[pid] = (growth, int(shared["rows"]))
                     event = self._move(self._key(key), state, {d: growth[d] - seen[d] for d in growth}, rows)
+                    if event is not None:
+                        events.append(event)
+            for key, shared in peers.get(self.leader, {}).items():
+                state = self._state(self._key(key))
+                if state.alarm is not None:
+                    event = self._event(self._key(key), state, state.alarm.adopt(bool(shared["raised"])))
                     if event is not None:
                         events.append(event)
             if events:
@@ -591,6 +618,7 @@ class ShadowChecks:
         # An instance may change state on the others' evidence alone: its gauges must say so too.
         if events and self.telemetry is not None:
             self.telemetry.shadow({}, gauges, [e["cohort"] for e in events if e["event"] == "raised"])
+            self.telemetry.publish()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Runs what is queued, writes the store, stops the worker."""

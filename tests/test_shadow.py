@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import threading
 
@@ -200,33 +201,83 @@ def test_disagreements_raise_the_alarm_conservative_mode_runs_and_agreement_clea
 def test_instances_add_their_evidence(tmp_path):
     """Two processes' checks (this one and a live child's id), each with 4 checked rows of which 2
     disagree: alone, the best bet's evidence is about 10.5^2 * 0.975^2 / 6 grid points * 1/4 weight =
-    4.4, under 1/alpha = 20; together (4 of 8) about 450. Neither raises alone; each does once it has
-    absorbed the other's log-growth through the shared directory."""
+    4.4, under 1/alpha = 20; together (4 of 8) about 450. Neither raises alone; the one with the lower id
+    decides and raises once it has absorbed the other's log-growth through the shared directory, and the
+    other takes that state at its next look."""
     child = subprocess.Popen(["sleep", "60"])
-    shadows = [checks(ShadowConfig(rate=1.0, seed=s))[0] for s in (4, 5)]
+    pids = (os.getpid(), child.pid)
+    shadows = [
+        checks(ShadowConfig(rate=1.0, seed=s), pid=pid)[0] for s, pid in zip((4, 5), pids, strict=True)
+    ]
     try:
         directory = shared_directory(tmp_path, "m", "v1", server_pid=child.pid)
-        first, second = SharedState(directory), SharedState(directory, pid=child.pid)
+        states = [SharedState(directory, pid=pid) for pid in pids]
         rng = np.random.default_rng(4)
         for shadow in shadows:
             shadow.observe(**batch(rng, 4, exits=0), run_full=_half_wrong)
             shadow.drain()
         assert not any(s.conservative for s in shadows)
-        first.publish(shadows[0].snapshot())
-        second.publish(shadows[1].snapshot())
-        shadows[0].absorb(first.peers())
-        shadows[1].absorb(second.peers())
+
+        def exchange():
+            for shadow, state in zip(shadows, states, strict=True):
+                state.publish(shadow.snapshot())
+            for shadow, state in zip(shadows, states, strict=True):
+                shadow.absorb(state.peers())
+
+        exchange()
+        decider = int(np.argmin(pids))
+        assert [s.conservative for s in shadows] == [i == decider for i in range(2)]
+        exchange()  # the same growth again adds nothing; the other instance takes the raised alarm
         assert all(s.conservative for s in shadows)
-        shadows[0].absorb(first.peers())  # the same file again adds nothing
+        assert all(s.leader == (None if i == decider else pids[decider]) for i, s in enumerate(shadows))
     finally:
         for shadow in shadows:
             shadow.close()
         child.kill()
         child.wait()
     # The second process is gone: its file is skipped and removed.
+    first, second = states
     assert first.peers() == {} and not second.path.exists()
     first.close()  # the last one out leaves nothing under the root
     assert not any(tmp_path.glob("offramp-shared-*"))
+
+
+def test_one_instance_decides_so_an_idle_instance_clears_with_the_others():
+    """The failure this prevents: each instance deciding alone started its clearing test at its own row
+    of the shared stream, so when the traffic that cleared one instance's alarm ended, the other kept
+    its alarm, and served every row at full depth, for good. Here the follower (higher id) alone sees
+    400 disagreeing rows, enough for an alarm of its own (the alarm test above raises on the same rows),
+    but only the leader raises, and the follower takes it; the leader alone then sees the clean rows
+    that clear it, and the idle follower clears at its next look."""
+    leader, follower = (checks(ShadowConfig(rate=1.0, seed=s), pid=pid)[0] for s, pid in ((6, 1), (7, 2)))
+
+    def exchange():
+        snapshots = {1: leader.snapshot(), 2: follower.snapshot()}
+        leader.absorb({2: snapshots[2]})
+        follower.absorb({1: snapshots[1]})
+
+    try:
+        exchange()
+        rng = np.random.default_rng(6)
+        for _ in range(20):
+            follower.observe(**batch(rng, 20, exits=0), run_full=full_model(1))
+            follower.drain()
+        assert not follower.conservative and follower.leader == 1
+        exchange()
+        assert leader.conservative and not follower.conservative
+        exchange()
+        assert follower.conservative
+        for _ in range(40):
+            served = batch(rng, 20, exits=0)
+            served["conservative"] = True
+            leader.observe(**served, run_full=full_model(1))
+            leader.drain()
+        assert not leader.conservative and follower.conservative
+        exchange()
+        assert not follower.conservative
+    finally:
+        leader.close()
+        follower.close()
 
 
 def _half_wrong(inputs):
