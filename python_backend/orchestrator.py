@@ -505,6 +505,8 @@ class Orchestrator:
         answers: list[dict[str, np.ndarray] | Exception] = []
         parsed: list[ParsedRequest] = []
         received = time.monotonic()
+        started = time.perf_counter()
+        self._times = dict.fromkeys(("segments", "observe"), 0.0)  # seconds of this execute, by part
         rung, shedding = (self.slo.rung, self.slo.shedding) if self.slo is not None else (0, False)
         for request in requests:
             try:
@@ -512,12 +514,33 @@ class Orchestrator:
                 answers.append({})
             except RequestError as error:
                 answers.append(error)
-        served = iter(self._serve(parsed, run_segment, run_model))
+        parsed_at = time.perf_counter()
+        served = iter(self._serve(parsed, self._timed_segments(run_segment), run_model))
         answers = [answer if isinstance(answer, Exception) else next(served) for answer in answers]
         if self.slo is not None:
             self.slo.record(time.monotonic() - received, len(requests))
             self._close_slo_window()
+        if self.telemetry is not None:
+            times = self._times
+            cascade = time.perf_counter() - parsed_at - times["segments"] - times["observe"]
+            self.telemetry.execute_times(
+                {"parse": parsed_at - started, "cascade": cascade, **times}, len(requests)
+            )
         return answers
+
+    def _timed_segments(self, run_segment: RunSegment) -> RunSegment:
+        """``run_segment`` adding its time to this execute's "segments" part: the segments' runs (BLS
+        round trips, or ONNX Runtime in process) apart from the cascade's own work (a forced row's or a
+        fallback's call to another model counts as cascade)."""
+
+        def timed(*args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return run_segment(*args)
+            finally:
+                self._times["segments"] += time.perf_counter() - started
+
+        return timed
 
     def _at_rung(self, request: ParsedRequest, rung: int, shedding: bool) -> ParsedRequest:
         """The request as the SLO controller's rung serves it: forced and pinned-cohort requests stay at
@@ -706,6 +729,7 @@ class Orchestrator:
         run_model: RunModel | None,
     ) -> None:
         """Metrics, drift, shadow checks and audit for the answered rows; none of it waits on a check.
+        Its time is this execute's "observe" part.
 
         Drift and the shadow checks watch the exits the policy chose freely, conservative mode included
         (its rows run through every segment, so the choice and its answer are still known), not rows the
@@ -713,6 +737,7 @@ class Orchestrator:
         the policy's ladder). Rows answered by another model than the cascade (rerouted in an outage,
         sent to a fallback) are left out of the checks: their answer is not the policy's.
         """
+        started = time.perf_counter()
         outputs, policy_exit = answered.outputs, answered.policy_exit
         rungs = np.repeat([p.rung for p in parsed], [p.rows for p in parsed])  # (B,)
         free = (policy_exit >= 0) & ~answered.requested_full & (rungs == 0)  # (B,)
@@ -750,6 +775,7 @@ class Orchestrator:
             self.telemetry.publish()
         if self.audit is not None:
             self.audit.record(self.audit_records(outputs, parsed, batch, policy_exit))
+        self._times["observe"] += time.perf_counter() - started
 
     def shared_state(self) -> dict[str, Any]:
         """What this instance tells the model's other instances: its drift window and risk evidence."""

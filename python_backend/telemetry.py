@@ -2,9 +2,10 @@
 
 The Triton adapter supplies a ``MetricsSink`` over ``pb_utils.MetricFamily``; tests supply a
 dictionary. Every metric call from a Python stub is a round trip to the server process, so
-counters are touched once per label set per ``execute``, and histograms and gauges are gathered
-here and published at most once per ``publish_interval_s``: a per-row histogram observation cost
-the CNN's orchestrator more CPU than the compute its exits saved (benchmarks/BENCHMARKS.md).
+counters, histograms and gauges are all gathered here and published at most once per
+``publish_interval_s``: a per-row histogram observation cost the CNN's orchestrator more CPU than
+the compute its exits saved (benchmarks/BENCHMARKS.md), and a few counters per ``execute`` still
+cost each request several round trips.
 Histograms are published in Prometheus' histogram form (``<name>_bucket{le}`` cumulative,
 ``<name>_sum``, ``<name>_count``), as counters, since Triton's histogram takes one value per call.
 A request publishes what is due; ``PeriodicPublisher`` publishes what the last requests before an
@@ -114,6 +115,7 @@ class ServingTelemetry:
         self._lock = threading.RLock()
         self._refreshers: list[Callable[[], None]] = []
         self._histograms: dict[tuple[str, Labels], _Histogram] = {}
+        self._counters: dict[tuple[str, Labels], tuple[str, float]] = {}  # increments not yet published
         self._gauges: dict[tuple[str, Labels], tuple[str, float]] = {}  # the latest value of each
         self._published_gauges: dict[tuple[str, Labels], float] = {}  # what the sink holds
 
@@ -127,7 +129,7 @@ class ServingTelemetry:
     ) -> None:
         """Per answered row (all (n,)): its exit, confidence, compute fraction, flags and cohort name."""
         for (exit_index, cohort), count in zip(*_count_pairs(exits, cohorts), strict=True):
-            self.sink.increment(
+            self._count(
                 "offramp_exits_total",
                 "Rows answered, by exit and cohort",
                 {**self.labels, "exit": str(exit_index), "cohort": cohort},
@@ -152,7 +154,7 @@ class ServingTelemetry:
         for bit, (name, description) in _FLAG_COUNTERS.items():
             count = int(np.count_nonzero(flags & bit))
             if count:
-                self.sink.increment(name, description, self.labels, count)
+                self._count(name, description, self.labels, count)
 
     def _observe(
         self,
@@ -167,6 +169,11 @@ class ServingTelemetry:
             if key not in self._histograms:
                 self._histograms[key] = _Histogram(description, tuple(bounds))
             self._histograms[key].add(np.asarray(values, dtype=np.float64))
+
+    def _count(self, name: str, description: str, labels: Mapping[str, str], value: float) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._counters[key] = (description, self._counters.get(key, ("", 0.0))[1] + float(value))
 
     def _set(self, name: str, description: str, labels: Mapping[str, str], value: float) -> None:
         with self._lock:
@@ -195,6 +202,9 @@ class ServingTelemetry:
     def _publish_gathered(self) -> None:
         # What is handed over is taken first: a sink failing half-way loses the rest of this
         # publication (the error is the caller's to report) rather than counting its first half twice.
+        counters, self._counters = self._counters, {}
+        for (name, labels), (description, value) in counters.items():
+            self.sink.increment(name, description, dict(labels), value)
         for (name, labels), histogram in self._histograms.items():
             observed = int(histogram.counts.sum())
             if not observed and histogram.published:
@@ -260,18 +270,16 @@ class ServingTelemetry:
         (``offramp.backend.shadow.ShadowChecks``); the cohorts whose alarm was just raised."""
         for (exit_index, cohort), (checked, disagreed) in counts.items():
             labels = {**self.labels, "exit": str(exit_index), "cohort": cohort}
-            self.sink.increment(
-                "offramp_shadow_checks_total", "Early answers checked at full depth", labels, checked
-            )
+            self._count("offramp_shadow_checks_total", "Early answers checked at full depth", labels, checked)
             if disagreed:
-                self.sink.increment(
+                self._count(
                     "offramp_shadow_disagreements_total",
                     "Checked early answers the full model disagreed with",
                     labels,
                     disagreed,
                 )
         for cohort in raised:
-            self.sink.increment(
+            self._count(
                 "offramp_risk_alarms_total", "Risk alarms raised", {**self.labels, "cohort": cohort}, 1
             )
         for cohort, figures in gauges.items():
@@ -353,11 +361,27 @@ class ServingTelemetry:
         """Rows answered at each rung of the ladder, (n,) the rung of each."""
         values, counts = np.unique(rungs, return_counts=True)
         for rung, count in zip(values.tolist(), counts.tolist(), strict=True):
-            self.sink.increment(
+            self._count(
                 "offramp_rung_rows_total",
                 "Rows answered, by the ladder's rung",
                 {**self.labels, "rung": str(rung)},
                 count,
+            )
+
+    def execute_times(self, seconds: Mapping[str, float], requests: int) -> None:
+        """Where one ``execute`` of ``requests`` requests spent its time (part -> seconds): the per-part
+        totals divided by the requests' total are the orchestrator's cost per request, part by part."""
+        for part, value in seconds.items():
+            self._count(
+                "offramp_execute_seconds_total",
+                "Wall time of the orchestrator's executes, by part",
+                {**self.labels, "part": part},
+                value,
+            )
+        if requests:  # 0: a part measured after the execute returned (the adapter's responses)
+            self._count("offramp_executes_total", "Executes run (each a batch of requests)", self.labels, 1)
+            self._count(
+                "offramp_execute_requests_total", "Requests the executes served", self.labels, requests
             )
 
     def audit(self, written: int, dropped: int, lost: int) -> None:

@@ -8,6 +8,7 @@ A thin adapter: Triton requests to ``RequestView``, BLS calls to ``run_segment``
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,9 @@ class TritonPythonModel:
         label = f"{args['model_name']} ({instance})"
         # The metrics' instance label names this stub's process too: a reload of the same version starts
         # new stubs beside the old ones, whose close() zeroes their gauges, which must not be the new ones'.
-        telemetry = ServingTelemetry(self.metrics, args["model_name"], f"{instance}-{os.getpid()}")
+        self.telemetry = telemetry = ServingTelemetry(
+            self.metrics, args["model_name"], f"{instance}-{os.getpid()}"
+        )
         cascade, placement = select_cascade(
             DeviceRequest.from_parameters(parameters),
             args.get("model_instance_kind", "CPU"),
@@ -212,6 +215,7 @@ class TritonPythonModel:
         answers = self.orchestrator.execute(
             [_Request(r) for r in requests], self._run_segment, self._run_model
         )
+        started = time.perf_counter()
         responses = []
         for answer in answers:
             if isinstance(answer, Exception):
@@ -226,6 +230,7 @@ class TritonPythonModel:
             else:
                 tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in answer.items()]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        self.telemetry.execute_times({"respond": time.perf_counter() - started}, 0)
         return responses
 
     def finalize(self):

@@ -456,3 +456,40 @@ def test_load_shedding_caps_depth_and_flags_the_rows_it_capped():
     capped = (flags & FLAG_SHED) != 0
     assert capped.any() and (exits[capped] == 1).all()
     assert (forced["EXIT"] == 2).all() and not (forced["FLAGS"] & FLAG_SHED).any()
+
+
+def test_the_execute_time_is_split_into_parts_that_add_up(orchestrator):
+    """Every segment run sleeps 20 ms, so that part's time is known from below: it lands in "segments"
+    (at least the sleeps), not in the cascade's own work, and the parts together are the execute's
+    wall time (measured around it here, so they can only be less)."""
+    import time
+
+    from offramp.backend.telemetry import ServingTelemetry
+    from tests.test_monitoring import RecordingSink
+
+    net = FakeNetwork()
+    calls = []
+
+    def slow_segment(index, tensors, need_hidden):
+        calls.append(index)
+        time.sleep(0.02)
+        return net.run_segment(index, tensors, need_hidden)
+
+    sink = RecordingSink()
+    orchestrator.telemetry = ServingTelemetry(sink, "fake", publish_interval_s=0.0)
+    requests = [FakeRequest({"X": good_rows(net, 0, 8)}), FakeRequest({"X": good_rows(net, 8, 8)})]
+    started = time.perf_counter()
+    orchestrator.execute(requests, slow_segment, net.run_model)
+    wall = time.perf_counter() - started
+    orchestrator.telemetry.publish(force=True)
+    parts = {dict(k)["part"]: v for (n, k), v in sink.values.items() if n == "offramp_execute_seconds_total"}
+    assert set(parts) == {"parse", "cascade", "segments", "observe"}
+    assert parts["segments"] >= 0.02 * len(calls) and calls
+    assert parts["cascade"] < 0.02  # the sleeps are not the cascade's
+    assert sum(parts.values()) <= wall
+    totals = {
+        n: v
+        for (n, k), v in sink.values.items()
+        if n in ("offramp_executes_total", "offramp_execute_requests_total")
+    }
+    assert totals == {"offramp_executes_total": 1, "offramp_execute_requests_total": 2}
