@@ -640,3 +640,50 @@ def test_any_builds_folder_is_a_workload(quick_text_model):
     assert workload.policy.model_fingerprint == artifacts.fingerprint
     calibration_rows = artifacts.build["split_sizes"]["calibration"]
     assert workload.calibration_logits.shape[:2] == (artifacts.num_exits, calibration_rows)
+
+
+def test_the_orchestrators_parts_are_read_per_model_summed_over_instances_and_pooled_per_execution():
+    """Two instances of `m` and one of another model on a metrics page (served by a local HTTP server):
+    only `m`'s series count, summed; pooled over two runs, the parts are ms per execution."""
+    import http.server
+    import threading
+
+    from offramp.client.serving.statistics import orchestrator_parts
+    from offramp.client.tools.bench_summary import orchestrator_parts_per_execution
+
+    page = "\n".join(
+        [
+            'offramp_execute_seconds_total{instance="a",model="m",part="cascade"} 0.5',
+            'offramp_execute_seconds_total{instance="b",model="m",part="cascade"} 0.25',
+            'offramp_execute_seconds_total{instance="a",model="m",part="segments"} 2',
+            'offramp_execute_seconds_total{instance="c",model="other",part="cascade"} 9',
+            'offramp_executes_total{instance="a",model="m"} 100',
+            'offramp_executes_total{instance="b",model="m"} 50',
+            'offramp_execute_requests_total{instance="a",model="m"} 300',
+            'offramp_exits_total{instance="a",model="m",exit="0",cohort=""} 7',
+        ]
+    ).encode()
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        read = orchestrator_parts(f"http://127.0.0.1:{server.server_port}/metrics", "m")
+    finally:
+        server.shutdown()
+    assert read == {"cascade": 0.75, "segments": 2.0, "executes": 150.0, "requests": 300.0}
+    pooled = orchestrator_parts_per_execution([{"orchestrator_parts": read}, {"orchestrator_parts": read}])
+    assert pooled["cascade"] == pytest.approx(5.0) and pooled["segments"] == pytest.approx(2000 / 150)
+    assert pooled["parse"] == 0.0 and pooled["requests_per_execution"] == 2.0
+    assert pooled["sum"] == pytest.approx(
+        sum(pooled[p] for p in ("parse", "cascade", "segments", "observe", "respond"))
+    )
+    assert orchestrator_parts_per_execution([{"orchestrator_parts": {}}]) == {}

@@ -6,6 +6,8 @@ between them: requests answered and failed, rows inferred, executions, and the t
 
 from __future__ import annotations
 
+import re
+import urllib.request
 from collections.abc import Mapping
 
 import tritonclient.grpc as grpcclient
@@ -51,3 +53,21 @@ def statistics_delta(
         if diff.get("success", 0.0) or diff.get("fail", 0.0):
             delta[model] = diff
     return delta
+
+
+def orchestrator_parts(metrics_url: str, model: str) -> dict[str, float]:
+    """The orchestrator's cumulative time by part (seconds: parse, cascade, segments, observe, respond),
+    and its executes and requests, summed over the instances of ``model``, from the metrics page
+    (published by each stub at most once a second: a reading lags by that much at most)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(metrics_url, timeout=10).read().decode()
+    totals: dict[str, float] = {}
+    pattern = r"^offramp_execute(?:s|_seconds|_requests)_total\{(.*)\} (\S+)$"
+    for line in re.finditer(pattern, text, re.MULTILINE):
+        labels, value = line.group(1), float(line.group(2))
+        if f'model="{model}"' not in labels:
+            continue
+        part = re.search(r'part="(\w+)"', labels)
+        key = part.group(1) if part else ("requests" if "_requests_" in line.group(0) else "executes")
+        totals[key] = totals.get(key, 0.0) + value
+    return totals

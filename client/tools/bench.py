@@ -49,7 +49,7 @@ from offramp.client.serving.processes import (
     machine_description,
     server_processes,
 )
-from offramp.client.serving.statistics import model_statistics, statistics_delta
+from offramp.client.serving.statistics import model_statistics, orchestrator_parts, statistics_delta
 from offramp.client.tools.bench_summary import (
     EARLY,
     FORWARD_FULL,
@@ -511,6 +511,7 @@ def run_sweep(
         )
         csv_path = raw_dir / f"{key}_c{concurrency}_r{rep}.csv"
         stats_before = model_statistics(server.grpc_url)
+        parts_before = orchestrator_parts(server.metrics_url, arm.model)
         cpu_before = server_cpu_seconds_by_role(server.pid, server.repository)
         busy_before = machine_busy_cpu_seconds()
         run = run_perf_analyzer(
@@ -519,6 +520,8 @@ def run_sweep(
         busy_after = machine_busy_cpu_seconds()
         cpu_after = server_cpu_seconds_by_role(server.pid, server.repository)
         stats = statistics_delta(stats_before, model_statistics(server.grpc_url))
+        parts = orchestrator_parts(server.metrics_url, arm.model)
+        parts = {k: v - parts_before.get(k, 0.0) for k, v in parts.items() if v > parts_before.get(k, 0.0)}
         failed = sum(int(s.get("fail", 0)) for s in stats.values())
         if failed:
             raise RuntimeError(f"{failed} requests failed while measuring {arm.model}; see {server.log_path}")
@@ -540,6 +543,7 @@ def run_sweep(
                 },
                 "machine": {"busy_cores": (busy_after - busy_before) / run.wall_s, "cores": os.cpu_count()},
                 "stats": stats,
+                "orchestrator_parts": parts,  # seconds by part, executes, requests (orchestrator arms)
                 "csv": csv_path.name,
                 "command": " ".join(run.command),
             }

@@ -19,6 +19,7 @@ from offramp.client.tools.bench_summary import (
     FULL,
     IDLE_PROCESSES,
     NOCOMPACT,
+    ORCHESTRATOR_PARTS,
     SEGMENTS_FULL,
     with_derived_figures,
 )
@@ -304,6 +305,29 @@ def _arm(level: Mapping, arm: str, key: str) -> float | None:
     return level["arms"].get(arm, {}).get(key)
 
 
+def orchestrator_parts_lines(b: Mapping) -> list[str]:
+    """The orchestrator's own timing of an execution, by part, beside Triton's execution time."""
+    parts = b.get("orchestrator_parts_ms") or {}
+    if not parts:
+        return []
+    header = [*ORCHESTRATOR_PARTS, "sum", "Triton's execution"]
+    row = [_f(parts[p], ".3f") for p in (*ORCHESTRATOR_PARTS, "sum")] + [
+        _f(b["orchestrator"]["execution_ms"], ".3f")
+    ]
+    return [
+        (
+            "The orchestrator's own timing of an execution (ms, "
+            f"{_f(parts['requests_per_execution'], '.2f')} requests each): parsing, the cascade's own work "
+            "(confidence, exit decisions, row compaction), the segment calls (BLS round trips), metrics, "
+            "drift, shadow sampling and audit, and the responses; their sum against the execution time "
+            "Triton measures around it:"
+        ),
+        "",
+        markdown_table(header, [row]),
+        "",
+    ]
+
+
 def breakdown_section(s: Mapping) -> list[str]:
     b = s.get("breakdown") or {}
     if not b:
@@ -406,6 +430,7 @@ def breakdown_section(s: Mapping) -> list[str]:
             f"and the BLS hops, {_f(b['overhead_per_bls_call_ms'], '.3f')} ms per segment call."
         ),
         "",
+        *orchestrator_parts_lines(b),
         "perf_analyzer's split of the average request latency (ms):",
         "",
         markdown_table(

@@ -324,6 +324,7 @@ def time_breakdown(
     )
     overhead_ms = orchestrator["execution_ms"] - inside_segments_ms
     return {
+        "orchestrator_parts_ms": orchestrator_parts_per_execution(early_runs),
         "concurrency": concurrency,
         "orchestrator": orchestrator,
         "segments": segments,
@@ -346,6 +347,27 @@ def time_breakdown(
             arm: {k: median(r["perf"].get(k) for r in runs) for k in _PERF_SPLIT}
             for arm, runs in ((EARLY, early_runs), (FULL, full_runs))
         },
+    }
+
+
+ORCHESTRATOR_PARTS = ("parse", "cascade", "segments", "observe", "respond")
+
+
+def orchestrator_parts_per_execution(runs: Sequence[Mapping]) -> dict[str, float]:
+    """The orchestrator's own timing of its executes, pooled over ``runs``: ms per execution by part,
+    their sum, and requests per execution (empty where the runs predate the metric)."""
+    pooled: dict[str, float] = {}
+    for run in runs:
+        for key, value in run.get("orchestrator_parts", {}).items():
+            pooled[key] = pooled.get(key, 0.0) + value
+    executes = pooled.get("executes", 0.0)
+    if not executes:
+        return {}
+    parts = {part: pooled.get(part, 0.0) / executes * 1e3 for part in ORCHESTRATOR_PARTS}
+    return {
+        **parts,
+        "sum": sum(parts.values()),
+        "requests_per_execution": pooled.get("requests", 0.0) / executes,
     }
 
 
