@@ -52,8 +52,9 @@ from offramp.backend.shadow_store import ShadowStore
 
 # run_full(inputs) -> logits (n, C) of the network without exits
 RunFull = Callable[[Mapping[str, np.ndarray]], Any]
-HAND_OVER_ROWS = 256
+HAND_OVER_ROWS = 4096
 HAND_OVER_S = 0.25
+DRAWS = 65536  # uniforms drawn at a time for the requests' sampling (ShadowChecks.__init__ says why)
 OTHER_COHORTS = "*"  # past MAX_COHORTS distinct names, the rest share one test
 MAX_COHORTS = 64
 
@@ -205,6 +206,10 @@ class ShadowChecks:
         self.clock = clock
         seed = config.seed if config.seed >= 0 else (os.getpid() * 1_000_003 + time.time_ns()) % 2**32
         self._rng = np.random.default_rng(seed)
+        # The request thread's uniforms come from a buffer drawn DRAWS at a time: NumPy's generator lets
+        # go of the GIL for each draw, and taking it back waits for a busy worker thread (up to the
+        # interpreter's 5 ms switch interval): 60 us per 16-row draw measured with a busy worker.
+        self._draw_buffer = np.empty(0)
         self._exit_rates = config.exit_rate_map
         self._cohort_rates = config.cohort_rate_map
         self._store_rate = (config.store_rate or config.rate) if store is not None else 0.0
@@ -215,10 +220,14 @@ class ShadowChecks:
         self.conservative = False  # an alarm is raised and every row runs to full depth
         self._boosted: frozenset[str] = frozenset()
         self._queue: queue.Queue[list[_Record] | None] = queue.Queue()
-        # Records with nothing to check wait here and go to the worker together (the next check, or
-        # HAND_OVER_ROWS rows, or HAND_OVER_S): one settlement per record cost the CNN's orchestrator
-        # 0.4 ms of CPU per request, about a tenth of its throughput at concurrency 8.
+        # What was observed waits here and goes to the worker together, every HAND_OVER_S or
+        # HAND_OVER_ROWS rows (checks too: a check is needed within seconds, not at once): each
+        # settlement holds the GIL the requests' thread needs. One settlement per record cost the CNN's
+        # orchestrator 0.4 ms of CPU per request, about a tenth of its throughput at concurrency 8; a
+        # hand-over at each check, about 17 a second there at 1%, still 3-5%. Rows with nothing to
+        # check, keep or count are only counted: (cohort, bet scale, z_max) -> rows with Z = 0.
         self._held: list[_Record] = []
+        self._held_zeros: dict[tuple[str, float, float], int] = {}
         self._held_rows = 0
         self._handed_at = clock()
         self._pending = 0  # checks queued, not yet run
@@ -291,29 +300,39 @@ class ShadowChecks:
         self._run_full = run_full
         last = self.num_exits - 1
         now = self.clock()
-        draws = self._rng.random(len(labels))
-        records = []
-        for cohort in sorted(set(cohorts[free].tolist())):
-            mine = free & (cohorts == cohort)
+        draws = self._draws(len(labels))
+        free_cohorts = cohorts[free]
+        single = all(c == free_cohorts[0] for c in free_cohorts)  # the common case: one cohort
+        for cohort in free_cohorts[:1] if single else sorted(set(free_cohorts.tolist())):
+            mine = free if single else free & (cohorts == cohort)
+            mine_rows = int(np.count_nonzero(mine))
             key = self._key(cohort)
             with self._lock:
                 state = self._state(key)
-            forced = mine & conservative  # their early answer (policy_label) and the full one are known
-            early = mine & ~forced & (policy_exit < last)
+            # Conservative rows' early answer (policy_label) and full one are both known: no check.
+            early = np.zeros_like(mine) if conservative else mine & (policy_exit < last)
             # One look at the rates per record: z_max must bound every Z = 1 / q of its checks.
             rates = np.array([self.rate(k, cohort) for k in range(last)] or [1.0])
             q = np.where(early, rates[np.minimum(policy_exit, len(rates) - 1)], 0.0)
             checked = early & (draws < q)
-            with self._lock:
-                if self._pending + int(checked.sum()) > self.config.max_pending_rows:
-                    self.dropped += int(checked.sum())
-                    checked[:] = False
-                self._pending += int(checked.sum())
-            known_disagree = forced & (policy_label != labels)
-            lowest = max(float(rates.min()), 1e-6)
-            bet_scale, z_max = (1.0, 1.0) if forced.any() else (lowest, 1.0 / lowest)
-            kept = mine & (draws < self._store_rate)
             index = np.flatnonzero(checked)
+            if len(index):
+                with self._lock:
+                    if self._pending + len(index) > self.config.max_pending_rows:
+                        self.dropped += len(index)
+                        checked[:], index = False, index[:0]
+                    self._pending += len(index)
+            known_disagree = int(np.count_nonzero(mine & (policy_label != labels))) if conservative else 0
+            lowest = max(float(rates.min()), 1e-6)
+            bet_scale, z_max = (1.0, 1.0) if conservative else (lowest, 1.0 / lowest)
+            kept = mine & (draws < self._store_rate) if self._store_rate else None
+            known_kept = np.flatnonzero(kept & ~checked & ~early) if kept is not None else index[:0]
+            state.rows += mine_rows
+            zeros = mine_rows - known_disagree - len(index)
+            if not (len(index) or known_disagree or len(known_kept)):
+                batch = (key, bet_scale, z_max)
+                self._held_zeros[batch] = self._held_zeros.get(batch, 0) + zeros
+                continue
             checks = None
             if len(index):
                 checks = _Checks(
@@ -323,17 +342,16 @@ class ShadowChecks:
                     probabilities=q[index],
                     request_ids=[request_ids[i] for i in index],
                     rows=rows[index],
-                    kept=kept[index],
+                    kept=kept[index] if kept is not None else np.zeros(len(index), dtype=bool),
                 )
-            known_kept = np.flatnonzero(kept & ~checked & ~early)  # their full answer is the one sent
-            records.append(
+            self._held.append(
                 _Record(
                     cohort=key,
                     time=now,
                     bet_scale=bet_scale,
                     z_max=z_max,
-                    known=[1.0] * int(known_disagree.sum()),
-                    zeros=int(mine.sum() - known_disagree.sum() - len(index)),
+                    known=[1.0] * known_disagree,
+                    zeros=zeros,
                     checks=checks,
                     kept=self._kept(
                         known_kept, inputs, policy_exit, policy_label, labels, cohort, request_ids, rows, now
@@ -342,18 +360,25 @@ class ShadowChecks:
                     else None,
                 )
             )
-            state.rows += int(mine.sum())
-        if records:
-            self._held.extend(records)
-            self._held_rows += int(free.sum())
-            due = self._held_rows >= HAND_OVER_ROWS or now - self._handed_at >= HAND_OVER_S
-            if due or any(r.checks is not None or r.kept is not None for r in records):
-                self._hand_over(now)
+        self._held_rows += len(free_cohorts)
+        if self._held_rows >= HAND_OVER_ROWS or now - self._handed_at >= HAND_OVER_S:
+            self._hand_over(now)
+
+    def _draws(self, count: int) -> np.ndarray:
+        """``count`` uniforms on [0, 1) from the buffer (refilled when it runs short)."""
+        if len(self._draw_buffer) < count:
+            self._draw_buffer = self._rng.random(max(DRAWS, count))
+        taken, self._draw_buffer = self._draw_buffer[:count], self._draw_buffer[count:]
+        return taken
 
     def _hand_over(self, now: float) -> None:
-        if self._held:
-            self._queue.put(self._held)
-        self._held, self._held_rows, self._handed_at = [], 0, now
+        held = self._held + [
+            _Record(cohort, now, bet_scale, z_max, known=[], zeros=zeros, checks=None, kept=None)
+            for (cohort, bet_scale, z_max), zeros in self._held_zeros.items()
+        ]
+        if held:
+            self._queue.put(held)
+        self._held, self._held_zeros, self._held_rows, self._handed_at = [], {}, 0, now
 
     def _kept(self, index, inputs, exits, early_labels, full_labels, cohort, request_ids, rows, now) -> dict:
         return {
