@@ -687,3 +687,14 @@ def test_the_orchestrators_parts_are_read_per_model_summed_over_instances_and_po
         sum(pooled[p] for p in ("parse", "cascade", "segments", "observe", "respond"))
     )
     assert orchestrator_parts_per_execution([{"orchestrator_parts": {}}]) == {}
+
+
+def test_static_truncation_takes_the_cheapest_exit_within_the_policys_loss():
+    from offramp.client.tools.bench_summary import truncation_exit
+
+    accuracy = [0.80, 0.895, 0.90, 0.91]
+    assert truncation_exit(accuracy, 0.0) == 3  # no loss allowed: only the last exit
+    assert truncation_exit(accuracy, 0.015) == 1  # 0.895 >= 0.91 - 0.015
+    assert truncation_exit(accuracy, 0.2) == 0
+    assert truncation_exit([0.9, 0.8, 0.85], 0.0) == 0  # an early exit as good as the last counts
+    assert bench.arms_of("m", 1)["truncated"].parameters == {"min_exit": 1, "max_exit": 1}

@@ -56,9 +56,11 @@ from offramp.client.tools.bench_summary import (
     FULL,
     NOCOMPACT,
     SEGMENTS_FULL,
+    TRUNCATED,
     Goals,
     accuracy_compute_curve,
     quality_summary,
+    truncation_exit,
     with_derived_figures,
 )
 
@@ -68,7 +70,7 @@ if TYPE_CHECKING:
 DEFAULT_WORKDIR = Path(".cache/offramp")
 DEFAULT_OUT = Path("benchmarks")
 DEFAULT_CONCURRENCY = (1, 4, 8, 16)
-ARM_KEYS = (EARLY, FULL, NOCOMPACT, SEGMENTS_FULL, FORWARD_FULL)
+ARM_KEYS = (EARLY, FULL, NOCOMPACT, SEGMENTS_FULL, FORWARD_FULL, TRUNCATED)
 # Shared max-prob thresholds for the accuracy / compute curve: from "every row leaves at exit 0" (a
 # max-prob is at least 1/C) to "almost none leaves early".
 CURVE_THRESHOLDS = tuple(
@@ -253,7 +255,8 @@ class Arm:
     description: str = ""
 
 
-def arms_of(name: str) -> dict[str, Arm]:
+def arms_of(name: str, truncation_exit: int = 0) -> dict[str, Arm]:
+    """The arms of model ``name``; the static-truncation arm answers every row at ``truncation_exit``."""
     return {
         EARLY: Arm(EARLY, name, {}, "early exit (compaction on)"),
         FULL: Arm(FULL, f"{name}_full", {}, "full model, no exits"),
@@ -269,6 +272,12 @@ def arms_of(name: str) -> dict[str, Arm]:
             name,
             {"force_full": True},
             "forced full depth, forwarded to the full model (one BLS hop)",
+        ),
+        TRUNCATED: Arm(
+            TRUNCATED,
+            name,
+            {"min_exit": truncation_exit, "max_exit": truncation_exit},
+            f"static truncation: every row answered at exit {truncation_exit}",
         ),
     }
 
@@ -447,6 +456,9 @@ def served_quality(
     if NOCOMPACT in answers:
         summary["nocompact_same_labels"] = float(np.mean(answers[NOCOMPACT]["label"] == early["label"]))
         summary["nocompact_same_exits"] = float(np.mean(answers[NOCOMPACT]["exit"] == early["exit"]))
+    if TRUNCATED in answers:
+        summary["truncated_accuracy"] = float(np.mean(answers[TRUNCATED]["label"] == labels))
+        summary["truncated_agreement"] = float(np.mean(answers[TRUNCATED]["label"] == full["label"]))
     if SEGMENTS_FULL in answers:
         summary["segments_full_agreement_with_full"] = float(
             np.mean(answers[SEGMENTS_FULL]["label"] == full["label"])
@@ -685,7 +697,6 @@ def run_workload(workload: Workload, config: BenchConfig) -> dict:
     raw_dir.mkdir(parents=True)
     scratch = config.workdir / "bench" / workload.name
     repository = scratch / "model_repository"
-    arms = {k: v for k, v in arms_of(workload.name).items() if k in config.arms}
     models = write_bench_repository(workload, repository, repository_options(config))
 
     data_rows = pick_data_rows(workload.test_rows, config.data_rows, config.seed)
@@ -710,6 +721,21 @@ def run_workload(workload: Workload, config: BenchConfig) -> dict:
             test_logits, workload.test_labels[:quality_rows], costs, CURVE_THRESHOLDS
         ),
     }
+    # The static-truncation baseline: the cheapest exit as accurate on the test rows as the policy is.
+    test_labels = np.asarray(workload.test_labels[:quality_rows])
+    exit_accuracy = [float(np.mean(logits.argmax(axis=1) == test_labels)) for logits in test_logits]
+    policy_labels = np.take_along_axis(
+        np.stack([logits.argmax(axis=1) for logits in test_logits], axis=1),
+        _policy_exits(test_logits, workload.policy)[:, None],
+        axis=1,
+    )[:, 0]
+    policy_loss = max(0.0, exit_accuracy[-1] - float(np.mean(policy_labels == test_labels)))
+    truncation = {
+        "exit": truncation_exit(exit_accuracy, policy_loss),
+        "policy_accuracy_loss": policy_loss,
+        "exit_accuracy": exit_accuracy,
+    }
+    arms = {k: v for k, v in arms_of(workload.name, truncation["exit"]).items() if k in config.arms}
     # The served rows' exits, predicted offline, tell whether the perf_analyzer rows are a fair sample.
     data_exits = _policy_exits(
         exit_logits_from_onnx(workload.artifacts, workload.artifacts_dir, data_inputs), workload.policy
@@ -752,6 +778,7 @@ def run_workload(workload: Workload, config: BenchConfig) -> dict:
             "offline_mean_compute_fraction": float(np.asarray(costs)[data_exits].mean()),
         },
         "quality": quality,
+        "truncation": truncation,
         "curves": curves,
         "offline": offline,
         "goal_settings": asdict(workload.goals),

@@ -21,6 +21,7 @@ from offramp.client.tools.bench_summary import (
     NOCOMPACT,
     ORCHESTRATOR_PARTS,
     SEGMENTS_FULL,
+    TRUNCATED,
     with_derived_figures,
 )
 
@@ -292,6 +293,7 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
             ),
             "",
         ]
+    parts += truncation_section(s)
     met = {True: "yes", False: "**no**", None: "n/a"}
     goal_rows = [[g["goal"], g["target"], g["shown"], met[g["met"]]] for g in s["goals"]]
     parts += ["### Goals", "", markdown_table(["goal", "target", "measured", "met"], goal_rows), "", ""]
@@ -303,6 +305,49 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
 
 def _arm(level: Mapping, arm: str, key: str) -> float | None:
     return level["arms"].get(arm, {}).get(key)
+
+
+def truncation_section(s: Mapping) -> list[str]:
+    """Early exit against the static-truncation baseline: every row answered at one exit, the cheapest
+    as accurate on the test rows as the policy."""
+    truncation, levels, quality = s.get("truncation"), s["levels"], s["quality"]
+    if not truncation or not any(TRUNCATED in lv["arms"] for lv in levels):
+        return []
+    k = truncation["exit"]
+    last = len(truncation["exit_accuracy"]) - 1
+    rows = [
+        [
+            lv["concurrency"],
+            _f(_arm(lv, EARLY, "rows_per_s"), ",.0f"),
+            _f(_arm(lv, TRUNCATED, "rows_per_s"), ",.0f"),
+            _f(lv["truncation_ratio"], ".2f") + "x",
+            "yes" if lv["truncation_ratio"] > 1 else "**no**",
+        ]
+        for lv in levels
+    ]
+    choice = (
+        f"exit {k} ({_pct(truncation['exit_accuracy'][k])} on the test rows)"
+        if k < last
+        else "the last exit: no shallower exit is within that loss, so truncation is the full depth"
+    )
+    return [
+        "### Against static truncation",
+        "",
+        (
+            "The baseline a user would try first: every row answered at one exit, the cheapest whose test "
+            f"accuracy is within the policy's loss ({_pct(truncation['policy_accuracy_loss'])} below the "
+            f"last exit's {_pct(truncation['exit_accuracy'][last])}): {choice}, served through the same "
+            f"orchestrator (`min_exit` = `max_exit` = {k}). Served: "
+            f"{_pct(quality.get('truncated_accuracy'))} accurate, "
+            f"{_pct(quality.get('truncated_agreement'))} agreement with the full model, against "
+            f"{_pct(quality['accuracy_early'])} and {_pct(quality['agreement'])} for early exit."
+        ),
+        "",
+        markdown_table(
+            ["concurrency", "early rows/s", "truncated rows/s", "early / truncated", "early exit wins"], rows
+        ),
+        "",
+    ]
 
 
 def orchestrator_parts_lines(b: Mapping) -> list[str]:

@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-EARLY, FULL, NOCOMPACT, SEGMENTS_FULL, FORWARD_FULL = (
+EARLY, FULL, NOCOMPACT, SEGMENTS_FULL, FORWARD_FULL, TRUNCATED = (
     "early",
     "full",
     "nocompact",
     "segments_full",
     "forward_full",
+    "truncated",
 )
 LATENCIES = ("p50_ms", "p90_ms", "p99_ms")
 
@@ -109,6 +110,8 @@ def sweep_summary(records: Sequence[Mapping], ideal_speedup: float | None = None
       runs to full depth through the segments; ``tax_p50``: segments_full / full p50 latency - 1.
     - ``forward_tax``: the same for forced rows routed to the full model through one BLS hop.
     - ``compaction_gain``: early / nocompact throughput - 1.
+    - ``truncation_ratio``: early / truncated throughput, the static-truncation baseline (every row
+      answered at one exit, ``truncation_exit``) at the same accuracy loss.
     - ``server_cpu_per_row_ms``: each arm's server CPU per served row, all rounds pooled, and
       ``cpu_bound_ratio``: full / early of it, the throughput ratio a CPU-bound server allows. It
       depends little on other load on the machine, unlike throughput, since a busy machine gives
@@ -133,6 +136,7 @@ def sweep_summary(records: Sequence[Mapping], ideal_speedup: float | None = None
             "forward_tax": 1.0 - ratio(FORWARD_FULL, FULL, "rows_per_s"),
             "forward_tax_p50": ratio(FORWARD_FULL, FULL, "p50_ms") - 1.0,
             "compaction_gain": ratio(EARLY, NOCOMPACT, "rows_per_s") - 1.0,
+            "truncation_ratio": ratio(EARLY, TRUNCATED, "rows_per_s"),
             "throughput_ratios": paired_ratios(records, EARLY, FULL, "rows_per_s", concurrency),
         }
         cpu = {}
@@ -144,6 +148,15 @@ def sweep_summary(records: Sequence[Mapping], ideal_speedup: float | None = None
         level["cpu_bound_ratio"] = _per(cpu.get(FULL, math.nan), cpu.get(EARLY, math.nan))
         levels.append(level)
     return levels
+
+
+def truncation_exit(exit_accuracy: Sequence[float], allowed_loss: float) -> int:
+    """The static-truncation baseline's exit: the cheapest whose accuracy is within ``allowed_loss`` of
+    the last exit's (the full model's), on the same rows; the last exit when none is."""
+    last = len(exit_accuracy) - 1
+    return next(
+        k for k, accuracy in enumerate(exit_accuracy) if accuracy >= exit_accuracy[last] - allowed_loss
+    )
 
 
 # --- Quality through the server ------------------------------------------------------------------------
