@@ -173,3 +173,42 @@ def summarize_audit(records: Iterable[Mapping[str, Any]]) -> dict[str, Counter]:
         summary["policy_version"][record.get("policy_version")] += 1
         summary["version_exit"][(record.get("policy_version"), record.get("exit"))] += 1
     return summary
+
+
+def late_label_accuracy(
+    records: Iterable[Mapping[str, Any]], late_labels: Mapping[tuple[str, int], int | str]
+) -> dict[tuple[Any, Any], dict[str, int]]:
+    """Correctness where the true label arrived after the answer: ``late_labels`` maps (request id, row)
+    to the true class, its index or its name (names are read from the records' ``label_name``).
+
+    Per (policy version, exit): ``rows`` answered with a late label, how many answers were ``correct``,
+    and of them the rows a shadow check also ran at full depth (``shadowed``) and how often the full
+    depth was right (``full_correct``). Rows without a request id cannot be joined.
+    """
+    answers: dict[tuple[str, int], Mapping[str, Any]] = {}
+    full_labels: dict[tuple[str, int], int] = {}
+    index_of: dict[str, int] = {}
+    for record in records:
+        key = (record.get("request_id"), record.get("row"))
+        if key not in late_labels:
+            continue
+        if record.get("kind") is None:
+            answers[key] = record
+            if record.get("label_name") is not None:
+                index_of[record["label_name"]] = int(record["label"])
+        elif record.get("kind") == "shadow":
+            full_labels[key] = int(record["full_label"])
+    table: dict[tuple[Any, Any], dict[str, int]] = {}
+    for key, answer in answers.items():
+        truth = late_labels[key]
+        truth = index_of.get(truth, -1) if isinstance(truth, str) else int(truth)  # an unseen name: wrong
+        tally = table.setdefault(
+            (answer.get("policy_version"), answer.get("exit")),
+            {"rows": 0, "correct": 0, "shadowed": 0, "full_correct": 0},
+        )
+        tally["rows"] += 1
+        tally["correct"] += int(answer["label"]) == truth
+        if key in full_labels:
+            tally["shadowed"] += 1
+            tally["full_correct"] += full_labels[key] == truth
+    return table

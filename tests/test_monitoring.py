@@ -251,3 +251,38 @@ def test_audit_sampling_and_backpressure(tmp_path):
     small.record([{"row": i} for i in range(11)])  # more than the queue takes: dropped, counted
     small.close()
     assert small.dropped == 11
+
+
+def test_late_labels_join_the_audit_by_request_and_row(tmp_path, capsys):
+    """Answers at exits 0 and 2 under one version, a shadow check of one early row, and true labels that
+    came later (one by index, one by class name, one for a row never answered): accuracy per exit, and
+    full depth's on the shadowed row; the command prints the same."""
+    from offramp.backend.audit import late_label_accuracy
+    from offramp.client.cli.main import main
+
+    def answer(request_id, row, exit_index, label, name):
+        return {"request_id": request_id, "row": row, "exit": exit_index, "label": label, "label_name": name,
+                "policy_version": "v1"}  # fmt: skip
+
+    records = [
+        answer("a", 0, 0, 3, "dress"),
+        answer("a", 1, 0, 1, "trouser"),
+        answer("b", 0, 2, 3, "dress"),
+        answer(None, 0, 0, 3, "dress"),  # no request id: never joined
+        {"kind": "shadow", "request_id": "a", "row": 1, "exit": 0, "label": 1, "full_label": 3},
+        {"kind": "risk_alarm", "event": "raised"},
+    ]
+    late = {("a", 0): 3, ("a", 1): "dress", ("b", 0): 7, ("c", 0): 1}
+    table = late_label_accuracy(records, late)
+    assert table == {
+        ("v1", 0): {"rows": 2, "correct": 1, "shadowed": 1, "full_correct": 1},
+        ("v1", 2): {"rows": 1, "correct": 0, "shadowed": 0, "full_correct": 0},
+    }
+    audit = tmp_path / "rows.jsonl"
+    audit.write_text("".join(json.dumps(r) + "\n" for r in records))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("request_id,row,label\na,0,3\na,1,dress\nb,0,7\nc,0,1\n")
+    assert main(["audit", str(audit), "--labels", str(labels)]) == 0
+    out = capsys.readouterr().out
+    assert "4 late labels, 3 joined" in out
+    assert "v1" in out and "50.0%" in out and "100.0%" in out
