@@ -65,5 +65,6 @@ def test_demo_runs_end_to_end(tmp_path):
         "agreement with full",
         "mean compute fraction",
         "exit 0:",
+        "orchestrator per request",
     ]:
         assert figure in result.stdout

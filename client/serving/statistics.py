@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 
+# The parts of the orchestrator's execute it times itself (offramp_execute_seconds_total{part}).
+ORCHESTRATOR_PARTS = ("parse", "cascade", "segments", "observe", "respond")
 # The parts of one execution whose times add up to its time in the backend.
 EXECUTION_PARTS = ("compute_input", "compute_infer", "compute_output")
 

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from offramp.build.markdown import markdown_table
+from offramp.client.serving.statistics import ORCHESTRATOR_PARTS
 from offramp.client.tools.bench_summary import (
     EARLY,
     FORWARD_FULL,
     FULL,
     IDLE_PROCESSES,
     NOCOMPACT,
-    ORCHESTRATOR_PARTS,
     SEGMENTS_FULL,
     TRUNCATED,
     with_derived_figures,

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from offramp.client.serving.statistics import ORCHESTRATOR_PARTS
+
 EARLY, FULL, NOCOMPACT, SEGMENTS_FULL, FORWARD_FULL, TRUNCATED = (
     "early",
     "full",
@@ -361,9 +363,6 @@ def time_breakdown(
             for arm, runs in ((EARLY, early_runs), (FULL, full_runs))
         },
     }
-
-
-ORCHESTRATOR_PARTS = ("parse", "cascade", "segments", "observe", "respond")
 
 
 def orchestrator_parts_per_execution(runs: Sequence[Mapping]) -> dict[str, float]:

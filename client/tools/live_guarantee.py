@@ -249,13 +249,17 @@ def _metrics(url: str) -> dict[str, float]:
 
 def cost(args: argparse.Namespace) -> dict[str, Any]:
     """The orchestrator with and without shadow checks at ``rate`` in one server, perf_analyzer at
-    concurrency 8 in alternating order, ``rounds`` times; medians of the per-round ratios."""
+    concurrency 8 in alternating order, ``rounds`` times; medians of the per-round ratios. Beside
+    throughput and p99, the server's CPU per served row (all its processes, during each arm's run):
+    what shadowing costs a CPU-bound server, and a figure other load on the machine moves less."""
     from offramp.backend.environment import prepare_execution_env
     from offramp.backend.orchestrator import ServingOptions
     from offramp.backend.shadow import ShadowConfig
     from offramp.build.fashion_mnist import load_fashion_mnist
     from offramp.build.repository import RepositoryOptions, write_orchestrator, write_repository
     from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
+    from offramp.client.serving.statistics import model_statistics, statistics_delta
+    from offramp.client.tools.bench import server_cpu_seconds_by_role
     from offramp.client.tools.perf_analyzer import PerfAnalyzerOptions, run_perf_analyzer, write_input_data
 
     artifacts, directory, policy = demo_model(Path(args.workdir), args.epsilon, args.method)
@@ -292,11 +296,16 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
             order = (name, shadow_name) if index % 2 == 0 else (shadow_name, name)
             measured = {}
             for model in order:
+                stats_before = model_statistics(server.grpc_url)
+                cpu_before = sum(server_cpu_seconds_by_role(server.pid, repository).values())
                 result = perf(model, args.interval_ms, out / f"round{index}" / f"{model}.csv")
+                cpu = sum(server_cpu_seconds_by_role(server.pid, repository).values()) - cpu_before
+                stats = statistics_delta(stats_before, model_statistics(server.grpc_url))
                 measured["shadow" if model == shadow_name else "plain"] = {
                     "rows_per_s": result.rows_per_s,
                     "p99_ms": result.p99_ms,
                     "p50_ms": result.p50_ms,
+                    "server_cpu_ms_per_row": cpu / stats[model]["inference_count"] * 1e3,
                 }
             rounds.append(measured)
             print(f"round {index}: {measured}", file=sys.stderr, flush=True)
@@ -304,6 +313,9 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     ratios = {
         "throughput": [r["shadow"]["rows_per_s"] / r["plain"]["rows_per_s"] for r in rounds],
         "p99": [r["shadow"]["p99_ms"] / r["plain"]["p99_ms"] for r in rounds],
+        "server_cpu_per_row": [
+            r["shadow"]["server_cpu_ms_per_row"] / r["plain"]["server_cpu_ms_per_row"] for r in rounds
+        ],
     }
     return {
         "concurrency": args.concurrency,
