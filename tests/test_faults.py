@@ -222,10 +222,12 @@ def test_a_missing_fallback_model_flags_rows_instead_of_failing_them(fault_servi
     # The rows keep their own answers: those of the policy without abstention.
     np.testing.assert_array_equal(outcome.outputs["EXIT"].reshape(-1), service.expected.exit)
     np.testing.assert_array_equal(outcome.outputs["LABEL"].reshape(-1), service.expected.label)
-    failures = metric_values(service.server, "offramp_fallback_failures_total")
-    assert sum(v for k, v in failures.items() if f'model="{service.fallback_model}"' in k) == int(
-        unsure.sum()
-    )
+
+    def failures() -> float:  # counters are published at most once a second
+        counted = metric_values(service.server, "offramp_fallback_failures_total")
+        return sum(v for k, v in counted.items() if f'model="{service.fallback_model}"' in k)
+
+    assert wait_for(lambda: failures() == int(unsure.sum()), timeout_s=5.0, interval_s=0.2), failures()
 
 
 def _audit_totals(service: FaultService) -> dict[str, float]:

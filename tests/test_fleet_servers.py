@@ -34,6 +34,7 @@ from offramp.client.serving.health import check_service
 from offramp.client.serving.policy_control import PolicyControl
 from offramp.client.serving.server import SHM_DIR, SHM_REGION_PREFIX, ServerPorts
 from offramp.client.tools.fleet_load import FleetLoad, LoadResult
+from tests.reliability_support import wait_for
 from tests.served_reference import Reference, spread_policy
 
 pytestmark = pytest.mark.integration
@@ -267,11 +268,16 @@ def test_a_rolling_deploy_under_load_fails_nothing_and_reaches_every_replica(ser
     assert set(result.by_replica()) == set(addresses(three_replicas))
     status = fleet.status()
     assert status.agreed and {s.version for s in status.replicas} == {rollout.version} == {status.pinned}
-    stats = fleet_total(
-        [read_replica(r.grpc_url, r.replica.metrics_url, service.artifacts.name) for r in three_replicas]
-    )
-    assert stats.rows >= sum(len(a.rows) for a in result.answers)  # every replica's exits, summed
-    assert stats.policies == (service.stricter.version,)
+
+    def stats():
+        return fleet_total(
+            [read_replica(r.grpc_url, r.replica.metrics_url, service.artifacts.name) for r in three_replicas]
+        )
+
+    # Every replica's exits, summed (its counters are published at most once a second).
+    answered = sum(len(a.rows) for a in result.answers)
+    assert wait_for(lambda: stats().rows >= answered, timeout_s=5.0, interval_s=0.2), (stats().rows, answered)
+    assert stats().policies == (service.stricter.version,)
 
 
 @pytest.mark.slow
