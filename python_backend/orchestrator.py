@@ -350,6 +350,7 @@ class Orchestrator:
         if shadow is not None:
             shadow.telemetry = telemetry
         self.outages = OutageMemory()
+        self._times: dict[str, float] = {}  # the running execute's seconds by part (execute_times)
         if (
             slo is not None
             and slo.config.shed_max_exit is not None
