@@ -390,6 +390,7 @@ def novelty(args: argparse.Namespace) -> dict[str, Any]:
             "fit_rows": calibrated.fit_rows,
             "thresholds": [r.threshold for r in policy.exits[:-1]],
             "energy_limits": [r.energy_limit for r in policy.exits[:-1]],
+            "distance_limits": [r.distance_limit for r in policy.exits[:-1]],
             "domains": {
                 name: exit_figures(logits, policy.exits, artifacts.exit_costs, labels)
                 for name, (logits, labels) in domains.items()
