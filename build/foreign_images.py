@@ -3,7 +3,10 @@ downloads), brought to Fashion-MNIST's form (float32 (N, 1, 28, 28) in [0, 1], b
 
 - scikit-learn's handwritten digits (UCI optical digits, 1,797 images of 8x8 at 17 grey levels);
 - crops of a photograph, matplotlib's sample ``grace_hopper.jpg`` (a portrait in uniform), as negatives:
-  real image content at random places and scales, inverted to the MNIST family's bright-on-dark.
+  real image content at random places and scales, inverted to the MNIST family's bright-on-dark;
+- Fashion-MNIST's own images with their pixels shuffled (one fixed permutation): the same brightness
+  histogram, no shape. (The demo CNN answers these at its first exit more often than it answers
+  clothes, on a confident-looking softmax: the hard case for a novelty gate.)
 
 A model of clothes has seen neither: every answer it gives them is wrong by construction. Whether its
 early exits also disagree with its full depth there (what shadow checks can see without labels) depends
@@ -57,3 +60,11 @@ def load_photo_crops_as_fashion(rows: int, seed: int = 0, negative: bool = True)
         crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((28, 28), Image.BILINEAR)
         crops[i, 0] = np.asarray(crop)
     return 1.0 - crops if negative else crops
+
+
+def shuffle_pixels(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``images`` (N, 1, H, W) with their pixels moved by one random permutation, the same for every
+    image: float32, same shape, same values per image."""
+    flat = images.reshape(len(images), -1)
+    order = np.random.default_rng(seed).permutation(flat.shape[1])
+    return np.ascontiguousarray(flat[:, order].reshape(images.shape), dtype=np.float32)

@@ -11,9 +11,12 @@ not use), so the candidates' order is never learnt from the rows that test it:
 - ``score``: a learned exit score, a logistic model of "this exit's label is the last exit's" over
   the logit of max-prob, entropy, margin and agreement with the previous exit, with an intercept per
   exit (the exit index), fitted on the fit rows with sign constraints that make it monotone.
-- ``novelty``: max-prob, gated by an energy limit per exit: the ``NOVELTY_QUANTILE`` quantile of the
-  fit rows' energy scores at that exit, so about that share of in-domain rows may leave there and
-  rows more novel than nearly all of them may not.
+- ``novelty``: max-prob, gated per exit by an energy limit (the ``NOVELTY_QUANTILE`` quantile of the
+  fit rows' energy scores at that exit) and a distance limit (each label's median logits on the fit
+  rows, and the ``DISTANCE_QUANTILE`` quantile of the fit rows' distance to their label's), so
+  most in-domain rows may leave there and rows more novel than nearly all of them may not. The
+  energy alone let confident foreign rows through (pixel-shuffled clothes left at the first exit more
+  often than clothes); the distance stops them (``benchmarks/live_guarantee.md``, section 4).
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from dataclasses import replace
 import numpy as np
 from scipy.optimize import minimize
 
-from offramp.backend.exit_rules import SCORE, SCORE_SIGNS, LabelHistory, energy, score_features
+from offramp.backend.exit_rules import (
+    SCORE,
+    SCORE_SIGNS,
+    LabelHistory,
+    energy,
+    logit_distance,
+    score_features,
+)
 from offramp.backend.policy import RULE_FAMILIES, ExitRule
 from offramp.kernels.confidence import Confidence, compute_confidence
 
@@ -32,7 +42,8 @@ from offramp.kernels.confidence import Confidence, compute_confidence
 FITTED_FAMILIES = ("score", "novelty")
 PATIENCE = 2  # exits the label must have held, this one included
 PATIENCE_DISCOUNT = 0.25  # the share of its uncertainty a row whose label held still counts
-NOVELTY_QUANTILE = 0.95
+NOVELTY_QUANTILE = 0.95  # of the fit rows' energy: the energy limit
+DISTANCE_QUANTILE = 0.95  # of the fit rows' distance to their label's median logits: the distance limit
 SCORE_L2 = 1e-3  # ridge on the score's weights (not its intercepts): keeps separable fits finite
 
 
@@ -77,7 +88,11 @@ def rule_template(
     exits = scaled_exits(fit_logits, temperatures)
     if family == "novelty":
         limits = novelty_limits(exits)
-        return tuple(replace(r, energy_limit=limit) for r, limit in zip(plain, limits, strict=True))
+        distances = distance_gates(exits)
+        return tuple(
+            replace(r, energy_limit=limit, distance_limit=distance, class_centres=means)
+            for r, limit, (distance, means) in zip(plain, limits, distances, strict=True)
+        )
     weights = fit_exit_score(exits)
     return tuple(replace(r, metric=SCORE, score_weights=w) for r, w in zip(plain, weights, strict=True))
 
@@ -91,6 +106,31 @@ def novelty_limits(
         values = energy(scaled, confidence)[confidence.valid]
         limits.append(float(np.quantile(values, quantile)) if len(values) else 0.0)
     return limits
+
+
+def distance_gates(
+    exits: Sequence[tuple[np.ndarray, Confidence, LabelHistory]], quantile: float = DISTANCE_QUANTILE
+) -> list[tuple[float, tuple[tuple[float, ...], ...]]]:
+    """Per exit, a distance gate: each label's centre, the coordinate-wise median logits of the (valid)
+    rows the exit gives that label (of all valid rows, for a label none has; a median, so that a few
+    rows of huge logits cannot move it), and the limit, the ``quantile`` of the rows' distance to their
+    label's centre (an order statistic: rows whose float32 distance overflows count as the farthest)."""
+    gates = []
+    for scaled, confidence, _ in exits:
+        valid = confidence.valid
+        rows, label = scaled[valid], confidence.label[valid]
+        overall = np.median(rows, axis=0) if len(rows) else np.zeros(scaled.shape[1])
+        centres = np.stack(
+            [
+                np.median(rows[label == c], axis=0) if (label == c).any() else overall
+                for c in range(scaled.shape[1])
+            ]
+        ).astype(np.float32)  # (C, C)
+        distances = logit_distance(scaled, confidence, centres)[valid]
+        limit = float(np.quantile(distances, quantile, method="inverted_cdf")) if len(distances) else 0.0
+        limit = min(limit, float(np.finfo(np.float32).max))  # finite, as a policy's limits are
+        gates.append((limit, tuple(tuple(float(v) for v in row) for row in centres)))
+    return gates
 
 
 def fit_exit_score(exits: Sequence[tuple[np.ndarray, Confidence, LabelHistory]]) -> list[tuple[float, ...]]:

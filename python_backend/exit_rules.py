@@ -21,6 +21,12 @@ certification (from data-free defaults, or fitted on rows the certification does
   like the training data) is at most the limit, so inputs unlike the calibration data do not leave
   early on a confident-looking softmax. The energy is ``log(max_prob) - max(z)``: the confidence's
   own max-prob and one reduction over the logits, in the same pass.
+- distance gate: with a ``distance_limit``, a row leaves only where its temperature-scaled logits lie
+  within that Euclidean distance of ``class_centres[label]``, the centre (median) of the logits of the fit
+  rows the exit gave the same label (a class-conditional distance in logit space, after Lee et al.
+  2018's Mahalanobis detector, on the logits the cascade already holds). Confident rows of an unfamiliar
+  domain often have ordinary energy but logits shaped unlike any class's (a too large top logit, the
+  wrong runner-up classes): ``benchmarks/live_guarantee.md`` measures both gates on domain shifts.
 
 A row's history (``LabelHistory``: the previous exit's label and how many exits in a row it has held)
 travels with the row between segments, compacted with its hidden state.
@@ -81,6 +87,16 @@ def energy(logits: Any, confidence: Confidence, xp: Any = np) -> Any:
     return (xp.log(confidence.max_prob) - finite.max(axis=1)).astype(xp.float32)
 
 
+def logit_distance(logits: Any, confidence: Confidence, class_centres: Any, xp: Any = np) -> Any:
+    """(n,) float32 Euclidean distance of temperature-scaled logits (n, C) to ``class_centres`` (C, C) at
+    each row's label; NaN where invalid (reduced over zeros, as ``energy`` does)."""
+    centres = xp.asarray(class_centres, dtype=xp.float32)  # (C, C): row c is label c's centre
+    finite = xp.where(confidence.valid[:, None], logits, xp.float32(0)).astype(xp.float32)
+    offset = finite - centres[xp.maximum(confidence.label, 0)]  # (n, C)
+    distance = xp.sqrt((offset * offset).sum(axis=1)).astype(xp.float32)
+    return xp.where(confidence.valid, distance, xp.float32(np.nan))
+
+
 def score_features(confidence: Confidence, history: LabelHistory, xp: Any = np) -> Any:
     """(n, 5) float32: 1 (the bias), then ``SCORE_FEATURES``, of rows whose history is at this exit."""
     p = xp.clip(confidence.max_prob, PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)
@@ -117,10 +133,13 @@ def rule_value(rule: Any, confidence: Confidence, history: LabelHistory, xp: Any
 
 def rule_gate(rule: Any, logits: Any, confidence: Confidence, xp: Any = np) -> Any:
     """(n,) bool: the row may leave here whatever its value: valid, and not novel where the rule
-    limits the energy."""
+    limits the energy or the distance to its label's centre."""
     gate = confidence.valid
     if rule.energy_limit is not None:
         gate = gate & (energy(logits, confidence, xp) <= xp.float32(rule.energy_limit))
+    if rule.distance_limit is not None:
+        distance = logit_distance(logits, confidence, rule.class_centres, xp)
+        gate = gate & (distance <= xp.float32(rule.distance_limit))  # NaN (invalid) never passes
     return gate
 
 
@@ -143,4 +162,5 @@ def rule_passes(rule: Any, logits: Any, confidence: Confidence, history: LabelHi
 
 def is_plain(rule: Any) -> bool:
     """A rule the confidence kernel decides alone: a kernel metric, no patience, no novelty gate."""
-    return rule.metric in METRICS and not rule.patience and rule.energy_limit is None
+    gated = rule.energy_limit is not None or rule.distance_limit is not None
+    return rule.metric in METRICS and not rule.patience and not gated

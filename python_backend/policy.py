@@ -1,13 +1,14 @@
 """The exit policy: versioned apart from the weights, read by the orchestrator at load.
 
 ``policy.json`` holds one rule per exit (metric, threshold, temperature, and what the rule family adds:
-patience, a novelty gate, a learned score's weights; ``exit_rules.py`` says what each computes), the
+patience, novelty gates, a learned score's weights; ``exit_rules.py`` says what each computes), the
 family's name, cohort overrides and provenance. The last exit always answers, so its threshold is
 never consulted.
 
-The file's ``format`` is 2 since rule families other than confidence thresholds exist; a file without
-one is format 1, whose rules read as confidence thresholds (every new field at its default). A file of
-a later format than this code knows is refused, not half read.
+The file's ``format`` is 2 since rule families other than confidence thresholds exist, 3 since the
+novelty family's distance gate (code of format 2 would drop the gate and serve another rule than the
+certified one); a file without one is format 1, whose rules read as confidence thresholds (every new
+field at its default). A file of a later format than this code knows is refused, not half read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from offramp.kernels.confidence import METRICS
 
 FULL_DEPTH_ROUTES = ("full_model", "segments")
 ABSTENTION_ACTIONS = ("flag", "fallback")
-POLICY_FORMAT = 2
+POLICY_FORMAT = 3
 # Rule families (how calibration shaped the rules; the rules themselves say what is computed):
 # a confidence threshold, patience, a learned exit score, a confidence threshold with a novelty gate.
 RULE_FAMILIES = ("confidence", "patience", "score", "novelty")
@@ -47,6 +48,10 @@ class ExitRule:
     patience_discount: float = 1.0
     # Novelty gate: the row leaves only where its energy score -logsumexp(logits / T) is at most this.
     energy_limit: float | None = None
+    # Distance gate: the row leaves only where its logits / T lie within this Euclidean distance of
+    # class_centres[its label] (C rows of C: each label's centre, its median logits / T on the fit rows).
+    distance_limit: float | None = None
+    class_centres: tuple[tuple[float, ...], ...] = ()
     # The learned score's weights: bias, then one per exit_rules.SCORE_FEATURES (metric "score" only).
     score_weights: tuple[float, ...] = ()
 
@@ -66,6 +71,20 @@ class ExitRule:
             raise PolicyError(f"{where}: patience_discount lies in [0, 1], not {self.patience_discount!r}")
         if self.energy_limit is not None and not math.isfinite(self.energy_limit):
             raise PolicyError(f"{where}: energy_limit must be a finite number, not {self.energy_limit!r}")
+        if (self.distance_limit is None) != (not self.class_centres):
+            raise PolicyError(f"{where}: distance_limit and class_centres go together")
+        if self.distance_limit is not None:
+            if not (math.isfinite(self.distance_limit) and self.distance_limit >= 0):
+                raise PolicyError(
+                    f"{where}: distance_limit must be a number >= 0, not {self.distance_limit!r}"
+                )
+            shape_ok = len(self.class_centres) == num_classes and all(
+                len(row) == num_classes for row in self.class_centres
+            )
+            if not shape_ok or not all(math.isfinite(v) for row in self.class_centres for v in row):
+                raise PolicyError(
+                    f"{where}: class_centres must be {num_classes} rows of {num_classes} finite numbers"
+                )
         if (self.metric == SCORE) != bool(self.score_weights):
             raise PolicyError(f"{where}: score_weights go with metric {SCORE!r} and only with it")
         if self.score_weights:
@@ -246,6 +265,8 @@ def _rules(items: list[dict[str, Any]]) -> tuple[ExitRule, ...]:
                 patience=item.get("patience", 0),
                 patience_discount=item.get("patience_discount", 1.0),
                 energy_limit=item.get("energy_limit"),
+                distance_limit=item.get("distance_limit"),
+                class_centres=tuple(tuple(row) for row in item.get("class_centres", ())),
                 score_weights=tuple(item.get("score_weights", ())),
             )
         )

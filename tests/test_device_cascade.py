@@ -182,7 +182,8 @@ def scenario(name: str) -> tuple[FakeNetwork, CascadeBatch, Policy, dict[str, An
         return net, base, Policy("test", "fp", (RULES[name],) * 3, full_depth_route="segments"), kwargs
     if name == "a cohort per rule family":
         cohorts = {family: (rule,) * 3 for family, rule in RULES.items()}
-        batch = CascadeBatch(inputs, base.force_full, base.min_exit, base.max_exit, rule_set=rows % 5)
+        sets = rows % (len(RULES) + 1)  # the policy's own rules, then one cohort per family
+        batch = CascadeBatch(inputs, base.force_full, base.min_exit, base.max_exit, rule_set=sets)
         return net, batch, policy(0.6, cohorts=cohorts), kwargs
     if name == "patience without compaction":
         kwargs["compact"] = False
@@ -196,6 +197,13 @@ RULES = {
     "patience": ExitRule("max_prob", 0.9, patience=2, patience_discount=0.3),
     "learned score": ExitRule("score", 0.8, score_weights=(-1.0, 0.8, -0.5, 1.0, 1.5)),
     "novelty gate": ExitRule("max_prob", 0.6, energy_limit=-2.5),
+    "novelty gates, energy and distance": ExitRule(
+        "max_prob",
+        0.6,
+        energy_limit=-2.5,
+        distance_limit=8.0,
+        class_centres=tuple(tuple(6.0 if i == c else -2.0 for i in range(4)) for c in range(4)),
+    ),
     "patience on entropy, per class": ExitRule(
         "entropy", (0.5, 0.9, 0.7, 0.8), temperature=1.5, patience=2, patience_discount=0.5
     ),

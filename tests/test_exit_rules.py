@@ -16,7 +16,7 @@ from offramp.backend.contract import HIDDEN_IN
 from offramp.backend.exit_rules import SCORE_SIGNS, LabelHistory, rule_passes, rule_value
 from offramp.backend.policy import POLICY_FORMAT, ExitRule, Policy, PolicyError
 from offramp.build.calibrate import simulate_exits
-from offramp.build.rule_families import fit_exit_score, rule_template, scaled_exits
+from offramp.build.rule_families import DISTANCE_QUANTILE, fit_exit_score, rule_template, scaled_exits
 from offramp.kernels.confidence import compute_confidence
 from offramp.kernels.testing import mixed_logits
 from tests.fakes import FakeNetwork
@@ -40,8 +40,8 @@ def exit_logits(seed: int = 0) -> np.ndarray:
 
 def reference_values(logits: np.ndarray, rule: ExitRule) -> tuple[np.ndarray, np.ndarray]:
     """Per exit and row, in float64 from the definitions (policy.ExitRule's comments): the value the
-    rule thresholds (NaN where invalid), and its gate (valid and, with a novelty gate, energy at most
-    the limit). (E, N) each."""
+    rule thresholds (NaN where invalid), and its gate (valid and, with novelty gates, energy and the
+    distance to the label's centre at most their limits). (E, N) each."""
     values, gates = [], []
     previous = np.full(logits.shape[1], -1)
     streak = np.zeros(logits.shape[1], dtype=int)
@@ -69,6 +69,9 @@ def reference_values(logits: np.ndarray, rule: ExitRule) -> tuple[np.ndarray, np
         gate = valid.copy()
         if rule.energy_limit is not None:
             gate &= -logsumexp(z, axis=1) <= rule.energy_limit
+        if rule.distance_limit is not None:
+            centre = np.asarray(rule.class_centres, dtype=np.float64)[np.maximum(label, 0)]  # (N, C)
+            gate &= np.sqrt(((z - centre) ** 2).sum(axis=1)) <= rule.distance_limit
         values.append(np.where(valid, value, np.nan))
         gates.append(gate)
     return np.stack(values), np.stack(gates)
@@ -83,6 +86,15 @@ RULES = {
     "patience on entropy, 3 exits": ExitRule("entropy", 0.2, patience=3, patience_discount=0.5),
     "learned score": ExitRule("score", 0.7, score_weights=(-2.0, 0.6, -0.4, 1.2, 1.5)),
     "novelty gate": ExitRule("max_prob", 0.7, energy_limit=-6.0),
+    # Label c's centre: 8 at c, -1 elsewhere; rows within 12 of their label's centre may leave.
+    "novelty gates, energy and distance": ExitRule(
+        "max_prob",
+        0.7,
+        temperature=1.2,
+        energy_limit=-4.0,
+        distance_limit=12.0,
+        class_centres=tuple(tuple(8.0 if i == c else -1.0 for i in range(CLASSES)) for c in range(CLASSES)),
+    ),
 }
 
 
@@ -130,7 +142,19 @@ def test_invalid_rows_break_a_streak_and_never_pass() -> None:
     np.testing.assert_array_equal(rule_passes(rule, logits, confidence, held), [False, True])
 
 
-@pytest.mark.parametrize("name", ["patience, discounted", "learned score", "novelty gate", "mixed"])
+def every_exit_logits(net: FakeNetwork, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """(E, N, C) the fake network's logits at every exit, all rows through every segment."""
+    every_exit, current = [], dict(inputs)
+    for k in range(net.num_exits):
+        hidden, logits = net.run_segment(k, current, True)
+        every_exit.append(logits)
+        current = {HIDDEN_IN: hidden}
+    return np.stack(every_exit)
+
+
+@pytest.mark.parametrize(
+    "name", ["patience, discounted", "learned score", "novelty gate", "fitted novelty gates", "mixed"]
+)
 def test_the_cascade_serves_the_exits_the_calibration_simulates(name: str) -> None:
     """The cascade (rows compacted between segments, their label history with them) takes, row for row,
     the exits that ``simulate_exits`` (what Learn-then-Test certifies) computes on all rows at once."""
@@ -143,20 +167,19 @@ def test_the_cascade_serves_the_exits_the_calibration_simulates(name: str) -> No
             RULES["novelty gate"],
             RULES["novelty gate"],
         )
+    elif name == "fitted novelty gates":  # both gates, fitted on other rows of the same network
+        fit = every_exit_logits(net, net.inputs(400, seed=2))
+        rules = rule_template("novelty", "max_prob", fit, (1.0,) * EXITS)
     else:
         rules = (RULES[name],) * EXITS
-    # The fake network's logits are smaller than a trained model's: a looser novelty limit lets rows
-    # leave at every exit.
-    rules = tuple(r if r.energy_limit is None else replace(r, energy_limit=-2.5) for r in rules)
+    if name != "fitted novelty gates":
+        # The fake network's logits are smaller than a trained model's: a looser novelty limit lets rows
+        # leave at every exit.
+        rules = tuple(r if r.energy_limit is None else replace(r, energy_limit=-2.5) for r in rules)
     rules = tuple(replace(r, threshold=t) for r, t in zip(rules, (0.55, 0.75, 0.9, 1.0), strict=True))
     policy = Policy("test", "fp", rules, full_depth_route="segments")
     result = run_cascade(CascadeBatch.plain(inputs, EXITS), net.run_segment, policy, (0.25, 0.5, 0.75, 1.0))
-    every_exit, current = [], dict(inputs)
-    for k in range(EXITS):
-        hidden, logits = net.run_segment(k, current, True)
-        every_exit.append(logits)
-        current = {HIDDEN_IN: hidden}
-    simulated = simulate_exits(np.stack(every_exit), rules)
+    simulated = simulate_exits(every_exit_logits(net, inputs), rules)
     np.testing.assert_array_equal(result.exit, simulated)
     assert len(np.unique(simulated)) == EXITS, "every exit should answer some rows"
 
@@ -196,8 +219,51 @@ def test_rule_templates_fix_what_the_path_does_not_move() -> None:
     _, gates = reference_values(fit, ExitRule("max_prob", energy_limit=novelty[0].energy_limit))
     valid = np.isfinite(fit[0]).all(axis=1)
     assert 0.93 <= gates[0][valid].mean() <= 0.97  # 0.95 up to ties and the quantile's interpolation
+    # The distance gate: each label's median logits over the fit rows with that label (the fit holds
+    # rows of huge and infinite logits: a mean would be theirs), and a limit that about
+    # DISTANCE_QUANTILE of them are within.
+    for k, (rule, (scaled, confidence, _)) in enumerate(
+        zip(novelty, scaled_exits(fit, temperatures), strict=True)
+    ):
+        ok = confidence.valid
+        for c in range(CLASSES):
+            mine = ok & (confidence.label == c)
+            np.testing.assert_allclose(rule.class_centres[c], np.median(scaled[mine], axis=0), rtol=1e-6)
+        distance_only = ExitRule(
+            "max_prob", temperature=rule.temperature, distance_limit=rule.distance_limit,
+            class_centres=rule.class_centres,
+        )  # fmt: skip
+        within = reference_values(fit, distance_only)[1][k][ok].mean()
+        assert abs(within - DISTANCE_QUANTILE) <= 0.02, f"exit {k}: {within:.3f} of the fit rows pass"
     with pytest.raises(ValueError, match="fit split"):
         rule_template("score", "max_prob", None, temperatures)
+
+
+def test_the_distance_gate_stops_confident_rows_the_energy_gate_lets_through() -> None:
+    """Rows sharper than any the fit rows showed (their logits scaled up: max-prob higher, energy lower,
+    the pattern of a confident foreign input) pass the energy gate wherever the originals did, and the
+    distance gate stops them: they lie far from every label's centre."""
+
+    def rows_like_a_trained_model(seed: int) -> np.ndarray:  # (E, N, C): the label's logit 6 above, noise
+        rng = np.random.default_rng(seed)
+        label = rng.integers(0, CLASSES, ROWS)
+        return (6.0 * np.eye(CLASSES)[label] + rng.normal(0, 1, (EXITS, ROWS, CLASSES))).astype(np.float32)
+
+    rule = replace(
+        rule_template("novelty", "max_prob", rows_like_a_trained_model(5), (1.0,) * EXITS)[0], threshold=0.9
+    )
+    rows = rows_like_a_trained_model(6)[0]
+    sharp = rows * np.float32(4.0)
+    energy_only = replace(rule, distance_limit=None, class_centres=())
+
+    def leaving(r: ExitRule, logits: np.ndarray) -> np.ndarray:
+        confidence = compute_confidence(logits)
+        return rule_passes(r, logits, confidence, LabelHistory.fresh(len(logits)).after(confidence.label))
+
+    assert (leaving(energy_only, sharp) >= leaving(energy_only, rows)).all()
+    assert leaving(energy_only, sharp).mean() > 0.9
+    assert leaving(rule, rows).mean() > 0.5, "ordinary rows should still leave"
+    assert leaving(rule, sharp).mean() < 0.01
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +296,11 @@ def test_a_format_1_policy_still_loads_as_confidence_thresholds(tmp_path) -> Non
 
 
 def test_a_policy_round_trips_with_every_rule_family(tmp_path) -> None:
-    rules = (RULES["learned score"], RULES["patience, discounted"], RULES["novelty gate"])
+    rules = (
+        RULES["learned score"],
+        RULES["patience, discounted"],
+        RULES["novelty gates, energy and distance"],
+    )
     policy = Policy("v", "fp", rules, rule="score")
     loaded = Policy.load(policy.save(tmp_path / "policy.json")).validate(3, CLASSES, "fp")
     assert loaded == policy and loaded.format == POLICY_FORMAT
@@ -246,4 +316,20 @@ def test_a_policy_of_an_unknown_format_is_refused(written) -> None:
 def test_a_score_rule_whose_weights_are_not_monotone_is_refused() -> None:
     bad = ExitRule("score", 0.5, score_weights=(0.0, 1.0, 0.5, 1.0, 1.0))  # rewards entropy
     with pytest.raises(PolicyError, match="monotone"):
+        Policy("v", "fp", (bad,) * 3).validate(3, CLASSES)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"class_centres": ()}, "go together"),
+        ({"distance_limit": None}, "go together"),
+        ({"distance_limit": float("inf")}, "distance_limit"),
+        ({"class_centres": ((0.0,) * CLASSES,) * (CLASSES - 1)}, "class_centres"),
+        ({"class_centres": ((0.0,) * (CLASSES - 1) + (float("nan"),),) * CLASSES}, "class_centres"),
+    ],
+)
+def test_a_malformed_distance_gate_is_refused(change: dict, message: str) -> None:
+    bad = replace(RULES["novelty gates, energy and distance"], **change)
+    with pytest.raises(PolicyError, match=message):
         Policy("v", "fp", (bad,) * 3).validate(3, CLASSES)

@@ -45,7 +45,8 @@ class CalibrateCommand(Subcommand):
         add("--risk", choices=RISKS, default=RISKS[0])
         add("--rule", choices=RULE_CHOICES, default=RULE_CHOICES[0],
             help="the exit rule family: a confidence threshold, patience (the label held at the last exits), "
-            "a learned monotone exit score, a confidence threshold with a novelty (energy) gate; all: "
+            "a learned monotone exit score, a confidence threshold with novelty gates (energy, and distance "
+            "to the label's centre in logit space); all: "
             "each at delta / families, the least certified compute kept")  # fmt: skip
         add("--metric", choices=METRICS, default=METRICS[0], help="the confidence rule's figure")
         add(

@@ -6,9 +6,13 @@
   then in-domain rows again, one request of 16 rows at a time; what the answers, the metrics and the
   audit say (rows until conservative mode, until it clears, the drift score);
 - ``cost``: what shadowing at 1% costs, p99 and throughput at concurrency 8, the same orchestrator with
-  and without shadow checks side by side in one server, interleaved rounds, medians of the ratios.
+  and without shadow checks side by side in one server, interleaved rounds, medians of the ratios;
+- ``novelty``: the confidence and novelty rule families certified on the same calibration rows of the
+  demo CNN, then their exit profiles in domain and on each foreign domain, in process (the same exit
+  logic as the cascade, over the ONNX segments' logits): do foreign rows leave at the first exit more
+  often than in-domain rows, and at what in-domain compute.
 
-Run ``python -m offramp.client.tools.live_guarantee {simulate,switch,cost} --help``.
+Run ``python -m offramp.client.tools.live_guarantee {simulate,switch,cost,novelty} --help``.
 """
 
 from __future__ import annotations
@@ -93,12 +97,25 @@ def demo_model(workdir: Path, epsilon: float, method: str) -> tuple[Any, Path, A
     return artifacts, directory, policy
 
 
+FOREIGN_DOMAINS = ("digits", "photo", "shuffled")  # build/foreign_images.py
+
+
 def foreign_images(domain: str, rows: int) -> np.ndarray:
-    from offramp.build.foreign_images import load_digits_as_fashion, load_photo_crops_as_fashion
+    """``rows`` images of a domain the demo CNN never saw (``FOREIGN_DOMAINS``), in its input form."""
+    from offramp.build.fashion_mnist import load_fashion_mnist
+    from offramp.build.foreign_images import (
+        load_digits_as_fashion,
+        load_photo_crops_as_fashion,
+        shuffle_pixels,
+    )
 
     if domain == "digits":
         return load_digits_as_fashion()[0][:rows]
-    return load_photo_crops_as_fashion(rows)
+    if domain == "shuffled":
+        return shuffle_pixels(load_fashion_mnist("test")[0][:rows])
+    if domain == "photo":
+        return load_photo_crops_as_fashion(rows)
+    raise ValueError(f"domain must be one of {FOREIGN_DOMAINS}, not {domain!r}")
 
 
 def in_process_figures(artifacts: Any, directory: Path, policy: Any, images: np.ndarray) -> dict[str, Any]:
@@ -328,6 +345,86 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def exit_figures(
+    logits: np.ndarray, rules: Any, exit_costs: Any, labels: np.ndarray | None
+) -> dict[str, Any]:
+    """What ``rules`` do to rows whose exit logits are ``logits`` (E, N, C): the share leaving at each
+    exit, mean compute fraction, agreement with the full network (and accuracy, given ``labels``)."""
+    from offramp.build.calibrate import simulate_exits
+
+    taken = simulate_exits(logits, rules)  # (N,)
+    rows = np.arange(logits.shape[1])
+    answer, full = logits[taken, rows].argmax(axis=1), logits[-1].argmax(axis=1)
+    figures = {
+        "rows": int(logits.shape[1]),
+        "exit_profile": (np.bincount(taken, minlength=logits.shape[0]) / len(taken)).round(4).tolist(),
+        "compute": round(float(np.asarray(exit_costs)[taken].mean()), 4),
+        "agreement": round(float(np.mean(answer == full)), 4),
+    }
+    if labels is not None:
+        figures["accuracy"] = round(float(np.mean(answer == labels)), 4)
+    return figures
+
+
+def novelty(args: argparse.Namespace) -> dict[str, Any]:
+    """The confidence and novelty families certified on the same calibration rows (``calibrate_logits``,
+    what ``offramp calibrate --rule R`` runs), judged in domain (the test split) and on foreign rows."""
+    from offramp.build.calibrate import (
+        CalibrationSettings,
+        calibrate_logits,
+        exit_logits_from_onnx,
+        held_out_data,
+    )
+    from offramp.build.recipes import served_fashion_cnn
+
+    artifacts, directory = served_fashion_cnn(Path(args.workdir), quick=args.quick)
+    calibration, test = (held_out_data(artifacts, directory, split) for split in ("calibration", "test"))
+    calibration_logits = exit_logits_from_onnx(artifacts, directory, calibration.inputs)  # (E, N, C)
+    domains = {"in-domain": (exit_logits_from_onnx(artifacts, directory, test.inputs), test.labels)}
+    for domain in args.domains:
+        images = foreign_images(domain, args.foreign_rows)
+        domains[domain] = (exit_logits_from_onnx(artifacts, directory, {"IMAGE": images}), None)
+    rules = {}
+    for family in ("confidence", "novelty"):
+        settings = CalibrationSettings(epsilon=args.epsilon, delta=args.delta, rule=family)
+        policy, calibrated = calibrate_logits(
+            calibration_logits,
+            artifacts.exit_costs,
+            artifacts.fingerprint,
+            calibration.labels,
+            None,
+            settings,
+        )
+        rules[family] = {
+            "version": policy.version,
+            "certified_compute": round(calibrated.result.expected_cost, 4),
+            "certifying_rows": calibrated.calibration_rows,
+            "fit_rows": calibrated.fit_rows,
+            "thresholds": [r.threshold for r in policy.exits[:-1]],
+            "energy_limits": [r.energy_limit for r in policy.exits[:-1]],
+            "distance_limits": [r.distance_limit for r in policy.exits[:-1]],
+            "domains": {
+                name: exit_figures(logits, policy.exits, artifacts.exit_costs, labels)
+                for name, (logits, labels) in domains.items()
+            },
+        }
+    gated = rules["novelty"]
+    first = {name: figures["exit_profile"][0] for name, figures in gated["domains"].items()}
+    compute_ratio = gated["certified_compute"] / rules["confidence"]["certified_compute"]
+    return {
+        "epsilon": args.epsilon,
+        "delta": args.delta,
+        "exit_costs": list(artifacts.exit_costs),
+        "rules": rules,
+        "goal": {
+            "novelty_first_exit_share": first,
+            "foreign_no_earlier": {d: first[d] <= first["in-domain"] for d in args.domains},
+            "certified_compute_ratio": round(compute_ratio, 4),
+            "met": all(first[d] <= first["in-domain"] for d in args.domains) and compute_ratio <= 1.05,
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m offramp.client.tools.live_guarantee",
@@ -355,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         served.add_argument("--method", default="ltt")
         served.add_argument("--rate", type=float, default=0.01, help="shadow check rate")
         served.add_argument("--out", required=True)
-    commands.choices["switch"].add_argument("--domain", choices=("digits", "photo"), default="digits")
+    commands.choices["switch"].add_argument("--domain", choices=FOREIGN_DOMAINS, default="digits")
     commands.choices["switch"].add_argument("--before-rows", type=int, default=3000)
     commands.choices["switch"].add_argument("--foreign-rows", type=int, default=3000)
     commands.choices["switch"].add_argument("--after-rows", type=int, default=4000)
@@ -363,8 +460,17 @@ def main(argv: list[str] | None = None) -> int:
     commands.choices["cost"].add_argument("--rows-per-request", type=int, default=16)
     commands.choices["cost"].add_argument("--rounds", type=int, default=5)
     commands.choices["cost"].add_argument("--interval-ms", type=int, default=4000)
+    gate = commands.add_parser("novelty", help="the novelty rule against the confidence rule on foreign rows")
+    gate.add_argument("--workdir", default=".cache/offramp", help="where the demo CNN is built (cached)")
+    gate.add_argument("--epsilon", type=float, default=0.01)
+    gate.add_argument("--delta", type=float, default=0.05)
+    gate.add_argument("--domains", nargs="+", choices=FOREIGN_DOMAINS, default=list(FOREIGN_DOMAINS))
+    gate.add_argument("--foreign-rows", type=int, default=3000, help="rows per foreign domain")
+    gate.add_argument("--out", help="folder for novelty.json")
+    gate.add_argument("--quick", action="store_true", help="a seconds-long build of the CNN (tests)")
     args = parser.parse_args(argv)
-    result = {"simulate": simulate, "switch": switch, "cost": cost}[args.command](args)
+    commands_run = {"simulate": simulate, "switch": switch, "cost": cost, "novelty": novelty}
+    result = commands_run[args.command](args)
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = json.dumps(result, indent=1)
     if getattr(args, "out", None):
