@@ -53,7 +53,7 @@ from offramp.backend.shadow_store import ShadowStore
 # run_full(inputs) -> logits (n, C) of the network without exits
 RunFull = Callable[[Mapping[str, np.ndarray]], Any]
 HAND_OVER_ROWS = 4096
-HAND_OVER_S = 0.25
+HAND_OVER_S = 1.0
 DRAWS = 65536  # uniforms drawn at a time for the requests' sampling (ShadowChecks.__init__ says why)
 OTHER_COHORTS = "*"  # past MAX_COHORTS distinct names, the rest share one test
 MAX_COHORTS = 64
@@ -221,11 +221,14 @@ class ShadowChecks:
         self._boosted: frozenset[str] = frozenset()
         self._queue: queue.Queue[list[_Record] | None] = queue.Queue()
         # What was observed waits here and goes to the worker together, every HAND_OVER_S or
-        # HAND_OVER_ROWS rows (checks too: a check is needed within seconds, not at once): each
-        # settlement holds the GIL the requests' thread needs. One settlement per record cost the CNN's
-        # orchestrator 0.4 ms of CPU per request, about a tenth of its throughput at concurrency 8; a
-        # hand-over at each check, about 17 a second there at 1%, still 3-5%. Rows with nothing to
-        # check, keep or count are only counted: (cohort, bet scale, z_max) -> rows with Z = 0.
+        # HAND_OVER_ROWS rows, checks too: each settlement holds the GIL the requests' thread needs, and
+        # its checks are a BLS call to the full model (about 3 ms of CPU per call on the CNN, beside a
+        # few rows' compute). One settlement per record cost the CNN's orchestrator 0.4 ms of CPU per
+        # request, about a tenth of its throughput at concurrency 8; a hand-over at each check, about
+        # 17 a second there at 1%, still 3-5%. While something says the risk may have moved (the drift
+        # monitor's profile, half an alarm's evidence) a check goes over at once, so the alarm is not
+        # late by a second of traffic when it matters. Rows with nothing to check, keep or count are
+        # only counted: (cohort, bet scale, z_max) -> rows with Z = 0.
         self._held: list[_Record] = []
         self._held_zeros: dict[tuple[str, float, float], int] = {}
         self._held_rows = 0
@@ -361,7 +364,8 @@ class ShadowChecks:
                 )
             )
         self._held_rows += len(free_cohorts)
-        if self._held_rows >= HAND_OVER_ROWS or now - self._handed_at >= HAND_OVER_S:
+        alert = (self._moving or self._boosted) and any(r.checks is not None for r in self._held)
+        if alert or self._held_rows >= HAND_OVER_ROWS or now - self._handed_at >= HAND_OVER_S:
             self._hand_over(now)
 
     def _draws(self, count: int) -> np.ndarray:
