@@ -276,3 +276,10 @@ def test_the_report_marks_each_step_against_the_slo():
     full_row, ladder_row = (line for line in text.splitlines() if line.startswith(("| full", "| ladder")))
     assert "| ∞ | NO |" in full_row
     assert "| 390.0 | yes | 0.970 (800) |" in ladder_row and "| 3 |" in ladder_row
+
+
+def test_a_late_answer_counts_in_the_step_that_sent_it_and_in_the_throughput_of_the_step_it_arrived():
+    export = ProfileExport(0.0, [request(0.9, 0.5, [1], [0]), request(1.2, 0.1, [1], [0])])
+    first, second = step_statistics(export, FULL, [1.0, 1.0], [1.0, 1.0], np.array([0.9, 1.2]), 1.0, 1)
+    assert (first.requests, first.p99_ms, first.rows_per_s) == (1, pytest.approx(500.0), 0.0)
+    assert (second.requests, second.p99_ms, second.rows_per_s) == (1, pytest.approx(100.0), 2.0)
