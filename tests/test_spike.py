@@ -32,6 +32,7 @@ from offramp.client.tools.spike import (
     spike_markdown,
     spike_schedule,
     step_statistics,
+    wait_until_idle,
     write_request_intervals,
 )
 
@@ -223,6 +224,49 @@ offramp_slo_rung{instance="a",model="trec_minilm_ladder"} 1
 offramp_slo_rung{instance="b",model="trec_minilm_ladder"} 3
 offramp_slo_rung{instance="a",model="trec_minilm_ladder_shed"} 0
 """
+
+
+class MetricsPages:
+    """A metrics endpoint on loopback that serves ``pages`` in turn (the last one from then on)."""
+
+    def __init__(self, pages: list[str]) -> None:
+        import http.server
+        import threading
+
+        served = self.served = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the handler's name)
+                body = pages[min(len(served), len(pages) - 1)].encode()
+                served.append(body)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_waiting_for_idle_waits_for_no_pending_request_and_every_ladder_at_rung_0():
+    busy = 'nv_inference_pending_request_count{model="m",version="1"} 2\nofframp_slo_rung{model="l"} 0\n'
+    climbed = 'nv_inference_pending_request_count{model="m",version="1"} 0\nofframp_slo_rung{model="l"} 2\n'
+    idle = 'nv_inference_pending_request_count{model="m",version="1"} 0\nofframp_slo_rung{model="l"} 0\n'
+    for sequence, looks in (([busy, busy, climbed, idle], 4), ([idle], 1)):
+        pages = MetricsPages(sequence)
+        try:
+            wait_until_idle(pages.url, ["l"], timeout_s=30, settle_s=0)
+            assert len(pages.served) == looks  # it read until the idle page, and not after
+        finally:
+            pages.close()
 
 
 def test_pending_requests_and_the_rung_are_read_off_the_metrics_page():
