@@ -612,6 +612,7 @@ def write_spike_plot(summary: Mapping[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (latency, rung) = plt.subplots(2, 1, figsize=(9, 6), sharex=False)
     arms = list(dict.fromkeys(s["arm"] for s in summary["steps"]))
@@ -632,6 +633,7 @@ def write_spike_plot(summary: Mapping[str, Any], path: Path) -> Path:
     step_s = summary["config"]["spike"]["spike_step_s"]
     for index in range(1, len(steps)):
         rung.axvline(index * step_s, color="0.85", linewidth=0.8)
+    rung.yaxis.set_major_locator(MaxNLocator(integer=True))
     rung.set_ylabel("ladder rung")
     rung.set_xlabel("seconds from the schedule's start")
     rung.legend()
