@@ -23,6 +23,7 @@ from offramp.client.tools.spike import (
     ProfileExport,
     Step,
     distinct_rows,
+    latency_trace,
     nearest_rank,
     parse_profile_export,
     pending_requests,
@@ -327,3 +328,13 @@ def test_a_late_answer_counts_in_the_step_that_sent_it_and_in_the_throughput_of_
     first, second = step_statistics(export, FULL, [1.0, 1.0], [1.0, 1.0], np.array([0.9, 1.2]), 1.0, 1)
     assert (first.requests, first.p99_ms, first.rows_per_s) == (1, pytest.approx(500.0), 0.0)
     assert (second.requests, second.p99_ms, second.rows_per_s) == (1, pytest.approx(100.0), 2.0)
+
+
+def test_the_latency_trace_bins_requests_by_send_second():
+    export = ProfileExport(
+        10.0, [request(10.2, 0.1, [1], [0]), request(10.7, 0.3, [1], [0]), request(12.5, None, [1], [0])]
+    )
+    assert latency_trace(export) == [
+        (0.0, 2, pytest.approx(100.0), pytest.approx(300.0)),
+        (2.0, 1, math.inf, math.inf),
+    ]

@@ -296,6 +296,21 @@ def step_statistics(
     return steps
 
 
+def latency_trace(export: ProfileExport, bin_s: float = 1.0) -> list[tuple[float, int, float, float]]:
+    """(start of the bin, requests sent in it, their p50 ms, their highest ms) per ``bin_s`` of send
+    time from the schedule's origin: where in a step its tail came from. Bins without sends are left out."""
+    sent = np.array([r.sent - export.start for r in export.requests])
+    latency = np.array(
+        [math.inf if r.answered is None else (r.answered - r.sent) * 1000 for r in export.requests]
+    )
+    bins = (sent // bin_s).astype(int)
+    return [
+        (float(b * bin_s), int(np.count_nonzero(bins == b)), nearest_rank(latency[bins == b], 50),
+         float(latency[bins == b].max()))
+        for b in np.unique(bins)
+    ]  # fmt: skip
+
+
 # --- Watching the service while the load runs ------------------------------------------------------
 
 
@@ -501,6 +516,7 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
                 "idle_wait_s": idle_s,
                 "load_average_1m": [load_before, os.getloadavg()[0]],
                 "rung_trace": [(round(t, 2), rung) for t, rung in trace],
+                "latency_trace": latency_trace(export),
             }
             for step in arm_steps:
                 say(f"[{name}] {arm:>11} x{step.offered:<4g} {step.rows_per_s:6.0f} rows/s"
@@ -614,7 +630,7 @@ def write_spike_plot(summary: Mapping[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    figure, (latency, rung) = plt.subplots(2, 1, figsize=(9, 6), sharex=False)
+    figure, (latency, over_time, rung) = plt.subplots(3, 1, figsize=(9, 9), sharex=False)
     arms = list(dict.fromkeys(s["arm"] for s in summary["steps"]))
     for arm in arms:
         steps = [s for s in summary["steps"] if s["arm"] == arm]
@@ -626,13 +642,23 @@ def write_spike_plot(summary: Mapping[str, Any], path: Path) -> Path:
     latency.set_xlabel("step (offered load, times the full model's capacity)")
     latency.legend()
     for arm in arms:
+        trace = summary["arms"].get(arm, {}).get("latency_trace")
+        if trace:
+            over_time.plot([t for t, *_ in trace], [m for *_, m in trace], label=arm, linewidth=1)
+    over_time.axhline(summary["slo_p99_ms"], color="k", linestyle="--", label="SLO")
+    over_time.set_yscale("log")
+    over_time.set_ylabel("highest ms of the requests sent in each second")
+    over_time.set_xlabel("seconds from the schedule's start (send time)")
+    over_time.legend(fontsize="small")
+    for arm in arms:
         trace = summary["arms"].get(arm, {}).get("rung_trace")
         if trace:
             times, rungs = zip(*trace, strict=True)
             rung.step(times, rungs, where="post", label=arm)
     step_s = summary["config"]["spike"]["spike_step_s"]
     for index in range(1, len(steps)):
-        rung.axvline(index * step_s, color="0.85", linewidth=0.8)
+        for axes in (over_time, rung):
+            axes.axvline(index * step_s, color="0.85", linewidth=0.8)
     rung.yaxis.set_major_locator(MaxNLocator(integer=True))
     rung.set_ylabel("ladder rung")
     rung.set_xlabel("seconds from the schedule's start")
