@@ -8,7 +8,8 @@ For each workload, one server holds the models over the same segments:
     <name>_ladder_shed   the same, shedding past the top rung (only with ``shed_max_exit`` >= 0)
 
 The SLO is ``slo_factor`` times the full model's p99 at light load (concurrency 1), both measured
-first, with the full model's capacity (rows per second at saturation). Each model then meets the same
+first, with the full model's capacity (rows per second at saturation), and the capacity of the fixed
+policy and of the ladder's top rung alone at the same concurrency. Each model then meets the same
 schedule of offered load, in multiples of that capacity (``spike_steps``, default comfortable, at
 capacity, twice, three times, back), ``spike_step_s`` per step: one perf_analyzer run per model
 sends the whole schedule (a ``--request-intervals`` file of Poisson arrivals, the same file for every
@@ -449,9 +450,8 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
 
         say(f"[{name}] light-load p99 and capacity of the full model")
         light = perf(f"{name}_full", concurrency=1)
-        saturated = perf(
-            f"{name}_full", concurrency=4 * bench.orchestrator_instances * bench.segment_instances
-        )
+        saturating = 4 * bench.orchestrator_instances * bench.segment_instances  # requests in flight
+        saturated = perf(f"{name}_full", concurrency=saturating)
         slo_ms = spike.slo_factor * light.p99_ms
         capacity = saturated.rows_per_s / batch  # requests per second
         say(f"[{name}] full model: p99 {light.p99_ms:.1f} ms at concurrency 1 (SLO {slo_ms:.1f} ms); "
@@ -474,8 +474,20 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
             with grpcclient.InferenceServerClient(server.grpc_url) as client:
                 client.load_model(arms[arm])
 
-        for model in arms.values():  # a model's first requests are slow (ONNX Runtime's first runs)
+        # The top rung's rules alone, without a controller: what the ladder can carry at most.
+        top_model = f"{name}_top_rung"
+        top = replace(policy, exits=policy.rungs[-1].exits if policy.rungs else policy.exits, rungs=())
+        write_orchestrator(workload.artifacts, top, repository, options, top_model,
+                           artifacts_dir=workload.artifacts_dir)  # fmt: skip
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            client.load_model(top_model)
+        for model in [*arms.values(), top_model]:  # a model's first requests are slow (ONNX Runtime's)
             perf(model, concurrency=2, seconds=3.0)
+        capacities = {arm: perf(model, concurrency=saturating).rows_per_s for arm, model in
+                      ((FIXED, name), ("top_rung", top_model))}  # fmt: skip
+        say(f"[{name}] capacity: fixed policy {capacities[FIXED]:.0f} rows/s, top rung alone "
+            f"{capacities['top_rung']:.0f} rows/s ({capacities['top_rung'] / saturated.rows_per_s:.1f}x "
+            "the full model)")  # fmt: skip
         ladders = [model for arm, model in arms.items() if arm in LADDERS]
         rates = [multiple * capacity for multiple in spike.spike_steps]
         schedule = spike_schedule(rates, spike.spike_step_s, seed=bench.seed)
@@ -530,6 +542,8 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
         "slo_p99_ms": slo_ms,
         "full_light_p99_ms": light.p99_ms,
         "full_capacity_rows_per_s": saturated.rows_per_s,
+        "capacity_rows_per_s": {FULL: saturated.rows_per_s, **capacities},  # at the same concurrency
+        "saturating_concurrency": saturating,
         "ladder": [{"epsilon": spike.ladder[0], "expected_cost": policy.provenance["expected_cost"]}]
         + [{"epsilon": r.epsilon, "expected_cost": r.expected_cost} for r in policy.rungs],
         "config": {"spike": asdict(spike), "rows_per_request": batch, "data_rows": len(full_labels)},
@@ -588,6 +602,14 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
     drains = ", ".join(f"{arm} {a['drain_s']:.1f} s" for arm, a in summary["arms"].items())
     goals = "\n".join(f"- {k}: {v}" for k, v in summary["goals"].items())
     spike = summary["config"]["spike"]
+    capacities = summary.get("capacity_rows_per_s", {})
+    capacity = (
+        f" Capacity at concurrency {summary['saturating_concurrency']}: "
+        + ", ".join(f"{arm} {rows:.0f} rows/s" for arm, rows in capacities.items())
+        + "."
+        if capacities
+        else ""
+    )
     return (
         f"# Spike: {summary['workload']}\n\n"
         f"SLO p99 {slo:.1f} ms ({spike['slo_factor']:g} x the full model's "
@@ -596,7 +618,7 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
         f"{summary['full_capacity_rows_per_s']:.0f} rows/s; {summary['config']['rows_per_request']} rows per "
         f"request; {spike['spike_step_s']:g} s per step; one perf_analyzer run per model over the whole "
         f"schedule ({summary['schedule']['requests']} requests, Poisson arrivals, the same for every model). "
-        f"Ladder: {ladder}.\n\n"
+        f"Ladder: {ladder}.{capacity}\n\n"
         "Latency and agreement are of the requests sent in the step (unanswered ones count as infinitely "
         "late); rows/s are the rows answered during the step; compute is the mean cost of the answered rows "
         "(1 = the full network), shed the share of them whose depth load shedding capped; late p99 is how "
