@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,7 @@ def test_steps_from_the_real_export():
     assert first.rows_per_s == pytest.approx(2 * 8 / 5) and second.rows_per_s == pytest.approx(4 * 8 / 5)
     assert (first.agreement, first.rows_compared) == (1.0, 16)
     assert (second.agreement, second.rows_compared) == (31 / 32, 32)
+    assert second.rung_agreement == 31 / 32  # nothing shed: the same rows
     costs = [
         np.mean(np.concatenate([r.outputs["COST"] for r in part]))
         for part in (export.requests[:2], export.requests[2:])
@@ -193,6 +195,8 @@ def test_an_unanswered_request_is_infinitely_late_and_shed_rows_are_counted():
     assert step.rows_per_s == 4.0  # two answered requests of two rows in a 1 s step
     assert (step.agreement, step.rows_compared) == (3 / 4, 4)
     assert step.shed == 0.5 and step.compute == 0.25
+    # The disagreeing row was shed: the rungs answered two rows, and both agreed.
+    assert step.rung_agreement == 1.0
 
 
 def test_without_known_rows_or_labels_agreement_is_not_made_up():
@@ -283,7 +287,7 @@ def test_pending_requests_and_the_rung_are_read_off_the_metrics_page():
 
 def step(arm: str, offered: float, p99: float, agreement: float = 1.0, rungs: tuple = ()) -> Step:
     return Step(arm, offered, offered * 10, 100, 0, offered * 80, p99 / 2, p99, agreement, 800,
-                0.5, 0.0, 1.0, 2.0, rungs, 0.0)  # fmt: skip
+                0.5, 0.0, 1.0, 2.0, rungs, 0.0, rung_agreement=agreement)  # fmt: skip
 
 
 def test_the_goals_say_where_the_ladder_holds_and_where_its_agreement_is_short():
@@ -304,12 +308,15 @@ def test_the_goals_say_where_the_ladder_holds_and_where_its_agreement_is_short()
     assert goals[LADDER]["agreement_at_least_one_minus_epsilon"] is False
     stuck = [*steps[:-1], step(LADDER, 1.0, 200, 0.99, (2, 1))]
     assert spike_goals(stuck, 400, [0.01, 0.02, 0.05, 0.1])[LADDER]["back_at_rung_0_at_the_end"] is False
+    shed = [*steps[:-1], replace(step(LADDER, 1.0, 200, 0.85, (1, 0)), rung_agreement=0.99)]
+    assert spike_goals(shed, 400, [0.01, 0.02, 0.05, 0.1])[LADDER]["agreement_at_least_one_minus_epsilon"]
     missed = [*steps[:4], step(LADDER, 3.0, 410, 0.97, (3,)), steps[-1]]
     assert spike_goals(missed, 400, [0.01, 0.02, 0.05, 0.1])[LADDER]["holds_where_others_do_not"] is False
 
 
 def test_the_report_marks_each_step_against_the_slo():
     steps = [step(FULL, 3.0, math.inf), step(LADDER, 3.0, 390, 0.97, (3,))]
+    steps[1] = replace(steps[1], shed=0.1, rung_agreement=0.99)
     summary = {
         "workload": "w", "slo_p99_ms": 400.0, "full_light_p99_ms": 200.0, "full_capacity_rows_per_s": 90.0,
         "ladder": [{"epsilon": 0.01, "expected_cost": 0.66}], "schedule": {"requests": 200},
@@ -322,7 +329,7 @@ def test_the_report_marks_each_step_against_the_slo():
     full_row, ladder_row = (line for line in text.splitlines() if line.startswith(("| full", "| ladder")))
     assert "Capacity at concurrency 16: full 53 rows/s, fixed 80 rows/s, top_rung 201 rows/s." in text
     assert "| ∞ | NO |" in full_row
-    assert "| 390.0 | yes | 0.970 (800) |" in ladder_row and "| 3 |" in ladder_row
+    assert "| 390.0 | yes | 0.970 (800); rung rows 0.990 |" in ladder_row and "| 3 |" in ladder_row
 
 
 def test_a_late_answer_counts_in_the_step_that_sent_it_and_in_the_throughput_of_the_step_it_arrived():
