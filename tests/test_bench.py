@@ -139,6 +139,18 @@ def test_request_rate_mode_is_open_loop_and_its_report_parses(tmp_path):
     assert result.requests_per_s == pytest.approx(312.5) and result.p99_ms == pytest.approx(20.295)
 
 
+def test_a_schedule_is_sent_open_loop_and_every_request_is_exported(tmp_path):
+    options = PerfAnalyzerOptions(
+        "127.0.0.1:9001", "trec", tmp_path / "data.json", batch_size=8, concurrency=4,
+        request_intervals=tmp_path / "gaps.txt", request_count=806, profile_export=tmp_path / "export.json",
+    )  # fmt: skip
+    text = " ".join(options.command(Path("/bin/perf_analyzer"), tmp_path / "out.csv"))
+    assert f"--request-intervals {tmp_path / 'gaps.txt'} --async --max-threads 16" in text
+    assert "--request-count 806" in text and f"--profile-export-file {tmp_path / 'export.json'}" in text
+    # perf_analyzer refuses a schedule with either of these
+    assert "--concurrency-range" not in text and "--request-rate-range" not in text
+
+
 def test_missing_libraries_are_explained():
     loader = "perf_analyzer: error while loading shared libraries: {}: cannot open shared object file"
     assert "apt-get install libb64-0d" in explain_start_failure(loader.format("libb64.so.0d"))

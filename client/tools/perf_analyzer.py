@@ -169,12 +169,22 @@ class PerfAnalyzerOptions:
     # Requests per second, sent on schedule whether or not earlier ones were answered (open loop, as
     # real users arrive), instead of ``concurrency`` requests in flight; asynchronous, Poisson arrivals.
     request_rate: float | None = None
+    # Or a schedule: a ``--request-intervals`` file (the gaps between successive sends, in microseconds),
+    # open loop and asynchronous like a request rate, over ``max_threads`` sending threads.
+    request_intervals: Path | None = None
+    max_threads: int = 16
+    request_count: int = 0  # send this many requests in all, then wait for their answers (0: windows)
+    # Where perf_analyzer writes every request's send time, response times, inputs and outputs (JSON).
+    profile_export: Path | None = None
 
     def command(self, binary: Path, csv_path: Path) -> list[str]:
         load = ["--concurrency-range", str(self.concurrency)]
-        if self.request_rate is not None:
+        if self.request_intervals is not None:
+            load = ["--request-intervals", str(self.request_intervals), "--async",
+                    "--max-threads", str(self.max_threads)]  # fmt: skip
+        elif self.request_rate is not None:
             load = ["--request-rate-range", f"{self.request_rate:.3f}", "--async", "--request-distribution",
-                    "poisson", "--max-threads", "16"]  # fmt: skip
+                    "poisson", "--max-threads", str(self.max_threads)]  # fmt: skip
         command = [
             str(binary),
             "-i", self.protocol,
@@ -192,6 +202,10 @@ class PerfAnalyzerOptions:
             command += ["--shape", f"{name}:{','.join(str(d) for d in shape)}"]
         if self.percentile is not None:
             command += ["--percentile", str(self.percentile)]
+        if self.request_count:
+            command += ["--request-count", str(self.request_count)]
+        if self.profile_export is not None:
+            command += ["--profile-export-file", str(self.profile_export)]
         for name, value in self.request_parameters.items():
             command += ["--request-parameter", f"{name}:{_parameter_text(value)}"]
         return command + list(self.extra_args)
