@@ -5,18 +5,24 @@ window (``window_s``) it estimates its requests' p99 latency as the mean time a 
 Triton's queue for the orchestrator in that window (from Triton's ``nv_inference_queue_duration_us``
 and ``nv_inference_request_success`` counters: under overload the queue is where latency grows, and
 it grows for every request alike, so its mean tracks its tail) plus the p99 of the orchestrator's
-own time per request in the window. Then, one step per window:
+own time per request in the window. Then, once per window:
 
-- over ``climb_at`` of the target: climb a rung (cheaper answers, a higher certified risk); past the
-  top rung, where the operator enabled load shedding (``shed_max_exit``), cap every row not forced
-  to full depth at that exit (flagged on each row);
-- at the top rung and over the target itself: the SLO is being missed (only capacity helps now);
+- over the target itself: go to the top rung at once (a queue that built up drains fastest there;
+  a rung a window costs seconds of backlog at the onset of a spike, measured on TREC); at the top
+  rung, where the operator enabled load shedding (``shed_max_exit``), cap every row not forced to
+  full depth at that exit (flagged on each row), and if it was at the top already the SLO is being
+  missed (only capacity helps now);
+- over ``climb_at`` of the target: climb a rung (cheaper answers, a higher certified risk);
 - under ``descend_at`` of the target for ``descend_windows`` windows in a row: stop shedding, or
-  descend a rung.
+  descend a rung, but not to a rung that was seen overloaded at the load of now. A window over
+  ``climb_at`` at rung r is an overload of r, and the requests it answered per second are what r
+  carries (``capacity``); a descent to r waits until the load is under ``descend_load`` of that.
+  Without it the controller left a rung that held a 2x load after three quiet windows, for one that
+  could not, and the queue grew for seconds until it climbed back (measured on TREC).
 
-The gap between the two fractions and the run of quiet windows needed to descend are the
-hysteresis: a load near a boundary does not make the rung flap. A window without requests counts
-as quiet. Requests that carry ``force_full`` and cohorts the policy pins stay at rung 0 whatever the
+The gap between the two fractions, the run of quiet windows needed to descend and the capacity check
+are the hysteresis: a load near a boundary does not make the rung flap. A window without requests
+counts as quiet. Requests that carry ``force_full`` and cohorts the policy pins stay at rung 0 whatever the
 rung (the orchestrator applies that), and each rung's guarantee holds at every moment, since the
 ladder was certified for all rungs at once.
 """
@@ -40,6 +46,7 @@ class SloConfig:
     climb_at: float = 0.8  # climb when the estimate passes this fraction of the target
     descend_at: float = 0.5  # descend when it stays below this fraction...
     descend_windows: int = 3  # ...for this many windows in a row
+    descend_load: float = 0.8  # ...and the load is under this share of what the lower rung carries
     shed_max_exit: int | None = None  # past the top rung and over the target, cap every row here
 
     def __post_init__(self) -> None:
@@ -49,6 +56,8 @@ class SloConfig:
             raise ValueError("need 0 < descend_at < climb_at <= 1 (the gap is the hysteresis)")
         if self.descend_windows < 1:
             raise ValueError("descend_windows must be at least 1")
+        if not 0 < self.descend_load <= 1:
+            raise ValueError("descend_load must lie in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class SloController:
     rung: int = 0
     shedding: bool = False
     history: list[SloWindow] = field(default_factory=list)
+    capacity: dict[int, float] = field(default_factory=dict)  # rung -> requests/s it answered overloaded
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -110,22 +120,27 @@ class SloController:
         return window
 
     def _decide(self, estimate: float, queue_ms: float, own_p99: float, requests: int) -> SloWindow:
-        target = self.config.p99_ms
+        config, target = self.config, self.config.p99_ms
         busy = not math.isnan(estimate)
         missed = busy and self.rung == self.top_rung and estimate > target
-        if busy and estimate > self.config.climb_at * target:
+        load = requests / config.window_s  # requests per second this window
+        if busy and estimate > config.climb_at * target:
             self._quiet = 0
+            if not self.shedding:  # what this rung answers overloaded is what it carries
+                self.capacity[self.rung] = load
             if self.rung < self.top_rung:
-                self.rung += 1
-            elif self.config.shed_max_exit is not None:  # shedding is the step past the top rung
+                self.rung = self.top_rung if estimate > target else self.rung + 1
+            elif config.shed_max_exit is not None:  # shedding is the step past the top rung
                 self.shedding = True
-        elif not busy or estimate < self.config.descend_at * target:
+        elif not busy or estimate < config.descend_at * target:
             self._quiet += 1
-            if self._quiet >= self.config.descend_windows:
+            if self._quiet >= config.descend_windows:
                 self._quiet = 0
                 if self.shedding:
                     self.shedding = False
-                elif self.rung > 0:
+                elif self.rung > 0 and load < config.descend_load * self.capacity.get(
+                    self.rung - 1, math.inf
+                ):
                     self.rung -= 1
         else:
             self._quiet = 0

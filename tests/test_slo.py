@@ -38,13 +38,28 @@ def controller(top: int = 3, **config) -> tuple[SloController, Scripted]:
     return SloController(slo, top, script.counters, lambda: script.now), script
 
 
-def test_it_climbs_a_rung_per_window_under_load_and_says_when_the_top_misses():
+def test_it_climbs_a_rung_per_window_near_the_target_and_jumps_to_the_top_over_it():
     slo, script = controller()
-    decided = [window(slo, script, queue_ms=150, own_ms=20) for _ in range(5)]
-    assert [w.rung for w in decided] == [1, 2, 3, 3, 3]
-    assert [w.missed for w in decided] == [False, False, False, True, True]
+    near = [window(slo, script, queue_ms=65, own_ms=20) for _ in range(2)]  # 85: over 80% of 100
+    assert [w.rung for w in near] == [1, 2]
+    decided = [window(slo, script, queue_ms=150, own_ms=20) for _ in range(3)]  # 170: over the target
+    assert [w.rung for w in decided] == [3, 3, 3]
+    assert [w.missed for w in decided] == [False, True, True]  # missed: over it at the top already
     assert decided[0].estimate_ms == pytest.approx(170.0)
     assert not any(w.shedding for w in decided)  # not enabled
+
+
+def test_it_descends_only_to_a_rung_that_carried_the_load_of_now():
+    """Rung 1 was overloaded at 40 requests a second (the answered rate of that window): under a load
+    that has not fallen below 80% of that, quiet windows at rung 2 do not take it back to rung 1."""
+    slo, script = controller(descend_windows=1)
+    window(slo, script, queue_ms=65, own_ms=20, requests=30)  # rung 0 overloaded at 30/s: climb to 1
+    window(slo, script, queue_ms=65, own_ms=20, requests=40)  # rung 1 overloaded at 40/s: climb to 2
+    assert slo.rung == 2 and slo.capacity == {0: 30.0, 1: 40.0}
+    held = [window(slo, script, queue_ms=5, own_ms=10, requests=35) for _ in range(4)]
+    assert [w.rung for w in held] == [2, 2, 2, 2]
+    eased = [window(slo, script, queue_ms=5, own_ms=10, requests=r) for r in (31, 20, 20)]
+    assert [w.rung for w in eased] == [1, 0, 0]
 
 
 def test_near_the_boundary_it_holds_and_does_not_flap():
@@ -70,7 +85,7 @@ def test_past_the_top_rung_it_sheds_where_enabled_and_stops_shedding_first():
     slo, script = controller(top=1, shed_max_exit=0, descend_windows=1)
     decided = [window(slo, script, queue_ms=300, own_ms=20) for _ in range(3)]
     assert [(w.rung, w.shedding) for w in decided] == [(1, False), (1, True), (1, True)]
-    calm = [window(slo, script, queue_ms=1, own_ms=5) for _ in range(2)]
+    calm = [window(slo, script, queue_ms=1, own_ms=5, requests=10) for _ in range(2)]  # the load fell
     assert [(w.rung, w.shedding) for w in calm] == [(1, False), (0, False)]
 
 
