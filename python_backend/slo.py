@@ -132,7 +132,7 @@ class SloController:
                 self.rung = self.top_rung if estimate > target else self.rung + 1
             elif config.shed_max_exit is not None:  # shedding is the step past the top rung
                 self.shedding = True
-        elif not busy or estimate < config.descend_at * target:
+        elif not busy or estimate < config.descend_at * target or self._lower_carries(load):
             self._quiet += 1
             if self._quiet >= config.descend_windows:
                 self._quiet = 0
@@ -145,6 +145,14 @@ class SloController:
         else:
             self._quiet = 0
         return SloWindow(estimate, queue_ms, own_p99, requests, self.rung, self.shedding, missed)
+
+    def _lower_carries(self, load: float) -> bool:
+        """A rung below was seen overloaded at a load well above this one (a lower rung carries less than
+        any above it, so that bounds the next one down): a window under ``climb_at`` counts as quiet
+        then. Under a target of twice the light-load p99 the light load itself can sit over
+        ``descend_at``, and the ladder stayed up after a spike had passed (measured on TREC)."""
+        below = [carried for rung, carried in self.capacity.items() if rung < self.rung]
+        return bool(below) and load < self.config.descend_load * max(below)
 
 
 def queue_counters_from_metrics(text: str, model: str) -> tuple[float, float] | None:

@@ -125,3 +125,15 @@ def test_the_queue_counters_are_read_off_tritons_metrics_page():
     ])  # fmt: skip
     assert queue_counters_from_metrics(page, "cnn") == (2000.0, 40.0)
     assert queue_counters_from_metrics(page, "other") is None
+
+
+def test_after_a_spike_it_descends_at_a_light_load_whose_latency_sits_over_descend_at():
+    """Under a target of twice the light-load p99 the light load itself can sit over half the target:
+    where the lower rung carried far more than the load of now, a window under climb_at counts as quiet."""
+    slo, script = controller(descend_windows=2)
+    window(slo, script, queue_ms=150, own_ms=20, requests=60)  # rung 0 overloaded at 60/s: to the top
+    assert slo.rung == 3
+    light = [window(slo, script, queue_ms=40, own_ms=20, requests=10) for _ in range(8)]  # 60: over 50
+    assert [w.rung for w in light] == [3, 2, 2, 1, 1, 0, 0, 0]
+    window(slo, script, queue_ms=65, own_ms=20, requests=30)  # 85: rung 0 overloaded at 30/s: climbs
+    assert slo.rung == 1 and slo.capacity[0] == 30.0
