@@ -57,9 +57,11 @@ class DriftMonitor:
         self._times = np.full(config.window, -np.inf)
         self._next = 0
         self._seen = 0
-        self._peer_exits = np.empty(0, dtype=np.int64)
-        self._peer_times = np.empty(0)
-        self._peers_seen = 0
+        # The other instances' exits (n,), their times (n,) and how many they have seen, as one tuple: the
+        # exchange thread replaces it while requests read it, and two attributes replaced one after the
+        # other were once read half old, half new (exits and times of different lengths failed a
+        # request with an IndexError).
+        self._peers: tuple[np.ndarray, np.ndarray, int] = (np.empty(0, dtype=np.int64), np.empty(0), 0)
         self.score: float | None = None
         self.alarm = False
 
@@ -77,9 +79,11 @@ class DriftMonitor:
         """The other instances' latest snapshots (replacing the previous ones)."""
         peers = [p for p in peers if p.get("exits")]
         exits = [np.asarray(p["exits"], dtype=np.int64) for p in peers]
-        self._peer_exits = np.concatenate(exits or [[]]).astype(np.int64)
-        self._peer_times = np.concatenate([np.asarray(p["times"], dtype=np.float64) for p in peers] or [[]])
-        self._peers_seen = sum(int(p.get("seen", 0)) for p in peers)
+        self._peers = (
+            np.concatenate(exits or [[]]).astype(np.int64),
+            np.concatenate([np.asarray(p["times"], dtype=np.float64) for p in peers] or [[]]),
+            sum(int(p.get("seen", 0)) for p in peers),
+        )
 
     @property
     def conservative(self) -> bool:
@@ -95,11 +99,12 @@ class DriftMonitor:
         self._exits[positions] = exits
         self._times[positions] = self.clock()
         self._next = (self._next + len(exits)) % self.config.window
-        if self._seen + self._peers_seen < self.config.min_rows:
+        peer_exits, peer_times, peers_seen = self._peers
+        if self._seen + peers_seen < self.config.min_rows:
             return False
         held = self._exits >= 0
-        recent = np.concatenate([self._exits[held], self._peer_exits])
-        times = np.concatenate([self._times[held], self._peer_times])
+        recent = np.concatenate([self._exits[held], peer_exits])
+        times = np.concatenate([self._times[held], peer_times])
         if len(recent) > self.config.window:  # the newest window of all instances together
             recent = recent[np.argpartition(-times, self.config.window - 1)[: self.config.window]]
         live = np.bincount(recent, minlength=len(self.reference))[: len(self.reference)] / len(recent)
