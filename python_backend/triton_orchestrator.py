@@ -161,9 +161,7 @@ class TritonPythonModel:
         label = f"{args['model_name']} ({instance})"
         # The metrics' instance label names this stub's process too: a reload of the same version starts
         # new stubs beside the old ones, whose close() zeroes their gauges, which must not be the new ones'.
-        self.telemetry = telemetry = ServingTelemetry(
-            self.metrics, args["model_name"], f"{instance}-{os.getpid()}"
-        )
+        telemetry = ServingTelemetry(self.metrics, args["model_name"], f"{instance}-{os.getpid()}")
         cascade, placement = select_cascade(
             DeviceRequest.from_parameters(parameters),
             args.get("model_instance_kind", "CPU"),
@@ -230,7 +228,7 @@ class TritonPythonModel:
             else:
                 tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in answer.items()]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-        self.telemetry.execute_times({"respond": time.perf_counter() - started}, 0)
+        self.orchestrator.telemetry.execute_times({"respond": time.perf_counter() - started}, 0)
         return responses
 
     def finalize(self):

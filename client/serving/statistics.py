@@ -7,7 +7,6 @@ between them: requests answered and failed, rows inferred, executions, and the t
 from __future__ import annotations
 
 import re
-import urllib.request
 from collections.abc import Mapping
 
 import tritonclient.grpc as grpcclient
@@ -61,8 +60,9 @@ def orchestrator_parts(metrics_url: str, model: str) -> dict[str, float]:
     """The orchestrator's cumulative time by part (seconds: parse, cascade, segments, observe, respond),
     and its executes and requests, summed over the instances of ``model``, from the metrics page
     (published by each stub at most once a second: a reading lags by that much at most)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    text = opener.open(metrics_url, timeout=10).read().decode()
+    from offramp.client.serving.fleet_stats import read_metrics
+
+    text = read_metrics(metrics_url, timeout_s=10.0)
     totals: dict[str, float] = {}
     pattern = r"^offramp_execute(?:s|_seconds|_requests)_total\{(.*)\} (\S+)$"
     for line in re.finditer(pattern, text, re.MULTILINE):

@@ -246,9 +246,10 @@ def _switch_summary(timeline: list[dict], domain: str) -> dict[str, Any]:
 def _metrics(url: str) -> dict[str, float]:
     """The offramp metrics that tell the story, summed over instances (gauges: max)."""
     import re
-    import urllib.request
 
-    text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=10).read().decode()
+    from offramp.client.serving.fleet_stats import read_metrics
+
+    text = read_metrics(url, timeout_s=10.0)
     totals: dict[str, float] = {}
     for name, labels, value in re.findall(
         r"^(offramp_(?:shadow|risk|drift|conservative)\w*)\{(.*)\} (\S+)$", text, re.MULTILINE

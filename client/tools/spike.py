@@ -34,7 +34,6 @@ import os
 import re
 import threading
 import time
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -333,10 +332,10 @@ def rung_from_metrics(metrics_text: str, model: str) -> int | None:
 
 
 def _metrics_page(metrics_url: str) -> str | None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+    from offramp.client.serving.fleet_stats import read_metrics
+
     try:
-        with opener.open(metrics_url, timeout=5) as response:
-            return response.read().decode()
+        return read_metrics(metrics_url)
     except OSError:
         return None
 
