@@ -286,3 +286,9 @@ def test_late_labels_join_the_audit_by_request_and_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4 late labels, 3 joined" in out
     assert "v1" in out and "50.0%" in out and "100.0%" in out
+    labels.write_text("id,row,label\na,0,3\n")
+    assert main(["audit", str(audit), "--labels", str(labels)]) == 2
+    assert "needs the header request_id,row,label" in capsys.readouterr().err
+    labels.write_text("request_id,row,label\na,first,3\n")
+    assert main(["audit", str(audit), "--labels", str(labels)]) == 2
+    assert "line 2: the row must be a whole number" in capsys.readouterr().err

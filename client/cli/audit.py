@@ -4,6 +4,7 @@ correctness of the answers whose true label arrived later."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from offramp.client.cli.subcommand import Subcommand
@@ -47,12 +48,22 @@ class AuditCommand(Subcommand):
         from offramp.backend.audit import late_label_accuracy, read_audit
 
         with open(args.labels, newline="", encoding="utf-8") as handle:
-            labels = {
-                (row["request_id"], int(row["row"])): int(row["label"])
-                if row["label"].isdigit()
-                else row["label"]
-                for row in csv.DictReader(handle)
-            }
+            reader = csv.DictReader(handle)
+            if not {"request_id", "row", "label"} <= set(reader.fieldnames or ()):
+                print(f"offramp audit: error: {args.labels} needs the header request_id,row,label "
+                      f"(it has {reader.fieldnames})", file=sys.stderr)  # fmt: skip
+                return 2
+            try:
+                labels = {
+                    (row["request_id"], int(row["row"])): int(row["label"])
+                    if row["label"].isdigit()
+                    else row["label"]
+                    for row in reader
+                }
+            except ValueError as error:
+                print(f"offramp audit: error: {args.labels} line {reader.line_num}: the row must be a "
+                      f"whole number ({error})", file=sys.stderr)  # fmt: skip
+                return 2
         table = late_label_accuracy(read_audit([Path(p) for p in args.files]), labels)
         joined = sum(t["rows"] for t in table.values())
         print(f"{len(labels)} late labels, {joined} joined to answered rows (by request id and row)")
