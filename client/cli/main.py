@@ -22,11 +22,13 @@ from offramp.client.cli.serve import ServeCommand
 from offramp.client.cli.soak import SoakCommand
 from offramp.client.cli.stats import StatsCommand
 from offramp.client.cli.subcommand import Subcommand
+from offramp.client.cli.tune import TuneCommand
 
 # In the order `offramp --help` lists them: the pipeline first, then operations, then measurement.
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     BuildCommand(),
     CalibrateCommand(),
+    TuneCommand(),
     RepositoryCommand(),
     ServeCommand(),
     DeployCommand(),

@@ -138,9 +138,15 @@ def bench_policy(
 
 
 def _recipe_workload(
-    artifacts: ModelArtifacts, directory: Path, test: CalibrationData, goals: Goals, description: str
+    artifacts: ModelArtifacts,
+    directory: Path,
+    test: CalibrationData,
+    goals: Goals,
+    description: str,
+    policy: Policy | None = None,
 ) -> Workload:
-    """A workload on a recipe's own splits: its calibration split for the policy, its test split served."""
+    """A workload on a recipe's own splits: its test split served, under ``policy`` or else the bench's
+    policy calibrated on its calibration split."""
     from offramp.build.calibrate import exit_logits_from_onnx, held_out_data
 
     calibration = held_out_data(artifacts, directory)
@@ -153,7 +159,7 @@ def _recipe_workload(
         test_labels=test.labels,
         calibration_logits=calibration_logits,
         calibration_labels=calibration.labels,
-        policy=bench_policy(artifacts, calibration_logits, calibration.labels),
+        policy=policy or bench_policy(artifacts, calibration_logits, calibration.labels),
         goals=goals,
         description=description,
     )
@@ -200,9 +206,10 @@ def text_workload(task: str) -> WorkloadFactory:
 
 
 def artifacts_workload(directory: Path) -> WorkloadFactory:
-    """Any build, from its folder (``offramp bench --artifacts DIR``): the policy chosen on its own
-    calibration split, its test split served (text padded to the split's longest row, as for the recipes).
-    No throughput goal: what a model can gain depends on it and its policy."""
+    """Any build, from its folder (``offramp bench --artifacts DIR``): the folder's own ``policy.json``
+    when it was made for this build (``offramp calibrate``, ``offramp tune``), else the bench's policy
+    chosen on its calibration split; its test split served (text padded to the split's longest row, as
+    for the recipes). No throughput goal: what a model can gain depends on it and its policy."""
 
     def factory(settings: WorkloadSettings) -> Workload:
         from offramp.build.calibrate import held_out_data
@@ -211,7 +218,11 @@ def artifacts_workload(directory: Path) -> WorkloadFactory:
         test = held_out_data(artifacts, directory, "test")
         goals = Goals(throughput_ratio=None)
         description = f"{artifacts.name} ({artifacts.build.get('mode', 'joint')} mode), from {directory}"
-        return _recipe_workload(artifacts, directory, test, goals, description)
+        policy_file = directory / "policy.json"
+        policy = Policy.load(policy_file) if policy_file.is_file() else None
+        if policy is not None and policy.model_fingerprint != artifacts.fingerprint:
+            policy = None  # made for another build of the same folder
+        return _recipe_workload(artifacts, directory, test, goals, description, policy)
 
     return factory
 
@@ -566,6 +577,19 @@ def run_sweep(
     return records
 
 
+def best_seconds(call: Callable[[], object], budget_s: float = 0.6, at_least: int = 5) -> float:
+    """The fastest of repeated calls (at least ``at_least``, for about ``budget_s``, at most 200): the
+    run least disturbed by other load on a shared machine."""
+    times, started = [], time.perf_counter()
+    while len(times) < at_least or time.perf_counter() - started < budget_s:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return min(times)
+
+
 def offline_timings(workload: Workload, inputs: Mapping[str, np.ndarray], batch_sizes: Sequence[int]) -> dict:
     """ONNX Runtime on one thread, in this process: each segment and the full model per batch size,
     and the cascade's own logic with segments that cost nothing. Minimum of repeated runs (the
@@ -578,27 +602,17 @@ def offline_timings(workload: Workload, inputs: Mapping[str, np.ndarray], batch_
     segments = [OnnxRunner(directory / s.onnx, threads=1) for s in artifacts.segments]
     full = OnnxRunner(directory / artifacts.full_onnx, threads=1)
 
-    def best_ms(call: Callable[[], object], budget_s: float = 0.6, at_least: int = 5) -> float:
-        times, started = [], time.perf_counter()
-        while len(times) < at_least or time.perf_counter() - started < budget_s:
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-            if len(times) >= 200:
-                break
-        return min(times) * 1e3
-
     result = {}
     for batch in batch_sizes:
         raw = {n: np.ascontiguousarray(a[:batch]) for n, a in inputs.items()}
         tensors, outputs, segment_ms = dict(raw), [], []
         for runner in segments:
             feed = dict(tensors)
-            segment_ms.append(best_ms(lambda r=runner, f=feed: r.run(f)))
+            segment_ms.append(1e3 * best_seconds(lambda r=runner, f=feed: r.run(f)))
             out = runner.run(feed)
             outputs.append(out)
             tensors = {HIDDEN_IN: out[HIDDEN_OUT], **{n: raw[n] for n in artifacts.side_inputs}}
-        full_ms = best_ms(lambda raw=raw: full.run(raw))
+        full_ms = 1e3 * best_seconds(lambda raw=raw: full.run(raw))
 
         def fake_segment(
             index: int, tensors: Mapping[str, Any], need_hidden: bool, outputs: list = outputs
@@ -608,7 +622,7 @@ def offline_timings(workload: Workload, inputs: Mapping[str, np.ndarray], batch_
             return (out[HIDDEN_OUT][:rows] if need_hidden else None), out[LOGITS_OUT][:rows]
 
         try:
-            cascade_ms = best_ms(
+            cascade_ms = 1e3 * best_seconds(
                 lambda raw=raw, fake_segment=fake_segment: run_cascade(
                     CascadeBatch.plain(raw, artifacts.num_exits),
                     fake_segment,

@@ -1,0 +1,75 @@
+"""``offramp tune`` end to end on a briefly trained CNN: real server, real perf_analyzer, the written
+build served and answering as the cascade predicts offline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from offramp.client.tools.perf_analyzer import PerfAnalyzerError
+
+
+@pytest.mark.integration
+def test_tune_measures_chooses_and_writes_a_build_that_serves(
+    quick_cnn, running_server, execution_env, tmp_path
+):
+    from offramp.backend.orchestrator import ServingOptions
+    from offramp.backend.policy import Policy
+    from offramp.build.artifacts import ModelArtifacts
+    from offramp.build.calibrate import exit_logits_from_onnx, held_out_data, simulate_exits
+    from offramp.build.repository import RepositoryOptions, write_repository
+    from offramp.client.grpc_client import OfframpClient
+    from offramp.client.tools.perf_analyzer import check_perf_analyzer
+    from offramp.client.tools.tune import TuneConfig, run_tune
+
+    try:
+        check_perf_analyzer()
+    except PerfAnalyzerError as error:
+        pytest.skip(str(error))
+    artifacts, directory = quick_cnn
+    config = TuneConfig(
+        artifacts=directory, out=tmp_path / "tuned", concurrency=2, repeats=1, measurement_interval_ms=400,
+        batch_sizes=(1, 4, 8), workdir=tmp_path / "work", progress=False,
+    )  # fmt: skip
+    report = run_tune(config)
+
+    # Every set of exits (each ending at the last), in both modes, ranked by predicted CPU per row.
+    sets = 2 ** (artifacts.num_exits - 1)
+    assert report["sets"] == sets and len(report["candidates"]) == 2 * sets
+    assert report["delta_per_set"] == pytest.approx(0.05 / sets)
+    predicted = [c["predicted_cpu_per_row_ms"] for c in report["candidates"]]
+    assert predicted == sorted(predicted) and all(p > 0 for p in predicted)
+    costs = report["costs"]
+    assert costs["full_per_row_s"] > 0 and costs["rows_per_execute"] >= 1
+    assert len(costs["ranges"]) == artifacts.num_exits * (artifacts.num_exits + 1) // 2
+    assert set(report["arms"]) == {"full", "segments_full", "forward_full"}
+    decision = report["decision"]
+    best = report["candidates"][0]
+    if decision["serves_full_model"]:
+        assert best["predicted_speedup"] <= 1 and decision["kept_exits"] == [artifacts.num_exits - 1]
+        assert decision["mode"] == "in_process"
+    else:
+        assert decision["kept_exits"] == best["kept_exits"] and decision["mode"] == best["mode"]
+    assert json.loads((config.out_dir / "tune.json").read_text())["decision"] == decision
+    assert "Decision" in (config.out_dir / "TUNE.md").read_text()
+
+    # The written build and its policy: bound to each other, certified at delta / sets.
+    tuned = ModelArtifacts.load(config.out_dir)
+    policy = Policy.load(config.out_dir / "policy.json")
+    policy.validate(tuned.num_exits, tuned.num_classes, tuned.fingerprint)
+    assert tuned.num_exits == len(decision["kept_exits"])
+    assert policy.provenance["delta"] == pytest.approx(0.05 / sets)
+    assert policy.provenance["tune"]["kept_exits"] == decision["kept_exits"]
+
+    # Served as tune says, it answers every row as the cascade predicts from the merged segments.
+    test = held_out_data(tuned, config.out_dir, "test")
+    images = test.inputs["IMAGE"][:64]
+    expected = simulate_exits(exit_logits_from_onnx(tuned, config.out_dir, {"IMAGE": images}), policy.exits)
+    serving = ServingOptions(segments_in_process=decision["mode"] == "in_process")
+    options = RepositoryOptions(execution_env=execution_env, serving=serving)
+    write_repository(tuned, config.out_dir, policy, tmp_path / "repo", options)
+    with running_server(tmp_path / "repo") as server, OfframpClient(server.grpc_url) as client:
+        answers = client.classify(tuned.name, images)
+    np.testing.assert_array_equal(answers.exit, expected)
