@@ -513,9 +513,8 @@ def training_report(artifacts: DecoderArtifacts) -> str:
         "",
     ]
     curve = build["loss_curve"]
-    shown = curve[:: max(1, len(curve) // 12)] + (
-        [curve[-1]] if len(curve) % max(1, len(curve) // 12) != 1 else []
-    )
+    every = max(1, len(curve) // 12)
+    shown = curve[::every] + ([curve[-1]] if (len(curve) - 1) % every else [])  # the last entry, once
     lines.append(markdown_table(
         ["step", "minutes", "weighted loss", *exits],
         [[c["step"], f"{c['seconds'] / 60:.1f}", f"{c['loss']:.3f}",

@@ -18,6 +18,7 @@ from offramp.build.code_data import (
     token_stream,
 )
 from offramp.build.decoder import (
+    DecoderArtifacts,
     DecoderShape,
     ExitTraining,
     exit_logits_of,
@@ -25,6 +26,7 @@ from offramp.build.decoder import (
     layer_keep_probabilities,
     tiny_random_checkpoint,
     train_code_model,
+    training_report,
 )
 from offramp.build.generation_calibrate import token_disagreement, tokens_per_verify
 from tests.generation_support import tiny_tokenizer
@@ -157,3 +159,24 @@ def test_exit_logits_of_the_training_forward_match_the_model():
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(exit_logits_of(model, ids, shape.exit_layers)[-1], model(ids).logits)
+
+
+@pytest.mark.parametrize("entries", [1, 12, 20, 25])
+def test_the_training_report_shows_each_logged_step_once_and_the_last(entries):
+    metrics = {"accuracy": [0.3, 0.4], "agreement_with_last": [0.8, 1.0], "loss": [4.0, 3.9]}
+    curve = [
+        {"step": 25 * (i + 1), "loss": 4.0, "seconds": 60.0 * i, "loss_exit_0": 4.1, "loss_exit_1": 4.0}
+        for i in range(entries)
+    ]
+    build = {
+        "shape": {"exit_layers": [1, 2], "layers": 2}, "parameters": 1e6, "threads": 2, "train_seconds": 60.0,
+        "settings": {"split_seed": 0, "steps": 25 * entries, "batch_size": 4, "learning_rate": 1e-3,
+                     "warmup_steps": 1, "layer_dropout": 0.1, "eval_windows": 8},
+        "modules": {"train": ["a"]}, "tokens": {"train": 10}, "loss_curve": curve,
+        "exit_metrics": {"test": metrics},
+    }  # fmt: skip
+    report = training_report(DecoderArtifacts("m", "llama", (1, 2), 256, 0, "f", build))
+    steps = [
+        int(line.split("|")[1]) for line in report.splitlines() if line[:2] == "| " and line[2].isdigit()
+    ]
+    assert steps == sorted(set(steps)) and steps[-1] == 25 * entries and 25 in steps
