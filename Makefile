@@ -38,9 +38,13 @@ MODEL ?= fashion_cnn
 demo: $(STAMP) ## build, serve and measure an early-exit model on the embedded Triton server (MODEL=fashion_cnn|trec|rotten_tomatoes)
 	$(BIN)/offramp demo --model $(MODEL)
 
-bench: $(STAMP) ## early exit against the full model under perf_analyzer, CNN and both MiniLMs (~45 min once built), then the code model's decoding modes; writes benchmarks/
+TUNED := fashion_cnn trec_minilm rotten_tomatoes_minilm
+bench: $(STAMP) ## early exit against the full model under perf_analyzer, CNN and both MiniLMs (~45 min once built), what offramp tune keeps on each, then the code model's decoding modes; writes benchmarks/
 	$(BIN)/offramp bench
 	$(BIN)/offramp bench --segments-in-process --out benchmarks/in_process
+	for model in $(TUNED); do \
+		$(BIN)/offramp tune --artifacts .cache/offramp/$$model --verify --report benchmarks/tune/$$model || exit 1; \
+	done
 	$(BIN)/offramp bench --workload generation
 
 SOAK_ARGS ?=

@@ -48,10 +48,11 @@ def test_tune_measures_chooses_and_writes_a_build_that_serves(
     decision = report["decision"]
     best = report["candidates"][0]
     if decision["serves_full_model"]:
-        assert best["predicted_speedup"] <= 1 and decision["kept_exits"] == [artifacts.num_exits - 1]
-        assert decision["mode"] == "in_process"
-    else:
-        assert decision["kept_exits"] == best["kept_exits"] and decision["mode"] == best["mode"]
+        # Said so; the build written is the early-exit interface at least cost: the network as one segment.
+        assert best["predicted_speedup"] <= 1 and "call fashion_cnn_full directly" in decision["summary"]
+        best = next(c for c in report["candidates"] if len(c["kept_exits"]) == 1)
+    assert decision["kept_exits"] == best["kept_exits"] and decision["mode"] == best["mode"]
+    assert decision["predicted_speedup"] == pytest.approx(best["predicted_speedup"])
     assert json.loads((config.out_dir / "tune.json").read_text())["decision"] == decision
     assert "Decision" in (config.out_dir / "TUNE.md").read_text()
 

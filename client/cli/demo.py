@@ -27,6 +27,11 @@ class DemoCommand(Subcommand):
         add("--epochs", type=int, help="training epochs (default: 3 for the CNN, 2 for text)")
         add("--concurrency", type=int, default=8)
         add("--rows-per-request", type=int, default=16)
+        add(
+            "--no-tune",
+            action="store_true",
+            help="serve every exit with the segments over BLS, instead of what offramp tune picks here",
+        )
 
     def run(self, args: argparse.Namespace) -> int:
         from offramp.client.tools.demo import main_demo

@@ -55,6 +55,10 @@ class TuneConfig:
         (1, 8, 16, 32), parse=comma_list(positive_int), help="batch sizes of the in-process timings"
     )
     verify: bool = option(False, help="then serve the pick against the full model and measure the ratio")
+    prefer_exits: bool = option(
+        False, help="where no set of exits beats the full model, write the best set with early exits anyway"
+    )
+    report: Path | None = option(None, parse=Path, shown="none", help="also write tune.json and TUNE.md here")
     workdir: Path = option(DEFAULT_WORKDIR, help="repository and server log")
     progress: bool = option(True, flag="--no-progress", help="no progress bars")
 
@@ -302,7 +306,7 @@ def write_markdown(report: Mapping[str, Any], path: Path) -> Path:
 
 def run_tune(config: TuneConfig) -> dict[str, Any]:
     from offramp.build.artifacts import ModelArtifacts
-    from offramp.build.calibrate import exit_logits_from_onnx, held_out_data
+    from offramp.build.calibrate import exit_logits_from_onnx
     from offramp.build.exit_selection import certified_candidates, choose, exit_sets
     from offramp.build.merge_segments import merged_artifacts
     from offramp.client.tools.bench import WorkloadSettings, artifacts_workload, machine_record
@@ -312,13 +316,13 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     artifacts = ModelArtifacts.load(directory)
     out = config.out_dir
     print(f"[tune] {artifacts.name}: {artifacts.num_exits} exits; certifying every exit set", flush=True)
-    calibration = held_out_data(artifacts, directory)
-    calibration_logits = exit_logits_from_onnx(artifacts, directory, calibration.inputs)  # (E, N, C)
+    # Its calibration split's logits (E, N, C) and labels, its test split as perf_analyzer sends it.
+    workload = artifacts_workload(directory)(WorkloadSettings(workdir=config.workdir))
     sets = exit_sets(artifacts.num_exits)
     candidates = certified_candidates(
-        calibration_logits, artifacts.exit_costs, calibration.labels, config.epsilon, config.delta, sets
-    )
-    workload = artifacts_workload(directory)(WorkloadSettings(workdir=config.workdir))
+        workload.calibration_logits, artifacts.exit_costs, workload.calibration_labels,
+        config.epsilon, config.delta, sets,
+    )  # fmt: skip
     print("[tune] in process: every range of segments merged, and the full model", flush=True)
     ranges, full = range_costs(artifacts, directory, workload.test_inputs, config.batch_sizes)
     print(f"[tune] served: three arms at concurrency {config.concurrency}", flush=True)
@@ -329,20 +333,28 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     test_logits = exit_logits_from_onnx(artifacts, directory, workload.test_inputs)
     rows = candidate_rows(choice, test_logits, np.asarray(workload.test_labels))
     best, mode, cpu = choice.best
+    full_name = f"{artifacts.name}_full"
     if choice.serves_full_model:
-        # Nothing pays here: the whole network as one segment, in the orchestrator's process.
-        best = next(c for c in candidates if len(c.kept) == 1)
-        mode, cpu = "in_process", costs.full_per_row
-        summary = (
+        verdict = (
             f"no set of exits beats the full model on this machine (best predicted "
-            f"{choice.predicted_speedup:.2f}x: exits {list(choice.best[0].kept)} {choice.best[1]}); "
-            f"serving the full model: one segment, in process, no early exit"
+            f"{choice.predicted_speedup:.2f}x: exits {list(best.kept)} {mode.replace('_', ' ')}): call "
+            f"{full_name} directly"
         )
+        early = [item for item in choice.ranked if len(item[0].kept) > 1]
+        if config.prefer_exits and early:
+            best, mode, cpu = early[0]
+            summary = f"{verdict}; written as asked (prefer exits): the best set with early exits, exits "
+        else:
+            # The early-exit interface at least cost: the whole network as one segment.
+            best, mode, cpu = next(item for item in choice.ranked if len(item[0].kept) == 1)
+            summary = f"{verdict}; the build written keeps the early-exit interface at least cost: exits "
+        summary += f"{list(best.kept)}"
     else:
-        summary = (
-            f"keep exits {list(best.kept)} of {artifacts.num_exits}, segments {mode.replace('_', ' ')}: "
-            f"predicted {choice.predicted_speedup:.2f}x the full model's throughput"
-        )
+        summary = f"keep exits {list(best.kept)} of {artifacts.num_exits}"
+    summary += (
+        f", segments {mode.replace('_', ' ')}: predicted {costs.full_per_row / cpu:.2f}x the full model's "
+        "throughput"
+    )
     decision = {
         "kept_exits": list(best.kept),
         "mode": mode,
@@ -355,6 +367,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "model": artifacts.name,
         "artifacts": str(directory),
+        "out": str(out),
         "fingerprint": artifacts.fingerprint,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{machine['nproc']} cores, {machine['cpu_model']}",
@@ -380,8 +393,10 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     if config.verify:
         report["verified"] = verify(out, mode, config)
     report["duration_s"] = round(time.time() - started, 1)
-    (out / "tune.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_markdown(report, out / "TUNE.md")
+    for folder in (out, config.report) if config.report else (out,):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "tune.json").write_text(json.dumps(report, indent=1) + "\n")
+        write_markdown(report, folder / "TUNE.md")
     print(f"[tune] {summary}")
     print(f"[tune] {out}: build, policy {policy.version}, tune.json, TUNE.md")
     in_process = " --serving segments_in_process=true" if mode == "in_process" else ""
