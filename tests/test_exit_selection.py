@@ -11,13 +11,16 @@ from offramp.build.exit_selection import (
     CallCost,
     Candidate,
     ServingCosts,
-    certified_candidates,
+    calibrated_set,
     choose,
     cpu_per_row,
+    estimated_candidates,
     exit_sets,
     segment_ranges,
+    selection_split,
     survival,
 )
+from offramp.build.risk_control import LearnThenTest
 from offramp.client.tools.bench_summary import FORWARD_FULL, FULL, SEGMENTS_FULL
 from offramp.client.tools.tune import ArmCost, serving_costs
 
@@ -95,17 +98,24 @@ def _logits(rows: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(exits).astype(np.float32), labels
 
 
-def test_candidates_are_certified_at_delta_over_the_number_of_sets() -> None:
+def test_sets_are_estimated_on_the_selection_rows_and_the_pick_certified_on_the_rest() -> None:
     logits, labels = _logits()
+    select, certify = selection_split(len(labels))
+    assert len(select) == round(len(labels) / 3) and not set(select) & set(certify)
+    assert len(select) + len(certify) == len(labels)
     sets = exit_sets(3)
-    candidates = certified_candidates(logits, (0.3, 0.6, 1.0), labels, 0.02, 0.05, sets)
+    candidates = estimated_candidates(logits[:, select], (0.3, 0.6, 1.0), labels[select], 0.02, sets)
     assert [c.kept for c in candidates] == sets
     for candidate in candidates:
-        assert candidate.calibrated.delta == pytest.approx(0.05 / len(sets))
-        assert candidate.entering[0] == 1.0 and len(candidate.entering) == len(candidate.kept)
-    only_last = next(c for c in candidates if c.kept == (2,))
-    assert only_last.expected_compute == pytest.approx(1.0)
+        assert candidate.calibrated.method == "empirical_search" and candidate.entering[0] == 1.0
+        assert len(candidate.entering) == len(candidate.kept)
+    assert next(c for c in candidates if c.kept == (2,)).expected_compute == pytest.approx(1.0)
     assert any(c.expected_compute < 0.9 for c in candidates)  # some set leaves early here
+    pick = calibrated_set(
+        logits[:, certify], (0.3, 0.6, 1.0), labels[certify], (0, 2), LearnThenTest(0.02, 0.05)
+    )
+    assert pick.calibrated.method == "learn_then_test" and pick.calibrated.delta == 0.05
+    assert pick.expected_compute < 1.0  # certified on its own rows at the full delta, it still exits
 
 
 def test_choose_ranks_by_cpu_and_falls_back_to_the_full_model_when_hops_cost_too_much() -> None:
