@@ -150,8 +150,8 @@ def run_demo(
 
     in_process = False
     if tune:
-        print("[2/4] tune: every set of exits certified by Learn-then-Test (disagreement with the full "
-              "model <= 1% w.p. >= 95%, all sets at once); their serving costs measured here")  # fmt: skip
+        print("[2/4] tune: every set of exits ranked by its serving cost measured here; the pick certified "
+              "by Learn-then-Test (disagreement with the full model <= 1% w.p. >= 95%)")  # fmt: skip
         # Where no set of exits pays, tune says so and the demo still shows the best set with early exits.
         report = run_tune(
             TuneConfig(
@@ -250,7 +250,8 @@ def print_timing(timing: dict[str, float]) -> None:
     per = {part: timing.get(part, 0.0) / requests * 1e3 for part in ORCHESTRATOR_PARTS}
     print(
         f"orchestrator per request: {sum(per.values()):.2f} ms, of which segment calls "
-        f"{per['segments']:.2f} ms (BLS round trips and the segments' compute), cascade "
+        f"{per['segments']:.2f} ms (the segments' compute, and BLS round trips where they run over BLS), "
+        "cascade "
         f"{per['cascade']:.2f}, metrics/drift/audit {per['observe']:.2f}, parsing and responses "
         f"{per['parse'] + per['respond']:.2f}"
     )

@@ -336,7 +336,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     directory = config.artifacts
     artifacts = ModelArtifacts.load(directory)
     out = config.out_dir
-    print(f"[tune] {artifacts.name}: {artifacts.num_exits} exits; certifying every exit set", flush=True)
+    print(f"[tune] {artifacts.name}: {artifacts.num_exits} exits; every set of them calibrated", flush=True)
     # Its calibration split's logits (E, N, C) and labels, its test split as perf_analyzer sends it.
     workload = artifacts_workload(directory)(WorkloadSettings(workdir=config.workdir))
     logits, labels = workload.calibration_logits, workload.calibration_labels  # (E, N, C), (N,)
