@@ -710,3 +710,12 @@ def test_static_truncation_takes_the_cheapest_exit_within_the_policys_loss():
     assert truncation_exit(accuracy, 0.2) == 0
     assert truncation_exit([0.9, 0.8, 0.85], 0.0) == 0  # an early exit as good as the last counts
     assert bench.arms_of("m", 1)["truncated"].parameters == {"min_exit": 1, "max_exit": 1}
+
+
+def test_a_measurement_that_cannot_go_on_exits_1_with_one_line(capsys):
+    def fails() -> None:
+        raise FileNotFoundError("no manifest.json in /x")
+
+    assert bench.measurement_status("offramp tune", lambda: None) == 0
+    assert bench.measurement_status("offramp tune", fails) == 1
+    assert capsys.readouterr().err == "offramp tune: error: no manifest.json in /x\n"

@@ -871,6 +871,21 @@ def run_bench(config: BenchConfig) -> list[dict]:
     return summaries
 
 
+def measurement_status(command: str, run: Callable[[], object]) -> int:
+    """The exit status of a measuring command: 0 when ``run`` finishes, 1 with ``<command>: error: ...``
+    on stderr when the measurement cannot go on (perf_analyzer failed, the server did not start, a
+    bad value or a missing file)."""
+    from offramp.client.serving.server import ServerStartError
+    from offramp.client.tools.perf_analyzer import PerfAnalyzerError
+
+    try:
+        run()
+        return 0
+    except (PerfAnalyzerError, ServerStartError, ValueError, FileNotFoundError) as error:
+        print(f"{command}: error: {error}", file=sys.stderr)
+        return 1
+
+
 def main_bench(config: BenchConfig, report_only: bool = False) -> int:
     """``offramp bench``: returns the exit status."""
     from offramp.client.serving.server import ServerStartError

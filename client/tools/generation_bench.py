@@ -30,7 +30,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import json
-import sys
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -591,12 +590,6 @@ def generation_report(summary: Mapping) -> str:
 
 
 def main_generation_bench(config: GenerationBenchConfig) -> int:
-    from offramp.client.serving.server import ServerStartError
-    from offramp.client.tools.perf_analyzer import PerfAnalyzerError
+    from offramp.client.tools.bench import measurement_status
 
-    try:
-        run_generation_bench(config)
-        return 0
-    except (PerfAnalyzerError, ServerStartError, ValueError, FileNotFoundError) as error:
-        print(f"offramp generate bench: error: {error}", file=sys.stderr)
-        return 1
+    return measurement_status("offramp generate bench", lambda: run_generation_bench(config))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -463,12 +462,6 @@ def verify(directory: Path, mode: str, config: TuneConfig) -> dict[str, Any]:
 
 
 def main_tune(config: TuneConfig) -> int:
-    from offramp.client.serving.server import ServerStartError
-    from offramp.client.tools.perf_analyzer import PerfAnalyzerError
+    from offramp.client.tools.bench import measurement_status
 
-    try:
-        run_tune(config)
-        return 0
-    except (PerfAnalyzerError, ServerStartError, ValueError, FileNotFoundError) as error:
-        print(f"offramp tune: error: {error}", file=sys.stderr)
-        return 1
+    return measurement_status("offramp tune", lambda: run_tune(config))
