@@ -158,3 +158,13 @@ def replace_cpu(arms: dict, key: str, cpu: float) -> dict:
         **arms,
         key: ArmCost(cpu, cpu / arm.rows_per_execute, arm.rows_per_execute, arm.cascade_per_execute),
     }
+
+
+def test_tune_refuses_a_folder_that_is_not_a_build(tmp_path, capsys) -> None:
+    from offramp.client.tools.tune import TuneConfig, main_tune
+
+    assert main_tune(TuneConfig(artifacts=tmp_path)) == 1
+    error = capsys.readouterr().err
+    assert error == f"offramp tune: error: {tmp_path} holds no manifest.json: pass a build's folder " + (
+        "(offramp build prints it)\n"
+    )

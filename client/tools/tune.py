@@ -316,7 +316,7 @@ def write_markdown(report: Mapping[str, Any], path: Path) -> Path:
 
 
 def run_tune(config: TuneConfig) -> dict[str, Any]:
-    from offramp.build.artifacts import ModelArtifacts
+    from offramp.build.artifacts import MANIFEST, ModelArtifacts
     from offramp.build.calibrate import exit_logits_from_onnx
     from offramp.build.exit_selection import (
         SELECTION_FRACTION,
@@ -333,6 +333,10 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
 
     started = time.time()
     directory = config.artifacts
+    if not (directory / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"{directory} holds no {MANIFEST}: pass a build's folder (offramp build prints it)"
+        )
     artifacts = ModelArtifacts.load(directory)
     out = config.out_dir
     print(f"[tune] {artifacts.name}: {artifacts.num_exits} exits; every set of them calibrated", flush=True)
