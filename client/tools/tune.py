@@ -13,8 +13,9 @@
 4. Every (exit set, segment mode) is ranked by predicted CPU per row against the full model's
    measured CPU per row; the best is written as a build of its own (segments between kept exits
    merged) with its certified policy, and ``tune.json`` / ``TUNE.md`` record every measurement and
-   prediction. When nothing beats the full model it says so, and the build it writes serves the
-   whole network as one segment in the orchestrator's process (no hop, no early exit).
+   prediction. When nothing beats the full model it says so (call ``<name>_full``), and the build it
+   writes keeps the early-exit interface at least cost: the whole network as one segment, with its
+   own predicted ratio (``--prefer-exits``: the best set with early exits instead).
 5. ``--verify``: ``offramp bench`` on the written build against the full model, the measured ratio
    beside the predicted one.
 """
@@ -173,8 +174,9 @@ def serving_costs(
     return costs, notes
 
 
-def measure_served(workload: Any, config: TuneConfig, out: Path) -> tuple[dict[str, ArmCost], list[dict]]:
-    """The three arms on the embedded Triton server, segments over BLS (module doc)."""
+def measure_served(workload: Any, config: TuneConfig, out: Path) -> dict[str, ArmCost]:
+    """The three arms on the embedded Triton server, segments over BLS (module doc); perf_analyzer's
+    own reports stay in ``out/perf``."""
     from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
     from offramp.client.tools.bench import (
         BenchConfig,
@@ -210,8 +212,7 @@ def measure_served(workload: Any, config: TuneConfig, out: Path) -> tuple[dict[s
     ) as server:
         warm_up(server.grpc_url, workload, arms, config.rows_per_request)
         records = run_sweep(server, workload, arms, data_file, bench, raw)
-    costs = {key: arm_cost([r for r in records if r["arm"] == key], arm.model) for key, arm in arms.items()}
-    return costs, records
+    return {key: arm_cost([r for r in records if r["arm"] == key], arm.model) for key, arm in arms.items()}
 
 
 # --- The pick, written ------------------------------------------------------------------------------------
@@ -352,7 +353,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     ranges, full = range_costs(artifacts, directory, workload.test_inputs, config.batch_sizes)
     print(f"[tune] served: three arms at concurrency {config.concurrency}", flush=True)
     scratch = config.workdir / "tune" / artifacts.name
-    arms, records = measure_served(workload, config, scratch)
+    arms = measure_served(workload, config, scratch)
     costs, notes = serving_costs(ranges, full, arms, artifacts.num_exits)
     choice = choose(candidates, costs, config.modes)
     test_logits = exit_logits_from_onnx(artifacts, directory, workload.test_inputs)
