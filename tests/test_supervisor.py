@@ -175,3 +175,29 @@ def test_a_canary_row_fits_each_kind_of_model() -> None:
     assert canary_inputs(text)["TEXT"].tolist() == [[CANARY_TEXT.encode()]] and len(canary_inputs(text)) == 1
     ids = {"inputs": [{"name": "INPUT_IDS", "datatype": "INT64", "shape": [-1, -1]}]}
     assert canary_inputs(ids)["INPUT_IDS"].shape == (1, 1)
+
+
+@dataclass
+class KillsOnCleanUp(ScriptedServer):
+    """The restarted stub dies while the supervisor is still finishing the restart (it unlinks the dead
+    stub's region after counting the restart): the window in which a reader of the count can act."""
+
+    victim_model: str = ""
+
+    def remove_region(self, region: str) -> None:
+        super().remove_region(region)
+        for stub in [s for s in self.live.values() if s.model == self.victim_model]:
+            self.kill(stub)
+
+
+def test_a_stub_that_dies_right_after_its_restart_is_restarted_again() -> None:
+    server, clock = KillsOnCleanUp(victim_model="seg_1"), Clock()
+    server.start("seg_1")
+    supervisor = Supervisor(server, RestartPolicy(backoff_s=(0.0,)), clock)
+    server.kill(next(iter(server.live.values())))
+    supervisor.poll()  # restarts it; the new stub dies during the clean-up
+    server.victim_model = ""
+    supervisor.poll()
+    record = supervisor.models["seg_1"]
+    assert (record.crashes, record.restarts, record.broken) == (2, 2, False)
+    assert len(server.live) == 1

@@ -137,8 +137,6 @@ class Supervisor:
             ]
             for model in due:
                 self._repair(model, self.models[model])
-            if due:  # the stubs a restart started are watched from now on, not only from the next poll
-                self._known |= self.server.stubs()
 
     def _crashed(self, stub: PythonStub) -> None:
         record = self.record(stub.model)
@@ -171,6 +169,11 @@ class Supervisor:
         try:
             self.server.restart(model)
             reloaded = self.clock()
+            # The stubs the restart started are watched from now on, before the restart is counted:
+            # one that dies after the count (a model that crashes on its first request, a test that
+            # kills it as soon as it sees the count) would otherwise never be seen alive, so its death
+            # would go unnoticed and the model would stay broken.
+            self._known |= self.server.stubs()
         except Exception as error:  # noqa: BLE001 (a failed restart is retried after the backoff)
             record.failed_restarts += 1
             record.restart_times.append(now)
