@@ -9,6 +9,7 @@ lines and the metrics say so."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -27,12 +28,25 @@ EPSILON = 0.05
 ROWS_PER_REQUEST = 16
 
 
-def disagreement(reference: Reference, images: np.ndarray) -> float:
-    """The policy's risk on ``images``, in process: the share of rows whose answer differs from the full
-    network's."""
+def disagrees(reference: Reference, images: np.ndarray) -> np.ndarray:
+    """(N,) bool, in process: the policy's answer differs from the full network's."""
     answer = reference({"IMAGE": images})
-    full = reference.full.run({"IMAGE": images})["LOGITS"].argmax(axis=1)
-    return float(np.mean(answer.label != full))
+    return answer.label != reference.full.run({"IMAGE": images})["LOGITS"].argmax(axis=1)
+
+
+def disagreement(reference: Reference, images: np.ndarray) -> float:
+    """The policy's risk on ``images``: the share of rows whose answer differs from the full network's."""
+    return float(np.mean(disagrees(reference, images)))
+
+
+def thinned_to_risk(reference: Reference, images: np.ndarray, risk: float) -> np.ndarray:
+    """``images`` in their order with just enough of their disagreeing rows left out that the policy's
+    risk on what is left is ``risk``."""
+    disagreeing = disagrees(reference, images)
+    agreeing = int((~disagreeing).sum())
+    keep_disagreeing = int(risk * agreeing / (1 - risk))
+    keep = ~disagreeing | (np.cumsum(disagreeing) <= keep_disagreeing)
+    return images[keep]
 
 
 def serve_until(server, model, images, done) -> tuple[int, list[dict]]:
@@ -51,10 +65,6 @@ def conservative(outputs) -> bool:
     return bool((outputs["FLAGS"] & FLAG_CONSERVATIVE).all())
 
 
-# Out of the default run again: in the full suite of 2026-12-02 (clean clone, nothing else on the machine)
-# the alarm had not cleared after the 4,000 in-domain rows the test allows (about 2,500 expected); alone it
-# passed, as it had 3 runs of 3 before. `make test-all` runs it.
-@pytest.mark.slow
 def test_foreign_images_raise_the_risk_alarm_and_in_domain_rows_clear_it(
     quick_cnn, fashion_test, tmp_path, running_server, execution_env
 ):
@@ -63,12 +73,18 @@ def test_foreign_images_raise_the_risk_alarm_and_in_domain_rows_clear_it(
     calibration = CalibrationData({"IMAGE": images[5000:8000]}, labels[5000:8000])
     policy, _, _ = calibrate_artifacts(artifacts, directory, calibration, epsilon=EPSILON, delta=0.05)
     foreign = load_photo_crops_as_fashion(2000)
-    before, after = images[:1000], images[1000:5000]
+    before = images[:1000]
     # The premise, measured in process on the same ONNX files: in domain the risk is within epsilon
     # (0.039 here), on the photograph's crops it is far above (0.30 here).
     reference = Reference(artifacts, directory, policy)
-    assert disagreement(reference, after) < EPSILON
+    assert disagreement(reference, images[1000:5000]) < EPSILON
     assert disagreement(reference, foreign) > 3 * EPSILON
+    # After the alarm: in-domain rows at half epsilon. At the 0.039 of the plain rows the time to clear
+    # is a property of the statistics, not of the server, and widely spread (the betting test, simulated
+    # on Bernoulli rows: median 3,100 rows, 1 run in 3 past 4,000, so a model trained a little
+    # differently in a full suite failed); at 0.025: median 580 rows, 99th percentile 1,700.
+    after = thinned_to_risk(reference, images[1000:5000], EPSILON / 2)
+    assert len(after) >= 3800 and abs(disagreement(reference, after) - EPSILON / 2) < 0.002
 
     serving = ServingOptions(
         audit_path=str(tmp_path / "audit" / "rows.jsonl"),
@@ -98,10 +114,19 @@ def test_foreign_images_raise_the_risk_alarm_and_in_domain_rows_clear_it(
         outcome = infer("grpc", server, name, {"IMAGE": after[:64]})
         assert conservative(outcome.outputs) and (outcome.outputs["EXIT"] == artifacts.num_exits - 1).all()
 
-        # In domain again: every row is evidence in conservative mode (its early answer is known); the risk
-        # of about 0.039 grows the best bet's log-wealth by about 0.0025 per row, 6.2 nats are needed:
-        # about 2,500 rows.
-        clear_rows, answers = serve_until(server, name, after, lambda outputs: not conservative(outputs))
+        # In domain again: every row is evidence in conservative mode (its early answer is known); at a
+        # risk of epsilon / 2 the best bet's log-wealth grows by about 0.013 per row and 6.2 nats are
+        # needed (the level, the grid's 6 bets, the start's weight): about 500 rows, 1,700 at the 99th
+        # percentile in simulation. The requests see it later: rows reach the test in hand-overs (each
+        # instance's every second) and the other instance takes the decision from shared state (every
+        # 0.25 s): 2 to 3 s, at this test's pace (1,240 rows a second here) about 3,000 rows past the
+        # point in three runs (3,472 to 3,856 rows in all). The stream is the thinned rows twice: over
+        # 7,600, some 6 s here; a slower machine sends fewer rows in the same delay.
+        clearing = time.monotonic()
+        clear_rows, answers = serve_until(
+            server, name, np.concatenate([after, after]), lambda outputs: not conservative(outputs)
+        )
+        clearing = time.monotonic() - clearing
         assert not conservative(answers[-1]), clear_rows
         assert wait_for(lambda: set(alarms().values()) == {0.0}, 10), alarms()
         outcome = infer("grpc", server, name, {"IMAGE": after[:256]})
@@ -114,6 +139,7 @@ def test_foreign_images_raise_the_risk_alarm_and_in_domain_rows_clear_it(
         raised = metric_values(server, "offramp_risk_alarms_total")
     print(
         f"rows until conservative after the switch: {switch_rows}; in-domain rows until clear: {clear_rows}"
+        f" ({clear_rows / clearing:.0f} rows/s)"
     )
     assert sum(checked.values()) > 0 and sum(disagreed.values()) > 0
     assert sum(failed.values()) == 0  # every check's BLS call from the worker thread answered
