@@ -52,30 +52,44 @@ class Confidence:
 
 def _confidence(logits: Any, temperature: float, xp: Any, dtype: Any) -> Confidence:
     # z is rounded to float32 on every path, the reference included, so that all three agree on
-    # which logit is largest and on which rows overflow; only what follows is float64 there.
-    z = (logits.astype(xp.float32) / xp.float32(temperature)).astype(dtype)  # (B, C)
+    # which logit is largest and on which rows overflow; only what follows is float64 there. Dividing
+    # by 1 is exact, so it is skipped: the cascade hands logits it has already scaled.
+    z = logits.astype(xp.float32)
+    if temperature != 1.0:
+        z = z / xp.float32(temperature)
+    z = z.astype(dtype, copy=False)  # (B, C)
     batch, num_classes = z.shape
     finite = xp.isfinite(z).all(axis=1)  # (B,)
-    # Invalid rows are computed on zeros so that no NaN or overflow warning leaks out of them.
-    z = xp.where(finite[:, None], z, dtype(0))
+    # On NumPy the common case, every row finite, skips the masking; CuPy masks always (asking
+    # would wait for the device).
+    all_finite = xp is np and bool(finite.all())
+    if not all_finite:
+        # Invalid rows are computed on zeros so that no NaN or overflow warning leaks out of them.
+        z = xp.where(finite[:, None], z, dtype(0))
     label = xp.argmax(z, axis=1)  # (B,) first maximum wins
-    top1 = xp.take_along_axis(z, label[:, None], axis=1)  # (B, 1)
-    shifted = z - top1  # (B, C) <= 0
+    shifted = z - z.max(axis=1, keepdims=True)  # (B, C) <= 0, 0 at the top
     weights = xp.exp(shifted)  # (B, C)
     total = weights.sum(axis=1)  # (B,) >= 1
     max_prob = 1.0 / total
     # entropy = log(total) - sum(p_i * shifted_i): the top-1 shift cancels out of lse - E[z].
-    entropy = xp.log(total) - (weights * shifted).sum(axis=1) / total
+    entropy = xp.maximum(xp.log(total) - (weights * shifted).sum(axis=1) / total, dtype(0))
     if num_classes > 1:
-        without_top1 = xp.where(xp.arange(num_classes)[None, :] == label[:, None], -xp.inf, shifted)
-        second = xp.exp(without_top1.max(axis=1))  # (B,) exp(z_2 - z_1)
+        # The second largest shifted logit (0 again where the top is tied), as exp(z_2 - z_1).
+        second = xp.exp(xp.partition(shifted, num_classes - 2, axis=1)[:, num_classes - 2])  # (B,)
         margin = (1.0 - second) / total
     else:
         margin = xp.ones(batch, dtype=dtype)
+    if all_finite:
+        return Confidence(
+            max_prob.astype(dtype, copy=False),
+            entropy.astype(dtype, copy=False),
+            margin.astype(dtype, copy=False),
+            label.astype(xp.int64, copy=False),
+        )
     nan = dtype(np.nan)
     return Confidence(
         max_prob=xp.where(finite, max_prob, nan).astype(dtype),
-        entropy=xp.where(finite, xp.maximum(entropy, dtype(0)), nan).astype(dtype),
+        entropy=xp.where(finite, entropy, nan).astype(dtype),
         margin=xp.where(finite, margin, nan).astype(dtype),
         label=xp.where(finite, label, -1).astype(xp.int64),
     )

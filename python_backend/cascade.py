@@ -148,12 +148,18 @@ def _temperature_scaled(
 ) -> tuple[Any, list[tuple[int, Any]]]:
     """Logits (n, C) divided by each row's temperature in float32, and each rule set present with its
     rows (a mask (n,), or every row where only one set is present)."""
-    present = [int(g) for g in xp.unique(groups)] if groups is not None else [0]
-    members = [(g, slice(None) if len(present) == 1 else groups == g) for g in present]
-    temperature = xp.empty(len(logits), dtype=xp.float32)  # (n,)
+    if groups is None or len(sets) == 1:  # one set: no search for the sets present (a sort)
+        present = [0]
+    else:
+        present = [int(g) for g in xp.unique(groups)]
+    if len(present) == 1:
+        temperature = sets[present[0]][exit_index].temperature
+        return logits.astype(xp.float32) / xp.float32(temperature), [(present[0], slice(None))]
+    members = [(g, groups == g) for g in present]
+    temperatures = xp.empty(len(logits), dtype=xp.float32)  # (n,)
     for g, rows in members:
-        temperature[rows] = sets[g][exit_index].temperature
-    return logits.astype(xp.float32) / temperature[:, None], members
+        temperatures[rows] = sets[g][exit_index].temperature
+    return logits.astype(xp.float32) / temperatures[:, None], members
 
 
 @dataclass(frozen=True)

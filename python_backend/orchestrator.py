@@ -481,8 +481,10 @@ class Orchestrator:
     def merge(self, parsed: Sequence[ParsedRequest]) -> CascadeBatch:
         """One batch of all rows, in request order, with each row's own constraints."""
 
-        def repeat(value: str, dtype: Any) -> np.ndarray:
-            return np.concatenate([np.full(p.rows, getattr(p, value), dtype=dtype) for p in parsed])
+        rows = [p.rows for p in parsed]
+
+        def repeat(value: str, dtype: Any) -> np.ndarray:  # (B,) each request's value on its rows
+            return np.repeat(np.array([getattr(p, value) for p in parsed], dtype=dtype), rows)
 
         return CascadeBatch(
             inputs={
@@ -858,6 +860,8 @@ def _concatenate_padded(arrays: list[np.ndarray]) -> np.ndarray:
     to the longest, which an attention mask of zeros makes inert."""
     if len(arrays) == 1:
         return arrays[0]
+    if all(a.shape[1:] == arrays[0].shape[1:] for a in arrays):  # nothing to pad (np.pad costs 0.1 ms)
+        return np.concatenate(arrays)
     longest = np.max([a.shape for a in arrays], axis=0)[1:]
     return np.concatenate(
         [

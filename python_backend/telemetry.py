@@ -118,6 +118,7 @@ class ServingTelemetry:
         self._counters: dict[tuple[str, Labels], tuple[str, float]] = {}  # increments not yet published
         self._gauges: dict[tuple[str, Labels], tuple[str, float]] = {}  # the latest value of each
         self._published_gauges: dict[tuple[str, Labels], float] = {}  # what the sink holds
+        self._answered: list[tuple[np.ndarray, ...]] = []  # rows kept by answered(), not yet counted
 
     def answered(
         self,
@@ -127,7 +128,21 @@ class ServingTelemetry:
         flags: np.ndarray,
         cohorts: np.ndarray,
     ) -> None:
-        """Per answered row (all (n,)): its exit, confidence, compute fraction, flags and cohort name."""
+        """Per answered row (all (n,)): its exit, confidence, compute fraction, flags and cohort name.
+
+        Only kept here: they are counted at publication, over every row since the last one, so a
+        request pays for one append rather than a dozen small array passes (0.14 ms of a CNN's
+        execute of 24 rows).
+        """
+        with self._lock:
+            self._answered.append((exits, max_prob, cost, flags, cohorts))
+
+    def _count_answered(self) -> None:
+        """Folds the rows kept by ``answered`` into the counters and histograms."""
+        if not self._answered:
+            return
+        kept, self._answered = self._answered, []
+        exits, max_prob, cost, flags, cohorts = (np.concatenate(column) for column in zip(*kept, strict=True))
         for (exit_index, cohort), count in zip(*_count_pairs(exits, cohorts), strict=True):
             self._count(
                 "offramp_exits_total",
@@ -197,6 +212,7 @@ class ServingTelemetry:
             self._published_at = now
             for refresh in self._refreshers:
                 refresh()
+            self._count_answered()
             self._publish_gathered()
 
     def _publish_gathered(self) -> None:
