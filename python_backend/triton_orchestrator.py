@@ -215,7 +215,7 @@ class TritonPythonModel:
         )
         started = time.perf_counter()
         responses = []
-        for answer in answers:
+        for request, answer in zip(requests, answers, strict=True):
             if isinstance(answer, Exception):
                 # A request's own fault is the client's error (gRPC INVALID_ARGUMENT, HTTP 400); an
                 # outage is UNAVAILABLE, which a client may retry on another replica.
@@ -226,7 +226,10 @@ class TritonPythonModel:
                     code = pb_utils.TritonError.UNAVAILABLE
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer), code)))
             else:
-                tensors = [pb_utils.Tensor(name, np.ascontiguousarray(a)) for name, a in answer.items()]
+                # The outputs the client asked for (all, where it named none): each output tensor costs
+                # the stub and the server a copy and a serialization.
+                wanted = request.requested_output_names() or answer
+                tensors = [pb_utils.Tensor(name, np.ascontiguousarray(answer[name])) for name in wanted]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         self.orchestrator.telemetry.execute_times({"respond": time.perf_counter() - started}, 0)
         return responses

@@ -70,11 +70,26 @@ def test_full_model_and_forced_rows(served_cnn, fashion_test):
     )
 
 
-def _raw_infer(url, model, images, parameters=None):
+def _raw_infer(url, model, images, parameters=None, outputs=None):
     with grpcclient.InferenceServerClient(url) as client:
         tensor = grpcclient.InferInput("IMAGE", list(images.shape), "FP32")
         tensor.set_data_from_numpy(images)
-        return client.infer(model, [tensor], parameters=parameters)
+        requested = None if outputs is None else [grpcclient.InferRequestedOutput(n) for n in outputs]
+        return client.infer(model, [tensor], parameters=parameters, outputs=requested)
+
+
+def test_a_request_gets_the_outputs_it_names_and_all_when_it_names_none(served_cnn, fashion_test):
+    server, artifacts, directory, policy = served_cnn
+    images = fashion_test[0][:8]
+    expected = Reference(artifacts, directory, policy)({"IMAGE": images})
+    named = _raw_infer(server.grpc_url, artifacts.name, images, outputs=["LABEL", "EXIT"])
+    assert [o.name for o in named.get_response().outputs] == ["LABEL", "EXIT"]
+    np.testing.assert_array_equal(named.as_numpy("LABEL").reshape(-1), expected.label)
+    np.testing.assert_array_equal(named.as_numpy("EXIT").reshape(-1), expected.exit)
+    every = _raw_infer(server.grpc_url, artifacts.name, images)
+    assert {o.name for o in every.get_response().outputs} == {
+        "LOGITS", "LABEL", "EXIT", "CONFIDENCE", "COST", "FLAGS", "LABEL_NAME"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
