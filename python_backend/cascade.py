@@ -387,6 +387,12 @@ def run_cascade(
             everyone = mover.split(xp.ones(len(forced), dtype=bool))
             answers.record(mover, everyone, decision, forced, last_exit, 1.0)
             running = xp.nonzero(~batch.force_full)[0]
+    # Whether any row bounds its own depth (forced, min or max exit, a deadline): where none does, a row
+    # leaves when its rule passes, and no row is flagged capped or late. Read once (on a GPU, one wait).
+    bounded = batch.force_full | (batch.min_exit > 0) | (batch.max_exit < last_exit)
+    if batch.deadline is not None:
+        bounded = bounded | (batch.deadline < xp.inf)
+    any_bounded = bool(bounded.any())
     pending = xp.ones(len(running), dtype=bool)  # rows of the segment batch not yet answered
     num_pending = len(running)
     history = LabelHistory.fresh(len(running), xp)  # aligned with `running`, compacted with the rows
@@ -420,6 +426,8 @@ def run_cascade(
         answers.policy_label[running[chosen]] = decision.confidence.label[chosen]
         if last:
             leaving = pending
+        elif not any_bounded:
+            leaving = pending & passes
         else:
             full_depth = batch.force_full[running]
             capped = batch.max_exit[running] <= index
