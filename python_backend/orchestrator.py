@@ -218,7 +218,11 @@ class ServingOptions:
                 shed_max_exit=self.slo_shed_max_exit if self.slo_shed_max_exit >= 0 else None,
             )
             queue = triton_queue_counters(self.metrics_url, model) if model else lambda: None
-            hooks["slo"] = SloController(config, len(policy.rungs), queue, time.monotonic)
+            costs = (policy.provenance.get("expected_cost"), *(r.expected_cost for r in policy.rungs))
+            known = all(isinstance(c, int | float) and math.isfinite(c) and c > 0 for c in costs)
+            hooks["slo"] = SloController(
+                config, len(policy.rungs), queue, time.monotonic, costs=costs if known else ()
+            )
         if self.shadow.rate > 0:
             store = None
             if self.shadow.store_path:

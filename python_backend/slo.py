@@ -12,13 +12,21 @@ own time per request in the window. Then, once per window:
   rung, where the operator enabled load shedding (``shed_max_exit``), cap every row not forced to
   full depth at that exit (flagged on each row), and if it was at the top already the SLO is being
   missed (only capacity helps now);
-- over ``climb_at`` of the target: climb a rung (cheaper answers, a higher certified risk);
+- over ``climb_at`` of the target: climb a rung (cheaper answers, a higher certified risk), or more
+  where the rungs' expected compute says the next one cannot carry the load of now either;
 - under ``descend_at`` of the target for ``descend_windows`` windows in a row: stop shedding, or
   descend a rung, but not to a rung that was seen overloaded at the load of now. A window over
   ``climb_at`` at rung r is an overload of r, and the requests it answered per second are what r
   carries (``capacity``); a descent to r waits until the load is under ``descend_load`` of that.
   Without it the controller left a rung that held a 2x load after three quiet windows, for one that
   could not, and the queue grew for seconds until it climbed back (measured on TREC).
+
+What a rung carries, where it was never seen overloaded, is estimated from a rung that was, by their
+expected compute per row (``costs``, the ladder's calibration figures): requests per second times
+compute per request is about constant for a saturated server. That overstates what a cheaper rung
+carries (a request's fixed cost does not shrink with its compute), so climbs use it with the same
+``descend_load`` margin, and understates what a dearer one carries, which only makes a descent wait
+longer.
 
 The gap between the two fractions, the run of quiet windows needed to descend and the capacity check
 are the hysteresis: a load near a boundary does not make the rung flap. A window without requests
@@ -86,8 +94,15 @@ class SloController:
     shedding: bool = False
     history: list[SloWindow] = field(default_factory=list)
     capacity: dict[int, float] = field(default_factory=dict)  # rung -> requests/s it answered overloaded
+    # Expected compute fraction per row of each rung, rung 0 first (the ladder's calibration); empty:
+    # what a rung carries is known only once it was seen overloaded.
+    costs: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.costs and (
+            len(self.costs) != self.top_rung + 1 or not all(math.isfinite(c) and c > 0 for c in self.costs)
+        ):
+            raise ValueError(f"need a positive expected compute for each of {self.top_rung + 1} rungs")
         self._lock = threading.Lock()
         self._own_ms: list[float] = []  # this window's per-request times in the orchestrator
         self._window_start = self.clock()
@@ -129,7 +144,7 @@ class SloController:
             if not self.shedding:  # what this rung answers overloaded is what it carries
                 self.capacity[self.rung] = load
             if self.rung < self.top_rung:
-                self.rung = self.top_rung if estimate > target else self.rung + 1
+                self.rung = self.top_rung if estimate > target else self._rung_that_carries(load)
             elif config.shed_max_exit is not None:  # shedding is the step past the top rung
                 self.shedding = True
         elif not busy or estimate < config.descend_at * target or self._lower_carries(load):
@@ -138,13 +153,28 @@ class SloController:
                 self._quiet = 0
                 if self.shedding:
                     self.shedding = False
-                elif self.rung > 0 and load < config.descend_load * self.capacity.get(
-                    self.rung - 1, math.inf
-                ):
+                elif self.rung > 0 and load < config.descend_load * self.carries(self.rung - 1):
                     self.rung -= 1
         else:
             self._quiet = 0
         return SloWindow(estimate, queue_ms, own_p99, requests, self.rung, self.shedding, missed)
+
+    def carries(self, rung: int) -> float:
+        """Requests per second ``rung`` carries: as seen overloaded, else estimated from the rungs that
+        were by expected compute (the lowest estimate), else unknown (inf)."""
+        if rung in self.capacity:
+            return self.capacity[rung]
+        if not self.costs or not self.capacity:
+            return math.inf
+        return min(seen * self.costs[r] / self.costs[rung] for r, seen in self.capacity.items())
+
+    def _rung_that_carries(self, load: float) -> int:
+        """Climbing from an overloaded rung: the next one up, or the first above it estimated to carry
+        ``load`` with the descent's margin (the top where none is)."""
+        for rung in range(self.rung + 1, self.top_rung + 1):
+            if load < self.config.descend_load * self.carries(rung):
+                return rung
+        return self.top_rung
 
     def _lower_carries(self, load: float) -> bool:
         """A rung below was seen overloaded at a load well above this one (a lower rung carries less than

@@ -17,7 +17,13 @@ from offramp.backend.contract import (
     TensorSpec,
     label_names,
 )
-from offramp.backend.orchestrator import Orchestrator, OrchestratorSpec, RequestError, ServiceDegraded
+from offramp.backend.orchestrator import (
+    Orchestrator,
+    OrchestratorSpec,
+    RequestError,
+    ServiceDegraded,
+    ServingOptions,
+)
 from offramp.backend.policy import ExitRule, Policy, PolicyError
 from tests.fakes import FakeNetwork
 
@@ -493,3 +499,18 @@ def test_the_execute_time_is_split_into_parts_that_add_up(orchestrator):
         if n in ("offramp_executes_total", "offramp_execute_requests_total")
     }
     assert totals == {"offramp_executes_total": 1, "offramp_execute_requests_total": 2}
+
+
+def test_the_slo_controller_knows_each_rungs_expected_compute_where_the_policy_has_it():
+    from offramp.backend.policy import Rung
+
+    rungs = tuple(
+        Rung(e, (ExitRule("max_prob", 0.4),) * 3, expected_cost=c) for e, c in ((0.05, 0.5), (0.1, 0.4))
+    )
+    calibrated = Policy(
+        "l", "fp", (ExitRule("max_prob", 0.6),) * 3, rungs=rungs, provenance={"expected_cost": 0.7}
+    )
+    options = ServingOptions(slo_p99_ms=100.0)
+    assert options.hooks(calibrated, "i0", "")["slo"].costs == (0.7, 0.5, 0.4)
+    # A hand-written policy without the calibration's figures: the controller learns capacities only.
+    assert options.hooks(replace(calibrated, provenance={}), "i0", "")["slo"].costs == ()

@@ -32,10 +32,10 @@ def window(controller: SloController, script: Scripted, queue_ms: float, own_ms:
     return decided
 
 
-def controller(top: int = 3, **config) -> tuple[SloController, Scripted]:
+def controller(top: int = 3, costs: tuple[float, ...] = (), **config) -> tuple[SloController, Scripted]:
     script = Scripted()
     slo = SloConfig(p99_ms=100.0, **config)
-    return SloController(slo, top, script.counters, lambda: script.now), script
+    return SloController(slo, top, script.counters, lambda: script.now, costs=costs), script
 
 
 def test_it_climbs_a_rung_per_window_near_the_target_and_jumps_to_the_top_over_it():
@@ -137,3 +137,38 @@ def test_after_a_spike_it_descends_at_a_light_load_whose_latency_sits_over_desce
     assert [w.rung for w in light] == [3, 2, 2, 1, 1, 0, 0, 0]
     window(slo, script, queue_ms=65, own_ms=20, requests=30)  # 85: rung 0 overloaded at 30/s: climbs
     assert slo.rung == 1 and slo.capacity[0] == 30.0
+
+
+# Expected compute per row of rungs 0..3, as a ladder's calibration gives them.
+COSTS = (0.6, 0.55, 0.4, 0.3)
+
+
+def test_with_the_rungs_compute_it_climbs_past_a_rung_that_cannot_carry_the_load_either():
+    """Rung 0 overloaded at 40/s: rung 1 (0.55 of compute against 0.6) is estimated to carry 43.6/s, under
+    the 40/0.8 = 50/s a climb wants; rung 2 (0.4) carries an estimated 60/s. Without costs: one rung."""
+    slo, script = controller(costs=COSTS)
+    assert window(slo, script, queue_ms=65, own_ms=20, requests=40).rung == 2
+    assert slo.carries(1) == pytest.approx(40 * 0.6 / 0.55) and slo.carries(0) == 40
+    plain, script = controller()
+    assert window(plain, script, queue_ms=65, own_ms=20, requests=40).rung == 1
+
+
+def test_with_the_rungs_compute_it_does_not_descend_to_a_rung_estimated_too_small():
+    """At the top after rung 0 was overloaded at 30/s: rung 2 is estimated to carry 45/s and rung 1
+    32.7/s. Quiet windows at 35/s take it down to rung 2 (35 < 0.8 * 45) but not to rung 1, where plain
+    hysteresis, knowing nothing of rung 1, went on down and into the overload again."""
+    slo, script = controller(costs=COSTS, descend_windows=1)
+    window(slo, script, queue_ms=150, own_ms=20, requests=30)  # over the target: to the top
+    assert slo.rung == 3
+    quiet = [window(slo, script, queue_ms=5, own_ms=10, requests=35) for _ in range(4)]
+    assert [w.rung for w in quiet] == [2, 2, 2, 2]
+    plain, script = controller(descend_windows=1)
+    window(plain, script, queue_ms=150, own_ms=20, requests=30)
+    # Rung 0 carried 30/s: only the step to it waits; rung 1, never seen overloaded, is taken at once.
+    assert [window(plain, script, queue_ms=5, own_ms=10, requests=35).rung for _ in range(3)] == [2, 1, 1]
+
+
+def test_rung_costs_must_match_the_ladder():
+    script = Scripted()
+    with pytest.raises(ValueError, match="expected compute"):
+        SloController(SloConfig(p99_ms=100.0), 3, script.counters, lambda: script.now, costs=(0.5, 0.4))
