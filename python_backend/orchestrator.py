@@ -185,7 +185,9 @@ class ServingOptions:
             values[name] = raw.lower() == "true" if field_type is bool else field_type(raw)
         return cls(**values)
 
-    def hooks(self, policy: Policy, instance: str = "", model: str = "") -> dict[str, Any]:
+    def hooks(
+        self, policy: Policy, instance: str = "", model: str = "", instances: int = 1
+    ) -> dict[str, Any]:
         """The audit log, drift monitor, SLO controller, shadow checks (with their store) and the state
         shared with the model's other instances these options ask for (drift needs the policy's
         profile; the controller reads ``model``'s queue counters at ``metrics_url``).
@@ -221,7 +223,12 @@ class ServingOptions:
             costs = (policy.provenance.get("expected_cost"), *(r.expected_cost for r in policy.rungs))
             known = all(isinstance(c, int | float) and math.isfinite(c) and c > 0 for c in costs)
             hooks["slo"] = SloController(
-                config, len(policy.rungs), queue, time.monotonic, costs=costs if known else ()
+                config,
+                len(policy.rungs),
+                queue,
+                time.monotonic,
+                costs=costs if known else (),
+                instances=instances,
             )
         if self.shadow.rate > 0:
             store = None

@@ -5,7 +5,11 @@ window (``window_s``) it estimates its requests' p99 latency as the mean time a 
 Triton's queue for the orchestrator in that window (from Triton's ``nv_inference_queue_duration_us``
 and ``nv_inference_request_success`` counters: under overload the queue is where latency grows, and
 it grows for every request alike, so its mean tracks its tail) plus the p99 of the orchestrator's
-own time per request in the window. Then, once per window:
+own time per request in the window, or, where more, the wait a request arriving now faces: the
+requests pending in Triton's queue for the model (``nv_inference_pending_request_count``) times the
+orchestrator's time per request (an execute's time over its requests) over its ``instances``. The mean
+wait of the requests a window answered lags a queue that is building: they came before it built. Then,
+once per window:
 
 - over the target itself: go to the top rung at once (a queue that built up drains fastest there;
   a rung a window costs seconds of backlog at the onset of a spike, measured on TREC); at the top
@@ -28,6 +32,11 @@ carries (a request's fixed cost does not shrink with its compute), so climbs use
 ``descend_load`` margin, and understates what a dearer one carries, which only makes a descent wait
 longer.
 
+Between windows, every quarter window, the controller looks at the pending requests alone: where the
+wait they mean plus the last window's own p99 is over the target, it goes to the top rung at once, as a
+window over the target would, instead of up to a second later (the onsets of a spike's steps were where
+the ladder's tail came from, measured on TREC).
+
 The gap between the two fractions, the run of quiet windows needed to descend and the capacity check
 are the hysteresis: a load near a boundary does not make the rung flap. A window without requests
 counts as quiet. Requests that carry ``force_full`` and cohorts the policy pins stay at rung 0 whatever the
@@ -42,7 +51,7 @@ import re
 import threading
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -72,13 +81,14 @@ class SloConfig:
 class SloWindow:
     """What one window measured and decided."""
 
-    estimate_ms: float  # mean queue wait + p99 of the orchestrator's own time; NaN: no request
-    queue_ms: float
+    estimate_ms: float  # queue wait (the larger of the two below) + own p99; NaN: no request
+    queue_ms: float  # mean queue wait of the window's requests
     own_p99_ms: float
     requests: int
     rung: int  # the rung served from this window's end on
     shedding: bool
     missed: bool  # at the top rung and still over the target
+    backlog_ms: float = math.nan  # the wait the requests pending at the window's end mean
 
 
 @dataclass
@@ -87,8 +97,9 @@ class SloController:
 
     config: SloConfig
     top_rung: int  # the ladder's highest rung (0: a policy without a ladder)
-    # () -> (total queue microseconds, requests) so far, Triton's counters; None where unknown.
-    queue: Callable[[], tuple[float, float] | None]
+    # () -> (total queue microseconds, requests answered, requests pending now), Triton's counters
+    # and gauge for the model; None where unknown.
+    queue: Callable[[], tuple[float, float, float] | None]
     clock: Callable[[], float]
     rung: int = 0
     shedding: bool = False
@@ -97,15 +108,22 @@ class SloController:
     # Expected compute fraction per row of each rung, rung 0 first (the ladder's calibration); empty:
     # what a rung carries is known only once it was seen overloaded.
     costs: tuple[float, ...] = ()
+    instances: int = 1  # the model's orchestrator instances, which serve Triton's one queue for it
 
     def __post_init__(self) -> None:
         if self.costs and (
             len(self.costs) != self.top_rung + 1 or not all(math.isfinite(c) and c > 0 for c in self.costs)
         ):
             raise ValueError(f"need a positive expected compute for each of {self.top_rung + 1} rungs")
+        if self.instances < 1:
+            raise ValueError("instances must be at least 1")
         self._lock = threading.Lock()
         self._own_ms: list[float] = []  # this window's per-request times in the orchestrator
-        self._window_start = self.clock()
+        self._busy_s = 0.0  # this window's execute seconds...
+        self._served = 0  # ...and the requests they answered
+        self._service_s = math.nan  # seconds of an instance per request, the last window with requests
+        self._last_own_p99 = math.nan
+        self._window_start = self._checked_at = self.clock()
         self._queue_start = self.queue()
         self._quiet = 0
 
@@ -113,26 +131,73 @@ class SloController:
         """One execute's time, for each of its requests (they wait for the whole batch)."""
         with self._lock:
             self._own_ms.extend([seconds_per_request * 1000.0] * requests)
+            self._busy_s += seconds_per_request
+            self._served += requests
+
+    def _backlog_ms(self, pending: float) -> float:
+        """The wait ``pending`` requests mean for one arriving now: the instances share them."""
+        if math.isnan(self._service_s):
+            return math.nan
+        return pending * self._service_s / self.instances * 1000.0
 
     def tick(self) -> SloWindow | None:
-        """Closes the window when it is due (from a request or a timer); returns what it decided."""
+        """Closes the window when it is due (from a request or a timer) and returns what it decided; in
+        between, every quarter window, checks the backlog (module doc)."""
         now = self.clock()
         with self._lock:
-            if now - self._window_start < self.config.window_s:
-                return None
-            own, self._own_ms = self._own_ms, []
-            self._window_start = now
+            due = now - self._window_start >= self.config.window_s
+            check = (
+                not due and now - self._checked_at >= self.config.window_s / 4 and self.rung < self.top_rung
+            )
+            if check:
+                self._checked_at = now
+            if due:
+                own, self._own_ms = self._own_ms, []
+                busy, served, self._busy_s, self._served = self._busy_s, self._served, 0.0, 0
+                self._window_start = self._checked_at = now
+        if not due:
+            if check:
+                self._check_backlog()
+            return None
+        if served:
+            self._service_s = busy / served
         queue_now = self.queue()
-        queue_ms = math.nan
-        if queue_now is not None and self._queue_start is not None:
-            waited_us, answered = (b - a for a, b in zip(self._queue_start, queue_now, strict=True))
-            queue_ms = waited_us / answered / 1000.0 if answered > 0 else math.nan
+        queue_ms = backlog_ms = math.nan
+        if queue_now is not None:
+            backlog_ms = self._backlog_ms(queue_now[2])
+            if self._queue_start is not None:
+                waited_us, answered = (
+                    b - a for a, b in zip(self._queue_start[:2], queue_now[:2], strict=True)
+                )
+                queue_ms = waited_us / answered / 1000.0 if answered > 0 else math.nan
         self._queue_start = queue_now
         own_p99 = float(np.percentile(own, 99)) if own else math.nan
-        estimate = (0.0 if math.isnan(queue_ms) else queue_ms) + own_p99 if own else math.nan
-        window = self._decide(estimate, queue_ms, own_p99, len(own))
+        if own:
+            self._last_own_p99 = own_p99
+        waits = [w for w in (queue_ms, backlog_ms) if not math.isnan(w)]
+        estimate = max(waits, default=0.0) + own_p99 if own else math.nan
+        window = replace(self._decide(estimate, queue_ms, own_p99, len(own)), backlog_ms=backlog_ms)
         self.history.append(window)
         return window
+
+    def _check_backlog(self) -> None:
+        """Between windows: to the top rung at once where the pending requests alone put a request
+        arriving now over the target."""
+        reading = self.queue()
+        if reading is None or math.isnan(self._last_own_p99):
+            return
+        backlog_ms = self._backlog_ms(reading[2])
+        if not math.isnan(backlog_ms) and backlog_ms + self._last_own_p99 > self.config.p99_ms:
+            with self._lock:
+                if self.rung < self.top_rung:
+                    self.capacity.setdefault(self.rung, self._served_rate())
+                    self.rung = self.top_rung
+                    self._quiet = 0
+
+    def _served_rate(self) -> float:
+        """Requests per second of the window so far (what the rung answered while overloaded)."""
+        elapsed = self.clock() - self._window_start
+        return self._served / elapsed if elapsed > 0 else 0.0
 
     def _decide(self, estimate: float, queue_ms: float, own_p99: float, requests: int) -> SloWindow:
         config, target = self.config, self.config.p99_ms
@@ -185,27 +250,32 @@ class SloController:
         return bool(below) and load < self.config.descend_load * max(below)
 
 
-def queue_counters_from_metrics(text: str, model: str) -> tuple[float, float] | None:
-    """``model``'s total queue microseconds and successful requests, summed over its versions, from
-    Triton's Prometheus page; None where the page has no such counters for it."""
+def queue_counters_from_metrics(text: str, model: str) -> tuple[float, float, float] | None:
+    """``model``'s total queue microseconds, successful requests and requests pending now, summed over
+    its versions, from Triton's Prometheus page; None where the page has no queue counters for it (a
+    Triton without the pending gauge reads 0 pending)."""
     totals = []
-    for name in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
+    for name in (
+        "nv_inference_queue_duration_us",
+        "nv_inference_request_success",
+        "nv_inference_pending_request_count",
+    ):
         pattern = rf'^{name}{{[^}}]*model="{re.escape(model)}"[^}}]*}} (\S+)$'
         values = [float(v) for v in re.findall(pattern, text, re.MULTILINE)]
-        if not values:
+        if not values and name != "nv_inference_pending_request_count":
             return None
         totals.append(sum(values))
-    return totals[0], totals[1]
+    return totals[0], totals[1], totals[2]
 
 
 def triton_queue_counters(
     metrics_url: str, model: str, timeout_s: float = 2.0
-) -> Callable[[], tuple[float, float] | None]:
+) -> Callable[[], tuple[float, float, float] | None]:
     """A reader of ``model``'s queue counters on Triton's metrics page (None when it cannot be read: the
     controller then goes by the orchestrator's own times alone)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
 
-    def read() -> tuple[float, float] | None:
+    def read() -> tuple[float, float, float] | None:
         try:
             with opener.open(metrics_url, timeout=timeout_s) as response:
                 return queue_counters_from_metrics(response.read().decode(), model)

@@ -147,16 +147,28 @@ def _bls(model_name, tensors, output_names, device_id=None):
     return [from_bls_tensor(t, cupy) for t in outputs] if on_device else [t.as_numpy() for t in outputs]
 
 
+def _instance_count(config):
+    """The model's instances in all, from its config: ``count`` per group, per GPU for a GPU group."""
+    return (
+        sum(
+            int(group.get("count", 1)) * max(1, len(group.get("gpus", [])))
+            for group in config.get("instance_group", [])
+        )
+        or 1
+    )
+
+
 class TritonPythonModel:
     def initialize(self, args):
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        parameters = {
-            k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()
-        }
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         options = ServingOptions.from_parameters(parameters)
         self.metrics = _TritonMetrics()
         instance = f"{args.get('model_instance_name', '')}-v{args['model_version']}"
-        hooks = options.hooks(Policy.load(version_dir / POLICY_FILE), instance, args["model_name"])
+        hooks = options.hooks(
+            Policy.load(version_dir / POLICY_FILE), instance, args["model_name"], _instance_count(config)
+        )
         shared = hooks.pop("shared", None)
         label = f"{args['model_name']} ({instance})"
         # The metrics' instance label names this stub's process too: a reload of the same version starts

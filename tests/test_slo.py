@@ -7,17 +7,17 @@ import math
 
 import pytest
 
-from offramp.backend.slo import SloConfig, SloController
+from offramp.backend.slo import SloConfig, SloController, SloWindow
 
 
 class Scripted:
     """A clock and Triton's queue counters that a test moves window by window."""
 
     def __init__(self) -> None:
-        self.now, self.queue_us, self.answered = 0.0, 0.0, 0.0
+        self.now, self.queue_us, self.answered, self.pending = 0.0, 0.0, 0.0, 0.0
 
-    def counters(self) -> tuple[float, float]:
-        return self.queue_us, self.answered
+    def counters(self) -> tuple[float, float, float]:
+        return self.queue_us, self.answered, self.pending
 
 
 def window(controller: SloController, script: Scripted, queue_ms: float, own_ms: float, requests: int = 50):
@@ -123,7 +123,9 @@ def test_the_queue_counters_are_read_off_tritons_metrics_page():
         'nv_inference_request_success{model="cnn",version="1"} 30',
         'nv_inference_request_success{model="cnn",version="2"} 10',
     ])  # fmt: skip
-    assert queue_counters_from_metrics(page, "cnn") == (2000.0, 40.0)
+    assert queue_counters_from_metrics(page, "cnn") == (2000.0, 40.0, 0.0)  # no pending gauge: 0
+    pending = page + '\nnv_inference_pending_request_count{model="cnn",version="1"} 7'
+    assert queue_counters_from_metrics(pending, "cnn") == (2000.0, 40.0, 7.0)
     assert queue_counters_from_metrics(page, "other") is None
 
 
@@ -172,3 +174,41 @@ def test_rung_costs_must_match_the_ladder():
     script = Scripted()
     with pytest.raises(ValueError, match="expected compute"):
         SloController(SloConfig(p99_ms=100.0), 3, script.counters, lambda: script.now, costs=(0.5, 0.4))
+
+
+def test_a_backlog_building_between_windows_sends_it_to_the_top_before_the_window_ends():
+    """Executes of 40 ms for 2 requests (20 ms of an instance per request), 2 instances: 12 pending
+    requests mean 120 ms of wait, plus the last window's own p99 of 40 ms: over the 100 ms target. The
+    check a quarter window in sends it to the top; at 4 pending (40 ms) it stays."""
+    slo, script = controller(top=3)
+    slo.instances = 2
+    for _ in range(25):
+        slo.record(0.040, 2)
+    script.now += 1.0
+    assert slo.tick().rung == 0  # the first window: 50 requests, no queue
+    script.pending = 4
+    script.now += 0.25
+    assert slo.tick() is None and slo.rung == 0
+    script.pending = 12
+    script.now += 0.25
+    assert slo.tick() is None and slo.rung == 3
+    assert slo.history[-1].rung == 0, "decided between windows, not by one"
+
+
+def test_the_window_estimate_takes_the_backlog_where_it_is_above_the_mean_wait():
+    slo, script = controller(top=3)
+    slo.instances = 2
+
+    def executes_of_one_request(own_ms: float) -> SloWindow:
+        for _ in range(50):
+            slo.record(own_ms / 1000.0, 1)
+        script.queue_us += 5 * 1000.0 * 50  # each waited 5 ms
+        script.answered += 50
+        script.now += 1.0
+        return slo.tick()
+
+    executes_of_one_request(40)
+    script.pending = 4  # 4 * 40 / 2 = 80 ms of wait for a request arriving now
+    decided = executes_of_one_request(40)
+    assert decided.backlog_ms == pytest.approx(80.0) and decided.estimate_ms == pytest.approx(120.0)
+    assert decided.rung == 3  # over the target
