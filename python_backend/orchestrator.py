@@ -41,7 +41,7 @@ from offramp.backend.policy import Policy
 from offramp.backend.shadow import ShadowChecks, ShadowConfig, expected_epsilon
 from offramp.backend.shadow_store import ShadowStore
 from offramp.backend.shared_state import SharedState, shared_directory
-from offramp.backend.slo import SloConfig, SloController, triton_queue_counters
+from offramp.backend.slo import SloConfig, SloController, is_expected_cost, triton_queue_counters
 from offramp.backend.telemetry import ServingTelemetry
 from offramp.backend.text import TEXT_INPUT, TextEncoder, TextError, TextSpec
 from offramp.kernels.confidence import Confidence, compute_confidence, exits_by_threshold
@@ -221,7 +221,7 @@ class ServingOptions:
             )
             queue = triton_queue_counters(self.metrics_url, model) if model else lambda: None
             costs = (policy.provenance.get("expected_cost"), *(r.expected_cost for r in policy.rungs))
-            known = all(isinstance(c, int | float) and math.isfinite(c) and c > 0 for c in costs)
+            known = all(map(is_expected_cost, costs))  # a policy written by hand may lack them
             hooks["slo"] = SloController(
                 config,
                 len(policy.rungs),

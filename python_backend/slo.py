@@ -51,9 +51,14 @@ import re
 import threading
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
+
+
+def is_expected_cost(value: object) -> bool:
+    """A rung's expected compute fraction per row, as the controller takes it: a positive finite number."""
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,7 @@ class SloController:
 
     def __post_init__(self) -> None:
         if self.costs and (
-            len(self.costs) != self.top_rung + 1 or not all(math.isfinite(c) and c > 0 for c in self.costs)
+            len(self.costs) != self.top_rung + 1 or not all(map(is_expected_cost, self.costs))
         ):
             raise ValueError(f"need a positive expected compute for each of {self.top_rung + 1} rungs")
         if self.instances < 1:
@@ -176,7 +181,7 @@ class SloController:
             self._last_own_p99 = own_p99
         waits = [w for w in (queue_ms, backlog_ms) if not math.isnan(w)]
         estimate = max(waits, default=0.0) + own_p99 if own else math.nan
-        window = replace(self._decide(estimate, queue_ms, own_p99, len(own)), backlog_ms=backlog_ms)
+        window = self._decide(estimate, queue_ms, backlog_ms, own_p99, len(own))
         self.history.append(window)
         return window
 
@@ -199,7 +204,9 @@ class SloController:
         elapsed = self.clock() - self._window_start
         return self._served / elapsed if elapsed > 0 else 0.0
 
-    def _decide(self, estimate: float, queue_ms: float, own_p99: float, requests: int) -> SloWindow:
+    def _decide(
+        self, estimate: float, queue_ms: float, backlog_ms: float, own_p99: float, requests: int
+    ) -> SloWindow:
         config, target = self.config, self.config.p99_ms
         busy = not math.isnan(estimate)
         missed = busy and self.rung == self.top_rung and estimate > target
@@ -222,7 +229,7 @@ class SloController:
                     self.rung -= 1
         else:
             self._quiet = 0
-        return SloWindow(estimate, queue_ms, own_p99, requests, self.rung, self.shedding, missed)
+        return SloWindow(estimate, queue_ms, own_p99, requests, self.rung, self.shedding, missed, backlog_ms)
 
     def carries(self, rung: int) -> float:
         """Requests per second ``rung`` carries: as seen overloaded, else estimated from the rungs that

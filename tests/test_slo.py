@@ -32,10 +32,14 @@ def window(controller: SloController, script: Scripted, queue_ms: float, own_ms:
     return decided
 
 
-def controller(top: int = 3, costs: tuple[float, ...] = (), **config) -> tuple[SloController, Scripted]:
+def controller(
+    top: int = 3, costs: tuple[float, ...] = (), instances: int = 1, **config
+) -> tuple[SloController, Scripted]:
     script = Scripted()
     slo = SloConfig(p99_ms=100.0, **config)
-    return SloController(slo, top, script.counters, lambda: script.now, costs=costs), script
+    return SloController(
+        slo, top, script.counters, lambda: script.now, costs=costs, instances=instances
+    ), script
 
 
 def test_it_climbs_a_rung_per_window_near_the_target_and_jumps_to_the_top_over_it():
@@ -180,8 +184,7 @@ def test_a_backlog_building_between_windows_sends_it_to_the_top_before_the_windo
     """Executes of 40 ms for 2 requests (20 ms of an instance per request), 2 instances: 12 pending
     requests mean 120 ms of wait, plus the last window's own p99 of 40 ms: over the 100 ms target. The
     check a quarter window in sends it to the top; at 4 pending (40 ms) it stays."""
-    slo, script = controller(top=3)
-    slo.instances = 2
+    slo, script = controller(top=3, instances=2)
     for _ in range(25):
         slo.record(0.040, 2)
     script.now += 1.0
@@ -196,8 +199,7 @@ def test_a_backlog_building_between_windows_sends_it_to_the_top_before_the_windo
 
 
 def test_the_window_estimate_takes_the_backlog_where_it_is_above_the_mean_wait():
-    slo, script = controller(top=3)
-    slo.instances = 2
+    slo, script = controller(top=3, instances=2)
 
     def executes_of_one_request(own_ms: float) -> SloWindow:
         for _ in range(50):
