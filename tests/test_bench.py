@@ -102,7 +102,6 @@ def test_command_line(tmp_path):
         batch_size=8,
         shapes={"IMAGE": [1, 28, 28]},
         measurement_interval_ms=750,
-        stability_percentage=1000,
         request_parameters={"force_full": True, "max_exit": 2, "cohort": "night"},
     )
     command = options.command(Path("/bin/perf_analyzer"), tmp_path / "out.csv")
@@ -110,7 +109,8 @@ def test_command_line(tmp_path):
     assert command[0] == "/bin/perf_analyzer"
     for expected in ("-i grpc", "-u 127.0.0.1:9001", "-m fashion_cnn", "-b 8", "--concurrency-range 4",
                      f"--input-data {tmp_path / 'data.json'}", "--measurement-interval 750",
-                     "--stability-percentage 1000", "--shape IMAGE:1,28,28", f"-f {tmp_path / 'out.csv'}",
+                     "--stability-percentage 1000", "--max-trials 3", "--shape IMAGE:1,28,28",
+                     f"-f {tmp_path / 'out.csv'}",
                      "--request-parameter force_full:true:bool", "--request-parameter max_exit:2:int",
                      "--request-parameter cohort:night:string"):  # fmt: skip
         assert expected in text
@@ -495,7 +495,7 @@ def test_perf_analyzer_against_a_real_server(
             before = model_statistics(server.grpc_url)
             options = PerfAnalyzerOptions(
                 url=server.grpc_url, model=model, input_data=data, concurrency=2, batch_size=4,
-                shapes={"IMAGE": [1, 28, 28]}, measurement_interval_ms=500, stability_percentage=1000,
+                shapes={"IMAGE": [1, 28, 28]}, measurement_interval_ms=500,
                 request_parameters=parameters, extra_args=("--verbose-csv",),
             )  # fmt: skip
             run = run_perf_analyzer(options, tmp_path / f"{model}.csv")

@@ -442,8 +442,6 @@ class SoakLoad:
             concurrency=self.config.concurrency,
             batch_size=self.config.rows_per_request,
             measurement_interval_ms=interval_ms,
-            stability_percentage=1000,  # no stability search: three windows, then the report
-            max_trials=3,
         )
 
     def warm_up(self) -> Any:
