@@ -462,7 +462,13 @@ class EmbeddedTritonServer:
         process, self._process = self._process, None
         if process is None:
             return []
-        if process.poll() is None:
+        if (code := process.poll()) is not None:
+            # It went away on its own (a crash): say so where a failing test or an operator looks.
+            LOGGER.warning(
+                "tritonserver %d had already exited with code %d; its log ends:\n%s",
+                process.pid, code, self.log_tail(),
+            )  # fmt: skip
+        else:
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=timeout_s)
