@@ -374,8 +374,6 @@ class Orchestrator:
             telemetry.policy(policy.version, spec.fingerprint)
             if audit is not None:  # the writer's totals move in its own thread, between requests
                 telemetry.refresh_with(lambda: telemetry.audit(audit.written, audit.dropped, audit.lost))
-            if slo is not None:  # windows close while idle too (they count as quiet)
-                telemetry.refresh_with(self._close_slo_window)
 
     @classmethod
     def from_directory(cls, directory: Path, **hooks: Any) -> Orchestrator:
@@ -531,9 +529,8 @@ class Orchestrator:
         parsed_at = time.perf_counter()
         served = iter(self._serve(parsed, self._timed_segments(run_segment), run_model))
         answers = [answer if isinstance(answer, Exception) else next(served) for answer in answers]
-        if self.slo is not None:
+        if self.slo is not None:  # its windows close in the adapter's thread (close_slo_window)
             self.slo.record(time.monotonic() - received, len(requests))
-            self._close_slo_window()
         if self.telemetry is not None:
             times = self._times
             cascade = time.perf_counter() - parsed_at - times["segments"] - times["observe"]
@@ -572,7 +569,9 @@ class Orchestrator:
             shed=shed,
         )
 
-    def _close_slo_window(self) -> None:
+    def close_slo_window(self) -> None:
+        """The SLO controller's work between requests, when ``slo.due_in()`` says: close its window,
+        or check the backlog; the window's figures go to the metrics."""
         window = self.slo.tick()
         if window is not None and self.telemetry is not None:
             self.telemetry.slo(window)

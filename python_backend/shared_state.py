@@ -17,10 +17,11 @@ import json
 import os
 import re
 import shutil
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from offramp.backend.recurring import Recurring
 
 DIRECTORY_PREFIX = "offramp-shared-"
 
@@ -102,24 +103,13 @@ class PeriodicExchange:
         on_error: Callable[[Exception], None],
         interval_s: float = 0.25,
     ) -> None:
-        self.shared, self.state, self.absorb, self.on_error = shared, state, absorb, on_error
-        self.interval_s = interval_s
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="offramp-shared-state", daemon=True)
-        self._thread.start()
+        self.shared, self.state, self.absorb = shared, state, absorb
+        self._thread = Recurring("offramp-shared-state", lambda: interval_s, self.exchange, on_error)
 
     def exchange(self) -> None:
         self.shared.publish(self.state())
         self.absorb(self.shared.peers())
 
-    def _run(self) -> None:
-        while not self._stopping.wait(self.interval_s):
-            try:
-                self.exchange()
-            except Exception as error:  # noqa: BLE001 -- a failed exchange must not end the thread
-                self.on_error(error)
-
     def close(self) -> None:
-        self._stopping.set()
-        self._thread.join()
+        self._thread.close()
         self.shared.close()

@@ -145,9 +145,18 @@ class SloController:
             return math.nan
         return pending * self._service_s / self.instances * 1000.0
 
+    def due_in(self) -> float:
+        """Seconds until ``tick`` has work: the window's end, or the next backlog check below the top rung."""
+        with self._lock:
+            due = self._window_start + self.config.window_s
+            if self.rung < self.top_rung:
+                due = min(due, self._checked_at + self.config.window_s / 4)
+        return due - self.clock()
+
     def tick(self) -> SloWindow | None:
-        """Closes the window when it is due (from a request or a timer) and returns what it decided; in
-        between, every quarter window, checks the backlog (module doc)."""
+        """Closes the window when it is due and returns what it decided; in between, every quarter
+        window, checks the backlog (module doc). Called from a thread of its own, at ``due_in``: both
+        read Triton's metrics page, which no request should wait for."""
         now = self.clock()
         with self._lock:
             due = now - self._window_start >= self.config.window_s

@@ -8,7 +8,7 @@ the compute its exits saved (benchmarks/BENCHMARKS.md), and a few counters per `
 cost each request several round trips.
 Histograms are published in Prometheus' histogram form (``<name>_bucket{le}`` cumulative,
 ``<name>_sum``, ``<name>_count``), as counters, since Triton's histogram takes one value per call.
-A request publishes what is due; ``PeriodicPublisher`` publishes what the last requests before an
+A request publishes what is due; ``publishing_thread`` publishes what the last requests before an
 idle spell left, so a scrape never waits for the next request.
 """
 
@@ -33,6 +33,7 @@ from offramp.backend.contract import (
     FLAG_FORCED_FULL,
     FLAG_REROUTED,
 )
+from offramp.backend.recurring import Recurring
 from offramp.backend.slo import SloWindow
 
 CONFIDENCE_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
@@ -110,7 +111,7 @@ class ServingTelemetry:
         self.publish_interval_s = publish_interval_s
         self.clock = clock
         self._published_at = -math.inf
-        # execute() gathers while a PeriodicPublisher's thread may publish; a refresher sets gauges
+        # execute() gathers while the publishing thread may publish; a refresher sets gauges
         # from inside publish().
         self._lock = threading.RLock()
         self._refreshers: list[Callable[[], None]] = []
@@ -202,6 +203,11 @@ class ServingTelemetry:
     def due_in(self) -> float:
         """Seconds until the next publication is due (0 or less: due now)."""
         return self._published_at + self.publish_interval_s - self.clock()
+
+    def publishing_thread(self, on_error: Callable[[Exception], None]) -> Recurring:
+        """A thread that publishes whenever due, for what the last requests before an idle spell left;
+        close it before the sink's metrics go (a stub's unload)."""
+        return Recurring("offramp-metrics", self.due_in, self.publish, on_error)
 
     def publish(self, force: bool = False) -> None:
         """Hands the gathered histograms and gauges to the sink, if ``publish_interval_s`` has passed."""
@@ -408,34 +414,6 @@ class ServingTelemetry:
             ("offramp_audit_rows_lost", lost, "Audit records lost: the disk refused them"),
         ]:
             self._set(name, description, self.labels, float(value))
-
-
-class PeriodicPublisher:
-    """A daemon thread that publishes a telemetry's gathered values whenever they are due.
-
-    Requests publish on their own way through; this covers the quiet after them. ``close`` stops and
-    joins the thread: call it before the sink's metrics go (a stub's unload).
-    """
-
-    def __init__(self, telemetry: ServingTelemetry, on_error: Callable[[Exception], None]) -> None:
-        self.telemetry = telemetry
-        self.on_error = on_error
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="offramp-metrics", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        # Wake when the next publication is due; a request may have published meanwhile, and then
-        # publish() declines and the wait starts again from the new due time.
-        while not self._stopping.wait(max(self.telemetry.due_in(), 0.01)):
-            try:
-                self.telemetry.publish()
-            except Exception as error:  # a failed publication must not end the thread: report, go on
-                self.on_error(error)
-
-    def close(self) -> None:
-        self._stopping.set()
-        self._thread.join()
 
 
 def _count_pairs(exits: np.ndarray, cohorts: np.ndarray) -> tuple[list[tuple[int, str]], list[int]]:

@@ -21,7 +21,6 @@ from offramp.backend.exit_decoder import DECODER_MANIFEST, TOKENIZER_FILE, ExitD
 from offramp.backend.generation_contract import ERROR_ID_PREFIX
 from offramp.backend.generation_policy import POLICY_FILE, GenerationPolicy
 from offramp.backend.generation_service import GenerationService, GenerationTelemetry, ServiceOptions
-from offramp.backend.telemetry import PeriodicPublisher
 from offramp.backend.triton_orchestrator import _TritonMetrics
 
 
@@ -89,8 +88,8 @@ class TritonPythonModel:
             manifest["fingerprint"],
         )
         self.label = label = f"{args['model_name']} ({instance})"
-        self.publisher = PeriodicPublisher(
-            telemetry, lambda e: _log(f"{label}: metrics not published: {e}", error=True)
+        self.publisher = telemetry.publishing_thread(
+            lambda e: _log(f"{label}: metrics not published: {e}", error=True)
         )
         self.thread = threading.Thread(target=self._serve, name="offramp-generation", daemon=True)
         self.thread.start()

@@ -30,9 +30,10 @@ from offramp.backend.orchestrator import (
     ServingOptions,
 )
 from offramp.backend.policy import Policy
+from offramp.backend.recurring import Recurring
 from offramp.backend.segment_runner import OnnxRunner
 from offramp.backend.shared_state import PeriodicExchange
-from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
+from offramp.backend.telemetry import ServingTelemetry
 
 
 class SegmentError(RuntimeError):
@@ -194,9 +195,17 @@ class TritonPythonModel:
             repository = Path(args["model_repository"]).parent
             for name in [*self.spec.segment_models, self.spec.full_model]:
                 self.local[name] = OnnxRunner(repository / name / "1" / "model.onnx", threads=1)
-        self.publisher = PeriodicPublisher(
-            telemetry, lambda e: _log(f"{label}: metrics not published: {e}", error=True)
+        self.publisher = telemetry.publishing_thread(
+            lambda e: _log(f"{label}: metrics not published: {e}", error=True)
         )
+        self.slo_windows = None
+        if self.orchestrator.slo is not None:  # windows close while idle too (they count as quiet)
+            self.slo_windows = Recurring(
+                "offramp-slo",
+                self.orchestrator.slo.due_in,
+                self.orchestrator.close_slo_window,
+                lambda e: _log(f"{label}: SLO window not closed: {e}", error=True),
+            )
         self.exchange = None
         if shared is not None:  # the model's instances decide drift and risk alarms on the same evidence
             self.exchange = PeriodicExchange(
@@ -249,6 +258,8 @@ class TritonPythonModel:
     def finalize(self):
         if self.exchange is not None:
             self.exchange.close()
+        if self.slo_windows is not None:  # it publishes its windows' figures
+            self.slo_windows.close()
         self.orchestrator.close()  # queued shadow checks settle (their BLS calls still work here)
         self.publisher.close()  # before the metrics it publishes to are released
         self.metrics.close()

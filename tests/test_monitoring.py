@@ -16,7 +16,7 @@ from offramp.backend.audit import AuditConfig, AuditLog, read_audit, summarize_a
 from offramp.backend.contract import FLAG_ABSTAINED, FLAG_DEADLINE, FLAG_FORCED_FULL
 from offramp.backend.drift import DriftConfig, DriftMonitor, population_stability_index
 from offramp.backend.slo import SloWindow
-from offramp.backend.telemetry import PeriodicPublisher, ServingTelemetry
+from offramp.backend.telemetry import ServingTelemetry
 from offramp.client.serving.supervisor import Supervisor
 from tests.reliability_support import wait_for
 from tests.test_supervisor import ScriptedServer
@@ -137,7 +137,7 @@ def test_what_the_last_requests_gathered_is_published_without_another_request():
     writer = {"written": 0}
     telemetry.refresh_with(lambda: telemetry.audit(writer["written"], 0, 0))
     errors = []
-    publisher = PeriodicPublisher(telemetry, errors.append)
+    publisher = telemetry.publishing_thread(errors.append)
     try:
         writer["written"] = 5  # the writer thread moves on with no request in sight
         assert wait_for(lambda: sink.values.get(written_key) == 5, timeout_s=5.0, interval_s=0.01)
@@ -157,7 +157,7 @@ def test_what_the_last_requests_gathered_is_published_without_another_request():
         assert len(errors) >= 2 and {str(e) for e in errors} == {"metrics server away"}
     finally:
         publisher.close()
-    assert not publisher._thread.is_alive()
+    assert not publisher.alive
 
 
 @pytest.mark.parametrize("name", ["grafana_dashboard.json", "prometheus_alerts.yml"])

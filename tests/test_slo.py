@@ -198,6 +198,21 @@ def test_a_backlog_building_between_windows_sends_it_to_the_top_before_the_windo
     assert slo.history[-1].rung == 0, "decided between windows, not by one"
 
 
+def test_its_thread_wakes_for_the_backlog_checks_below_the_top_rung_and_for_the_window_s_end():
+    """``due_in`` is when the orchestrator's SLO thread calls ``tick`` next: every quarter window while a
+    rung is left to climb to, at the window's end alone from the top rung (no check can climb)."""
+    slo, script = controller(top=3)
+    assert slo.due_in() == pytest.approx(0.25)
+    script.now += 0.25
+    assert slo.tick() is None and slo.due_in() == pytest.approx(0.25)
+    script.now += 0.1
+    assert slo.due_in() == pytest.approx(0.15)
+    slo.rung = 3
+    assert slo.due_in() == pytest.approx(0.65)  # the window started at 0, it ends at 1.0
+    script.now += 0.65
+    assert slo.tick() is not None and slo.due_in() == pytest.approx(1.0)
+
+
 def test_the_window_estimate_takes_the_backlog_where_it_is_above_the_mean_wait():
     slo, script = controller(top=3, instances=2)
 
