@@ -175,7 +175,7 @@ def fashion_cnn_workload(settings: WorkloadSettings) -> Workload:
         artifacts,
         directory,
         held_out_data(artifacts, directory, "test"),
-        Goals(concurrency=8, throughput_ratio=3.0, realised_share=0.90, max_tax=0.05, max_p99_ratio=1.0),
+        Goals(throughput_ratio=1.0, throughput_ratio_in_process=1.3, ideal_speedup=2.2),
         "Fashion-MNIST, multi-exit ResNet (an exit per stage)",
     )
 
@@ -197,7 +197,12 @@ def text_workload(task: str) -> WorkloadFactory:
             artifacts,
             directory,
             test,
-            Goals(concurrency=8, throughput_ratio=2.0, realised_share=0.90, max_tax=0.05, max_p99_ratio=1.0),
+            Goals(
+                throughput_ratio=1.7,
+                throughput_ratio_in_process=1.9,
+                ideal_speedup=2.0,
+                max_accuracy_loss=0.005,
+            ),
             f"{task}, multi-exit MiniLM-L6 fine-tuned (an exit per layer); rows padded to "
             f"{mask.shape[1]} tokens, {mask.sum(axis=1).mean():.1f} real on average",
         )
@@ -216,7 +221,7 @@ def artifacts_workload(directory: Path) -> WorkloadFactory:
 
         artifacts = ModelArtifacts.load(directory)
         test = held_out_data(artifacts, directory, "test")
-        goals = Goals(throughput_ratio=None)
+        goals = Goals()
         description = f"{artifacts.name} ({artifacts.build.get('mode', 'joint')} mode), from {directory}"
         policy_file = directory / "policy.json"
         policy = Policy.load(policy_file) if policy_file.is_file() else None
