@@ -109,7 +109,7 @@ def test_command_line(tmp_path):
     assert command[0] == "/bin/perf_analyzer"
     for expected in ("-i grpc", "-u 127.0.0.1:9001", "-m fashion_cnn", "-b 8", "--concurrency-range 4",
                      f"--input-data {tmp_path / 'data.json'}", "--measurement-interval 750",
-                     "--stability-percentage 1000", "--max-trials 3", "--shape IMAGE:1,28,28",
+                     "--stability-percentage 1000", "--max-trials 10", "--shape IMAGE:1,28,28",
                      f"-f {tmp_path / 'out.csv'}",
                      "--request-parameter force_full:true:bool", "--request-parameter max_exit:2:int",
                      "--request-parameter cohort:night:string"):  # fmt: skip

@@ -126,7 +126,7 @@ def test_perf_analyzer_drives_the_stream(server, tmp_path):
     data = prompt_input_data(tmp_path / "prompts.json", PROMPTS)
     options = PerfAnalyzerOptions(
         url=server.grpc_url, model=MODEL, input_data=data, concurrency=2, shapes={"PROMPT": [1]},
-        measurement_interval_ms=800,
+        measurement_interval_ms=800, max_trials=3,
         request_parameters={"max_tokens": 8, "mode": "self_speculative"}, extra_args=("--streaming",),
     )  # fmt: skip
     run = run_perf_analyzer(options, tmp_path / "perf.csv", timeout_s=240)

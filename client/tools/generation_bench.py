@@ -222,7 +222,7 @@ def perf_analyzer_run(url: str, model: str, data: Path, mode: str, concurrency: 
     window_ms = config.perf_window_ms * max(1, concurrency // 8)
     options = PerfAnalyzerOptions(
         url=url, model=model, input_data=data, concurrency=concurrency, shapes={"PROMPT": [1]},
-        measurement_interval_ms=window_ms,
+        measurement_interval_ms=window_ms, max_trials=3,
         request_parameters={"max_tokens": 64, "mode": mode}, extra_args=("--streaming",),
     )  # fmt: skip
     before = server_counters(metrics_url)

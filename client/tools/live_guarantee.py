@@ -302,6 +302,7 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
                 batch_size=args.rows_per_request,
                 shapes={"IMAGE": (1, 28, 28)},
                 measurement_interval_ms=interval_ms,
+                max_trials=3,
             )
             return run_perf_analyzer(options, csv).result
 

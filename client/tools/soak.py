@@ -442,6 +442,7 @@ class SoakLoad:
             concurrency=self.config.concurrency,
             batch_size=self.config.rows_per_request,
             measurement_interval_ms=interval_ms,
+            max_trials=3,
         )
 
     def warm_up(self) -> Any:

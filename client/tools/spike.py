@@ -452,7 +452,7 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
             # Three windows make one measurement (stability is not sought: the load is what it is).
             run_options = PerfAnalyzerOptions(
                 url=server.grpc_url, model=model, input_data=data, concurrency=concurrency, batch_size=batch,
-                measurement_interval_ms=int(seconds * 1000 / 3),
+                measurement_interval_ms=int(seconds * 1000 / 3), max_trials=3,
             )  # fmt: skip
             csv_path = out / "perf" / f"{model}-{concurrency}.csv"
             return run_perf_analyzer(run_options, csv_path, timeout_s=seconds * 10 + 120).result
