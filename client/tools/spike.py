@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -437,6 +438,9 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
     )
     repository = Path(bench.workdir) / "spike" / "repository"
     options = repository_options(bench)
+    # From nothing: the server loads every model there, and the ladder and top-rung models an earlier
+    # run (an older offramp) wrote beside the base ones would be loaded with their old adapter.
+    shutil.rmtree(repository, ignore_errors=True)
     write_repository(workload.artifacts, workload.artifacts_dir, fixed, repository, options)
     steps: list[Step] = []
     arms_run: dict[str, dict[str, Any]] = {}
