@@ -89,8 +89,9 @@ def header(summaries: Sequence[Mapping]) -> str:
         "",
         "## Setup",
         "",
-        f"- Date: {first['date']} (UTC); run took {first['duration_s'] / 60:.1f} min"
-        + (f" for {first['workload']}" if len(summaries) > 1 else "")
+        # Workloads can be rerun alone (``--workload``): each keeps the date of its own run.
+        "- Date (UTC) and duration of each workload's run: "
+        + "; ".join(f"{s['workload']} {s['date']}, {s['duration_s'] / 60:.1f} min" for s in summaries)
         + ".",
         (
             f"- Machine: {machine['nproc']} cores ({machine['cpu_model']}), {machine['memory_gib']} GiB, "
