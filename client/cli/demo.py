@@ -24,7 +24,7 @@ class DemoCommand(Subcommand):
             choices=(FASHION_CNN, *TEXT_TASKS),
             help="the CNN (minutes) or a MiniLM text classifier (its first build takes much longer)",
         )
-        add("--epochs", type=int, help="training epochs (default: 3 for the CNN, 2 for text)")
+        add("--epochs", type=int, help="training epochs (default: the recipe's, CNN 3, TREC 5, RT 2)")
         add("--concurrency", type=int, default=8)
         add("--rows-per-request", type=int, default=16)
         add(

@@ -102,7 +102,7 @@ def fashion_cnn_workload(workdir: Path, epochs: int) -> DemoWorkload:
     )
 
 
-def text_workload(task: str, workdir: Path, epochs: int) -> DemoWorkload:
+def text_workload(task: str, workdir: Path, epochs: int | None) -> DemoWorkload:
     """A fine-tuned multi-exit MiniLM; the service tokenizes raw text, the full model gets token ids."""
     from offramp.build.text_recipes import served_text_classifier, text_splits_of
     from offramp.build.transformer import encode_texts, load_tokenizer
@@ -121,7 +121,7 @@ def text_workload(task: str, workdir: Path, epochs: int) -> DemoWorkload:
         test.labels,
         lambda client, name, part: client.classify_text(name, test.texts[part]),
         full_logits,
-        f"multi-exit MiniLM fine-tuned on {task} ({epochs} epochs)",
+        f"multi-exit MiniLM fine-tuned on {task} ({artifacts.build['settings']['epochs']} epochs)",
     )
 
 
@@ -138,7 +138,7 @@ def run_demo(
     workload = (
         fashion_cnn_workload(workdir, epochs or 3)
         if model == "fashion_cnn"
-        else text_workload(model, workdir, epochs or 2)
+        else text_workload(model, workdir, epochs)
     )
     artifacts, artifacts_dir = workload.artifacts, workload.artifacts_dir
     print(f"      {workload.description}")
