@@ -20,10 +20,15 @@ once per window:
   where the rungs' expected compute says the next one cannot carry the load of now either;
 - under ``descend_at`` of the target for ``descend_windows`` windows in a row: stop shedding, or
   descend a rung, but not to a rung that was seen overloaded at the load of now. A window over
-  ``climb_at`` at rung r is an overload of r, and the requests it answered per second are what r
-  carries (``capacity``); a descent to r waits until the load is under ``descend_load`` of that.
-  Without it the controller left a rung that held a 2x load after three quiet windows, for one that
-  could not, and the queue grew for seconds until it climbed back (measured on TREC).
+  ``climb_at`` at rung r whose instances spent at least ``SATURATED`` of their time in executes is an
+  overload of r, and the requests it answered per second are what r carries (``capacity``); a descent
+  to r waits until the load is under ``descend_load`` of that. Without it the controller left a rung
+  that held a 2x load after three quiet windows, for one that could not, and the queue grew for
+  seconds until it climbed back (measured on TREC). A window over ``climb_at`` with idle instances is a
+  latency problem, not a throughput limit: it climbs but records nothing. Before that rule the
+  controller recorded what a rung answered at a spike's onset (the load from before the step) or at a
+  light load near a tight target, and then never went back to rung 0 at half the full model's
+  capacity (measured on TREC).
 
 What a rung carries, where it was never seen overloaded, is estimated from a rung that was, by their
 expected compute per row (``costs``, the ladder's calibration figures): requests per second times
@@ -54,6 +59,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# The share of the instances' time spent in executes from which a window shows what its rung carries:
+# below it the answered rate is the load, not a limit (dynamic batching keeps a saturated instance busy).
+SATURATED = 0.8
 
 
 def is_expected_cost(value: object) -> bool:
@@ -124,7 +133,7 @@ class SloController:
             raise ValueError("instances must be at least 1")
         self._lock = threading.Lock()
         self._own_ms: list[float] = []  # this window's per-request times in the orchestrator
-        self._busy_s = 0.0  # this window's execute seconds...
+        self._busy_s = 0.0  # this window's execute seconds, all instances together...
         self._served = 0  # ...and the requests they answered
         self._service_s = math.nan  # seconds of an instance per request, the last window with requests
         self._last_own_p99 = math.nan
@@ -132,11 +141,11 @@ class SloController:
         self._queue_start = self.queue()
         self._quiet = 0
 
-    def record(self, seconds_per_request: float, requests: int) -> None:
-        """One execute's time, for each of its requests (they wait for the whole batch)."""
+    def record(self, seconds: float, requests: int) -> None:
+        """One execute's time, the time of each of its requests (they wait for the whole batch)."""
         with self._lock:
-            self._own_ms.extend([seconds_per_request * 1000.0] * requests)
-            self._busy_s += seconds_per_request
+            self._own_ms.extend([seconds * 1000.0] * requests)
+            self._busy_s += seconds
             self._served += requests
 
     def _backlog_ms(self, pending: float) -> float:
@@ -190,7 +199,8 @@ class SloController:
             self._last_own_p99 = own_p99
         waits = [w for w in (queue_ms, backlog_ms) if not math.isnan(w)]
         estimate = max(waits, default=0.0) + own_p99 if own else math.nan
-        window = self._decide(estimate, queue_ms, backlog_ms, own_p99, len(own))
+        saturated = busy >= SATURATED * self.instances * self.config.window_s
+        window = self._decide(estimate, queue_ms, backlog_ms, own_p99, len(own), saturated)
         self.history.append(window)
         return window
 
@@ -204,17 +214,20 @@ class SloController:
         if not math.isnan(backlog_ms) and backlog_ms + self._last_own_p99 > self.config.p99_ms:
             with self._lock:
                 if self.rung < self.top_rung:
-                    self.capacity.setdefault(self.rung, self._served_rate())
+                    elapsed = self.clock() - self._window_start
+                    if self._busy_s >= SATURATED * self.instances * elapsed > 0:
+                        self.capacity.setdefault(self.rung, self._served / elapsed)
                     self.rung = self.top_rung
                     self._quiet = 0
 
-    def _served_rate(self) -> float:
-        """Requests per second of the window so far (what the rung answered while overloaded)."""
-        elapsed = self.clock() - self._window_start
-        return self._served / elapsed if elapsed > 0 else 0.0
-
     def _decide(
-        self, estimate: float, queue_ms: float, backlog_ms: float, own_p99: float, requests: int
+        self,
+        estimate: float,
+        queue_ms: float,
+        backlog_ms: float,
+        own_p99: float,
+        requests: int,
+        saturated: bool,
     ) -> SloWindow:
         config, target = self.config, self.config.p99_ms
         busy = not math.isnan(estimate)
@@ -222,7 +235,7 @@ class SloController:
         load = requests / config.window_s  # requests per second this window
         if busy and estimate > config.climb_at * target:
             self._quiet = 0
-            if not self.shedding:  # what this rung answers overloaded is what it carries
+            if saturated and not self.shedding:  # what this rung answers overloaded is what it carries
                 self.capacity[self.rung] = load
             if self.rung < self.top_rung:
                 self.rung = self.top_rung if estimate > target else self._rung_that_carries(load)

@@ -20,10 +20,21 @@ class Scripted:
         return self.queue_us, self.answered, self.pending
 
 
-def window(controller: SloController, script: Scripted, queue_ms: float, own_ms: float, requests: int = 50):
-    """One window of ``requests`` requests that each waited ``queue_ms`` and took ``own_ms`` here."""
+def window(
+    controller: SloController,
+    script: Scripted,
+    queue_ms: float,
+    own_ms: float,
+    requests: int = 50,
+    busy: float = 1.0,
+):
+    """One window of ``requests`` requests that each waited ``queue_ms`` and took ``own_ms`` here, in
+    executes of ``own_ms`` that kept the instances busy ``busy`` of the window (1: saturated)."""
     if requests:
-        controller.record(own_ms / 1000.0, requests)
+        executes = max(1, round(busy * controller.config.window_s * controller.instances * 1000.0 / own_ms))
+        each, extra = divmod(requests, executes)
+        for i in range(executes):  # as even as whole requests allow
+            controller.record(own_ms / 1000.0, each + (i < extra))
         script.queue_us += queue_ms * 1000.0 * requests
         script.answered += requests
     script.now += controller.config.window_s
@@ -229,3 +240,32 @@ def test_the_window_estimate_takes_the_backlog_where_it_is_above_the_mean_wait()
     decided = executes_of_one_request(40)
     assert decided.backlog_ms == pytest.approx(80.0) and decided.estimate_ms == pytest.approx(120.0)
     assert decided.rung == 3  # over the target
+
+
+def test_only_a_saturated_window_says_what_its_rung_carries():
+    """Near a tight target a light load can sit over climb_at with the instances mostly idle: that is
+    latency, not a limit, so the controller climbs but records no capacity; a window that kept them busy
+    records what it answered."""
+    slo, script = controller(costs=COSTS)
+    assert window(slo, script, queue_ms=65, own_ms=20, requests=10, busy=0.2).rung == 1
+    assert slo.capacity == {}
+    window(slo, script, queue_ms=65, own_ms=20, requests=40)  # saturated: rung 1 carries 40/s
+    assert slo.capacity == {1: 40.0}
+
+
+def test_after_a_backlog_jump_at_a_spikes_onset_it_comes_back_to_rung_0():
+    """The backlog check fires before the instances have been busy for long: what they answered so far
+    is the load from before the step, not what rung 0 carries. Recorded as rung 0's capacity (0/s here,
+    nothing answered yet), it kept the ladder off rung 0 after the spike (measured on TREC)."""
+    slo, script = controller(top=3, instances=2, descend_windows=2)
+    for _ in range(25):
+        slo.record(0.040, 2)
+    script.now += 1.0
+    assert slo.tick().rung == 0
+    script.pending = 12
+    script.now += 0.25
+    assert slo.tick() is None and slo.rung == 3
+    assert slo.capacity == {}
+    script.pending = 0
+    after = [window(slo, script, queue_ms=5, own_ms=10, requests=10, busy=0.1) for _ in range(7)]
+    assert [w.rung for w in after] == [3, 2, 2, 1, 1, 0, 0]
