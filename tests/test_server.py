@@ -390,6 +390,37 @@ def test_serve_runs_until_sigterm_and_stops_cleanly(add_one_repository: Path, tm
     assert "successfully unloaded 'add_one'" in log.read_text()
 
 
+@pytest.mark.integration
+def test_a_server_dies_with_the_process_that_started_it(add_one_repository: Path, tmp_path: Path) -> None:
+    """``offramp serve`` SIGKILLed (it cannot stop its server then): tritonserver gets SIGTERM from the
+    kernel (PR_SET_PDEATHSIG, set by setpriv before the exec) and exits instead of holding its ports."""
+    ports = ServerPorts.free()
+    command = [
+        sys.executable, "-m", "offramp.client.cli.main", "serve", "--repository", str(add_one_repository),
+        "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+        "--health-port", "0", "--log", str(tmp_path / "serve.log"),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("Ctrl-C to stop"):
+                break
+        else:
+            raise AssertionError("offramp serve ended before it was ready")
+        assert processes_mentioning(f"--http-port={ports.http}"), "no tritonserver to orphan"
+        process.kill()
+        process.wait()
+        # The server's own shutdown gives requests its --exit-timeout-secs (10 s) at most, and an idle
+        # one takes about a second; 30 s leaves the rest to a loaded machine.
+        deadline = time.monotonic() + 30
+        while processes_mentioning(f"--http-port={ports.http}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_mentioning(f"--http-port={ports.http}") == [], "tritonserver outlived its parent"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_model_control_is_restricted_off_loopback(tmp_path):
     """Bound to a non-loopback address, the model-control APIs need the admin key; on loopback they stay
     open."""

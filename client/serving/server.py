@@ -9,7 +9,6 @@ SIGTERM first, so the stubs unlink their shared-memory regions.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import http.client
@@ -19,6 +18,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -201,7 +201,7 @@ def orphaned_shm_regions(shm_dir: Path = SHM_DIR) -> list[Path]:
     else will: they stay until reboot. The launcher's pid in the prefix tells them apart from the
     regions of servers still running, and the stubs' command lines name the regions in use, which
     covers a server still draining after its launcher died (it gets SIGTERM then, see
-    ``_die_with_parent``). A pid reused by another process since keeps its regions: a leak, never a
+    ``_dying_with_parent``). A pid reused by another process since keeps its regions: a leak, never a
     region taken from a live server.
     """
     in_use = stub_shm_regions_in_use()
@@ -216,22 +216,23 @@ def orphaned_shm_regions(shm_dir: Path = SHM_DIR) -> list[Path]:
 # --- Processes -------------------------------------------------------------------------------------
 
 
-_PR_SET_PDEATHSIG = 1
+def _dying_with_parent(command: list[str]) -> list[str]:
+    """``command`` run so that a crashed or SIGKILLed parent does not leave an orphan server holding
+    ports and shared memory: util-linux's ``setpriv`` sets PR_SET_PDEATHSIG (SIGTERM, so that even then
+    the stubs clean up) and execs it. (The signal follows the *thread* that started the server: start it
+    from the main thread or one that outlives it.)
 
-
-@functools.cache
-def _prctl() -> Callable[..., int]:
-    return ctypes.CDLL(None, use_errno=True).prctl
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. The server gets its own session (so a Ctrl-C in the
-    # terminal reaches only us, and we stop it in order); PR_SET_PDEATHSIG then makes sure a crashed
-    # or SIGKILLed parent does not leave an orphan server holding ports and shared memory. SIGTERM,
-    # so that even then the stubs clean up. (The signal follows the *thread* that started the
-    # server: start it from the main thread or one that outlives it.) prctl is looked up in the
-    # parent: dlopen in a forked child of a threaded parent can deadlock.
-    _prctl()(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    Not a ``preexec_fn``: with one, Python forks with fork(), which runs the pthread_atfork handlers
+    of every library loaded here, and gRPC's (a process that has used tritonclient's gRPC client)
+    waited forever inside fork() for its threads (seen in the test suite, grpcio 1.85). Without one it
+    uses vfork(), which runs none. Where setpriv is missing the server starts without the guard."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        LOGGER.warning(
+            "setpriv (util-linux) not found: tritonserver will outlive this process if it is killed"
+        )
+        return command
+    return [setpriv, "--pdeathsig", "TERM", *command]
 
 
 class EmbeddedTritonServer:
@@ -391,7 +392,6 @@ class EmbeddedTritonServer:
         self._check_ports()
         self._remove_orphaned_regions()
         command, env = self.command(), self.environment()
-        _prctl()
         if self.log_path is None:
             handle, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(handle)
@@ -399,13 +399,12 @@ class EmbeddedTritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                command,
+                _dying_with_parent(command),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches only us: we stop it in order
             )
         LOGGER.info("tritonserver pid %d, log %s", self._process.pid, self.log_path)
         try:
