@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# gRPC's fork handlers (grpcio reads this when it is first imported, which is below) wait for its
+# threads at every fork of this process; the CUDA shim's tests fork it to run kernels, and a server
+# started with a fork() once hung the suite inside them. No child of the suite uses gRPC before an
+# exec, the case gRPC's documentation says to turn its fork support off for.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from offramp.backend.environment import prepare_execution_env
 from offramp.backend.exit_decoder import reproducible_gemm
