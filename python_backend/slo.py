@@ -11,9 +11,11 @@ orchestrator's time per request (an execute's time over its requests) over its `
 wait of the requests a window answered lags a queue that is building: they came before it built. Then,
 once per window:
 
-- over the target itself: go to the top rung at once (a queue that built up drains fastest there;
-  a rung a window costs seconds of backlog at the onset of a spike, measured on TREC); at the top
-  rung, where the operator enabled load shedding (``shed_max_exit``), cap every row not forced to
+- over the target itself with the instances saturated (see below): go to the top rung at once (a
+  queue that built up drains fastest there; a rung a window costs seconds of backlog at the onset of a
+  spike, measured on TREC); with idle instances it is a slow second at a light load, and it climbs as
+  over ``climb_at`` (after a spike, a TREC run went from rung 0 back to the top at half load); at the
+  top rung, where the operator enabled load shedding (``shed_max_exit``), cap every row not forced to
   full depth at that exit (flagged on each row), and if it was at the top already the SLO is being
   missed (only capacity helps now);
 - over ``climb_at`` of the target: climb a rung (cheaper answers, a higher certified risk), or more
@@ -238,7 +240,8 @@ class SloController:
             if saturated and not self.shedding:  # what this rung answers overloaded is what it carries
                 self.capacity[self.rung] = load
             if self.rung < self.top_rung:
-                self.rung = self.top_rung if estimate > target else self._rung_that_carries(load)
+                over = estimate > target and saturated  # a backlog, which drains fastest at the top
+                self.rung = self.top_rung if over else self._rung_that_carries(load)
             elif config.shed_max_exit is not None:  # shedding is the step past the top rung
                 self.shedding = True
         elif not busy or estimate < config.descend_at * target or self._lower_carries(load):

@@ -269,3 +269,11 @@ def test_after_a_backlog_jump_at_a_spikes_onset_it_comes_back_to_rung_0():
     script.pending = 0
     after = [window(slo, script, queue_ms=5, own_ms=10, requests=10, busy=0.1) for _ in range(7)]
     assert [w.rung for w in after] == [3, 2, 2, 1, 1, 0, 0]
+
+
+def test_over_the_target_with_idle_instances_it_climbs_a_rung_not_to_the_top():
+    """A slow second at a light load (instances busy a fifth of the window) is latency, not a backlog:
+    one rung up; the same estimate with the instances saturated goes to the top."""
+    slo, script = controller()
+    assert window(slo, script, queue_ms=150, own_ms=20, requests=10, busy=0.2).rung == 1
+    assert window(slo, script, queue_ms=150, own_ms=20).rung == 3
