@@ -186,11 +186,17 @@ def run_demo(
         serving=serving,
         segment_instances=RepositoryOptions.orchestrator_instances,
     )
-    write_repository(artifacts, artifacts_dir, policy, repository, options)
+    written = write_repository(artifacts, artifacts_dir, policy, repository, options)
 
     rows = len(workload.labels)
     name, full_name = artifacts.name, full_model_name(artifacts.name)
-    with EmbeddedTritonServer(repository, ports=ServerPorts.free()) as server:
+    # Only the models written above: the folder may hold others (an earlier demo of another model, a
+    # user's), and one written by an older offramp fails to import today's adapter, which failed the
+    # whole start when every model was loaded (`make demo MODEL=trec` after an upgrade).
+    loaded = [model_dir.name for model_dir in written]
+    with EmbeddedTritonServer(
+        repository, ports=ServerPorts.free(), model_control="explicit", load_models=loaded
+    ) as server:
         print(f"[4/4] serving on {server.grpc_url} (gRPC); {rows:,} test rows, "
               f"{rows_per_request} per request, concurrency {concurrency}")  # fmt: skip
         calls = {
