@@ -29,6 +29,7 @@ from offramp.client.serving.server import (
     python_backend_directory,
     tritonserver_libs_directory,
 )
+from tests.reliability_support import wait_for
 
 # out = in + 1, plus a report of the environment the stub really runs in.
 ADD_ONE_MODEL = textwrap.dedent(
@@ -412,10 +413,8 @@ def test_a_server_dies_with_the_process_that_started_it(add_one_repository: Path
         process.wait()
         # The server's own shutdown gives requests its --exit-timeout-secs (10 s) at most, and an idle
         # one takes about a second; 30 s leaves the rest to a loaded machine.
-        deadline = time.monotonic() + 30
-        while processes_mentioning(f"--http-port={ports.http}") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert processes_mentioning(f"--http-port={ports.http}") == [], "tritonserver outlived its parent"
+        gone = wait_for(lambda: not processes_mentioning(f"--http-port={ports.http}"), timeout_s=30)
+        assert gone, "tritonserver outlived its parent"
     finally:
         if process.poll() is None:
             process.kill()
