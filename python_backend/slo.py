@@ -201,10 +201,14 @@ class SloController:
             self._last_own_p99 = own_p99
         waits = [w for w in (queue_ms, backlog_ms) if not math.isnan(w)]
         estimate = max(waits, default=0.0) + own_p99 if own else math.nan
-        saturated = busy >= SATURATED * self.instances * self.config.window_s
+        saturated = self._saturated(busy, self.config.window_s)
         window = self._decide(estimate, queue_ms, backlog_ms, own_p99, len(own), saturated)
         self.history.append(window)
         return window
+
+    def _saturated(self, busy_s: float, elapsed_s: float) -> bool:
+        """The instances spent at least ``SATURATED`` of ``elapsed_s`` in executes (``busy_s`` of them)."""
+        return busy_s >= SATURATED * self.instances * elapsed_s
 
     def _check_backlog(self) -> None:
         """Between windows: to the top rung at once where the pending requests alone put a request
@@ -217,7 +221,7 @@ class SloController:
             with self._lock:
                 if self.rung < self.top_rung:
                     elapsed = self.clock() - self._window_start
-                    if self._busy_s >= SATURATED * self.instances * elapsed > 0:
+                    if elapsed > 0 and self._saturated(self._busy_s, elapsed):
                         self.capacity.setdefault(self.rung, self._served / elapsed)
                     self.rung = self.top_rung
                     self._quiet = 0
