@@ -389,6 +389,28 @@ def test_accuracy_compute_curve():
     assert high["mean_compute_fraction"] == pytest.approx(1.0) and high["accuracy"] == 1.0
 
 
+def test_the_bench_serves_the_rule_family_that_certifies_the_least_compute():
+    """As ``offramp calibrate --rule all``: every family tried at delta / families, the cheapest kept."""
+    from types import SimpleNamespace
+
+    from offramp.backend.policy import RULE_FAMILIES
+
+    rng = np.random.default_rng(0)
+    rows, classes = 3000, 4
+    labels = rng.integers(0, classes, rows)
+    # Three exits: the last one is right; the earlier ones see the label through noise shrinking with depth.
+    logits = np.stack(
+        [np.eye(classes)[labels] * 4.0 + rng.normal(0.0, noise, (rows, classes)) for noise in (2.0, 1.2, 0.1)]
+    ).astype(np.float32)  # (3, rows, classes)
+    artifacts = SimpleNamespace(exit_costs=[0.3, 0.6, 1.0], fingerprint="f" * 16)
+    policy = bench.bench_policy(artifacts, logits, labels)
+    tried = policy.provenance["rules_tried"]
+    assert sorted(tried) == sorted(RULE_FAMILIES)
+    assert policy.rule == min(tried, key=tried.get)
+    assert policy.provenance["expected_cost"] == pytest.approx(tried[policy.rule])
+    assert policy.provenance["expected_cost"] < 1.0  # the noise lets some rows leave early
+
+
 def test_sweep_order_rotates_and_alternates():
     arms = ["early", "full", "nocompact"]
     assert bench.sweep_order(arms, 0, 0) == ["early", "full", "nocompact"]
@@ -631,7 +653,8 @@ def test_report_from_saved_results(tmp_path):
                    "measurement_interval_ms": 1500, "repeats": 3},
         "model": {"exits": 2, "exit_costs": [0.4, 1.0], "exit_test_accuracy": [0.8, 0.9]},
         "policy": {"version": "p-1", "provenance": {"method": "test", "expected_cost": 0.7},
-                   "exits": [{"threshold": 0.9}, {"threshold": 1.0}]},
+                   "rule": "patience",
+                   "exits": [{"threshold": 0.9, "metric": "max_prob", "patience": 2}, {"threshold": 1.0}]},
         "data": {"rows": 64, "offline_exit_fractions": [0.5, 0.5], "offline_mean_compute_fraction": 0.7},
         "quality": quality, "levels": levels, "goal_settings": {"throughput_ratio": 3.0},
         "goals": evaluate_goals(levels, Goals(throughput_ratio=3.0), quality),
@@ -645,6 +668,7 @@ def test_report_from_saved_results(tmp_path):
     (results / "summary.json").write_text(json.dumps(summary))
     text = write_report(tmp_path).read_text()
     assert "| 8 | 250 | 100 | 2.50x |" in text  # medians and the paired ratio
+    assert "rule family patience; max-prob (discounted where the label held at the last 2 exits)" in text
     # Server CPU per row at c=8, 3 rounds pooled: early 3 x 0.8 s / 2400 rows, full 3 x 0.6 s / 2400 rows.
     assert "| 1.000 / 0.750 | 0.75x |" in text
     assert "compaction gain" in text and "| 8 | 90 | 10.0% |" in text

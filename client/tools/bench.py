@@ -125,16 +125,22 @@ def bench_policy(
 ) -> Policy:
     """The exit policy every workload serves in the benchmark: change it here, and only here.
 
-    Learn-then-Test at 1% disagreement with the full model, with probability 0.95 over the
-    calibration rows (``offramp calibrate``'s default), on the calibration logits already recorded.
+    ``offramp calibrate --rule all`` at its defaults, on the calibration logits already recorded:
+    Learn-then-Test at 1% disagreement with the full model, with probability 0.95 over the calibration
+    rows, every rule family certified at delta / families and the one certifying the least compute kept
+    (patience on the self-distilled MiniLMs, where max-prob alone left more rows to the last layer or
+    lost accuracy: ``benchmarks/exit_rules.md``). The policy records the family it serves.
     """
-    from offramp.build.calibrate import policy_version
-    from offramp.build.risk_control import LearnThenTest, calibrate_exit_policy
+    from offramp.build.calibrate import CalibrationSettings, calibrate_logits
 
-    calibrated = calibrate_exit_policy(
-        calibration_logits, artifacts.exit_costs, LearnThenTest(0.01, 0.05), labels=calibration_labels
+    policy, _ = calibrate_logits(
+        calibration_logits,
+        artifacts.exit_costs,
+        artifacts.fingerprint,
+        calibration_labels,
+        settings=CalibrationSettings(rule="all"),
     )
-    return calibrated.to_policy(policy_version("ltt", calibrated.rules(), {}), artifacts.fingerprint)
+    return policy
 
 
 def _recipe_workload(

@@ -138,6 +138,14 @@ def header(summaries: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
+def _rule_value(rule: Mapping) -> str:
+    """What an exit rule's threshold is on, in words (``offramp.backend.exit_rules`` computes it)."""
+    value = str(rule.get("metric", "max_prob")).replace("_", "-")
+    if rule.get("patience"):
+        return f"{value} (discounted where the label held at the last {rule['patience']} exits)"
+    return value
+
+
 def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
     model, policy, quality, levels = s["model"], s["policy"], s["quality"], s["levels"]
     exits = model["exits"]
@@ -153,7 +161,8 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
             f"{', '.join(_pct(a, 2) for a in model['exit_test_accuracy'])}."
         ),
         (
-            f"Policy: `{policy['version']}`, {policy['provenance'].get('method', '?')}; max-prob thresholds "
+            f"Policy: `{policy['version']}`, {policy['provenance'].get('method', '?')}, rule family "
+            f"{policy.get('rule', 'confidence')}; {_rule_value(rules[0])} thresholds "
             f"{thresholds} at exits 0..{exits - 2}; expected compute on calibration "
             f"{_f(policy['provenance'].get('expected_cost'), '.3f')}."
         ),
