@@ -25,7 +25,9 @@ exit rates at epsilon are estimated by a plain search (no guarantee, an estimate
 the measured costs rank the sets; only the chosen set is then certified, by Learn-then-Test at delta
 on the other rows, which the choice never saw, so its guarantee is the one ``offramp calibrate``
 gives. Certifying every set at delta / m instead (the union bound) left nothing certifiable: TREC's
-calibration rows at delta / 32 certified no early exit for any set.
+calibration rows at delta / 32 certified no early exit for any set. The rule family is part of the
+choice the same way: each set is estimated under every family of ``TUNED_RULES`` on the selection rows,
+and the pick is certified under its own family on the others.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ from offramp.build.risk_control import (
 
 SEGMENT_MODES = ("bls", "in_process")
 MAX_CANDIDATE_SETS = 64  # sets of exits ranked (a 12-exit model has 2,048)
+# Rule families a set is estimated under: the data-free ones. The fitted families (score, novelty) would
+# take a fit split out of the rows that certify the pick.
+TUNED_RULES = ("confidence", "patience")
 SELECTION_FRACTION = 1 / 3  # of the calibration rows, where sets are ranked; the rest certify the pick
 
 
@@ -152,6 +157,11 @@ class Candidate:
         """Mean compute fraction (the network's multiply-accumulates) of the calibration rows."""
         return self.calibrated.result.expected_cost
 
+    @property
+    def rule(self) -> str:
+        """The rule family its policy was calibrated under."""
+        return self.calibrated.rule
+
 
 def selection_split(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (selection, certification) of the calibration rows (module doc)."""
@@ -164,13 +174,15 @@ def calibrated_set(
     labels: np.ndarray | None,
     kept: tuple[int, ...],
     method: LearnThenTest | EmpiricalSearch,
+    rule: str = "confidence",
 ) -> Candidate:
-    """The set ``kept`` calibrated by ``method``. exit_logits: (E, N, C) every exit's logits."""
+    """The set ``kept`` calibrated by ``method`` under the ``rule`` family. exit_logits: (E, N, C) every
+    exit's logits."""
     with warnings.catch_warnings():
         if len(kept) == 1:  # the full model alone: that nothing leaves early is the point, not news
             warnings.simplefilter("ignore", CalibrationWarning)
         calibrated = calibrate_exit_policy(
-            exit_logits[list(kept)], [exit_costs[k] for k in kept], method, labels=labels
+            exit_logits[list(kept)], [exit_costs[k] for k in kept], method, labels=labels, rule=rule
         )
     return Candidate(kept, calibrated, survival(calibrated.result.exit_rates))
 
@@ -181,9 +193,15 @@ def estimated_candidates(
     labels: np.ndarray | None,
     epsilon: float,
     sets: Sequence[tuple[int, ...]],
+    rules: Sequence[str] = TUNED_RULES,
 ) -> list[Candidate]:
-    """Every set by a plain search at ``epsilon`` on the selection rows: estimates to rank by."""
-    return [calibrated_set(exit_logits, exit_costs, labels, kept, EmpiricalSearch(epsilon)) for kept in sets]
+    """Every set under every family of ``rules`` by a plain search at ``epsilon`` on the selection rows:
+    estimates to rank by. The last exit alone answers every row whatever the family: it is listed once."""
+    return [
+        calibrated_set(exit_logits, exit_costs, labels, kept, EmpiricalSearch(epsilon), rule)
+        for kept in sets
+        for rule in (rules if len(kept) > 1 else rules[:1])
+    ]
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from offramp.build.exit_selection import (
+    TUNED_RULES,
     CallCost,
     Candidate,
     ServingCosts,
@@ -105,7 +106,11 @@ def test_sets_are_estimated_on_the_selection_rows_and_the_pick_certified_on_the_
     assert len(select) + len(certify) == len(labels)
     sets = exit_sets(3)
     candidates = estimated_candidates(logits[:, select], (0.3, 0.6, 1.0), labels[select], 0.02, sets)
-    assert [c.kept for c in candidates] == sets
+    # Each set under each data-free family; the last exit alone once (no family changes what it does).
+    assert [(c.kept, c.rule) for c in candidates] == [
+        (kept, rule) for kept in sets for rule in (TUNED_RULES if len(kept) > 1 else TUNED_RULES[:1])
+    ]
+    assert {c.rule for c in candidates} == {"confidence", "patience"}
     for candidate in candidates:
         assert candidate.calibrated.method == "empirical_search" and candidate.entering[0] == 1.0
         assert len(candidate.entering) == len(candidate.kept)
@@ -116,6 +121,10 @@ def test_sets_are_estimated_on_the_selection_rows_and_the_pick_certified_on_the_
     )
     assert pick.calibrated.method == "learn_then_test" and pick.calibrated.delta == 0.05
     assert pick.expected_compute < 1.0  # certified on its own rows at the full delta, it still exits
+    patient = calibrated_set(
+        logits[:, certify], (0.3, 0.6, 1.0), labels[certify], (0, 1, 2), LearnThenTest(0.02, 0.05), "patience"
+    )
+    assert patient.rule == "patience" and all(r.patience for r in patient.calibrated.rules()[:-1])
 
 
 def test_choose_ranks_by_cpu_and_falls_back_to_the_full_model_when_hops_cost_too_much() -> None:

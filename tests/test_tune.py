@@ -35,9 +35,13 @@ def test_tune_measures_chooses_and_writes_a_build_that_serves(
     )  # fmt: skip
     report = run_tune(config)
 
-    # Every set of exits (each ending at the last), in both modes, ranked by predicted CPU per row.
+    # Every set of exits (each ending at the last) under each data-free rule family (the last exit alone
+    # once: no family changes it), in both modes, ranked by predicted CPU per row.
     sets = 2 ** (artifacts.num_exits - 1)
-    assert report["sets"] == sets and len(report["candidates"]) == 2 * sets
+    families = len(report["rules"])
+    assert report["sets"] == sets and report["rules"] == ["confidence", "patience"]
+    assert len(report["candidates"]) == 2 * (1 + (sets - 1) * families)
+    assert {c["rule"] for c in report["candidates"]} == set(report["rules"])
     assert report["selection_rows"] + report["certification_rows"] == 5000  # the quick build's split
     predicted = [c["predicted_cpu_per_row_ms"] for c in report["candidates"]]
     assert predicted == sorted(predicted) and all(p > 0 for p in predicted)
@@ -52,6 +56,7 @@ def test_tune_measures_chooses_and_writes_a_build_that_serves(
         assert best["predicted_speedup"] <= 1 and "call fashion_cnn_full directly" in decision["summary"]
         best = next(c for c in report["candidates"] if len(c["kept_exits"]) == 1)
     assert decision["kept_exits"] == best["kept_exits"] and decision["mode"] == best["mode"]
+    assert decision["rule"] == best["rule"]
     # The compute fraction is a float32 mean: all rows at the last exit can read 1.0001.
     assert decision["predicted_speedup"] > 0 and 0 < decision["certified_compute"] <= 1 + 1e-3
     assert json.loads((config.out_dir / "tune.json").read_text())["decision"] == decision
@@ -65,6 +70,7 @@ def test_tune_measures_chooses_and_writes_a_build_that_serves(
     assert policy.provenance["method"] == "learn_then_test" and policy.provenance["delta"] == 0.05
     assert policy.provenance["calibration_rows"] <= report["certification_rows"]
     assert policy.provenance["tune"]["kept_exits"] == decision["kept_exits"]
+    assert policy.rule == decision["rule"]  # certified under the family it was chosen with
 
     # Served as tune says, it answers every row as the cascade predicts from the merged segments.
     test = held_out_data(tuned, config.out_dir, "test")

@@ -1,7 +1,8 @@
 """``offramp tune``: measure a model's serving costs on this machine, keep the exits that pay, serve that.
 
-1. Every exit set (``build/exit_selection.py``) is calibrated on a third of the build's calibration
-   rows (an estimate to rank by); the pick alone is certified at ``delta`` on the rest.
+1. Every exit set (``build/exit_selection.py``), under each data-free rule family (max-prob and
+   patience), is calibrated on a third of the build's calibration rows (an estimate to rank by); the
+   pick alone is certified at ``delta`` on the rest, under its family.
 2. In process, on one ONNX Runtime thread as a stub runs it: every range of segments merged into one
    model (what a set of exits serves), and the full model, each timed at several batch sizes and
    fitted as a cost per call plus a cost per row.
@@ -10,7 +11,7 @@
    forced through every segment; the orchestrator forwarding every row to the full model. The
    server's CPU per execute in these arms, less the in-process compute, gives the BLS hop's cost and
    the orchestrator's fixed cost per execute; its own part timings give the cascade's cost per exit.
-4. Every (exit set, segment mode) is ranked by predicted CPU per row against the full model's
+4. Every (exit set, rule family, segment mode) is ranked by predicted CPU per row against the full model's
    measured CPU per row; the best is written as a build of its own (segments between kept exits
    merged) with its certified policy, and ``tune.json`` / ``TUNE.md`` record every measurement and
    prediction. When nothing beats the full model it says so (call ``<name>_full``), and the build it
@@ -237,6 +238,7 @@ def candidate_rows(choice: Choice, test_logits: np.ndarray, test_labels: np.ndar
     return [
         {
             "kept_exits": list(candidate.kept),
+            "rule": candidate.rule,
             "mode": mode,
             "predicted_cpu_per_row_ms": cpu * 1e3,
             "predicted_speedup": choice.full_per_row / cpu,
@@ -275,7 +277,8 @@ def write_markdown(report: Mapping[str, Any], path: Path) -> Path:
         f"exit: {costs['exit_s'] * 1e3:.3f} ms",
         *(f"- note: {note}" for note in report["notes"]),
         "",
-        f"Every exit set ({report['sets']}) calibrated by a plain search at epsilon "
+        f"Every exit set ({report['sets']}), under each rule family "
+        f"({', '.join(report.get('rules', ['confidence']))}), calibrated by a plain search at epsilon "
         f"{report['config']['epsilon']} on {report['selection_rows']} selection rows (an estimate, no "
         f"guarantee: the ranking's input), and ranked by predicted CPU per row; the pick alone is then "
         f"certified by Learn-then-Test (delta {report['config']['delta']}) on the other "
@@ -284,10 +287,20 @@ def write_markdown(report: Mapping[str, Any], path: Path) -> Path:
         "Estimated, best first:",
         "",
         markdown_table(
-            ["kept exits", "mode", "CPU/row ms", "predicted vs full", "compute", "test acc", "test disagree"],
+            [
+                "kept exits",
+                "rule",
+                "mode",
+                "CPU/row ms",
+                "predicted vs full",
+                "compute",
+                "test acc",
+                "test disagree",
+            ],
             [
                 [
                     ",".join(map(str, r["kept_exits"])),
+                    r.get("rule", "confidence"),
                     r["mode"],
                     f"{r['predicted_cpu_per_row_ms']:.3f}",
                     f"{r['predicted_speedup']:.2f}x",
@@ -321,6 +334,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     from offramp.build.calibrate import exit_logits_from_onnx
     from offramp.build.exit_selection import (
         SELECTION_FRACTION,
+        TUNED_RULES,
         calibrated_set,
         choose,
         cpu_per_row,
@@ -379,14 +393,18 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
         summary = f"keep exits {list(best.kept)} of {artifacts.num_exits}"
     # The pick alone, certified on the rows the choice never saw; predicted again with its own exit rates.
     method = LearnThenTest(config.epsilon, config.delta)
-    best = calibrated_set(logits[:, certify], artifacts.exit_costs, labels[certify], best.kept, method)
+    best = calibrated_set(
+        logits[:, certify], artifacts.exit_costs, labels[certify], best.kept, method, best.rule
+    )
     cpu = cpu_per_row(best.kept, best.entering, mode, costs)
     summary += (
-        f", segments {mode.replace('_', ' ')}: certified compute {best.expected_compute:.3f}, predicted "
+        f", {best.rule} rule, segments {mode.replace('_', ' ')}: certified compute "
+        f"{best.expected_compute:.3f}, predicted "
         f"{costs.full_per_row / cpu:.2f}x the full model's throughput"
     )
     decision = {
         "kept_exits": list(best.kept),
+        "rule": best.rule,
         "mode": mode,
         "serves_full_model": choice.serves_full_model,
         "certified_compute": best.expected_compute,
@@ -405,6 +423,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
         "machine": f"{machine['nproc']} cores, {machine['cpu_model']}",
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "sets": len(sets),
+        "rules": list(TUNED_RULES),
         "selection_rows": len(select),
         "certification_rows": len(certify),
         "costs": costs.to_dict(),
@@ -417,7 +436,7 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     if out.exists():
         shutil.rmtree(out)
     tuned = merged_artifacts(artifacts, directory, best.kept, out)
-    record = {k: decision[k] for k in ("kept_exits", "mode", "predicted_speedup")} | {
+    record = {k: decision[k] for k in ("kept_exits", "rule", "mode", "predicted_speedup")} | {
         "tuned_from": artifacts.fingerprint,
         # Which of the build's calibration rows chose the set (selection_split); the rest certified it.
         "selection": {"fraction": SELECTION_FRACTION, "seed": 0, "rows": len(select)},
