@@ -138,7 +138,7 @@ def header(summaries: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
-def _rule_value(rule: Mapping) -> str:
+def rule_value(rule: Mapping) -> str:
     """What an exit rule's threshold is on, in words (``offramp.backend.exit_rules`` computes it)."""
     value = str(rule.get("metric", "max_prob")).replace("_", "-")
     if rule.get("patience"):
@@ -162,7 +162,7 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
         ),
         (
             f"Policy: `{policy['version']}`, {policy['provenance'].get('method', '?')}, rule family "
-            f"{policy.get('rule', 'confidence')}; {_rule_value(rules[0])} thresholds "
+            f"{policy.get('rule', 'confidence')}; {rule_value(rules[0])} thresholds "
             f"{thresholds} at exits 0..{exits - 2}; expected compute on calibration "
             f"{_f(policy['provenance'].get('expected_cost'), '.3f')}."
         ),

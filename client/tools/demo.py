@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from offramp.build.repository import RepositoryOptions, full_model_name, write_r
 from offramp.client.grpc_client import OfframpClient, Predictions
 from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
 from offramp.client.serving.statistics import ORCHESTRATOR_PARTS, orchestrator_parts
+from offramp.client.tools.bench_report import rule_value
 from offramp.client.tools.tune import TuneConfig, run_tune
 
 ROUNDS = 3
@@ -173,8 +174,9 @@ def run_demo(
         data = held_out_data(artifacts, artifacts_dir)
         policy, _, _ = calibrate_artifacts(artifacts, artifacts_dir, data, epsilon=0.01, delta=0.05)
     thresholds = ", ".join(f"{r.threshold:.4f}" for r in policy.exits[:-1]) or "none (no early exit)"
-    print(f"      {policy.provenance['calibration_rows']:,} calibration rows; max-prob thresholds "
-          f"{thresholds}; expected compute {policy.provenance['expected_cost']:.2f}")  # fmt: skip
+    print(f"      {policy.provenance['calibration_rows']:,} calibration rows; {policy.rule} rule, "
+          f"{rule_value(asdict(policy.exits[0]))} thresholds {thresholds}; expected compute "
+          f"{policy.provenance['expected_cost']:.2f}")  # fmt: skip
 
     print(f"[3/4] repository -> {repository}")
     serving = ServingOptions(segments_in_process=in_process)
