@@ -347,3 +347,26 @@ def test_the_latency_trace_bins_requests_by_send_second():
         (0.0, 2, pytest.approx(100.0), pytest.approx(300.0)),
         (2.0, 1, math.inf, math.inf),
     ]
+
+
+@pytest.mark.parametrize("family", ["confidence", "patience", "score"])
+def test_the_ladder_is_certified_under_the_family_the_fixed_policy_serves(family):
+    """Rung 0 and the fixed arm decide a row's exit the same way; the rungs above cost no more."""
+    from types import SimpleNamespace
+
+    from offramp.client.tools.spike import ladder_policy
+
+    rng = np.random.default_rng(1)
+    rows, classes = 3000, 4
+    labels = rng.integers(0, classes, rows)
+    logits = np.stack(
+        [np.eye(classes)[labels] * 4.0 + rng.normal(0.0, noise, (rows, classes)) for noise in (2.0, 1.2, 0.1)]
+    ).astype(np.float32)  # (3 exits, rows, classes): the last is right, the others see it through noise
+    workload = SimpleNamespace(
+        calibration_logits=logits, calibration_labels=labels, policy=SimpleNamespace(rule=family),
+        artifacts=SimpleNamespace(exit_costs=[0.3, 0.6, 1.0], fingerprint="f" * 16),
+    )  # fmt: skip
+    policy = ladder_policy(workload, [0.01, 0.05, 0.1])
+    assert policy.rule == family and [r.epsilon for r in policy.rungs] == [0.05, 0.1]
+    costs = [policy.provenance["expected_cost"], *(r.expected_cost for r in policy.rungs)]
+    assert costs == sorted(costs, reverse=True)

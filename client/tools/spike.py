@@ -393,7 +393,9 @@ def wait_until_idle(
 
 
 def ladder_policy(workload: Any, ladder: Sequence[float], delta: float = 0.05) -> Any:
-    """The workload's ladder, certified on its calibration logits at every level at once."""
+    """The workload's ladder, certified on its calibration logits at every level at once, under the rule
+    family its fixed policy serves (the fixed arm and rung 0 then differ only by the ladder's split of
+    delta, not by how a row's exit is decided)."""
     from offramp.build.calibrate import policy_version
     from offramp.build.risk_control import LearnThenTest, calibrate_exit_policy
 
@@ -403,6 +405,7 @@ def ladder_policy(workload: Any, ladder: Sequence[float], delta: float = 0.05) -
         LearnThenTest(ladder[0], delta),
         labels=workload.calibration_labels,
         ladder=ladder[1:],
+        rule=workload.policy.rule,
     )
     version = policy_version("ladder", calibrated.rules(), {}, calibrated.ladder())
     return calibrated.to_policy(version, workload.artifacts.fingerprint)
@@ -557,6 +560,7 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
         "full_capacity_rows_per_s": saturated.rows_per_s,
         "capacity_rows_per_s": {FULL: saturated.rows_per_s, **capacities},  # at the same concurrency
         "saturating_concurrency": saturating,
+        "rule": policy.rule,
         "ladder": [{"epsilon": spike.ladder[0], "expected_cost": policy.provenance["expected_cost"]}]
         + [{"epsilon": r.epsilon, "expected_cost": r.expected_cost} for r in policy.rungs],
         "config": {"spike": asdict(spike), "rows_per_request": batch, "data_rows": len(full_labels)},
@@ -634,7 +638,7 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
         f"{summary['full_capacity_rows_per_s']:.0f} rows/s; {summary['config']['rows_per_request']} rows per "
         f"request; {spike['spike_step_s']:g} s per step; one perf_analyzer run per model over the whole "
         f"schedule ({summary['schedule']['requests']} requests, Poisson arrivals, the same for every model). "
-        f"Ladder: {ladder}.{capacity}\n\n"
+        f"Ladder ({summary.get('rule', 'confidence')} rule, as the fixed policy): {ladder}.{capacity}\n\n"
         "Latency and agreement are of the requests sent in the step (unanswered ones count as infinitely "
         "late); agreement with the full model is of every answered row (and, where shedding capped some, "
         "of the rows a rung answered); rows/s are the rows answered during the step; compute is the mean "
