@@ -1,5 +1,6 @@
-"""A fake multi-exit network for cascade tests: row-wise by construction, so a row's outputs cannot
-depend on its batch-mates, and it records which rows each segment saw."""
+"""Fakes for tests without a model: a multi-exit network for cascade tests (row-wise by construction, so
+a row's outputs cannot depend on its batch-mates, and it records which rows each segment saw), and
+exit logits for calibration tests."""
 
 from __future__ import annotations
 
@@ -61,3 +62,18 @@ class FakeNetwork:
             body, logits = self.run_segment(index, current, True)
             current = {HIDDEN_IN: body, **side}
         return logits
+
+
+def synthetic_exits(
+    rows: int = 3000, classes: int = 5, exits: int = 3, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (exits, rows, classes) that grow more accurate exit by exit, and labels (rows,)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, rows)
+    ease = rng.uniform(0.2, 1.6, rows)  # (rows,) per-row difficulty shared by every exit
+    logits = np.empty((exits, rows, classes), dtype=np.float32)
+    for k in range(exits):
+        z = rng.normal(0.0, 1.0, (rows, classes))
+        z[np.arange(rows), labels] += 1.5 * (k + 1) * ease
+        logits[k] = z
+    return logits, labels

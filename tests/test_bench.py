@@ -394,14 +394,9 @@ def test_the_bench_serves_the_rule_family_that_certifies_the_least_compute():
     from types import SimpleNamespace
 
     from offramp.backend.policy import RULE_FAMILIES
+    from tests.fakes import synthetic_exits
 
-    rng = np.random.default_rng(0)
-    rows, classes = 3000, 4
-    labels = rng.integers(0, classes, rows)
-    # Three exits: the last one is right; the earlier ones see the label through noise shrinking with depth.
-    logits = np.stack(
-        [np.eye(classes)[labels] * 4.0 + rng.normal(0.0, noise, (rows, classes)) for noise in (2.0, 1.2, 0.1)]
-    ).astype(np.float32)  # (3, rows, classes)
+    logits, labels = synthetic_exits()  # (3 exits, rows, classes), more accurate exit by exit
     artifacts = SimpleNamespace(exit_costs=[0.3, 0.6, 1.0], fingerprint="f" * 16)
     policy = bench.bench_policy(artifacts, logits, labels)
     tried = policy.provenance["rules_tried"]

@@ -50,24 +50,10 @@ from offramp.build.temperature import (
     negative_log_likelihood,
     reliability_bins,
 )
+from tests.fakes import synthetic_exits
 
 EPSILON, DELTA = 0.05, 0.1
 DRAWS, CALIBRATION_ROWS, MIN_GROUP_ROWS = 400, 2000, 50
-
-
-def synthetic_exits(
-    rows: int = 3000, classes: int = 5, exits: int = 3, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (exits, rows, classes) that grow more accurate exit by exit, and labels (rows,)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, rows)
-    ease = rng.uniform(0.2, 1.6, rows)  # (rows,) per-row difficulty shared by every exit
-    logits = np.empty((exits, rows, classes), dtype=np.float32)
-    for k in range(exits):
-        z = rng.normal(0.0, 1.0, (rows, classes))
-        z[np.arange(rows), labels] += 1.5 * (k + 1) * ease
-        logits[k] = z
-    return logits, labels
 
 
 # ---------------------------------------------------------------------------------------------

@@ -355,13 +355,9 @@ def test_the_ladder_is_certified_under_the_family_the_fixed_policy_serves(family
     from types import SimpleNamespace
 
     from offramp.client.tools.spike import ladder_policy
+    from tests.fakes import synthetic_exits
 
-    rng = np.random.default_rng(1)
-    rows, classes = 3000, 4
-    labels = rng.integers(0, classes, rows)
-    logits = np.stack(
-        [np.eye(classes)[labels] * 4.0 + rng.normal(0.0, noise, (rows, classes)) for noise in (2.0, 1.2, 0.1)]
-    ).astype(np.float32)  # (3 exits, rows, classes): the last is right, the others see it through noise
+    logits, labels = synthetic_exits()  # (3 exits, rows, classes), more accurate exit by exit
     workload = SimpleNamespace(
         calibration_logits=logits, calibration_labels=labels, policy=SimpleNamespace(rule=family),
         artifacts=SimpleNamespace(exit_costs=[0.3, 0.6, 1.0], fingerprint="f" * 16),
