@@ -278,7 +278,7 @@ def write_markdown(report: Mapping[str, Any], path: Path) -> Path:
         *(f"- note: {note}" for note in report["notes"]),
         "",
         f"Every exit set ({report['sets']}), under each rule family "
-        f"({', '.join(report.get('rules', ['confidence']))}), calibrated by a plain search at epsilon "
+        f"({', '.join(report['rules'])}), calibrated by a plain search at epsilon "
         f"{report['config']['epsilon']} on {report['selection_rows']} selection rows (an estimate, no "
         f"guarantee: the ranking's input), and ranked by predicted CPU per row; the pick alone is then "
         f"certified by Learn-then-Test (delta {report['config']['delta']}) on the other "
@@ -300,7 +300,7 @@ def write_markdown(report: Mapping[str, Any], path: Path) -> Path:
             [
                 [
                     ",".join(map(str, r["kept_exits"])),
-                    r.get("rule", "confidence"),
+                    r["rule"],
                     r["mode"],
                     f"{r['predicted_cpu_per_row_ms']:.3f}",
                     f"{r['predicted_speedup']:.2f}x",
