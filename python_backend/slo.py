@@ -32,6 +32,15 @@ once per window:
   light load near a tight target, and then never went back to rung 0 at half the full model's
   capacity (measured on TREC).
 
+A climb's rung and a descent's must also be predicted to answer the load of now under ``climb_at`` of
+the target, or the controller would climb from it again a window later: the rung's time per request is
+this window's, scaled by the rungs' expected compute, and its p99 queue wait that of an M/M/c queue
+(``queue_wait_ms``) with the model's instances as servers, plus this window's own p99, scaled alike. A
+throughput margin is not a latency margin: at 80% busy, Poisson arrivals wait several service times at
+p99. With that margin alone the controller came down from the top rung to a rung that carried a 2x load
+by throughput, and its slowest seconds (430-550 ms against a 271 ms target) were those descents
+(measured on TREC).
+
 What a rung carries, where it was never seen overloaded, is estimated from a rung that was, by their
 expected compute per row (``costs``, the ladder's calibration figures): requests per second times
 compute per request is about constant for a saturated server. That overstates what a cheaper rung
@@ -254,7 +263,11 @@ class SloController:
                 self._quiet = 0
                 if self.shedding:
                     self.shedding = False
-                elif self.rung > 0 and load < config.descend_load * self.carries(self.rung - 1):
+                elif (
+                    self.rung > 0
+                    and load < config.descend_load * self.carries(self.rung - 1)
+                    and self._fits(self.rung - 1, load)
+                ):
                     self.rung -= 1
         else:
             self._quiet = 0
@@ -271,11 +284,22 @@ class SloController:
 
     def _rung_that_carries(self, load: float) -> int:
         """Climbing from an overloaded rung: the next one up, or the first above it estimated to carry
-        ``load`` with the descent's margin (the top where none is)."""
+        ``load`` with the descent's margin and within the latency a climb answers (the top where none
+        is)."""
         for rung in range(self.rung + 1, self.top_rung + 1):
-            if load < self.config.descend_load * self.carries(rung):
+            if load < self.config.descend_load * self.carries(rung) and self._fits(rung, load):
                 return rung
         return self.top_rung
+
+    def _fits(self, rung: int, load: float) -> bool:
+        """Whether ``rung`` is predicted to answer ``load`` requests per second under ``climb_at`` of the
+        target, from what this window measured at the rung of now: a rung that is not would be climbed
+        from again a window later (module doc). Unknown (no costs, no times yet): it fits."""
+        if not self.costs or math.isnan(self._service_s) or math.isnan(self._last_own_p99):
+            return True
+        scale = self.costs[rung] / self.costs[self.rung]
+        waiting = queue_wait_ms(load, self._service_s * scale, self.instances)
+        return waiting + self._last_own_p99 * scale < self.config.climb_at * self.config.p99_ms
 
     def _lower_carries(self, load: float) -> bool:
         """A rung below was seen overloaded at a load well above this one (a lower rung carries less than
@@ -284,6 +308,30 @@ class SloController:
         ``descend_at``, and the ladder stayed up after a spike had passed (measured on TREC)."""
         below = [carried for rung, carried in self.capacity.items() if rung < self.rung]
         return bool(below) and load < self.config.descend_load * max(below)
+
+
+def queue_wait_ms(arrivals_per_s: float, service_s: float, servers: int, quantile: float = 0.99) -> float:
+    """The ``quantile`` of the wait in an M/M/c queue (Erlang C): Poisson arrivals at ``arrivals_per_s``
+    to ``servers`` instances taking ``service_s`` each per request; inf where they cannot keep up.
+
+    ``P(wait > t) = C exp(-(c / s - lambda) t)``, C the chance of waiting at all. Exponential service
+    overstates the wait of an orchestrator's nearly constant service time, so a rung predicted to fit
+    does.
+    """
+    offered = arrivals_per_s * service_s  # busy instances, on average
+    if offered >= servers:
+        return math.inf
+    if offered <= 0:
+        return 0.0
+    # Erlang C from the Erlang B recursion (no factorials): B(0) = 1, B(k) = a B / (k + a B).
+    blocked = 1.0
+    for k in range(1, servers + 1):
+        blocked = offered * blocked / (k + offered * blocked)
+    waits = blocked / (1.0 - offered / servers * (1.0 - blocked))
+    tail = 1.0 - quantile
+    if waits <= tail:
+        return 0.0
+    return math.log(waits / tail) / (servers / service_s - arrivals_per_s) * 1000.0
 
 
 def queue_counters_from_metrics(text: str, model: str) -> tuple[float, float, float] | None:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from offramp.backend.slo import SloConfig, SloController, SloWindow
+from offramp.backend.slo import SloConfig, SloController, SloWindow, queue_wait_ms
 
 
 class Scripted:
@@ -47,7 +47,7 @@ def controller(
     top: int = 3, costs: tuple[float, ...] = (), instances: int = 1, **config
 ) -> tuple[SloController, Scripted]:
     script = Scripted()
-    slo = SloConfig(p99_ms=100.0, **config)
+    slo = SloConfig(**{"p99_ms": 100.0, **config})
     return SloController(
         slo, top, script.counters, lambda: script.now, costs=costs, instances=instances
     ), script
@@ -162,22 +162,59 @@ COSTS = (0.6, 0.55, 0.4, 0.3)
 
 def test_with_the_rungs_compute_it_climbs_past_a_rung_that_cannot_carry_the_load_either():
     """Rung 0 overloaded at 40/s: rung 1 (0.55 of compute against 0.6) is estimated to carry 43.6/s, under
-    the 40/0.8 = 50/s a climb wants; rung 2 (0.4) carries an estimated 60/s. Without costs: one rung."""
-    slo, script = controller(costs=COSTS)
-    assert window(slo, script, queue_ms=65, own_ms=20, requests=40).rung == 2
+    the 40/0.8 = 50/s a climb wants; rung 2 (0.4) carries an estimated 60/s. Without costs: one rung. (A
+    target of 1 s: the queue rung 2 is predicted to build is well inside it.)"""
+    slo, script = controller(costs=COSTS, p99_ms=1000.0)
+    assert window(slo, script, queue_ms=650, own_ms=200, requests=40).rung == 2
     assert slo.carries(1) == pytest.approx(40 * 0.6 / 0.55) and slo.carries(0) == 40
-    plain, script = controller()
-    assert window(plain, script, queue_ms=65, own_ms=20, requests=40).rung == 1
+    plain, script = controller(p99_ms=1000.0)
+    assert window(plain, script, queue_ms=650, own_ms=200, requests=40).rung == 1
+
+
+def test_a_climb_goes_past_a_rung_predicted_to_queue_over_the_latency_it_climbs_at():
+    """40 requests/s on one instance busy all the window: 25 ms each at rung 0. Rung 2 (0.4 / 0.6 of the
+    compute: 16.7 ms) carries the load with the throughput margin, but at 67% busy Poisson arrivals wait
+    210 ms at p99 (M/M/1: ln(0.667 / 0.01) / (60 - 40) s), over the 240 ms a climb starts at with the own
+    33 ms; rung 3 (12.5 ms: 98 + 25 ms) is not."""
+    costs = (*COSTS, 0.2)
+    slo, script = controller(top=4, costs=costs, p99_ms=300.0)
+    assert window(slo, script, queue_ms=200, own_ms=50, requests=40).rung == 3
+
+
+def test_it_descends_only_to_a_rung_predicted_to_answer_the_load_of_now_under_the_climb_latency():
+    """At the top rung (0.3 of the compute), two instances busy 60% of the window at 35 requests/s: rung 2
+    (0.4) carries 45/s by throughput, yet would be 80% busy, and M/M/2 puts the p99 wait near half a
+    second, over the 80 ms a climb starts at: it stays. At 10 requests/s it descends."""
+    slo, script = controller(costs=COSTS, instances=2, descend_windows=1)
+    window(slo, script, queue_ms=150, own_ms=20, requests=30)  # over the target: rung 0 carries 30/s
+    assert slo.rung == 3
+    held = [window(slo, script, queue_ms=5, own_ms=10, requests=35, busy=0.6) for _ in range(3)]
+    assert [w.rung for w in held] == [3, 3, 3]
+    eased = window(slo, script, queue_ms=5, own_ms=10, requests=10, busy=0.1)
+    assert eased.rung == 2
+
+
+def test_the_predicted_wait_is_erlang_c():
+    """M/M/1: P(wait > t) = rho exp(-(mu - lambda) t); M/M/2: P(wait) = 2 rho^2 / (1 + rho)."""
+    assert queue_wait_ms(10, 0.05, 1) == pytest.approx(math.log(0.5 / 0.01) / (20 - 10) * 1000)
+    rho = 0.6
+    waits = 2 * rho**2 / (1 + rho)
+    assert queue_wait_ms(2 * rho / 0.026, 0.026, 2) == pytest.approx(
+        math.log(waits / 0.01) / (2 / 0.026 - 2 * rho / 0.026) * 1000
+    )
+    assert queue_wait_ms(100, 0.05, 2) == math.inf  # 5 busy instances' worth on 2
+    assert queue_wait_ms(1, 0.001, 2) == 0.0  # almost never waits: under the 1% tail
 
 
 def test_with_the_rungs_compute_it_does_not_descend_to_a_rung_estimated_too_small():
     """At the top after rung 0 was overloaded at 30/s: rung 2 is estimated to carry 45/s and rung 1
-    32.7/s. Quiet windows at 35/s take it down to rung 2 (35 < 0.8 * 45) but not to rung 1, where plain
-    hysteresis, knowing nothing of rung 1, went on down and into the overload again."""
+    32.7/s. Quiet windows at 35/s (the instance busy a fifth of each) take it down to rung 2
+    (35 < 0.8 * 45) but not to rung 1, where plain hysteresis, knowing nothing of rung 1, went on down
+    and into the overload again."""
     slo, script = controller(costs=COSTS, descend_windows=1)
     window(slo, script, queue_ms=150, own_ms=20, requests=30)  # over the target: to the top
     assert slo.rung == 3
-    quiet = [window(slo, script, queue_ms=5, own_ms=10, requests=35) for _ in range(4)]
+    quiet = [window(slo, script, queue_ms=5, own_ms=10, requests=35, busy=0.2) for _ in range(4)]
     assert [w.rung for w in quiet] == [2, 2, 2, 2]
     plain, script = controller(descend_windows=1)
     window(plain, script, queue_ms=150, own_ms=20, requests=30)
@@ -246,7 +283,7 @@ def test_only_a_saturated_window_says_what_its_rung_carries():
     """Near a tight target a light load can sit over climb_at with the instances mostly idle: that is
     latency, not a limit, so the controller climbs but records no capacity; a window that kept them busy
     records what it answered."""
-    slo, script = controller(costs=COSTS)
+    slo, script = controller()
     assert window(slo, script, queue_ms=65, own_ms=20, requests=10, busy=0.2).rung == 1
     assert slo.capacity == {}
     window(slo, script, queue_ms=65, own_ms=20, requests=40)  # saturated: rung 1 carries 40/s
