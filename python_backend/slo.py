@@ -35,11 +35,13 @@ once per window:
 A climb's rung and a descent's must also be predicted to answer the load of now under ``climb_at`` of
 the target, or the controller would climb from it again a window later: the rung's time per request is
 this window's, scaled by the rungs' expected compute, and its p99 queue wait that of an M/M/c queue
-(``queue_wait_ms``) with the model's instances as servers, plus this window's own p99, scaled alike. A
+(``queue_wait_ms``) with the model's instances as servers, plus this window's own p99 as it is. A
 throughput margin is not a latency margin: at 80% busy, Poisson arrivals wait several service times at
 p99. With that margin alone the controller came down from the top rung to a rung that carried a 2x load
 by throughput, and its slowest seconds (430-550 ms against a 271 ms target) were those descents
-(measured on TREC).
+(measured on TREC). The own p99 is not scaled by the compute: at a light load it is mostly a request's
+fixed cost, and scaled it kept the ladder off rung 0 after a spike (measured on TREC); a lower rung
+whose own time is over ``climb_at`` is climbed from a window later.
 
 What a rung carries, where it was never seen overloaded, is estimated from a rung that was, by their
 expected compute per row (``costs``, the ladder's calibration figures): requests per second times
@@ -299,7 +301,7 @@ class SloController:
             return True
         scale = self.costs[rung] / self.costs[self.rung]
         waiting = queue_wait_ms(load, self._service_s * scale, self.instances)
-        return waiting + self._last_own_p99 * scale < self.config.climb_at * self.config.p99_ms
+        return waiting + self._last_own_p99 < self.config.climb_at * self.config.p99_ms
 
     def _lower_carries(self, load: float) -> bool:
         """A rung below was seen overloaded at a load well above this one (a lower rung carries less than

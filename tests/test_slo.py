@@ -175,7 +175,7 @@ def test_a_climb_goes_past_a_rung_predicted_to_queue_over_the_latency_it_climbs_
     """40 requests/s on one instance busy all the window: 25 ms each at rung 0. Rung 2 (0.4 / 0.6 of the
     compute: 16.7 ms) carries the load with the throughput margin, but at 67% busy Poisson arrivals wait
     210 ms at p99 (M/M/1: ln(0.667 / 0.01) / (60 - 40) s), over the 240 ms a climb starts at with the own
-    33 ms; rung 3 (12.5 ms: 98 + 25 ms) is not."""
+    50 ms; rung 3 (12.5 ms: 98 + 50 ms) is not."""
     costs = (*COSTS, 0.2)
     slo, script = controller(top=4, costs=costs, p99_ms=300.0)
     assert window(slo, script, queue_ms=200, own_ms=50, requests=40).rung == 3
