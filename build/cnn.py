@@ -3,6 +3,12 @@
 The stem downsamples at once (stride 2): at full 28x28 resolution the stem and first stage cost half
 the network (exit costs 0.51, 0.81, 1.00 in a reference run), which leaves early exits little to
 save.
+
+The early exits' heads pool the stage's output to a 4x4 grid before an MLP (``PooledExitHead``); the
+last exit is the network's own head, a global average and a linear layer. A global average at the first
+stage, where a garment's parts are still apart, left exit 0 at 84% test accuracy against 91% at the
+last; the pooled head reached 90-91% for 3-4% more compute (Fashion-MNIST, 3 epochs; the measurements
+behind the defaults are in ``build/recipes.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ class CNNConfig:
     image_size: int = 28
     num_classes: int = 10
     stage_channels: tuple[int, ...] = (32, 64, 128)
-    blocks_per_stage: int = 1
+    blocks_per_stage: int = 2
     # Pixel statistics, applied inside the network so clients send raw [0, 1] pixels.
     pixel_mean: float = 0.286
     pixel_std: float = 0.353
@@ -54,6 +60,29 @@ class ExitHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.mean(dim=(2, 3)))
+
+
+EXIT_GRID = 4  # a pooled exit head pools the stage's output to at most EXIT_GRID x EXIT_GRID positions
+EXIT_HIDDEN = 256  # width of the pooled exit head's hidden layer
+
+
+class PooledExitHead(nn.Module):
+    """(B, C, H, W) -> (B, classes): average pool to at most EXIT_GRID^2 positions, then an MLP. Where
+    an image's parts are still apart (early stages), a global average leaves little to classify by."""
+
+    def __init__(self, channels: int, height: int, width: int, num_classes: int) -> None:
+        super().__init__()
+        grid = (min(EXIT_GRID, height), min(EXIT_GRID, width))
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * grid[0] * grid[1], EXIT_HIDDEN),
+            nn.ReLU(),
+            nn.Linear(EXIT_HIDDEN, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(x))
 
 
 class CNNSegment(nn.Module):
@@ -114,7 +143,14 @@ class MultiExitCNN(nn.Module):
             stages.append(nn.Sequential(stem, *blocks) if index == 0 else nn.Sequential(*blocks))
             in_channels = channels
         self.stages = nn.ModuleList(stages)
-        self.heads = nn.ModuleList(ExitHead(c, config.num_classes) for c in config.stage_channels)
+        sizes = [(config.image_size - 1) // 2 + 1]  # each stage's output side: the stem's stride 2...
+        for _ in config.stage_channels[1:]:
+            sizes.append((sizes[-1] - 1) // 2 + 1)  # ...and every later stage's
+        last = len(config.stage_channels) - 1
+        self.heads = nn.ModuleList(
+            PooledExitHead(c, size, size, config.num_classes) if i < last else ExitHead(c, config.num_classes)
+            for i, (c, size) in enumerate(zip(config.stage_channels, sizes, strict=True))
+        )
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit, each (B, classes), for images (B, C, H, W) in [0, 1]."""

@@ -144,7 +144,7 @@ def _build_fashion_cnn(config: BuildConfig, progress: bool) -> ModelArtifacts:
     """The project's residual CNN on Fashion-MNIST's IDX files; the last ``split.calibration`` training
     images are held out for calibration, and the IDX test set is the test split."""
     from offramp.build.fashion_mnist import DEFAULT_DIR
-    from offramp.build.recipes import build_fashion_mnist_cnn
+    from offramp.build.recipes import DEFAULT_TRAIN, build_fashion_mnist_cnn
     from offramp.build.train import TrainConfig
 
     data, split, train = config.data, config.split, config.train
@@ -159,9 +159,9 @@ def _build_fashion_cnn(config: BuildConfig, progress: bool) -> ModelArtifacts:
         raise ConfigError(
             f"{FASHION_CNN} holds out the last N training images: split.calibration must be a number"
         )
-    defaults = TrainConfig()
+    defaults = DEFAULT_TRAIN  # the recipe's: what the demo and the benchmark serve
     settings = TrainConfig(
-        epochs=_or(train.epochs, 3),
+        epochs=_or(train.epochs, defaults.epochs),
         batch_size=_or(train.batch_size, defaults.batch_size),
         learning_rate=_or(train.learning_rate, defaults.learning_rate),
         weight_decay=_or(train.weight_decay, defaults.weight_decay),

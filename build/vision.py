@@ -10,7 +10,7 @@ input flattened from dim 1, as torchvision's forward flattens after ``avgpool``.
 Exits sit after each stage, or after the stages ``exits`` names, counted from 1 as a text model's
 layers are (1: a ResNet's layer1); the last stage always has one, and its head is the network's own,
 so the last exit and ``<name>_full`` compute exactly the original network. An early exit's head
-(``ExitHead``) average-pools the stage's output to at most 4x4 positions and classifies them with a
+(``cnn.PooledExitHead``) average-pools the stage's output to at most 4x4 positions and classifies them with a
 two-layer MLP: each costs 0.8-1.5% of a ResNet-18 at 28x28 pixels (1.3-2.7% of a ResNet-50), under
 0.1% at 224x224.
 
@@ -45,7 +45,7 @@ from offramp.backend.contract import TensorSpec
 from offramp.backend.image import IMAGE_INPUT, ImageSpec
 from offramp.build.artifacts import ModelArtifacts
 from offramp.build.build_cache import CachedBuild
-from offramp.build.cnn import CNNSegment, FullCNN
+from offramp.build.cnn import CNNSegment, FullCNN, PooledExitHead
 from offramp.build.export import artifacts_from_network
 from offramp.build.image_data import ImageSplits
 from offramp.build.resnet import RESNETS, resnet
@@ -53,8 +53,6 @@ from offramp.build.segmented import SegmentedNetwork
 from offramp.build.train import TrainConfig, predict_exits, seed_everything, train_exits
 
 MODES = ("attach", "joint")
-EXIT_GRID = 4  # an exit head pools the stage's output to at most EXIT_GRID x EXIT_GRID positions
-EXIT_HIDDEN = 256  # width of the exit head's hidden layer
 RECIPE = "vision"
 
 
@@ -108,24 +106,6 @@ class OwnHead(nn.Module):
         return x
 
 
-class ExitHead(nn.Module):
-    """(B, C, H, W) -> (B, classes): average pool to at most EXIT_GRID^2 positions, then an MLP."""
-
-    def __init__(self, channels: int, height: int, width: int, num_classes: int) -> None:
-        super().__init__()
-        grid = (min(EXIT_GRID, height), min(EXIT_GRID, width))
-        self.pool = nn.AdaptiveAvgPool2d(grid)
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(channels * grid[0] * grid[1], EXIT_HIDDEN),
-            nn.ReLU(),
-            nn.Linear(EXIT_HIDDEN, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(x))
-
-
 class MultiExitVision(nn.Module):
     """A stem-and-stages network with exit heads after the stages ``exit_after`` names (the last stage's
     exit is the network's own head). Built in evaluation mode: probing the stages' shapes must not move
@@ -143,7 +123,7 @@ class MultiExitVision(nn.Module):
         self.eval()
         stage_shapes, self.num_classes = self._probe()
         self.exit_heads = nn.ModuleList(
-            ExitHead(*stage_shapes[stage], self.num_classes) for stage in self.exit_after[:-1]
+            PooledExitHead(*stage_shapes[stage], self.num_classes) for stage in self.exit_after[:-1]
         )
 
     @torch.no_grad()
@@ -174,7 +154,7 @@ class MultiExitVision(nn.Module):
 
     @property
     def heads(self) -> list[nn.Module]:
-        """Exit k's head: an ExitHead, or the network's own for the last exit."""
+        """Exit k's head: a PooledExitHead, or the network's own for the last exit."""
         return [*self.exit_heads, self.head]
 
     def _stage_outputs(self, image: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -223,7 +203,7 @@ class MultiExitVision(nn.Module):
 class _ExitClassifiers(nn.Module):
     """The early exits' classifiers over their pooled features: what attach mode trains."""
 
-    def __init__(self, heads: Sequence[ExitHead]) -> None:
+    def __init__(self, heads: Sequence[PooledExitHead]) -> None:
         super().__init__()
         self.classifiers = nn.ModuleList(head.classifier for head in heads)
 

@@ -61,8 +61,10 @@ def test_every_exported_tensor_has_a_symbolic_batch_axis(quick_cnn):
 def test_exit_costs_rise_to_the_full_network(quick_cnn):
     costs = quick_cnn[0].exit_costs
     assert all(a < b for a, b in itertools.pairwise(costs))
-    # The last exit runs the whole network plus the early heads, which are tiny.
-    assert 1.0 <= costs[-1] < 1.01
+    # The last exit runs the whole network plus the early heads: their MLPs over a 4x4 grid are 0.4M
+    # multiply-accumulates (32 and 64 channels x 16 positions x 256, + 256 x 10 each), 1.8% of the
+    # two-block network's 22M; 3% leaves room for a wider stage, not for a head as large as a block.
+    assert 1.0 <= costs[-1] < 1.03
 
 
 def test_merged_segment_requests_fail_one_by_one(tmp_path):

@@ -53,7 +53,7 @@ def test_the_novelty_command_certifies_both_rules_on_the_same_rows_and_judges_th
         for name, figures in rule["domains"].items():
             assert figures["rows"] == (10_000 if name == "in-domain" else 300)
             assert abs(sum(figures["exit_profile"]) - 1.0) < 1e-3
-            assert 0.0 < figures["compute"] <= 1.0 + 1e-3
+            assert 0.0 < figures["compute"] <= result["exit_costs"][-1] + 1e-3  # the last exit's cost
     assert all(limit is not None for limit in gated["distance_limits"])
     goal = result["goal"]
     first = goal["novelty_first_exit_share"]

@@ -57,8 +57,10 @@ def test_tune_measures_chooses_and_writes_a_build_that_serves(
         best = next(c for c in report["candidates"] if len(c["kept_exits"]) == 1)
     assert decision["kept_exits"] == best["kept_exits"] and decision["mode"] == best["mode"]
     assert decision["rule"] == best["rule"]
-    # The compute fraction is a float32 mean: all rows at the last exit can read 1.0001.
-    assert decision["predicted_speedup"] > 0 and 0 < decision["certified_compute"] <= 1 + 1e-3
+    # The compute fraction is a float32 mean: all rows at the last exit (which also runs the early heads:
+    # its cost is over 1) can read a little over that exit's cost.
+    last = artifacts.exit_costs[-1]
+    assert decision["predicted_speedup"] > 0 and 0 < decision["certified_compute"] <= last + 1e-3
     assert json.loads((config.out_dir / "tune.json").read_text())["decision"] == decision
     assert "Decision" in (config.out_dir / "TUNE.md").read_text()
 
