@@ -45,6 +45,9 @@ bench: $(STAMP) ## early exit against the full model under perf_analyzer, CNN an
 	for model in $(TUNED); do \
 		$(BIN)/offramp tune --artifacts .cache/offramp/$$model --verify --report benchmarks/tune/$$model || exit 1; \
 	done
+	# What tune serves where the segments must stay separate models (BLS): the CNN sits near 1x there.
+	$(BIN)/offramp tune --artifacts .cache/offramp/fashion_cnn --modes bls --verify \
+		--out .cache/offramp/fashion_cnn-tuned-bls --report benchmarks/tune/fashion_cnn_bls
 	$(BIN)/offramp bench --workload generation
 
 SOAK_ARGS ?=
