@@ -41,7 +41,9 @@ p99. With that margin alone the controller came down from the top rung to a rung
 by throughput, and its slowest seconds (430-550 ms against a 271 ms target) were those descents
 (measured on TREC). The own p99 is not scaled by the compute: at a light load it is mostly a request's
 fixed cost, and scaled it kept the ladder off rung 0 after a spike (measured on TREC); a lower rung
-whose own time is over ``climb_at`` is climbed from a window later.
+whose own time is over ``climb_at`` is climbed from a window later. A descent is judged on the worst
+load, time per request and own p99 of its run of quiet windows, not on the last alone: one light window
+in a spike took the ladder down for a window under a load that had not gone (measured on TREC).
 
 What a rung carries, where it was never seen overloaded, is estimated from a rung that was, by their
 expected compute per row (``costs``, the ladder's calibration figures): requests per second times
@@ -152,7 +154,8 @@ class SloController:
         self._last_own_p99 = math.nan
         self._window_start = self._checked_at = self.clock()
         self._queue_start = self.queue()
-        self._quiet = 0
+        self._quiet = 0  # quiet windows in a row...
+        self._quiet_worst = (0.0, 0.0, 0.0)  # ...and their worst load, time per request and own p99
 
     def record(self, seconds: float, requests: int) -> None:
         """One execute's time, the time of each of its requests (they wait for the whole batch)."""
@@ -235,7 +238,7 @@ class SloController:
                     if elapsed > 0 and self._saturated(self._busy_s, elapsed):
                         self.capacity.setdefault(self.rung, self._served / elapsed)
                     self.rung = self.top_rung
-                    self._quiet = 0
+                    self._reset_quiet()
 
     def _decide(
         self,
@@ -251,7 +254,7 @@ class SloController:
         missed = busy and self.rung == self.top_rung and estimate > target
         load = requests / config.window_s  # requests per second this window
         if busy and estimate > config.climb_at * target:
-            self._quiet = 0
+            self._reset_quiet()
             if saturated and not self.shedding:  # what this rung answers overloaded is what it carries
                 self.capacity[self.rung] = load
             if self.rung < self.top_rung:
@@ -261,19 +264,29 @@ class SloController:
                 self.shedding = True
         elif not busy or estimate < config.descend_at * target or self._lower_carries(load):
             self._quiet += 1
+            if requests:
+                self._quiet_worst = tuple(
+                    max(a, b)
+                    for a, b in zip(self._quiet_worst, (load, self._service_s, own_p99), strict=True)
+                )
             if self._quiet >= config.descend_windows:
-                self._quiet = 0
+                worst_load, service_s, own_ms = self._quiet_worst
+                self._reset_quiet()
                 if self.shedding:
                     self.shedding = False
                 elif (
                     self.rung > 0
-                    and load < config.descend_load * self.carries(self.rung - 1)
-                    and self._fits(self.rung - 1, load)
+                    and worst_load < config.descend_load * self.carries(self.rung - 1)
+                    and self._fits(self.rung - 1, worst_load, service_s, own_ms)
                 ):
                     self.rung -= 1
         else:
-            self._quiet = 0
+            self._reset_quiet()
         return SloWindow(estimate, queue_ms, own_p99, requests, self.rung, self.shedding, missed, backlog_ms)
+
+    def _reset_quiet(self) -> None:
+        self._quiet = 0
+        self._quiet_worst = (0.0, 0.0, 0.0)
 
     def carries(self, rung: int) -> float:
         """Requests per second ``rung`` carries: as seen overloaded, else estimated from the rungs that
@@ -293,15 +306,20 @@ class SloController:
                 return rung
         return self.top_rung
 
-    def _fits(self, rung: int, load: float) -> bool:
+    def _fits(
+        self, rung: int, load: float, service_s: float | None = None, own_ms: float | None = None
+    ) -> bool:
         """Whether ``rung`` is predicted to answer ``load`` requests per second under ``climb_at`` of the
-        target, from what this window measured at the rung of now: a rung that is not would be climbed
-        from again a window later (module doc). Unknown (no costs, no times yet): it fits."""
-        if not self.costs or math.isnan(self._service_s) or math.isnan(self._last_own_p99):
+        target, from a time per request and an own p99 measured at the rung of now (this window's, or
+        those given: a descent gives the worst of its quiet windows): a rung that is not would be
+        climbed from again a window later (module doc). Unknown (no costs, no times yet): it fits."""
+        service_s = self._service_s if service_s is None else service_s
+        own_ms = self._last_own_p99 if own_ms is None else own_ms
+        if not self.costs or math.isnan(service_s) or math.isnan(own_ms):
             return True
         scale = self.costs[rung] / self.costs[self.rung]
-        waiting = queue_wait_ms(load, self._service_s * scale, self.instances)
-        return waiting + self._last_own_p99 < self.config.climb_at * self.config.p99_ms
+        waiting = queue_wait_ms(load, service_s * scale, self.instances)
+        return waiting + own_ms < self.config.climb_at * self.config.p99_ms
 
     def _lower_carries(self, load: float) -> bool:
         """A rung below was seen overloaded at a load well above this one (a lower rung carries less than

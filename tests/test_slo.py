@@ -194,6 +194,18 @@ def test_it_descends_only_to_a_rung_predicted_to_answer_the_load_of_now_under_th
     assert eased.rung == 2
 
 
+def test_a_descent_is_judged_on_the_worst_of_its_quiet_windows():
+    """Three quiet windows at the top rung: the first at 35 requests/s with the instances 60% busy (rung
+    2 would queue over the climb latency), the last two light. Judged on the last window alone the
+    controller came down, for a window, under a load that had not gone (TREC, run 11); judged on the
+    worst of the run it waits for three light windows."""
+    slo, script = controller(costs=COSTS, instances=2, descend_windows=3)
+    window(slo, script, queue_ms=150, own_ms=20, requests=30)  # over the target: to the top
+    run = [window(slo, script, queue_ms=5, own_ms=10, requests=35, busy=0.6)]
+    run += [window(slo, script, queue_ms=5, own_ms=10, requests=10, busy=0.1) for _ in range(5)]
+    assert [w.rung for w in run] == [3, 3, 3, 3, 3, 2]
+
+
 def test_the_predicted_wait_is_erlang_c():
     """M/M/1: P(wait > t) = rho exp(-(mu - lambda) t); M/M/2: P(wait) = 2 rho^2 / (1 + rho)."""
     assert queue_wait_ms(10, 0.05, 1) == pytest.approx(math.log(0.5 / 0.01) / (20 - 10) * 1000)
