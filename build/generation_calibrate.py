@@ -5,18 +5,22 @@ Both are measured on next-line completion tasks from the calibration modules (``
 functions cut at a random line; complete up to the newline, at most ``max_tokens`` tokens), decoded
 by the serving code itself (``offramp.backend.generation``), batched.
 
-Draft exit, length and vocabulary. Drafts need only be good guesses, so they may be chosen among the
-most frequent tokens of the train modules alone (512, 1,024, 2,048, or all): a fraction of the head's
-cost (FR-Spec, Zhao et al. 2025). For each exit and vocabulary, self-speculation with the longest
-draft length considered records, per verify pass, how many drafts the full model accepted (a); the
-first d drafts are the same whatever the draft length, so a pass of d drafts accepts ``min(a, d)``
-and commits ``min(a, d) + [a < d]`` tokens (the full model's own where a draft disagreed). The parts
-of a step are timed (CPU time of the thread, the least of interleaved rounds) at batch 1 and 8: a
-draft pass per exit and vocabulary (layers up to the exit and the head's rows), a verify pass per
-exit and d (the remaining layers on d tokens, the whole head) and a ``full`` step. The predicted
-speed-up of (exit, d, vocabulary) at batch b is ``E[min(a, d) + [a < d]] * full(b) / (d * draft(b) +
-verify(d, b))``; the one with the best geometric mean over the batch sizes is chosen. The prediction
-is recorded beside the choice; the benchmark measures the real thing.
+Draft exit, length, vocabulary and stop. Drafts need only be good guesses, so they may be chosen among
+the most frequent tokens of the train modules alone (512, 1,024, 2,048, or all): a fraction of the
+head's cost (FR-Spec, Zhao et al. 2025). For each exit and vocabulary, self-speculation with the
+longest draft length considered records, per row and verify pass, how many drafts the full model
+accepted (a) and each draft's max-prob; the first d drafts are the same whatever the draft length, so
+a pass of d drafts accepts ``min(a, d)`` and commits ``min(a, d) + [a < d]`` tokens (the full
+model's own where a draft disagreed). With a draft stop s, a group of b rows drafts until every row
+has drafted a token under s (or d are drafted): the recorded passes of one step are cut into groups
+of b rows, and each group's own draft count is replayed. The parts of a step are timed (CPU time of
+the thread, the least of interleaved rounds) at batch 1 and 8: a draft pass per exit and vocabulary
+(layers up to the exit and the head's rows), a verify pass per exit and draft count (the remaining
+layers on that many tokens, the whole head) and a ``full`` step. The predicted speed-up of (exit, d,
+vocabulary, s) at batch b is the tokens committed per row and pass times ``full(b)``, over the mean
+of ``n * draft(b) + verify(n, b)`` over the passes (n each pass's draft count); the one with the best
+geometric mean over the batch sizes is chosen. The prediction is recorded beside the choice; the
+benchmark measures the real thing.
 
 Confident thresholds (Learn-then-Test, ``offramp.build.risk_control``). The loss of one completion
 is its token disagreement with the full model's greedy completion of the same prompt: the share of
@@ -33,6 +37,7 @@ test modules' figures are measured alongside to see whether it holds there.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -41,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from offramp.backend.exit_decoder import TOKENIZER_FILE, ExitDecoder, KVCache
+from offramp.backend.exit_decoder import TOKENIZER_FILE, ExitDecoder, KVCache, softmax_confidence
 from offramp.backend.generation import NEVER, DecodingSettings, GenerationEngine, Row
 from offramp.backend.generation_policy import GenerationPolicy
 from offramp.build.code_data import (
@@ -69,6 +74,7 @@ class CalibrationSettings:
     test_tasks: int = 400
     draft_lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
     draft_vocabularies: tuple[int, ...] = (512, 1024, 2048)  # most frequent tokens drafts may choose; and all
+    draft_stops: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # 0: never stop early
     acceptance_tasks: int = 160
     timing_batches: tuple[int, ...] = (1, 8)
     batch: int = 64  # rows decoded together during calibration
@@ -143,7 +149,17 @@ def exact_line_match(rows: Sequence[Row], tasks: Sequence[CompletionTask]) -> fl
 # --- Draft exit and length ---------------------------------------------------------------------------
 
 
-def acceptance_lengths(
+@dataclass(frozen=True)
+class DraftPasses:
+    """Verify passes of ``longest`` drafts, row by row: drafts accepted (N,) and each draft's max-prob
+    (N, longest); ``steps`` (N,) numbers the engine step of each (rows of a step were drafted together)."""
+
+    accepted: np.ndarray
+    confidence: np.ndarray
+    steps: np.ndarray
+
+
+def draft_passes(
     decoder: ExitDecoder,
     tokenizer,
     tasks: Sequence[CompletionTask],
@@ -152,21 +168,25 @@ def acceptance_lengths(
     vocabulary: tuple[int, ...],
     calibration: CalibrationSettings,
     end_of_text: int,
-) -> np.ndarray:
-    """Drafts accepted per verify pass (each row's, each step) with ``longest`` drafts from ``draft_exit``
-    among ``vocabulary`` (empty: all); only passes that drafted ``longest`` (not cut by a row's budget)
-    count."""
-    counts: list[int] = []
+) -> DraftPasses:
+    """Self-speculation with ``longest`` drafts from ``draft_exit`` among ``vocabulary`` (empty: all) and no
+    draft stop, recorded per row and pass; only passes that drafted ``longest`` (not cut by a row's
+    budget) count."""
+    accepted: list[int] = []
+    confidence: list[tuple[float, ...]] = []
+    steps: list[int] = []
 
     def record(engine: GenerationEngine) -> None:
         verification = engine.last_verification
         if verification is not None and verification.draft_length == longest:
-            counts.extend(verification.accepted)
+            accepted.extend(verification.accepted)
+            confidence.extend(verification.confidence)
+            steps.extend([len(set(steps))] * len(verification.accepted))
 
     never = (NEVER,) * (len(decoder.spec.exit_layers) - 1)
     settings = DecodingSettings(draft_exit, longest, never, vocabulary)
     complete(decoder, tokenizer, tasks, "self_speculative", settings, calibration, end_of_text, record)
-    return np.asarray(counts)
+    return DraftPasses(np.asarray(accepted), np.asarray(confidence).reshape(-1, longest), np.asarray(steps))
 
 
 def frequent_tokens(tokenizer, vocabulary: int, seed: int) -> list[int]:
@@ -198,7 +218,7 @@ def step_costs(
     """CPU seconds of each part of a step at ``batch`` rows, with ``prompt_tokens`` tokens in every row's
     cache (attention runs over the whole context whatever the length, so it hardly matters): a full
     step, a draft pass per exit and draft vocabulary size (``draft_heads``: size -> the head's rows,
-    None for all), a verify pass per exit and draft length."""
+    None for all; with the max-prob the draft stop reads), a verify pass per exit and draft count."""
     spec = decoder.spec
     cache = KVCache(spec, batch)
     tokens = torch.randint(0, spec.vocab, (batch, 1))
@@ -209,7 +229,7 @@ def step_costs(
             positions = at + torch.arange(width).view(1, -1)
             hidden = torch.randn(batch, width, spec.hidden) if first else decoder.embed(tokens, positions)
             hidden = decoder.layers(first, stop, hidden, cache, decoder.place(0, positions))
-            decoder.exit_logits(hidden, head).argmax(-1)
+            softmax_confidence(decoder.exit_logits(hidden, head))
 
         return call
 
@@ -227,15 +247,35 @@ def step_costs(
     return costs
 
 
-def tokens_per_verify(accepted: np.ndarray, d: int) -> float:
-    """Tokens a pass of d drafts commits per row: the agreeing drafts, and the full model's token where
-    one disagreed (``accepted`` counts the agreeing drafts among more than d)."""
-    return float(np.minimum(accepted, d).mean() + (accepted < d).mean())
+def draft_counts(passes: DraftPasses, d: int, stop: float, batch: int) -> np.ndarray:
+    """(N,) drafts each recorded pass makes with draft length ``d`` and draft stop ``stop`` when the rows of
+    a step are drafted ``batch`` at a time: a group drafts until every row has drafted a token under
+    ``stop`` (its first such draft included), at most ``d``."""
+    under = passes.confidence[:, :d] < stop  # (N, d)
+    # Drafts a row alone would make: up to and including its first unsure one.
+    alone = np.where(under.any(axis=1), under.argmax(axis=1) + 1, d)  # (N,)
+    counts = np.empty_like(alone)
+    for step in np.unique(passes.steps):
+        rows = np.flatnonzero(passes.steps == step)
+        for first in range(0, len(rows), batch):
+            group = rows[first : first + batch]
+            counts[group] = alone[group].max()
+    return counts
 
 
-def predicted_speedup(accepted: np.ndarray, d: int, costs: dict, exit_index: int, size: int) -> float:
-    seconds = d * costs["draft"][exit_index][size] + costs["verify"][exit_index][d]
-    return tokens_per_verify(accepted, d) * costs["full"] / seconds
+def tokens_per_verify(accepted: np.ndarray, counts: np.ndarray | int) -> float:
+    """Tokens a pass commits per row, of ``counts`` drafts: the agreeing drafts, and the full model's token
+    where one disagreed (``accepted`` counts the agreeing drafts among more than ``counts``)."""
+    return float(np.minimum(accepted, counts).mean() + (accepted < counts).mean())
+
+
+def predicted_speedup(
+    counts: np.ndarray, accepted: np.ndarray, costs: dict, exit_index: int, size: int
+) -> float:
+    """Tokens per second of passes of ``counts`` drafts (one per recorded row) over ``full``'s."""
+    verify = costs["verify"][exit_index]  # draft count -> seconds
+    seconds = counts * costs["draft"][exit_index][size] + np.array([verify[int(n)] for n in counts])
+    return tokens_per_verify(accepted, counts) * costs["full"] / float(seconds.mean())
 
 
 @dataclass(frozen=True)
@@ -243,6 +283,7 @@ class DraftChoice:
     draft_exit: int
     draft_length: int
     vocabulary: tuple[int, ...]  # empty: all
+    draft_stop: float
     record: dict  # what was measured, for the policy's provenance
 
 
@@ -255,7 +296,7 @@ def choose_draft(
     split_seed: int,
     progress: Callable[[str], None] = print,
 ) -> DraftChoice:
-    """The draft exit, length and vocabulary with the best predicted speed-up (module docstring)."""
+    """The draft exit, length, vocabulary and stop with the best predicted speed-up (module docstring)."""
     longest = max(calibration.draft_lengths)
     ranked = frequent_tokens(tokenizer, decoder.spec.vocab, split_seed)
     sizes = sorted(
@@ -264,33 +305,38 @@ def choose_draft(
     vocabularies = {k: () if k == decoder.spec.vocab else tuple(ranked[:k]) for k in sizes}
     heads = {k: decoder.head[list(v)].contiguous() if v else None for k, v in vocabularies.items()}
     prompt_tokens = max(1, decoder.spec.context - calibration.max_tokens - longest - 1)
-    costs = {
-        b: step_costs(decoder, b, calibration.draft_lengths, heads, prompt_tokens)
+    costs = {  # a draft stop may end a pass after any number of drafts up to the longest
+        b: step_costs(decoder, b, range(1, longest + 1), heads, prompt_tokens)
         for b in calibration.timing_batches
     }
     table = []
     for exit_index in range(len(decoder.spec.exit_layers) - 1):
         for size, vocabulary in vocabularies.items():
-            accepted = acceptance_lengths(
+            passes = draft_passes(
                 decoder, tokenizer, tasks, exit_index, longest, vocabulary, calibration, end_of_text
             )
+            accepted = passes.accepted
             progress(
                 f"draft exit {exit_index} (layer {decoder.spec.exit_layers[exit_index]}), {size} tokens: "
                 f"{len(accepted)} passes, mean accepted of {longest}: {accepted.mean():.2f}"
             )
-            for d in calibration.draft_lengths:
+            for d, stop in itertools.product(calibration.draft_lengths, calibration.draft_stops):
+                counts = {b: draft_counts(passes, d, stop, b) for b in calibration.timing_batches}
                 speedups = {
-                    b: predicted_speedup(accepted, d, costs[b], exit_index, size)
+                    b: predicted_speedup(counts[b], accepted, costs[b], exit_index, size)
                     for b in calibration.timing_batches
                 }
+                alone = counts[min(calibration.timing_batches)]
                 table.append(
                     {
                         "draft_exit": exit_index,
                         "draft_layer": decoder.spec.exit_layers[exit_index],
                         "draft_length": d,
                         "draft_vocabulary": size,
-                        "acceptance_rate": float(np.minimum(accepted, d).mean() / d),
-                        "tokens_per_verify": tokens_per_verify(accepted, d),
+                        "draft_stop": stop,
+                        "drafts_per_verify": {str(b): float(c.mean()) for b, c in counts.items()},
+                        "acceptance_rate": float(np.minimum(accepted, alone).sum() / alone.sum()),
+                        "tokens_per_verify": tokens_per_verify(accepted, alone),
                         "predicted_speedup": {str(b): s for b, s in speedups.items()},
                         "score": float(np.exp(np.mean(np.log(list(speedups.values()))))),
                     }
@@ -305,7 +351,7 @@ def choose_draft(
         for b, c in costs.items()
     }
     return DraftChoice(best["draft_exit"], best["draft_length"], vocabularies[best["draft_vocabulary"]],
-                       {"table": table, "step_seconds": costs_record})  # fmt: skip
+                       best["draft_stop"], {"table": table, "step_seconds": costs_record})  # fmt: skip
 
 
 # --- Confident thresholds -------------------------------------------------------------------------------
@@ -421,5 +467,6 @@ def calibrate_generation(
         thresholds,
         provenance,
         draft.vocabulary,
+        draft.draft_stop,
     )
     return policy.with_content_version("ltt")

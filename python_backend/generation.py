@@ -8,7 +8,10 @@ cache layout and why rows are batch-invariant):
   with the first ``E`` layers and the shared head (the keys and values those passes store in layers
   ``< E`` are the ones the full model would store), then one verify pass runs layers ``E..L-1`` on the
   ``d`` layer-``E`` states the draft passes saved (the pending token and the first ``d - 1`` drafts)
-  and reads the full model's next token after each, which checks all ``d`` drafts. A row accepts its
+  and reads the full model's next token after each, which checks all ``d`` drafts. ``d`` is at most the
+  draft length, and less where the drafts stop being confident: once every row of the group has
+  drafted a token whose max-prob (over the draft vocabulary) is under the draft stop, drafting ends
+  (a draft the exit is unsure of is seldom accepted, and the ones after it even less). A row accepts its
   longest prefix of drafts that agree and, where one disagrees, the full model's token instead, so a
   verify pass commits 1 to ``d`` tokens per row, each row its own count. The committed tokens are the
   full model's greedy tokens, bitwise: every number the verify pass reads is the number a ``full``
@@ -178,6 +181,7 @@ class Verification:
 
     draft_length: int
     accepted: tuple[int, ...]  # per row verified
+    confidence: tuple[tuple[float, ...], ...]  # per row, each draft's max-prob over the draft vocabulary
 
 
 class SpeculativeGroup(RowGroup):
@@ -190,6 +194,7 @@ class SpeculativeGroup(RowGroup):
         draft_length: int,
         capacity: int = 8,
         draft_vocabulary: Sequence[int] = (),
+        draft_stop: float = 0.0,
     ) -> None:
         super().__init__(decoder, capacity)
         if not 0 <= draft_exit < len(decoder.spec.exit_layers) - 1:
@@ -198,6 +203,9 @@ class SpeculativeGroup(RowGroup):
             )
         if draft_length < 1:
             raise ValueError("draft length must be at least 1")
+        if not 0.0 <= draft_stop <= 1.0:
+            raise ValueError(f"draft stop {draft_stop} is not a max-prob in [0, 1]")
+        self.draft_stop = draft_stop
         self.draft_layer = decoder.spec.exit_layers[draft_exit]
         self.draft_length = draft_length
         # Drafts only need to be good guesses (the verify pass decides), so they may come from the head's
@@ -209,10 +217,11 @@ class SpeculativeGroup(RowGroup):
         self.draft_head = None if self.draft_tokens is None else decoder.head[self.draft_tokens].contiguous()
         self.last_pass: Verification | None = None
 
-    def _draft(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, H) states at the draft exit -> (B, 1) the next token of each row."""
-        best = self.decoder.exit_logits(hidden, self.draft_head).argmax(dim=-1, keepdim=True)
-        return best if self.draft_tokens is None else self.draft_tokens[best]
+    def _draft(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H) states at the draft exit -> (B, 1) the next token of each row, (B,) its max-prob."""
+        confidence, best = softmax_confidence(self.decoder.exit_logits(hidden, self.draft_head))
+        best = best.unsqueeze(-1)
+        return (best if self.draft_tokens is None else self.draft_tokens[best]), confidence
 
     def step(self) -> list[tuple[Row, list[int], list[int]]]:
         decoder = self.decoder
@@ -224,24 +233,31 @@ class SpeculativeGroup(RowGroup):
         # last draft is checked without being run: when every draft agrees it becomes the pending
         # token, so no pass is spent storing its keys.) Drafts never exceed a row's allowance, since
         # a row commits at most d tokens.
-        drafts_wanted = max(1, min(self.draft_length, min(_allowed(row, spec.context) for row in self.rows)))
+        drafts_allowed = max(1, min(self.draft_length, min(_allowed(row, spec.context) for row in self.rows)))
         start = self._positions()  # (B, 1)
         fed = self._pending()  # (B, 1)
-        states, drafts = [], []
-        for i in range(drafts_wanted):
+        states, drafts, confidences = [], [], []
+        unsure = torch.zeros(len(self.rows), dtype=torch.bool)  # (B,): drafted under the draft stop
+        for i in range(drafts_allowed):
             positions = start + i
             hidden = decoder.layers(0, self.draft_layer, decoder.embed(fed, positions), self.cache,
                                     decoder.place(0, positions))  # fmt: skip
             states.append(hidden)  # (B, 1, H): the verify pass starts here
-            fed = self._draft(hidden[:, 0])  # (B, 1)
+            fed, confidence = self._draft(hidden[:, 0])  # (B, 1), (B,)
             drafts.append(fed)
+            confidences.append(confidence)
+            unsure |= confidence < self.draft_stop
+            if bool(unsure.all()):
+                break
+        drafts_wanted = len(drafts)
         positions = start + torch.arange(drafts_wanted).view(1, -1)  # (B, d)
         hidden = decoder.layers(self.draft_layer, spec.layers, torch.cat(states, dim=1), self.cache,
                                 decoder.place(0, positions))  # fmt: skip
         verified = decoder.exit_logits(hidden).argmax(dim=-1)  # (B, d): the full model's next tokens
         drafted = torch.cat(drafts, dim=1)  # (B, d)
         accepted = torch.cumprod((drafted == verified).int(), dim=1).sum(dim=1).tolist()
-        self.last_pass = Verification(drafts_wanted, tuple(accepted))
+        drafted_confidence = torch.stack(confidences, dim=1).tolist()  # (B, d)
+        self.last_pass = Verification(drafts_wanted, tuple(accepted), tuple(map(tuple, drafted_confidence)))
         last_exit = len(spec.exit_layers) - 1
         committed = []
         for row, count, proposed, checked in zip(
@@ -322,6 +338,7 @@ class DecodingSettings:
     draft_length: int
     thresholds: tuple[float, ...]  # max-prob threshold per early exit (NEVER: no exit there)
     draft_vocabulary: tuple[int, ...] = ()  # the tokens drafts are chosen among; empty: all
+    draft_stop: float = 0.0  # drafting ends once every row drafted a token under this max-prob; 0: never
 
 
 class GenerationEngine:
@@ -347,7 +364,12 @@ class GenerationEngine:
         self.groups: dict[str, RowGroup] = {
             "full": FullGroup(decoder, capacity),
             "self_speculative": SpeculativeGroup(
-                decoder, settings.draft_exit, settings.draft_length, capacity, settings.draft_vocabulary
+                decoder,
+                settings.draft_exit,
+                settings.draft_length,
+                capacity,
+                settings.draft_vocabulary,
+                settings.draft_stop,
             ),
             "confident": ConfidentGroup(decoder, settings.thresholds, capacity),
         }

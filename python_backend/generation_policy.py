@@ -1,6 +1,6 @@
 """The generation policy: how the decoding modes use a decoder's exits, apart from its weights.
 
-``generation_policy.json`` holds the draft exit, draft length and draft vocabulary of
+``generation_policy.json`` holds the draft exit, draft length, draft vocabulary and draft stop of
 ``self_speculative`` (chosen from measured acceptance and cost), the max-prob threshold per early exit of
 ``confident`` (certified by
 Learn-then-Test), the fingerprint of the weights it was made for, and its provenance.
@@ -32,6 +32,7 @@ class GenerationPolicy:
     draft_vocabulary: tuple[
         int, ...
     ] = ()  # the tokens drafts are chosen among (most frequent first); empty: all
+    draft_stop: float = 0.0  # drafting ends once every row drafted a token under this max-prob; 0: never
 
     @classmethod
     def uncalibrated(cls, num_exits: int, fingerprint: str, draft_length: int = 4) -> GenerationPolicy:
@@ -47,7 +48,9 @@ class GenerationPolicy:
 
     @property
     def settings(self) -> DecodingSettings:
-        return DecodingSettings(self.draft_exit, self.draft_length, self.thresholds, self.draft_vocabulary)
+        return DecodingSettings(
+            self.draft_exit, self.draft_length, self.thresholds, self.draft_vocabulary, self.draft_stop
+        )
 
     def validate(self, num_exits: int, fingerprint: str, vocabulary: int) -> None:
         if fingerprint and self.model_fingerprint != fingerprint:
@@ -61,6 +64,8 @@ class GenerationPolicy:
             raise ValueError(f"{len(self.thresholds)} thresholds for {num_exits - 1} early exits")
         if self.draft_length < 1:
             raise ValueError("draft length must be at least 1")
+        if not 0.0 <= self.draft_stop <= 1.0:
+            raise ValueError(f"draft stop {self.draft_stop} is not a max-prob in [0, 1]")
         if (
             self.draft_vocabulary
             and not 0 <= min(self.draft_vocabulary) <= max(self.draft_vocabulary) < vocabulary

@@ -518,6 +518,7 @@ class GenerationService:
                     "acceptance_rate": job.accepted / job.drafted if job.drafted else None,
                     "verify_passes": job.verify_passes,
                     "draft_length": self.policy.draft_length if request.mode == "self_speculative" else None,
+                    "draft_stop": self.policy.draft_stop if request.mode == "self_speculative" else None,
                     "escalations": int(bool(job.flags & FLAG_ESCALATED)),
                     "check": request.check.name if request.check is not None else None,
                     "check_passed": None if request.check is None else not job.flags & FLAG_CHECK_FAILED,

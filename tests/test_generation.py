@@ -189,21 +189,20 @@ def full_alone(decoders) -> dict[str, list[list[int]]]:
 
 
 @pytest.mark.parametrize(
-    "family,draft_exit,draft_length,vocabulary",
+    "family,draft_exit,draft_length,vocabulary,draft_stop",
     [
-        ("llama", 0, 2, ()),
-        ("llama", 1, 5, ()),
-        ("gpt2", 1, 3, ()),
-        ("llama", 1, 3, tuple(range(0, VOCAB, 2))),
+        ("llama", 0, 2, (), 0.0),
+        ("llama", 1, 5, (), 0.0),
+        ("gpt2", 1, 3, (), 0.0),
+        ("llama", 1, 3, tuple(range(0, VOCAB, 2)), 0.0),  # drafts among some tokens
+        ("llama", 1, 6, (), 0.5),  # drafting ends early where the drafts are unsure
     ],
 )
 def test_self_speculative_commits_exactly_the_tokens_of_full(
-    family, draft_exit, draft_length, vocabulary, decoders, full_alone
+    family, draft_exit, draft_length, vocabulary, draft_stop, decoders, full_alone
 ):
     decoder = decoders[family]
-    settings = DecodingSettings(
-        draft_exit, draft_length, (NEVER, NEVER), vocabulary
-    )  # drafts among some tokens
+    settings = DecodingSettings(draft_exit, draft_length, (NEVER, NEVER), vocabulary, draft_stop)
     texts, budgets = IDENTITY_PROMPTS, IDENTITY_BUDGETS
 
     def rows(mode: str) -> list[Row]:
@@ -226,6 +225,49 @@ def test_self_speculative_commits_exactly_the_tokens_of_full(
     ]
     decode(decoder, mixed, settings, 4)
     assert [r.generated for r in mixed] == alone
+
+
+def test_drafting_ends_once_every_row_drafted_a_token_under_the_draft_stop(decoders):
+    decoder = decoders["llama"]
+    texts = prompts(6, seed=11)
+
+    def passes(stop: float, rows_at_once: int) -> list:
+        """Every verify pass of the self-speculative group, its rows joining ``rows_at_once`` at a time."""
+        engine = GenerationEngine(
+            decoder, DecodingSettings(1, 6, (NEVER, NEVER), (), stop), detokenize, end_of_text=0, capacity=2
+        )
+        seen = []
+        waiting = [Row(i, list(p), 40, "self_speculative") for i, p in enumerate(texts)]
+        with torch.inference_mode():
+            while waiting or engine.running:
+                if waiting and engine.running == 0:
+                    engine.add(waiting[:rows_at_once])
+                    waiting = waiting[rows_at_once:]
+                engine.step()
+                if engine.last_verification is not None:
+                    seen.append(engine.last_verification)
+        return seen
+
+    free = passes(0.0, 1)
+    assert {v.draft_length for v in free if len(v.confidence[0]) == 6} == {6}
+    assert {v.draft_length for v in passes(1.0, 1)} == {1}  # every draft is under a max-prob of 1
+    # Alone, a row drafts up to and including its first draft under the stop: the same drafts as
+    # without a stop (they do not depend on how many follow), cut there.
+    stop = float(torch.tensor([c for v in free for c in v.confidence[0]]).median())
+    cut = passes(stop, 1)
+    assert any(v.draft_length < 6 for v in cut) and any(v.draft_length > 1 for v in cut)
+    for v in cut:
+        unsure = [i for i, c in enumerate(v.confidence[0]) if c < stop]
+        assert not unsure or v.draft_length == unsure[0] + 1
+    assert any(v.draft_length == 6 for v in cut)  # sure all along
+    # Batched, the group drafts on while any of its rows is still sure of its drafts.
+    batched = [v for v in passes(stop, 3) if len(v.confidence) > 1]
+
+    def first_unsure(row: tuple[float, ...]) -> int:
+        return next((i + 1 for i, c in enumerate(row) if c < stop), len(row) + 1)
+
+    assert all(max(first_unsure(row) for row in v.confidence) >= v.draft_length for v in batched)
+    assert any(min(first_unsure(row) for row in v.confidence) < v.draft_length for v in batched)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -28,7 +28,13 @@ from offramp.build.decoder import (
     train_code_model,
     training_report,
 )
-from offramp.build.generation_calibrate import token_disagreement, tokens_per_verify
+from offramp.build.generation_calibrate import (
+    DraftPasses,
+    draft_counts,
+    predicted_speedup,
+    token_disagreement,
+    tokens_per_verify,
+)
 from tests.generation_support import tiny_tokenizer
 
 reproducible_gemm()  # before this process' first matrix product: MKL fixes its rounding mode there
@@ -147,6 +153,33 @@ def test_the_calibrations_measures():
     # d = 2: commits min(a, 2) and, where a < 2, the full model's token: 1, 2, 2, 2
     assert tokens_per_verify(accepted, 2) == pytest.approx(7 / 4)
     assert tokens_per_verify(accepted, 4) == pytest.approx((1 + 2 + 4 + 4) / 4)
+
+
+def test_a_draft_stop_is_replayed_per_group_of_rows_drafted_together():
+    # Four rows of one step and one of the next; each draft's max-prob, six drafts each.
+    passes = DraftPasses(
+        accepted=np.array([0, 2, 6, 1, 3]),
+        confidence=np.array(
+            [
+                [0.3, 0.9, 0.9, 0.9, 0.9, 0.9],  # unsure at its first draft
+                [0.9, 0.9, 0.4, 0.9, 0.9, 0.9],  # at its third
+                [0.9, 0.9, 0.9, 0.9, 0.9, 0.9],  # never
+                [0.9, 0.2, 0.1, 0.9, 0.9, 0.9],  # at its second
+                [0.9, 0.9, 0.9, 0.9, 0.5, 0.9],  # at its fifth
+            ]
+        ),
+        steps=np.array([0, 0, 0, 0, 1]),
+    )
+    assert draft_counts(passes, 6, 0.0, 1).tolist() == [6] * 5  # no stop
+    assert draft_counts(passes, 6, 0.6, 1).tolist() == [1, 3, 6, 2, 5]  # alone: up to the first unsure
+    assert draft_counts(passes, 4, 0.6, 1).tolist() == [1, 3, 4, 2, 4]  # at most d
+    # Two at a time within a step: (1, 3) -> 3, (6, 2) -> 6; the next step's row alone.
+    assert draft_counts(passes, 6, 0.6, 2).tolist() == [3, 3, 6, 6, 5]
+    counts = draft_counts(passes, 6, 0.6, 1)
+    costs = {"full": 1.0, "draft": {0: {64: 0.25}}, "verify": {0: {n: 0.5 + 0.1 * n for n in range(1, 7)}}}
+    tokens = (1 + 3 + 6 + 2 + 4) / 5  # min(a, n) + [a < n]: 1, 2 + 1, 6, 1 + 1, 3 + 1
+    seconds = np.mean([0.25 * n + 0.5 + 0.1 * n for n in [1, 3, 6, 2, 5]])
+    assert predicted_speedup(counts, passes.accepted, costs, 0, 64) == pytest.approx(tokens / seconds)
 
 
 def test_exit_logits_of_the_training_forward_match_the_model():

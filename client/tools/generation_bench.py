@@ -419,6 +419,8 @@ def summarize(runs: Sequence[Mapping], disagreement: Any) -> list[dict]:
         speculative = [by[(k, "self_speculative")] for k in rounds if (k, "self_speculative") in by]
         drafted = sum(s["drafted"] for s in speculative)
         row["acceptance_rate"] = sum(s["accepted"] for s in speculative) / drafted if drafted else None
+        passes = sum(s["verify_passes"] for s in speculative)
+        row["drafts_per_verify"] = drafted / passes if passes else None
         pairs = [
             (by[(k, "full")], by[(k, "self_speculative")])
             for k in rounds
@@ -467,8 +469,13 @@ def generation_report(summary: Mapping) -> str:
         "",
         f"Model {summary['model']['name']} (exits after layers {summary['model']['exit_layers']}), policy "
         f"{policy['version']}: draft exit {policy['draft_exit']} (layer "
-        f"{summary['model']['exit_layers'][policy['draft_exit']]}), draft length {policy['draft_length']}, "
-        "confident "
+        f"{summary['model']['exit_layers'][policy['draft_exit']]}), draft length {policy['draft_length']}"
+        + (
+            f" (drafting ends once every row drafted a token under max-prob {policy['draft_stop']:g})"
+            if policy.get("draft_stop")
+            else ""
+        )
+        + ", confident "
         f"max-prob threshold {policy['thresholds'][0]:g} at every early exit"
         + (
             f" (Learn-then-Test, epsilon {provenance['epsilon']:g}, delta {provenance['delta']:g}, token "
@@ -509,6 +516,7 @@ def generation_report(summary: Mapping) -> str:
                     "confident",
                     "TTFT p50 ms (full)",
                     "acceptance",
+                    "drafts/verify",
                     "tokens/verify",
                     "exact line full / self_spec / confident",
                     "self_spec = full",
@@ -525,6 +533,7 @@ def generation_report(summary: Mapping) -> str:
                         *(f"{_f(r[m]['ms_per_token_p50'])} / {_f(r[m]['ms_per_token_p99'])}" for m in MODES),
                         _f(r["full"]["ttft_ms_p50"], 0),
                         _f(r["acceptance_rate"], 3),
+                        _f(r.get("drafts_per_verify"), 2),  # absent from runs before the draft stop
                         _f(r["self_speculative"]["tokens_per_step"], 2),
                         " / ".join(_f(100 * r[m]["exact_line_match"], 1, "%") for m in MODES),
                         f"{r['identical']}/{r['compared']}",
