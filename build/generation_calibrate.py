@@ -72,7 +72,7 @@ class CalibrationSettings:
     stop: tuple[str, ...] = ("\n",)
     calibration_tasks: int | None = None  # None: one per function of every calibration module
     test_tasks: int = 400
-    draft_lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
+    draft_lengths: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10)  # ceilings, with a draft stop
     draft_vocabularies: tuple[int, ...] = (512, 1024, 2048)  # most frequent tokens drafts may choose; and all
     draft_stops: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # 0: never stop early
     acceptance_tasks: int = 160
@@ -215,10 +215,11 @@ def step_costs(
     draft_heads: dict[int, torch.Tensor | None],
     prompt_tokens: int,
 ) -> dict:
-    """CPU seconds of each part of a step at ``batch`` rows, with ``prompt_tokens`` tokens in every row's
-    cache (attention runs over the whole context whatever the length, so it hardly matters): a full
-    step, a draft pass per exit and draft vocabulary size (``draft_heads``: size -> the head's rows,
-    None for all; with the max-prob the draft stop reads), a verify pass per exit and draft count."""
+    """CPU seconds of each part of a step at ``batch`` rows, on one thread, with ``prompt_tokens`` tokens
+    in every row's cache (attention runs over the whole context whatever the length, so it hardly
+    matters): a full step, a draft pass per exit and draft vocabulary size (``draft_heads``: size ->
+    the head's rows, None for all; with the max-prob the draft stop reads), a verify pass per exit
+    and draft count."""
     spec = decoder.spec
     cache = KVCache(spec, batch)
     tokens = torch.randint(0, spec.vocab, (batch, 1))
@@ -239,7 +240,14 @@ def step_costs(
             {("draft", exit_index, size): run(0, layer, 1, head) for size, head in draft_heads.items()}
         )
         calls.update({("verify", exit_index, d): run(layer, spec.layers, d) for d in draft_lengths})
-    seconds = least_cpu_seconds(calls)
+    # One torch thread, as the served generator runs (``triton_generator``): a pass of several tokens
+    # gains from a second thread where a one-token pass hardly does, so two would favour long drafts.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds = least_cpu_seconds(calls)
+    finally:
+        torch.set_num_threads(threads)
     costs: dict = {"full": seconds[("full",)], "draft": {}, "verify": {}}
     for key, value in seconds.items():
         if key[0] != "full":
