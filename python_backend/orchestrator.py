@@ -41,7 +41,13 @@ from offramp.backend.policy import Policy
 from offramp.backend.shadow import ShadowChecks, ShadowConfig, expected_epsilon
 from offramp.backend.shadow_store import ShadowStore
 from offramp.backend.shared_state import SharedState, shared_directory
-from offramp.backend.slo import SloConfig, SloController, is_expected_cost, triton_queue_counters
+from offramp.backend.slo import (
+    SloConfig,
+    SloController,
+    is_expected_cost,
+    shed_compute,
+    triton_queue_counters,
+)
 from offramp.backend.telemetry import ServingTelemetry
 from offramp.backend.text import TEXT_INPUT, TextEncoder, TextError, TextSpec
 from offramp.kernels.confidence import Confidence, compute_confidence, exits_by_threshold
@@ -222,6 +228,17 @@ class ServingOptions:
             queue = triton_queue_counters(self.metrics_url, model) if model else lambda: None
             costs = (policy.provenance.get("expected_cost"), *(r.expected_cost for r in policy.rungs))
             known = all(map(is_expected_cost, costs))  # a policy written by hand may lack them
+            # What a shed row costs: the top rung's calibration exit shares, capped at the shedding exit.
+            top_profile = policy.rungs[-1].exit_rate_profile if policy.rungs else policy.exit_rate_profile
+            exit_costs = policy.provenance.get("exit_costs")
+            shed_cost = None
+            if (
+                known
+                and config.shed_max_exit is not None
+                and exit_costs
+                and len(top_profile or ()) == len(exit_costs)
+            ):
+                shed_cost = shed_compute(top_profile, exit_costs, config.shed_max_exit)
             hooks["slo"] = SloController(
                 config,
                 len(policy.rungs),
@@ -229,6 +246,7 @@ class ServingOptions:
                 time.monotonic,
                 costs=costs if known else (),
                 instances=instances,
+                shed_cost=shed_cost,
             )
         if self.shadow.rate > 0:
             store = None

@@ -514,3 +514,12 @@ def test_the_slo_controller_knows_each_rungs_expected_compute_where_the_policy_h
     assert options.hooks(calibrated, "i0", "")["slo"].costs == (0.7, 0.5, 0.4)
     # A hand-written policy without the calibration's figures: the controller learns capacities only.
     assert options.hooks(replace(calibrated, provenance={}), "i0", "")["slo"].costs == ()
+    # Shedding at exit 1: a shed row costs what the top rung's calibration exit shares, capped there, do.
+    top = replace(rungs[-1], exit_rate_profile=(0.7, 0.2, 0.1))
+    with_profile = replace(
+        calibrated, rungs=(rungs[0], top), provenance={"expected_cost": 0.7, "exit_costs": (0.2, 0.6, 1.0)}
+    )
+    shedding = replace(options, slo_shed_max_exit=1)
+    assert shedding.hooks(with_profile, "i0", "")["slo"].shed_cost == pytest.approx(0.7 * 0.2 + 0.3 * 0.6)
+    assert options.hooks(with_profile, "i0", "")["slo"].shed_cost is None  # shedding not enabled
+    assert shedding.hooks(calibrated, "i0", "")["slo"].shed_cost is None  # no exit shares

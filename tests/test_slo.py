@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from offramp.backend.slo import SloConfig, SloController, SloWindow, queue_wait_ms
+from offramp.backend.slo import SloConfig, SloController, SloWindow, queue_wait_ms, shed_compute
 
 
 class Scripted:
@@ -44,12 +44,16 @@ def window(
 
 
 def controller(
-    top: int = 3, costs: tuple[float, ...] = (), instances: int = 1, **config
+    top: int = 3,
+    costs: tuple[float, ...] = (),
+    instances: int = 1,
+    shed_cost: float | None = None,
+    **config,
 ) -> tuple[SloController, Scripted]:
     script = Scripted()
     slo = SloConfig(**{"p99_ms": 100.0, **config})
     return SloController(
-        slo, top, script.counters, lambda: script.now, costs=costs, instances=instances
+        slo, top, script.counters, lambda: script.now, costs=costs, instances=instances, shed_cost=shed_cost
     ), script
 
 
@@ -102,6 +106,37 @@ def test_past_the_top_rung_it_sheds_where_enabled_and_stops_shedding_first():
     assert [(w.rung, w.shedding) for w in decided] == [(1, False), (1, True), (1, True)]
     calm = [window(slo, script, queue_ms=1, own_ms=5, requests=10) for _ in range(2)]  # the load fell
     assert [(w.rung, w.shedding) for w in calm] == [(1, False), (0, False)]
+
+
+def test_shedding_stops_only_where_the_top_rung_alone_would_answer_the_load_under_the_climb_latency():
+    """Top rung 0.2 of the compute, a shed row 0.1: two instances answering 60 requests/s while shedding
+    at 20 ms each, 60% busy, the windows quiet (15 ms). Without shedding each request would take 40 ms
+    and 60/s would need 2.4 instances: it sheds on. At 10/s the top rung alone is 20% busy, its p99
+    wait 47 ms (M/M/2), with the own 10 ms under the 80 ms a climb starts at: shedding stops. Without
+    the shed cost (unknown) it stops at the first quiet window, as it did through run 12's 3x step."""
+
+    def shed_then_quiet(shed_cost):
+        slo, script = controller(
+            top=1, costs=(0.4, 0.2), instances=2, shed_max_exit=0, descend_windows=1, shed_cost=shed_cost
+        )
+        for _ in range(2):  # to the top rung, then shedding
+            window(slo, script, queue_ms=300, own_ms=20, requests=40)
+        assert slo.shedding
+        held = [window(slo, script, queue_ms=5, own_ms=10, requests=60, busy=0.6) for _ in range(3)]
+        eased = window(slo, script, queue_ms=5, own_ms=10, requests=10, busy=0.1)
+        return [w.shedding for w in held], eased.shedding
+
+    assert shed_then_quiet(0.1) == ([True, True, True], False)
+    assert shed_then_quiet(None) == ([False, False, False], False)
+
+
+def test_a_shed_row_costs_its_exit_capped_at_the_shedding_exit():
+    costs = (0.2, 0.5, 1.0)
+    assert shed_compute((0.5, 0.3, 0.2), costs, 0) == pytest.approx(0.2)
+    assert shed_compute((0.5, 0.3, 0.2), costs, 1) == pytest.approx(0.5 * 0.2 + 0.5 * 0.5)
+    assert shed_compute((0.5, 0.3, 0.2), costs, 5) == pytest.approx(0.1 + 0.15 + 0.2)
+    with pytest.raises(ValueError, match="exit shares"):
+        shed_compute((0.5, 0.5), costs, 0)
 
 
 def test_without_a_ladder_it_only_reports():
