@@ -60,8 +60,7 @@ longer.
 Between windows, every quarter window, the controller looks at the pending requests alone: where the
 wait they mean plus the last window's own p99 is over the target, it goes to the top rung at once, as a
 window over the target would, instead of up to a second later (the onsets of a spike's steps were where
-the ladder's tail came from, measured on TREC); at the top rung, where shedding is enabled and off, it
-starts shedding the same way (the onset of a 3x step found the ladder at the top rung already).
+the ladder's tail came from, measured on TREC).
 
 The gap between the two fractions, the run of quiet windows needed to descend and the capacity check
 are the hysteresis: a load near a boundary does not make the rung flap. A window without requests
@@ -181,15 +180,11 @@ class SloController:
             return math.nan
         return pending * self._service_s / self.instances * 1000.0
 
-    def _can_escalate(self) -> bool:
-        """A backlog check could still act: a rung to climb to, or shedding enabled and off."""
-        return self.rung < self.top_rung or (self.config.shed_max_exit is not None and not self.shedding)
-
     def due_in(self) -> float:
-        """Seconds until ``tick`` has work: the window's end, or the next backlog check that could act."""
+        """Seconds until ``tick`` has work: the window's end, or the next backlog check below the top rung."""
         with self._lock:
             due = self._window_start + self.config.window_s
-            if self._can_escalate():
+            if self.rung < self.top_rung:
                 due = min(due, self._checked_at + self.config.window_s / 4)
         return due - self.clock()
 
@@ -200,7 +195,9 @@ class SloController:
         now = self.clock()
         with self._lock:
             due = now - self._window_start >= self.config.window_s
-            check = not due and now - self._checked_at >= self.config.window_s / 4 and self._can_escalate()
+            check = (
+                not due and now - self._checked_at >= self.config.window_s / 4 and self.rung < self.top_rung
+            )
             if check:
                 self._checked_at = now
             if due:
@@ -239,7 +236,7 @@ class SloController:
 
     def _check_backlog(self) -> None:
         """Between windows: to the top rung at once where the pending requests alone put a request
-        arriving now over the target; at the top rung, start shedding where enabled."""
+        arriving now over the target."""
         reading = self.queue()
         if reading is None or math.isnan(self._last_own_p99):
             return
@@ -251,9 +248,6 @@ class SloController:
                     if elapsed > 0 and self._saturated(self._busy_s, elapsed):
                         self.capacity.setdefault(self.rung, self._served / elapsed)
                     self.rung = self.top_rung
-                    self._reset_quiet()
-                elif self.config.shed_max_exit is not None and not self.shedding:
-                    self.shedding = True
                     self._reset_quiet()
 
     def _decide(

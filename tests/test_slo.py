@@ -293,24 +293,6 @@ def test_a_backlog_building_between_windows_sends_it_to_the_top_before_the_windo
     assert slo.history[-1].rung == 0, "decided between windows, not by one"
 
 
-def test_at_the_top_rung_a_backlog_between_windows_starts_shedding_where_enabled():
-    """The same backlog as above at the top rung: with shedding enabled the quarter-window check starts
-    it (and the thread keeps waking for checks until it has); without, nothing is left to do there."""
-    for shed_max_exit, shedding, next_tick in ((0, True, 0.25), (None, False, 1.0)):
-        config = {} if shed_max_exit is None else {"shed_max_exit": shed_max_exit}
-        slo, script = controller(top=3, instances=2, **config)
-        slo.rung = 3
-        for _ in range(25):
-            slo.record(0.040, 2)
-        script.now += 1.0
-        assert slo.tick().rung == 3 and not slo.shedding
-        assert slo.due_in() == pytest.approx(next_tick)  # a check a quarter window in, or the window's end
-        script.pending = 12
-        script.now += 0.25
-        assert slo.tick() is None and slo.shedding == shedding
-        assert slo.due_in() == pytest.approx(0.75)  # nothing left for a check to do: the window's end
-
-
 def test_its_thread_wakes_for_the_backlog_checks_below_the_top_rung_and_for_the_window_s_end():
     """``due_in`` is when the orchestrator's SLO thread calls ``tick`` next: every quarter window while a
     rung is left to climb to, at the window's end alone from the top rung (no check can climb)."""
