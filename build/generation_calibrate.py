@@ -240,8 +240,8 @@ def step_costs(
             {("draft", exit_index, size): run(0, layer, 1, head) for size, head in draft_heads.items()}
         )
         calls.update({("verify", exit_index, d): run(layer, spec.layers, d) for d in draft_lengths})
-    # One torch thread, as the served generator runs (``triton_generator``): a pass of several tokens
-    # gains from a second thread where a one-token pass hardly does, so two would favour long drafts.
+    # One torch thread, as the served generator runs (``triton_generator``): the costs the choice weighs
+    # must be the served ones, and parts of one and of several tokens do not scale alike with threads.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
