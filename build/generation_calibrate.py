@@ -181,7 +181,7 @@ def draft_passes(
         if verification is not None and verification.draft_length == longest:
             accepted.extend(verification.accepted)
             confidence.extend(verification.confidence)
-            steps.extend([len(set(steps))] * len(verification.accepted))
+            steps.extend([steps[-1] + 1 if steps else 0] * len(verification.accepted))  # this step's number
 
     never = (NEVER,) * (len(decoder.spec.exit_layers) - 1)
     settings = DecodingSettings(draft_exit, longest, never, vocabulary)
