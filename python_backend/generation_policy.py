@@ -65,7 +65,10 @@ class GenerationPolicy:
         if self.draft_length < 1:
             raise ValueError("draft length must be at least 1")
         if not 0.0 <= self.draft_stop <= 1.0:
-            raise ValueError(f"draft stop {self.draft_stop} is not a max-prob in [0, 1]")
+            raise ValueError(
+                f"draft stop {self.draft_stop} is not a max-prob in [0, 1]; set the policy's draft_stop in "
+                "[0, 1] (0: every pass drafts draft_length tokens)"
+            )
         if (
             self.draft_vocabulary
             and not 0 <= min(self.draft_vocabulary) <= max(self.draft_vocabulary) < vocabulary
