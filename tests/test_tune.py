@@ -84,3 +84,29 @@ def test_tune_measures_chooses_and_writes_a_build_that_serves(
     with running_server(tmp_path / "repo") as server, OfframpClient(server.grpc_url) as client:
         answers = client.classify(tuned.name, images)
     np.testing.assert_array_equal(answers.exit, expected)
+
+
+@pytest.mark.integration
+def test_tune_serves_the_full_model_where_the_model_is_too_small_to_pay(quick_text_model, tmp_path):
+    """A tiny encoder (2 blocks, width 32) computes a row in microseconds, where any set of exits adds the
+    orchestrator's fixed cost per execute (a Python stub's parsing, cascade and responses, a millisecond
+    or so on this machine) that calling the full model directly does not pay: every candidate's
+    predicted CPU per row is over the full model's by that mechanism, not by a measured margin."""
+    from offramp.client.tools.perf_analyzer import check_perf_analyzer
+    from offramp.client.tools.tune import TuneConfig, run_tune
+
+    try:
+        check_perf_analyzer()
+    except PerfAnalyzerError as error:
+        pytest.skip(str(error))
+    artifacts, directory = quick_text_model
+    config = TuneConfig(
+        artifacts=directory, out=tmp_path / "tuned", concurrency=2, repeats=1, measurement_interval_ms=400,
+        batch_sizes=(1, 8), workdir=tmp_path / "work", progress=False,
+    )  # fmt: skip
+    decision = run_tune(config)["decision"]
+    assert decision["serves_full_model"], decision["summary"]
+    assert f"call {artifacts.name}_full directly" in decision["summary"]
+    assert decision["predicted_speedup"] < 1
+    # The build written: the early-exit interface at least cost, the network as one segment.
+    assert decision["kept_exits"] == [artifacts.num_exits - 1]
