@@ -11,6 +11,10 @@ those early readouts good the way LayerSkip does (Elhoushi et al. 2024, arXiv:24
   layer at this size; LayerSkip's curricula likewise compute some exits' losses each step);
 - layer dropout: each layer is skipped for a whole sequence with a probability rising linearly with
   depth, from 0 at the first layer to ``layer_dropout`` at the last.
+- self-distillation (beyond LayerSkip): each early exit's term is ``(1 - w) CE + w T^2 KL`` towards the
+  last exit's distribution at the same positions (detached; ``offramp.build.train.distillation_kl``).
+  Self-speculative decoding accepts a draft when it is the last exit's token, so agreement with the
+  last exit, not the true next token, is what a draft exit is for.
 
 Data is the standard library's train modules (``offramp.build.code_data``) as one token stream, read
 in windows of ``context`` tokens at seeded random offsets. The build is cached under its key (every
@@ -50,8 +54,9 @@ from offramp.build.code_data import (
     train_tokenizer,
 )
 from offramp.build.markdown import markdown_table
+from offramp.build.train import distillation_kl
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: self-distillation of the early exits
 TRAINING_STATE = "training_state.pt"
 DEFAULT_WORKDIR = Path(".cache/offramp")
 CODE_MODEL_NAME = "code_llama"
@@ -98,6 +103,9 @@ class ExitTraining:
     weight_decay: float = 0.1
     layer_dropout: float = 0.1  # at the last layer; rises linearly from 0 at the first
     early_exit_positions: float = 0.25  # share of positions whose early-exit loss is computed each step
+    # Share w of the distillation term in the early exits' loss and its temperature (module docstring).
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
     seed: int = 0
     split_seed: int = 0
     eval_windows: int = 64  # windows of each held-out split for the per-exit figures
@@ -274,12 +282,23 @@ def train_code_model(
         sampled = torch.randperm(target.numel(), generator=generator)[
             : int(settings.early_exit_positions * target.numel())
         ]
-        losses = torch.stack([
-            torch.nn.functional.cross_entropy(model.lm_head(states[e]), target) if e == len(weights) - 1 else
-            torch.nn.functional.cross_entropy(model.lm_head(states[e, sampled]), target[sampled])
-            for e in range(len(weights))
-        ])  # fmt: skip
-        loss = (weights * losses).sum()
+        last_logits = model.lm_head(states[-1])  # (B T, V)
+        early_logits = [model.lm_head(states[e, sampled]) for e in range(len(weights) - 1)]  # (S, V) each
+        losses = torch.stack(
+            [
+                *(torch.nn.functional.cross_entropy(logits, target[sampled]) for logits in early_logits),
+                torch.nn.functional.cross_entropy(last_logits, target),
+            ]
+        )  # (E,) the cross-entropy of each exit, what the curve records
+        distilled = torch.stack(
+            [
+                distillation_kl(logits, last_logits[sampled], settings.distill_temperature).mean()
+                for logits in early_logits
+            ]
+        )  # (E - 1,)
+        w, t = settings.distill_weight, settings.distill_temperature
+        exit_terms = torch.cat([(1.0 - w) * losses[:-1] + w * t**2 * distilled, losses[-1:]])
+        loss = (weights * exit_terms).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -506,10 +525,17 @@ def training_report(artifacts: DecoderArtifacts) -> str:
         f"({settings['steps'] * settings['batch_size'] * shape.context / 1e6:.2f} M tokens), AdamW lr "
         f"{settings['learning_rate']:g} (warm-up {settings['warmup_steps']}, cosine to a tenth), early-exit "
         "loss "
-        f"weighted by depth, layer dropout rising to {settings['layer_dropout']:g}; {build['threads']} torch "
-        f"threads, {build['train_seconds'] / 60:.1f} min on this machine.",
+        f"weighted by depth, layer dropout rising to {settings['layer_dropout']:g}, "
+        + (
+            f"the early exits self-distilled towards the last (weight {settings['distill_weight']:g}, "
+            f"temperature {settings['distill_temperature']:g}); "
+            if settings.get("distill_weight", 0.0) > 0
+            else "no distillation; "
+        )
+        + f"{build['threads']} torch threads, {build['train_seconds'] / 60:.1f} min on this machine.",
         "",
-        "## Loss curve (training windows, mean over each logging interval)",
+        "## Loss curve (training windows, mean over each logging interval; the weighted loss includes the "
+        "distillation terms, the per-layer columns are cross-entropy with the true next token)",
         "",
     ]
     curve = build["loss_curve"]

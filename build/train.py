@@ -76,7 +76,6 @@ def multi_exit_loss(
     """
     students = len(exit_logits) if teacher is not None else len(exit_logits) - 1
     teacher = exit_logits[-1] if teacher is None else teacher
-    target = torch.softmax(teacher.detach() / temperature, dim=1)  # (B, C)
     labelled = labels >= 0  # (B,)
     row_weight = torch.where(labelled, distill_weight, 1.0)  # (B,) of the distillation term
     total = torch.zeros(())
@@ -86,10 +85,17 @@ def multi_exit_loss(
         if index >= students or (distill_weight == 0.0 and bool(labelled.all())):
             total = total + w * ce.mean()
             continue
-        log_student = torch.log_softmax(logits / temperature, dim=1)  # (B, C)
-        kl = (target * (torch.log(target.clamp(min=1e-12)) - log_student)).sum(dim=1)  # (B,)
+        kl = distillation_kl(logits, teacher, temperature)  # (B,)
         total = total + w * ((1.0 - row_weight) * ce + row_weight * temperature**2 * kl).mean()
     return total
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, C) student and teacher logits -> (B,) KL(softmax(teacher / T) || softmax(student / T)); the
+    teacher is detached (it does not learn from its students)."""
+    target = torch.softmax(teacher.detach() / temperature, dim=-1)
+    log_student = torch.log_softmax(student / temperature, dim=-1)
+    return (target * (torch.log(target.clamp(min=1e-12)) - log_student)).sum(dim=-1)
 
 
 def train_exits(
