@@ -48,6 +48,10 @@ bench: $(STAMP) ## early exit against the full model under perf_analyzer, CNN an
 	# What tune serves where the segments must stay separate models (BLS): the CNN sits near 1x there.
 	$(BIN)/offramp tune --artifacts .cache/offramp/fashion_cnn --modes bls --verify \
 		--out .cache/offramp/fashion_cnn-tuned-bls --report benchmarks/tune/fashion_cnn_bls
+	# A model too small to pay anywhere (a 2-block, width-32 encoder on TREC, built in seconds): tune
+	# should say so and serve the full model.
+	$(BIN)/python -c 'from offramp.build.text_recipes import served_text_classifier as b; b(".cache/offramp", "trec", quick=True)'
+	$(BIN)/offramp tune --artifacts .cache/offramp/trec_tiny --report benchmarks/tune/trec_tiny
 	$(BIN)/offramp bench --workload generation
 
 SOAK_ARGS ?=
