@@ -11,6 +11,22 @@ import pytest
 from offramp.client.tools.perf_analyzer import PerfAnalyzerError
 
 
+def quick_tune_config(directory, tmp_path, batch_sizes: tuple[int, ...]):
+    """A short tune of a quick build (skips where perf_analyzer is missing): two rows in flight, one
+    round of 400 ms windows, enough to rank what these tests check."""
+    from offramp.client.tools.perf_analyzer import check_perf_analyzer
+    from offramp.client.tools.tune import TuneConfig
+
+    try:
+        check_perf_analyzer()
+    except PerfAnalyzerError as error:
+        pytest.skip(str(error))
+    return TuneConfig(
+        artifacts=directory, out=tmp_path / "tuned", concurrency=2, repeats=1, measurement_interval_ms=400,
+        batch_sizes=batch_sizes, workdir=tmp_path / "work", progress=False,
+    )  # fmt: skip
+
+
 @pytest.mark.integration
 def test_tune_measures_chooses_and_writes_a_build_that_serves(
     quick_cnn, running_server, execution_env, tmp_path
@@ -21,18 +37,10 @@ def test_tune_measures_chooses_and_writes_a_build_that_serves(
     from offramp.build.calibrate import exit_logits_from_onnx, held_out_data, simulate_exits
     from offramp.build.repository import RepositoryOptions, write_repository
     from offramp.client.grpc_client import OfframpClient
-    from offramp.client.tools.perf_analyzer import check_perf_analyzer
-    from offramp.client.tools.tune import TuneConfig, run_tune
+    from offramp.client.tools.tune import run_tune
 
-    try:
-        check_perf_analyzer()
-    except PerfAnalyzerError as error:
-        pytest.skip(str(error))
     artifacts, directory = quick_cnn
-    config = TuneConfig(
-        artifacts=directory, out=tmp_path / "tuned", concurrency=2, repeats=1, measurement_interval_ms=400,
-        batch_sizes=(1, 4, 8), workdir=tmp_path / "work", progress=False,
-    )  # fmt: skip
+    config = quick_tune_config(directory, tmp_path, batch_sizes=(1, 4, 8))
     report = run_tune(config)
 
     # Every set of exits (each ending at the last) under each data-free rule family (the last exit alone
@@ -92,18 +100,10 @@ def test_tune_serves_the_full_model_where_the_model_is_too_small_to_pay(quick_te
     orchestrator's fixed cost per execute (a Python stub's parsing, cascade and responses, a millisecond
     or so on this machine) that calling the full model directly does not pay: every candidate's
     predicted CPU per row is over the full model's by that mechanism, not by a measured margin."""
-    from offramp.client.tools.perf_analyzer import check_perf_analyzer
-    from offramp.client.tools.tune import TuneConfig, run_tune
+    from offramp.client.tools.tune import run_tune
 
-    try:
-        check_perf_analyzer()
-    except PerfAnalyzerError as error:
-        pytest.skip(str(error))
     artifacts, directory = quick_text_model
-    config = TuneConfig(
-        artifacts=directory, out=tmp_path / "tuned", concurrency=2, repeats=1, measurement_interval_ms=400,
-        batch_sizes=(1, 8), workdir=tmp_path / "work", progress=False,
-    )  # fmt: skip
+    config = quick_tune_config(directory, tmp_path, batch_sizes=(1, 8))
     decision = run_tune(config)["decision"]
     assert decision["serves_full_model"], decision["summary"]
     assert f"call {artifacts.name}_full directly" in decision["summary"]
