@@ -22,6 +22,14 @@ of ``n * draft(b) + verify(n, b)`` over the passes (n each pass's draft count); 
 geometric mean over the batch sizes is chosen. The prediction is recorded beside the choice; the
 benchmark measures the real thing.
 
+A served step costs more than its parts: the serving loop, a response per row through Triton, gRPC
+and the client (measured on this 2-core machine: a served full step at batch 1 took 9.4 ms against
+5.9 ms of parts; the loop in process, responses built but not sent, adds only 0.2-0.5 ms of it). A
+pass of self-speculation pays that once for all its tokens, so parts alone undervalue long drafts
+(predicted 1.28x where 1.46x was served). ``draft_for_served_steps`` chooses again with
+``o(b) = served(b) - full(b)`` added to every step, full and speculative alike, ``served(b)`` a
+served full step's wall time at batch b as the benchmark measures it on the running server.
+
 Confident thresholds (Learn-then-Test, ``offramp.build.risk_control``). The loss of one completion
 is its token disagreement with the full model's greedy completion of the same prompt: the share of
 positions, up to the longer of the two, where the tokens differ (a position only one of them has
@@ -39,8 +47,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -278,12 +286,23 @@ def tokens_per_verify(accepted: np.ndarray, counts: np.ndarray | int) -> float:
 
 
 def predicted_speedup(
-    counts: np.ndarray, accepted: np.ndarray, costs: dict, exit_index: int, size: int
+    counts: np.ndarray,
+    accepted: np.ndarray,
+    costs: dict,
+    exit_index: int,
+    size: int,
+    step_overhead_s: float = 0.0,
 ) -> float:
-    """Tokens per second of passes of ``counts`` drafts (one per recorded row) over ``full``'s."""
+    """Tokens per second of passes of ``counts`` drafts (one per recorded row) over ``full``'s, each step
+    of either (a pass, a full step) also paying ``step_overhead_s``: what a served step costs beyond its
+    parts."""
     verify = costs["verify"][exit_index]  # draft count -> seconds
     seconds = counts * costs["draft"][exit_index][size] + np.array([verify[int(n)] for n in counts])
-    return tokens_per_verify(accepted, counts) * costs["full"] / float(seconds.mean())
+    return (
+        tokens_per_verify(accepted, counts)
+        * (costs["full"] + step_overhead_s)
+        / (float(seconds.mean()) + step_overhead_s)
+    )
 
 
 @dataclass(frozen=True)
@@ -303,8 +322,17 @@ def choose_draft(
     end_of_text: int,
     split_seed: int,
     progress: Callable[[str], None] = print,
+    served_step_s: Mapping[int, float] | None = None,
 ) -> DraftChoice:
-    """The draft exit, length, vocabulary and stop with the best predicted speed-up (module docstring)."""
+    """The draft exit, length, vocabulary and stop with the best predicted speed-up (module docstring).
+    ``served_step_s``: batch size -> the wall seconds of a served ``full`` step at that batch, for each
+    of ``calibration.timing_batches``; what it costs beyond the step's parts is added to every step.
+    None: the parts alone."""
+    if served_step_s is not None and set(served_step_s) != set(calibration.timing_batches):
+        raise ValueError(
+            f"a served step time is needed at each timing batch {list(calibration.timing_batches)}, "
+            f"got {sorted(served_step_s)}"
+        )
     longest = max(calibration.draft_lengths)
     ranked = frequent_tokens(tokenizer, decoder.spec.vocab, split_seed)
     sizes = sorted(
@@ -317,6 +345,8 @@ def choose_draft(
         b: step_costs(decoder, b, range(1, longest + 1), heads, prompt_tokens)
         for b in calibration.timing_batches
     }
+    # Never negative: a served step measured faster than its parts is the two measures' noise.
+    overhead = {b: max(0.0, (served_step_s or {}).get(b, 0.0) - costs[b]["full"]) for b in costs}
     table = []
     for exit_index in range(len(decoder.spec.exit_layers) - 1):
         for size, vocabulary in vocabularies.items():
@@ -331,7 +361,7 @@ def choose_draft(
             for d, stop in itertools.product(calibration.draft_lengths, calibration.draft_stops):
                 counts = {b: draft_counts(passes, d, stop, b) for b in calibration.timing_batches}
                 speedups = {
-                    b: predicted_speedup(counts[b], accepted, costs[b], exit_index, size)
+                    b: predicted_speedup(counts[b], accepted, costs[b], exit_index, size, overhead[b])
                     for b in calibration.timing_batches
                 }
                 alone = counts[min(calibration.timing_batches)]
@@ -358,8 +388,12 @@ def choose_draft(
         | {"full": c["full"]}
         for b, c in costs.items()
     }
+    record = {"table": table, "step_seconds": costs_record}
+    if served_step_s is not None:
+        record["served_step_seconds"] = {str(b): served_step_s[b] for b in costs}
+        record["step_overhead_seconds"] = {str(b): overhead[b] for b in costs}
     return DraftChoice(best["draft_exit"], best["draft_length"], vocabularies[best["draft_vocabulary"]],
-                       best["draft_stop"], {"table": table, "step_seconds": costs_record})  # fmt: skip
+                       best["draft_stop"], record)  # fmt: skip
 
 
 # --- Confident thresholds -------------------------------------------------------------------------------
@@ -478,3 +512,32 @@ def calibrate_generation(
         draft.draft_stop,
     )
     return policy.with_content_version("ltt")
+
+
+def draft_for_served_steps(
+    artifacts_dir: Path,
+    policy: GenerationPolicy,
+    served_step_s: Mapping[int, float],
+    calibration: CalibrationSettings = CalibrationSettings(),
+    progress: Callable[[str], None] = print,
+) -> GenerationPolicy:
+    """``policy`` with its draft chosen again where a served step's measured cost beyond its parts is
+    added to every step (``choose_draft``'s ``served_step_s``), a new version; its provenance keeps the
+    calibration's choice (``draft``) beside this one (``draft_served``). The thresholds stay: the
+    draft settles only speed, never what ``self_speculative`` answers."""
+    artifacts = DecoderArtifacts.load(artifacts_dir)
+    decoder = ExitDecoder.load(artifacts_dir)
+    tokenizer = load_tokenizer(artifacts_dir)
+    probe = split_tasks(artifacts, tokenizer, calibration)["calibration"][: calibration.acceptance_tasks]
+    split_seed = artifacts.build.get("settings", {}).get("split_seed", 0)
+    draft = choose_draft(
+        decoder, tokenizer, probe, calibration, artifacts.end_of_text, split_seed, progress, served_step_s
+    )
+    return replace(
+        policy,
+        draft_exit=draft.draft_exit,
+        draft_length=draft.draft_length,
+        draft_vocabulary=draft.vocabulary,
+        draft_stop=draft.draft_stop,
+        provenance={**policy.provenance, "draft_served": draft.record},
+    ).with_content_version("ltt")

@@ -66,6 +66,7 @@ def test_ratios_are_formed_within_rounds_and_their_median_reported():
         "table": [row], "perf_analyzer": [], "reference": None,
     }  # fmt: skip
     report = generation_report(summary)
+    assert "The draft, chosen on the server" not in report  # a summary from before it
     assert "| 8 | 75.0 | 115.0 | 1.55x | 220.0 | 2.90x |" in report
     assert "| confident at c=8 | next_line | 2x | 2.90x | met |" in report
     assert "| self_speculative at c=8 | next_line | 1.3x | 1.55x | met |" in report
@@ -79,3 +80,34 @@ def test_prompts_for_perf_analyzer(tmp_path):
     data = json.loads(prompt_input_data(tmp_path / "p.json", ["def f():\n", "x = 1\n"]).read_text())
     assert data == {"data": [{"PROMPT": {"content": ["def f():\n"], "shape": [1]}},
                              {"PROMPT": {"content": ["x = 1\n"], "shape": [1]}}]}  # fmt: skip
+
+
+def test_the_report_sets_the_served_choice_of_the_draft_beside_the_calibrations():
+    def row(exit_, length, size, stop, predicted):
+        return {"draft_exit": exit_, "draft_layer": 2 * exit_ + 2, "draft_length": length,
+                "draft_vocabulary": size, "draft_stop": stop,
+                "predicted_speedup": {"1": predicted[0], "8": predicted[1]}}  # fmt: skip
+
+    parts_table = [row(0, 3, 1024, 0.2, (1.10, 1.05)), row(2, 4, 4096, 0.0, (1.02, 1.01))]
+    served_table = [row(0, 3, 1024, 0.2, (1.21, 1.12)), row(2, 4, 4096, 0.0, (1.40, 1.18))]
+    served = {"table": served_table, "served_step_seconds": {"1": 0.0094, "8": 0.0201},
+              "step_seconds": {"1": {"full": 0.0059}, "8": {"full": 0.0143}},
+              "step_overhead_seconds": {"1": 0.0035, "8": 0.0058}}  # fmt: skip
+    summary = {
+        "policy": {"version": "ltt-new", "draft_exit": 2, "draft_length": 4, "draft_vocabulary": [],
+                   "draft_stop": 0.0, "thresholds": [0.9, 0.9, 0.9],
+                   "provenance": {"method": "uncalibrated", "draft": {"table": parts_table},
+                                  "draft_served": served}},
+        "calibrated_draft": {"version": "ltt-old", "draft_exit": 0, "draft_length": 3,
+                             "draft_vocabulary": 1024, "draft_stop": 0.2},
+        "model": {"name": "m", "exit_layers": [2, 4, 6, 8]}, "config": {"requests": 2, "repeats": 2},
+        "machine": {"nproc": 2, "cpu_model": "x", "loadavg_at_start": ["0.1"]}, "date": "d", "duration_s": 60,
+        "table": [], "perf_analyzer": [], "reference": None,
+    }  # fmt: skip
+    report = generation_report(summary)
+    assert "9.40 / 20.10 ms, against 5.90 / 14.30 ms of its parts" in report
+    assert "3.50 / 5.80 ms more per step" in report
+    # The calibration's choice with its own predictions, then rescored; the served choice, all tokens.
+    assert "(ltt-old): layer 2, length 3, 1024 tokens, stop 0.2 (predicted 1.10x / 1.05x)" in report
+    assert "served step's cost: layer 2, length 3, 1024 tokens, stop 0.2 (predicted 1.21x / 1.12x)" in report
+    assert "(ltt-new): layer 6, length 4, 4096 tokens, stop 0 (predicted 1.40x / 1.18x)" in report

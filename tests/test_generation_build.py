@@ -29,7 +29,9 @@ from offramp.build.decoder import (
     training_report,
 )
 from offramp.build.generation_calibrate import (
+    CalibrationSettings,
     DraftPasses,
+    choose_draft,
     draft_counts,
     predicted_speedup,
     token_disagreement,
@@ -180,6 +182,17 @@ def test_a_draft_stop_is_replayed_per_group_of_rows_drafted_together():
     tokens = (1 + 3 + 6 + 2 + 4) / 5  # min(a, n) + [a < n]: 1, 2 + 1, 6, 1 + 1, 3 + 1
     seconds = np.mean([0.25 * n + 0.5 + 0.1 * n for n in [1, 3, 6, 2, 5]])
     assert predicted_speedup(counts, passes.accepted, costs, 0, 64) == pytest.approx(tokens / seconds)
+    # A served step's cost beyond its parts, paid once by a full step and once by a pass of several
+    # tokens, favours the pass: its tokens share it.
+    served = predicted_speedup(counts, passes.accepted, costs, 0, 64, step_overhead_s=2.0)
+    assert served == pytest.approx(tokens * (1.0 + 2.0) / (seconds + 2.0))
+    assert served > tokens / seconds
+
+
+def test_a_served_step_time_is_needed_at_every_timing_batch():
+    settings = CalibrationSettings(timing_batches=(1, 8))
+    with pytest.raises(ValueError, match=r"at each timing batch \[1, 8\], got \[1\]"):
+        choose_draft(None, None, [], settings, 0, 0, served_step_s={1: 0.01})
 
 
 def test_exit_logits_of_the_training_forward_match_the_model():

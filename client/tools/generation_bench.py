@@ -1,6 +1,13 @@
 """``offramp bench --workload generation`` (``offramp generate bench``): the decoding modes side by side.
 
-One embedded tritonserver serves the code model's generator; every mode is measured through it, on
+First the draft is chosen again on the server (``generation_calibrate.draft_for_served_steps``): the
+generator serves the calibrated policy while the benchmark times a served ``full`` step at each of the
+calibration's timing batches (that many 64-token completions at once); what a served step costs beyond
+its parts (the loop, a response per row through Triton, gRPC, the client) is added to every step of the
+draft's cost model, and the choice it makes is the policy measured below. The calibration times the
+parts alone, and a pass of self-speculation pays the rest once for all its tokens.
+
+Then one embedded tritonserver serves the code model's generator; every mode is measured through it, on
 the same prompts, at each concurrency level, in interleaved rounds (the mode order rotates each
 round), with ratios formed within a round and their medians reported. Prompts are next-line tasks
 from the held-out test modules (``offramp.build.code_data``: a function cut at a random line).
@@ -96,9 +103,9 @@ def prompt_input_data(path: Path, prompts: Sequence[str]) -> Path:
 # --- The model, its policy, its repository --------------------------------------------------------------
 
 
-def prepared_model(config: GenerationBenchConfig) -> tuple[Any, Path, Any]:
-    """(artifacts, folder, policy): the code model (or, quick, a tiny random checkpoint) and its
-    calibrated policy, each reused when cached."""
+def prepared_model(config: GenerationBenchConfig) -> tuple[Any, Path, Any, Any]:
+    """(artifacts, folder, policy, calibration settings): the code model (or, quick, a tiny random
+    checkpoint) and its calibrated policy, each reused when cached."""
     from offramp.backend.generation_policy import GenerationPolicy
     from offramp.build.decoder import build_code_model, import_checkpoint
     from offramp.build.generation_calibrate import CalibrationSettings, calibrate_generation
@@ -122,14 +129,14 @@ def prepared_model(config: GenerationBenchConfig) -> tuple[Any, Path, Any]:
     if policy_file.exists():
         policy = GenerationPolicy.load(policy_file)
         if policy.model_fingerprint == artifacts.fingerprint:
-            return artifacts, directory, policy
+            return artifacts, directory, policy, settings
     print(f"calibrating {directory} (cached as {policy_file.name})", flush=True)
     from offramp.backend.exit_decoder import reproducible_gemm
 
     reproducible_gemm()  # as the server's stub decodes
     policy = calibrate_generation(directory, settings)
     policy.save(policy_file)
-    return artifacts, directory, policy
+    return artifacts, directory, policy, settings
 
 
 def _settings_key(settings: Any) -> str:
@@ -209,6 +216,24 @@ def run_once(
         "exits": [list(c.exits) for c in completions],
         "completions": [list(c.tokens) for c in completions],
     }
+
+
+def served_step_seconds(
+    url: str, model: str, tasks: Sequence[Any], batches: Sequence[int], metrics_url: str, rounds: int = 3
+) -> dict[int, float]:
+    """Batch size b -> the wall seconds of a served ``full`` step of b rows: b 64-token completions sent
+    at once (they prefill together, then step together), the median over them of the time per token
+    after the first, the least of ``rounds`` (as the calibration takes its parts' least)."""
+    steps = {}
+    for batch in batches:
+        times = []
+        for _ in range(rounds):
+            record = run_once(url, model, tasks[:batch], "64_tokens", "full", batch, metrics_url)
+            if record["errors"] or record["ms_per_token_p50"] is None:
+                raise RuntimeError(f"the served step at batch {batch} failed: {record['first_error']}")
+            times.append(record["ms_per_token_p50"] / 1e3)
+        steps[batch] = min(times)
+    return steps
 
 
 def perf_analyzer_run(url: str, model: str, data: Path, mode: str, concurrency: int, metrics_url: str,
@@ -296,6 +321,58 @@ def transformers_reference(
 # --- The sweep ----------------------------------------------------------------------------------------------
 
 
+def draft_settings(policy: Mapping) -> dict:
+    """What ``self_speculative`` decodes with under ``policy`` (a policy's fields), as the draft tables
+    name it (the draft vocabulary by its size; 0: all tokens)."""
+    return {"version": policy["version"], "draft_exit": policy["draft_exit"],
+            "draft_length": policy["draft_length"], "draft_vocabulary": len(policy["draft_vocabulary"]),
+            "draft_stop": policy["draft_stop"]}  # fmt: skip
+
+
+def draft_choice_lines(summary: Mapping) -> list[str]:
+    """The report's account of the draft: the calibration's choice from the parts alone, and the one made
+    on the server with a served step's cost added, each with its predictions."""
+    policy, calibrated = summary["policy"], summary.get("calibrated_draft")
+    served = policy["provenance"].get("draft_served")
+    if calibrated is None or served is None:  # a summary from before the served choice
+        return []
+    parts = served["step_seconds"]
+
+    def row(table: Sequence[Mapping], draft: Mapping) -> Mapping:
+        everything = max(r["draft_vocabulary"] for r in table)  # an empty draft vocabulary: all tokens
+        size = draft["draft_vocabulary"] or everything
+        key = (draft["draft_exit"], draft["draft_length"], size, draft["draft_stop"])
+        return next(
+            r for r in table
+            if (r["draft_exit"], r["draft_length"], r["draft_vocabulary"], r["draft_stop"]) == key
+        )  # fmt: skip
+
+    def described(draft: Mapping, table: Sequence[Mapping]) -> str:
+        r = row(table, draft)
+        predicted = " / ".join(f"{v:.2f}x" for v in r["predicted_speedup"].values())
+        return (f"layer {r['draft_layer']}, length {r['draft_length']}, {r['draft_vocabulary']} tokens, stop "
+                f"{r['draft_stop']:g} (predicted {predicted})")  # fmt: skip
+
+    batches = list(served["served_step_seconds"])
+    chosen = draft_settings(policy)
+    return [
+        "## The draft, chosen on the server",
+        "",
+        f"A served full step (batch {' / '.join(batches)}, wall time, the least of 3 rounds): "
+        + " / ".join(f"{1e3 * served['served_step_seconds'][b]:.2f}" for b in batches)
+        + " ms, against "
+        + " / ".join(f"{1e3 * parts[b]['full']:.2f}" for b in batches)
+        + " ms of its parts (CPU time, one thread): "
+        + " / ".join(f"{1e3 * served['step_overhead_seconds'][b]:.2f}" for b in batches)
+        + " ms more per step, paid once by every step of either mode. The calibration's choice, from the "
+        f"parts alone ({calibrated['version']}): "
+        f"{described(calibrated, policy['provenance']['draft']['table'])}; the same with the served "
+        f"step's cost: {described(calibrated, served['table'])}. Chosen with it ({policy['version']}): "
+        f"{described(chosen, served['table'])}. Predictions at batch {' / '.join(batches)}.",
+        "",
+    ]
+
+
 def rotated(items: Sequence[str], shift: int) -> list[str]:
     shift %= len(items)
     return list(items[shift:]) + list(items[:shift])
@@ -306,13 +383,13 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
 
     from offramp.backend.environment import prepare_execution_env
     from offramp.build.code_data import completion_tasks, split_modules, stdlib_modules
-    from offramp.build.generation_calibrate import token_disagreement
+    from offramp.build.generation_calibrate import draft_for_served_steps, token_disagreement
     from offramp.build.generation_repository import write_generator
     from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
     from offramp.client.tools.bench import machine_record, package_versions
 
     started = time.time()
-    artifacts, directory, policy = prepared_model(config)
+    artifacts, directory, policy, settings = prepared_model(config)
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     seed = artifacts.build.get("settings", {}).get("split_seed", 0)
     test_modules = split_modules(stdlib_modules(), seed)["test"]
@@ -322,12 +399,24 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
     ]
     scratch = config.workdir / "generation-bench"
     repository = scratch / "model_repository"
-    write_generator(directory, policy, repository, execution_env=prepare_execution_env(), name="coder")
     raw = config.out / "results"
     raw.mkdir(parents=True, exist_ok=True)
     runs, perf = [], []
-    with EmbeddedTritonServer(repository, ports=ServerPorts.free(), log_path=scratch / "tritonserver.log",
-                              startup_timeout_s=600) as server:  # fmt: skip
+
+    def serving(policy: Any) -> EmbeddedTritonServer:
+        write_generator(directory, policy, repository, execution_env=prepare_execution_env(), name="coder")
+        log = scratch / "tritonserver.log"
+        return EmbeddedTritonServer(repository, ports=ServerPorts.free(), log_path=log, startup_timeout_s=600)
+
+    # The draft is chosen again from what a served step costs on this server, measured first (module doc).
+    calibrated = policy
+    with serving(calibrated) as server:
+        url, metrics = server.grpc_url, server.metrics_url
+        run_once(url, "coder", tasks[:4], "next_line", "full", 2, metrics)  # warm-up: the stub's first calls
+        served_steps = served_step_seconds(url, "coder", tasks, settings.timing_batches, metrics)
+    print("served full step: " + ", ".join(f"batch {b} {s * 1e3:.2f} ms" for b, s in served_steps.items()))
+    policy = draft_for_served_steps(directory, calibrated, served_steps, settings)
+    with serving(policy) as server:
         url, metrics = server.grpc_url, server.metrics_url
         run_once(url, "coder", tasks[:4], "next_line", "full", 2, metrics)  # warm-up: the stub's first calls
         plan = [
@@ -376,6 +465,8 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
             "context": artifacts.context,
         },  # fmt: skip
         "policy": json.loads(json.dumps(asdict(policy))),
+        "calibrated_draft": draft_settings(asdict(calibrated)),
+        "served_step_seconds": {str(b): v for b, v in served_steps.items()},
         "tasks": [{"module": t.module, "function": t.function, "line": t.line} for t in tasks],
         "runs": runs,
         "perf_analyzer": perf,
@@ -497,6 +588,7 @@ def generation_report(summary: Mapping) -> str:
         f"{summary['duration_s'] / 60:.0f} min.",
         "",
     ]
+    lines += draft_choice_lines(summary)
     for workload in WORKLOADS:
         rows = [r for r in summary["table"] if r["workload"] == workload]
         if not rows:
