@@ -313,6 +313,27 @@ def test_confident_thresholds_decide_the_exit(decoders):
     assert len(exits) >= 2
 
 
+def test_a_row_near_its_budget_does_not_shorten_the_pass_of_the_others(decoders):
+    decoder = decoders["llama"]
+    prompts_and_budgets = list(zip(prompts(2, seed=5), (3, 24), strict=True))
+    references = [Row(i, list(p), budget, "full") for i, (p, budget) in enumerate(prompts_and_budgets)]
+    decode(decoder, references)
+    engine = GenerationEngine(decoder, DecodingSettings(1, 5, (NEVER, NEVER)), detokenize, end_of_text=0)
+    rows = [Row(i, list(p), b, "self_speculative") for i, (p, b) in enumerate(prompts_and_budgets)]
+    lengths = []
+    with torch.inference_mode():
+        engine.add(rows)
+        while engine.running:
+            engine.step()
+            if engine.last_verification is not None:
+                lengths.append(engine.last_verification.draft_length)
+    # The first row has 2 tokens left after its prefill's: its pass drafts 5 all the same, and it
+    # commits no more than its budget; the tokens are full's.
+    assert lengths[0] == 5
+    assert [r.generated for r in rows] == [r.generated for r in references]
+    assert rows[0].finish_reason == FINISH_MAX_TOKENS and len(rows[0].generated) == 3
+
+
 def test_rows_finish_on_their_own(decoders):
     decoder = decoders["llama"]
     texts = prompts(8, seed=6)
