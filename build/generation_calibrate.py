@@ -23,12 +23,15 @@ geometric mean over the batch sizes is chosen. The prediction is recorded beside
 benchmark measures the real thing.
 
 A served step costs more than its parts: the serving loop, a response per row through Triton, gRPC
-and the client (measured on this 2-core machine: a served full step at batch 1 took 9.4 ms against
-5.9 ms of parts; the loop in process, responses built but not sent, adds only 0.2-0.5 ms of it). A
-pass of self-speculation pays that once for all its tokens, so parts alone undervalue long drafts
-(predicted 1.28x where 1.46x was served). ``draft_for_served_steps`` chooses again with
-``o(b) = served(b) - full(b)`` added to every step, full and speculative alike, ``served(b)`` a
-served full step's wall time at batch b as the benchmark measures it on the running server.
+and the client (measured on this 2-core machine: a served full step at batch 8 took 18.6-21.3 ms
+against 11.4-12.0 ms of parts; the loop in process, responses built but not sent, adds only 0.2-0.5
+ms), and its compute runs slower, on cores it shares with them. A pass of self-speculation pays the
+per-step part once for all its tokens, so parts alone undervalue long drafts (predicted 1.28x where
+1.46x was served); a constant per step alone overvalues them, since a pass has several times a full
+step's compute (at batch 8, predicted 1.49-1.58x where 1.16-1.26x was served, while in process the
+pass cost what its parts predict). ``draft_for_served_steps`` chooses again with every step's time
+``k(b) * parts + o(b)`` (``ServedCost``), ``k`` and ``o`` through two served points at batch b
+that the benchmark times on the running server: a ``full`` step and a pass of the calibrated draft.
 
 Confident thresholds (Learn-then-Test, ``offramp.build.risk_control``). The loss of one completion
 is its token disagreement with the full model's greedy completion of the same prompt: the share of
@@ -285,23 +288,70 @@ def tokens_per_verify(accepted: np.ndarray, counts: np.ndarray | int) -> float:
     return float(np.minimum(accepted, counts).mean() + (accepted < counts).mean())
 
 
+@dataclass(frozen=True)
+class ServedCost:
+    """A served step's wall time from its parts' CPU time at one batch size: ``compute_factor * parts +
+    per_step_s``. ``per_step_s`` is what every step pays whatever its compute (the loop, a response per
+    row through Triton, gRPC, the client); ``compute_factor`` the slowing of compute itself, by the
+    cores it shares with them. The parts alone: (1, 0)."""
+
+    compute_factor: float = 1.0
+    per_step_s: float = 0.0
+
+    def seconds(self, parts_s: float) -> float:
+        return self.compute_factor * parts_s + self.per_step_s
+
+
+@dataclass(frozen=True)
+class ServedSteps:
+    """Two served steps at one batch size, wall seconds: a ``full`` step, and a pass of
+    ``self_speculative`` under a known draft (exit, vocabulary size) that drafted ``drafts`` tokens on
+    average."""
+
+    full_s: float
+    pass_s: float
+    draft_exit: int
+    vocabulary: int  # the draft vocabulary's size; 0: all tokens
+    drafts: float
+
+    def cost(self, costs: dict) -> ServedCost:
+        """The :class:`ServedCost` through both points, from ``costs`` (``step_costs``) at the same batch.
+        A factor under 1 (serving does not speed compute up) or a negative per-step cost is the two
+        measures' noise: clamped."""
+        size = self.vocabulary or max(costs["draft"][self.draft_exit])  # all tokens: the largest head
+        parts_pass = pass_parts_s(costs, self.draft_exit, size, self.drafts)
+        span = parts_pass - costs["full"]
+        factor = (self.pass_s - self.full_s) / span if span > 0 else 1.0
+        factor = max(1.0, factor)
+        return ServedCost(factor, max(0.0, self.full_s - factor * costs["full"]))
+
+
+def pass_parts_s(costs: dict, exit_index: int, size: int, drafts: float) -> float:
+    """Parts' seconds of a pass of ``drafts`` drafts (a mean: the verify pass interpolated between the
+    draft counts either side)."""
+    verify = costs["verify"][exit_index]  # draft count -> seconds
+    low = min(max(1, int(np.floor(drafts))), max(verify))
+    high = min(low + 1, max(verify))
+    share = min(max(drafts - low, 0.0), 1.0) if high > low else 0.0
+    return drafts * costs["draft"][exit_index][size] + (1 - share) * verify[low] + share * verify[high]
+
+
 def predicted_speedup(
     counts: np.ndarray,
     accepted: np.ndarray,
     costs: dict,
     exit_index: int,
     size: int,
-    step_overhead_s: float = 0.0,
+    served: ServedCost = ServedCost(),
 ) -> float:
     """Tokens per second of passes of ``counts`` drafts (one per recorded row) over ``full``'s, each step
-    of either (a pass, a full step) also paying ``step_overhead_s``: what a served step costs beyond its
-    parts."""
+    of either (a pass, a full step) taking what ``served`` makes of its parts."""
     verify = costs["verify"][exit_index]  # draft count -> seconds
     seconds = counts * costs["draft"][exit_index][size] + np.array([verify[int(n)] for n in counts])
     return (
         tokens_per_verify(accepted, counts)
-        * (costs["full"] + step_overhead_s)
-        / (float(seconds.mean()) + step_overhead_s)
+        * served.seconds(costs["full"])
+        / served.seconds(float(seconds.mean()))
     )
 
 
@@ -322,16 +372,16 @@ def choose_draft(
     end_of_text: int,
     split_seed: int,
     progress: Callable[[str], None] = print,
-    served_step_s: Mapping[int, float] | None = None,
+    served_steps: Mapping[int, ServedSteps] | None = None,
 ) -> DraftChoice:
     """The draft exit, length, vocabulary and stop with the best predicted speed-up (module docstring).
-    ``served_step_s``: batch size -> the wall seconds of a served ``full`` step at that batch, for each
-    of ``calibration.timing_batches``; what it costs beyond the step's parts is added to every step.
-    None: the parts alone."""
-    if served_step_s is not None and set(served_step_s) != set(calibration.timing_batches):
+    ``served_steps``: batch size -> two served steps at that batch, for each of
+    ``calibration.timing_batches``; every step's time is what they make of its parts
+    (:class:`ServedCost`). None: the parts alone."""
+    if served_steps is not None and set(served_steps) != set(calibration.timing_batches):
         raise ValueError(
-            f"a served step time is needed at each timing batch {list(calibration.timing_batches)}, "
-            f"got {sorted(served_step_s)}"
+            f"served steps are needed at each timing batch {list(calibration.timing_batches)}, "
+            f"got {sorted(served_steps)}"
         )
     longest = max(calibration.draft_lengths)
     ranked = frequent_tokens(tokenizer, decoder.spec.vocab, split_seed)
@@ -345,8 +395,7 @@ def choose_draft(
         b: step_costs(decoder, b, range(1, longest + 1), heads, prompt_tokens)
         for b in calibration.timing_batches
     }
-    # Never negative: a served step measured faster than its parts is the two measures' noise.
-    overhead = {b: max(0.0, (served_step_s or {}).get(b, 0.0) - costs[b]["full"]) for b in costs}
+    served = {b: served_steps[b].cost(costs[b]) if served_steps else ServedCost() for b in costs}
     table = []
     for exit_index in range(len(decoder.spec.exit_layers) - 1):
         for size, vocabulary in vocabularies.items():
@@ -361,7 +410,7 @@ def choose_draft(
             for d, stop in itertools.product(calibration.draft_lengths, calibration.draft_stops):
                 counts = {b: draft_counts(passes, d, stop, b) for b in calibration.timing_batches}
                 speedups = {
-                    b: predicted_speedup(counts[b], accepted, costs[b], exit_index, size, overhead[b])
+                    b: predicted_speedup(counts[b], accepted, costs[b], exit_index, size, served[b])
                     for b in calibration.timing_batches
                 }
                 alone = counts[min(calibration.timing_batches)]
@@ -389,9 +438,9 @@ def choose_draft(
         for b, c in costs.items()
     }
     record = {"table": table, "step_seconds": costs_record}
-    if served_step_s is not None:
-        record["served_step_seconds"] = {str(b): served_step_s[b] for b in costs}
-        record["step_overhead_seconds"] = {str(b): overhead[b] for b in costs}
+    if served_steps is not None:
+        record["served_steps"] = {str(b): asdict(served_steps[b]) for b in costs}
+        record["served_cost"] = {str(b): asdict(served[b]) for b in costs}
     return DraftChoice(best["draft_exit"], best["draft_length"], vocabularies[best["draft_vocabulary"]],
                        best["draft_stop"], record)  # fmt: skip
 
@@ -517,12 +566,12 @@ def calibrate_generation(
 def draft_for_served_steps(
     artifacts_dir: Path,
     policy: GenerationPolicy,
-    served_step_s: Mapping[int, float],
+    served_steps: Mapping[int, ServedSteps],
     calibration: CalibrationSettings = CalibrationSettings(),
     progress: Callable[[str], None] = print,
 ) -> GenerationPolicy:
-    """``policy`` with its draft chosen again where a served step's measured cost beyond its parts is
-    added to every step (``choose_draft``'s ``served_step_s``), a new version; its provenance keeps the
+    """``policy`` with its draft chosen again from what serving makes of a step's parts, measured
+    (``choose_draft``'s ``served_steps``), a new version; its provenance keeps the
     calibration's choice (``draft``) beside this one (``draft_served``). The thresholds stay: the
     draft settles only speed, never what ``self_speculative`` answers."""
     artifacts = DecoderArtifacts.load(artifacts_dir)
@@ -531,7 +580,7 @@ def draft_for_served_steps(
     probe = split_tasks(artifacts, tokenizer, calibration)["calibration"][: calibration.acceptance_tasks]
     split_seed = artifacts.build.get("settings", {}).get("split_seed", 0)
     draft = choose_draft(
-        decoder, tokenizer, probe, calibration, artifacts.end_of_text, split_seed, progress, served_step_s
+        decoder, tokenizer, probe, calibration, artifacts.end_of_text, split_seed, progress, served_steps
     )
     return replace(
         policy,

@@ -90,9 +90,11 @@ def test_the_report_sets_the_served_choice_of_the_draft_beside_the_calibrations(
 
     parts_table = [row(0, 3, 1024, 0.2, (1.10, 1.05)), row(2, 4, 4096, 0.0, (1.02, 1.01))]
     served_table = [row(0, 3, 1024, 0.2, (1.21, 1.12)), row(2, 4, 4096, 0.0, (1.40, 1.18))]
-    served = {"table": served_table, "served_step_seconds": {"1": 0.0094, "8": 0.0201},
-              "step_seconds": {"1": {"full": 0.0059}, "8": {"full": 0.0143}},
-              "step_overhead_seconds": {"1": 0.0035, "8": 0.0058}}  # fmt: skip
+    served = {"table": served_table, "step_seconds": {"1": {"full": 0.0059}, "8": {"full": 0.0143}},
+              "served_steps": {"1": {"full_s": 0.0094, "pass_s": 0.0151, "drafts": 2.41},
+                               "8": {"full_s": 0.0201, "pass_s": 0.0402, "drafts": 4.52}},
+              "served_cost": {"1": {"compute_factor": 1.0, "per_step_s": 0.0035},
+                              "8": {"compute_factor": 1.37, "per_step_s": 0.0005}}}  # fmt: skip
     summary = {
         "policy": {"version": "ltt-new", "draft_exit": 2, "draft_length": 4, "draft_vocabulary": [],
                    "draft_stop": 0.0, "thresholds": [0.9, 0.9, 0.9],
@@ -105,9 +107,10 @@ def test_the_report_sets_the_served_choice_of_the_draft_beside_the_calibrations(
         "table": [], "perf_analyzer": [], "reference": None,
     }  # fmt: skip
     report = generation_report(summary)
-    assert "9.40 / 20.10 ms, against 5.90 / 14.30 ms of its parts" in report
-    assert "3.50 / 5.80 ms more per step" in report
+    assert "a full step 9.40 / 20.10 ms against 5.90 / 14.30 ms of its parts" in report
+    assert "the calibrated draft 15.10 / 40.20 ms (2.41 / 4.52 drafts)" in report
+    assert "takes 1.00 / 1.37 times its parts plus 3.50 / 0.50 ms" in report
     # The calibration's choice with its own predictions, then rescored; the served choice, all tokens.
     assert "(ltt-old): layer 2, length 3, 1024 tokens, stop 0.2 (predicted 1.10x / 1.05x)" in report
-    assert "served step's cost: layer 2, length 3, 1024 tokens, stop 0.2 (predicted 1.21x / 1.12x)" in report
+    assert "the same served: layer 2, length 3, 1024 tokens, stop 0.2 (predicted 1.21x / 1.12x)" in report
     assert "(ltt-new): layer 6, length 4, 4096 tokens, stop 0 (predicted 1.40x / 1.18x)" in report

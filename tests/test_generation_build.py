@@ -31,8 +31,11 @@ from offramp.build.decoder import (
 from offramp.build.generation_calibrate import (
     CalibrationSettings,
     DraftPasses,
+    ServedCost,
+    ServedSteps,
     choose_draft,
     draft_counts,
+    pass_parts_s,
     predicted_speedup,
     token_disagreement,
     tokens_per_verify,
@@ -182,17 +185,39 @@ def test_a_draft_stop_is_replayed_per_group_of_rows_drafted_together():
     tokens = (1 + 3 + 6 + 2 + 4) / 5  # min(a, n) + [a < n]: 1, 2 + 1, 6, 1 + 1, 3 + 1
     seconds = np.mean([0.25 * n + 0.5 + 0.1 * n for n in [1, 3, 6, 2, 5]])
     assert predicted_speedup(counts, passes.accepted, costs, 0, 64) == pytest.approx(tokens / seconds)
-    # A served step's cost beyond its parts, paid once by a full step and once by a pass of several
-    # tokens, favours the pass: its tokens share it.
-    served = predicted_speedup(counts, passes.accepted, costs, 0, 64, step_overhead_s=2.0)
-    assert served == pytest.approx(tokens * (1.0 + 2.0) / (seconds + 2.0))
+    # Served, a step takes k times its parts plus o: the o a full step and a pass of several tokens
+    # each pay once favours the pass; the k slows both by their compute.
+    served = predicted_speedup(counts, passes.accepted, costs, 0, 64, ServedCost(1.5, 2.0))
+    assert served == pytest.approx(tokens * (1.5 * 1.0 + 2.0) / (1.5 * seconds + 2.0))
     assert served > tokens / seconds
 
 
-def test_a_served_step_time_is_needed_at_every_timing_batch():
+def test_the_served_cost_goes_through_a_served_full_step_and_a_served_pass():
+    costs = {
+        "full": 0.010,
+        "draft": {0: {64: 0.002, 128: 0.003}},
+        "verify": {0: {1: 0.008, 2: 0.010, 3: 0.012}},
+    }
+    # A pass of 2.5 drafts from the 64-token head: 2.5 * 2 ms + the verify between 2 and 3 drafts, 11 ms.
+    assert pass_parts_s(costs, 0, 64, 2.5) == pytest.approx(0.016)
+    assert pass_parts_s(costs, 0, 64, 3.0) == pytest.approx(
+        3 * 0.002 + 0.012
+    )  # the longest: no interpolation
+    # Served: full 10 ms -> 15 ms, the pass 16 ms -> 24 ms: k = 9 / 6 = 1.5, o = 15 - 15 = 0.
+    cost = ServedSteps(0.015, 0.024, 0, 64, 2.5).cost(costs)
+    assert (cost.compute_factor, cost.per_step_s) == pytest.approx((1.5, 0.0))
+    # A constant 4 ms a step: k = 1, o = 4 ms. All tokens (0) reads the largest head.
+    cost = ServedSteps(0.014, 0.0225, 0, 0, 2.5).cost(costs)  # parts 2.5 * 3 + 11 = 18.5 ms
+    assert (cost.compute_factor, cost.per_step_s) == pytest.approx((1.0, 0.004), abs=1e-9)
+    # Noise that would make serving speed compute up is clamped, and so is a negative per-step cost.
+    cost = ServedSteps(0.012, 0.016, 0, 64, 2.5).cost(costs)
+    assert cost.compute_factor == 1.0 and cost.per_step_s == pytest.approx(0.002)
+
+
+def test_served_steps_are_needed_at_every_timing_batch():
     settings = CalibrationSettings(timing_batches=(1, 8))
     with pytest.raises(ValueError, match=r"at each timing batch \[1, 8\], got \[1\]"):
-        choose_draft(None, None, [], settings, 0, 0, served_step_s={1: 0.01})
+        choose_draft(None, None, [], settings, 0, 0, served_steps={1: ServedSteps(0.01, 0.02, 0, 0, 2.0)})
 
 
 def test_exit_logits_of_the_training_forward_match_the_model():

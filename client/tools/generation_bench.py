@@ -1,11 +1,12 @@
 """``offramp bench --workload generation`` (``offramp generate bench``): the decoding modes side by side.
 
 First the draft is chosen again on the server (``generation_calibrate.draft_for_served_steps``): the
-generator serves the calibrated policy while the benchmark times a served ``full`` step at each of the
-calibration's timing batches (that many 64-token completions at once); what a served step costs beyond
-its parts (the loop, a response per row through Triton, gRPC, the client) is added to every step of the
-draft's cost model, and the choice it makes is the policy measured below. The calibration times the
-parts alone, and a pass of self-speculation pays the rest once for all its tokens.
+generator serves the calibrated policy while the benchmark times, at each of the calibration's timing
+batches (that many 64-token completions at once), a served ``full`` step and a served pass of the
+calibrated draft. Through the two, a served step's wall time is a factor times its parts' CPU time
+(compute slowed by the cores it shares with Triton's response path and the client) plus a cost per step
+(the loop, a response per row, gRPC, the client); the draft's cost model takes every step so, and the
+choice it makes is the policy measured below. The calibration times the parts alone.
 
 Then one embedded tritonserver serves the code model's generator; every mode is measured through it, on
 the same prompts, at each concurrency level, in interleaved rounds (the mode order rotates each
@@ -218,21 +219,38 @@ def run_once(
     }
 
 
-def served_step_seconds(
-    url: str, model: str, tasks: Sequence[Any], batches: Sequence[int], metrics_url: str, rounds: int = 3
-) -> dict[int, float]:
-    """Batch size b -> the wall seconds of a served ``full`` step of b rows: b 64-token completions sent
-    at once (they prefill together, then step together), the median over them of the time per token
-    after the first, the least of ``rounds`` (as the calibration takes its parts' least)."""
+def served_steps(
+    url: str,
+    model: str,
+    tasks: Sequence[Any],
+    policy: Any,
+    batches: Sequence[int],
+    metrics_url: str,
+    rounds: int = 3,
+) -> dict[int, Any]:
+    """Batch size b -> two served steps of b rows (``ServedSteps``), wall seconds: a ``full`` step and a
+    pass of ``self_speculative`` under ``policy``. b 64-token completions are sent at once (they prefill
+    together, then step together); a step is the median over them of the time per token after the
+    first, times the tokens each response brought; each the least of ``rounds`` (as the calibration
+    takes its parts' least)."""
+    from offramp.build.generation_calibrate import ServedSteps
+
+    def least(mode: str, batch: int) -> dict:
+        records = []
+        for _ in range(rounds):
+            record = run_once(url, model, tasks[:batch], "64_tokens", mode, batch, metrics_url)
+            if record["errors"] or record["ms_per_token_p50"] is None:
+                raise RuntimeError(f"the served {mode} step at batch {batch} failed: {record['first_error']}")
+            record["step_s"] = record["ms_per_token_p50"] / 1e3 * record["tokens_per_step"]
+            records.append(record)
+        return min(records, key=lambda r: r["step_s"])
+
     steps = {}
     for batch in batches:
-        times = []
-        for _ in range(rounds):
-            record = run_once(url, model, tasks[:batch], "64_tokens", "full", batch, metrics_url)
-            if record["errors"] or record["ms_per_token_p50"] is None:
-                raise RuntimeError(f"the served step at batch {batch} failed: {record['first_error']}")
-            times.append(record["ms_per_token_p50"] / 1e3)
-        steps[batch] = min(times)
+        full, speculative = least("full", batch), least("self_speculative", batch)
+        steps[batch] = ServedSteps(full["step_s"], speculative["step_s"], policy.draft_exit,
+                                   len(policy.draft_vocabulary),
+                                   speculative["drafted"] / speculative["verify_passes"])  # fmt: skip
     return steps
 
 
@@ -353,21 +371,27 @@ def draft_choice_lines(summary: Mapping) -> list[str]:
         return (f"layer {r['draft_layer']}, length {r['draft_length']}, {r['draft_vocabulary']} tokens, stop "
                 f"{r['draft_stop']:g} (predicted {predicted})")  # fmt: skip
 
-    batches = list(served["served_step_seconds"])
+    batches = list(served["served_steps"])
     chosen = draft_settings(policy)
+
+    steps, cost = served["served_steps"], served["served_cost"]
+
+    def per_batch(value: Any, spec: str = ".2f") -> str:
+        """``value(b)`` at each batch, formatted, joined with slashes."""
+        return " / ".join(format(value(b), spec) for b in batches)
+
     return [
         "## The draft, chosen on the server",
         "",
-        f"A served full step (batch {' / '.join(batches)}, wall time, the least of 3 rounds): "
-        + " / ".join(f"{1e3 * served['served_step_seconds'][b]:.2f}" for b in batches)
-        + " ms, against "
-        + " / ".join(f"{1e3 * parts[b]['full']:.2f}" for b in batches)
-        + " ms of its parts (CPU time, one thread): "
-        + " / ".join(f"{1e3 * served['step_overhead_seconds'][b]:.2f}" for b in batches)
-        + " ms more per step, paid once by every step of either mode. The calibration's choice, from the "
-        f"parts alone ({calibrated['version']}): "
-        f"{described(calibrated, policy['provenance']['draft']['table'])}; the same with the served "
-        f"step's cost: {described(calibrated, served['table'])}. Chosen with it ({policy['version']}): "
+        f"Served at batch {' / '.join(batches)} (wall time, the least of 3 rounds): a full step "
+        f"{per_batch(lambda b: 1e3 * steps[b]['full_s'])} ms against "
+        f"{per_batch(lambda b: 1e3 * parts[b]['full'])} ms of its parts (CPU time, one thread); a pass of "
+        f"the calibrated draft {per_batch(lambda b: 1e3 * steps[b]['pass_s'])} ms "
+        f"({per_batch(lambda b: steps[b]['drafts'])} drafts). Through both: a step served takes "
+        f"{per_batch(lambda b: cost[b]['compute_factor'])} times its parts plus "
+        f"{per_batch(lambda b: 1e3 * cost[b]['per_step_s'])} ms. The calibration's choice, from the parts "
+        f"alone ({calibrated['version']}): {described(calibrated, policy['provenance']['draft']['table'])}; "
+        f"the same served: {described(calibrated, served['table'])}. Chosen served ({policy['version']}): "
         f"{described(chosen, served['table'])}. Predictions at batch {' / '.join(batches)}.",
         "",
     ]
@@ -413,9 +437,11 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
     with serving(calibrated) as server:
         url, metrics = server.grpc_url, server.metrics_url
         run_once(url, "coder", tasks[:4], "next_line", "full", 2, metrics)  # warm-up: the stub's first calls
-        served_steps = served_step_seconds(url, "coder", tasks, settings.timing_batches, metrics)
-    print("served full step: " + ", ".join(f"batch {b} {s * 1e3:.2f} ms" for b, s in served_steps.items()))
-    policy = draft_for_served_steps(directory, calibrated, served_steps, settings)
+        served = served_steps(url, "coder", tasks, calibrated, settings.timing_batches, metrics)
+    for batch, steps in served.items():
+        print(f"served at batch {batch}: full step {steps.full_s * 1e3:.2f} ms, self_speculative pass "
+              f"{steps.pass_s * 1e3:.2f} ms ({steps.drafts:.2f} drafts)")  # fmt: skip
+    policy = draft_for_served_steps(directory, calibrated, served, settings)
     with serving(policy) as server:
         url, metrics = server.grpc_url, server.metrics_url
         run_once(url, "coder", tasks[:4], "next_line", "full", 2, metrics)  # warm-up: the stub's first calls
@@ -466,7 +492,6 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
         },  # fmt: skip
         "policy": json.loads(json.dumps(asdict(policy))),
         "calibrated_draft": draft_settings(asdict(calibrated)),
-        "served_step_seconds": {str(b): v for b, v in served_steps.items()},
         "tasks": [{"module": t.module, "function": t.function, "line": t.line} for t in tasks],
         "runs": runs,
         "perf_analyzer": perf,
