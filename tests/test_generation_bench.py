@@ -108,7 +108,7 @@ def test_the_report_sets_the_served_choice_of_the_draft_beside_the_calibrations(
     }  # fmt: skip
     report = generation_report(summary)
     assert "a full step 9.40 / 20.10 ms against 5.90 / 14.30 ms of its parts" in report
-    assert "the calibrated draft 15.10 / 40.20 ms (2.41 / 4.52 drafts)" in report
+    assert "the probe draft 15.10 / 40.20 ms (2.41 / 4.52 drafts)" in report
     assert "takes 1.00 / 1.37 times its parts plus 3.50 / 0.50 ms" in report
     # The calibration's choice with its own predictions, then rescored; the served choice, all tokens.
     assert "(ltt-old): layer 2, length 3, 1024 tokens, stop 0.2 (predicted 1.10x / 1.05x)" in report

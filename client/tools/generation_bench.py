@@ -1,12 +1,13 @@
 """``offramp bench --workload generation`` (``offramp generate bench``): the decoding modes side by side.
 
 First the draft is chosen again on the server (``generation_calibrate.draft_for_served_steps``): the
-generator serves the calibrated policy while the benchmark times, at each of the calibration's timing
-batches (that many 64-token completions at once), a served ``full`` step and a served pass of the
-calibrated draft. Through the two, a served step's wall time is a factor times its parts' CPU time
-(compute slowed by the cores it shares with Triton's response path and the client) plus a cost per step
-(the loop, a response per row, gRPC, the client); the draft's cost model takes every step so, and the
-choice it makes is the policy measured below. The calibration times the parts alone.
+generator serves the calibrated policy with a probe draft (``served_probe``: a long one from the deepest
+early exit) while the benchmark times, at each of the calibration's timing batches (that many 64-token
+completions at once), a served ``full`` step and a served pass of the probe draft. Through the two, a
+served step's wall time is a factor times its parts' CPU time (compute slowed by the cores it shares
+with Triton's response path and the client) plus a cost per step (the loop, a response per row, gRPC,
+the client); the draft's cost model takes every step so, and the choice it makes is the policy
+measured below. The calibration times the parts alone.
 
 Then one embedded tritonserver serves the code model's generator; every mode is measured through it, on
 the same prompts, at each concurrency level, in interleaved rounds (the mode order rotates each
@@ -386,7 +387,7 @@ def draft_choice_lines(summary: Mapping) -> list[str]:
         f"Served at batch {' / '.join(batches)} (wall time, the least of 3 rounds): a full step "
         f"{per_batch(lambda b: 1e3 * steps[b]['full_s'])} ms against "
         f"{per_batch(lambda b: 1e3 * parts[b]['full'])} ms of its parts (CPU time, one thread); a pass of "
-        f"the calibrated draft {per_batch(lambda b: 1e3 * steps[b]['pass_s'])} ms "
+        f"the probe draft {per_batch(lambda b: 1e3 * steps[b]['pass_s'])} ms "
         f"({per_batch(lambda b: steps[b]['drafts'])} drafts). Through both: a step served takes "
         f"{per_batch(lambda b: cost[b]['compute_factor'])} times its parts plus "
         f"{per_batch(lambda b: 1e3 * cost[b]['per_step_s'])} ms. The calibration's choice, from the parts "
@@ -407,7 +408,7 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
 
     from offramp.backend.environment import prepare_execution_env
     from offramp.build.code_data import completion_tasks, split_modules, stdlib_modules
-    from offramp.build.generation_calibrate import draft_for_served_steps, token_disagreement
+    from offramp.build.generation_calibrate import draft_for_served_steps, served_probe, token_disagreement
     from offramp.build.generation_repository import write_generator
     from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
     from offramp.client.tools.bench import machine_record, package_versions
@@ -434,10 +435,11 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
 
     # The draft is chosen again from what a served step costs on this server, measured first (module doc).
     calibrated = policy
-    with serving(calibrated) as server:
+    probe = served_probe(calibrated, settings, len(artifacts.exit_layers))
+    with serving(probe) as server:
         url, metrics = server.grpc_url, server.metrics_url
         run_once(url, "coder", tasks[:4], "next_line", "full", 2, metrics)  # warm-up: the stub's first calls
-        served = served_steps(url, "coder", tasks, calibrated, settings.timing_batches, metrics)
+        served = served_steps(url, "coder", tasks, probe, settings.timing_batches, metrics)
     for batch, steps in served.items():
         print(f"served at batch {batch}: full step {steps.full_s * 1e3:.2f} ms, self_speculative pass "
               f"{steps.pass_s * 1e3:.2f} ms ({steps.drafts:.2f} drafts)")  # fmt: skip
