@@ -589,10 +589,10 @@ def draft_for_served_steps(
     artifacts = DecoderArtifacts.load(artifacts_dir)
     decoder = ExitDecoder.load(artifacts_dir)
     tokenizer = load_tokenizer(artifacts_dir)
-    probe = split_tasks(artifacts, tokenizer, calibration)["calibration"][: calibration.acceptance_tasks]
+    tasks = split_tasks(artifacts, tokenizer, calibration)["calibration"][: calibration.acceptance_tasks]
     split_seed = artifacts.build.get("settings", {}).get("split_seed", 0)
     draft = choose_draft(
-        decoder, tokenizer, probe, calibration, artifacts.end_of_text, split_seed, progress, served_steps
+        decoder, tokenizer, tasks, calibration, artifacts.end_of_text, split_seed, progress, served_steps
     )
     return replace(
         policy,

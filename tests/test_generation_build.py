@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from offramp.backend.exit_decoder import ExitDecoder, reproducible_gemm
+from offramp.backend.generation_policy import GenerationPolicy
 from offramp.build.code_data import (
     SourceModule,
     completion_tasks,
@@ -37,6 +38,7 @@ from offramp.build.generation_calibrate import (
     draft_counts,
     pass_parts_s,
     predicted_speedup,
+    served_probe,
     token_disagreement,
     tokens_per_verify,
 )
@@ -212,6 +214,14 @@ def test_the_served_cost_goes_through_a_served_full_step_and_a_served_pass():
     # Noise that would make serving speed compute up is clamped, and so is a negative per-step cost.
     cost = ServedSteps(0.012, 0.016, 0, 64, 2.5).cost(costs)
     assert cost.compute_factor == 1.0 and cost.per_step_s == pytest.approx(0.002)
+
+
+def test_the_served_probe_drafts_long_from_the_deepest_early_exit():
+    calibrated = GenerationPolicy("ltt-x", "weights", 0, 3, (0.9, 0.9, 0.9), {}, (5, 6, 7), 0.2)
+    probe = served_probe(calibrated, CalibrationSettings(draft_lengths=(2, 4, 8)), exits=4)
+    assert (probe.draft_exit, probe.draft_length, probe.draft_stop) == (2, 8, 0.0)
+    assert probe.thresholds == calibrated.thresholds and probe.draft_vocabulary == (5, 6, 7)
+    assert probe.version.startswith("probe-")  # not the calibrated policy's name
 
 
 def test_served_steps_are_needed_at_every_timing_batch():
