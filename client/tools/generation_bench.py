@@ -350,7 +350,7 @@ def draft_settings(policy: Mapping) -> dict:
 
 def draft_choice_lines(summary: Mapping) -> list[str]:
     """The report's account of the draft: the calibration's choice from the parts alone, and the one made
-    on the server with a served step's cost added, each with its predictions."""
+    on the server from what serving makes of a step's parts, each with its predictions."""
     policy, calibrated = summary["policy"], summary.get("calibrated_draft")
     served = policy["provenance"].get("draft_served")
     if calibrated is None or served is None:  # a summary from before the served choice
@@ -433,7 +433,7 @@ def run_generation_bench(config: GenerationBenchConfig) -> dict:
         log = scratch / "tritonserver.log"
         return EmbeddedTritonServer(repository, ports=ServerPorts.free(), log_path=log, startup_timeout_s=600)
 
-    # The draft is chosen again from what a served step costs on this server, measured first (module doc).
+    # The draft is chosen again from what serving makes of a step on this server, measured first (module doc).
     calibrated = policy
     probe = served_probe(calibrated, settings, len(artifacts.exit_layers))
     with serving(probe) as server:
