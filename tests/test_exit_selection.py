@@ -89,6 +89,22 @@ def test_cpu_per_row_by_hand() -> None:
         cpu_per_row((2,), (1.0,), "grpc", costs)
 
 
+def test_the_last_exit_alone_never_costs_less_than_the_full_model_and_its_exit() -> None:
+    # The whole network timed in process far under the full model served (two measures of one network
+    # that differ): it is the same network with an orchestrator around it, so the full model's CPU per
+    # row plus the exit's evaluation (and the hop over BLS) is its floor.
+    costs = _costs(full_per_row=0.005)
+    n = costs.rows_per_execute
+    assert cpu_per_row((2,), (1.0,), "in_process", costs) == pytest.approx(0.005 + 0.0005 / n)
+    assert cpu_per_row((2,), (1.0,), "bls", costs) == pytest.approx(0.005 + (0.003 + 0.0005) / n)
+    assert choose([Candidate((2,), None, (1.0,))], costs).serves_full_model  # type: ignore[arg-type]
+    # Where the model says more, the model stands.
+    cheap = _costs(full_per_row=0.0001)
+    assert cpu_per_row((2,), (1.0,), "in_process", cheap) == pytest.approx(
+        (0.002 + 0.003 + 0.0005) / n + 0.0003
+    )
+
+
 def _logits(rows: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Three exits, each the last exit's logits plus less noise: (3, N, 4) logits and the labels."""
     rng = np.random.default_rng(seed)
