@@ -390,7 +390,7 @@ def choose_draft(
         {min(k, decoder.spec.vocab) for k in calibration.draft_vocabularies} | {decoder.spec.vocab}
     )
     vocabularies = {k: () if k == decoder.spec.vocab else tuple(ranked[:k]) for k in sizes}
-    heads = {k: decoder.head[list(v)].contiguous() if v else None for k, v in vocabularies.items()}
+    heads = {k: decoder.head_of(list(v)) if v else None for k, v in vocabularies.items()}
     prompt_tokens = max(1, decoder.spec.context - calibration.max_tokens - longest - 1)
     costs = {  # a draft stop may end a pass after any number of drafts up to the longest
         b: step_costs(decoder, b, range(1, longest + 1), heads, prompt_tokens)

@@ -214,7 +214,7 @@ class SpeculativeGroup(RowGroup):
         self.draft_tokens = (
             torch.tensor(list(draft_vocabulary), dtype=torch.long) if draft_vocabulary else None
         )
-        self.draft_head = None if self.draft_tokens is None else decoder.head[self.draft_tokens].contiguous()
+        self.draft_head = None if self.draft_tokens is None else decoder.head_of(self.draft_tokens)
         self.last_pass: Verification | None = None
 
     def _draft(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

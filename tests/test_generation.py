@@ -16,6 +16,7 @@ from offramp.backend.exit_decoder import (
     DecoderSpec,
     ExitDecoder,
     KVCache,
+    project,
     reproducible_gemm,
     softmax_confidence,
 )
@@ -145,9 +146,9 @@ def single_row_product_difference() -> float:
     and then no decoding of one token at a time can be bitwise equal to a chunked one.
     """
     generator = torch.Generator().manual_seed(0)
-    weight, rows = torch.randn(128, 64, generator=generator), torch.randn(24, 64, generator=generator)
-    whole = torch.nn.functional.linear(rows, weight)
-    return float((torch.nn.functional.linear(rows[5:6], weight) - whole[5:6]).abs().max())
+    weight, rows = torch.randn(64, 128, generator=generator), torch.randn(24, 64, generator=generator)
+    whole = project(rows, weight)  # the decoder's own product
+    return float((project(rows[5:6], weight) - whole[5:6]).abs().max())
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
