@@ -58,7 +58,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from offramp.backend.exit_decoder import TOKENIZER_FILE, ExitDecoder, KVCache, softmax_confidence
+from offramp.backend.exit_decoder import (
+    NUMERICS_VERSION,
+    TOKENIZER_FILE,
+    ExitDecoder,
+    KVCache,
+    softmax_confidence,
+)
 from offramp.backend.generation import NEVER, DecodingSettings, GenerationEngine, Row
 from offramp.backend.generation_policy import GenerationPolicy
 from offramp.build.code_data import (
@@ -549,6 +555,7 @@ def calibrate_generation(
         "full_exact_line_match": {split: exact_line_match(full[split], t) for split, t in tasks.items()},
         "draft": draft.record,
         "settings": asdict(calibration),
+        "decoder_numerics": NUMERICS_VERSION,
         "seconds": round(time.time() - started, 1),
     }  # fmt: skip
     policy = GenerationPolicy(

@@ -55,6 +55,11 @@ MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 FAMILIES = ("llama", "gpt2")
 
+# What a decoder's numbers depend on beyond its weights, bumped when the forward pass rounds differently:
+# a policy certified on the old numbers (its thresholds, its recorded acceptance) is calibrated again.
+# 2: input-major products (``LayerWeights``).
+NUMERICS_VERSION = 2
+
 _MKL_CBWR_STRICT = 0x10000
 _MKL_CBWR_ERR_MODE_CHANGE = -8
 

@@ -142,9 +142,10 @@ def prepared_model(config: GenerationBenchConfig) -> tuple[Any, Path, Any, Any]:
 
 
 def _settings_key(settings: Any) -> str:
+    from offramp.backend.exit_decoder import NUMERICS_VERSION
     from offramp.build.build_cache import build_key
 
-    return build_key(**asdict(settings))
+    return build_key(**asdict(settings), numerics=NUMERICS_VERSION)
 
 
 # --- Measuring ---------------------------------------------------------------------------------------------
