@@ -13,7 +13,8 @@ request again at full depth (``ATTEMPT`` 1, ``FLAG_ESCALATED``); a failure at fu
 is answered with ``FLAG_CHECK_FAILED``. Only the request that failed is regenerated.
 
 What each response carries is ``offramp.backend.generation_contract``'s. A stream whose client went
-away (its ``send`` raises) loses its row at once; the others go on.
+away (its ``send`` raises) loses its row at once; the others go on. The Triton adapter sends through
+a :class:`BackgroundSender`, whose streams raise at the response after the one that failed.
 """
 
 from __future__ import annotations
@@ -55,6 +56,63 @@ class RequestError(ValueError):
 class ResponseStream(Protocol):
     def send(self, outputs: Mapping[str, np.ndarray], final: bool) -> None: ...
     def fail(self, message: str, request_error: bool) -> None: ...  # the final, error response
+
+
+class BackgroundSender:
+    """Hands responses to their streams from a thread of its own, in the order they were given, so
+    that the serving loop's next step does not wait on them.
+
+    Why: the Python backend's ``send`` is a round trip to the server (the stub waits, with the GIL
+    released, until the server has taken the response). Timed in the generator's stub on a 2-core
+    machine, the responses of a step of 8 rows took 5.1 ms of wall time, 2.9 of them waiting, beside
+    12.5 ms of the step itself; from this thread the waiting overlaps the next step's compute.
+
+    A stream whose ``send`` raised (its client went away) is marked; the next response given to it
+    raises that error to the serving loop, which then drops its row (one step later than a direct
+    send would: the responses in between are not sent).
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[_QueuedStream, str, tuple] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="offramp-responses", daemon=True)
+        self._thread.start()
+
+    def stream(self, target: ResponseStream) -> ResponseStream:
+        """``target`` with its responses sent from this sender's thread."""
+        return _QueuedStream(target, self)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=timeout_s)
+
+    def _put(self, stream: _QueuedStream, method: str, arguments: tuple) -> None:
+        self._queue.put((stream, method, arguments))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            stream, method, arguments = item
+            if stream.error is not None:
+                continue  # its client is gone: nothing more reaches it
+            try:
+                getattr(stream.target, method)(*arguments)
+            except Exception as error:  # one stream's failure is that stream's alone
+                stream.error = error
+
+
+class _QueuedStream:
+    def __init__(self, target: ResponseStream, sender: BackgroundSender) -> None:
+        self.target = target
+        self.sender = sender
+        self.error: Exception | None = None  # set by the sender's thread
+
+    def send(self, outputs: Mapping[str, np.ndarray], final: bool) -> None:
+        if self.error is not None:
+            raise self.error
+        self.sender._put(self, "send", (outputs, final))
+
+    def fail(self, message: str, request_error: bool) -> None:
+        self.sender._put(self, "fail", (message, request_error))
 
 
 @dataclass(frozen=True)

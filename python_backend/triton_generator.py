@@ -4,7 +4,8 @@ A thin adapter over ``offramp.backend.generation_service``: the model is decoupl
 (``model_transaction_policy { decoupled: true }``), so ``execute`` hands each request, with its
 response sender, to the service and returns None at once; the service's own thread runs the running
 batch and answers through the senders (one response per step that produced tokens, the last flagged
-final). Metrics go to ``pb_utils.MetricFamily``, as the orchestrator's do.
+final), which a ``BackgroundSender`` thread calls so that a step does not wait on its responses.
+Metrics go to ``pb_utils.MetricFamily``, as the orchestrator's do.
 """
 
 import json
@@ -20,7 +21,12 @@ from offramp.backend.audit import AuditConfig, AuditLog
 from offramp.backend.exit_decoder import DECODER_MANIFEST, TOKENIZER_FILE, ExitDecoder, reproducible_gemm
 from offramp.backend.generation_contract import ERROR_ID_PREFIX
 from offramp.backend.generation_policy import POLICY_FILE, GenerationPolicy
-from offramp.backend.generation_service import GenerationService, GenerationTelemetry, ServiceOptions
+from offramp.backend.generation_service import (
+    BackgroundSender,
+    GenerationService,
+    GenerationTelemetry,
+    ServiceOptions,
+)
 from offramp.backend.triton_orchestrator import _TritonMetrics
 
 
@@ -87,6 +93,7 @@ class TritonPythonModel:
             self.audit,
             manifest["fingerprint"],
         )
+        self.sender = BackgroundSender()
         self.label = label = f"{args['model_name']} ({instance})"
         self.publisher = telemetry.publishing_thread(
             lambda e: _log(f"{label}: metrics not published: {e}", error=True)
@@ -107,7 +114,7 @@ class TritonPythonModel:
             self.service.submit(
                 None if prompt is None else prompt.as_numpy(),
                 json.loads(request.parameters() or "{}"),
-                _Stream(request.get_response_sender(), request.request_id()),
+                self.sender.stream(_Stream(request.get_response_sender(), request.request_id())),
             )
         return None
 
@@ -115,6 +122,7 @@ class TritonPythonModel:
         self.service.close()
         self.thread.join(timeout=10)
         self.service.fail_all("the generator is unloading")
+        self.sender.close()
         self.publisher.close()
         if self.audit is not None:
             self.audit.close()

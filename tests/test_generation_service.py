@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from offramp.backend.generation_checks import python_prefix_error
 from offramp.backend.generation_contract import FLAG_CHECK_FAILED, FLAG_ESCALATED
 from offramp.backend.generation_policy import GenerationPolicy
 from offramp.backend.generation_service import (
+    BackgroundSender,
     GenerationService,
     GenerationTelemetry,
     ServiceOptions,
@@ -276,3 +278,67 @@ def test_a_client_that_goes_away_loses_its_row_alone(artifacts):
     references = [submit(alone, p, max_tokens=30) for p in PROMPTS]
     run(alone, references)
     assert [s.text() for s in others] == [r.text() for r in references]
+
+
+class ThreadRecordingStream(RecordingStream):
+    """Records which thread each response came from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def send(self, outputs, final):
+        self.threads.add(threading.get_ident())
+        super().send(outputs, final)
+
+
+def test_a_background_sender_keeps_each_streams_order_off_the_serving_thread():
+    sender = BackgroundSender()
+    targets = [ThreadRecordingStream() for _ in range(3)]
+    streams = [sender.stream(t) for t in targets]
+    for i in range(50):
+        for stream in streams:
+            stream.send({"I": np.array([i])}, final=i == 49)
+    rejected = RecordingStream()
+    sender.stream(rejected).fail("bad request", True)
+    sender.close()
+    for target in targets:
+        assert [int(r["I"][0]) for r in target.responses] == list(range(50)) and target.final["final"]
+        assert target.threads and threading.get_ident() not in target.threads
+    assert rejected.error == ("bad request", True)
+
+
+def test_a_stream_whose_send_failed_gets_nothing_more_and_raises_at_its_next_response():
+    sender = BackgroundSender()
+    gone, other = GoneAfter(2), RecordingStream()
+    gone_stream, other_stream = sender.stream(gone), sender.stream(other)
+    for i in range(4):  # the third raises in the sender's thread; the fourth is not attempted
+        gone_stream.send({"I": np.array([i])}, final=False)
+        other_stream.send({"I": np.array([i])}, final=i == 3)
+    gone_stream.fail("unloading", False)
+    sender.close()
+    assert len(gone.responses) == 2 and gone.error is None
+    assert [int(r["I"][0]) for r in other.responses] == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="the client cancelled"):
+        gone_stream.send({"I": np.array([4])}, final=False)
+
+
+def test_the_service_answers_through_a_background_sender_as_it_does_directly(artifacts):
+    service, _ = make_service(artifacts)
+    sender = BackgroundSender()
+    queued = [RecordingStream() for _ in PROMPTS]
+    for prompt, stream in zip(PROMPTS, queued, strict=True):
+        parameters = {"max_tokens": 20, "mode": "self_speculative"}
+        service.submit(np.array([prompt.encode()], dtype=object), parameters, sender.stream(stream))
+    with torch.inference_mode():
+        for _ in range(500):
+            if not (service.engine.running or service.held or not service.waiting.empty()):
+                break
+            service.run_round()
+    sender.close()
+    direct, _ = make_service(artifacts)
+    references = [submit(direct, p, max_tokens=20, mode="self_speculative") for p in PROMPTS]
+    run(direct, references)
+    for stream, reference in zip(queued, references, strict=True):
+        assert stream.done and stream.text() == reference.text()
+        assert len(stream.responses) == len(reference.responses)
