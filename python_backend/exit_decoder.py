@@ -328,8 +328,7 @@ class ExitDecoder:
         self.q_width = spec.heads * spec.head_dim
         self.kv_width = spec.kv_heads * spec.head_dim
         folded = [self._folded_keys_values(block) for block in self.blocks]
-        # For each first layer, every later layer's folded key and value projections side by side: one
-        # product.
+        # For each first layer, all later layers' folded key and value projections side by side (one product).
         self.stacked_keys_values = [
             (torch.cat([w for w, _ in folded[first:]], dim=1),
              None if folded[0][1] is None else torch.cat([b for _, b in folded[first:]]))

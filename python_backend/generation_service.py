@@ -19,6 +19,7 @@ a :class:`BackgroundSender`, whose streams raise at the response after the one t
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import threading
@@ -67,52 +68,53 @@ class BackgroundSender:
     machine, the responses of a step of 8 rows took 5.1 ms of wall time, 2.9 of them waiting, beside
     12.5 ms of the step itself; from this thread the waiting overlaps the next step's compute.
 
+    At most ``capacity`` responses wait (a full running batch's step, as the adapter sets it): past
+    that, handing one over waits for the thread, as every send waited before, so a server slower than
+    the loop slows the loop instead of letting the queue grow.
+
     A stream whose ``send`` raised (its client went away) is marked; the next response given to it
     raises that error to the serving loop, which then drops its row (one step later than a direct
     send would: the responses in between are not sent).
     """
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[_QueuedStream, str, tuple] | None] = queue.Queue()
+    def __init__(self, capacity: int = 64) -> None:
+        self._queue: queue.Queue[tuple[_QueuedStream, Callable[[], None]] | None] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._run, name="offramp-responses", daemon=True)
         self._thread.start()
 
     def stream(self, target: ResponseStream) -> ResponseStream:
         """``target`` with its responses sent from this sender's thread."""
-        return _QueuedStream(target, self)
+        return _QueuedStream(target, self._queue)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Send what is queued, then stop the thread."""
         self._queue.put(None)
         self._thread.join(timeout=timeout_s)
 
-    def _put(self, stream: _QueuedStream, method: str, arguments: tuple) -> None:
-        self._queue.put((stream, method, arguments))
-
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            stream, method, arguments = item
+            stream, call = item
             if stream.error is not None:
                 continue  # its client is gone: nothing more reaches it
             try:
-                getattr(stream.target, method)(*arguments)
+                call()
             except Exception as error:  # one stream's failure is that stream's alone
                 stream.error = error
 
 
 class _QueuedStream:
-    def __init__(self, target: ResponseStream, sender: BackgroundSender) -> None:
+    def __init__(self, target: ResponseStream, queued: queue.Queue) -> None:
         self.target = target
-        self.sender = sender
+        self.queued = queued
         self.error: Exception | None = None  # set by the sender's thread
 
     def send(self, outputs: Mapping[str, np.ndarray], final: bool) -> None:
         if self.error is not None:
             raise self.error
-        self.sender._put(self, "send", (outputs, final))
+        self.queued.put((self, functools.partial(self.target.send, outputs, final)))
 
     def fail(self, message: str, request_error: bool) -> None:
-        self.sender._put(self, "fail", (message, request_error))
+        self.queued.put((self, functools.partial(self.target.fail, message, request_error)))
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ class TritonPythonModel:
             self.audit,
             manifest["fingerprint"],
         )
-        self.sender = BackgroundSender()
+        self.sender = BackgroundSender(capacity=options.max_running)  # a full batch's step of responses
         self.label = label = f"{args['model_name']} ({instance})"
         self.publisher = telemetry.publishing_thread(
             lambda e: _log(f"{label}: metrics not published: {e}", error=True)

@@ -323,6 +323,43 @@ def test_a_stream_whose_send_failed_gets_nothing_more_and_raises_at_its_next_res
         gone_stream.send({"I": np.array([4])}, final=False)
 
 
+class HeldStream(RecordingStream):
+    """A server that has not taken a response yet: ``send`` waits until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def send(self, outputs, final):
+        self.entered.set()
+        assert self.release.wait(10)
+        super().send(outputs, final)
+
+
+def test_a_background_sender_holds_the_serving_loop_once_its_queue_is_full():
+    sender = BackgroundSender(capacity=2)
+    held = HeldStream()
+    stream = sender.stream(held)
+    handed = []
+
+    def loop():
+        for i in range(6):
+            stream.send({"I": np.array([i])}, final=i == 5)
+            handed.append(i)
+
+    looping = threading.Thread(target=loop)
+    looping.start()
+    assert held.entered.wait(10)
+    # The sender's thread holds response 0, the queue 1 and 2; handing over 3 must wait. Half a second
+    # is ample for the loop to hand over all six where nothing holds it (microseconds each).
+    looping.join(0.5)
+    assert looping.is_alive() and handed == [0, 1, 2]
+    held.release.set()
+    looping.join(10)
+    sender.close()
+    assert handed == list(range(6)) and [int(r["I"][0]) for r in held.responses] == list(range(6))
+
+
 def test_the_service_answers_through_a_background_sender_as_it_does_directly(artifacts):
     service, _ = make_service(artifacts)
     sender = BackgroundSender()
