@@ -261,3 +261,12 @@ def test_the_training_report_shows_each_logged_step_once_and_the_last(entries):
         int(line.split("|")[1]) for line in report.splitlines() if line[:2] == "| " and line[2].isdigit()
     ]
     assert steps == sorted(set(steps)) and steps[-1] == 25 * entries and 25 in steps
+
+
+@pytest.mark.parametrize("step", ["calibrate", "repository"])
+def test_generate_steps_on_a_folder_without_a_code_model_say_what_to_pass(step, tmp_path, capsys):
+    from offramp.client.cli.main import main
+
+    assert main(["generate", step, "--artifacts", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path} holds no decoder.json" in error and "offramp generate build" in error

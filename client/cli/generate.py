@@ -183,4 +183,12 @@ class GenerateCommand(Subcommand):
         bench.set_defaults(step_run=_bench)
 
     def run(self, args: argparse.Namespace) -> int:
+        from offramp.backend.exit_decoder import DECODER_MANIFEST
+
+        artifacts = getattr(args, "artifacts", None)
+        if artifacts is not None and not (artifacts / DECODER_MANIFEST).exists():
+            print(f"offramp generate {args.step}: error: {artifacts} holds no {DECODER_MANIFEST}: pass a "
+                  "code model's folder (offramp generate build prints it; --checkpoint DIR imports yours)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         return args.step_run(args)
