@@ -166,3 +166,14 @@ def test_the_command_line_sets_serving_options_and_refuses_unknown_ones(tmp_path
     options = ServingOptions.from_parameters({k: v.string_value for k, v in config.parameters.items()})
     assert options.slo_p99_ms == 40.0 and options.drift_conservative and options.shadow.rate == 0.02
     assert options.drift_window == ServingOptions().drift_window  # what was not given keeps its default
+
+
+@pytest.mark.parametrize("command", [["repository"], ["input-data"], ["calibrate"]])
+def test_classifier_steps_on_a_folder_without_a_build_say_what_to_pass(command, tmp_path, capsys):
+    from offramp.client.cli.main import main
+
+    assert main([*command, "--artifacts", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"offramp {command[0]}: error: {tmp_path} holds no manifest.json: pass a build's folder "
+        "(offramp build prints it)\n"
+    )

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from offramp.client.cli.subcommand import DEFAULT_WORKDIR, Subcommand
+from offramp.client.cli.subcommand import DEFAULT_WORKDIR, Subcommand, lacks_artifacts
 
 
 class CalibrateCommand(Subcommand):
@@ -84,9 +84,9 @@ class CalibrateCommand(Subcommand):
         from offramp.build.model_build import user_errors
 
         artifacts_dir = Path(args.artifacts)
-        if not (artifacts_dir / MANIFEST).is_file():
-            print(f"offramp calibrate: error: {artifacts_dir} holds no {MANIFEST}: pass a build's folder "
-                  "(offramp build prints it)", file=sys.stderr)  # fmt: skip
+        if lacks_artifacts(
+            "calibrate", artifacts_dir, MANIFEST, "pass a build's folder (offramp build prints it)"
+        ):
             return 2
         try:
             settings = CalibrationSettings(

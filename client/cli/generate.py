@@ -15,7 +15,13 @@ import sys
 from pathlib import Path
 
 from offramp.client.cli.options import add_config_options, config_from_args
-from offramp.client.cli.subcommand import DEFAULT_GRPC_URL, DEFAULT_REPOSITORY, DEFAULT_WORKDIR, Subcommand
+from offramp.client.cli.subcommand import (
+    DEFAULT_GRPC_URL,
+    DEFAULT_REPOSITORY,
+    DEFAULT_WORKDIR,
+    Subcommand,
+    lacks_artifacts,
+)
 
 DEFAULT_ARTIFACTS = DEFAULT_WORKDIR / "code_llama"
 
@@ -186,9 +192,9 @@ class GenerateCommand(Subcommand):
         from offramp.backend.exit_decoder import DECODER_MANIFEST
 
         artifacts = getattr(args, "artifacts", None)
-        if artifacts is not None and not (artifacts / DECODER_MANIFEST).exists():
-            print(f"offramp generate {args.step}: error: {artifacts} holds no {DECODER_MANIFEST}: pass a "
-                  "code model's folder (offramp generate build prints it; --checkpoint DIR imports yours)",
-                  file=sys.stderr)  # fmt: skip
+        hint = "pass a code model's folder (offramp generate build prints it; --checkpoint DIR imports yours)"
+        if artifacts is not None and lacks_artifacts(
+            f"generate {args.step}", artifacts, DECODER_MANIFEST, hint
+        ):
             return 2
         return args.step_run(args)

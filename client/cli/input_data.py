@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from offramp.client.cli.subcommand import DEFAULT_GRPC_URL, DEFAULT_WORKDIR, Subcommand
+from offramp.client.cli.subcommand import DEFAULT_GRPC_URL, DEFAULT_WORKDIR, Subcommand, lacks_artifacts
 
 
 class InputDataCommand(Subcommand):
@@ -41,8 +41,9 @@ class InputDataCommand(Subcommand):
             write_input_data,
         )
 
-        if not (args.artifacts / MANIFEST).is_file():
-            print(f"offramp input-data: error: {args.artifacts} holds no {MANIFEST}", file=sys.stderr)
+        if lacks_artifacts(
+            "input-data", args.artifacts, MANIFEST, "pass a build's folder (offramp build prints it)"
+        ):
             return 2
         artifacts = ModelArtifacts.load(args.artifacts)
         try:

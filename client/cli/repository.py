@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from offramp.client.cli.subcommand import DEFAULT_REPOSITORY, DEFAULT_WORKDIR, Subcommand
+from offramp.client.cli.subcommand import DEFAULT_REPOSITORY, DEFAULT_WORKDIR, Subcommand, lacks_artifacts
 
 if TYPE_CHECKING:
     from offramp.backend.orchestrator import ServingOptions
@@ -43,11 +43,15 @@ class RepositoryCommand(Subcommand):
     def run(self, args: argparse.Namespace) -> int:
         from offramp.backend.environment import prepare_execution_env
         from offramp.backend.policy import Policy
-        from offramp.build.artifacts import ModelArtifacts
+        from offramp.build.artifacts import MANIFEST, ModelArtifacts
         from offramp.build.repository import RepositoryOptions, write_repository
         from offramp.client.serving.server import python_backend_directory
 
         artifacts_dir = Path(args.artifacts)
+        if lacks_artifacts(
+            "repository", artifacts_dir, MANIFEST, "pass a build's folder (offramp build prints it)"
+        ):
+            return 2
         artifacts = ModelArtifacts.load(artifacts_dir)
         policy_file = Path(args.policy) if args.policy else artifacts_dir / "policy.json"
         if policy_file.exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,3 +31,12 @@ class Subcommand(abc.ABC):
 
     @abc.abstractmethod
     def run(self, args: argparse.Namespace) -> int: ...
+
+
+def lacks_artifacts(command: str, directory: Path, manifest: str, hint: str) -> bool:
+    """Whether ``directory`` lacks its ``manifest``; if so, says so on stderr as ``offramp <command>``'s
+    error, with ``hint`` (what to pass instead). The caller then returns 2."""
+    if (Path(directory) / manifest).is_file():
+        return False
+    print(f"offramp {command}: error: {directory} holds no {manifest}: {hint}", file=sys.stderr)
+    return True
