@@ -42,8 +42,13 @@ max-prob threshold shared by every early exit, along a fixed path from "never" (
 to lower and lower thresholds; they are tested in that order with Hoeffding-Bentkus p-values (the
 loss is not {0, 1}) and testing stops at the first p-value above delta (fixed-sequence testing).
 Every candidate before the stop is certified: with probability at least 1 - delta over the
-calibration prompts, its risk is at most epsilon. The certified candidate with the least measured
-compute is chosen. Prompts are i.i.d. only as far as the functions of calibration modules are; the
+calibration prompts, its risk is at most epsilon. The certified candidate with the least compute is
+chosen, compute being the multiply-accumulates the rule spent per token over ``full``'s, counted as it
+ran (``ConfidentGroup.spent``): the head's products at exits a token passed without leaving, and the
+keys and values of rows that left, cost as much as the layers skipped save, so a low threshold can
+cost more than ``full``. Where none costs less, "never" is chosen and ``confident`` answers as
+``full`` does. Its exits score the ``confident_vocabulary`` most frequent tokens first (see
+``ConfidentGroup``). Prompts are i.i.d. only as far as the functions of calibration modules are; the
 test modules' figures are measured alongside to see whether it holds there.
 """
 
@@ -94,6 +99,9 @@ class CalibrationSettings:
     draft_vocabularies: tuple[int, ...] = (512, 1024, 2048)  # most frequent tokens drafts may choose; and all
     draft_stops: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # 0: never stop early
     acceptance_tasks: int = 160
+    confident_vocabulary: int = (
+        1024  # most frequent tokens a confident exit scores first (vocabulary or more: all)
+    )
     timing_batches: tuple[int, ...] = (1, 8)
     batch: int = 64  # rows decoded together during calibration
     seed: int = 0
@@ -463,8 +471,17 @@ class CandidateResult:
     threshold: float
     risk: float  # mean token disagreement on the calibration completions
     p_value: float
-    compute: float  # mean exit cost per token (layers and head up to the exit taken, over the full model's)
+    compute: float  # multiply-accumulates spent per decoded token, over full's (module docstring)
     exit_shares: tuple[float, ...]
+
+
+class ConfidentSpending:
+    """``complete``'s ``on_step``: the multiply-accumulates its confident rows spent so far."""
+
+    macs = 0
+
+    def __call__(self, engine: GenerationEngine) -> None:
+        self.macs = engine.groups["confident"].spent
 
 
 def certify_thresholds(
@@ -474,22 +491,24 @@ def certify_thresholds(
     references: Sequence[Row],
     calibration: CalibrationSettings,
     end_of_text: int,
+    check_vocabulary: tuple[int, ...] = (),
     progress: Callable[[str], None] = print,
 ) -> tuple[list[CandidateResult], int]:
     """Fixed-sequence Learn-then-Test along ``THRESHOLD_PATH`` (module docstring); returns every tested
-    candidate and the index of the chosen one (0: none certified past "never")."""
+    candidate and the index of the chosen one (0, "never": none certified, or none cheaper than full)."""
     exits = len(decoder.spec.exit_layers)
-    exit_costs = np.asarray([decoder.exit_cost(e) for e in range(exits)])
     results = [CandidateResult(NEVER, 0.0, 0.0, 1.0, (0.0,) * (exits - 1) + (1.0,))]
     for threshold in THRESHOLD_PATH[1:]:
+        spent = ConfidentSpending()
         rows = complete(
             decoder,
             tokenizer,
             tasks,
             "confident",
-            DecodingSettings(0, 1, (threshold,) * (exits - 1)),
+            DecodingSettings(0, 1, (threshold,) * (exits - 1), check_vocabulary=check_vocabulary),
             calibration,
             end_of_text,
+            on_step=spent,
         )
         losses = np.asarray(
             [token_disagreement(r.generated, c.generated) for r, c in zip(references, rows, strict=True)]
@@ -497,17 +516,23 @@ def certify_thresholds(
         taken = np.concatenate([np.asarray(c.exits[1:], dtype=int) for c in rows if len(c.exits) > 1])
         p = float(hoeffding_bentkus_p_value(losses.mean(), len(losses), calibration.epsilon))
         shares = np.bincount(taken, minlength=exits) / max(len(taken), 1)
-        results.append(CandidateResult(threshold, float(losses.mean()), p, float(exit_costs[taken].mean()),
+        compute = spent.macs / max(
+            len(taken) * decoder.work.full_token, 1
+        )  # steps' tokens, not the prefill's
+        results.append(CandidateResult(threshold, float(losses.mean()), p, float(compute),
                                        tuple(float(s) for s in shares)))  # fmt: skip
-        progress(
-            f"threshold {threshold:g}: risk {losses.mean():.4f}, p {p:.3g}, compute {results[-1].compute:.3f}"
-        )
+        progress(f"threshold {threshold:g}: risk {losses.mean():.4f}, p {p:.3g}, compute {compute:.3f}")
         if p > calibration.delta:
             break
-    # Testing stopped at the first candidate it could not reject (if any): all before it are certified.
-    certified = len(results) if results[-1].p_value <= calibration.delta else len(results) - 1
-    chosen = min(range(certified), key=lambda i: (results[i].compute, i))
-    return results, chosen
+    return results, cheapest_certified(results, calibration.delta)
+
+
+def cheapest_certified(results: Sequence[CandidateResult], delta: float) -> int:
+    """The index of the certified candidate with the least compute (the first of equals): testing stops
+    at the first p-value over ``delta``, and every candidate before it is certified. Candidate 0,
+    "never", costs what ``full`` does (1), so it is chosen where no certified threshold costs less."""
+    certified = next((i for i, r in enumerate(results) if r.p_value > delta), len(results))
+    return min(range(certified), key=lambda i: (results[i].compute, i))
 
 
 def calibrate_generation(
@@ -531,12 +556,18 @@ def calibrate_generation(
     probe = tasks["calibration"][: calibration.acceptance_tasks]
     split_seed = artifacts.build.get("settings", {}).get("split_seed", 0)
     draft = choose_draft(decoder, tokenizer, probe, calibration, end, split_seed, progress)
-    results, chosen = certify_thresholds(
-        decoder, tokenizer, tasks["calibration"], full["calibration"], calibration, end, progress
+    check_vocabulary = (
+        tuple(frequent_tokens(tokenizer, decoder.spec.vocab, split_seed)[: calibration.confident_vocabulary])
+        if calibration.confident_vocabulary < decoder.spec.vocab
+        else ()
     )
+    results, chosen = certify_thresholds(
+        decoder, tokenizer, tasks["calibration"], full["calibration"], calibration, end, check_vocabulary,
+        progress,
+    )  # fmt: skip
     thresholds = (results[chosen].threshold,) * (len(decoder.spec.exit_layers) - 1)
-    test_rows = complete(decoder, tokenizer, tasks["test"], "confident", DecodingSettings(0, 1, thresholds),
-                         calibration, end)  # fmt: skip
+    confident = DecodingSettings(0, 1, thresholds, check_vocabulary=check_vocabulary)
+    test_rows = complete(decoder, tokenizer, tasks["test"], "confident", confident, calibration, end)
     test_losses = [
         token_disagreement(r.generated, c.generated) for r, c in zip(full["test"], test_rows, strict=True)
     ]
@@ -570,6 +601,7 @@ def calibrate_generation(
         provenance,
         draft.vocabulary,
         draft.draft_stop,
+        check_vocabulary,
     )
     return policy.with_content_version("ltt")
 

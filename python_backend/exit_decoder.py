@@ -503,13 +503,36 @@ class ExitDecoder:
             hidden = self.layer(index, hidden, cache, placement)
         return hidden
 
-    def exit_cost(self, exit_index: int) -> float:
-        """Multiply-accumulates per token of layers up to the exit plus its head, over the full model's."""
-        spec = self.spec
-        per_layer = self.blocks[0].qkv.numel() + self.blocks[0].out.numel() + self.blocks[0].up.numel()
-        per_layer += self.blocks[0].down.numel()
-        head = self.head.numel()
-        return (spec.exit_layers[exit_index] * per_layer + head) / (spec.layers * per_layer + head)
+    @property
+    def work(self) -> TokenWork:
+        block = self.blocks[0]
+        return TokenWork(
+            self.spec.layers,
+            block.qkv.numel(),
+            block.out.numel() + block.up.numel() + block.down.numel(),
+            2 * self.kv_width * self.spec.hidden,
+            self.spec.hidden,
+            self.head.shape[1],
+        )
+
+
+@dataclass(frozen=True)
+class TokenWork:
+    """Multiply-accumulates of one token through each part of a pass, to count what a decoding mode
+    does against what ``full`` does. Attention over the cache is left out: at a context of a few hundred
+    tokens it is a small share, and every mode attends once per token and layer it runs."""
+
+    layers: int
+    projections: int  # a layer's query, key and value products
+    rest_of_layer: int  # its output and MLP products
+    keys_values: int  # its key and value products alone
+    head_per_entry: int  # the head's work per vocabulary entry scored (the hidden width)
+    vocabulary: int
+
+    @property
+    def full_token(self) -> int:
+        """One token through every layer and the whole head: what ``full`` spends."""
+        return self.layers * (self.projections + self.rest_of_layer) + self.head_per_entry * self.vocabulary
 
 
 def softmax_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -277,18 +277,59 @@ class SpeculativeGroup(RowGroup):
 
 
 class ConfidentGroup(RowGroup):
-    """``confident``: a token leaves at the first exit whose threshold its max-prob passes."""
+    """``confident``: a token leaves at the first exit whose threshold its max-prob passes.
 
-    def __init__(self, decoder: ExitDecoder, thresholds: Sequence[float], capacity: int = 8) -> None:
+    Scoring the whole vocabulary at every exit a token passes costs the head's product each time (on
+    the code model a step's head is most of a layer), and most tokens go on. With ``check_vocabulary``
+    (the most frequent tokens) an exit first scores those alone: where the exit's argmax is among them,
+    their softmax puts at least as much mass on it as the whole vocabulary's does, so a token under its
+    threshold there is under it over the whole vocabulary too and goes on without the full product. A
+    token over it is scored over the whole vocabulary, which decides, as without the check. So a token
+    leaves only where the one-stage rule would let it, with the same token; it may go on where the
+    one-stage rule would let it leave if the exit's argmax is a rarer token (the calibration certifies
+    the rule as it runs, this included).
+
+    ``spent`` counts the multiply-accumulates of every step (:class:`TokenWork`), to set a threshold's
+    cost against ``full``'s from what the rule really did: checks that did not let a token leave, and
+    keys and values of rows that left, included.
+    """
+
+    def __init__(
+        self,
+        decoder: ExitDecoder,
+        thresholds: Sequence[float],
+        capacity: int = 8,
+        check_vocabulary: Sequence[int] = (),
+    ) -> None:
         super().__init__(decoder, capacity)
         early = len(decoder.spec.exit_layers) - 1
         if len(thresholds) != early:
             raise ValueError(f"{len(thresholds)} thresholds for {early} early exits")
         self.thresholds = tuple(float(t) for t in thresholds)
         self.cheapest = (ALWAYS,) + (NEVER,) * (early - 1)  # past a deadline: every token at the first exit
+        self.check_head = decoder.head_of(list(check_vocabulary)) if check_vocabulary else None
+        self.work = decoder.work
+        self.spent = 0  # multiply-accumulates of every step so far
+
+    def _leaving(self, hidden: torch.Tensor, asked: torch.Tensor, thresholds: torch.Tensor):
+        """Of the ``asked`` rows of (n, 1, H) ``hidden`` at an exit with their (len(asked),) thresholds:
+        the ones that leave (indices into ``asked``) and their tokens."""
+        decoder, work = self.decoder, self.work
+        if self.check_head is not None:
+            self.spent += len(asked) * work.head_per_entry * self.check_head.shape[1]
+            bound, _ = softmax_confidence(decoder.exit_logits(hidden[asked, 0], self.check_head))
+            kept = torch.nonzero(bound >= thresholds).flatten()
+        else:
+            kept = torch.arange(len(asked))
+        if len(kept) == 0:
+            return kept, kept
+        self.spent += len(kept) * work.head_per_entry * work.vocabulary
+        confidence, chosen = softmax_confidence(decoder.exit_logits(hidden[asked[kept], 0]))
+        passed = confidence >= thresholds[kept]
+        return kept[passed], chosen[passed]
 
     def step(self) -> list[tuple[Row, list[int], list[int]]]:
-        decoder = self.decoder
+        decoder, work = self.decoder, self.work
         spec = decoder.spec
         n = len(self.rows)
         positions = self._positions()
@@ -308,8 +349,10 @@ class ConfidentGroup(RowGroup):
             if len(moving) == 0:  # every row left: the layers left only store keys and values, in one product
                 if not all_past_deadline:
                     decoder.fill_keys_values(index, hidden, self.cache, placement)
+                    self.spent += n * (spec.layers - index) * work.keys_values
                 break
             hidden = decoder.layer(index, hidden, self.cache, placement, None if len(moving) == n else moving)
+            self.spent += n * work.projections + len(moving) * work.rest_of_layer
             exit_index = exit_at.get(index + 1)
             if exit_index is None:
                 continue
@@ -317,13 +360,13 @@ class ConfidentGroup(RowGroup):
             asked = moving[threshold <= 1.0]  # rows whose rule can pass here; the others skip the head
             if len(asked) == 0:
                 continue
-            confidence, chosen = softmax_confidence(decoder.exit_logits(hidden[asked, 0]))
-            leaving = confidence >= rules[asked, exit_index]
-            tokens[asked[leaving]] = chosen[leaving]
+            leaving, chosen = self._leaving(hidden, asked, rules[asked, exit_index])
+            tokens[asked[leaving]] = chosen
             exits[asked[leaving]] = exit_index
             moving = moving[~torch.isin(moving, asked[leaving])]
         if len(moving):
             tokens[moving] = decoder.exit_logits(hidden[moving, 0]).argmax(dim=-1)
+            self.spent += len(moving) * work.head_per_entry * work.vocabulary
         for row in self.rows:
             row.length += 1
         return [(row, [t], [e]) for row, t, e in zip(self.rows, tokens.tolist(), exits.tolist(), strict=True)]
@@ -343,6 +386,7 @@ class DecodingSettings:
     thresholds: tuple[float, ...]  # max-prob threshold per early exit (NEVER: no exit there)
     draft_vocabulary: tuple[int, ...] = ()  # the tokens drafts are chosen among; empty: all
     draft_stop: float = 0.0  # drafting ends once every row drafted a token under this max-prob; 0: never
+    check_vocabulary: tuple[int, ...] = ()  # confident: the tokens an exit scores first; empty: all
 
 
 class GenerationEngine:
@@ -375,7 +419,7 @@ class GenerationEngine:
                 settings.draft_vocabulary,
                 settings.draft_stop,
             ),
-            "confident": ConfidentGroup(decoder, settings.thresholds, capacity),
+            "confident": ConfidentGroup(decoder, settings.thresholds, capacity, settings.check_vocabulary),
         }
         self.last_verification: Verification | None = None
 

@@ -2,10 +2,10 @@
 
 ``generation_policy.json`` holds the draft exit, draft length, draft vocabulary and draft stop of
 ``self_speculative`` (chosen from measured acceptance and cost), the max-prob threshold per early exit of
-``confident`` (certified by
-Learn-then-Test), the fingerprint of the weights it was made for, and its provenance.
-``offramp.build.generation_calibrate`` makes one; :meth:`GenerationPolicy.uncalibrated` is the
-default until then (``confident`` never leaves early, so it answers as ``full`` does).
+``confident`` (certified by Learn-then-Test) and the vocabulary its exits score first, the fingerprint
+of the weights it was made for, and its provenance. ``offramp.build.generation_calibrate`` makes one;
+:meth:`GenerationPolicy.uncalibrated` is the default until then (``confident`` never leaves early, so
+it answers as ``full`` does).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class GenerationPolicy:
         int, ...
     ] = ()  # the tokens drafts are chosen among (most frequent first); empty: all
     draft_stop: float = 0.0  # drafting ends once every row drafted a token under this max-prob; 0: never
+    confident_vocabulary: tuple[int, ...] = ()  # the tokens a confident exit scores first; empty: all
 
     @classmethod
     def uncalibrated(cls, num_exits: int, fingerprint: str, draft_length: int = 4) -> GenerationPolicy:
@@ -49,7 +50,12 @@ class GenerationPolicy:
     @property
     def settings(self) -> DecodingSettings:
         return DecodingSettings(
-            self.draft_exit, self.draft_length, self.thresholds, self.draft_vocabulary, self.draft_stop
+            self.draft_exit,
+            self.draft_length,
+            self.thresholds,
+            self.draft_vocabulary,
+            self.draft_stop,
+            self.confident_vocabulary,
         )
 
     def validate(self, num_exits: int, fingerprint: str, vocabulary: int) -> None:
@@ -69,11 +75,9 @@ class GenerationPolicy:
                 f"draft stop {self.draft_stop} is not a max-prob in [0, 1]; set the policy's draft_stop in "
                 "[0, 1] (0: every pass drafts draft_length tokens)"
             )
-        if (
-            self.draft_vocabulary
-            and not 0 <= min(self.draft_vocabulary) <= max(self.draft_vocabulary) < vocabulary
-        ):
-            raise ValueError(f"the draft vocabulary holds ids outside [0, {vocabulary})")
+        for name, tokens in (("draft", self.draft_vocabulary), ("confident", self.confident_vocabulary)):
+            if tokens and not 0 <= min(tokens) <= max(tokens) < vocabulary:
+                raise ValueError(f"the {name} vocabulary holds ids outside [0, {vocabulary})")
 
     def save(self, path: Path) -> Path:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -83,4 +87,5 @@ class GenerationPolicy:
     def load(cls, path: Path) -> GenerationPolicy:
         data = json.loads(Path(path).read_text())
         return cls(**{**data, "thresholds": tuple(data["thresholds"]),
-                      "draft_vocabulary": tuple(data.get("draft_vocabulary", ()))})  # fmt: skip
+                      "draft_vocabulary": tuple(data.get("draft_vocabulary", ())),
+                      "confident_vocabulary": tuple(data.get("confident_vocabulary", ()))})  # fmt: skip

@@ -27,6 +27,7 @@ from offramp.backend.generation import (
     FINISH_MAX_TOKENS,
     FINISH_STOP,
     NEVER,
+    ConfidentGroup,
     DecodingSettings,
     GenerationEngine,
     Row,
@@ -312,6 +313,63 @@ def test_confident_thresholds_decide_the_exit(decoders):
     decode(decoder, middle, DecodingSettings(1, 3, (median, median)))
     exits = {e for r in middle for e in r.exits[1:]}
     assert len(exits) >= 2
+
+
+def confident_step(decoder: ExitDecoder, texts, thresholds, check_vocabulary=()):
+    """Prefill ``texts`` as one confident group and take one step: each row's (token, exit), the
+    multiply-accumulates the step spent, and each row's max-prob at the first exit."""
+    group = ConfidentGroup(decoder, thresholds, len(texts), check_vocabulary)
+    rows = [Row(i, list(p), 4, "confident") for i, p in enumerate(texts)]
+    with torch.inference_mode():
+        for row in rows:
+            group.admit(row)
+        for row, token in zip(rows, group.prefill(rows), strict=True):
+            row.generated.append(token)
+        positions = group._positions()
+        scratch = KVCache(decoder.spec, len(rows))
+        hidden = decoder.layers(0, decoder.spec.exit_layers[0], decoder.embed(group._pending(), positions),
+                                scratch, decoder.place(0, positions))  # fmt: skip
+        first_exit = softmax_confidence(decoder.exit_logits(hidden[:, 0]))[0]
+        taken = [(tokens[0], exits[0]) for _, tokens, exits in group.step()]
+    return taken, group.spent, first_exit
+
+
+def test_an_exit_scores_its_check_vocabulary_first_and_lets_only_the_same_tokens_leave(decoders):
+    decoder = decoders["llama"]
+    texts = prompts(16, seed=5)
+    _, _, first_exit = confident_step(decoder, texts, (NEVER, NEVER))
+    median = float(first_exit.median())  # some rows leave at the first exit, some go on
+    alone, _, _ = confident_step(decoder, texts, (median, median))
+    assert 0 < sum(e == 0 for _, e in alone) < len(texts)
+    everything, _, _ = confident_step(decoder, texts, (median, median), tuple(range(VOCAB)))
+    assert everything == alone  # a check over every token decides nothing the full product does not
+    # Over a third of the tokens: a row leaves at an exit only where the one-stage rule lets it, with
+    # the same token; where the exit's argmax is outside the check it may go on.
+    checked, _, _ = confident_step(decoder, texts, (median, median), tuple(range(8, 40)))
+    for (token, exit_index), (token_alone, exit_alone) in zip(checked, alone, strict=True):
+        assert exit_index >= exit_alone
+        assert exit_index > exit_alone or token == token_alone
+
+
+def test_confident_counts_the_work_it_does(decoders):
+    """``spent`` per step of n rows (exits after layers 1, 2 and 4 of 4), in multiply-accumulates."""
+    decoder = decoders["llama"]
+    work, n, hidden = decoder.work, 6, decoder.spec.hidden
+    texts = prompts(n, seed=7)
+    assert work.full_token == 4 * (work.projections + work.rest_of_layer) + hidden * VOCAB
+    _, never, _ = confident_step(decoder, texts, (NEVER, NEVER))
+    assert never == n * work.full_token  # exits never asked cost nothing: full's work exactly
+    # Thresholds no max-prob reaches (1.0) ask both early exits and let nobody leave: every row pays
+    # its checks on top of full's work, the whole head each or a check vocabulary of 8 tokens each
+    # (its max-prob is well under 1, so no full product follows).
+    _, unchecked, _ = confident_step(decoder, texts, (1.0, 1.0))
+    assert unchecked == n * (work.full_token + 2 * hidden * VOCAB)
+    _, checked, _ = confident_step(decoder, texts, (1.0, 1.0), tuple(range(8, 16)))
+    assert checked == n * (work.full_token + 2 * hidden * 8)
+    # Every row leaves at the first exit: one layer, the head once, and the keys and values of the
+    # three layers it skips, in one product.
+    _, first, _ = confident_step(decoder, texts, (ALWAYS, NEVER))
+    assert first == n * (work.projections + work.rest_of_layer + hidden * VOCAB + 3 * work.keys_values)
 
 
 def test_a_row_near_its_budget_does_not_shorten_the_pass_of_the_others(decoders):

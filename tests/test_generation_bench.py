@@ -7,7 +7,13 @@ import json
 import pytest
 
 from offramp.build.generation_calibrate import token_disagreement
-from offramp.client.tools.generation_bench import generation_report, prompt_input_data, rotated, summarize
+from offramp.client.tools.generation_bench import (
+    confident_phrase,
+    generation_report,
+    prompt_input_data,
+    rotated,
+    summarize,
+)
 
 
 def run(
@@ -114,3 +120,28 @@ def test_the_report_sets_the_served_choice_of_the_draft_beside_the_calibrations(
     assert "(ltt-old): layer 2, length 3, 1024 tokens, stop 0.2 (predicted 1.10x / 1.05x)" in report
     assert "the same served: layer 2, length 3, 1024 tokens, stop 0.2 (predicted 1.21x / 1.12x)" in report
     assert "(ltt-new): layer 6, length 4, 4096 tokens, stop 0 (predicted 1.40x / 1.18x)" in report
+
+
+def test_the_report_says_what_confident_does_and_what_its_certificate_covers():
+    def candidate(threshold, p_value, compute):
+        return {"threshold": threshold, "risk": 0.01, "p_value": p_value, "compute": compute}
+
+    provenance = {"method": "learn_then_test", "epsilon": 0.02, "delta": 0.05, "task": "next line",
+                  "calibration_risk": 0.0, "calibration_completions": 100, "test_risk": 0.001,
+                  "test_completions": 40, "chosen": 1,
+                  "candidates": [candidate(2.0, 0.0, 1.0), candidate(0.9, 0.01, 0.97),
+                                 candidate(0.8, 0.02, 1.04), candidate(0.7, 0.2, 0.9)]}  # fmt: skip
+    policy = {"thresholds": [0.9] * 3, "confident_vocabulary": list(range(1024)), "provenance": provenance}
+    phrase = confident_phrase(policy)
+    assert phrase.startswith("confident max-prob threshold 0.9 at every early exit, each scoring the 1024 "
+                             "most frequent tokens first (0.970 of full's")  # fmt: skip
+    assert "of the task next line" in phrase and "lies outside the certificate" in phrase
+    # "never" chosen: the cheapest certified candidate is named, not 0.7, which failed its test.
+    dearer = [candidate(2.0, 0.0, 1.0), candidate(0.9, 0.01, 1.02), candidate(0.8, 0.02, 1.04),
+              candidate(0.7, 0.2, 0.9)]  # fmt: skip
+    never = {**policy, "thresholds": [2.0] * 3,
+             "provenance": {**provenance, "chosen": 0, "candidates": dearer}}  # fmt: skip
+    assert confident_phrase(never).startswith(
+        "confident never leaves early, so it answers as full does: the cheapest certified threshold (0.9) "
+        "costs 1.020"
+    )

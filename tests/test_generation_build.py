@@ -31,9 +31,11 @@ from offramp.build.decoder import (
 )
 from offramp.build.generation_calibrate import (
     CalibrationSettings,
+    CandidateResult,
     DraftPasses,
     ServedCost,
     ServedSteps,
+    cheapest_certified,
     choose_draft,
     draft_counts,
     pass_parts_s,
@@ -160,6 +162,20 @@ def test_the_calibrations_measures():
     # d = 2: commits min(a, 2) and, where a < 2, the full model's token: 1, 2, 2, 2
     assert tokens_per_verify(accepted, 2) == pytest.approx(7 / 4)
     assert tokens_per_verify(accepted, 4) == pytest.approx((1 + 2 + 4 + 4) / 4)
+
+
+def test_confident_takes_the_cheapest_certified_threshold_and_never_one_dearer_than_full():
+    def candidate(threshold, p_value, compute):
+        return CandidateResult(threshold, 0.01, p_value, compute, ())
+
+    never = candidate(2.0, 0.0, 1.0)
+    # 0.8 is the cheapest certified; 0.7 is cheaper but its test failed, which ends testing.
+    tested = [never, candidate(0.9, 0.001, 0.98), candidate(0.8, 0.01, 0.95), candidate(0.7, 0.2, 0.9)]
+    assert cheapest_certified(tested, delta=0.05) == 2
+    # Every certified threshold's checks cost more than the exits save: "never", confident is full.
+    dearer = [never, candidate(0.9, 0.001, 1.02), candidate(0.8, 0.01, 1.05)]
+    assert cheapest_certified(dearer, delta=0.05) == 0
+    assert cheapest_certified([never, candidate(0.9, 0.3, 0.5)], delta=0.05) == 0
 
 
 def test_a_draft_stop_is_replayed_per_group_of_rows_drafted_together():

@@ -578,11 +578,42 @@ def _f(value: float | None, digits: int = 1, suffix: str = "") -> str:
     return "—" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def confident_phrase(policy: Mapping) -> str:
+    """What the policy's ``confident`` does, and on what its certificate stands."""
+    provenance = policy["provenance"]
+    if provenance.get("method") != "learn_then_test":
+        return f"confident max-prob threshold {policy['thresholds'][0]:g} at every early exit (uncalibrated)"
+    candidates = provenance["candidates"]
+    chosen = candidates[provenance["chosen"]]
+    checked = len(policy.get("confident_vocabulary") or ())
+    rule = (
+        f"confident max-prob threshold {chosen['threshold']:g} at every early exit"
+        + (f", each scoring the {checked} most frequent tokens first" if checked else "")
+        + f" ({chosen['compute']:.3f} of full's multiply-accumulates per token on the calibration)"
+    )
+    if chosen["threshold"] > 1.0:  # "never"; tested in order, certified up to the first failure
+        tested = candidates[1:]
+        failed = next((i for i, c in enumerate(tested) if c["p_value"] > provenance["delta"]), None)
+        cheapest = min(tested[:failed], key=lambda c: c["compute"], default=None)
+        rule = "confident never leaves early, so it answers as full does: " + (
+            f"the cheapest certified threshold ({cheapest['threshold']:g}) costs "
+            f"{cheapest['compute']:.3f} of full's multiply-accumulates per token"
+            if cheapest
+            else "no threshold was certified"
+        )
+    return (
+        f"{rule} (Learn-then-Test, epsilon {provenance['epsilon']:g}, delta {provenance['delta']:g}, token "
+        f"disagreement per completion of the task {provenance['task']}: "
+        f"{provenance['calibration_risk']:.4f} on {provenance['calibration_completions']} calibration "
+        f"completions, {provenance['test_risk']:.4f} on {provenance['test_completions']} test ones; a "
+        "workload that does not stop where the task does lies outside the certificate)"
+    )
+
+
 def generation_report(summary: Mapping) -> str:
     from offramp.build.markdown import markdown_table
 
     policy = summary["policy"]
-    provenance = policy["provenance"]
     lines = [
         "# Code completion: decoding modes side by side",
         "",
@@ -594,17 +625,8 @@ def generation_report(summary: Mapping) -> str:
             if policy.get("draft_stop")
             else ""
         )
-        + ", confident "
-        f"max-prob threshold {policy['thresholds'][0]:g} at every early exit"
-        + (
-            f" (Learn-then-Test, epsilon {provenance['epsilon']:g}, delta {provenance['delta']:g}, token "
-            "disagreement "
-            f"per completion: {provenance['calibration_risk']:.4f} on "
-            f"{provenance['calibration_completions']} calibration "
-            f"completions, {provenance['test_risk']:.4f} on {provenance['test_completions']} test ones)"
-            if provenance.get("method") == "learn_then_test"
-            else " (uncalibrated)"
-        )
+        + ", "
+        + confident_phrase(policy)
         + ".",
         "",
         f"{summary['config']['requests']} prompts from the test modules per run, "
