@@ -35,9 +35,8 @@ def _build(args: argparse.Namespace) -> int:
         artifacts, directory = import_checkpoint(Path(args.checkpoint), out, exits, args.name)
         print(f"{directory}: {artifacts.family}, exits after layers {artifacts.exit_layers}")
         return 0
-    artifacts, directory = build_code_model(
-        args.workdir, settings=ExitTraining(steps=args.steps), threads=args.threads
-    )
+    settings = ExitTraining() if args.steps is None else ExitTraining(steps=args.steps)
+    artifacts, directory = build_code_model(args.workdir, settings=settings, threads=args.threads)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(training_report(artifacts))
     print(f"{directory}; report {args.report}")
@@ -140,7 +139,7 @@ class GenerateCommand(Subcommand):
         build.add_argument("--name")
         build.add_argument("--out", type=Path, help="artifacts folder of an imported checkpoint")
         build.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-        build.add_argument("--steps", type=int, default=500)
+        build.add_argument("--steps", type=int, help="training steps (default: the recipe's, ExitTraining)")
         build.add_argument("--threads", type=int, default=2)
         build.add_argument("--report", type=Path, default=Path("benchmarks/code_model.md"))
         build.set_defaults(step_run=_build)
