@@ -99,9 +99,8 @@ class CalibrationSettings:
     draft_vocabularies: tuple[int, ...] = (512, 1024, 2048)  # most frequent tokens drafts may choose; and all
     draft_stops: tuple[float, ...] = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # 0: never stop early
     acceptance_tasks: int = 160
-    confident_vocabulary: int = (
-        1024  # most frequent tokens a confident exit scores first (vocabulary or more: all)
-    )
+    # The most frequent tokens a confident exit scores first (``ConfidentGroup``); vocabulary or more: all.
+    confident_vocabulary: int = 1024
     timing_batches: tuple[int, ...] = (1, 8)
     batch: int = 64  # rows decoded together during calibration
     seed: int = 0
@@ -516,9 +515,8 @@ def certify_thresholds(
         taken = np.concatenate([np.asarray(c.exits[1:], dtype=int) for c in rows if len(c.exits) > 1])
         p = float(hoeffding_bentkus_p_value(losses.mean(), len(losses), calibration.epsilon))
         shares = np.bincount(taken, minlength=exits) / max(len(taken), 1)
-        compute = spent.macs / max(
-            len(taken) * decoder.work.full_token, 1
-        )  # steps' tokens, not the prefill's
+        # Per token of the steps (the first token of each completion is the prefill's, at full depth).
+        compute = spent.macs / max(len(taken) * decoder.work.full_token, 1)
         results.append(CandidateResult(threshold, float(losses.mean()), p, float(compute),
                                        tuple(float(s) for s in shares)))  # fmt: skip
         progress(f"threshold {threshold:g}: risk {losses.mean():.4f}, p {p:.3g}, compute {compute:.3f}")
