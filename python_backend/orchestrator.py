@@ -392,6 +392,7 @@ class Orchestrator:
             telemetry.policy(policy.version, spec.fingerprint)
             if audit is not None:  # the writer's totals move in its own thread, between requests
                 telemetry.refresh_with(lambda: telemetry.audit(audit.written, audit.dropped, audit.lost))
+            telemetry.refresh_with(self._publish_state)
 
     @classmethod
     def from_directory(cls, directory: Path, **hooks: Any) -> Orchestrator:
@@ -799,14 +800,24 @@ class Orchestrator:
             )
             if self.slo is not None:
                 self.telemetry.rows_by_rung(rungs)
-            if self.drift is not None:
-                self.telemetry.drift(self.drift.score, self.drift.alarm, self.conservative)
-            elif self.shadow is not None:
-                self.telemetry.conservative_mode(self.conservative)
             self.telemetry.publish()
         if self.audit is not None:
             self.audit.record(self.audit_records(outputs, parsed, batch, policy_exit))
         self._times["observe"] += time.perf_counter() - started
+
+    def _publish_state(self) -> None:
+        """The drift, risk and conservative-mode gauges, read as they go out. Three threads change that
+        state (requests, settled shadow checks, and the other instances' evidence): a gauge each of them
+        set from what it had read a moment before could be overwritten by an older reading, and on an
+        idle service stay wrong (in a served test one instance's alarm gauge still read 0 ten seconds after
+        the other instance had taken its raised alarm from it)."""
+        if self.drift is not None:
+            self.telemetry.drift(self.drift.score, self.drift.alarm, self.conservative)
+        elif self.shadow is not None:
+            self.telemetry.conservative_mode(self.conservative)
+        if self.shadow is not None:
+            self.telemetry.risk_tests(self.shadow.gauges())
+            self.telemetry.shadow_lost(self.shadow.dropped, self.shadow.failed)
 
     def shared_state(self) -> dict[str, Any]:
         """What this instance tells the model's other instances: its drift window and risk evidence."""

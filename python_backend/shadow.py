@@ -460,15 +460,12 @@ class ShadowChecks:
                 event = self._advance(cohort, Observations(np.array(nonzero), zeros, bet_scale, z_max))
                 if event is not None:
                     events.append(event)
-            boosted, conservative = self._flags()
-            self._boosted, self.conservative = boosted, conservative
-            gauges = self._gauges()
+            self._boosted, self.conservative = self._flags()
         self._keep(records)
         if self.audit is not None and (audit or events):
             self.audit.record(audit + events, sampled=False)  # checks are rare already, alarms must all show
         if self.telemetry is not None:
-            self.telemetry.shadow(counts, gauges, [e["cohort"] for e in events if e["event"] == "raised"])
-            self.telemetry.shadow_lost(self.dropped, self.failed)
+            self.telemetry.shadow(counts, [e["cohort"] for e in events if e["event"] == "raised"])
             self.telemetry.publish()  # if due, as a request would
 
     def _run_checks(self, checks: list[_Checks]) -> None:
@@ -542,16 +539,19 @@ class ShadowChecks:
         }
         return frozenset(boosted), conservative
 
-    def _gauges(self) -> dict[str, dict[str, float]]:
+    def gauges(self) -> dict[str, dict[str, float]]:
         """cohort -> the figures a dashboard shows of its test now."""
         gauges = {}
-        for key, state in self._cohorts.items():
-            figures = {"rate": self.rate(0, key), "estimate": state.loss_sum / max(state.loss_rows, 1)}
-            if state.alarm is not None:
-                figures.update(
-                    evidence=state.alarm.evidence, level=state.alarm.level, alarm=float(state.alarm.raised)
-                )
-            gauges[key] = figures
+        with self._lock:
+            for key, state in self._cohorts.items():
+                figures = {"rate": self.rate(0, key), "estimate": state.loss_sum / max(state.loss_rows, 1)}
+                if state.alarm is not None:
+                    figures.update(
+                        evidence=state.alarm.evidence,
+                        level=state.alarm.level,
+                        alarm=float(state.alarm.raised),
+                    )
+                gauges[key] = figures
         return gauges
 
     def _check_records(self, record: _Record, check: _Checks, disagree: np.ndarray) -> list[dict[str, Any]]:
@@ -641,12 +641,11 @@ class ShadowChecks:
                         events.append(event)
             if events:
                 self._boosted, self.conservative = self._flags()
-            gauges = self._gauges()
         if events and self.audit is not None:
             self.audit.record(events, sampled=False)
         # An instance may change state on the others' evidence alone: its gauges must say so too.
         if events and self.telemetry is not None:
-            self.telemetry.shadow({}, gauges, [e["cohort"] for e in events if e["event"] == "raised"])
+            self.telemetry.shadow({}, [e["cohort"] for e in events if e["event"] == "raised"])
             self.telemetry.publish()
 
     def close(self, timeout_s: float = 10.0) -> None:

@@ -282,14 +282,9 @@ class ServingTelemetry:
             float(conservative),
         )
 
-    def shadow(
-        self,
-        counts: Mapping[tuple[int, str], Sequence[int]],
-        gauges: Mapping[str, Mapping[str, float]],
-        raised: Sequence[str],
-    ) -> None:
-        """Shadow checks settled: (exit, cohort) -> (checked, disagreed); cohort -> its risk test's figures
-        (``offramp.backend.shadow.ShadowChecks``); the cohorts whose alarm was just raised."""
+    def shadow(self, counts: Mapping[tuple[int, str], Sequence[int]], raised: Sequence[str]) -> None:
+        """Shadow checks settled: (exit, cohort) -> (checked, disagreed); the cohorts whose alarm was just
+        raised."""
         for (exit_index, cohort), (checked, disagreed) in counts.items():
             labels = {**self.labels, "exit": str(exit_index), "cohort": cohort}
             self._count("offramp_shadow_checks_total", "Early answers checked at full depth", labels, checked)
@@ -304,6 +299,9 @@ class ServingTelemetry:
             self._count(
                 "offramp_risk_alarms_total", "Risk alarms raised", {**self.labels, "cohort": cohort}, 1
             )
+
+    def risk_tests(self, gauges: Mapping[str, Mapping[str, float]]) -> None:
+        """cohort -> its risk test's figures now (``offramp.backend.shadow.ShadowChecks.gauges``)."""
         for cohort, figures in gauges.items():
             labels = {**self.labels, "cohort": cohort}
             self._set(

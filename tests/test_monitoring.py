@@ -49,7 +49,8 @@ def emitted_names() -> set[str]:
     telemetry.slo(SloWindow(120.0, 100.0, 20.0, 8, rung=2, shedding=True, missed=True))
     telemetry.rows_by_rung(np.array([0, 2]))
     figures = {"rate": 0.01, "estimate": 0.1, "evidence": 1.0, "level": 3.0, "alarm": 1.0}
-    telemetry.shadow({(0, "a"): (3, 1)}, {"a": figures}, ["a"])
+    telemetry.shadow({(0, "a"): (3, 1)}, ["a"])
+    telemetry.risk_tests({"a": figures})
     telemetry.shadow_lost(1, 2)
     telemetry.publish()
     # `offramp serve`'s supervisor publishes its own on the health port.

@@ -401,3 +401,34 @@ def test_the_orchestrator_checks_its_early_answers_and_goes_conservative_on_an_a
     assert [r["event"] for r in lines if r.get("kind") == "risk_alarm"] == ["raised"]
     shadowed = [r for r in lines if r.get("kind") == "shadow"]
     assert shadowed and all(r["agree"] == (r["label"] == r["full_label"]) for r in shadowed)
+
+
+def test_an_idle_instance_shows_the_alarm_it_takes_from_the_decider_at_the_next_publication(tmp_path):
+    """The gauges are read from the state when they go out, not pushed by the thread that changed it: an
+    instance that takes a raised alarm from the decider between requests shows the alarm and conservative
+    mode at its next publication (a gauge pushed from a reading taken a moment before a change could
+    overwrite the newer one and stay so while no request came)."""
+    leader = checks(ShadowConfig(rate=1.0, seed=9), pid=1)[0]
+    rng = np.random.default_rng(9)
+    for _ in range(20):  # every early answer wrong: the leader raises on its own checks
+        leader.observe(**batch(rng, 20, exits=0), run_full=full_model(1))
+        leader.drain()
+    assert leader.conservative
+    policy = Policy("p-1", "fp", (ExitRule("max_prob", 0.5),) * 3, provenance={"epsilon": 0.05})
+    options = ServingOptions(shadow=ShadowConfig(rate=0.5, seed=9), shared_state_dir=str(tmp_path))
+    hooks = options.hooks(policy, "i1", "fake")
+    hooks.pop("shared").close()
+    sink = RecordingSink()
+    orchestrator = Orchestrator(SPEC, policy, telemetry=ServingTelemetry(sink, "fake", "i1", 60.0), **hooks)
+    try:
+        orchestrator.absorb_shared({1: {"shadow": leader.snapshot()}})
+        assert orchestrator.conservative
+        orchestrator.telemetry.publish(force=True)  # the publishing thread's, once due
+
+        def gauge(name):
+            return [v for (n, _), v in sink.values.items() if n == name]
+
+        assert gauge("offramp_risk_alarm") == [1.0] and gauge("offramp_conservative_mode") == [1.0]
+    finally:
+        orchestrator.close()
+        leader.close()
