@@ -643,7 +643,8 @@ class ShadowChecks:
                 self._boosted, self.conservative = self._flags()
         if events and self.audit is not None:
             self.audit.record(events, sampled=False)
-        # An instance may change state on the others' evidence alone: its gauges must say so too.
+        # An instance may change state on the others' evidence alone: count a raised alarm and publish
+        # if due (the gauges are read from the state then, by the orchestrator's refresher).
         if events and self.telemetry is not None:
             self.telemetry.shadow({}, [e["cohort"] for e in events if e["event"] == "raised"])
             self.telemetry.publish()
