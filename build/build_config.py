@@ -76,8 +76,8 @@ class ModelSource:
     weights: Path | None = option(None, parse=Path, shown="none", help="image: the architecture's state_dict")
     exits: tuple[int, ...] | None = option(
         None, parse=comma_list(int), shown="every layer or stage",
-        help="after which layers (text) or stages (image) an exit goes, counted from 1; the last is the "
-        "model's end",
+        help="after which layers (text) or stages (image) an exit goes, counted from 1 (a text model's 0: "
+        "on the embeddings); the last is the model's end",
     )  # fmt: skip
 
 
@@ -217,8 +217,12 @@ class BuildConfig:
             raise ConfigError("model.weights is an image model's state_dict: give model.architecture too")
         if model.exits is not None and (not model.exits or list(model.exits) != sorted(set(model.exits))):
             raise ConfigError(f"model.exits must be increasing layer numbers, not {list(model.exits)}")
-        if model.exits is not None and model.exits[0] < 1:
-            raise ConfigError(f"model.exits counts from 1 (after the first layer), not {list(model.exits)}")
+        # A text model's exit 0 reads the embeddings (before any block); an image model has no such depth.
+        if model.exits is not None and model.exits[0] < (0 if model.path else 1):
+            raise ConfigError(
+                f"model.exits counts from 1 (after the first layer; 0, the embeddings, for text models), "
+                f"not {list(model.exits)}"
+            )
         if data.dataset is None and data.train is None:
             raise ConfigError("data: give train (your files) or dataset (a packaged one)")
         if data.dataset not in (None, "fashion-mnist") and data.train is not None:

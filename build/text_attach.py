@@ -155,6 +155,7 @@ def _attach_and_export(
     features_key = build_key(
         stage="features", **data_key(record), model=checkpoint, max_length=settings.max_length,
         fractions=settings.fractions, seed=settings.seed, train_rows=train_rows,
+        depths="embeddings and every block",  # the pooled features' layout (earlier builds: blocks only)
     )  # fmt: skip
     pooled, final_logits, timings["features_seconds"] = _training_features(
         out_dir, model, train_ids, train_mask, features_key, cache, progress
@@ -163,7 +164,7 @@ def _attach_and_export(
     started = time.perf_counter()
     losses = []
     if model.early_heads:
-        layers = [block - 1 for block in model.exit_layers[:-1]]
+        layers = list(model.exit_layers[:-1])
         heads = PooledHeads([head.classifier for head in model.early_heads], settings.head_dropout)
         losses = train_exits(
             heads, [pooled[:, layers]], train_labels, settings.head_config(), teacher=final_logits,
@@ -237,7 +238,7 @@ def _training_features(
     cache: CachedBuild,
     progress: bool,
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """Pooled hidden states after every block (N, blocks, H) and the final head's logits (N, C) of the
+    """Pooled hidden states at every depth (N, blocks + 1, H) and the final head's logits (N, C) of the
     training rows, and the seconds the encoder pass took: from the previous build's stage where its key
     is this one, else one encoder pass."""
     path = out_dir / FEATURES_FILE

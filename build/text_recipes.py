@@ -557,8 +557,9 @@ def frozen_probe_accuracies(
 
     ``train`` and ``test`` are (ids, mask, labels).
     """
-    train_features = pooled_layer_features(encoder, train[0], train[1], progress=progress).pooled
-    test_features = pooled_layer_features(encoder, test[0], test[1], progress=progress).pooled
+    # A head after each block (the embeddings' depth, index 0, is no layer of the baseline's).
+    train_features = pooled_layer_features(encoder, train[0], train[1], progress=progress).pooled[:, 1:]
+    test_features = pooled_layer_features(encoder, test[0], test[1], progress=progress).pooled[:, 1:]
     seed_everything(settings.seed)
     heads = PooledHeads.fresh(
         train_features.shape[1], train_features.shape[2], num_classes, settings.head_dropout
@@ -586,7 +587,7 @@ def refit_exit_heads(
     b - c > 2 sqrt(b + c). A plain "higher accuracy" rule swapped the later, co-adapted heads on
     differences of 2-4 calibration rows, and lost up to a point on test.
     """
-    layers = [block - 1 for block in model.exit_layers]
+    layers = list(model.exit_layers)
     train_features = pooled_layer_features(model.encoder, train[0], train[1], progress=progress).pooled[
         :, layers
     ]

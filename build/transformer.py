@@ -228,12 +228,13 @@ class FullEncoder(nn.Module):
 
 
 def checked_exit_layers(num_blocks: int, exit_layers: Sequence[int] | None) -> tuple[int, ...]:
-    """Exit layers as block counts (1-based: 1 = after the first block); None: after every block. The last
-    exit must follow the last block, since its head is the model's own classifier."""
+    """Exit layers as block counts (1 = after the first block; 0 = on the embeddings, before any block:
+    a bag-of-embeddings exit that costs next to nothing); None: after every block. The last exit must
+    follow the last block, since its head is the model's own classifier."""
     exits = tuple(range(1, num_blocks + 1)) if exit_layers is None else tuple(exit_layers)
-    if not exits or list(exits) != sorted(set(exits)) or exits[0] < 1 or exits[-1] != num_blocks:
+    if not exits or list(exits) != sorted(set(exits)) or exits[0] < 0 or exits[-1] != num_blocks:
         raise ExitPlacementError(
-            f"exit_layers must be increasing block counts in 1..{num_blocks} ending at {num_blocks}, not "
+            f"exit_layers must be increasing block counts in 0..{num_blocks} ending at {num_blocks}, not "
             f"{exits}"
         )
     return exits
@@ -379,7 +380,9 @@ class TrimmedToLongest(nn.Module):
 class LayerFeatures:
     """What a frozen encoder computes for rows of text, once, for heads trained on top of it."""
 
-    pooled: np.ndarray  # (N, blocks, H) float32: masked-mean hidden state after every block
+    # (N, blocks + 1, H) float32: masked-mean hidden state at every depth, indexed as exit layers are:
+    # 0 the embeddings, b after block b.
+    pooled: np.ndarray
     final_logits: np.ndarray | None  # (N, C) float32: the final head's logits on the last block, if asked for
 
 
@@ -392,14 +395,15 @@ def pooled_layer_features(
     progress: bool = False,
     final_head: nn.Module | None = None,
 ) -> LayerFeatures:
-    """Masked-mean-pooled hidden state after every block of a frozen encoder, and ``final_head``'s
-    logits (a head over ``(hidden, mask)``) on the last block's hidden state, in one pass."""
+    """Masked-mean-pooled hidden state of a frozen encoder at every depth (the embeddings, then after
+    each block), and ``final_head``'s logits (a head over ``(hidden, mask)``) on the last block's
+    hidden state, in one pass."""
     use_eager_attention(encoder)  # the fine-tuned model's attention, so the features are the served numbers
     encoder.eval()
     order = np.argsort(mask.sum(axis=1), kind="stable")
     blocks = encoder_blocks(encoder)
     embedding = token_embedding(encoder)
-    pooled = np.empty((len(ids), len(blocks), encoder.config.hidden_size), dtype=np.float32)
+    pooled = np.empty((len(ids), len(blocks) + 1, encoder.config.hidden_size), dtype=np.float32)
     final = None
     starts = range(0, len(ids), batch_size)
     for start in tqdm(starts, desc="encoder features", disable=not progress):
@@ -409,7 +413,8 @@ def pooled_layer_features(
         batch_mask = torch.from_numpy(mask[rows, :longest])
         hidden = embedding(input_ids=batch_ids)
         additive = additive_attention_mask(batch_mask, hidden.dtype)
-        for index, block in enumerate(blocks):
+        pooled[rows, 0] = masked_mean(hidden, batch_mask).numpy()
+        for index, block in enumerate(blocks, start=1):
             hidden = _run_block(block, hidden, additive)
             pooled[rows, index] = masked_mean(hidden, batch_mask).numpy()
         if final_head is not None:

@@ -139,7 +139,7 @@ def test_build_errors_come_before_training_and_leave_no_folder(tmp_path, capsys)
         "missing column": (["--text-column", "review"], "no column 'review'"),
         "missing file": (["--calibration", str(tmp_path / "absent.csv")], "absent.csv: no such file"),
         "too long": (["--max-length", "500"], "max_length 500: .* takes at most 66 tokens"),
-        "bad exits": (["--exits", "1,5"], "exit_layers must be increasing block counts in 1..2"),
+        "bad exits": (["--exits", "1,5"], "exit_layers must be increasing block counts in 0..2"),
         "few rows": (["--calibration-share", "0.01"], "needs at least 100 rows per class"),
     }
     capsys.readouterr()

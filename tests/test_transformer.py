@@ -97,7 +97,7 @@ def test_default_exits_follow_every_block():
     assert len(model.segmented().segments) == 3
 
 
-@pytest.mark.parametrize("exit_layers", [(), (2, 1, 3), (0, 3), (1, 2), (1, 1, 3), (1, 4)])
+@pytest.mark.parametrize("exit_layers", [(), (2, 1, 3), (-1, 3), (1, 2), (1, 1, 3), (1, 4)])
 def test_exit_placement_is_checked(exit_layers):
     with pytest.raises(ValueError, match="exit_layers"):
         MultiExitEncoder(tiny_encoder(3), num_classes=2, exit_layers=exit_layers)
@@ -198,6 +198,26 @@ def test_exit_costs_count_attention_and_rise_to_the_full_network(tiny_model, tin
     assert 1.0 <= costs[-1] < 1.02  # the whole network plus one small early head
     # Linear layers grow as T, attention as T^2: twice the length costs more than twice as much.
     assert transformer_costs(tiny_model, 64)[1] > 2 * transformer_costs(tiny_model, 32)[1]
+
+
+def test_an_exit_on_the_embeddings_is_a_segment_without_blocks_that_costs_a_sliver(tmp_path):
+    """Exit layer 0 reads the embeddings (a bag-of-embeddings classifier): its segment holds no block,
+    the next segment starts from the embeddings, and the chain still equals the model exit by exit."""
+    model = MultiExitEncoder(tiny_encoder(3), num_classes=5, exit_layers=(0, 2, 3)).eval()
+    network = model.segmented()
+    assert [len(segment.blocks) for segment in network.segments] == [0, 2, 1]
+    costs = transformer_costs(model, 16)
+    artifacts = artifacts_from_network("tiny0", network, tuple("abcde"), tmp_path, costs=costs)
+    ids, mask = token_batch(4, 9, seed=7)
+    np.testing.assert_allclose(
+        onnx_exit_logits(artifacts, tmp_path, ids, mask),
+        torch_exit_logits(model, ids, mask),
+        rtol=0,
+        atol=ATOL,
+    )
+    # The embedding lookup multiplies nothing: the exit's head alone, under 1% of the network here
+    # (hidden 32, 3 blocks; MiniLM's 384-wide, 6-block network makes it smaller still).
+    assert artifacts.exit_costs[0] < 0.01 < artifacts.exit_costs[1]
 
 
 # --- data ---------------------------------------------------------------------------------------------
