@@ -158,6 +158,8 @@ class ServingOptions:
     slo_p99_ms: float = 0.0
     slo_window_s: float = 1.0
     slo_shed_max_exit: int = -1
+    # A request's cost whatever its depth, as a fraction of the network's compute per row (SloConfig).
+    slo_fixed_cost: float = 0.1
     # Where the controller reads Triton's queue counters for this model (Triton's metrics port).
     metrics_url: str = "http://127.0.0.1:8002/metrics"
     # Shadow checks of early answers at full depth and the live risk alarm (offramp.backend.shadow),
@@ -224,6 +226,7 @@ class ServingOptions:
                 self.slo_p99_ms,
                 self.slo_window_s,
                 shed_max_exit=self.slo_shed_max_exit if self.slo_shed_max_exit >= 0 else None,
+                fixed_cost=self.slo_fixed_cost,
             )
             queue = triton_queue_counters(self.metrics_url, model) if model else lambda: None
             costs = (policy.provenance.get("expected_cost"), *(r.expected_cost for r in policy.rungs))

@@ -39,7 +39,7 @@ once per window:
 
 A climb's rung and a descent's must also be predicted to answer the load of now under ``climb_at`` of
 the target, or the controller would climb from it again a window later: the rung's time per request is
-this window's, scaled by the rungs' expected compute, and its p99 queue wait that of an M/M/c queue
+this window's, scaled by the rungs' work per request (below), and its p99 queue wait that of an M/M/c queue
 (``queue_wait_ms``) with the model's instances as servers, plus this window's own p99 as it is. A
 throughput margin is not a latency margin: at 80% busy, Poisson arrivals wait several service times at
 p99. With that margin alone the controller came down from the top rung to a rung that carried a 2x load
@@ -51,11 +51,14 @@ load, time per request and own p99 of its run of quiet windows, not on the last 
 in a spike took the ladder down for a window under a load that had not gone (measured on TREC).
 
 What a rung carries, where it was never seen overloaded, is estimated from a rung that was, by their
-expected compute per row (``costs``, the ladder's calibration figures): requests per second times
-compute per request is about constant for a saturated server. That overstates what a cheaper rung
-carries (a request's fixed cost does not shrink with its compute), so climbs use it with the same
-``descend_load`` margin, and understates what a dearer one carries, which only makes a descent wait
-longer.
+work per request: requests per second times work per request is about constant for a saturated
+server, and a request's work is its rung's expected compute per row (``costs``, the ladder's
+calibration figures) plus ``fixed_cost``, what a request costs whatever its depth. Times per request
+scale the same way. Scaled by the compute alone, a rung whose rows nearly all leave at an exit on the
+embeddings (compute 0.0003 of the network's) looked 400 times cheaper than the top rung: shedding at
+that exit never stopped after a spike, since the top rung alone was predicted never to fit, and
+descents waited for loads far under what the rungs below carried (measured on TREC). Climbs still use
+the estimate with the ``descend_load`` margin.
 
 Between windows, every quarter window, the controller looks at the pending requests alone: where the
 wait they mean plus the last window's own p99 is over the target, it goes to the top rung at once, as a
@@ -99,6 +102,11 @@ class SloConfig:
     descend_windows: int = 3  # ...for this many windows in a row
     descend_load: float = 0.8  # ...and the load is under this share of what the lower rung carries
     shed_max_exit: int | None = None  # past the top rung and over the target, cap every row here
+    # What a request costs whatever its depth (parsing, the batch's calls, responses), in the compute
+    # fractions the rungs' costs are in: rung times scale as fixed_cost + compute (module doc). Measured
+    # on TREC: a top rung of 0.122 of the compute carried 5.1x the full model's rows, (1 + f) / (0.122 +
+    # f) = 5.1 for f = 0.09.
+    fixed_cost: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.p99_ms > 0 or not self.window_s > 0:
@@ -109,6 +117,8 @@ class SloConfig:
             raise ValueError("descend_windows must be at least 1")
         if not 0 < self.descend_load <= 1:
             raise ValueError("descend_load must lie in (0, 1]")
+        if not (math.isfinite(self.fixed_cost) and self.fixed_cost >= 0):
+            raise ValueError("fixed_cost must be a finite compute fraction >= 0")
 
 
 @dataclass(frozen=True)
@@ -306,7 +316,11 @@ class SloController:
             return self.capacity[rung]
         if not self.costs or not self.capacity:
             return math.inf
-        return min(seen * self.costs[r] / self.costs[rung] for r, seen in self.capacity.items())
+        return min(seen * self._work(r) / self._work(rung) for r, seen in self.capacity.items())
+
+    def _work(self, rung: int) -> float:
+        """What a request at ``rung`` costs, in compute fractions: its expected compute and the fixed part."""
+        return self.config.fixed_cost + self.costs[rung]
 
     def _rung_that_carries(self, load: float) -> int:
         """Climbing from an overloaded rung: the next one up, or the first above it estimated to carry
@@ -328,8 +342,11 @@ class SloController:
         own_ms = self._last_own_p99 if own_ms is None else own_ms
         if not self.costs or math.isnan(service_s) or math.isnan(own_ms):
             return True
-        now = self.shed_cost if self.shedding and self.shed_cost is not None else self.costs[self.rung]
-        scale = self.costs[rung] / now  # the times were measured at the compute of now
+        if self.shedding and self.shed_cost is not None:
+            now = self.config.fixed_cost + self.shed_cost
+        else:
+            now = self._work(self.rung)
+        scale = self._work(rung) / now  # the times were measured at the work of now
         waiting = queue_wait_ms(load, service_s * scale, self.instances)
         return waiting + own_ms < self.config.climb_at * self.config.p99_ms
 

@@ -51,7 +51,8 @@ def controller(
     **config,
 ) -> tuple[SloController, Scripted]:
     script = Scripted()
-    slo = SloConfig(**{"p99_ms": 100.0, **config})
+    # No fixed cost unless a test asks: the times and capacities below scale with the compute alone.
+    slo = SloConfig(**{"p99_ms": 100.0, "fixed_cost": 0.0, **config})
     return SloController(
         slo, top, script.counters, lambda: script.now, costs=costs, instances=instances, shed_cost=shed_cost
     ), script
@@ -128,6 +129,36 @@ def test_shedding_stops_only_where_the_top_rung_alone_would_answer_the_load_unde
 
     assert shed_then_quiet(0.1) == ([True, True, True], False)
     assert shed_then_quiet(None) == ([False, False, False], False)
+
+
+def test_shedding_at_an_exit_that_costs_next_to_nothing_stops_once_the_fixed_cost_says_the_top_rung_fits():
+    """A shed row answered on the embeddings costs 0.0003 of the network, the top rung 0.12. Scaled by
+    the compute alone, the 20 ms a request took while shedding would be 8 s at the top rung, so shedding
+    never stopped after a spike (a TREC run shed 29% of the rows at half load). With a request's fixed
+    cost (0.1 of the network) the top rung takes (0.1 + 0.12) / (0.1 + 0.0003) of it, 44 ms: at 10
+    requests/s on two instances its p99 wait is about 10 ms, with the own 10 ms well under the 80 ms a
+    climb starts at."""
+
+    def shed_then_quiet(fixed_cost):
+        slo, script = controller(
+            top=1, costs=(0.4, 0.12), instances=2, shed_max_exit=0, descend_windows=1, shed_cost=0.0003,
+            fixed_cost=fixed_cost,
+        )  # fmt: skip
+        for _ in range(2):  # to the top rung, then shedding
+            window(slo, script, queue_ms=300, own_ms=20, requests=40)
+        assert slo.shedding
+        return window(slo, script, queue_ms=5, own_ms=10, requests=10, busy=0.1).shedding
+
+    assert shed_then_quiet(0.0) is True
+    assert shed_then_quiet(0.1) is False
+
+
+def test_capacity_estimates_count_the_fixed_cost_of_a_request():
+    """Rung 0 (0.6 of the compute) carried 40 requests/s; with a fixed cost of 0.1 the top rung (0.2)
+    carries 40 x 0.7 / 0.3, not the 40 x 3 that compute alone would say."""
+    slo, script = controller(costs=(0.6, 0.4, 0.3, 0.2), fixed_cost=0.1, p99_ms=1000.0)
+    window(slo, script, queue_ms=650, own_ms=200, requests=40)
+    assert slo.carries(3) == pytest.approx(40 * 0.7 / 0.3)
 
 
 def test_a_shed_row_costs_its_exit_capped_at_the_shedding_exit():
