@@ -325,9 +325,15 @@ class SloController:
     def _rung_that_carries(self, load: float) -> int:
         """Climbing from an overloaded rung: the next one up, or the first above it estimated to carry
         ``load`` with the descent's margin and within the latency a climb answers (the top where none
-        is)."""
+        is). Where the window's own p99 alone is over that latency, no rung's prediction fits (the own
+        p99 is not scaled: slow requests of a light load, not a queue), and the top rung would answer
+        them no faster than the next: the climb goes by what the rungs carry alone. Before, one slow
+        second at half load after a spike sent the ladder from rung 0 to the top (measured on TREC)."""
+        queued = not self._last_own_p99 >= self.config.climb_at * self.config.p99_ms
         for rung in range(self.rung + 1, self.top_rung + 1):
-            if load < self.config.descend_load * self.carries(rung) and self._fits(rung, load):
+            if load < self.config.descend_load * self.carries(rung) and (
+                not queued or self._fits(rung, load)
+            ):
                 return rung
         return self.top_rung
 

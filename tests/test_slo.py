@@ -392,3 +392,11 @@ def test_over_the_target_with_idle_instances_it_climbs_a_rung_not_to_the_top():
     slo, script = controller()
     assert window(slo, script, queue_ms=150, own_ms=20, requests=10, busy=0.2).rung == 1
     assert window(slo, script, queue_ms=150, own_ms=20).rung == 3
+
+
+def test_a_slow_second_of_its_own_at_a_light_load_climbs_one_rung_even_where_no_rung_is_predicted_to_fit():
+    """With the rungs' costs known, a climb's rung must be predicted to answer under 80 ms; a window
+    whose own p99 alone is 170 ms fits none (the own p99 is not scaled by the rung), which sent the
+    ladder to the top. It is no queue (instances busy a fifth of the window): one rung up."""
+    slo, script = controller(costs=COSTS)
+    assert window(slo, script, queue_ms=5, own_ms=170, requests=10, busy=0.2).rung == 1
