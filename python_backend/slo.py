@@ -316,11 +316,14 @@ class SloController:
             return self.capacity[rung]
         if not self.costs or not self.capacity:
             return math.inf
-        return min(seen * self._work(r) / self._work(rung) for r, seen in self.capacity.items())
+        return min(
+            seen * self._work(self.costs[r]) / self._work(self.costs[rung])
+            for r, seen in self.capacity.items()
+        )
 
-    def _work(self, rung: int) -> float:
-        """What a request at ``rung`` costs, in compute fractions: its expected compute and the fixed part."""
-        return self.config.fixed_cost + self.costs[rung]
+    def _work(self, compute: float) -> float:
+        """What a request of ``compute`` (an expected compute fraction per row) costs, fixed part included."""
+        return self.config.fixed_cost + compute
 
     def _rung_that_carries(self, load: float) -> int:
         """Climbing from an overloaded rung: the next one up, or the first above it estimated to carry
@@ -329,10 +332,11 @@ class SloController:
         p99 is not scaled: slow requests of a light load, not a queue), and the top rung would answer
         them no faster than the next: the climb goes by what the rungs carry alone. Before, one slow
         second at half load after a spike sent the ladder from rung 0 to the top (measured on TREC)."""
-        queued = not self._last_own_p99 >= self.config.climb_at * self.config.p99_ms
+        # Unknown (NaN) own p99: the prediction decides, as _fits does with unknown times.
+        predictable = not self._last_own_p99 >= self.config.climb_at * self.config.p99_ms
         for rung in range(self.rung + 1, self.top_rung + 1):
             if load < self.config.descend_load * self.carries(rung) and (
-                not queued or self._fits(rung, load)
+                not predictable or self._fits(rung, load)
             ):
                 return rung
         return self.top_rung
@@ -348,11 +352,8 @@ class SloController:
         own_ms = self._last_own_p99 if own_ms is None else own_ms
         if not self.costs or math.isnan(service_s) or math.isnan(own_ms):
             return True
-        if self.shedding and self.shed_cost is not None:
-            now = self.config.fixed_cost + self.shed_cost
-        else:
-            now = self._work(self.rung)
-        scale = self._work(rung) / now  # the times were measured at the work of now
+        now = self.shed_cost if self.shedding and self.shed_cost is not None else self.costs[self.rung]
+        scale = self._work(self.costs[rung]) / self._work(now)  # the times were measured at the work of now
         waiting = queue_wait_ms(load, service_s * scale, self.instances)
         return waiting + own_ms < self.config.climb_at * self.config.p99_ms
 
