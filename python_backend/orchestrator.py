@@ -169,6 +169,20 @@ class ServingOptions:
     # per process; /dev/shm is memory); empty: each instance decides on its own rows.
     shared_state_dir: str = "/dev/shm"
 
+    def __post_init__(self) -> None:
+        self.slo_config()  # a bad SLO setting is refused where the options are made, not at model load
+
+    def slo_config(self) -> SloConfig | None:
+        """The SLO controller's settings these options ask for; None without a latency target."""
+        if self.slo_p99_ms <= 0:
+            return None
+        return SloConfig(
+            self.slo_p99_ms,
+            self.slo_window_s,
+            shed_max_exit=self.slo_shed_max_exit if self.slo_shed_max_exit >= 0 else None,
+            fixed_cost=self.slo_fixed_cost,
+        )
+
     def to_parameters(self) -> dict[str, str]:
         plain = {k: v for k, v in asdict(self).items() if k != "shadow"}
         return {
@@ -221,13 +235,8 @@ class ServingOptions:
                     conservative=self.drift_conservative,
                 )
             )
-        if self.slo_p99_ms > 0:
-            config = SloConfig(
-                self.slo_p99_ms,
-                self.slo_window_s,
-                shed_max_exit=self.slo_shed_max_exit if self.slo_shed_max_exit >= 0 else None,
-                fixed_cost=self.slo_fixed_cost,
-            )
+        config = self.slo_config()
+        if config is not None:
             queue = triton_queue_counters(self.metrics_url, model) if model else lambda: None
             costs = (policy.provenance.get("expected_cost"), *(r.expected_cost for r in policy.rungs))
             known = all(map(is_expected_cost, costs))  # a policy written by hand may lack them

@@ -134,7 +134,8 @@ def test_a_policy_for_another_model_is_refused(tmp_path):
 
 def test_the_command_line_sets_serving_options_and_refuses_unknown_ones(tmp_path, capsys):
     """`offramp repository --serving NAME=VALUE` reaches the orchestrator's config; a name that is no
-    option, or a value of the wrong type, is an error before anything is written."""
+    option, a value of the wrong type, or an SLO setting the controller refuses, is an error before
+    anything is written (not a model that fails to load)."""
     from offramp.backend.orchestrator import ServingOptions
     from offramp.client.cli.main import main
 
@@ -156,8 +157,9 @@ def test_the_command_line_sets_serving_options_and_refuses_unknown_ones(tmp_path
         ("slo_p99_ms=fast", "slo_p99_ms: 'fast' is not a float"),
         ("drift_conservative=yes", "'yes' is not a bool"),
         ("latency=5", "not NAME=VALUE"),
+        ("slo_fixed_cost=-1", "fixed_cost must be a finite compute fraction >= 0"),
     ]:
-        assert main([*common, "--serving", bad]) == 2
+        assert main([*common, "--serving", "slo_p99_ms=40", "--serving", bad]) == 2
         assert message in capsys.readouterr().err
     assert not repo.exists()
     given = ["slo_p99_ms=40", "drift_conservative=true", "shadow_rate=0.02"]
