@@ -2,9 +2,10 @@
 
 ``Launchers`` holds each launcher once, written against an array module ``xp`` and a kernel lookup
 (name -> callable ``kernel(grid, block, args)``, the calling convention of ``cupy.RawKernel``). The
-module-level ``*_cuda`` functions bind it to CuPy and to one ``RawModule`` per source, compiled on
-first use. The CPU shim tests bind the same class to NumPy and to the kernels compiled with g++, so
-validation, argument order and launch geometry here run without a GPU too.
+module-level ``*_cuda`` functions bind it to CuPy and to one module per source and device, compiled
+here with NVRTC on first use (``compile_kernels``) rather than by CuPy's ``RawModule``, which forces
+flush-to-zero (see ``NVRTC_OPTIONS``). The CPU shim tests bind the same class to NumPy and to the
+kernels compiled with g++, so validation, argument order and launch geometry here run without a GPU too.
 
 CuPy is imported on first use only, so this module imports on a machine without CuPy or a GPU.
 """
@@ -27,9 +28,12 @@ from .confidence import METRICS, Confidence
 CONFIDENCE_SOURCE = Path(__file__).with_name("confidence.cu")
 COMPACT_SOURCE = Path(__file__).with_name("compact.cu")
 
-# Shared by the RawModules and the offline NVRTC test. No fast-math: the contract wants IEEE division
-# and accurate expf/logf.
-NVRTC_OPTIONS = ("--std=c++17",)
+# Every compile of the sources, on a device or offline. No fast-math: the contract wants IEEE division
+# and accurate expf/logf. No flush-to-zero either: a kernel that flushes subnormals compares a figure
+# with a flushed threshold, so its exit mask breaks the rule it documents on its own figures (on an H200,
+# a row of entropy 0 exited under a per-class threshold of -1.4e-45, one float32 step below 0). CuPy's
+# RawModule appends -ftz=true after the caller's options and NVRTC obeys the last, hence compile_kernels.
+NVRTC_OPTIONS = ("--std=c++17", "-ftz=false")
 
 # Input dtypes of the confidence kernels and their entry-point suffixes.
 CONFIDENCE_DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
@@ -295,18 +299,62 @@ def load_pip_nvrtc() -> bool:
     return False
 
 
-@functools.cache
-def _raw_module(source: Path) -> Any:
-    import cupy
+@dataclass(frozen=True)
+class CompiledKernels:
+    """What NVRTC made of one source for one architecture."""
+
+    source: Path
+    architecture: str  # sm_90
+    ptx: bytes
+    cubin: bytes
+    log: str  # NVRTC's log; with -Xptxas=-v among the options, ptxas' register and spill report
+
+
+def compile_kernels(source: Path, architecture: str, extra_options: Sequence[str] = ()) -> CompiledKernels:
+    """``source`` compiled by NVRTC with ``NVRTC_OPTIONS`` for ``architecture``; needs no GPU or driver."""
+    from cupy_backends.cuda.libs import nvrtc
 
     load_pip_nvrtc()
-    return cupy.RawModule(code=source.read_text(), options=NVRTC_OPTIONS)
+    program = nvrtc.createProgram(source.read_text(), source.name, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(
+                program, [*NVRTC_OPTIONS, f"--gpu-architecture={architecture}", *extra_options]
+            )
+        except nvrtc.NVRTCError as error:
+            log = nvrtc.getProgramLog(program)
+            raise RuntimeError(f"NVRTC could not compile {source.name} for {architecture}:\n{log}") from error
+        log = nvrtc.getProgramLog(program).replace("\0", "")
+        return CompiledKernels(source, architecture, nvrtc.getPTX(program), nvrtc.getCUBIN(program), log)
+    finally:
+        nvrtc.destroyProgram(program)
 
 
 @functools.cache
+def _device_module(source: Path, device_id: int) -> Any:
+    """``source`` compiled to machine code for device ``device_id`` and loaded into its context, once per
+    process (an NVRTC older than the device fails here, naming the architecture)."""
+    import cupy
+
+    device = cupy.cuda.Device(device_id)
+    with device:
+        compiled = compile_kernels(source, f"sm_{device.compute_capability}")
+        module = cupy.cuda.function.Module()
+        module.load(compiled.cubin)
+    return module
+
+
+@functools.cache
+def _device_kernel(name: str, device_id: int) -> Kernel:
+    return _device_module(ENTRY_POINTS[name], device_id).get_function(name)
+
+
 def cupy_kernel(name: str) -> Kernel:
-    """The ``cupy.RawKernel`` of an entry point; its source is compiled once, on first use."""
-    return _raw_module(ENTRY_POINTS[name]).get_function(name)
+    """An entry point on the current CUDA device (``cupy.cuda.Function``, called as a ``RawKernel``
+    is); its source is compiled for that device on first use."""
+    import cupy
+
+    return _device_kernel(name, cupy.cuda.runtime.getDevice())
 
 
 @functools.cache

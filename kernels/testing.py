@@ -245,6 +245,20 @@ def check_exit_rule(
     assert not exit_mask[~got.valid].any(), "an invalid row exited"
 
 
+def check_subnormal_thresholds(launchers: Launchers) -> None:
+    """Thresholds one float32 step from 0 on the failing side, scalar and per class, against rows whose
+    figure is exactly 0: an entropy of 0 (one class takes all of the mass) and a margin of 0 (two tied
+    top classes). Those rows must not exit. A kernel built with flush-to-zero reads such a threshold as 0
+    and exits them, which ``run_confidence`` catches as a mask that breaks the rule on its own figures."""
+    logits = np.array([[120.0, 0.0, 0.0, 0.0], [3.0, 3.0, 0.0, 0.0]], np.float32)  # (2, 4)
+    step = np.nextafter(np.float32(0), np.float32(1))  # 1.4e-45, the smallest subnormal
+    for metric, threshold, zero_row in (("entropy", -step, 0), ("margin", step, 1)):
+        for thresholds in (threshold, np.full(logits.shape[1], threshold, np.float32)):
+            got, exit_mask = run_confidence(launchers, logits, metric=metric, threshold=thresholds)
+            assert getattr(got, metric)[zero_row] == 0, f"{metric} of row {zero_row} should be exactly 0"
+            assert not exit_mask[zero_row], f"a {metric} of 0 exited under a threshold of {threshold}"
+
+
 def assert_confidence_equal(got: Confidence, want: Confidence) -> None:
     """Bit for bit, NaNs included."""
     for field in fields(Confidence):

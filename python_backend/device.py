@@ -172,8 +172,8 @@ def gpu_cascade(device_id: int) -> DeviceCascade:
     except Exception as error:
         raise DeviceUnavailable(
             f"the CUDA kernels did not compile for device {device_id} ({type(error).__name__}: {error}); "
-            "CuPy compiles them with NVRTC: install nvidia-cuda-nvrtc-cu12 (or -cu13, matching CuPy) "
-            "into the orchestrator's environment"
+            "they are compiled with NVRTC through CuPy's bindings: install nvidia-cuda-nvrtc-cu12 (or "
+            "-cu13, matching CuPy) into the orchestrator's environment"
         ) from error
     return DeviceCascade(cupy, cupy_launchers(), scope)
 

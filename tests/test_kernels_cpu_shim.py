@@ -28,6 +28,7 @@ from offramp.kernels.testing import (
     check_gather,
     check_partition,
     check_scatter,
+    check_subnormal_thresholds,
     exit_masks,
     mixed_logits,
     row_tensors,
@@ -158,6 +159,12 @@ def test_exit_rule(
     logits, _ = mixed_logits(33, rng)
     flags = (rng.random(logits.shape[0]) < 0.3).astype(np.uint8) if never_exit else None
     check_exit_rule(shuffled_launchers, logits, metric, per_class, flags, rng)
+
+
+def test_a_threshold_one_subnormal_step_from_zero_holds_back_a_figure_of_zero(
+    shuffled_launchers: Launchers,
+) -> None:
+    check_subnormal_thresholds(shuffled_launchers)
 
 
 def test_never_exit_accepts_bool_and_integer_flags(

@@ -31,6 +31,7 @@ from offramp.kernels.testing import (
     check_gather,
     check_partition,
     check_scatter,
+    check_subnormal_thresholds,
     confidence_to_host,
     exit_masks,
     mixed_logits,
@@ -112,6 +113,11 @@ def test_exit_rule(
         logits, _ = mixed_logits(num_classes, rng)
         flags = (rng.random(logits.shape[0]) < 0.3).astype(np.uint8) if never_exit else None
         check_exit_rule(launchers, logits, metric, per_class, flags, rng)
+
+
+def test_a_threshold_one_subnormal_step_from_zero_holds_back_a_figure_of_zero(launchers: Launchers) -> None:
+    """Fails on kernels compiled by CuPy's RawModule, which adds -ftz=true (seen on an H200)."""
+    check_subnormal_thresholds(launchers)
 
 
 def test_batch_invariance(launchers: Launchers, rng: np.random.Generator) -> None:

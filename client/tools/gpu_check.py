@@ -244,6 +244,11 @@ def kernel_checks(report: Report, sizes: CheckSizes, xp: Any = None, kernel: Cal
         return f"{cases} cases at the thresholds' exact boundaries"
 
     report.check("confidence", "exit rule: metrics, per-class, never-exit", exit_rules)
+    report.check(
+        "confidence",
+        "exit rule: subnormal thresholds (no flush-to-zero)",
+        lambda: kc.check_subnormal_thresholds(launchers()),
+    )
 
     def batch_invariance() -> str:
         for num_classes in (40, 3000):
