@@ -447,6 +447,7 @@ def write_orchestrator(
     for batch-level early exit in benchmarks.
     """
     policy.validate(artifacts.num_exits, artifacts.num_classes, artifacts.fingerprint)
+    options.serving.check_against(policy)
     model_dir = _write_model(
         repository, orchestrator_model_config(artifacts, options, name), {"model.py": ORCHESTRATOR_ADAPTER}
     )

@@ -160,6 +160,9 @@ class ServingOptions:
     slo_shed_max_exit: int = -1
     # A request's cost whatever its depth, as a fraction of the network's compute per row (SloConfig).
     slo_fixed_cost: float = 0.1
+    # Requests/s each rung carries, rung 0 first, comma-separated, as measured on this deployment
+    # (SloConfig.rung_capacity; ``offramp bench --spike`` measures them); empty: learnt under load.
+    slo_rung_capacity: str = ""
     # Where the controller reads Triton's queue counters for this model (Triton's metrics port).
     metrics_url: str = "http://127.0.0.1:8002/metrics"
     # Shadow checks of early answers at full depth and the live risk alarm (offramp.backend.shadow),
@@ -181,7 +184,26 @@ class ServingOptions:
             self.slo_window_s,
             shed_max_exit=self.slo_shed_max_exit if self.slo_shed_max_exit >= 0 else None,
             fixed_cost=self.slo_fixed_cost,
+            rung_capacity=self._rung_capacity(),
         )
+
+    def check_against(self, policy: Policy) -> None:
+        """Refuses options that do not fit ``policy``: measured capacities for another number of rungs."""
+        slo = self.slo_config()
+        if slo is not None and slo.rung_capacity and len(slo.rung_capacity) != len(policy.rungs) + 1:
+            raise ValueError(
+                f"slo_rung_capacity gives {len(slo.rung_capacity)} figures for the policy's "
+                f"{len(policy.rungs) + 1} rungs (rung 0 first)"
+            )
+
+    def _rung_capacity(self) -> tuple[float, ...]:
+        try:
+            return tuple(float(figure) for figure in self.slo_rung_capacity.split(",") if figure.strip())
+        except ValueError:
+            raise ValueError(
+                "slo_rung_capacity must be requests/s per rung, rung 0 first, comma-separated: "
+                f"{self.slo_rung_capacity!r}"
+            ) from None
 
     def to_parameters(self) -> dict[str, str]:
         plain = {k: v for k, v in asdict(self).items() if k != "shadow"}

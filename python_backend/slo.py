@@ -60,6 +60,17 @@ that exit never stopped after a spike, since the top rung alone was predicted ne
 descents waited for loads far under what the rungs below carried (measured on TREC). Climbs still use
 the estimate with the ``descend_load`` margin.
 
+No one work figure fits every rung, though: on Rotten Tomatoes the full model, rung 0 and the top rung
+carried 123, 232 and 847 rows/s, which wants a fixed cost of 0.03 from the top rung and 0.29 from rung
+0 (a deeper rung makes more segment calls). Where the deployment measured what each rung carries
+(``rung_capacity``), those figures are the capacities from the start, and a rung's time per request is
+scaled by their ratio rather than by the work model; windows that overload a rung still replace its
+figure. With what a rung carries known, the controller also climbs before the latency shows a queue:
+a window whose load passes ``climb_load`` of what its rung carries climbs as a window over ``climb_at``
+would (a rung at 95% of its capacity builds its queue slowly, and the window's mean wait lags it: rung 0
+of Rotten Tomatoes sat two seconds at the onset of a 2x step, p99 635 ms against 279). The gap between
+``climb_load`` and ``descend_load`` keeps a steady load near a capacity from flapping between rungs.
+
 Between windows, every quarter window, the controller looks at the pending requests alone: where the
 wait they mean plus the last window's own p99 is over the target, it goes to the top rung at once, as a
 window over the target would, instead of up to a second later (the onsets of a spike's steps were where
@@ -107,6 +118,11 @@ class SloConfig:
     # on TREC: a top rung of 0.122 of the compute carried 5.1x the full model's rows, (1 + f) / (0.122 +
     # f) = 5.1 for f = 0.09.
     fixed_cost: float = 0.1
+    # Requests per second each rung carries, rung 0 first, measured on this deployment at its request
+    # size (``offramp bench --spike`` measures each rung alone at saturation); empty: learnt from
+    # windows that overload a rung and estimated for the others from the rungs' work (module doc).
+    rung_capacity: tuple[float, ...] = ()
+    climb_load: float = 0.9  # climb before the latency shows it where the load passes this share of that
 
     def __post_init__(self) -> None:
         if not self.p99_ms > 0 or not self.window_s > 0:
@@ -119,6 +135,12 @@ class SloConfig:
             raise ValueError("descend_load must lie in (0, 1]")
         if not (math.isfinite(self.fixed_cost) and self.fixed_cost >= 0):
             raise ValueError("fixed_cost must be a finite compute fraction >= 0")
+        if not all(math.isfinite(c) and c > 0 for c in self.rung_capacity):
+            raise ValueError(
+                f"each rung's capacity must be a positive number of requests/s: {self.rung_capacity}"
+            )
+        if not self.descend_load < self.climb_load <= 1:
+            raise ValueError("need descend_load < climb_load <= 1 (the gap is the hysteresis)")
 
 
 @dataclass(frozen=True)
@@ -166,6 +188,12 @@ class SloController:
             raise ValueError("instances must be at least 1")
         if self.shed_cost is not None and not (self.costs and is_expected_cost(self.shed_cost)):
             raise ValueError("a shed cost needs the rungs' costs, and must be a positive compute fraction")
+        measured = self.config.rung_capacity
+        if measured and len(measured) != self.top_rung + 1:
+            raise ValueError(
+                f"{len(measured)} measured rung capacities for a ladder of {self.top_rung + 1} rungs"
+            )
+        self.capacity = {**dict(enumerate(measured)), **self.capacity}
         self._lock = threading.Lock()
         self._own_ms: list[float] = []  # this window's per-request times in the orchestrator
         self._busy_s = 0.0  # this window's execute seconds, all instances together...
@@ -282,6 +310,11 @@ class SloController:
                 self.rung = self.top_rung if over else self._rung_that_carries(load)
             elif config.shed_max_exit is not None:  # shedding is the step past the top rung
                 self.shedding = True
+        elif busy and self.rung < self.top_rung and load > config.climb_load * self.carries(self.rung):
+            # Near what this rung carries a queue builds within seconds, before the window's latency
+            # shows it: climb now (module doc). Unknown capacity (inf): never.
+            self._reset_quiet()
+            self.rung = self._rung_that_carries(load)
         elif not busy or estimate < config.descend_at * target or self._lower_carries(load):
             self._quiet += 1
             if requests:
@@ -350,12 +383,22 @@ class SloController:
         climbed from again a window later (module doc). Unknown (no costs, no times yet): it fits."""
         service_s = self._service_s if service_s is None else service_s
         own_ms = self._last_own_p99 if own_ms is None else own_ms
-        if not self.costs or math.isnan(service_s) or math.isnan(own_ms):
+        scale = self._time_scale(rung)
+        if scale is None or math.isnan(service_s) or math.isnan(own_ms):
             return True
-        now = self.shed_cost if self.shedding and self.shed_cost is not None else self.costs[self.rung]
-        scale = self._work(self.costs[rung]) / self._work(now)  # the times were measured at the work of now
         waiting = queue_wait_ms(load, service_s * scale, self.instances)
         return waiting + own_ms < self.config.climb_at * self.config.p99_ms
+
+    def _time_scale(self, rung: int) -> float | None:
+        """A request's time at ``rung`` over its time now (the times are measured at the rung of now, or
+        while shedding): by the measured capacities where the configuration gives them, else by the
+        rungs' work; None where neither is known."""
+        if self.config.rung_capacity and not self.shedding:
+            return self.carries(self.rung) / self.carries(rung)
+        if not self.costs:
+            return None
+        now = self.shed_cost if self.shedding and self.shed_cost is not None else self.costs[self.rung]
+        return self._work(self.costs[rung]) / self._work(now)
 
     def _lower_carries(self, load: float) -> bool:
         """A rung below was seen overloaded at a load well above this one (a lower rung carries less than

@@ -186,7 +186,15 @@ def test_a_window_closes_only_when_due():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"p99_ms": 0}, {"p99_ms": 10, "descend_at": 0.9}, {"p99_ms": 10, "descend_windows": 0}]
+    "bad",
+    [
+        {"p99_ms": 0},
+        {"p99_ms": 10, "descend_at": 0.9},
+        {"p99_ms": 10, "descend_windows": 0},
+        {"p99_ms": 10, "rung_capacity": (30.0, 0.0)},
+        {"p99_ms": 10, "rung_capacity": (30.0, math.nan)},
+        {"p99_ms": 10, "climb_load": 0.8},  # no gap above descend_load's 0.8
+    ],
 )
 def test_a_bad_configuration_is_refused(bad):
     with pytest.raises(ValueError):
@@ -400,3 +408,51 @@ def test_a_slow_second_of_its_own_at_a_light_load_climbs_one_rung_even_where_no_
     ladder to the top. It is no queue (instances busy a fifth of the window): one rung up."""
     slo, script = controller(costs=COSTS)
     assert window(slo, script, queue_ms=5, own_ms=170, requests=10, busy=0.2).rung == 1
+
+
+MEASURED = (30.0, 40.0, 60.0, 100.0)  # requests/s each rung carries, as a deployment measured them
+
+
+def test_measured_capacities_let_a_load_near_one_climb_before_the_latency_shows_it():
+    """Rung 0 carries 30/s: at 28/s, 93% of it, the window's latency is still low (a queue builds over
+    seconds), yet it climbs, to rung 1, which carries the load with the descent's margin (28 < 0.8 x 40)
+    and is predicted to queue 0.3 s at p99 (M/M/1, 24 ms each), inside a 1 s target. At 26/s (87%) it
+    holds. Without the measurements it holds at 28/s too."""
+    slo, script = controller(p99_ms=1000.0, rung_capacity=MEASURED)
+    assert slo.carries(2) == 60.0  # known from the start
+    assert window(slo, script, queue_ms=5, own_ms=10, requests=26, busy=0.85).rung == 0
+    assert window(slo, script, queue_ms=5, own_ms=10, requests=28, busy=0.9).rung == 1
+    plain, script = controller(p99_ms=1000.0)
+    assert window(plain, script, queue_ms=5, own_ms=10, requests=28, busy=0.9).rung == 0
+
+
+def test_a_load_between_descend_load_and_climb_load_holds_its_rung():
+    """At rung 1 (carries 40/s; rung 0 carries 30/s), loads from 25 to 35 per second neither climb (36 is
+    90% of 40) nor descend (24 is 80% of 30): the gap is the hysteresis."""
+    slo, script = controller(p99_ms=1000.0, rung_capacity=MEASURED, descend_windows=1)
+    window(slo, script, queue_ms=5, own_ms=10, requests=28, busy=0.9)
+    held = [window(slo, script, queue_ms=5, own_ms=10, requests=r, busy=0.6) for r in (35, 25, 34, 26, 33)]
+    assert [w.rung for w in held] == [1] * 5
+
+
+def test_measured_capacities_scale_a_rungs_time_per_request():
+    """At the top rung (carries 100/s) at 25/s, 10 ms a request: rung 2 carries 60/s, so 16.7 ms there,
+    42% busy, p99 wait 107 ms (M/M/1) with the own 5 ms, over the 80 ms a climb starts at: it stays.
+    The work model (0.4 against 0.3 of the compute, 13.3 ms) predicts 70 ms and descends."""
+
+    def after_quiet_windows(**measured) -> int:
+        slo, script = controller(costs=COSTS, descend_windows=1, **measured)
+        window(slo, script, queue_ms=150, own_ms=20, requests=30)  # over the target: to the top
+        assert slo.rung == 3
+        return window(slo, script, queue_ms=5, own_ms=5, requests=25, busy=0.25).rung
+
+    assert after_quiet_windows(rung_capacity=MEASURED) == 3
+    assert after_quiet_windows() == 2
+
+
+def test_measured_capacities_must_match_the_ladder():
+    script = Scripted()
+    with pytest.raises(ValueError, match="3 measured rung capacities for a ladder of 4 rungs"):
+        SloController(
+            SloConfig(p99_ms=100.0, rung_capacity=(30.0, 40.0, 60.0)), 3, script.counters, lambda: 0.0
+        )

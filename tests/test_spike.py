@@ -323,11 +323,13 @@ def test_the_report_marks_each_step_against_the_slo():
         "config": {"spike": {"slo_factor": 2.0, "spike_step_s": 15.0}, "rows_per_request": 8},
         "arms": {FULL: {"drain_s": 40.0}, LADDER: {"drain_s": 0.2}}, "saturating_concurrency": 16,
         "capacity_rows_per_s": {FULL: 53.2, FIXED: 80.0, "top_rung": 201.0},
+        "rung_capacity_rows_per_s": [80.0, 120.4, 201.0],
         "steps": [s.__dict__ for s in steps], "goals": spike_goals(steps, 400.0, [0.01, 0.02, 0.05, 0.1]),
     }  # fmt: skip
     text = spike_markdown(summary)
     full_row, ladder_row = (line for line in text.splitlines() if line.startswith(("| full", "| ladder")))
     assert "Capacity at concurrency 16: full 53 rows/s, fixed 80 rows/s, top_rung 201 rows/s." in text
+    assert "Each rung alone, rung 0 first: 80, 120, 201 rows/s" in text
     assert "| ∞ | NO |" in full_row
     assert "| 390.0 | yes | 0.970 (800); rung rows 0.990 |" in ladder_row and "| 3 |" in ladder_row
 

@@ -66,6 +66,7 @@ class RepositoryCommand(Subcommand):
                   "calibrate makes a policy with a guarantee)")  # fmt: skip
         try:
             serving = serving_options(args.serving)
+            serving.check_against(policy)
         except ValueError as error:
             print(f"offramp repository: error: --serving: {error}", file=sys.stderr)
             return 2

@@ -478,32 +478,41 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
             arms[LADDER_SHED] = f"{name}_ladder_shed"
         import tritonclient.grpc as grpcclient
 
+        def load(model: str) -> None:
+            with grpcclient.InferenceServerClient(server.grpc_url) as client:
+                client.load_model(model)
+
+        # Each rung's rules alone, without a controller, at saturation: what each rung carries, which the
+        # ladders' controllers are given (slo_rung_capacity); the top rung's is what a ladder carries at
+        # most. Rung 0 is the fixed policy, served already.
+        rung_models = [name]
+        for rung in policy.rungs:
+            rung_models.append(f"{name}_rung_{len(rung_models)}")
+            write_orchestrator(workload.artifacts, replace(policy, exits=rung.exits, rungs=()), repository,
+                               options, rung_models[-1], artifacts_dir=workload.artifacts_dir)  # fmt: skip
+            load(rung_models[-1])
+        for model in rung_models:  # a model's first requests are slow (ONNX Runtime's)
+            perf(model, concurrency=2, seconds=3.0)
+        rung_rows_per_s = [perf(model, concurrency=saturating).rows_per_s for model in rung_models]
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            for model in rung_models[1:]:  # no idle stubs beside the arms under the spike
+                client.unload_model(model)
+        capacities = {FIXED: rung_rows_per_s[0], "top_rung": rung_rows_per_s[-1]}
+        top_ratio = rung_rows_per_s[-1] / saturated.rows_per_s
+        say(f"[{name}] capacity of each rung alone: {', '.join(f'{rows:.0f}' for rows in rung_rows_per_s)} "
+            f"rows/s (the top {top_ratio:.1f}x the full model)")  # fmt: skip
         for arm in (a for a in arms if a in LADDERS):
             serving = ServingOptions(
                 slo_p99_ms=slo_ms,
                 slo_shed_max_exit=spike.shed_max_exit if arm == LADDER_SHED else -1,
+                slo_rung_capacity=",".join(f"{rows / batch:.2f}" for rows in rung_rows_per_s),
                 metrics_url=server.metrics_url,
                 segments_in_process=bench.segments_in_process,
             )
             write_orchestrator(workload.artifacts, policy, repository, replace(options, serving=serving),
                                arms[arm], artifacts_dir=workload.artifacts_dir)  # fmt: skip
-            with grpcclient.InferenceServerClient(server.grpc_url) as client:
-                client.load_model(arms[arm])
-
-        # The top rung's rules alone, without a controller: what the ladder can carry at most.
-        top_model = f"{name}_top_rung"
-        top = replace(policy, exits=policy.rungs[-1].exits if policy.rungs else policy.exits, rungs=())
-        write_orchestrator(workload.artifacts, top, repository, options, top_model,
-                           artifacts_dir=workload.artifacts_dir)  # fmt: skip
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            client.load_model(top_model)
-        for model in [*arms.values(), top_model]:  # a model's first requests are slow (ONNX Runtime's)
-            perf(model, concurrency=2, seconds=3.0)
-        capacities = {arm: perf(model, concurrency=saturating).rows_per_s for arm, model in
-                      ((FIXED, name), ("top_rung", top_model))}  # fmt: skip
-        say(f"[{name}] capacity: fixed policy {capacities[FIXED]:.0f} rows/s, top rung alone "
-            f"{capacities['top_rung']:.0f} rows/s ({capacities['top_rung'] / saturated.rows_per_s:.1f}x "
-            "the full model)")  # fmt: skip
+            load(arms[arm])
+            perf(arms[arm], concurrency=2, seconds=3.0)
         ladders = [model for arm, model in arms.items() if arm in LADDERS]
         rates = [multiple * capacity for multiple in spike.spike_steps]
         schedule = spike_schedule(rates, spike.spike_step_s, seed=bench.seed)
@@ -559,6 +568,7 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
         "full_light_p99_ms": light.p99_ms,
         "full_capacity_rows_per_s": saturated.rows_per_s,
         "capacity_rows_per_s": {FULL: saturated.rows_per_s, **capacities},  # at the same concurrency
+        "rung_capacity_rows_per_s": rung_rows_per_s,  # rung 0 first, given to the ladders' controllers
         "saturating_concurrency": saturating,
         "rule": policy.rule,
         "ladder": [{"epsilon": spike.ladder[0], "expected_cost": policy.provenance["expected_cost"]}]
@@ -630,6 +640,12 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
         if capacities
         else ""
     )
+    rungs = summary.get("rung_capacity_rows_per_s")
+    if rungs:
+        capacity += (
+            f" Each rung alone, rung 0 first: {', '.join(f'{rows:.0f}' for rows in rungs)} rows/s "
+            "(the ladders' controllers are given these)."
+        )
     return (
         f"# Spike: {summary['workload']}\n\n"
         f"SLO p99 {slo:.1f} ms ({spike['slo_factor']:g} x the full model's "
