@@ -74,7 +74,10 @@ of Rotten Tomatoes sat two seconds at the onset of a 2x step, p99 635 ms against
 Between windows, every quarter window, the controller looks at the pending requests alone: where the
 wait they mean plus the last window's own p99 is over the target, it goes to the top rung at once, as a
 window over the target would, instead of up to a second later (the onsets of a spike's steps were where
-the ladder's tail came from, measured on TREC).
+the ladder's tail came from, measured on TREC). Else it counts the requests answered in the last
+window's length, a window sliding by quarters, and climbs where they pass ``climb_load`` of what the
+rung carries: a step that starts mid-window shows in that count up to three quarters of a window before
+the window's close.
 
 The gap between the two fractions, the run of quiet windows needed to descend and the capacity check
 are the hysteresis: a load near a boundary does not make the rung flap. A window without requests
@@ -89,6 +92,7 @@ import math
 import re
 import threading
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -196,6 +200,7 @@ class SloController:
         self.capacity = {**dict(enumerate(measured)), **self.capacity}
         self._lock = threading.Lock()
         self._own_ms: list[float] = []  # this window's per-request times in the orchestrator
+        self._answered: deque[tuple[float, int]] = deque()  # (when, requests) of the last window_s's executes
         self._busy_s = 0.0  # this window's execute seconds, all instances together...
         self._served = 0  # ...and the requests they answered
         self._service_s = math.nan  # seconds of an instance per request, the last window with requests
@@ -207,10 +212,13 @@ class SloController:
 
     def record(self, seconds: float, requests: int) -> None:
         """One execute's time, the time of each of its requests (they wait for the whole batch)."""
+        now = self.clock()
         with self._lock:
             self._own_ms.extend([seconds * 1000.0] * requests)
             self._busy_s += seconds
             self._served += requests
+            self._answered.append((now, requests))
+            self._forget_answers_before(now - self.config.window_s)
 
     def _backlog_ms(self, pending: float) -> float:
         """The wait ``pending`` requests mean for one arriving now: the instances share them."""
@@ -274,19 +282,33 @@ class SloController:
 
     def _check_backlog(self) -> None:
         """Between windows: to the top rung at once where the pending requests alone put a request
-        arriving now over the target."""
+        arriving now over the target; else a climb where the requests answered in the last window's
+        length, a window sliding by quarters, pass ``climb_load`` of what the rung carries (module doc)."""
         reading = self.queue()
-        if reading is None or math.isnan(self._last_own_p99):
-            return
-        backlog_ms = self._backlog_ms(reading[2])
-        if not math.isnan(backlog_ms) and backlog_ms + self._last_own_p99 > self.config.p99_ms:
-            with self._lock:
-                if self.rung < self.top_rung:
-                    elapsed = self.clock() - self._window_start
-                    if elapsed > 0 and self._saturated(self._busy_s, elapsed):
-                        self.capacity.setdefault(self.rung, self._served / elapsed)
-                    self.rung = self.top_rung
-                    self._reset_quiet()
+        backlog_ms = math.nan if reading is None else self._backlog_ms(reading[2])
+        with self._lock:
+            if self.rung == self.top_rung:
+                return
+            if backlog_ms + self._last_own_p99 > self.config.p99_ms:  # False where either is NaN
+                elapsed = self.clock() - self._window_start
+                if elapsed > 0 and self._saturated(self._busy_s, elapsed):
+                    self.capacity.setdefault(self.rung, self._served / elapsed)
+                self.rung = self.top_rung
+                self._reset_quiet()
+                return
+            load = self._sliding_load()
+            if load > self.config.climb_load * self.carries(self.rung):
+                self.rung = self._rung_that_carries(load)
+                self._reset_quiet()
+
+    def _sliding_load(self) -> float:
+        """Requests per second answered over the last ``window_s``, now (the lock held)."""
+        self._forget_answers_before(self.clock() - self.config.window_s)
+        return sum(requests for _, requests in self._answered) / self.config.window_s
+
+    def _forget_answers_before(self, since: float) -> None:
+        while self._answered and self._answered[0][0] <= since:
+            self._answered.popleft()
 
     def _decide(
         self,

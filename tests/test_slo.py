@@ -456,3 +456,35 @@ def test_measured_capacities_must_match_the_ladder():
         SloController(
             SloConfig(p99_ms=100.0, rung_capacity=(30.0, 40.0, 60.0)), 3, script.counters, lambda: 0.0
         )
+
+
+def test_between_windows_a_load_near_what_the_rung_carries_climbs_at_the_next_quarter_check():
+    """Rung 0 carries 30/s. From 0.5 s into a window, 28 requests/s (7 a quarter): the window that closes
+    at 1 s answered 23 (under 90% of 30) and holds rung 0, but the last second's answers, counted at each
+    quarter check, reach 28 at 1.25 s: it climbs then, not at the next window's end (the onset of a 2x
+    step on Rotten Tomatoes cost two seconds at rung 0). Without the measurements it holds."""
+
+    def rungs_by_quarter(**measured) -> list[int]:
+        slo, script = controller(p99_ms=1000.0, **measured)
+        slo.record(0.03, 2)  # a light start, at 0 s
+        rungs = []
+        for quarter in range(1, 6):
+            script.now = quarter * 0.25
+            if quarter >= 2:
+                slo.record(0.2, 7)
+            slo.tick()
+            rungs.append(slo.rung)
+        return rungs
+
+    assert rungs_by_quarter(rung_capacity=MEASURED) == [0, 0, 0, 0, 1]
+    assert rungs_by_quarter() == [0, 0, 0, 0, 0]
+
+
+def test_the_answers_counted_for_the_sliding_load_are_only_the_last_windows():
+    """At the top rung no quarter check runs; the executes' record still forgets what is older than a
+    window, so a long stay there holds no growing list."""
+    slo, script = controller(rung_capacity=MEASURED)
+    for second in range(100):
+        script.now = float(second)
+        slo.record(0.01, 5)
+    assert len(slo._answered) == 1
