@@ -39,16 +39,20 @@ once per window:
 
 A climb's rung and a descent's must also be predicted to answer the load of now under ``climb_at`` of
 the target, or the controller would climb from it again a window later: the rung's time per request is
-this window's, scaled by the rungs' work per request (below), and its p99 queue wait that of an M/M/c queue
-(``queue_wait_ms``) with the model's instances as servers, plus this window's own p99 as it is. A
-throughput margin is not a latency margin: at 80% busy, Poisson arrivals wait several service times at
-p99. With that margin alone the controller came down from the top rung to a rung that carried a 2x load
-by throughput, and its slowest seconds (430-550 ms against a 271 ms target) were those descents
-(measured on TREC). The own p99 is not scaled by the compute: at a light load it is mostly a request's
-fixed cost, and scaled it kept the ladder off rung 0 after a spike (measured on TREC); a lower rung
-whose own time is over ``climb_at`` is climbed from a window later. A descent is judged on the worst
-load, time per request and own p99 of its run of quiet windows, not on the last alone: one light window
-in a spike took the ladder down for a window under a load that had not gone (measured on TREC).
+this window's, scaled by the rungs' work per request or measured capacities (below), its queue wait that
+of an M/M/c queue (``queue_wait_ms``, ``mean_queue_wait_ms``) with the model's instances as servers, and
+its own time this window's as it is; its p99 is taken as the larger of the own p99 plus the mean wait
+and the own mean plus the p99 wait (the p99 of a sum of two independent parts is near the heavier tail's
+p99 plus the other's mean; the sum of both p99s kept both TREC ladders at rung 1 after a spike, at half
+the load that rung 0 answered within the target). A throughput margin is not a latency margin: at 80%
+busy, Poisson arrivals wait several service times at p99. With that margin alone the controller came
+down from the top rung to a rung that carried a 2x load by throughput, and its slowest seconds (430-550
+ms against a 271 ms target) were those descents (measured on TREC). The own p99 is not scaled by the
+compute: at a light load it is mostly a request's fixed cost, and scaled it kept the ladder off rung 0
+after a spike (measured on TREC); a lower rung whose own time is over ``climb_at`` is climbed from a
+window later. A descent is judged on the worst load, time per request and own p99 and mean of its run of
+quiet windows, not on the last alone: one light window in a spike took the ladder down for a window
+under a load that had not gone (measured on TREC).
 
 What a rung carries, where it was never seen overloaded, is estimated from a rung that was, by their
 work per request: requests per second times work per request is about constant for a saturated
@@ -205,10 +209,12 @@ class SloController:
         self._served = 0  # ...and the requests they answered
         self._service_s = math.nan  # seconds of an instance per request, the last window with requests
         self._last_own_p99 = math.nan
+        self._last_own_mean = math.nan
         self._window_start = self._checked_at = self.clock()
         self._queue_start = self.queue()
         self._quiet = 0  # quiet windows in a row...
-        self._quiet_worst = (0.0, 0.0, 0.0)  # ...and their worst load, time per request and own p99
+        # ...and their worst load, time per request, own p99 and own mean
+        self._quiet_worst = (0.0, 0.0, 0.0, 0.0)
 
     def record(self, seconds: float, requests: int) -> None:
         """One execute's time, the time of each of its requests (they wait for the whole batch)."""
@@ -267,12 +273,13 @@ class SloController:
                 queue_ms = waited_us / answered / 1000.0 if answered > 0 else math.nan
         self._queue_start = queue_now
         own_p99 = float(np.percentile(own, 99)) if own else math.nan
+        own_mean = float(np.mean(own)) if own else math.nan
         if own:
-            self._last_own_p99 = own_p99
+            self._last_own_p99, self._last_own_mean = own_p99, own_mean
         waits = [w for w in (queue_ms, backlog_ms) if not math.isnan(w)]
         estimate = max(waits, default=0.0) + own_p99 if own else math.nan
         saturated = self._saturated(busy, self.config.window_s)
-        window = self._decide(estimate, queue_ms, backlog_ms, own_p99, len(own), saturated)
+        window = self._decide(estimate, queue_ms, backlog_ms, (own_p99, own_mean), len(own), saturated)
         self.history.append(window)
         return window
 
@@ -315,7 +322,7 @@ class SloController:
         estimate: float,
         queue_ms: float,
         backlog_ms: float,
-        own_p99: float,
+        own: tuple[float, float],  # this window's own p99 and mean, ms
         requests: int,
         saturated: bool,
     ) -> SloWindow:
@@ -341,28 +348,27 @@ class SloController:
             self._quiet += 1
             if requests:
                 self._quiet_worst = tuple(
-                    max(a, b)
-                    for a, b in zip(self._quiet_worst, (load, self._service_s, own_p99), strict=True)
+                    max(a, b) for a, b in zip(self._quiet_worst, (load, self._service_s, *own), strict=True)
                 )
             if self._quiet >= config.descend_windows:
-                worst_load, service_s, own_ms = self._quiet_worst
+                worst_load, service_s, *worst_own = self._quiet_worst
                 self._reset_quiet()
                 if self.shedding:
-                    if self.shed_cost is None or self._fits(self.rung, worst_load, service_s, own_ms):
+                    if self.shed_cost is None or self._fits(self.rung, worst_load, service_s, worst_own):
                         self.shedding = False
                 elif (
                     self.rung > 0
                     and worst_load < config.descend_load * self.carries(self.rung - 1)
-                    and self._fits(self.rung - 1, worst_load, service_s, own_ms)
+                    and self._fits(self.rung - 1, worst_load, service_s, worst_own)
                 ):
                     self.rung -= 1
         else:
             self._reset_quiet()
-        return SloWindow(estimate, queue_ms, own_p99, requests, self.rung, self.shedding, missed, backlog_ms)
+        return SloWindow(estimate, queue_ms, own[0], requests, self.rung, self.shedding, missed, backlog_ms)
 
     def _reset_quiet(self) -> None:
         self._quiet = 0
-        self._quiet_worst = (0.0, 0.0, 0.0)
+        self._quiet_worst = (0.0, 0.0, 0.0, 0.0)
 
     def carries(self, rung: int) -> float:
         """Requests per second ``rung`` carries: as seen overloaded, else estimated from the rungs that
@@ -397,19 +403,30 @@ class SloController:
         return self.top_rung
 
     def _fits(
-        self, rung: int, load: float, service_s: float | None = None, own_ms: float | None = None
+        self,
+        rung: int,
+        load: float,
+        service_s: float | None = None,
+        own: Sequence[float] | None = None,
     ) -> bool:
         """Whether ``rung`` is predicted to answer ``load`` requests per second under ``climb_at`` of the
-        target, from a time per request and an own p99 measured at the rung of now (this window's, or
-        those given: a descent gives the worst of its quiet windows): a rung that is not would be
-        climbed from again a window later (module doc). Unknown (no costs, no times yet): it fits."""
+        target, from a time per request and an own p99 and mean (ms) measured at the rung of now (this
+        window's, or those given: a descent gives the worst of its quiet windows): a rung that is not
+        would be climbed from again a window later (module doc). Unknown (no costs, no times yet): it
+        fits. The p99 of a wait plus an own time is near the p99 of the one with the heavier tail plus
+        the other's mean, not the sum of both p99s (module doc)."""
         service_s = self._service_s if service_s is None else service_s
-        own_ms = self._last_own_p99 if own_ms is None else own_ms
+        own_p99, own_mean = (self._last_own_p99, self._last_own_mean) if own is None else own
         scale = self._time_scale(rung)
-        if scale is None or math.isnan(service_s) or math.isnan(own_ms):
+        if scale is None or math.isnan(service_s) or math.isnan(own_p99):
             return True
-        waiting = queue_wait_ms(load, service_s * scale, self.instances)
-        return waiting + own_ms < self.config.climb_at * self.config.p99_ms
+        own_mean = own_p99 if math.isnan(own_mean) else own_mean
+        service_s *= scale
+        predicted = max(
+            own_p99 + mean_queue_wait_ms(load, service_s, self.instances),
+            own_mean + queue_wait_ms(load, service_s, self.instances),
+        )
+        return predicted < self.config.climb_at * self.config.p99_ms
 
     def _time_scale(self, rung: int) -> float | None:
         """A request's time at ``rung`` over its time now (the times are measured at the rung of now, or
@@ -440,6 +457,15 @@ def shed_compute(exit_rates: Sequence[float], exit_costs: Sequence[float], shed_
     return float(sum(rate * exit_costs[min(k, cap)] for k, rate in enumerate(exit_rates)))
 
 
+def _erlang_c(offered: float, servers: int) -> float:
+    """The chance that an arrival waits in an M/M/c queue with ``offered`` busy servers on average."""
+    # From the Erlang B recursion (no factorials): B(0) = 1, B(k) = a B / (k + a B).
+    blocked = 1.0
+    for k in range(1, servers + 1):
+        blocked = offered * blocked / (k + offered * blocked)
+    return blocked / (1.0 - offered / servers * (1.0 - blocked))
+
+
 def queue_wait_ms(arrivals_per_s: float, service_s: float, servers: int, quantile: float = 0.99) -> float:
     """The ``quantile`` of the wait in an M/M/c queue (Erlang C): Poisson arrivals at ``arrivals_per_s``
     to ``servers`` instances taking ``service_s`` each per request; inf where they cannot keep up.
@@ -453,15 +479,20 @@ def queue_wait_ms(arrivals_per_s: float, service_s: float, servers: int, quantil
         return math.inf
     if offered <= 0:
         return 0.0
-    # Erlang C from the Erlang B recursion (no factorials): B(0) = 1, B(k) = a B / (k + a B).
-    blocked = 1.0
-    for k in range(1, servers + 1):
-        blocked = offered * blocked / (k + offered * blocked)
-    waits = blocked / (1.0 - offered / servers * (1.0 - blocked))
-    tail = 1.0 - quantile
+    waits, tail = _erlang_c(offered, servers), 1.0 - quantile
     if waits <= tail:
         return 0.0
     return math.log(waits / tail) / (servers / service_s - arrivals_per_s) * 1000.0
+
+
+def mean_queue_wait_ms(arrivals_per_s: float, service_s: float, servers: int) -> float:
+    """The mean wait in the same M/M/c queue, ``C / (c / s - lambda)``; inf where it cannot keep up."""
+    offered = arrivals_per_s * service_s
+    if offered >= servers:
+        return math.inf
+    if offered <= 0:
+        return 0.0
+    return _erlang_c(offered, servers) / (servers / service_s - arrivals_per_s) * 1000.0
 
 
 def queue_counters_from_metrics(text: str, model: str) -> tuple[float, float, float] | None:

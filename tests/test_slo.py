@@ -7,7 +7,14 @@ import math
 
 import pytest
 
-from offramp.backend.slo import SloConfig, SloController, SloWindow, queue_wait_ms, shed_compute
+from offramp.backend.slo import (
+    SloConfig,
+    SloController,
+    SloWindow,
+    mean_queue_wait_ms,
+    queue_wait_ms,
+    shed_compute,
+)
 
 
 class Scripted:
@@ -488,3 +495,27 @@ def test_the_answers_counted_for_the_sliding_load_are_only_the_last_windows():
         script.now = float(second)
         slo.record(0.01, 5)
     assert len(slo._answered) == 1
+
+
+def test_a_descent_adds_the_mean_of_one_part_to_the_p99_of_the_other_not_two_p99s():
+    """At the top rung (carries 100/s), 15 requests/s on two instances, 14 of them 10 ms and one 80 ms:
+    own p99 70 ms, mean 14.7 ms. Rung 2 carries 60/s: 24.4 ms a request there, an M/M/2 wait of 26 ms
+    at p99 and 0.9 ms on average. The two p99s add to 96 ms, over the 80 ms a climb starts at; the p99
+    of the sum is near max(70 + 0.9, 14.7 + 26) = 71 ms: it descends. (The sum of p99s kept both TREC
+    ladders at rung 1 after a spike, where rung 0 answered half the load within the target.)"""
+    slo, script = controller(instances=2, descend_windows=1, rung_capacity=MEASURED)
+    window(slo, script, queue_ms=150, own_ms=20, requests=60)  # over the target: to the top
+    assert slo.rung == 3
+    for _ in range(14):
+        slo.record(0.010, 1)
+    slo.record(0.080, 1)
+    script.answered += 15
+    script.now += 1.0
+    decided = slo.tick()
+    assert decided.own_p99_ms == pytest.approx(70.2) and decided.rung == 2
+
+
+def test_the_mean_wait_is_erlang_c_over_the_spare_rate():
+    """M/M/1: the chance of waiting is the utilization, so the mean wait is rho / (mu - lambda)."""
+    assert mean_queue_wait_ms(50.0, 0.01, 1) == pytest.approx(0.5 / 50.0 * 1000.0)
+    assert mean_queue_wait_ms(0.0, 0.01, 2) == 0.0 and mean_queue_wait_ms(300.0, 0.01, 2) == math.inf
