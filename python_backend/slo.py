@@ -8,8 +8,16 @@ it grows for every request alike, so its mean tracks its tail) plus the p99 of t
 own time per request in the window, or, where more, the wait a request arriving now faces: the
 requests pending in Triton's queue for the model (``nv_inference_pending_request_count``) times the
 orchestrator's time per request (an execute's time over its requests) over its ``instances``. The mean
-wait of the requests a window answered lags a queue that is building: they came before it built. Then,
-once per window:
+wait of the requests a window answered lags a queue that is building: they came before it built.
+
+Each orchestrator instance is a process with a controller of its own, which sees its own executes
+alone; the model's instances serve one queue and are about equally busy. So a load, a capacity and an
+arrival rate are the model's, all instances together: the requests it answered, from Triton's
+``nv_inference_request_success`` counter between readings (where it cannot be read, this instance's
+answers times ``instances``); times per request and how busy the instances are, this instance's.
+Before, the load was this instance's share while capacities and the M/M/c queue were the model's, and
+with two instances a saturated window (busy 80% of all instances' time, from one instance's executes)
+could never be seen. Then, once per window:
 
 - over the target itself with the instances saturated (see below): go to the top rung at once (a
   queue that built up drains fastest there; a rung a window costs seconds of backlog at the onset of a
@@ -203,15 +211,20 @@ class SloController:
             )
         self.capacity = {**dict(enumerate(measured)), **self.capacity}
         self._lock = threading.Lock()
-        self._own_ms: list[float] = []  # this window's per-request times in the orchestrator
-        self._answered: deque[tuple[float, int]] = deque()  # (when, requests) of the last window_s's executes
-        self._busy_s = 0.0  # this window's execute seconds, all instances together...
-        self._served = 0  # ...and the requests they answered
+        # This controller sees its own instance's executes alone; the model's other instances, in processes
+        # of their own, serve the same queue alike. What the model answered comes from Triton's counters.
+        self._own_ms: list[float] = []  # this window's per-request times in this instance
+        self._busy_s = 0.0  # this window's execute seconds in this instance...
+        self._served = 0  # ...and the requests it answered
+        self._answered: deque[tuple[float, int]] = deque()  # (when, requests) of this instance's executes
+        self._readings: deque[tuple[float, float]] = deque()  # (when, the model's answered total) read
         self._service_s = math.nan  # seconds of an instance per request, the last window with requests
         self._last_own_p99 = math.nan
         self._last_own_mean = math.nan
         self._window_start = self._checked_at = self.clock()
         self._queue_start = self.queue()
+        if self._queue_start is not None:
+            self._readings.append((self._window_start, self._queue_start[1]))
         self._quiet = 0  # quiet windows in a row...
         # ...and their worst load, time per request, own p99 and own mean
         self._quiet_worst = (0.0, 0.0, 0.0, 0.0)
@@ -224,7 +237,8 @@ class SloController:
             self._busy_s += seconds
             self._served += requests
             self._answered.append((now, requests))
-            self._forget_answers_before(now - self.config.window_s)
+            while self._answered[0][0] < now - self.config.window_s:
+                self._answered.popleft()
 
     def _backlog_ms(self, pending: float) -> float:
         """The wait ``pending`` requests mean for one arriving now: the instances share them."""
@@ -263,6 +277,8 @@ class SloController:
         if served:
             self._service_s = busy / served
         queue_now = self.queue()
+        with self._lock:
+            load = self._model_load(now, None if queue_now is None else queue_now[1])
         queue_ms = backlog_ms = math.nan
         if queue_now is not None:
             backlog_ms = self._backlog_ms(queue_now[2])
@@ -279,13 +295,29 @@ class SloController:
         waits = [w for w in (queue_ms, backlog_ms) if not math.isnan(w)]
         estimate = max(waits, default=0.0) + own_p99 if own else math.nan
         saturated = self._saturated(busy, self.config.window_s)
-        window = self._decide(estimate, queue_ms, backlog_ms, (own_p99, own_mean), len(own), saturated)
+        window = self._decide(estimate, queue_ms, backlog_ms, (own_p99, own_mean), len(own), load, saturated)
         self.history.append(window)
         return window
 
     def _saturated(self, busy_s: float, elapsed_s: float) -> bool:
-        """The instances spent at least ``SATURATED`` of ``elapsed_s`` in executes (``busy_s`` of them)."""
-        return busy_s >= SATURATED * self.instances * elapsed_s
+        """This instance spent at least ``SATURATED`` of ``elapsed_s`` in executes (``busy_s`` of them);
+        the others, serving the same queue, alike."""
+        return busy_s >= SATURATED * elapsed_s
+
+    def _model_load(self, now: float, answered_total: float | None) -> float:
+        """Requests per second the model answered, all its instances, over about the last window (the
+        lock held): from Triton's counter where it was read now (``answered_total``), against the reading
+        a window ago; else this instance's answers times the instances."""
+        if answered_total is not None:
+            self._readings.append((now, answered_total))
+            while len(self._readings) > 1 and self._readings[1][0] <= now - self.config.window_s:
+                self._readings.popleft()  # the oldest kept is the newest at least a window old
+            then, before = self._readings[0]
+            if now > then:
+                return (answered_total - before) / (now - then)
+        while self._answered and self._answered[0][0] < now - self.config.window_s:
+            self._answered.popleft()
+        return sum(requests for _, requests in self._answered) * self.instances / self.config.window_s
 
     def _check_backlog(self) -> None:
         """Between windows: to the top rung at once where the pending requests alone put a request
@@ -293,29 +325,20 @@ class SloController:
         length, a window sliding by quarters, pass ``climb_load`` of what the rung carries (module doc)."""
         reading = self.queue()
         backlog_ms = math.nan if reading is None else self._backlog_ms(reading[2])
+        now = self.clock()
         with self._lock:
+            load = self._model_load(now, None if reading is None else reading[1])
             if self.rung == self.top_rung:
                 return
             if backlog_ms + self._last_own_p99 > self.config.p99_ms:  # False where either is NaN
-                elapsed = self.clock() - self._window_start
+                elapsed = now - self._window_start
                 if elapsed > 0 and self._saturated(self._busy_s, elapsed):
-                    self.capacity.setdefault(self.rung, self._served / elapsed)
+                    self.capacity.setdefault(self.rung, load)
                 self.rung = self.top_rung
                 self._reset_quiet()
-                return
-            load = self._sliding_load()
-            if load > self.config.climb_load * self.carries(self.rung):
+            elif load > self.config.climb_load * self.carries(self.rung):
                 self.rung = self._rung_that_carries(load)
                 self._reset_quiet()
-
-    def _sliding_load(self) -> float:
-        """Requests per second answered over the last ``window_s``, now (the lock held)."""
-        self._forget_answers_before(self.clock() - self.config.window_s)
-        return sum(requests for _, requests in self._answered) / self.config.window_s
-
-    def _forget_answers_before(self, since: float) -> None:
-        while self._answered and self._answered[0][0] <= since:
-            self._answered.popleft()
 
     def _decide(
         self,
@@ -323,13 +346,13 @@ class SloController:
         queue_ms: float,
         backlog_ms: float,
         own: tuple[float, float],  # this window's own p99 and mean, ms
-        requests: int,
+        requests: int,  # this instance's
+        load: float,  # the model's requests per second (_model_load)
         saturated: bool,
     ) -> SloWindow:
         config, target = self.config, self.config.p99_ms
         busy = not math.isnan(estimate)
         missed = busy and self.rung == self.top_rung and estimate > target
-        load = requests / config.window_s  # requests per second this window
         if busy and estimate > config.climb_at * target:
             self._reset_quiet()
             if saturated and not self.shedding:  # what this rung answers overloaded is what it carries

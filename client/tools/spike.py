@@ -499,13 +499,15 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
                 client.unload_model(model)
         capacities = {FIXED: rung_rows_per_s[0], "top_rung": rung_rows_per_s[-1]}
         top_ratio = rung_rows_per_s[-1] / saturated.rows_per_s
+        rung_capacity = ",".join(f"{rows / batch:.2f}" for rows in rung_rows_per_s)  # requests/s
         say(f"[{name}] capacity of each rung alone: {', '.join(f'{rows:.0f}' for rows in rung_rows_per_s)} "
-            f"rows/s (the top {top_ratio:.1f}x the full model)")  # fmt: skip
+            f"rows/s (the top {top_ratio:.1f}x the full model); at {batch} rows per request, serve with "
+            f"--serving slo_rung_capacity={rung_capacity}")  # fmt: skip
         for arm in (a for a in arms if a in LADDERS):
             serving = ServingOptions(
                 slo_p99_ms=slo_ms,
                 slo_shed_max_exit=spike.shed_max_exit if arm == LADDER_SHED else -1,
-                slo_rung_capacity=",".join(f"{rows / batch:.2f}" for rows in rung_rows_per_s),
+                slo_rung_capacity=rung_capacity,
                 metrics_url=server.metrics_url,
                 segments_in_process=bench.segments_in_process,
             )
