@@ -86,10 +86,10 @@ of Rotten Tomatoes sat two seconds at the onset of a 2x step, p99 635 ms against
 Between windows, every quarter window, the controller looks at the pending requests alone: where the
 wait they mean plus the last window's own p99 is over the target, it goes to the top rung at once, as a
 window over the target would, instead of up to a second later (the onsets of a spike's steps were where
-the ladder's tail came from, measured on TREC). Else it counts the requests answered in the last
-window's length, a window sliding by quarters, and climbs where they pass ``climb_load`` of what the
-rung carries: a step that starts mid-window shows in that count up to three quarters of a window before
-the window's close.
+the ladder's tail came from, measured on TREC). Else it counts the requests that came to the model in
+the last window's length (answered plus the growth of its queue, from the readings of Triton's metrics),
+a window sliding by quarters, and climbs where they pass ``climb_load`` of what the rung carries: a step
+that starts mid-window shows in that count up to three quarters of a window before the window's close.
 
 The gap between the two fractions, the run of quiet windows needed to descend and the capacity check
 are the hysteresis: a load near a boundary does not make the rung flap. A window without requests
@@ -217,14 +217,15 @@ class SloController:
         self._busy_s = 0.0  # this window's execute seconds in this instance...
         self._served = 0  # ...and the requests it answered
         self._answered: deque[tuple[float, int]] = deque()  # (when, requests) of this instance's executes
-        self._readings: deque[tuple[float, float]] = deque()  # (when, the model's answered total) read
+        # (when, the model's answered total, its requests pending) as read off Triton's metrics
+        self._readings: deque[tuple[float, float, float]] = deque()
         self._service_s = math.nan  # seconds of an instance per request, the last window with requests
         self._last_own_p99 = math.nan
         self._last_own_mean = math.nan
         self._window_start = self._checked_at = self.clock()
         self._queue_start = self.queue()
         if self._queue_start is not None:
-            self._readings.append((self._window_start, self._queue_start[1]))
+            self._readings.append((self._window_start, *self._queue_start[1:]))
         self._quiet = 0  # quiet windows in a row...
         # ...and their worst load, time per request, own p99 and own mean
         self._quiet_worst = (0.0, 0.0, 0.0, 0.0)
@@ -278,7 +279,7 @@ class SloController:
             self._service_s = busy / served
         queue_now = self.queue()
         with self._lock:
-            load = self._model_load(now, None if queue_now is None else queue_now[1])
+            answered, load = self._model_rates(now, queue_now)
         queue_ms = backlog_ms = math.nan
         if queue_now is not None:
             backlog_ms = self._backlog_ms(queue_now[2])
@@ -295,7 +296,10 @@ class SloController:
         waits = [w for w in (queue_ms, backlog_ms) if not math.isnan(w)]
         estimate = max(waits, default=0.0) + own_p99 if own else math.nan
         saturated = self._saturated(busy, self.config.window_s)
-        window = self._decide(estimate, queue_ms, backlog_ms, (own_p99, own_mean), len(own), load, saturated)
+        own_times = (own_p99, own_mean)
+        window = self._decide(
+            estimate, queue_ms, backlog_ms, own_times, len(own), (answered, load), saturated
+        )
         self.history.append(window)
         return window
 
@@ -304,20 +308,25 @@ class SloController:
         the others, serving the same queue, alike."""
         return busy_s >= SATURATED * elapsed_s
 
-    def _model_load(self, now: float, answered_total: float | None) -> float:
-        """Requests per second the model answered, all its instances, over about the last window (the
-        lock held): from Triton's counter where it was read now (``answered_total``), against the reading
-        a window ago; else this instance's answers times the instances."""
-        if answered_total is not None:
-            self._readings.append((now, answered_total))
+    def _model_rates(self, now: float, reading: tuple[float, float, float] | None) -> tuple[float, float]:
+        """Requests per second the model answered, all its instances, and requests per second that came
+        to it (answered plus the growth of its queue), over about the last window (the lock held): from
+        Triton's counter and gauge read now (``reading``, as ``queue`` returns it) against the reading a
+        window ago; else this instance's answers times the instances, for both. A rung near what it
+        carries answers little more than that while its queue grows: the arrivals show the step, the
+        answers lag it (a 2x step on Rotten Tomatoes stayed at rung 0 for two seconds)."""
+        if reading is not None:
+            self._readings.append((now, *reading[1:]))
             while len(self._readings) > 1 and self._readings[1][0] <= now - self.config.window_s:
                 self._readings.popleft()  # the oldest kept is the newest at least a window old
-            then, before = self._readings[0]
+            then, answered_then, pending_then = self._readings[0]
             if now > then:
-                return (answered_total - before) / (now - then)
+                answered = (reading[1] - answered_then) / (now - then)
+                return answered, max(answered, answered + (reading[2] - pending_then) / (now - then))
         while self._answered and self._answered[0][0] < now - self.config.window_s:
             self._answered.popleft()
-        return sum(requests for _, requests in self._answered) * self.instances / self.config.window_s
+        answered = sum(requests for _, requests in self._answered) * self.instances / self.config.window_s
+        return answered, answered
 
     def _check_backlog(self) -> None:
         """Between windows: to the top rung at once where the pending requests alone put a request
@@ -327,13 +336,13 @@ class SloController:
         backlog_ms = math.nan if reading is None else self._backlog_ms(reading[2])
         now = self.clock()
         with self._lock:
-            load = self._model_load(now, None if reading is None else reading[1])
+            answered, load = self._model_rates(now, reading)
             if self.rung == self.top_rung:
                 return
             if backlog_ms + self._last_own_p99 > self.config.p99_ms:  # False where either is NaN
                 elapsed = now - self._window_start
                 if elapsed > 0 and self._saturated(self._busy_s, elapsed):
-                    self.capacity.setdefault(self.rung, load)
+                    self.capacity.setdefault(self.rung, answered)
                 self.rung = self.top_rung
                 self._reset_quiet()
             elif load > self.config.climb_load * self.carries(self.rung):
@@ -347,16 +356,17 @@ class SloController:
         backlog_ms: float,
         own: tuple[float, float],  # this window's own p99 and mean, ms
         requests: int,  # this instance's
-        load: float,  # the model's requests per second (_model_load)
+        rates: tuple[float, float],  # the model's requests per second, answered and arriving (_model_rates)
         saturated: bool,
     ) -> SloWindow:
         config, target = self.config, self.config.p99_ms
         busy = not math.isnan(estimate)
         missed = busy and self.rung == self.top_rung and estimate > target
+        answered, load = rates
         if busy and estimate > config.climb_at * target:
             self._reset_quiet()
             if saturated and not self.shedding:  # what this rung answers overloaded is what it carries
-                self.capacity[self.rung] = load
+                self.capacity[self.rung] = answered
             if self.rung < self.top_rung:
                 over = estimate > target and saturated  # a backlog, which drains fastest at the top
                 self.rung = self.top_rung if over else self._rung_that_carries(load)

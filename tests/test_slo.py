@@ -549,3 +549,17 @@ def test_the_load_is_the_models_from_tritons_counters_not_this_instances_share()
 
     assert first_window(counters=True) == 1
     assert first_window(counters=False) == 1
+
+
+def test_a_growing_queue_counts_in_the_load_a_rung_has_not_answered_yet():
+    """Rung 0 carries 30/s and answered 25 requests in the window, under the 27 (90%) a climb starts at;
+    but its queue grew by 6 meanwhile: 31 requests/s came, over it, and it climbs before the queue shows
+    in the latency. Without the growth it holds."""
+
+    def after_a_window(growth: int) -> int:
+        slo, script = controller(p99_ms=1000.0, rung_capacity=MEASURED)
+        script.pending = growth
+        return window(slo, script, queue_ms=5, own_ms=10, requests=25, busy=0.5).rung
+
+    assert after_a_window(6) == 1
+    assert after_a_window(0) == 0
