@@ -190,11 +190,8 @@ class ServingOptions:
     def check_against(self, policy: Policy) -> None:
         """Refuses options that do not fit ``policy``: measured capacities for another number of rungs."""
         slo = self.slo_config()
-        if slo is not None and slo.rung_capacity and len(slo.rung_capacity) != len(policy.rungs) + 1:
-            raise ValueError(
-                f"slo_rung_capacity gives {len(slo.rung_capacity)} figures for the policy's "
-                f"{len(policy.rungs) + 1} rungs (rung 0 first)"
-            )
+        if slo is not None:
+            slo.check_ladder(len(policy.rungs) + 1)
 
     def _rung_capacity(self) -> tuple[float, ...]:
         try:

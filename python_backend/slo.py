@@ -158,6 +158,14 @@ class SloConfig:
         if not self.descend_load < self.climb_load <= 1:
             raise ValueError("need descend_load < climb_load <= 1 (the gap is the hysteresis)")
 
+    def check_ladder(self, rungs: int) -> None:
+        """Refuses measured capacities for another number of rungs than the ladder's ``rungs``."""
+        if self.rung_capacity and len(self.rung_capacity) != rungs:
+            raise ValueError(
+                f"slo_rung_capacity gives {len(self.rung_capacity)} figures for a ladder of {rungs} rungs "
+                "(rung 0 first)"
+            )
+
 
 @dataclass(frozen=True)
 class SloWindow:
@@ -204,12 +212,8 @@ class SloController:
             raise ValueError("instances must be at least 1")
         if self.shed_cost is not None and not (self.costs and is_expected_cost(self.shed_cost)):
             raise ValueError("a shed cost needs the rungs' costs, and must be a positive compute fraction")
-        measured = self.config.rung_capacity
-        if measured and len(measured) != self.top_rung + 1:
-            raise ValueError(
-                f"{len(measured)} measured rung capacities for a ladder of {self.top_rung + 1} rungs"
-            )
-        self.capacity = {**dict(enumerate(measured)), **self.capacity}
+        self.config.check_ladder(self.top_rung + 1)
+        self.capacity = {**dict(enumerate(self.config.rung_capacity)), **self.capacity}
         self._lock = threading.Lock()
         # This controller sees its own instance's executes alone; the model's other instances, in processes
         # of their own, serve the same queue alike. What the model answered comes from Triton's counters.
@@ -238,8 +242,7 @@ class SloController:
             self._busy_s += seconds
             self._served += requests
             self._answered.append((now, requests))
-            while self._answered[0][0] < now - self.config.window_s:
-                self._answered.popleft()
+            self._forget_answers_before(now - self.config.window_s)
 
     def _backlog_ms(self, pending: float) -> float:
         """The wait ``pending`` requests mean for one arriving now: the instances share them."""
@@ -323,14 +326,23 @@ class SloController:
             if now > then:
                 answered = (reading[1] - answered_then) / (now - then)
                 return answered, max(answered, answered + (reading[2] - pending_then) / (now - then))
-        while self._answered and self._answered[0][0] < now - self.config.window_s:
-            self._answered.popleft()
+        self._forget_answers_before(now - self.config.window_s)
         answered = sum(requests for _, requests in self._answered) * self.instances / self.config.window_s
         return answered, answered
 
+    def _forget_answers_before(self, since: float) -> None:
+        """Drops this instance's answers older than ``since`` (the lock held)."""
+        while self._answered and self._answered[0][0] < since:
+            self._answered.popleft()
+
+    def _near_capacity(self, load: float) -> bool:
+        """Whether ``load`` requests/s coming pass ``climb_load`` of what the rung of now carries: a queue
+        builds within seconds, before the latency shows it (module doc). Unknown capacity (inf): never."""
+        return load > self.config.climb_load * self.carries(self.rung)
+
     def _check_backlog(self) -> None:
         """Between windows: to the top rung at once where the pending requests alone put a request
-        arriving now over the target; else a climb where the requests answered in the last window's
+        arriving now over the target; else a climb where the requests that came in the last window's
         length, a window sliding by quarters, pass ``climb_load`` of what the rung carries (module doc)."""
         reading = self.queue()
         backlog_ms = math.nan if reading is None else self._backlog_ms(reading[2])
@@ -345,7 +357,7 @@ class SloController:
                     self.capacity.setdefault(self.rung, answered)
                 self.rung = self.top_rung
                 self._reset_quiet()
-            elif load > self.config.climb_load * self.carries(self.rung):
+            elif self._near_capacity(load):
                 self.rung = self._rung_that_carries(load)
                 self._reset_quiet()
 
@@ -372,9 +384,7 @@ class SloController:
                 self.rung = self.top_rung if over else self._rung_that_carries(load)
             elif config.shed_max_exit is not None:  # shedding is the step past the top rung
                 self.shedding = True
-        elif busy and self.rung < self.top_rung and load > config.climb_load * self.carries(self.rung):
-            # Near what this rung carries a queue builds within seconds, before the window's latency
-            # shows it: climb now (module doc). Unknown capacity (inf): never.
+        elif busy and self.rung < self.top_rung and self._near_capacity(load):
             self._reset_quiet()
             self.rung = self._rung_that_carries(load)
         elif not busy or estimate < config.descend_at * target or self._lower_carries(load):

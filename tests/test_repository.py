@@ -159,7 +159,10 @@ def test_the_command_line_sets_serving_options_and_refuses_unknown_ones(tmp_path
         ("latency=5", "not NAME=VALUE"),
         ("slo_fixed_cost=-1", "fixed_cost must be a finite compute fraction >= 0"),
         ("slo_rung_capacity=29,x", "slo_rung_capacity must be requests/s per rung"),
-        ("slo_rung_capacity=29,33", "slo_rung_capacity gives 2 figures for the policy's 1 rungs"),
+        (
+            "slo_rung_capacity=29,33",
+            "slo_rung_capacity gives 2 figures for a ladder of 1 rungs (rung 0 first)",
+        ),
     ]:
         assert main([*common, "--serving", "slo_p99_ms=40", "--serving", bad]) == 2
         assert message in capsys.readouterr().err

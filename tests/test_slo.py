@@ -462,7 +462,9 @@ def test_measured_capacities_scale_a_rungs_time_per_request():
 
 def test_measured_capacities_must_match_the_ladder():
     script = Scripted()
-    with pytest.raises(ValueError, match="3 measured rung capacities for a ladder of 4 rungs"):
+    with pytest.raises(
+        ValueError, match=r"slo_rung_capacity gives 3 figures for a ladder of 4 rungs \(rung 0 first\)"
+    ):
         SloController(
             SloConfig(p99_ms=100.0, rung_capacity=(30.0, 40.0, 60.0)), 3, script.counters, lambda: 0.0
         )
