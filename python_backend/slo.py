@@ -163,7 +163,8 @@ class SloConfig:
         if self.rung_capacity and len(self.rung_capacity) != rungs:
             raise ValueError(
                 f"slo_rung_capacity gives {len(self.rung_capacity)} figures for a ladder of {rungs} rungs "
-                "(rung 0 first)"
+                "(rung 0 first): give one per rung of the policy served (offramp calibrate --ladder makes "
+                "the rungs; offramp bench --spike measures what each carries)"
             )
 
 
