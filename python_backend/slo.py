@@ -29,7 +29,12 @@ could never be seen. Then, once per window:
 - over ``climb_at`` of the target: climb a rung (cheaper answers, a higher certified risk), or more
   where the rungs' expected compute says the next one cannot carry the load of now either;
 - under ``descend_at`` of the target for ``descend_windows`` windows in a row: stop shedding, or
-  descend a rung, but not to a rung that was seen overloaded at the load of now. Shedding stops only
+  descend, but not to a rung that was seen overloaded at the load of now: to the lowest rung that was
+  seen to hold a load as high (a run of ``descend_windows`` windows served there whole, under
+  ``descend_at`` of the target, at that mean load: ``held_load``), else a rung where predicted to
+  fit (below). What a rung was seen to hold is the evidence that brings the ladder back to rung 0 after
+  a spike: the prediction alone judged rung 0 from the top rung's figures, too far off to trust, and
+  came down a rung at a time, when it came down at all (measured on TREC). Shedding stops only
   where the top rung without it is predicted to answer that load within ``climb_at`` of the target
   (the same prediction as a descent's, below, from the compute a shed row costs, ``shed_cost``):
   shedding is what makes the windows quiet, and stopping it on quiet windows alone turned it on and
@@ -180,6 +185,12 @@ class SloWindow:
     shedding: bool
     missed: bool  # at the top rung and still over the target
     backlog_ms: float = math.nan  # the wait the requests pending at the window's end mean
+    # Why the controller stays where it is, for whoever reads its metrics: the model's requests/s that
+    # came in the window, the quiet windows in a row so far (a descent needs ``descend_windows``), and
+    # the p99 predicted for the rung below at the window's figures (NaN at rung 0, or unknown).
+    load_rps: float = math.nan
+    quiet: int = 0
+    below_p99_ms: float = math.nan
 
 
 @dataclass
@@ -196,6 +207,9 @@ class SloController:
     shedding: bool = False
     history: list[SloWindow] = field(default_factory=list)
     capacity: dict[int, float] = field(default_factory=dict)  # rung -> requests/s it answered overloaded
+    # rung -> the highest mean load (requests/s) of a run of ``descend_windows`` windows it answered
+    # whole under ``descend_at`` of the target, lowered by a window over ``climb_at`` (``_learn_held``)
+    held_load: dict[int, float] = field(default_factory=dict)
     # Expected compute fraction per row of each rung, rung 0 first (the ladder's calibration); empty:
     # what a rung carries is known only once it was seen overloaded.
     costs: tuple[float, ...] = ()
@@ -232,8 +246,10 @@ class SloController:
         if self._queue_start is not None:
             self._readings.append((self._window_start, *self._queue_start[1:]))
         self._quiet = 0  # quiet windows in a row...
-        # ...and their worst load, time per request, own p99 and own mean
-        self._quiet_worst = (0.0, 0.0, 0.0, 0.0)
+        # ...and, of those with requests, the load, time per request, own p99 and own mean
+        self._quiet_seen: list[tuple[float, float, float, float]] = []
+        self._moved = False  # the rung moved in the window now open
+        self._held_run: list[float] = []  # loads of the run of windows at this rung under descend_at so far
 
     def record(self, seconds: float, requests: int) -> None:
         """One execute's time, the time of each of its requests (they wait for the whole batch)."""
@@ -275,6 +291,7 @@ class SloController:
                 own, self._own_ms = self._own_ms, []
                 busy, served, self._busy_s, self._served = self._busy_s, self._served, 0.0, 0
                 self._window_start = self._checked_at = now
+                steady = not self._moved  # served at one rung from start to end
         if not due:
             if check:
                 self._check_backlog()
@@ -302,8 +319,9 @@ class SloController:
         saturated = self._saturated(busy, self.config.window_s)
         own_times = (own_p99, own_mean)
         window = self._decide(
-            estimate, queue_ms, backlog_ms, own_times, len(own), (answered, load), saturated
+            estimate, queue_ms, backlog_ms, own_times, len(own), (answered, load), saturated, steady
         )
+        self._moved = False  # a move at the window's close is where the next window starts
         self.history.append(window)
         return window
 
@@ -356,11 +374,9 @@ class SloController:
                 elapsed = now - self._window_start
                 if elapsed > 0 and self._saturated(self._busy_s, elapsed):
                     self.capacity.setdefault(self.rung, answered)
-                self.rung = self.top_rung
-                self._reset_quiet()
+                self._move(self.top_rung)
             elif self._near_capacity(load):
-                self.rung = self._rung_that_carries(load)
-                self._reset_quiet()
+                self._move(self._rung_that_carries(load))
 
     def _decide(
         self,
@@ -371,48 +387,104 @@ class SloController:
         requests: int,  # this instance's
         rates: tuple[float, float],  # the model's requests per second, answered and arriving (_model_rates)
         saturated: bool,
+        steady: bool,  # the window was served at the rung of now from start to end
     ) -> SloWindow:
         config, target = self.config, self.config.p99_ms
         busy = not math.isnan(estimate)
         missed = busy and self.rung == self.top_rung and estimate > target
         answered, load = rates
+        self._learn_held(estimate if steady and not self.shedding else math.nan, load)
         if busy and estimate > config.climb_at * target:
             self._reset_quiet()
             if saturated and not self.shedding:  # what this rung answers overloaded is what it carries
                 self.capacity[self.rung] = answered
             if self.rung < self.top_rung:
                 over = estimate > target and saturated  # a backlog, which drains fastest at the top
-                self.rung = self.top_rung if over else self._rung_that_carries(load)
+                self._move(self.top_rung if over else self._rung_that_carries(load))
             elif config.shed_max_exit is not None:  # shedding is the step past the top rung
                 self.shedding = True
         elif busy and self.rung < self.top_rung and self._near_capacity(load):
-            self._reset_quiet()
-            self.rung = self._rung_that_carries(load)
+            self._move(self._rung_that_carries(load))
         elif not busy or estimate < config.descend_at * target or self._lower_carries(load):
             self._quiet += 1
             if requests:
-                self._quiet_worst = tuple(
-                    max(a, b) for a, b in zip(self._quiet_worst, (load, self._service_s, *own), strict=True)
-                )
+                self._quiet_seen.append((load, self._service_s, *own))
             if self._quiet >= config.descend_windows:
-                worst_load, service_s, *worst_own = self._quiet_worst
-                self._reset_quiet()
-                if self.shedding:
-                    if self.shed_cost is None or self._fits(self.rung, worst_load, service_s, worst_own):
-                        self.shedding = False
-                elif (
-                    self.rung > 0
-                    and worst_load < config.descend_load * self.carries(self.rung - 1)
-                    and self._fits(self.rung - 1, worst_load, service_s, worst_own)
-                ):
-                    self.rung -= 1
+                self._end_quiet_run()
         else:
             self._reset_quiet()
-        return SloWindow(estimate, queue_ms, own[0], requests, self.rung, self.shedding, missed, backlog_ms)
+        below_p99_ms = self._predicted_p99(self.rung - 1, load) if self.rung > 0 else math.nan
+        return SloWindow(
+            estimate, queue_ms, own[0], requests, self.rung, self.shedding, missed, backlog_ms,
+            load, self._quiet, below_p99_ms,
+        )  # fmt: skip
+
+    def _end_quiet_run(self) -> None:
+        """After ``descend_windows`` quiet windows: stop shedding where the top rung alone is predicted to
+        fit, else descend (:meth:`_descent`); judged on the worst of the run (module doc)."""
+        seen = np.array(self._quiet_seen, dtype=float).reshape(-1, 4)  # (windows with requests, 4)
+        worst_load, service_s, *worst_own = seen.max(axis=0) if len(seen) else (0.0, *[math.nan] * 3)
+        mean_load = float(seen[:, 0].mean()) if len(seen) else 0.0
+        self._reset_quiet()
+        if self.shedding:
+            if self.shed_cost is None or self._fits(self.rung, worst_load, service_s, worst_own):
+                self.shedding = False
+        elif self.rung > 0:
+            self._move(self._descent(worst_load, mean_load, service_s, worst_own))
+
+    def _descent(self, worst_load: float, mean_load: float, service_s: float, own: Sequence[float]) -> int:
+        """Where a run of quiet windows (their worst load, mean load, time per request and own times)
+        takes the ladder: the lowest rung that carries the worst load with the ``descend_load`` margin and
+        was seen to hold a mean load as high with room to spare (``held_load``, as rung 0 held the light
+        load before a spike);
+        else the next rung down where predicted to fit (:meth:`_fits`); else the rung of now. The
+        prediction alone came down a rung at a time and kept TREC's ladders off rung 0 for the whole light
+        step after a spike: M/M/c with the light-load time of an execute and exponential service put rung
+        0 at 150-550 ms at 14 requests/s, which it had answered at 121 ms before the spike (measured)."""
+        for rung in range(self.rung):
+            if worst_load < self.config.descend_load * self.carries(rung) and mean_load <= (
+                self.held_load.get(rung, 0.0)  # without requests (0/s), any rung
+            ):
+                return rung
+        below = self.rung - 1
+        if worst_load < self.config.descend_load * self.carries(below) and self._fits(
+            below, worst_load, service_s, own
+        ):
+            return below
+        return self.rung
+
+    def _learn_held(self, estimate: float, load: float) -> None:
+        """What a window served at one rung from start to end (``estimate``; NaN: it was not, or had no
+        request) shows: a run of ``descend_windows`` of them quiet by their latency (under ``descend_at``
+        of the target) at a mean ``load`` is a load the rung holds with room to spare; one over
+        ``climb_at`` lowers what the rung holds to ``descend_load`` of its load. Runs under ``climb_at``
+        alone were no evidence: on TREC rung 0 answered the 1x step's first seconds just under it, and
+        after the spike the ladder went back to rung 0 at that load and climbed again (measured)."""
+        if math.isnan(estimate):
+            self._held_run.clear()
+        elif estimate > self.config.climb_at * self.config.p99_ms:
+            self._held_run.clear()
+            if self.rung in self.held_load:
+                self.held_load[self.rung] = min(self.held_load[self.rung], self.config.descend_load * load)
+        elif estimate >= self.config.descend_at * self.config.p99_ms:
+            self._held_run.clear()
+        else:
+            self._held_run.append(load)
+            if len(self._held_run) >= self.config.descend_windows:
+                held = float(np.mean(self._held_run[-self.config.descend_windows :]))
+                self.held_load[self.rung] = max(self.held_load.get(self.rung, 0.0), held)
+
+    def _move(self, rung: int) -> None:
+        """Serve ``rung`` from now on; a run of quiet windows or of windows that fit starts anew."""
+        if rung != self.rung:
+            self._moved = True
+            self._held_run.clear()
+        self.rung = rung
+        self._reset_quiet()
 
     def _reset_quiet(self) -> None:
         self._quiet = 0
-        self._quiet_worst = (0.0, 0.0, 0.0, 0.0)
+        self._quiet_seen = []
 
     def carries(self, rung: int) -> float:
         """Requests per second ``rung`` carries: as seen overloaded, else estimated from the rungs that
@@ -454,23 +526,35 @@ class SloController:
         own: Sequence[float] | None = None,
     ) -> bool:
         """Whether ``rung`` is predicted to answer ``load`` requests per second under ``climb_at`` of the
-        target, from a time per request and an own p99 and mean (ms) measured at the rung of now (this
-        window's, or those given: a descent gives the worst of its quiet windows): a rung that is not
-        would be climbed from again a window later (module doc). Unknown (no costs, no times yet): it
-        fits. The p99 of a wait plus an own time is near the p99 of the one with the heavier tail plus
-        the other's mean, not the sum of both p99s (module doc)."""
+        target (:meth:`_predicted_p99`): a rung that is not would be climbed from again a window later
+        (module doc). Unknown (no costs, no times yet): it fits."""
+        return (
+            not self._predicted_p99(rung, load, service_s, own) >= self.config.climb_at * self.config.p99_ms
+        )
+
+    def _predicted_p99(
+        self,
+        rung: int,
+        load: float,
+        service_s: float | None = None,
+        own: Sequence[float] | None = None,
+    ) -> float:
+        """The p99 latency (ms) ``rung`` is predicted to answer ``load`` requests per second with, from a
+        time per request and an own p99 and mean (ms) measured at the rung of now (this window's, or
+        those given: a descent gives the worst of its quiet windows); NaN where unknown. The p99 of a wait
+        plus an own time is near the p99 of the one with the heavier tail plus the other's mean, not the
+        sum of both p99s (module doc)."""
         service_s = self._service_s if service_s is None else service_s
         own_p99, own_mean = (self._last_own_p99, self._last_own_mean) if own is None else own
         scale = self._time_scale(rung)
         if scale is None or math.isnan(service_s) or math.isnan(own_p99):
-            return True
+            return math.nan
         own_mean = own_p99 if math.isnan(own_mean) else own_mean
         service_s *= scale
-        predicted = max(
+        return max(
             own_p99 + mean_queue_wait_ms(load, service_s, self.instances),
             own_mean + queue_wait_ms(load, service_s, self.instances),
         )
-        return predicted < self.config.climb_at * self.config.p99_ms
 
     def _time_scale(self, rung: int) -> float | None:
         """A request's time at ``rung`` over its time now (the times are measured at the rung of now, or

@@ -369,12 +369,36 @@ class ServingTelemetry:
             labels,
             float(window.missed),
         )
+        self._set(
+            "offramp_slo_quiet_windows",
+            "Quiet windows in a row (a descent needs slo descend_windows of them)",
+            labels,
+            window.quiet,
+        )
+        for name, description, value in [
+            ("offramp_slo_load_rps", "Requests/s that came to the model, last window", window.load_rps),
+            (
+                "offramp_slo_below_p99_ms",
+                "p99 predicted for the rung below at the last window's load and times",
+                window.below_p99_ms,
+            ),
+        ]:
+            # Left as it was where NaN (unknown, or rung 0) or inf (the rung below cannot keep up at all):
+            # a gauge of Triton's custom metrics takes finite numbers.
+            if math.isfinite(value):
+                self._set(name, description, labels, value)
         if window.requests:
             self._set(
                 "offramp_slo_latency_estimate_ms",
                 "Queue wait plus own p99 per request, last window",
                 labels,
                 window.estimate_ms,
+            )
+            self._set(
+                "offramp_slo_own_p99_ms",
+                "p99 of this instance's own time per request (its execute's), last window",
+                labels,
+                window.own_p99_ms,
             )
 
     def rows_by_rung(self, rungs: np.ndarray) -> None:

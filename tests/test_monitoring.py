@@ -46,7 +46,20 @@ def emitted_names() -> set[str]:
     telemetry.policy("v1", "f" * 64)
     telemetry.drift(0.3, True, True)
     telemetry.audit(1, 2, 3)
-    telemetry.slo(SloWindow(120.0, 100.0, 20.0, 8, rung=2, shedding=True, missed=True))
+    telemetry.slo(
+        SloWindow(
+            120.0,
+            100.0,
+            20.0,
+            8,
+            rung=2,
+            shedding=True,
+            missed=True,
+            load_rps=30.0,
+            quiet=1,
+            below_p99_ms=90.0,
+        )
+    )
     telemetry.rows_by_rung(np.array([0, 2]))
     figures = {"rate": 0.01, "estimate": 0.1, "evidence": 1.0, "level": 3.0, "alarm": 1.0}
     telemetry.shadow({(0, "a"): (3, 1)}, ["a"])

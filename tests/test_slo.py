@@ -274,6 +274,8 @@ def test_it_descends_only_to_a_rung_predicted_to_answer_the_load_of_now_under_th
     assert slo.rung == 3
     held = [window(slo, script, queue_ms=5, own_ms=10, requests=35, busy=0.6) for _ in range(3)]
     assert [w.rung for w in held] == [3, 3, 3]
+    # Each window says why it stays: the load of now and the p99 predicted for the rung below.
+    assert all(w.load_rps == pytest.approx(35) and w.below_p99_ms > 80 for w in held)
     eased = window(slo, script, queue_ms=5, own_ms=10, requests=10, busy=0.1)
     assert eased.rung == 2
 
@@ -288,6 +290,7 @@ def test_a_descent_is_judged_on_the_worst_of_its_quiet_windows():
     run = [window(slo, script, queue_ms=5, own_ms=10, requests=35, busy=0.6)]
     run += [window(slo, script, queue_ms=5, own_ms=10, requests=10, busy=0.1) for _ in range(5)]
     assert [w.rung for w in run] == [3, 3, 3, 3, 3, 2]
+    assert [w.quiet for w in run] == [1, 2, 0, 1, 2, 0]  # a run of three judged, then a new run
 
 
 def test_the_predicted_wait_is_erlang_c():
@@ -565,3 +568,40 @@ def test_a_growing_queue_counts_in_the_load_a_rung_has_not_answered_yet():
 
     assert after_a_window(6) == 1
     assert after_a_window(0) == 0
+
+
+def test_after_a_spike_it_comes_back_at_once_to_the_rung_that_held_the_light_load_before_it():
+    """Rung 0 (carries 30/s) answers 10/s within the climb latency for three windows: a load it holds.
+    After a spike sends the ladder to the top, three quiet windows at 10/s take it straight back to rung
+    0, though the prediction for rung 2 (M/M/2 with the light-load time of an execute, 60 ms, scaled to
+    100 ms there) says no rung below fits: TREC's ladders, predicting alone, stayed off rung 0 through
+    the light step after the spike (measured)."""
+    slo, script = controller(costs=COSTS, instances=2, descend_windows=3, rung_capacity=MEASURED)
+    before = [window(slo, script, queue_ms=5, own_ms=40, requests=10, busy=0.2) for _ in range(3)]
+    assert [w.rung for w in before] == [0, 0, 0] and slo.held_load == {0: pytest.approx(10)}
+    window(slo, script, queue_ms=150, own_ms=20, requests=60)  # the spike: over the target, saturated
+    assert slo.rung == 3
+    after = [window(slo, script, queue_ms=5, own_ms=60, requests=10, busy=0.3) for _ in range(3)]
+    assert after[0].below_p99_ms > 80  # the prediction alone would stay at the top
+    assert [w.rung for w in after] == [3, 3, 0]
+
+
+def test_a_rung_is_taken_back_only_at_a_load_it_held_quietly_and_a_window_over_climb_at_lowers_that():
+    slo, script = controller(costs=COSTS, instances=2, descend_windows=2, rung_capacity=MEASURED)
+    for _ in range(2):  # 65 ms: under the 80 a climb starts at, over the 50 of a quiet window
+        window(slo, script, queue_ms=5, own_ms=60, requests=20, busy=0.6)
+    assert slo.held_load == {}  # no room to spare: not a load it holds (TREC's 1x onset)
+    for _ in range(2):
+        window(slo, script, queue_ms=5, own_ms=40, requests=10, busy=0.2)
+    assert slo.held_load == {0: pytest.approx(10)}
+    window(slo, script, queue_ms=150, own_ms=20, requests=60)
+    # At 16/s, more than rung 0 held: no jump; one rung down where the prediction fits (own 10 ms).
+    after = [window(slo, script, queue_ms=5, own_ms=10, requests=16, busy=0.1) for _ in range(2)]
+    assert [w.rung for w in after] == [3, 2]
+    # A window served at one rung over the climb latency: what that rung holds drops below its load.
+    slo, script = controller(instances=2, descend_windows=2)
+    for _ in range(2):
+        window(slo, script, queue_ms=5, own_ms=40, requests=20, busy=0.4)
+    assert slo.held_load == {0: pytest.approx(20)}
+    window(slo, script, queue_ms=60, own_ms=40, requests=15, busy=0.3)  # 100 > 80 at 15/s
+    assert slo.held_load == {0: pytest.approx(0.8 * 15)} and slo.rung == 1

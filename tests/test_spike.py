@@ -29,7 +29,9 @@ from offramp.client.tools.spike import (
     parse_profile_export,
     pending_requests,
     row_index,
+    rung_0_from,
     rung_from_metrics,
+    slo_gauges,
     spike_goals,
     spike_markdown,
     spike_schedule,
@@ -159,6 +161,7 @@ def test_steps_from_the_real_export():
     assert (first.agreement, first.rows_compared) == (1.0, 16)
     assert (second.agreement, second.rows_compared) == (31 / 32, 32)
     assert second.rung_agreement == 31 / 32  # nothing shed: the same rows
+    assert first.rung_0_from_s == 0.0 and math.isnan(second.rung_0_from_s)  # rung 0 all the first step
     costs = [
         np.mean(np.concatenate([r.outputs["COST"] for r in part]))
         for part in (export.requests[:2], export.requests[2:])
@@ -228,6 +231,8 @@ nv_inference_pending_request_count{model="trec_minilm_segment_0",version="1"} 2
 offramp_slo_rung{instance="a",model="trec_minilm_ladder"} 1
 offramp_slo_rung{instance="b",model="trec_minilm_ladder"} 3
 offramp_slo_rung{instance="a",model="trec_minilm_ladder_shed"} 0
+offramp_slo_load_rps{instance="b",model="trec_minilm_ladder"} 28.5
+offramp_slo_below_p99_ms{instance="b",model="trec_minilm_ladder"} 97.25
 """
 
 
@@ -280,6 +285,11 @@ def test_pending_requests_and_the_rung_are_read_off_the_metrics_page():
     assert rung_from_metrics(METRICS, "trec_minilm_ladder") == 3  # the highest instance
     assert rung_from_metrics(METRICS, "trec_minilm_ladder_shed") == 0
     assert rung_from_metrics(METRICS, "trec_minilm") is None
+    assert slo_gauges(METRICS, "trec_minilm_ladder") == {
+        "a": {"rung": 1.0},
+        "b": {"rung": 3.0, "load_rps": 28.5, "below_p99_ms": 97.25},
+    }
+    assert slo_gauges(METRICS, "trec_minilm") == {}
 
 
 # --- The goals and the report ---------------------------------------------------------------------
@@ -294,7 +304,7 @@ def test_the_goals_say_where_the_ladder_holds_and_where_its_agreement_is_short()
     steps = [
         step(FULL, 1.0, 300), step(FULL, 3.0, 9000), step(FIXED, 3.0, 800),
         step(LADDER, 1.0, 300, rungs=(0, 1)), step(LADDER, 3.0, 390, 0.97, (2, 3)),
-        step(LADDER, 1.0, 200, 0.985, (1, 0)),
+        replace(step(LADDER, 1.0, 200, 0.985, (1, 0)), rung_0_from_s=3.5),
     ]  # fmt: skip
     goals = spike_goals(steps, slo_ms=400, epsilons=[0.01, 0.02, 0.05, 0.1])
     assert goals["slo_held_in_overload"] == {FULL: False, FIXED: False, LADDER: True}
@@ -302,6 +312,7 @@ def test_the_goals_say_where_the_ladder_holds_and_where_its_agreement_is_short()
         "holds_where_others_do_not": True,
         "agreement_at_least_one_minus_epsilon": True,  # 0.97 at rung 3 (10%), 0.985 at rung 1 (2%)
         "back_at_rung_0_at_the_end": True,
+        "back_at_rung_0_after_s": 3.5,
     }
     short = [*steps[:-1], step(LADDER, 1.0, 200, 0.975, (1, 0))]  # under 1 - 2% at rung 1
     goals = spike_goals(short, slo_ms=400, epsilons=[0.01, 0.02, 0.05, 0.1])
@@ -368,3 +379,9 @@ def test_the_ladder_is_certified_under_the_family_the_fixed_policy_serves(family
     assert policy.rule == family and [r.epsilon for r in policy.rungs] == [0.05, 0.1]
     costs = [policy.provenance["expected_cost"], *(r.expected_cost for r in policy.rungs)]
     assert costs == sorted(costs, reverse=True)
+
+
+def test_back_at_rung_0_is_the_start_of_the_last_run_at_rung_0_that_ends_the_step():
+    assert rung_0_from([(0.2, 2), (0.7, 0), (1.2, 1), (1.7, 0), (2.2, 0)]) == 1.7
+    assert rung_0_from([(0.2, 0), (0.7, 0)]) == 0.0
+    assert math.isnan(rung_0_from([(0.2, 0), (0.7, 1)])) and math.isnan(rung_0_from([]))

@@ -91,6 +91,9 @@ class Step:
     started_s: float  # from the start of the arm's schedule
     # Agreement of the rows a rung answered (shed rows left out: no rung's guarantee covers them).
     rung_agreement: float = math.nan
+    # Seconds from the step's start to the poll from which the ladder stayed at rung 0 to the step's
+    # end (0: all the step); NaN where it ended the step above rung 0, or is no ladder.
+    rung_0_from_s: float = math.nan
 
 
 # --- The schedule and what perf_analyzer recorded ---------------------------------------------------
@@ -302,9 +305,21 @@ def step_statistics(
                 rungs=tuple(rung for t, rung in rungs if start <= t < end),
                 started_s=start,
                 rung_agreement=rung_agreed / rung_compared if rung_compared else math.nan,
+                rung_0_from_s=rung_0_from([(t - start, rung) for t, rung in rungs if start <= t < end]),
             )
         )
     return steps
+
+
+def rung_0_from(samples: Sequence[tuple[float, int]]) -> float:
+    """Of (seconds into a step, rung) polls: the time of the first of the last run at rung 0, if that run
+    ends the step (0 where it is the whole step); else NaN."""
+    if not samples or samples[-1][1] != 0:
+        return math.nan
+    first = len(samples) - 1
+    while first > 0 and samples[first - 1][1] == 0:
+        first -= 1
+    return 0.0 if first == 0 else samples[first][0]
 
 
 def latency_trace(export: ProfileExport, bin_s: float = 1.0) -> list[tuple[float, int, float, float]]:
@@ -325,11 +340,36 @@ def latency_trace(export: ProfileExport, bin_s: float = 1.0) -> list[tuple[float
 # --- Watching the service while the load runs ------------------------------------------------------
 
 
+# The SLO controller's gauges the spike bench records per instance, by the short name the trace uses:
+# why a ladder stays on a rung shows in them (the load, the quiet windows so far, the p99 predicted for
+# the rung below).
+SLO_GAUGES = {
+    "rung": "offramp_slo_rung",
+    "load_rps": "offramp_slo_load_rps",
+    "quiet": "offramp_slo_quiet_windows",
+    "estimate_ms": "offramp_slo_latency_estimate_ms",
+    "own_p99_ms": "offramp_slo_own_p99_ms",
+    "below_p99_ms": "offramp_slo_below_p99_ms",
+    "shedding": "offramp_slo_shedding",
+}
+
+
+def slo_gauges(metrics_text: str, model: str) -> dict[str, dict[str, float]]:
+    """Each orchestrator instance of ``model`` -> its SLO gauges (short name -> value, those published)."""
+    by_instance: dict[str, dict[str, float]] = {}
+    for short, metric in SLO_GAUGES.items():
+        pattern = rf"^{metric}{{([^}}]*)}} (\S+)$"
+        for labels, value in re.findall(pattern, metrics_text, re.MULTILINE):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            if found.get("model") == model:
+                by_instance.setdefault(found.get("instance", ""), {})[short] = float(value)
+    return by_instance
+
+
 def rung_from_metrics(metrics_text: str, model: str) -> int | None:
     """The highest ``offramp_slo_rung`` over the orchestrator instances of ``model``; None: no such gauge."""
-    pattern = rf'^offramp_slo_rung{{[^}}]*model="{re.escape(model)}"[^}}]*}} (\S+)$'
-    values = [float(v) for v in re.findall(pattern, metrics_text, re.MULTILINE)]
-    return int(max(values)) if values else None
+    rungs = [g["rung"] for g in slo_gauges(metrics_text, model).values() if "rung" in g]
+    return int(max(rungs)) if rungs else None
 
 
 def _metrics_page(metrics_url: str) -> str | None:
@@ -342,20 +382,25 @@ def _metrics_page(metrics_url: str) -> str | None:
 
 
 class RungWatch:
-    """Polls the rung of ``model`` (:func:`rung_from_metrics`) every ``interval_s``."""
+    """Polls the SLO gauges of ``model`` every ``interval_s``: its rung (the highest over its instances,
+    as :func:`rung_from_metrics`) and each instance's controller figures (:func:`slo_gauges`)."""
 
     def __init__(self, metrics_url: str, model: str, interval_s: float = 0.5) -> None:
         self.metrics_url, self.model, self.interval_s = metrics_url, model, interval_s
         self.samples: list[tuple[float, int]] = []  # (time.time(), rung)
+        self.controllers: list[tuple[float, dict[str, dict[str, float]]]] = []  # (time.time(), slo_gauges)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="offramp-rung-watch", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             text = _metrics_page(self.metrics_url)
-            rung = rung_from_metrics(text, self.model) if text else None
-            if rung is not None:
-                self.samples.append((time.time(), rung))
+            gauges = slo_gauges(text, self.model) if text else {}
+            rungs = [g["rung"] for g in gauges.values() if "rung" in g]
+            if rungs:
+                now = time.time()
+                self.samples.append((now, int(max(rungs))))
+                self.controllers.append((now, gauges))
 
     def __enter__(self) -> RungWatch:
         self._thread.start()
@@ -558,6 +603,10 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
                 "idle_wait_s": idle_s,
                 "load_average_1m": [load_before, os.getloadavg()[0]],
                 "rung_trace": [(round(t, 2), rung) for t, rung in trace],
+                # (seconds from the origin, instance -> its SLO gauges): why the ladder was where it was
+                "controller_trace": [(round(t - export.start, 2), gauges) for t, gauges in watch.controllers]
+                if arm in LADDERS
+                else [],
                 "latency_trace": latency_trace(export),
             }
             for step in arm_steps:
@@ -611,6 +660,8 @@ def spike_goals(steps: Sequence[Step], slo_ms: float, epsilons: Sequence[float])
                 for s in mine
             ),
             "back_at_rung_0_at_the_end": bool(mine[-1].rungs) and mine[-1].rungs[-1] == 0,
+            # how far into the last (light) step it was back at rung 0 for good; NaN: it was not
+            "back_at_rung_0_after_s": mine[-1].rung_0_from_s,
         }
     late = [s.send_late_max_ms for s in steps if not math.isnan(s.send_late_max_ms)]
     goals["client_send_late_max_ms"] = max(late, default=math.nan)
