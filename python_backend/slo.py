@@ -31,7 +31,8 @@ could never be seen. Then, once per window:
 - under ``descend_at`` of the target for ``descend_windows`` windows in a row: stop shedding, or
   descend, but not to a rung that was seen overloaded at the load of now: to the lowest rung that was
   seen to hold a load as high (a run of ``descend_windows`` windows served there whole, under
-  ``descend_at`` of the target, at that mean load: ``held_load``), else a rung where predicted to
+  ``descend_at`` of the target, at that mean load, or a quarter more: ``held_load``; not within
+  ``descend_load`` of a load it was seen over ``climb_at`` at), else a rung where predicted to
   fit (below). What a rung was seen to hold is the evidence that brings the ladder back to rung 0 after
   a spike: the prediction alone judged rung 0 from the top rung's figures, too far off to trust, and
   came down a rung at a time, when it came down at all (measured on TREC). Shedding stops only
@@ -208,8 +209,10 @@ class SloController:
     history: list[SloWindow] = field(default_factory=list)
     capacity: dict[int, float] = field(default_factory=dict)  # rung -> requests/s it answered overloaded
     # rung -> the highest mean load (requests/s) of a run of ``descend_windows`` windows it answered
-    # whole under ``descend_at`` of the target, lowered by a window over ``climb_at`` (``_learn_held``)
+    # whole under ``descend_at`` of the target (``_learn_held``)...
     held_load: dict[int, float] = field(default_factory=dict)
+    # ...and the lowest load of a window it answered whole over ``climb_at`` since (``_holds``)
+    overloaded_at: dict[int, float] = field(default_factory=dict)
     # Expected compute fraction per row of each rung, rung 0 first (the ladder's calibration); empty:
     # what a rung carries is known only once it was seen overloaded.
     costs: tuple[float, ...] = ()
@@ -393,7 +396,7 @@ class SloController:
         busy = not math.isnan(estimate)
         missed = busy and self.rung == self.top_rung and estimate > target
         answered, load = rates
-        self._learn_held(estimate if steady and not self.shedding else math.nan, load)
+        self._learn_held(estimate if steady and not self.shedding else math.nan, load, saturated)
         if busy and estimate > config.climb_at * target:
             self._reset_quiet()
             if saturated and not self.shedding:  # what this rung answers overloaded is what it carries
@@ -435,16 +438,13 @@ class SloController:
     def _descent(self, worst_load: float, mean_load: float, service_s: float, own: Sequence[float]) -> int:
         """Where a run of quiet windows (their worst load, mean load, time per request and own times)
         takes the ladder: the lowest rung that carries the worst load with the ``descend_load`` margin and
-        was seen to hold a mean load as high with room to spare (``held_load``, as rung 0 held the light
-        load before a spike);
-        else the next rung down where predicted to fit (:meth:`_fits`); else the rung of now. The
+        holds the mean load (:meth:`_holds`, as rung 0 held the light load before a spike); else the next
+        rung down where predicted to fit (:meth:`_fits`); else the rung of now. The
         prediction alone came down a rung at a time and kept TREC's ladders off rung 0 for the whole light
         step after a spike: M/M/c with the light-load time of an execute and exponential service put rung
         0 at 150-550 ms at 14 requests/s, which it had answered at 121 ms before the spike (measured)."""
         for rung in range(self.rung):
-            if worst_load < self.config.descend_load * self.carries(rung) and mean_load <= (
-                self.held_load.get(rung, 0.0)  # without requests (0/s), any rung
-            ):
+            if worst_load < self.config.descend_load * self.carries(rung) and self._holds(rung, mean_load):
                 return rung
         below = self.rung - 1
         if worst_load < self.config.descend_load * self.carries(below) and self._fits(
@@ -453,19 +453,32 @@ class SloController:
             return below
         return self.rung
 
-    def _learn_held(self, estimate: float, load: float) -> None:
+    def _holds(self, rung: int, load: float) -> bool:
+        """Whether ``rung`` was seen to hold a mean ``load`` requests/s: up to ``1 / descend_load`` of a
+        load it held quietly, under half the target (``held_load``; a light load 25% higher barely
+        queues more, and a run's mean at the same load as before is as often over it as under: on TREC
+        the ladder needed three tries, 11 s, to get back to rung 0 at the light load it held before the
+        spike, measured), but not within ``descend_load`` of a load it was seen over ``climb_at`` at
+        (``overloaded_at``). Without requests (0/s): any rung."""
+        held = self.held_load.get(rung, 0.0) / self.config.descend_load
+        return load <= min(held, self.config.descend_load * self.overloaded_at.get(rung, math.inf))
+
+    def _learn_held(self, estimate: float, load: float, saturated: bool) -> None:
         """What a window served at one rung from start to end (``estimate``; NaN: it was not, or had no
         request) shows: a run of ``descend_windows`` of them quiet by their latency (under ``descend_at``
-        of the target) at a mean ``load`` is a load the rung holds with room to spare; one over
-        ``climb_at`` lowers what the rung holds to ``descend_load`` of its load. Runs under ``climb_at``
-        alone were no evidence: on TREC rung 0 answered the 1x step's first seconds just under it, and
-        after the spike the ladder went back to rung 0 at that load and climbed again (measured)."""
+        of the target) at a mean ``load`` is a load the rung holds with room to spare, and clears a load
+        under it that the rung was seen overloaded at (one slow window); one over ``climb_at`` with its
+        instances saturated records its load as one the rung was overloaded at (with idle instances it is
+        slow requests, not load: as for ``capacity``, module doc). Runs under ``climb_at`` alone were no
+        evidence: on TREC
+        rung 0 answered the 1x step's first seconds just under it, and after the spike the ladder went
+        back to rung 0 at that load and climbed again (measured)."""
         if math.isnan(estimate):
             self._held_run.clear()
         elif estimate > self.config.climb_at * self.config.p99_ms:
             self._held_run.clear()
-            if self.rung in self.held_load:
-                self.held_load[self.rung] = min(self.held_load[self.rung], self.config.descend_load * load)
+            if saturated:
+                self.overloaded_at[self.rung] = min(self.overloaded_at.get(self.rung, math.inf), load)
         elif estimate >= self.config.descend_at * self.config.p99_ms:
             self._held_run.clear()
         else:
@@ -473,6 +486,8 @@ class SloController:
             if len(self._held_run) >= self.config.descend_windows:
                 held = float(np.mean(self._held_run[-self.config.descend_windows :]))
                 self.held_load[self.rung] = max(self.held_load.get(self.rung, 0.0), held)
+                if held > self.overloaded_at.get(self.rung, math.inf):
+                    del self.overloaded_at[self.rung]
 
     def _move(self, rung: int) -> None:
         """Serve ``rung`` from now on; a run of quiet windows or of windows that fit starts anew."""

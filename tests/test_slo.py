@@ -598,10 +598,26 @@ def test_a_rung_is_taken_back_only_at_a_load_it_held_quietly_and_a_window_over_c
     # At 16/s, more than rung 0 held: no jump; one rung down where the prediction fits (own 10 ms).
     after = [window(slo, script, queue_ms=5, own_ms=10, requests=16, busy=0.1) for _ in range(2)]
     assert [w.rung for w in after] == [3, 2]
-    # A window served at one rung over the climb latency: what that rung holds drops below its load.
+    # At 12/s, up to a quarter over what rung 0 held quietly: straight back after two quiet windows.
+    assert [window(slo, script, queue_ms=5, own_ms=10, requests=12, busy=0.1).rung for _ in range(2)] == [
+        2,
+        0,
+    ]
+
+
+def test_a_load_a_rung_was_seen_over_climb_at_caps_what_it_holds_until_it_holds_more_quietly():
     slo, script = controller(instances=2, descend_windows=2)
     for _ in range(2):
         window(slo, script, queue_ms=5, own_ms=40, requests=20, busy=0.4)
     assert slo.held_load == {0: pytest.approx(20)}
-    window(slo, script, queue_ms=60, own_ms=40, requests=15, busy=0.3)  # 100 > 80 at 15/s
-    assert slo.held_load == {0: pytest.approx(0.8 * 15)} and slo.rung == 1
+    window(slo, script, queue_ms=60, own_ms=40, requests=15, busy=0.3)  # 100 > 80, instances idle
+    assert slo.overloaded_at == {} and slo.rung == 1  # slow requests, not load
+    slo._move(0)
+    window(slo, script, queue_ms=5, own_ms=40, requests=20, busy=0.4)  # the move's window
+    window(slo, script, queue_ms=60, own_ms=40, requests=15, busy=0.9)  # 100 > 80, saturated
+    assert slo.overloaded_at == {0: pytest.approx(15)} and slo.rung == 1
+    assert slo._holds(0, 0.8 * 15) and not slo._holds(0, 0.8 * 15 + 0.1)  # 25 by held_load alone
+    slo._move(0)  # a run of quiet windows at 20/s again (the first one moved): a hiccup, then
+    for _ in range(3):
+        window(slo, script, queue_ms=5, own_ms=40, requests=20, busy=0.4)
+    assert slo.overloaded_at == {} and slo._holds(0, 25) and not slo._holds(0, 25.1)
