@@ -145,6 +145,10 @@ class SloConfig:
     # windows that overload a rung and estimated for the others from the rungs' work (module doc).
     rung_capacity: tuple[float, ...] = ()
     climb_load: float = 0.9  # climb before the latency shows it where the load passes this share of that
+    # The multiple of the load of now that a rung must carry (with the margins above) to be served: 2
+    # keeps the ladder on a rung that a doubling of the load within a second finds able to carry it,
+    # at the price of a higher rung (more risk, still certified) at a steady load. 1: the load of now.
+    headroom: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.p99_ms > 0 or not self.window_s > 0:
@@ -163,6 +167,8 @@ class SloConfig:
             )
         if not self.descend_load < self.climb_load <= 1:
             raise ValueError("need descend_load < climb_load <= 1 (the gap is the hysteresis)")
+        if not (math.isfinite(self.headroom) and self.headroom >= 1):
+            raise ValueError(f"headroom must be a load multiple >= 1: {self.headroom}")
 
     def check_ladder(self, rungs: int) -> None:
         """Refuses measured capacities for another number of rungs than the ladder's ``rungs``."""
@@ -360,7 +366,7 @@ class SloController:
     def _near_capacity(self, load: float) -> bool:
         """Whether ``load`` requests/s coming pass ``climb_load`` of what the rung of now carries: a queue
         builds within seconds, before the latency shows it (module doc). Unknown capacity (inf): never."""
-        return load > self.config.climb_load * self.carries(self.rung)
+        return load * self.config.headroom > self.config.climb_load * self.carries(self.rung)
 
     def _check_backlog(self) -> None:
         """Between windows: to the top rung at once where the pending requests alone put a request
@@ -444,14 +450,17 @@ class SloController:
         step after a spike: M/M/c with the light-load time of an execute and exponential service put rung
         0 at 150-550 ms at 14 requests/s, which it had answered at 121 ms before the spike (measured)."""
         for rung in range(self.rung):
-            if worst_load < self.config.descend_load * self.carries(rung) and self._holds(rung, mean_load):
+            if self._carries_with_margin(rung, worst_load) and self._holds(rung, mean_load):
                 return rung
         below = self.rung - 1
-        if worst_load < self.config.descend_load * self.carries(below) and self._fits(
-            below, worst_load, service_s, own
-        ):
+        if self._carries_with_margin(below, worst_load) and self._fits(below, worst_load, service_s, own):
             return below
         return self.rung
+
+    def _carries_with_margin(self, rung: int, load: float) -> bool:
+        """Whether ``rung`` carries ``headroom`` times ``load`` requests/s within ``descend_load`` of what
+        it carries: the throughput test of every climb's and descent's rung."""
+        return load * self.config.headroom < self.config.descend_load * self.carries(rung)
 
     def _holds(self, rung: int, load: float) -> bool:
         """Whether ``rung`` was seen to hold a mean ``load`` requests/s: up to ``1 / descend_load`` of a
@@ -527,9 +536,7 @@ class SloController:
         # Unknown (NaN) own p99: the prediction decides, as _fits does with unknown times.
         predictable = not self._last_own_p99 >= self.config.climb_at * self.config.p99_ms
         for rung in range(self.rung + 1, self.top_rung + 1):
-            if load < self.config.descend_load * self.carries(rung) and (
-                not predictable or self._fits(rung, load)
-            ):
+            if self._carries_with_margin(rung, load) and (not predictable or self._fits(rung, load)):
                 return rung
         return self.top_rung
 
@@ -588,7 +595,7 @@ class SloController:
         then. Under a target of twice the light-load p99 the light load itself can sit over
         ``descend_at``, and the ladder stayed up after a spike had passed (measured on TREC)."""
         below = [carried for rung, carried in self.capacity.items() if rung < self.rung]
-        return bool(below) and load < self.config.descend_load * max(below)
+        return bool(below) and load * self.config.headroom < self.config.descend_load * max(below)
 
 
 def shed_compute(exit_rates: Sequence[float], exit_costs: Sequence[float], shed_max_exit: int) -> float:

@@ -159,6 +159,7 @@ def test_the_command_line_sets_serving_options_and_refuses_unknown_ones(tmp_path
         ("latency=5", "not NAME=VALUE"),
         ("slo_fixed_cost=-1", "fixed_cost must be a finite compute fraction >= 0"),
         ("slo_rung_capacity=29,x", "slo_rung_capacity must be requests/s per rung"),
+        ("slo_headroom=0.5", "headroom must be a load multiple >= 1"),
         (
             "slo_rung_capacity=29,33",
             "slo_rung_capacity gives 2 figures for a ladder of 1 rungs (rung 0 first)",
@@ -167,11 +168,12 @@ def test_the_command_line_sets_serving_options_and_refuses_unknown_ones(tmp_path
         assert main([*common, "--serving", "slo_p99_ms=40", "--serving", bad]) == 2
         assert message in capsys.readouterr().err
     assert not repo.exists()
-    given = ["slo_p99_ms=40", "drift_conservative=true", "shadow_rate=0.02"]
+    given = ["slo_p99_ms=40", "drift_conservative=true", "shadow_rate=0.02", "slo_headroom=2"]
     assert main([*common, *(f"--serving={assignment}" for assignment in given)]) == 0
     config = parse((repo / "toy" / "config.pbtxt").read_text())
     options = ServingOptions.from_parameters({k: v.string_value for k, v in config.parameters.items()})
     assert options.slo_p99_ms == 40.0 and options.drift_conservative and options.shadow.rate == 0.02
+    assert options.slo_config().headroom == 2.0
     assert options.drift_window == ServingOptions().drift_window  # what was not given keeps its default
 
 

@@ -625,3 +625,21 @@ def test_a_load_a_rung_was_seen_over_climb_at_caps_what_it_holds_until_it_holds_
     for _ in range(3):
         window(slo, script, queue_ms=5, own_ms=40, requests=20, busy=0.4)
     assert slo.overloaded_at == {} and slo._holds(0, 25) and not slo._holds(0, 25.1)
+
+
+def test_with_headroom_a_rung_is_served_only_where_it_carries_that_multiple_of_the_load():
+    """Rung 0 carries 30/s, rung 1 40/s, rung 2 60/s. At 14/s with a headroom of 2 (28/s to carry): rung
+    0 is near its capacity (28 > 0.9 x 30) and the climb goes to rung 2 (28 < 0.8 x 40 fails at rung 1);
+    without headroom 14/s stays on rung 0. Back at 7/s (14 to carry) it descends (a rung at a time:
+    rung 0 was never seen to hold a load quietly here)."""
+    plain, script = controller(costs=COSTS, instances=2, rung_capacity=MEASURED)
+    assert window(plain, script, queue_ms=5, own_ms=40, requests=14, busy=0.3).rung == 0
+    slo, script = controller(costs=COSTS, instances=2, descend_windows=2, rung_capacity=MEASURED, headroom=2)
+    assert window(slo, script, queue_ms=5, own_ms=40, requests=14, busy=0.3).rung == 2
+    assert [window(slo, script, queue_ms=5, own_ms=20, requests=7, busy=0.1).rung for _ in range(2)] == [2, 1]
+
+
+@pytest.mark.parametrize("headroom", [0.5, math.inf, math.nan])
+def test_a_headroom_under_one_or_not_finite_is_refused(headroom):
+    with pytest.raises(ValueError, match="headroom"):
+        SloConfig(p99_ms=100, headroom=headroom)

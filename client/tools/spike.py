@@ -69,6 +69,9 @@ class SpikeConfig:
         -1, help="also run the ladder shedding past its top rung, capping every row at this exit (-1: not)"
     )
     drain_s: float = option(300.0, help="after the schedule, wait at most this long for the last answers")
+    spike_headroom: float = option(
+        1.0, help="the ladders' slo_headroom: the load multiple a rung must carry to be served"
+    )
 
 
 @dataclass(frozen=True)
@@ -556,6 +559,7 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
                 slo_p99_ms=slo_ms,
                 slo_shed_max_exit=spike.shed_max_exit if arm == LADDER_SHED else -1,
                 slo_rung_capacity=rung_capacity,
+                slo_headroom=spike.spike_headroom,
                 metrics_url=server.metrics_url,
                 segments_in_process=bench.segments_in_process,
             )
@@ -702,6 +706,9 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
             f" Each rung alone, rung 0 first: {', '.join(f'{rows:.0f}' for rows in rungs)} rows/s "
             "(the ladders' controllers are given these)."
         )
+    headroom = spike.get("spike_headroom", 1.0)
+    if headroom != 1.0:
+        capacity += f" The ladders serve a rung only where it carries {headroom:g} x the load of now."
     return (
         f"# Spike: {summary['workload']}\n\n"
         f"SLO p99 {slo:.1f} ms ({spike['slo_factor']:g} x the full model's "
