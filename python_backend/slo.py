@@ -453,10 +453,10 @@ class SloController:
         """Where a run of quiet windows (their worst load, mean load, time per request and own times)
         takes the ladder: the lowest rung that carries the worst load with the ``descend_load`` margin and
         holds the mean load (:meth:`_holds`, as rung 0 held the light load before a spike); else the next
-        rung down where predicted to fit (:meth:`_fits`); else the rung of now. The
-        prediction alone came down a rung at a time and kept TREC's ladders off rung 0 for the whole light
-        step after a spike: M/M/c with the light-load time of an execute and exponential service put rung
-        0 at 150-550 ms at 14 requests/s, which it had answered at 121 ms before the spike (measured)."""
+        rung down where predicted to fit (:meth:`_fits`); else the rung of now. The prediction alone came
+        down a rung at a time and kept TREC's ladders off rung 0 for the whole light step after a spike:
+        M/M/c with the light-load time of an execute and exponential service put rung 0 at 150-550 ms at
+        14 requests/s, which it had answered at 121 ms before the spike (measured)."""
         for rung in range(self.rung):
             if self._carries_with_margin(rung, worst_load) and self._holds(rung, mean_load):
                 return rung
@@ -487,9 +487,8 @@ class SloController:
         under it that the rung was seen overloaded at (one slow window); one over ``climb_at`` with its
         instances saturated records its load as one the rung was overloaded at (with idle instances it is
         slow requests, not load: as for ``capacity``, module doc). Runs under ``climb_at`` alone were no
-        evidence: on TREC
-        rung 0 answered the 1x step's first seconds just under it, and after the spike the ladder went
-        back to rung 0 at that load and climbed again (measured)."""
+        evidence: on TREC rung 0 answered the 1x step's first seconds just under it, and after the spike
+        the ladder went back to rung 0 at that load and climbed again (measured)."""
         if math.isnan(estimate):
             self._held_run.clear()
         elif estimate > self.config.climb_at * self.config.p99_ms:
