@@ -601,8 +601,7 @@ class SloController:
         any above it, so that bounds the next one down): a window under ``climb_at`` counts as quiet
         then. Under a target of twice the light-load p99 the light load itself can sit over
         ``descend_at``, and the ladder stayed up after a spike had passed (measured on TREC)."""
-        below = [carried for rung, carried in self.capacity.items() if rung < self.rung]
-        return bool(below) and load * self.config.headroom < self.config.descend_load * max(below)
+        return any(self._carries_with_margin(rung, load) for rung in self.capacity if rung < self.rung)
 
 
 def shed_compute(exit_rates: Sequence[float], exit_costs: Sequence[float], shed_max_exit: int) -> float:

@@ -369,10 +369,15 @@ def slo_gauges(metrics_text: str, model: str) -> dict[str, dict[str, float]]:
     return by_instance
 
 
+def highest_rung(gauges: Mapping[str, Mapping[str, float]]) -> int | None:
+    """The highest rung over the instances in ``gauges`` (as :func:`slo_gauges` gives them); None: none."""
+    rungs = [figures["rung"] for figures in gauges.values() if "rung" in figures]
+    return int(max(rungs)) if rungs else None
+
+
 def rung_from_metrics(metrics_text: str, model: str) -> int | None:
     """The highest ``offramp_slo_rung`` over the orchestrator instances of ``model``; None: no such gauge."""
-    rungs = [g["rung"] for g in slo_gauges(metrics_text, model).values() if "rung" in g]
-    return int(max(rungs)) if rungs else None
+    return highest_rung(slo_gauges(metrics_text, model))
 
 
 def _metrics_page(metrics_url: str) -> str | None:
@@ -385,8 +390,8 @@ def _metrics_page(metrics_url: str) -> str | None:
 
 
 class RungWatch:
-    """Polls the SLO gauges of ``model`` every ``interval_s``: its rung (the highest over its instances,
-    as :func:`rung_from_metrics`) and each instance's controller figures (:func:`slo_gauges`)."""
+    """Polls the SLO gauges of ``model`` every ``interval_s``: its rung (:func:`highest_rung`) and each
+    instance's controller figures (:func:`slo_gauges`)."""
 
     def __init__(self, metrics_url: str, model: str, interval_s: float = 0.5) -> None:
         self.metrics_url, self.model, self.interval_s = metrics_url, model, interval_s
@@ -399,10 +404,10 @@ class RungWatch:
         while not self._stop.wait(self.interval_s):
             text = _metrics_page(self.metrics_url)
             gauges = slo_gauges(text, self.model) if text else {}
-            rungs = [g["rung"] for g in gauges.values() if "rung" in g]
-            if rungs:
+            rung = highest_rung(gauges)
+            if rung is not None:
                 now = time.time()
-                self.samples.append((now, int(max(rungs))))
+                self.samples.append((now, rung))
                 self.controllers.append((now, gauges))
 
     def __enter__(self) -> RungWatch:
