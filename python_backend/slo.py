@@ -27,7 +27,11 @@ could never be seen. Then, once per window:
   full depth at that exit (flagged on each row), and if it was at the top already the SLO is being
   missed (only capacity helps now);
 - over ``climb_at`` of the target: climb a rung (cheaper answers, a higher certified risk), or more
-  where the rungs' expected compute says the next one cannot carry the load of now either;
+  where the rungs' expected compute says the next one cannot carry the load of now either; with idle
+  instances (no queue: slow requests, not load), only where the window before at this rung was over it
+  too. A window's own p99 at a light load is the slowest of a few requests: after a spike, single slow
+  seconds at half load (one instance's own p99 132-150 ms against a 130-140 ms climb point) sent TREC's
+  ladders up a rung for 2-3 s, at the end of the schedule twice (measured);
 - under ``descend_at`` of the target for ``descend_windows`` windows in a row: stop shedding, or
   descend, but not to a rung that was seen overloaded at the load of now: to the lowest rung that was
   seen to hold a load as high (a run of ``descend_windows`` windows served there whole, under
@@ -97,9 +101,10 @@ the last window's length (answered plus the growth of its queue, from the readin
 a window sliding by quarters, and climbs where they pass ``climb_load`` of what the rung carries: a step
 that starts mid-window shows in that count up to three quarters of a window before the window's close.
 
-With ``headroom`` over 1, every test of what a rung carries asks for that multiple of the load of now:
-a climb or descent goes to a rung that carries it, and the rung of now is left where the multiple
-passes ``climb_load`` of what it carries. A reactive controller sees a step in the load a second late
+With ``headroom`` over 1, every test of what a rung carries asks for that multiple of the steady load
+(the mean of the last ``descend_windows`` windows; the load of now where higher): a climb or descent
+goes to a rung that carries it, and the rung of now is left where the multiple passes ``climb_load`` of
+what it carries. A reactive controller sees a step in the load a second late
 (the load it counts is over the last window, the backlog check needs the queue first), and a rung
 chosen for 1x, at 78-117% of what it carries at 2x, built its queue in that second (the 2x onsets
 missed in TREC runs 25-26 and Rotten Tomatoes runs 7-8); with a headroom of 2 the rung of 1x carries
@@ -267,6 +272,11 @@ class SloController:
         self._quiet_seen: list[tuple[float, float, float, float]] = []
         self._moved = False  # the rung moved in the window now open
         self._held_run: list[float] = []  # loads of the run of windows at this rung under descend_at so far
+        # The model's loads of the last ``descend_windows`` windows, for the steady load ``headroom``
+        # multiplies (``_demand``)...
+        self._recent_loads: deque[float] = deque(maxlen=self.config.descend_windows)
+        # ...and whether the last window at this rung was over ``climb_at`` with its instances idle
+        self._slow_idle = False
 
     def record(self, seconds: float, requests: int) -> None:
         """One execute's time, the time of each of its requests (they wait for the whole batch)."""
@@ -318,6 +328,7 @@ class SloController:
         queue_now = self.queue()
         with self._lock:
             answered, load = self._model_rates(now, queue_now)
+            self._recent_loads.append(load)
         queue_ms = backlog_ms = math.nan
         if queue_now is not None:
             backlog_ms = self._backlog_ms(queue_now[2])
@@ -371,10 +382,21 @@ class SloController:
         while self._answered and self._answered[0][0] < since:
             self._answered.popleft()
 
+    def _demand(self, load: float) -> float:
+        """The requests/s a rung must carry to be served at ``load`` requests/s now: that load, or
+        ``headroom`` times the mean load of the last ``descend_windows`` windows where more. The headroom
+        multiplies a steady load, not a one-second count: at TREC's half load (13.6/s) counts of 6 to 21
+        per second came, and twice the highest crossed what rung 0 carries, which kept the ladder off
+        rung 0 after a spike (measured with a headroom of 2). A step in the load shows in the count of
+        now, at once, as without headroom."""
+        steady = float(np.mean(self._recent_loads)) if self._recent_loads else 0.0
+        return max(load, self.config.headroom * steady)
+
     def _near_capacity(self, load: float) -> bool:
-        """Whether ``load`` requests/s coming pass ``climb_load`` of what the rung of now carries: a queue
-        builds within seconds, before the latency shows it (module doc). Unknown capacity (inf): never."""
-        return load * self.config.headroom > self.config.climb_load * self.carries(self.rung)
+        """Whether ``load`` requests/s coming (what ``_demand`` makes of it) pass ``climb_load`` of what the
+        rung of now carries: a queue builds within seconds, before the latency shows it (module doc).
+        Unknown capacity (inf): never."""
+        return self._demand(load) > self.config.climb_load * self.carries(self.rung)
 
     def _check_backlog(self) -> None:
         """Between windows: to the top rung at once where the pending requests alone put a request
@@ -411,13 +433,17 @@ class SloController:
         missed = busy and self.rung == self.top_rung and estimate > target
         answered, load = rates
         self._learn_held(estimate if steady and not self.shedding else math.nan, load, saturated)
+        slow_idle_before, self._slow_idle = self._slow_idle, False
         if busy and estimate > config.climb_at * target:
             self._reset_quiet()
             if saturated and not self.shedding:  # what this rung answers overloaded is what it carries
                 self.capacity[self.rung] = answered
             if self.rung < self.top_rung:
-                over = estimate > target and saturated  # a backlog, which drains fastest at the top
-                self._move(self.top_rung if over else self._rung_that_carries(load))
+                # With idle instances, a second such window in a row (module doc).
+                self._slow_idle = not saturated
+                if saturated or slow_idle_before:
+                    over = estimate > target and saturated  # a backlog, which drains fastest at the top
+                    self._move(self.top_rung if over else self._rung_that_carries(load))
             elif config.shed_max_exit is not None:  # shedding is the step past the top rung
                 self.shedding = True
         elif busy and self.rung < self.top_rung and self._near_capacity(load):
@@ -466,9 +492,9 @@ class SloController:
         return self.rung
 
     def _carries_with_margin(self, rung: int, load: float) -> bool:
-        """Whether ``rung`` carries ``headroom`` times ``load`` requests/s within ``descend_load`` of what
-        it carries: the throughput test of every climb's and descent's rung."""
-        return load * self.config.headroom < self.config.descend_load * self.carries(rung)
+        """Whether ``rung`` carries ``load`` requests/s (what ``_demand`` makes of it) within
+        ``descend_load`` of what it carries: the throughput test of every climb's and descent's rung."""
+        return self._demand(load) < self.config.descend_load * self.carries(rung)
 
     def _holds(self, rung: int, load: float) -> bool:
         """Whether ``rung`` was seen to hold a mean ``load`` requests/s: up to ``1 / descend_load`` of a
@@ -510,6 +536,7 @@ class SloController:
         if rung != self.rung:
             self._moved = True
             self._held_run.clear()
+            self._slow_idle = False
         self.rung = rung
         self._reset_quiet()
 
