@@ -28,10 +28,13 @@ could never be seen. Then, once per window:
   missed (only capacity helps now);
 - over ``climb_at`` of the target: climb a rung (cheaper answers, a higher certified risk), or more
   where the rungs' expected compute says the next one cannot carry the load of now either; with idle
-  instances (no queue: slow requests, not load), only where the window before at this rung was over it
-  too. A window's own p99 at a light load is the slowest of a few requests: after a spike, single slow
-  seconds at half load (one instance's own p99 132-150 ms against a 130-140 ms climb point) sent TREC's
-  ladders up a rung for 2-3 s, at the end of the schedule twice (measured);
+  instances (no queue: slow requests, not load) and under the target, only where the window before at
+  this rung was over ``climb_at`` too. A window's own p99 at a light load is the slowest of a few
+  requests: after a spike, single slow seconds at half load (one instance's own p99 132-150 ms against a
+  130-140 ms climb point) sent TREC's ladders up a rung for 2-3 s, at the end of the schedule twice
+  (measured). Over the target it climbs at once, idle or not: a step that comes mid-window leaves the
+  instances busy for part of it only, and waiting a window at a Rotten Tomatoes 2x onset (an instance
+  at 417 ms against 282) let the queue grow another second (measured);
 - under ``descend_at`` of the target for ``descend_windows`` windows in a row: stop shedding, or
   descend, but not to a rung that was seen overloaded at the load of now: to the lowest rung that was
   seen to hold a load as high (a run of ``descend_windows`` windows served there whole, under
@@ -439,9 +442,9 @@ class SloController:
             if saturated and not self.shedding:  # what this rung answers overloaded is what it carries
                 self.capacity[self.rung] = answered
             if self.rung < self.top_rung:
-                # With idle instances, a second such window in a row (module doc).
+                # With idle instances and under the target, a second such window in a row (module doc).
                 self._slow_idle = not saturated
-                if saturated or slow_idle_before:
+                if saturated or estimate > target or slow_idle_before:
                     over = estimate > target and saturated  # a backlog, which drains fastest at the top
                     self._move(self.top_rung if over else self._rung_that_carries(load))
             elif config.shed_max_exit is not None:  # shedding is the step past the top rung
