@@ -22,6 +22,7 @@ from offramp.client.tools.spike import (
     LADDER,
     Exported,
     ProfileExport,
+    SpikeConfig,
     Step,
     distinct_rows,
     latency_trace,
@@ -35,6 +36,7 @@ from offramp.client.tools.spike import (
     spike_goals,
     spike_markdown,
     spike_schedule,
+    steepest_rise,
     step_statistics,
     wait_until_idle,
     write_request_intervals,
@@ -385,3 +387,12 @@ def test_back_at_rung_0_is_the_start_of_the_last_run_at_rung_0_that_ends_the_ste
     assert rung_0_from([(0.2, 2), (0.7, 0), (1.2, 1), (1.7, 0), (2.2, 0)]) == 1.7
     assert rung_0_from([(0.2, 0), (0.7, 0)]) == 0.0
     assert math.isnan(rung_0_from([(0.2, 0), (0.7, 1)])) and math.isnan(rung_0_from([]))
+
+
+def test_the_ladders_headroom_is_the_schedules_steepest_rise_unless_given():
+    """The default schedule (0.5, 1, 2, 3, 1, 0.5) doubles at its 2x step: its ladders are told 2; a
+    schedule that never rises asks for no headroom; a headroom given is kept."""
+    assert steepest_rise((0.5, 1.0, 2.0, 3.0, 1.0, 0.5)) == 2.0
+    assert steepest_rise((3.0, 1.0)) == steepest_rise((1.0,)) == 1.0
+    assert SpikeConfig().resolved().spike_headroom == 2.0
+    assert SpikeConfig(spike_headroom=1.0).resolved().spike_headroom == 1.0

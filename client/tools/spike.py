@@ -69,9 +69,27 @@ class SpikeConfig:
         -1, help="also run the ladder shedding past its top rung, capping every row at this exit (-1: not)"
     )
     drain_s: float = option(300.0, help="after the schedule, wait at most this long for the last answers")
-    spike_headroom: float = option(
-        1.0, help="the ladders' slo_headroom: the load multiple a rung must carry to be served"
+    spike_headroom: float | None = option(
+        None,
+        parse=float,
+        shown="the schedule's steepest rise",
+        help="the ladders' slo_headroom: the multiple of the steady load a rung must carry to be served",
     )
+
+    def resolved(self) -> SpikeConfig:
+        """This configuration with its headroom decided: where not given, the steepest rise from one step
+        of the schedule to the next (2 for the default), the step its ladders are told to absorb. A
+        reactive controller sees a step a second late; with a headroom of 1 the rung of the step before
+        built its queue in that second at half the 2x onsets of TREC and Rotten Tomatoes (README)."""
+        if self.spike_headroom is not None:
+            return self
+        return replace(self, spike_headroom=steepest_rise(self.spike_steps))
+
+
+def steepest_rise(steps: Sequence[float]) -> float:
+    """The largest ratio of a step's offered load to the one before it; 1 where the load never rises."""
+    pairs = zip(steps[:-1], steps[1:], strict=True)
+    return max([1.0, *(after / before for before, after in pairs if before > 0)])
 
 
 @dataclass(frozen=True)
@@ -479,6 +497,7 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
             print(message, flush=True)
 
     name, batch = workload.name, bench.rows_per_request
+    spike = spike.resolved()
     out = Path(bench.out) / "spike" / name
     out.mkdir(parents=True, exist_ok=True)
     policy = ladder_policy(workload, spike.ladder)
@@ -713,7 +732,9 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
         )
     headroom = spike.get("spike_headroom", 1.0)
     if headroom != 1.0:
-        capacity += f" The ladders serve a rung only where it carries {headroom:g} x the load of now."
+        capacity += (
+            f" The ladders serve a rung only where it carries {headroom:g} x the steady load (slo_headroom)."
+        )
     return (
         f"# Spike: {summary['workload']}\n\n"
         f"SLO p99 {slo:.1f} ms ({spike['slo_factor']:g} x the full model's "
