@@ -163,8 +163,8 @@ class ServingOptions:
     # Requests/s each rung carries, rung 0 first, comma-separated, as measured on this deployment
     # (SloConfig.rung_capacity; ``offramp bench --spike`` measures them); empty: learnt under load.
     slo_rung_capacity: str = ""
-    # The load multiple a rung must carry to be served (SloConfig.headroom; 2: a doubling within a
-    # second finds the rung able to carry it).
+    # The multiple of the steady load a rung must carry to be served (SloConfig.headroom; 2: a doubling
+    # within a second finds the rung able to carry it).
     slo_headroom: float = 1.0
     # Where the controller reads Triton's queue counters for this model (Triton's metrics port).
     metrics_url: str = "http://127.0.0.1:8002/metrics"

@@ -161,9 +161,10 @@ class SloConfig:
     # windows that overload a rung and estimated for the others from the rungs' work (module doc).
     rung_capacity: tuple[float, ...] = ()
     climb_load: float = 0.9  # climb before the latency shows it where the load passes this share of that
-    # The multiple of the load of now that a rung must carry (with the margins above) to be served: 2
-    # keeps the ladder on a rung that a doubling of the load within a second finds able to carry it,
-    # at the price of a higher rung (more risk, still certified) at a steady load. 1: the load of now.
+    # The multiple of the steady load (the mean of the last descend_windows windows) that a rung must
+    # carry (with the margins above) to be served: 2 keeps the ladder on a rung that a doubling of the
+    # load within a second finds able to carry it, at the price of a higher rung (more risk, still
+    # certified) at a steady load. 1: the load of now, or the steady load where higher.
     headroom: float = 1.0
 
     def __post_init__(self) -> None:
