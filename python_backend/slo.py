@@ -104,10 +104,10 @@ the last window's length (answered plus the growth of its queue, from the readin
 a window sliding by quarters, and climbs where they pass ``climb_load`` of what the rung carries: a step
 that starts mid-window shows in that count up to three quarters of a window before the window's close.
 
-With ``headroom`` over 1, every test of what a rung carries asks for that multiple of the steady load
-(the mean of the last ``descend_windows`` windows; the load of now where higher): a climb or descent
-goes to a rung that carries it, and the rung of now is left where the multiple passes ``climb_load`` of
-what it carries. A reactive controller sees a step in the load a second late
+Every test of what a rung carries asks for the load of now or ``headroom`` times the steady load (the
+mean of the last ``descend_windows`` windows), whichever is more (``_demand``). With ``headroom`` over 1
+a climb or descent goes to a rung that carries that multiple, and the rung of now is left where the
+multiple passes ``climb_load`` of what it carries. A reactive controller sees a step in the load a second late
 (the load it counts is over the last window, the backlog check needs the queue first), and a rung
 chosen for 1x, at 78-117% of what it carries at 2x, built its queue in that second (the 2x onsets
 missed in TREC runs 25-26 and Rotten Tomatoes runs 7-8); with a headroom of 2 the rung of 1x carries
