@@ -142,6 +142,12 @@ def is_expected_cost(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
+def check_headroom(headroom: float) -> None:
+    """Refuses a ``headroom`` (``SloConfig.headroom``) that is not a finite load multiple of at least 1."""
+    if not (math.isfinite(headroom) and headroom >= 1):
+        raise ValueError(f"headroom must be a load multiple >= 1: {headroom}")
+
+
 @dataclass(frozen=True)
 class SloConfig:
     p99_ms: float  # the latency target
@@ -184,8 +190,7 @@ class SloConfig:
             )
         if not self.descend_load < self.climb_load <= 1:
             raise ValueError("need descend_load < climb_load <= 1 (the gap is the hysteresis)")
-        if not (math.isfinite(self.headroom) and self.headroom >= 1):
-            raise ValueError(f"headroom must be a load multiple >= 1: {self.headroom}")
+        check_headroom(self.headroom)
 
     def check_ladder(self, rungs: int) -> None:
         """Refuses measured capacities for another number of rungs than the ladder's ``rungs``."""

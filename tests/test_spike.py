@@ -396,3 +396,5 @@ def test_the_ladders_headroom_is_the_schedules_steepest_rise_unless_given():
     assert steepest_rise((3.0, 1.0)) == steepest_rise((1.0,)) == 1.0
     assert SpikeConfig().resolved().spike_headroom == 2.0
     assert SpikeConfig(spike_headroom=1.0).resolved().spike_headroom == 1.0
+    with pytest.raises(ValueError, match="headroom must be a load multiple >= 1"):
+        SpikeConfig(spike_headroom=0.5)

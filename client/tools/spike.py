@@ -76,6 +76,12 @@ class SpikeConfig:
         help="the ladders' slo_headroom: the multiple of the steady load a rung must carry to be served",
     )
 
+    def __post_init__(self) -> None:
+        if self.spike_headroom is not None:  # refused here, not after minutes of measuring
+            from offramp.backend.slo import check_headroom
+
+            check_headroom(self.spike_headroom)
+
     def resolved(self) -> SpikeConfig:
         """This configuration with its headroom decided: where not given, the steepest rise from one step
         of the schedule to the next (2 for the default), the step its ladders are told to absorb. A
