@@ -166,6 +166,9 @@ class ServingOptions:
     # The multiple of the steady load a rung must carry to be served (SloConfig.headroom; 2: a doubling
     # within a second finds the rung able to carry it).
     slo_headroom: float = 1.0
+    # The share of what a rung carries that the risen load may fill (SloConfig.headroom_load); 0: the
+    # descent's margin, as for a load of now.
+    slo_headroom_load: float = 0.0
     # Where the controller reads Triton's queue counters for this model (Triton's metrics port).
     metrics_url: str = "http://127.0.0.1:8002/metrics"
     # Shadow checks of early answers at full depth and the live risk alarm (offramp.backend.shadow),
@@ -189,6 +192,7 @@ class ServingOptions:
             fixed_cost=self.slo_fixed_cost,
             rung_capacity=self._rung_capacity(),
             headroom=self.slo_headroom,
+            headroom_load=self.slo_headroom_load or None,
         )
 
     def check_against(self, policy: Policy) -> None:

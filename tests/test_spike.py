@@ -398,3 +398,10 @@ def test_the_ladders_headroom_is_the_schedules_steepest_rise_unless_given():
     assert SpikeConfig(spike_headroom=1.0).resolved().spike_headroom == 1.0
     with pytest.raises(ValueError, match="headroom must be a load multiple >= 1"):
         SpikeConfig(spike_headroom=0.5)
+
+
+def test_the_ladders_headroom_load_is_checked_before_any_measuring():
+    """0.7 by default; a share over the descent's margin (80%) is refused when the options are read."""
+    assert SpikeConfig().spike_headroom_load == 0.7
+    with pytest.raises(ValueError, match="headroom_load must lie in"):
+        SpikeConfig(spike_headroom_load=0.9)

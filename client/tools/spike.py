@@ -75,12 +75,17 @@ class SpikeConfig:
         shown="the schedule's steepest rise",
         help="the ladders' slo_headroom: the multiple of the steady load a rung must carry to be served",
     )
+    spike_headroom_load: float = option(
+        0.7,
+        help="the ladders' slo_headroom_load: the share of what a rung carries that the risen load may fill",
+    )
 
     def __post_init__(self) -> None:
-        if self.spike_headroom is not None:  # refused here, not after minutes of measuring
-            from offramp.backend.slo import check_headroom
+        from offramp.backend.slo import SloConfig
 
-            check_headroom(self.spike_headroom)
+        # Refused here, not after minutes of measuring: the ladders' own settings check these.
+        headroom = 1.0 if self.spike_headroom is None else self.spike_headroom
+        SloConfig(p99_ms=1.0, headroom=headroom, headroom_load=self.spike_headroom_load)
 
     def resolved(self) -> SpikeConfig:
         """This configuration with its headroom decided: where not given, the steepest rise from one step
@@ -590,6 +595,7 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
                 slo_shed_max_exit=spike.shed_max_exit if arm == LADDER_SHED else -1,
                 slo_rung_capacity=rung_capacity,
                 slo_headroom=spike.spike_headroom,
+                slo_headroom_load=spike.spike_headroom_load,
                 metrics_url=server.metrics_url,
                 segments_in_process=bench.segments_in_process,
             )
@@ -738,8 +744,11 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
         )
     headroom = spike.get("spike_headroom", 1.0)
     if headroom != 1.0:
+        # Summaries from before slo_headroom_load held the risen load to the descent's margin, 80%.
+        share = spike.get("spike_headroom_load", 0.8)
         capacity += (
-            f" The ladders serve a rung only where it carries {headroom:g} x the steady load (slo_headroom)."
+            f" The ladders serve a rung only where {headroom:g} x the steady load fills at most {share:.0%} "
+            "of what it carries (slo_headroom, slo_headroom_load)."
         )
     return (
         f"# Spike: {summary['workload']}\n\n"
