@@ -146,12 +146,6 @@ def is_expected_cost(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-def check_headroom(headroom: float) -> None:
-    """Refuses a ``headroom`` (``SloConfig.headroom``) that is not a finite load multiple of at least 1."""
-    if not (math.isfinite(headroom) and headroom >= 1):
-        raise ValueError(f"headroom must be a load multiple >= 1: {headroom}")
-
-
 @dataclass(frozen=True)
 class SloConfig:
     p99_ms: float  # the latency target
@@ -202,7 +196,8 @@ class SloConfig:
             )
         if not self.descend_load < self.climb_load <= 1:
             raise ValueError("need descend_load < climb_load <= 1 (the gap is the hysteresis)")
-        check_headroom(self.headroom)
+        if not (math.isfinite(self.headroom) and self.headroom >= 1):
+            raise ValueError(f"headroom must be a load multiple >= 1: {self.headroom}")
         if self.headroom_load is not None and not 0 < self.headroom_load <= self.descend_load:
             raise ValueError(
                 f"headroom_load must lie in (0, descend_load = {self.descend_load:g}]: {self.headroom_load}"
