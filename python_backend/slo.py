@@ -415,9 +415,9 @@ class SloController:
         config = self.config
         margin = config.descend_load if config.headroom_load is None else config.headroom_load
         # The risen load against the throughput margins: filling headroom_load of a rung counts as
-        # filling descend_load of it.
+        # filling descend_load of it. Never under the steady load (headroom >= 1, margin <= descend_load).
         risen = config.headroom * steady * config.descend_load / margin
-        return max(load, steady, risen)
+        return max(load, risen)
 
     def _near_capacity(self, load: float) -> bool:
         """Whether ``load`` requests/s coming (what ``_demand`` makes of it) pass ``climb_load`` of what the
