@@ -9,8 +9,10 @@ a weak witness of it. This measures the promise itself, on live traffic:
   the policy decided freely (no forced depth, rung 0), each one that left early is checked with a
   probability q fixed before its outcome: the base ``rate``, or its exit's or its cohort's rate, more
   for a cohort's first rows (``new_cohort_rate``), and ``boost_rate`` while something says the risk may
-  have moved (the drift monitor's profile left its stable band, the risk test has half the evidence an
-  alarm needs, or an alarm is up without conservative mode). Rows answered at the last exit disagree
+  have moved: for ``boost_rows`` rows after the drift monitor's profile leaves its stable band (a burst:
+  a benign shift of the mix may keep the profile out for good, and checks on every early row for good
+  would cost more than the full model), and for as long as the risk test has half the evidence an
+  alarm needs or an alarm is up without conservative mode. Rows answered at the last exit disagree
   with nothing (D = 0), and rows run to full depth by conservative mode carry both answers: both are
   observed for free. The checked rows' inputs are copied to a bounded queue; nothing else waits.
 - Checking (a worker thread of the orchestrator's process): the queued rows run through the full model
@@ -81,7 +83,11 @@ class ShadowConfig:
     cohort_rates: str = ""  # "vip=0.05": by cohort, instead of the exit's rate
     new_cohort_rate: float = 0.1  # a cohort's first new_cohort_rows rows in this process
     new_cohort_rows: int = 1000
-    boost_rate: float = 0.5  # while the profile moves, the evidence grows, or an alarm is up
+    # While something says the risk may have moved: every early row, since the evidence a checked row
+    # brings is at most the KL divergence of the risk from epsilon (0.07 nats at 3 epsilon), and a row
+    # left unchecked brings none.
+    boost_rate: float = 1.0
+    boost_rows: int = 2000  # rows of this instance the burst lasts after the profile leaves its band
     epsilon: float = 0.0  # the risk level tested; 0: the policy's own (its provenance)
     alpha: float = 0.05  # P(an alarm while the risk is within epsilon) <= alpha
     clear_alpha: float = 0.05  # P(a clear while it is still above) <= clear_alpha
@@ -103,6 +109,8 @@ class ShadowConfig:
                 raise ValueError(f"shadow {name} must lie in [0, 1], not {getattr(self, name)}")
         if not 0.0 <= self.epsilon < 1.0:
             raise ValueError(f"shadow epsilon must lie in [0, 1), not {self.epsilon}")
+        if self.boost_rows < 0:
+            raise ValueError(f"shadow boost_rows must be >= 0, not {self.boost_rows}")
         if (
             self.exit_rate_map or self.cohort_rate_map
         ) and self.rate == 0:  # parsed now: a malformed string fails the load
@@ -217,16 +225,18 @@ class ShadowChecks:
         # The cohorts and their tests: requests add cohorts, the worker and the exchange thread move tests.
         self._lock = threading.RLock()
         self._moving = False  # the drift monitor's profile is out of its stable band
+        self._burst_rows = 0  # rows the burst of checks after the profile moved still covers
         self.conservative = False  # an alarm is raised and every row runs to full depth
         self._boosted: frozenset[str] = frozenset()
-        self._queue: queue.Queue[list[_Record] | None] = queue.Queue()
+        # (records, then a fresh wealth in every test: the profile moved after them), None: stop.
+        self._queue: queue.Queue[tuple[list[_Record], bool] | None] = queue.Queue()
         # What was observed waits here and goes to the worker together, every HAND_OVER_S or
         # HAND_OVER_ROWS rows, checks too: each settlement holds the GIL the requests' thread needs, and
         # its checks are a BLS call to the full model (about 3 ms of CPU per call on the CNN, beside a
         # few rows' compute). One settlement per record cost the CNN's orchestrator 0.4 ms of CPU per
         # request, about a tenth of its throughput at concurrency 8; a hand-over at each check, about
-        # 17 a second there at 1%, still 3-5%. While something says the risk may have moved (the drift
-        # monitor's profile, half an alarm's evidence) a check goes over at once, so the alarm is not
+        # 17 a second there at 1%, still 3-5%. While something says the risk may have moved (the burst
+        # after the profile moved, half an alarm's evidence) a check goes over at once, so the alarm is not
         # late by a second of traffic when it matters. Rows with nothing to check, keep or count are
         # only counted: (cohort, bet scale, z_max) -> rows with Z = 0.
         self._held: list[_Record] = []
@@ -267,20 +277,26 @@ class ShadowChecks:
         state = self._cohorts.get(self._key(cohort))
         if state is None or state.rows < config.new_cohort_rows:
             rate = max(rate, config.new_cohort_rate)
-        if self._moving or self._key(cohort) in self._boosted:
+        if self._burst_rows > 0 or self._key(cohort) in self._boosted:
             rate = max(rate, config.boost_rate)
         return min(1.0, max(rate, self._store_rate))
 
+    @property
+    def alert(self) -> bool:
+        """Whether checks are boosted now: the burst after a move, or a cohort's evidence."""
+        return self._burst_rows > 0 or bool(self._boosted)
+
     def profile_moved(self, moving: bool) -> None:
-        """The drift monitor's profile left its stable band (or came back): checks are boosted while it is
-        out, and each change starts a fresh wealth in every cohort's test (an event start)."""
+        """The drift monitor's profile left its stable band (or came back): leaving it starts a burst of
+        boosted checks, and each change starts a fresh wealth in every cohort's test (an event start)."""
         if moving == self._moving:
             return
         self._moving = moving
-        with self._lock:
-            for state in self._cohorts.values():
-                if state.alarm is not None:
-                    state.alarm.event()
+        self._burst_rows = self.config.boost_rows if moving else 0
+        # The fresh wealth bets on the rows after the change only (its start is a stopping time): the
+        # rows held until now (up to a second of traffic) go to the tests first. Settled after the start,
+        # a switch's last in-domain rows were charged to the bets on the foreign rows after it.
+        self._hand_over(self.clock(), event=True)
 
     def observe(
         self,
@@ -364,8 +380,9 @@ class ShadowChecks:
                 )
             )
         self._held_rows += len(free_cohorts)
-        alert = (self._moving or self._boosted) and any(r.checks is not None for r in self._held)
-        if alert or self._held_rows >= HAND_OVER_ROWS or now - self._handed_at >= HAND_OVER_S:
+        self._burst_rows = max(0, self._burst_rows - len(free_cohorts))
+        hurry = self.alert and any(r.checks is not None for r in self._held)
+        if hurry or self._held_rows >= HAND_OVER_ROWS or now - self._handed_at >= HAND_OVER_S:
             self._hand_over(now)
 
     def _draws(self, count: int) -> np.ndarray:
@@ -375,13 +392,13 @@ class ShadowChecks:
         taken, self._draw_buffer = self._draw_buffer[:count], self._draw_buffer[count:]
         return taken
 
-    def _hand_over(self, now: float) -> None:
+    def _hand_over(self, now: float, event: bool = False) -> None:
         held = self._held + [
             _Record(cohort, now, bet_scale, z_max, known=[], zeros=zeros, checks=None, kept=None)
             for (cohort, bet_scale, z_max), zeros in self._held_zeros.items()
         ]
-        if held:
-            self._queue.put(held)
+        if held or event:
+            self._queue.put((held, event))
         self._held, self._held_zeros, self._held_rows, self._handed_at = [], {}, 0, now
 
     def _kept(self, index, inputs, exits, early_labels, full_labels, cohort, request_ids, rows, now) -> dict:
@@ -400,26 +417,32 @@ class ShadowChecks:
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                self._queue.task_done()
-                return
-            records, taken, stopping = list(item), 1, False
-            while not self._queue.empty() and not stopping:  # check what has gathered meanwhile in few calls
-                more = self._queue.get_nowait()
-                taken += 1
-                stopping = more is None
-                records.extend(more or [])
+            items = [self._queue.get()]
+            while items[-1] is not None and not self._queue.empty():  # what gathered meanwhile, in few calls
+                items.append(self._queue.get_nowait())
             try:
+                records: list[_Record] = []
+                for held, event in filter(None, items):
+                    records.extend(held)
+                    if event:  # the rows before the profile's change first, then the fresh wealth
+                        self._settle(records)
+                        records = []
+                        self._start_events()
                 self._settle(records)
             except Exception as error:  # noqa: BLE001 -- a failed settlement must not end the worker
                 self.errors += 1
                 self.last_error = repr(error)
             finally:
-                for _ in range(taken):
+                for _ in items:
                     self._queue.task_done()
-            if stopping:
+            if items[-1] is None:
                 return
+
+    def _start_events(self) -> None:
+        with self._lock:
+            for state in self._cohorts.values():
+                if state.alarm is not None:
+                    state.alarm.event()
 
     def drain(self) -> None:
         """Waits until every row observed so far is settled (its check run and counted)."""
@@ -427,6 +450,8 @@ class ShadowChecks:
         self._queue.join()
 
     def _settle(self, records: list[_Record]) -> None:
+        if not records:
+            return
         checks = [r.checks for r in records if r.checks is not None]
         self._run_checks(checks)
         with self._lock:

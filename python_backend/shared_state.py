@@ -7,16 +7,19 @@ action each instance takes on its own rows, so summing per-instance metrics in a
 do: every instance must decide on the same evidence. Each process therefore writes what it saw (its
 recent exits, its risk tests' log-growth) to ``<pid>.json`` in a directory named after the model, the
 server process and the policy version (a new version is a new test), by an atomic rename, and reads the
-others' files, at most every ``interval_s``. In ``/dev/shm`` this is memory, not disk. A file whose
-process is gone is skipped (its last rows stay out of the window) and removed.
+others' files, every ``interval_s()`` seconds (shorter while an alarm may be coming: the leader adds the
+others' evidence and the others take its decision at that pace). In ``/dev/shm`` this is memory, not
+disk. A file whose process is gone is skipped (its last rows stay out of the window) and removed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -92,8 +95,11 @@ class SharedState:
 
 
 class PeriodicExchange:
-    """A daemon thread that, every ``interval_s``, publishes ``state()`` and hands the peers' states to
-    ``absorb``; errors go to ``on_error`` and the thread goes on."""
+    """A daemon thread that publishes ``state()`` and hands the peers' states to ``absorb`` once
+    ``interval_s()`` seconds have passed since the last exchange, looking every ``poll_s``: an interval
+    that shortens takes effect within a poll, not after the long one (in the served risk test the first
+    exchange after an alarm's evidence began came 0.2 s late, about 250 rows). Errors go to ``on_error``
+    and the thread goes on."""
 
     def __init__(
         self,
@@ -101,12 +107,19 @@ class PeriodicExchange:
         state: Callable[[], Mapping[str, Any]],
         absorb: Callable[[dict[int, dict[str, Any]]], None],
         on_error: Callable[[Exception], None],
-        interval_s: float = 0.25,
+        interval_s: Callable[[], float],
+        poll_s: float = 0.05,
     ) -> None:
-        self.shared, self.state, self.absorb = shared, state, absorb
-        self._thread = Recurring("offramp-shared-state", lambda: interval_s, self.exchange, on_error)
+        self.shared, self.state, self.absorb, self.interval_s = shared, state, absorb, interval_s
+        self._exchanged_at = -math.inf
+        self._thread = Recurring("offramp-shared-state", lambda: poll_s, self._exchange_if_due, on_error)
+
+    def _exchange_if_due(self) -> None:
+        if time.monotonic() - self._exchanged_at >= self.interval_s():
+            self.exchange()
 
     def exchange(self) -> None:
+        self._exchanged_at = time.monotonic()
         self.shared.publish(self.state())
         self.absorb(self.shared.peers())
 

@@ -213,6 +213,7 @@ class TritonPythonModel:
                 self.orchestrator.shared_state,
                 self.orchestrator.absorb_shared,
                 lambda e: _log(f"{label}: state not shared with the other instances: {e}", error=True),
+                self.orchestrator.shared_state_interval_s,
             )
 
     def _call(self, model_name, tensors, output_names):

@@ -89,6 +89,8 @@ def test_config_round_trips_through_triton_parameters_and_refuses_what_it_cannot
         ShadowConfig(exit_rates="0=0.5")
     with pytest.raises(ValueError, match="rate"):
         ShadowConfig(rate=1.5)
+    with pytest.raises(ValueError, match="boost_rows"):
+        ShadowConfig(rate=0.01, boost_rows=-1)
     assert expected_epsilon({"epsilon": 0.05, "risk": "disagreement"}) == 0.05
     assert expected_epsilon({"epsilon": 0.05, "risk": "error_increase"}) is None  # not what checks measure
     assert expected_epsilon({}) is None
@@ -104,11 +106,52 @@ def test_rates_by_exit_cohort_newness_and_boost():
         assert shadow.rate(0, "") == 0.01 and shadow.rate(1, "") == 0.03
         assert shadow.rate(0, "vip") == 0.2  # new, but its own rate is higher
         shadow.profile_moved(True)
-        assert shadow.rate(0, "") == 0.5  # boosted while the exit profile moves
+        assert shadow.rate(0, "") == 1.0 and shadow.alert  # a burst of checks once the exit profile moves
         shadow.profile_moved(False)
-        assert shadow.rate(0, "") == 0.01
+        assert shadow.rate(0, "") == 0.01 and not shadow.alert
     finally:
         shadow.close()
+
+
+def test_the_burst_after_a_move_lasts_boost_rows_while_the_profile_stays_out():
+    """A benign shift of the mix can keep the profile out of its band for good: the boosted checks stop
+    after boost_rows rows unless the evidence asks for more, and the next move starts a new burst."""
+    shadow, _ = checks(ShadowConfig(rate=0.01, new_cohort_rows=0, boost_rows=250))
+    try:
+        rng = np.random.default_rng(0)
+        shadow.profile_moved(True)
+        shadow.observe(**batch(rng, 200), run_full=full_model(0))
+        assert shadow.rate(0, "") == 1.0  # 50 rows of the burst left
+        shadow.observe(**batch(rng, 100), run_full=full_model(0))
+        assert shadow.rate(0, "") == 0.01 and not shadow.alert  # still out, burst spent
+        shadow.profile_moved(False)
+        shadow.profile_moved(True)
+        assert shadow.rate(0, "") == 1.0
+    finally:
+        shadow.close()
+
+
+def test_a_move_starts_a_fresh_wealth_after_the_rows_held_before_it():
+    """Rows observed before the profile moved wait up to a second for the worker; they must go to the
+    tests before the fresh wealth starts, or 3,000 healthy rows charge a bet made on what comes after
+    them. Two services see the same rows, one settling them before the move, one holding them across it;
+    their evidence after two disagreements must be the same."""
+    evidence = []
+    for settled_first in (True, False):
+        shadow, _ = checks(ShadowConfig(rate=0.01, seed=3), clock=lambda: 0.0)  # no hand-over by time
+        try:
+            rng = np.random.default_rng(0)
+            shadow.observe(**batch(rng, 3000, exits=EXITS - 1), run_full=full_model(0))  # held: < 4,096
+            if settled_first:
+                shadow.drain()
+            shadow.profile_moved(True)
+            shadow.observe(**batch(rng, 2, exits=0), run_full=full_model(1))  # both checked, both disagree
+            shadow.drain()
+            evidence.append(shadow.gauges()[""]["evidence"])
+        finally:
+            shadow.close()
+    assert 0 < evidence[0] < 3.0  # the two disagreements' evidence, short of an alarm
+    assert evidence[1] == pytest.approx(evidence[0])
 
 
 def serve(shadow, rng: np.random.Generator, batches: int, rows: int, full) -> np.ndarray:
