@@ -92,11 +92,11 @@ def test_foreign_images_raise_the_risk_alarm_and_in_domain_rows_clear_it(
     # the grid's 6 bets, the drift event's weight) at no more than the information per checked row, the
     # KL divergence of the risk R from epsilon: 0.033 nats at R = 2.3 epsilon, 0.070 at 3 epsilon. In
     # their own order the digits' first 1,000 rows came at 0.135 and stretches of 500 at 0.11-0.12: 256
-    # to 752 rows to conservative mode in 24 served runs, and 1,056 once in a full suite, where the model
-    # trains a little differently. So the stream is the digits shuffled and set at 3 epsilon, as the
-    # in-domain stream after the alarm is set at half epsilon: at the 0.039 of the plain rows the time to
-    # clear is widely spread (the betting test, simulated on Bernoulli rows: median 3,100 rows, 1 run in
-    # 3 past 4,000); at 0.025: median 580, p99 1,700.
+    # to 752 rows to conservative mode in 21 served runs with the checks' burst, and 1,056 once before it
+    # in a full suite (where the model trains a little differently). So the stream is the digits
+    # shuffled and set at 3 epsilon, as the in-domain stream after the alarm is set at half epsilon: at
+    # the 0.039 of the plain rows the time to clear is widely spread (the betting test, simulated on
+    # Bernoulli rows: median 3,100 rows, 1 run in 3 past 4,000); at 0.025: median 580, p99 1,700.
     foreign = at_risk(reference, digits, 3 * EPSILON)
     assert len(foreign) >= 1000 and abs(disagreement(reference, foreign) - 3 * EPSILON) < 0.002
     after = at_risk(reference, images[1000:5000], EPSILON / 2)
