@@ -661,7 +661,28 @@ def test_report_from_saved_results(tmp_path):
     results = tmp_path / "results" / "m"
     results.mkdir(parents=True)
     (results / "summary.json").write_text(json.dumps(summary))
+    # offramp tune's decisions for this model are stated under its goals (one for another model is not).
+    candidates = [{"predicted_speedup": 0.9}, {"predicted_speedup": 0.74}]
+    for run, model, modes, decision, verified in (
+        ("m_bls", "m", ["bls"], {"serves_full_model": True}, {"throughput_ratio": 0.74, "rounds": 3}),
+        ("m", "m", ["bls", "in_process"],
+         {"serves_full_model": False, "kept_exits": [0, 2], "mode": "in_process"},
+         {"throughput_ratio": 1.33, "rounds": 3}),
+        ("other", "n", ["bls"], {"serves_full_model": True}, {}),
+    ):  # fmt: skip
+        (tmp_path / "tune" / run).mkdir(parents=True)
+        record = {"model": model, "date": run, "config": {"modes": modes}, "decision": decision,
+                  "verified": verified, "candidates": candidates}  # fmt: skip
+        (tmp_path / "tune" / run / "tune.json").write_text(json.dumps(record))
     text = write_report(tmp_path).read_text()
+    assert (
+        "| throughput early/full as `offramp tune` serves it, segments over BLS (`tune/m_bls`) | >= 1x "
+        "| the full model, called directly: 1.00x (no set of exits predicted above 0.90x; the early-exit "
+        "interface kept at least cost measured 0.74x) | yes |"
+    ) in text
+    chosen = "exits [0, 2] in process: 1.33x (3 rounds) | yes |"
+    assert f"segments over BLS and in process (`tune/m`) | >= 1x | {chosen}" in text
+    assert "tune/other" not in text
     assert "| 8 | 250 | 100 | 2.50x |" in text  # medians and the paired ratio
     assert "rule family patience; max-prob (discounted where the label held at the last 2 exits)" in text
     # Server CPU per row at c=8, 3 rounds pooled: early 3 x 0.8 s / 2400 rows, full 3 x 0.6 s / 2400 rows.

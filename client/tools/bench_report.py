@@ -26,6 +26,10 @@ from offramp.client.tools.bench_summary import (
 )
 
 REPORT = "BENCHMARKS.md"
+# <out>/tune/<run>/tune.json: an ``offramp tune`` run's decision, stated under its workload's goals (the
+# goal for a model too small to pay is what tune chooses: the full model, when no set of exits beats it).
+TUNE_RUNS = "tune"
+MODE_NAMES = {"bls": "over BLS", "in_process": "in process"}
 ARM_STYLE = {  # label, colour, marker
     EARLY: ("early exit", "tab:blue", "o"),
     FULL: ("full model", "tab:red", "s"),
@@ -52,13 +56,44 @@ def write_report(out: Path) -> Path:
     sections = []
     for summary in summaries:
         images = write_plots(summary, plots)
-        sections.append(
-            workload_section(summary, {k: p.relative_to(out).as_posix() for k, p in images.items()})
-        )
+        images = {k: p.relative_to(out).as_posix() for k, p in images.items()}
+        sections.append(workload_section(summary, images, tune_runs(out, summary["workload"])))
     text = header(summaries) + "\n".join(sections)
     path = out / REPORT
     path.write_text(text)
     return path
+
+
+def tune_runs(out: Path, model: str) -> list[dict]:
+    """The ``offramp tune`` decisions saved under ``<out>/tune`` for ``model``, each with its folder's
+    name as ``run``, by date."""
+    runs = []
+    for path in sorted((Path(out) / TUNE_RUNS).glob("*/tune.json")):
+        record = json.loads(path.read_text())
+        if record.get("model") == model and "decision" in record:
+            runs.append({**record, "run": path.parent.name})
+    return sorted(runs, key=lambda r: r.get("date", ""))
+
+
+def tune_goal_row(run: Mapping) -> list[str]:
+    """A goal line for one tune run: what it chose to serve and its measured throughput against the full
+    model's (met when it beats it, or when tune says to serve the full model itself)."""
+    decision, verified = run["decision"], run.get("verified") or {}
+    modes = " and ".join(MODE_NAMES.get(m, m) for m in run["config"]["modes"])
+    goal = f"throughput early/full as `offramp tune` serves it, segments {modes} (`{TUNE_RUNS}/{run['run']}`)"
+    measured = verified.get("throughput_ratio")
+    if decision["serves_full_model"]:
+        best = max((c["predicted_speedup"] for c in run.get("candidates", [])), default=math.nan)
+        kept = f"; the early-exit interface kept at least cost measured {measured:.2f}x" if measured else ""
+        shown = f"the full model, called directly: 1.00x (no set of exits predicted above {best:.2f}x{kept})"
+        return [goal, ">= 1x", shown, "yes"]
+    chosen = f"exits {decision['kept_exits']} {MODE_NAMES.get(decision['mode'], decision['mode'])}"
+    if measured is None:
+        shown, met = f"{chosen}: not measured (predicted {decision['predicted_speedup']:.2f}x)", "n/a"
+    else:
+        shown = f"{chosen}: {measured:.2f}x ({verified.get('rounds', '?')} rounds)"
+        met = "yes" if measured >= 1 else "**no**"
+    return [goal, ">= 1x", shown, met]
 
 
 # --- Formatting ------------------------------------------------------------------------------------------
@@ -146,7 +181,7 @@ def rule_value(rule: Mapping) -> str:
     return value
 
 
-def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
+def workload_section(s: Mapping, images: Mapping[str, str], tuned: Sequence[Mapping] = ()) -> str:
     model, policy, quality, levels = s["model"], s["policy"], s["quality"], s["levels"]
     exits = model["exits"]
     parts = [f"## {s['workload']}: {s['description']}", ""]
@@ -306,6 +341,7 @@ def workload_section(s: Mapping, images: Mapping[str, str]) -> str:
     parts += truncation_section(s)
     met = {True: "yes", False: "**no**", None: "n/a"}
     goal_rows = [[g["goal"], g["target"], g["shown"], met[g["met"]]] for g in s["goals"]]
+    goal_rows += [tune_goal_row(run) for run in tuned]
     parts += ["### Goals", "", markdown_table(["goal", "target", "measured", "met"], goal_rows), "", ""]
     parts += breakdown_section(s)
     parts += [f"![throughput]({images['throughput']})", f"![p99 latency]({images['latency']})",
