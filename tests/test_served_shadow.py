@@ -118,7 +118,7 @@ def test_foreign_images_raise_the_risk_alarm_and_in_domain_rows_clear_it(
         # The switch. Expected: a few hundred rows. The drift monitor's profile leaves its band after
         # 200-370 of them (0.15-0.3 s at this pace); from there every early row is checked and about 100
         # rows bring the evidence; the other instance takes the alarm within an exchange (0.05 s). 320 to
-        # 528 rows in 8 runs (480 to 912 before the checks' burst and the ordered event start); the goal is
+        # 528 rows in 18 runs (480 to 912 before the checks' burst and the ordered event start); the goal is
         # 1,000.
         switch_rows, _ = serve_until(server, name, foreign, conservative)
         assert switch_rows <= 1000, switch_rows
