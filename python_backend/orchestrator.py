@@ -872,10 +872,11 @@ class Orchestrator:
 
     def shared_state_interval_s(self) -> float:
         """Seconds to the next exchange with the other instances. While checks are boosted an alarm may be
-        near, and each exchange is a step on its way to the requests: the leader adds the others'
-        evidence, then the others take its decision. At the usual 0.25 s those two steps cost a switch
-        to foreign rows up to 0.5 s of traffic, about 600 rows of the served test's stream; at 0.05 s,
-        about 125. An exchange writes and reads a few KB of JSON per instance (under a millisecond)."""
+        near (and while one is up, its clear), and each exchange is a step on its way to the requests:
+        the leader adds the others' evidence, then the others take its decision. At the usual 0.25 s
+        those two steps cost a switch to foreign rows up to 0.5 s of traffic, about 600 rows of the
+        served test's stream; at 0.05 s, about 125. An exchange writes and reads a few KB of JSON per
+        instance (under a millisecond)."""
         return ALERT_EXCHANGE_S if self.shadow is not None and self.shadow.alert else EXCHANGE_S
 
     def absorb_shared(self, peers: Mapping[int, Mapping[str, Any]]) -> None:

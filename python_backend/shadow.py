@@ -237,8 +237,10 @@ class ShadowChecks:
         # request, about a tenth of its throughput at concurrency 8; a hand-over at each check, about
         # 17 a second there at 1%, still 3-5%. While something says the risk may have moved (the burst
         # after the profile moved, half an alarm's evidence) a check goes over at once, so the alarm is not
-        # late by a second of traffic when it matters. Rows with nothing to check, keep or count are
-        # only counted: (cohort, bet scale, z_max) -> rows with Z = 0.
+        # late by a second of traffic when it matters; in conservative mode every record does (no BLS
+        # call: both answers are known), so the clear is not late either, while every row runs to full
+        # depth. Rows with nothing to check, keep or count are only counted: (cohort, bet scale, z_max)
+        # -> rows with Z = 0.
         self._held: list[_Record] = []
         self._held_zeros: dict[tuple[str, float, float], int] = {}
         self._held_rows = 0
@@ -283,8 +285,9 @@ class ShadowChecks:
 
     @property
     def alert(self) -> bool:
-        """Whether checks are boosted now: the burst after a move, or a cohort's evidence."""
-        return self._burst_rows > 0 or bool(self._boosted)
+        """Whether an alarm may be near or is up: checks boosted (the burst after a move, a cohort's
+        evidence) or conservative mode (every row is evidence that may clear it)."""
+        return self._burst_rows > 0 or bool(self._boosted) or self.conservative
 
     def profile_moved(self, moving: bool) -> None:
         """The drift monitor's profile left its stable band (or came back): leaving it starts a burst of
@@ -381,7 +384,7 @@ class ShadowChecks:
             )
         self._held_rows += len(free_cohorts)
         self._burst_rows = max(0, self._burst_rows - len(free_cohorts))
-        hurry = self.alert and any(r.checks is not None for r in self._held)
+        hurry = self.conservative or (self.alert and any(r.checks is not None for r in self._held))
         if hurry or self._held_rows >= HAND_OVER_ROWS or now - self._handed_at >= HAND_OVER_S:
             self._hand_over(now)
 
