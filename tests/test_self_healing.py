@@ -37,6 +37,13 @@ from tests.served_reference import Reference, spread_policy
 pytestmark = pytest.mark.integration
 ROWS = 256
 TIMEOUT_S = 10.0
+# tritonserver 2.51's Python backend can abort the whole server when a stub dies while it holds the lock
+# of its shared-memory message queue: the server's side throws this from libtriton_python.so and
+# terminates (once in CI, the orchestrator killed under load; upstream triton-inference-server/server#8882
+# reports it under plain BLS load too). No supervisor of stubs can repair a server that is gone, so a
+# kill that ends that way says nothing of the supervisor: the test is reported as an expected failure
+# with the reason, and fails as before for every other way the restart can go wrong.
+UPSTREAM_ABORT = "boost::interprocess::lock_exception"
 # The goal: answers back on the early-exit path within this long of a kill (the supervisor polls every
 # 0.25 s and a reload takes well under a second here; the rest is a margin for a loaded 2-core machine).
 RECOVERY_GOAL_S = 10.0
@@ -154,9 +161,12 @@ def _kill_under_load(service: HealingService, model: str, forced_traffic: bool =
         os.kill(victim.pid, signal.SIGKILL)
         time.sleep(0.3)
         health_during = _health(service)
-        assert wait_for(
+        restarted = wait_for(
             lambda: supervisor.record(model).restarts > restarts_before, timeout_s=RECOVERY_GOAL_S
-        ), f"{model} was not restarted within {RECOVERY_GOAL_S} s: {supervisor.events[-3:]}"
+        )
+        if not restarted and UPSTREAM_ABORT in server.log_path.read_text(errors="replace"):
+            pytest.xfail(f"tritonserver aborted when the {model} stub was killed: {UPSTREAM_ABORT}")
+        assert restarted, f"{model} was not restarted within {RECOVERY_GOAL_S} s: {supervisor.events[-3:]}"
         time.sleep(2.0)
         if forced is not None:
             forced.stop()
