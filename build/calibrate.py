@@ -262,6 +262,8 @@ class CalibrationSettings:
     delta: float = 0.05
     method: str = "ltt"  # METHODS
     risk: str = "disagreement"
+    # Also certified, jointly: the accuracy lost against the full model is at most this (needs labels).
+    max_accuracy_loss: float | None = None
     rule: str = "confidence"  # RULE_CHOICES
     metric: str = "max_prob"  # of the confidence family
     path: str = "shared"  # shared, per_exit (per_class follows from per_class)
@@ -304,6 +306,7 @@ def calibrate_logits(
     options = dict(
         labels=labels, risk=s.risk, metric=s.metric, path="per_class" if s.per_class else s.path,
         per_class=s.per_class, cohorts=cohorts, bonferroni=s.bonferroni, min_group_rows=s.min_group_rows,
+        max_accuracy_loss=s.max_accuracy_loss,
         fit_fraction=s.fit_fraction, seed=s.seed,
         temperatures=(1.0,) * logits.shape[0] if s.temperature == "one" else None,
     )  # fmt: skip

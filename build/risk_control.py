@@ -162,6 +162,16 @@ def p_values_of(losses: np.ndarray, risk: str, p_value: str, epsilon: float) -> 
 # Methods: what makes a candidate acceptable
 
 
+@dataclass(frozen=True, eq=False)  # arrays inside: compared by identity
+class RiskBound:
+    """One bound every certified candidate must meet: the mean of ``losses`` (K, n), the per-row loss
+    of ``risk`` under each candidate, at most ``epsilon``."""
+
+    losses: np.ndarray
+    risk: str
+    epsilon: float
+
+
 @dataclass(frozen=True)
 class LearnThenTest:
     """Certified: fixed-sequence Learn-then-Test at level ``delta`` (see the module docstring)."""
@@ -172,29 +182,25 @@ class LearnThenTest:
 
     name = "learn_then_test"
 
-    def accepted(
-        self, group_losses: Sequence[np.ndarray], risk: str, delta: float | None = None
-    ) -> np.ndarray:
-        """(K,) bool: the certified candidates, given the losses (K, n_g) of every group that must hold.
+    def accepted(self, bounds: Sequence[RiskBound], delta: float | None = None) -> np.ndarray:
+        """(K,) bool: the certified candidates, given every bound that must hold.
 
-        A candidate is tested with the largest p-value over the groups (an intersection-union test:
-        under ``H_j`` some group's risk exceeds ``epsilon`` and that group's p-value is valid), so
-        the certified candidates have every group's risk at most ``epsilon``, together, with
-        probability at least ``1 - delta``. Candidate 0 (no early exit, risk 0) is always accepted.
+        A candidate is tested with the largest p-value over the bounds (an intersection-union test:
+        under ``H_j`` some bound fails and that bound's p-value is valid), so the certified candidates
+        meet every bound (each group's risk, a joint accuracy bound) together, with probability at least
+        ``1 - delta``. Candidate 0 (no early exit, risk 0) is always accepted.
         """
         if self.epsilon <= 0:  # no loss at all: no finite sample shows it, so no early exit
-            return np.arange(group_losses[0].shape[0]) == 0
+            return np.arange(bounds[0].losses.shape[0]) == 0
         delta = self.delta if delta is None else delta
-        p = self.p_values(group_losses, risk)
+        p = self.p_values(bounds)
         p[0] = 0.0
         last = int(fixed_sequence_test(p, delta))
         return np.arange(len(p)) <= last
 
-    def p_values(self, group_losses: Sequence[np.ndarray], risk: str) -> np.ndarray:
-        """(K,) the largest p-value over the groups, per candidate."""
-        return np.max(
-            [p_values_of(losses, risk, self.p_value, self.epsilon) for losses in group_losses], axis=0
-        )
+    def p_values(self, bounds: Sequence[RiskBound]) -> np.ndarray:
+        """(K,) the largest p-value over the bounds, per candidate."""
+        return np.max([p_values_of(b.losses, b.risk, self.p_value, b.epsilon) for b in bounds], axis=0)
 
     def describe(self, delta: float) -> str:
         return (
@@ -218,20 +224,21 @@ class EmpiricalSearch:
 
     name = "empirical_search"
 
-    def accepted(
-        self, group_losses: Sequence[np.ndarray], risk: str, delta: float | None = None
-    ) -> np.ndarray:
+    def accepted(self, bounds: Sequence[RiskBound], delta: float | None = None) -> np.ndarray:
         if self.epsilon <= 0:  # "risk <= 0" is never shown by finitely many rows: no early exit
-            return np.arange(group_losses[0].shape[0]) == 0
-        means = [
-            losses.mean(axis=1) if losses.shape[1] else np.zeros(losses.shape[0]) for losses in group_losses
-        ]
-        ok = np.all([m <= self.epsilon for m in means], axis=0)
+            return np.arange(bounds[0].losses.shape[0]) == 0
+        ok = np.all(
+            [
+                b.losses.mean(axis=1) <= b.epsilon if b.losses.shape[1] else np.ones(len(b.losses), bool)
+                for b in bounds
+            ],
+            axis=0,
+        )
         ok[0] = True
         return ok
 
-    def p_values(self, group_losses: Sequence[np.ndarray], risk: str) -> np.ndarray:
-        return np.full(group_losses[0].shape[0], np.nan)
+    def p_values(self, bounds: Sequence[RiskBound]) -> np.ndarray:
+        return np.full(bounds[0].losses.shape[0], np.nan)
 
     def describe(self, delta: float) -> str:
         return f"empirical search, calibration risk <= {self.epsilon:.4g}: NO statistical guarantee"
@@ -530,6 +537,8 @@ class CandidateOutcomes:
     taken: np.ndarray  # (K, n) the exit each row takes under each candidate
     losses: np.ndarray  # (K, n) the risk's loss of each row under each candidate
     full_label: np.ndarray  # (n,) the last exit's label, -1 where invalid: the class-conditional groups
+    # (K, n) each row's "error_increase" loss, for a joint accuracy bound; None when none is asked for
+    accuracy_losses: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -537,7 +546,10 @@ class CandidateOutcomes:
 
     def subset(self, members: np.ndarray) -> CandidateOutcomes:
         """The rows selected by ``members`` (n,) bool."""
-        return CandidateOutcomes(self.taken[:, members], self.losses[:, members], self.full_label[members])
+        accuracy = None if self.accuracy_losses is None else self.accuracy_losses[:, members]
+        return CandidateOutcomes(
+            self.taken[:, members], self.losses[:, members], self.full_label[members], accuracy
+        )
 
 
 def candidate_outcomes(
@@ -546,12 +558,15 @@ def candidate_outcomes(
     path: CandidatePath,
     risk: str = "disagreement",
     labels: np.ndarray | None = None,  # (n,)
+    accuracy: bool = False,
 ) -> CandidateOutcomes:
-    """The exits taken and the losses of every candidate on the rows of ``exit_logits``."""
+    """The exits taken and the losses of every candidate on the rows of ``exit_logits``; with
+    ``accuracy``, also each row's accuracy loss (``"error_increase"``, needs ``labels``)."""
     evidence = exit_evidence(exit_logits, temperatures, path.base_rules)
     taken = exits_taken(evidence, path)  # (K, n)
     losses = candidate_losses(taken, evidence.label, risk, labels)  # (K, n)
-    return CandidateOutcomes(taken, losses, evidence.label[-1])
+    accuracy_losses = candidate_losses(taken, evidence.label, "error_increase", labels) if accuracy else None
+    return CandidateOutcomes(taken, losses, evidence.label[-1], accuracy_losses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,6 +608,7 @@ class Certification:
     delta: float  # the level this group was tested at (delta, or delta / groups under Bonferroni)
     class_risks: dict[int, float] = field(default_factory=dict)  # per full-model class, where tested
     fell_back: bool = False  # True: the group uses the global thresholds (see the warning)
+    accuracy_loss: float | None = None  # calibration "error_increase" of the choice, under an accuracy bound
 
 
 @dataclass(frozen=True)
@@ -622,6 +638,7 @@ class CalibratedExitPolicy:
     rule: str = "confidence"  # the rule family (RULE_FAMILIES)
     # calibrate_best_rule: every family tried and its certified expected compute, in the order tried.
     tried: tuple[tuple[str, float], ...] = ()
+    max_accuracy_loss: float | None = None  # the joint accuracy bound, where one was certified
 
     @property
     def calibration_rows(self) -> int:
@@ -683,6 +700,7 @@ class CalibratedExitPolicy:
                 "delta": None if math.isnan(c.delta) else c.delta,
                 "class_risks": {str(k): v for k, v in c.class_risks.items()},
                 "fell_back": c.fell_back,
+                **({} if c.accuracy_loss is None else {"achieved_accuracy_loss": c.accuracy_loss}),
             }
 
         return {
@@ -692,6 +710,7 @@ class CalibratedExitPolicy:
             "guarantee": self.guarantee,
             "risk": self.risk,
             "epsilon": self.epsilon,
+            "max_accuracy_loss": self.max_accuracy_loss,
             "delta": None if math.isnan(self.delta) else self.delta,
             "p_value": self.p_value,
             "per_class": self.per_class,
@@ -755,6 +774,7 @@ def validated_calibration_rows(
     risk: str,
     per_class: str | None,
     cohorts: np.ndarray | None,
+    max_accuracy_loss: float | None = None,
 ) -> CalibrationRows:
     """The arguments of :func:`calibrate_exit_policy` checked against each other; ValueError if not."""
     exit_logits = np.asarray(exit_logits)
@@ -771,6 +791,11 @@ def validated_calibration_rows(
             raise ValueError(f"labels {labels.shape} for {rows} rows")
     if risk != "disagreement" and labels is None:
         raise ValueError(f"risk {risk!r} needs labels")
+    if max_accuracy_loss is not None:
+        if labels is None:
+            raise ValueError("an accuracy bound (max_accuracy_loss) needs labels")
+        if not 0 <= max_accuracy_loss < 1:
+            raise ValueError(f"max_accuracy_loss must lie in [0, 1), not {max_accuracy_loss}")
     if cohorts is not None:
         cohorts = np.array(["" if c is None else str(c) for c in cohorts])
         if cohorts.shape != (rows,):
@@ -859,17 +884,25 @@ def certify(
     cohorts: np.ndarray | None = None,  # (n,) str of the certifying rows, "" for none
     bonferroni: bool = False,
     min_group_rows: int = 50,
+    max_accuracy_loss: float | None = None,
 ) -> Certified:
     """Runs ``method`` on the candidates' ``outcomes`` over the certifying rows: globally (with the
     per-class groups of ``per_class``), then per cohort, a cohort falling back to the global
-    thresholds where it is too small or certifies nothing. See :func:`calibrate_exit_policy`."""
+    thresholds where it is too small or certifies nothing. ``max_accuracy_loss`` bounds every group's
+    accuracy loss too (the outcomes' ``accuracy_losses``). See :func:`calibrate_exit_policy`."""
     if per_class is not None and not path.per_class:
         raise ValueError("per_class needs a per-class path (path='per_class')")
+    if max_accuracy_loss is not None and outcomes.accuracy_losses is None:
+        raise ValueError(
+            "an accuracy bound needs the outcomes' accuracy losses (candidate_outcomes(accuracy=))"
+        )
     costs = np.asarray(exit_costs, dtype=np.float64)
     warn: list[str] = []
 
     def certify_group(group: CandidateOutcomes, delta: float, where: str) -> Certification:
-        return _certify_group(group, path, costs, method, risk, delta, per_class, min_group_rows, warn, where)
+        return _certify_group(
+            group, path, costs, method, risk, delta, per_class, min_group_rows, max_accuracy_loss, warn, where
+        )
 
     result = certify_group(outcomes, method.delta, "global")
     if result.certified == 0 and method.epsilon > 0:
@@ -905,31 +938,41 @@ def _certify_group(
     delta: float,
     per_class: str | None,
     min_group_rows: int,
+    max_accuracy_loss: float | None,
     warn: list[str],
     where: str,
 ) -> Certification:
     rows, losses, taken, full_label = group.rows, group.losses, group.taken, group.full_label
-    groups = [losses]
+    bounds = [RiskBound(losses, risk, method.epsilon)]
     tested_classes: list[int] = []
     if per_class == "class_conditional":
         for c in np.unique(full_label[full_label >= 0]):
             members = full_label == c
             if members.sum() >= min_group_rows:
-                groups.append(losses[:, members])
+                bounds.append(RiskBound(losses[:, members], risk, method.epsilon))
                 tested_classes.append(int(c))
             else:
                 warn.append(
                     f"{where}: class {int(c)} has {int(members.sum())} calibration rows "
                     f"(< {min_group_rows}): no class-conditional guarantee for it, only the marginal one"
                 )
-    accepted = method.accepted(groups, risk, delta)  # (K,)
+    class_bounds = bounds[1:]
+    if max_accuracy_loss is not None:
+        assert group.accuracy_losses is not None  # certify checked it
+        bounds.append(RiskBound(group.accuracy_losses, "error_increase", max_accuracy_loss))
+    accepted = method.accepted(bounds, delta)  # (K,)
     cost = costs[taken].mean(axis=1) if rows else np.zeros(len(path))  # (K,)
     choice = np.flatnonzero(accepted)[np.argmin(cost[accepted])]  # ties: the most conservative
-    p = method.p_values(groups, risk)
+    p = method.p_values(bounds)
     exit_rates = np.bincount(taken[choice], minlength=path.num_exits) / max(rows, 1)
     value = path.thresholds[choice]
     thresholds = tuple(tuple(float(v) for v in t) if path.per_class else float(t) for t in value)
-    class_risks = {c: float(g[choice].mean()) for c, g in zip(tested_classes, groups[1:], strict=True)}
+    class_risks = {
+        c: float(b.losses[choice].mean()) for c, b in zip(tested_classes, class_bounds, strict=True)
+    }
+    accuracy_loss = None
+    if group.accuracy_losses is not None:
+        accuracy_loss = float(group.accuracy_losses[choice].mean()) if rows else 0.0
     return Certification(
         candidate=int(choice),
         level=float(path.levels[choice]),
@@ -942,6 +985,7 @@ def _certify_group(
         p_value=float(p[choice]) if choice > 0 or method.name != "learn_then_test" else 0.0,
         delta=delta,
         class_risks=class_risks,
+        accuracy_loss=accuracy_loss,
     )
 
 
@@ -951,6 +995,7 @@ def _fallback(
     """The global thresholds, with the cohort's own figures under them (for the record only)."""
     j = global_result.candidate
     rows = group.rows
+    accuracy = group.accuracy_losses
     return Certification(
         candidate=j,
         level=global_result.level,
@@ -963,12 +1008,21 @@ def _fallback(
         p_value=float("nan"),
         delta=delta,
         fell_back=True,
+        accuracy_loss=float(accuracy[j].mean()) if accuracy is not None and rows else None,
     )
 
 
-def _guarantee(method: Method, per_class: str | None, has_cohorts: bool, bonferroni: bool) -> str:
+def _guarantee(
+    method: Method,
+    per_class: str | None,
+    has_cohorts: bool,
+    bonferroni: bool,
+    max_accuracy_loss: float | None,
+) -> str:
     """The statement the calibration makes, in words, for the policy's provenance."""
     text = method.describe(method.delta)
+    if max_accuracy_loss is not None:
+        text += f", and with it the accuracy lost against the full model is <= {max_accuracy_loss:.4g}"
     if per_class == "class_conditional":
         text += ", for every tested full-model class and overall"
     if has_cohorts:
@@ -994,6 +1048,7 @@ def calibrate_exit_policy(
     seed: int = 0,
     ladder: Sequence[float] = (),
     rule: str = "confidence",
+    max_accuracy_loss: float | None = None,
 ) -> CalibratedExitPolicy:
     """Calibrate exit thresholds on logits (exits, N, C) so that ``method`` holds for ``risk``.
 
@@ -1052,14 +1107,23 @@ def calibrate_exit_policy(
     1 - delta, every rung's risk is at most its own epsilon SIMULTANEOUSLY, so a service may move
     between rungs at any time without losing the guarantee of the rung it serves. Learn-then-Test
     only (an empirical search has no delta to split).
+
+    A joint accuracy bound (``max_accuracy_loss``, needs ``labels``): every certification also tests
+    ``"error_increase"`` (early answer wrong where the full model is right) at ``max_accuracy_loss``,
+    with the same rows and the largest of the two p-values (an intersection-union test, no split of
+    delta): with probability >= 1 - delta the policy's ``risk`` is <= epsilon AND the accuracy it loses
+    against the full model is <= ``max_accuracy_loss``, both at once. Disagreement alone bounds the
+    accuracy lost only by epsilon itself, and on a hard task most disagreements are losses; a user who
+    states both gets both. Each rung of a ladder keeps the same accuracy bound.
     """
     costs = np.asarray(exit_costs, dtype=np.float64)
     levels = ladder_levels(method, ladder)
     if levels:
         method = replace(method, delta=method.delta / (len(levels) + 1))
     rows = validated_calibration_rows(
-        exit_logits, costs, method, labels=labels, risk=risk, per_class=per_class, cohorts=cohorts
-    )
+        exit_logits, costs, method, labels=labels, risk=risk, per_class=per_class, cohorts=cohorts,
+        max_accuracy_loss=max_accuracy_loss,
+    )  # fmt: skip
     candidates = build_candidates(
         rows,
         risk=risk,
@@ -1072,8 +1136,9 @@ def calibrate_exit_policy(
     )
     certifying = rows.subset(candidates.split.certify)
     outcomes = candidate_outcomes(
-        certifying.exit_logits, candidates.temperatures, candidates.path, risk, certifying.labels
-    )
+        certifying.exit_logits, candidates.temperatures, candidates.path, risk, certifying.labels,
+        accuracy=max_accuracy_loss is not None,
+    )  # fmt: skip
     certified = certify(
         outcomes,
         candidates.path,
@@ -1084,11 +1149,19 @@ def calibrate_exit_policy(
         cohorts=certifying.cohorts,
         bonferroni=bonferroni,
         min_group_rows=min_group_rows,
+        max_accuracy_loss=max_accuracy_loss,
     )
     rungs = tuple(
         (
             epsilon,
-            certify(outcomes, candidates.path, costs, replace(method, epsilon=epsilon), risk=risk).result,
+            certify(
+                outcomes,
+                candidates.path,
+                costs,
+                replace(method, epsilon=epsilon),
+                risk=risk,
+                max_accuracy_loss=max_accuracy_loss,
+            ).result,
         )
         for epsilon in levels
     )
@@ -1101,7 +1174,7 @@ def calibrate_exit_policy(
         result=certified.result,
         cohorts=certified.cohorts,
         method=method.name,
-        guarantee=_guarantee(method, per_class, rows.cohorts is not None, bonferroni),
+        guarantee=_guarantee(method, per_class, rows.cohorts is not None, bonferroni, max_accuracy_loss),
         risk=risk,
         epsilon=float(method.epsilon),
         delta=float(method.delta),
@@ -1114,6 +1187,7 @@ def calibrate_exit_policy(
         warnings=certified.warnings,
         rungs=rungs,
         rule=rule,
+        max_accuracy_loss=max_accuracy_loss,
     )
 
 

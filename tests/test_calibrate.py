@@ -117,6 +117,26 @@ def test_calibrate_ladder_writes_the_rungs_into_the_policy(quick_cnn, calibratio
     assert "rung 1: epsilon 0.05" in capsys.readouterr().out
 
 
+def test_calibrate_certifies_an_accuracy_bound_with_the_risk(quick_cnn, calibration_npz, tmp_path, capsys):
+    """`--max-accuracy-loss` adds a bound tested with the risk on the same rows: the policy states both,
+    records the calibration's accuracy loss under it, and may only be more careful than the risk alone."""
+    artifacts, directory = quick_cnn
+    common = ["calibrate", "--artifacts", str(directory), "--data", str(calibration_npz), "--epsilon", "0.05"]
+    common += ["--quiet"]
+    with pytest.warns(UserWarning, match="tiny"):
+        assert main([*common, "--out", str(tmp_path / "joint.json"), "--max-accuracy-loss", "0.01"]) == 0
+        assert main([*common, "--out", str(tmp_path / "plain.json")]) == 0
+    joint = Policy.load(tmp_path / "joint.json").validate(artifacts.num_exits, artifacts.num_classes)
+    plain = Policy.load(tmp_path / "plain.json").provenance
+    assert joint.provenance["max_accuracy_loss"] == 0.01 and plain["max_accuracy_loss"] is None
+    assert 0 <= joint.provenance["achieved_accuracy_loss"] <= 0.01
+    assert "achieved_accuracy_loss" not in plain
+    assert joint.provenance["expected_cost"] >= plain["expected_cost"]
+    printed = capsys.readouterr().out
+    assert "accuracy lost against the full model is <= 0.01" in printed
+    assert "achieved calibration accuracy loss" in printed
+
+
 def table_rows(markdown: str, heading: str) -> list[list[str]]:
     """The body rows of the first table after ``heading``, as lists of stripped cells."""
     section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
@@ -186,6 +206,8 @@ def test_calibrate_from_the_rows_shadow_checks_kept(quick_cnn, fashion_test, tmp
     assert Policy.load(same).exits == policy.exits
     assert main([*args, "--data", str(tmp_path / "same.npz")]) == 2
     assert "not true labels" in capsys.readouterr().err
+    assert main([*args, "--max-accuracy-loss", "0.01"]) == 2  # an accuracy bound needs true labels
+    assert "no --max-accuracy-loss" in capsys.readouterr().err
 
 
 def test_calibrate_rule_all_keeps_the_family_with_the_least_certified_compute(

@@ -83,7 +83,7 @@ def population(real_exits):
     rows are the population. Paths: "global" (confidence), "per_class", and one shared path per
     other rule family, as ``build_candidates`` makes them."""
     logits, labels, costs = real_exits
-    fit, pool = fit_split(logits.shape[1], 0.2, seed=1)
+    fit, pool = population_split(logits.shape[1])
     temperatures = fit_temperatures(logits[:, fit], labels[fit])
     paths = {
         "global": shared_path("max_prob", logits.shape[0], logits.shape[2]),
@@ -95,6 +95,18 @@ def population(real_exits):
         template = rule_template(family, "max_prob", logits[:, fit], temperatures)
         paths[family] = shared_path(template[0].metric, logits.shape[0], logits.shape[2], template=template)
     return logits[:, pool], costs, temperatures, paths
+
+
+def population_split(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, pool) row indices of the real exits: what fits rules and temperatures, and the population."""
+    return fit_split(rows, 0.2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def population_labels(real_exits):
+    """(N,) the true labels of the population's rows."""
+    logits, labels, _ = real_exits
+    return labels[population_split(logits.shape[1])[1]]
 
 
 def draw_weights(rows: int, draws: int, size: int, seed: int) -> np.ndarray:
@@ -119,12 +131,14 @@ def simulated_choices(
     groups: list[np.ndarray],
     epsilon: float = EPSILON,
     delta: float = DELTA,
+    accuracy: tuple[np.ndarray, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidates LTT (binomial, fixed sequence) and the empirical search choose, for every draw.
 
     ``loss``/``cost`` (K, N) per candidate and row, ``weights`` (S, N) the draws, ``groups`` boolean
     masks (N,) of extra groups that must each hold (class-conditional), tested where they have at
-    least MIN_GROUP_ROWS rows. Mirrors ``calibrate_exit_policy`` in matrix form: (S,), (S,).
+    least MIN_GROUP_ROWS rows; ``accuracy``: each row's accuracy loss (K, N) and its bound, held
+    jointly. Mirrors ``calibrate_exit_policy`` in matrix form: (S,), (S,).
     """
     rows = weights.sum(axis=1, keepdims=True)  # (S, 1)
     mean_cost = weights @ cost.T / rows  # (S, K)
@@ -135,6 +149,11 @@ def simulated_choices(
         tested = count >= MIN_GROUP_ROWS
         p_values.append(np.where(tested, binomial_p_value(losses, count, epsilon), 0.0))
         empirical_ok.append(~tested | (losses <= epsilon * count))
+    if accuracy is not None:
+        accuracy_loss, bound = accuracy
+        count, losses = weights.sum(axis=1, keepdims=True), weights @ accuracy_loss.T  # (S, 1), (S, K)
+        p_values.append(binomial_p_value(losses, count, bound))
+        empirical_ok.append(losses <= bound * count)
     p = np.max(p_values, axis=0)
     p[:, 0] = 0.0
     certified = np.arange(loss.shape[0])[None, :] <= fixed_sequence_test(p, delta)[:, None]
@@ -215,6 +234,68 @@ def test_the_least_compute_of_every_rule_family_holds_in_all_but_delta_of_calibr
     slack = 3 * math.sqrt(DELTA * (1 - DELTA) / DRAWS)  # the draws' own binomial noise around delta
     assert rate <= DELTA + slack
     assert np.mean(np.asarray(draw_costs)[kept, draws]) < 0.9, "early exit should pay on this model"
+
+
+ACCURACY_BOUND = 0.01  # tighter than EPSILON's disagreement on the quick CNN: most disagreements are losses
+
+
+def test_a_joint_accuracy_bound_holds_with_the_risk_in_all_but_delta_of_calibration_draws(
+    population, population_labels
+):
+    """``max_accuracy_loss``: disagreement <= epsilon AND accuracy loss <= its bound, tested together
+    with the larger p-value; both hold at once in all but delta of the draws, where certifying the
+    disagreement alone breaks the accuracy bound far more often (so the check can fail)."""
+    logits, costs, temperatures, paths = population
+    path = paths["global"]
+    evidence = exit_evidence(logits, temperatures, path.base_rules)
+    taken = exits_taken(evidence, path)  # (K, N)
+    disagreement = candidate_losses(taken, evidence.label)  # (K, N)
+    accuracy = candidate_losses(taken, evidence.label, "error_increase", population_labels)  # (K, N)
+    cost = costs[taken]
+    weights = draw_weights(logits.shape[1], DRAWS, CALIBRATION_ROWS, seed=13)
+    joint = simulated_choices(disagreement, cost, weights, [], accuracy=(accuracy, ACCURACY_BOUND))[0]
+    alone = simulated_choices(disagreement, cost, weights, [])[0]
+
+    def violated(chosen: np.ndarray) -> np.ndarray:
+        return (disagreement.mean(axis=1)[chosen] > EPSILON) | (
+            accuracy.mean(axis=1)[chosen] > ACCURACY_BOUND
+        )
+
+    rate, rate_alone = float(violated(joint).mean()), float(violated(alone).mean())
+    print(
+        f"\njoint accuracy bound {ACCURACY_BOUND}: some bound broken in {rate:.3f} of {DRAWS} draws "
+        f"(delta {DELTA}); disagreement certified alone: {rate_alone:.3f}"
+    )
+    slack = 3 * math.sqrt(DELTA * (1 - DELTA) / DRAWS)  # the draws' own binomial noise around delta
+    assert rate <= DELTA + slack
+    assert rate_alone > DELTA + slack, "the accuracy bound should bind on this model, or this shows nothing"
+    assert joint.mean() > 1, "the simulation should certify more than 'no early exit'"
+    # The procedure itself chooses what the simulation chooses, on a few of the draws.
+    pool_rows = np.arange(logits.shape[1])
+    for index in range(3):
+        rows = np.repeat(pool_rows, weights[index].astype(int))
+        result = calibrate_exit_policy(
+            logits[:, rows], costs, LearnThenTest(EPSILON, DELTA), labels=population_labels[rows],
+            temperatures=temperatures, path=path, fit_fraction=0, max_accuracy_loss=ACCURACY_BOUND,
+        )  # fmt: skip
+        assert result.result.candidate == joint[index]
+        assert result.result.accuracy_loss == pytest.approx(accuracy[joint[index], rows].mean())
+        assert result.to_policy("v", "fp").provenance["max_accuracy_loss"] == ACCURACY_BOUND
+
+
+@pytest.mark.filterwarnings("ignore::offramp.build.risk_control.CalibrationWarning")
+def test_an_accuracy_bound_needs_labels_and_a_fraction():
+    logits, labels = synthetic_exits(rows=600)
+    costs = (0.3, 0.6, 1.0)
+    with pytest.raises(ValueError, match="needs labels"):
+        calibrate_exit_policy(
+            logits, costs, LearnThenTest(0.05), temperatures=(1, 1, 1), max_accuracy_loss=0.01
+        )
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        calibrate_exit_policy(logits, costs, LearnThenTest(0.05), labels=labels, max_accuracy_loss=1.5)
+    # A bound of 0 is never shown by finitely many rows: nothing leaves early.
+    none = calibrate_exit_policy(logits, costs, LearnThenTest(0.2), labels=labels, max_accuracy_loss=0.0)
+    assert none.result.candidate == 0 and "accuracy lost" in none.guarantee
 
 
 LADDER = (0.005, 0.01, 0.02, 0.05)

@@ -43,6 +43,9 @@ class CalibrateCommand(Subcommand):
         add("--method", choices=METHODS, default=METHODS[0],
             help="ltt: Learn-then-Test (guarantee); empirical: plain search, NO guarantee")  # fmt: skip
         add("--risk", choices=RISKS, default=RISKS[0])
+        add("--max-accuracy-loss", type=float, metavar="EPSILON",
+            help="also certify, jointly with --risk, that accuracy falls at most this far below the full "
+            "model's (0.005: half a point); needs labelled rows")  # fmt: skip
         add("--rule", choices=RULE_CHOICES, default=RULE_CHOICES[0],
             help="the exit rule family: a confidence threshold, patience (the label held at the last exits), "
             "a learned monotone exit score, a confidence threshold with novelty gates (energy, and distance "
@@ -94,6 +97,7 @@ class CalibrateCommand(Subcommand):
                 delta=args.delta,
                 method=args.method,
                 risk=args.risk,
+                max_accuracy_loss=args.max_accuracy_loss,
                 rule=args.rule,
                 metric=args.metric,
                 path=args.path,
@@ -108,9 +112,10 @@ class CalibrateCommand(Subcommand):
             print(f"offramp calibrate: error: {error}", file=sys.stderr)
             return 2
         artifacts = ModelArtifacts.load(artifacts_dir)
-        if args.shadow and (args.data or args.risk != "disagreement"):
+        if args.shadow and (args.data or args.risk != "disagreement" or args.max_accuracy_loss is not None):
             print("offramp calibrate: error: --shadow rows carry the full model's answers, not true labels: "
-                  "use them alone (no --data) and with --risk disagreement", file=sys.stderr)  # fmt: skip
+                  "use them alone (no --data), with --risk disagreement and no --max-accuracy-loss",
+                  file=sys.stderr)  # fmt: skip
             return 2
         try:
             if args.shadow:
@@ -139,6 +144,8 @@ class CalibrateCommand(Subcommand):
         print(f"  rule: {policy.rule}")
         print(f"  achieved calibration risk {provenance['achieved_risk']:.4f}, "
               f"expected compute {provenance['expected_cost']:.3f}")  # fmt: skip
+        if "achieved_accuracy_loss" in provenance:
+            print(f"  achieved calibration accuracy loss {provenance['achieved_accuracy_loss']:.4f}")
         print("  exit-rate profile: " + ", ".join(f"{r:.1%}" for r in provenance["exit_rate_profile"]))
         for rung, (epsilon, _) in enumerate(calibrated.rungs, start=1):
             print(
