@@ -420,6 +420,66 @@ def test_a_server_dies_with_the_process_that_started_it(add_one_repository: Path
             process.kill()
 
 
+@pytest.mark.integration
+def test_serve_restarts_a_server_that_died_and_serves_again(add_one_repository: Path, tmp_path: Path) -> None:
+    """tritonserver SIGKILLed under ``offramp serve`` (as when 2.51 aborts on a stub's death, or the
+    out-of-memory killer picks the server): serve restarts it on the same ports, keeps the dead server's
+    log, answers again, and still stops cleanly."""
+    import queue
+    import threading
+
+    ports = ServerPorts.free()
+    log = tmp_path / "serve.log"
+    command = [
+        sys.executable, "-m", "offramp.client.cli.main", "serve", "--repository", str(add_one_repository),
+        "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+        "--health-port", "0", "--log", str(log),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True)
+    reader.start()
+    printed: list[str] = []
+
+    def read_until(prefix: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            printed.append(line)
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"no line starting {prefix!r} in {timeout_s} s: {printed}")
+
+    try:
+        first_pid = int(read_until("tritonserver pid", 180).split()[2])
+        read_until("Ctrl-C to stop", 10)
+        os.kill(first_pid, signal.SIGKILL)
+        # Start-up of the add_one model takes a few seconds; 180 s is the start-up timeout serve waits.
+        again = read_until("tritonserver pid", 180)
+        assert "serving again (restart 1)" in again
+        second_pid = int(again.split()[2].rstrip(":"))
+        assert second_pid != first_pid
+        out, _ = infer_add_one(f"127.0.0.1:{ports.grpc}", np.zeros((1, 2), np.float32))
+        np.testing.assert_array_equal(out, np.ones((1, 2), np.float32))
+        assert (tmp_path / "serve.log.exit-1").exists()  # the dead server's log, not overwritten
+        assert any("exited with code -9" in line for line in printed)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        stderr = process.stderr.read()  # a few warnings: the pipe never fills
+        reader.join(timeout=5)
+        while not lines.empty():
+            printed.append(lines.get())
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert printed[-1].strip() == "stopped"
+    assert processes_mentioning(f"--http-port={ports.http}") == []
+
+
 def test_model_control_is_restricted_off_loopback(tmp_path):
     """Bound to a non-loopback address, the model-control APIs need the admin key; on loopback they stay
     open."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from offramp.client.serving.processes import PythonStub
-from offramp.client.serving.supervisor import RestartPolicy, Supervisor
+from offramp.client.serving.supervisor import RestartPolicy, ServerRestarts, Supervisor
 
 DEFAULT_POLICY = RestartPolicy()
 
@@ -201,3 +201,27 @@ def test_a_stub_that_dies_right_after_its_restart_is_restarted_again() -> None:
     record = supervisor.models["seg_1"]
     assert (record.crashes, record.restarts, record.broken) == (2, 2, False)
     assert len(server.live) == 1
+
+
+def test_a_dead_server_is_restarted_with_backoff_until_the_budget_is_spent():
+    """``offramp serve``'s restarts of tritonserver itself: the model budget's rules (backoff by the
+    restarts in the window, give-up once it holds max_restarts), and what the health endpoint shows."""
+    clock = Clock()
+    restarts = ServerRestarts(RestartPolicy(max_restarts=2, window_s=600, backoff_s=(0.0, 5.0)), clock)
+    assert restarts.exited(134) == 0.0 and restarts.restarting  # the first restart at once
+    assert "offramp_server_restarting 1" in restarts.metrics_text()
+    restarts.restarted()
+    assert not restarts.restarting and restarts.restarts == 1
+    clock.now += 60
+    assert restarts.exited(137) == 5.0  # the second waits: one restart in the window already
+    restarts.restarted()
+    clock.now += 60
+    assert restarts.exited(134) is None and not restarts.restarting  # two within 600 s: give up
+    assert restarts.exit_codes == [134, 137, 134]
+    assert "offramp_server_restarts_total 2" in restarts.metrics_text()
+    # Once the window has passed the old restarts, a crash is repaired again.
+    later = ServerRestarts(RestartPolicy(max_restarts=1, window_s=600, backoff_s=(0.0,)), clock)
+    later.exited(134)
+    later.restarted()
+    clock.now += 601
+    assert later.exited(134) == 0.0

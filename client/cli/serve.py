@@ -3,7 +3,9 @@
 Beside the server it runs the supervisor (``offramp.client.serving.supervisor``: a stub that dies is
 restarted) and a health endpoint (``offramp.client.serving.health``: ``/health/live``,
 ``/health/ready`` from canary requests, the supervisor's counters on ``/metrics``), both needing
-explicit model control, the default.
+explicit model control, the default. A server that exits on its own is restarted on the same ports and
+repository (``ServerRestarts``: with backoff, at most 3 times in 10 minutes, then serve exits 1); its log
+is kept beside the new one as ``<log>.exit-<n>``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class ServeCommand(Subcommand):
             help="'explicit' loads every model, lets `offramp policy` swap policies live and the supervisor "
             "restart crashed models (default: %(default)s)")  # fmt: skip
         add("--no-supervisor", action="store_true", help="do not restart models whose stub died")
+        add("--no-server-restart", action="store_true",
+            help="exit (status 1) when tritonserver exits on its own instead of restarting it")  # fmt: skip
         add("--admin-key", default=os.environ.get("OFFRAMP_ADMIN_KEY"),
             help="key (header offramp-admin-key) for model control; required off loopback, generated if not "
             "given (default: $OFFRAMP_ADMIN_KEY)")  # fmt: skip
@@ -63,7 +67,7 @@ def serve(args: argparse.Namespace) -> int:
         ServerPorts,
         ServerStartError,
     )
-    from offramp.client.serving.supervisor import supervised
+    from offramp.client.serving.supervisor import ServerRestarts, supervised
 
     server = EmbeddedTritonServer(
         args.repository,
@@ -82,15 +86,17 @@ def serve(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = False
     extras = contextlib.ExitStack()  # the supervisor and the health endpoint: stopped before the server
+    supervision = contextlib.ExitStack()  # the stubs' supervisor of the server running now
+    supervises = args.model_control == "explicit" and not args.no_supervisor
+    restarts = ServerRestarts()
     try:
         server.start()
         started = True
-        supervisor = None
-        if args.model_control == "explicit" and not args.no_supervisor:
-            supervisor = extras.enter_context(supervised(server))
+        supervisor = supervision.enter_context(supervised(server)) if supervises else None
+        extras.callback(supervision.close)
         headers = {ADMIN_KEY_HEADER: server.admin_key} if server.admin_key else None
         health = extras.enter_context(
-            HealthEndpoint(args.host, args.health_port, server.grpc_url, supervisor, headers)
+            HealthEndpoint(args.host, args.health_port, server.grpc_url, supervisor, headers, restarts)
         )
         print(f"gRPC     {server.grpc_url}", flush=True)
         print(f"HTTP     {server.http_url}", flush=True)
@@ -109,12 +115,30 @@ def serve(args: argparse.Namespace) -> int:
             )
         if server.admin_key:
             print(f"model control needs header {ADMIN_KEY_HEADER}: {server.admin_key}", flush=True)
+        print(f"tritonserver pid {server.pid}", flush=True)
         print("Ctrl-C to stop", flush=True)
-        while (code := server.poll()) is None:
-            time.sleep(0.5)
-        print(f"offramp serve: error: tritonserver exited with code {code}; see {server.log_path}",
-              file=sys.stderr)  # fmt: skip
-        return 1
+        while True:
+            while (code := server.poll()) is None:
+                time.sleep(0.5)
+            wait_s = None if args.no_server_restart else restarts.exited(code)
+            if wait_s is None:
+                budget = restarts.policy
+                print(f"offramp serve: error: tritonserver exited with code {code}; see {server.log_path}"
+                      + ("" if args.no_server_restart else f" (restarted {budget.max_restarts} times within "
+                         f"{budget.window_s:.0f} s already: giving up)"),
+                      file=sys.stderr)  # fmt: skip
+                return 1
+            supervision.close()  # it watched the stubs of a process group that is gone
+            health.supervisor = None
+            server.stop()  # its stubs and the shared memory the dead server left
+            kept = _keep_log(server.log_path, len(restarts.exit_codes))
+            print(f"tritonserver exited with code {code} (log kept: {kept}); restarting it", flush=True)
+            time.sleep(wait_s)
+            server.start()
+            restarts.restarted()
+            if supervises:
+                health.supervisor = supervision.enter_context(supervised(server))
+            print(f"tritonserver pid {server.pid}: serving again (restart {restarts.restarts})", flush=True)
     except (ServerStartError, OSError) as error:  # OSError: the health port is taken
         print(f"offramp serve: error: {str(error).splitlines()[0]}", file=sys.stderr)
         if server.log_path is not None and server.log_path.exists():
@@ -137,3 +161,13 @@ def serve(args: argparse.Namespace) -> int:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _keep_log(log: Path | None, exit_number: int) -> Path | None:
+    """Moves a dead server's log aside (``<log>.exit-<n>``), so the restarted server's does not overwrite
+    the lines that say why it died."""
+    if log is None or not log.exists():
+        return None
+    kept = log.with_name(f"{log.name}.exit-{exit_number}")
+    log.replace(kept)
+    return kept

@@ -213,7 +213,10 @@ def check_service(
 
 class HealthEndpoint:
     """``/health/live``, ``/health/ready`` (200, or 503), ``/health`` (the details, JSON) and ``/metrics``
-    (the supervisor's counters) over HTTP, served from a thread; every probe runs the canaries afresh."""
+    (the supervisor's counters) over HTTP, served from a thread; every probe runs the canaries afresh.
+
+    ``supervisor`` (the stubs') may be replaced while it serves: ``offramp serve`` gives a restarted
+    server a new one. ``server_restarts``: the restarts of the server itself, as notes and metrics."""
 
     def __init__(
         self,
@@ -222,6 +225,7 @@ class HealthEndpoint:
         grpc_url: str,
         supervisor: Any = None,
         headers: dict[str, str] | None = None,
+        server_restarts: Any = None,
     ) -> None:
         import http.server
 
@@ -241,24 +245,30 @@ class HealthEndpoint:
                 pass
 
         self.grpc_url, self.supervisor, self.headers = grpc_url, supervisor, headers
+        self.server_restarts = server_restarts
         self.server = http.server.ThreadingHTTPServer((host, port), Handler)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="offramp-health", daemon=True)
 
     def health(self) -> ServiceHealth:
         health = check_service(self.grpc_url, headers=self.headers)
-        if self.supervisor is None:
-            return health
-        notes = [f"{m}: a stub died; being restarted" for m in self.supervisor.broken_models()
-                 if m not in self.supervisor.given_up_models()]  # fmt: skip
-        notes += [
-            f"{m}: given up after repeated crashes (unloaded)" for m in self.supervisor.given_up_models()
-        ]
-        return health.with_notes(tuple(notes))
+        notes = []
+        restarts = self.server_restarts
+        if restarts is not None and restarts.restarting:
+            notes.append(f"tritonserver exited with code {restarts.exit_codes[-1]}; being restarted")
+        supervisor = self.supervisor
+        if supervisor is not None:
+            notes += [f"{m}: a stub died; being restarted" for m in supervisor.broken_models()
+                      if m not in supervisor.given_up_models()]  # fmt: skip
+            notes += [
+                f"{m}: given up after repeated crashes (unloaded)" for m in supervisor.given_up_models()
+            ]
+        return health.with_notes(tuple(notes)) if notes else health
 
     def respond(self, path: str) -> tuple[int, str, str]:
         if path == "/metrics":
-            text = self.supervisor.metrics_text() if self.supervisor is not None else ""
+            parts = (self.supervisor, self.server_restarts)
+            text = "".join(part.metrics_text() for part in parts if part is not None)
             return 200, text, "text/plain; version=0.0.4"
         if path not in ("/health", "/health/live", "/health/ready"):
             return (

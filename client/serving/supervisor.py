@@ -70,6 +70,54 @@ class RestartPolicy:
 
 
 @dataclass
+class ServerRestarts:
+    """``offramp serve``'s record of the tritonserver it restarted after the server itself exited.
+
+    The stubs' supervisor cannot repair a server that is gone: tritonserver 2.51 aborts as a whole when a
+    stub dies holding the lock of its shared-memory queue (``boost::interprocess::lock_exception`` from
+    libtriton_python.so; upstream triton-inference-server/server#8882), and an out-of-memory kill may
+    pick the server rather than a stub. The same budget as a model's restarts applies: after
+    ``max_restarts`` within ``window_s`` serve gives up and exits non-zero, so that what runs serve (a
+    container runtime, systemd) sees a replica that keeps failing instead of a restart loop.
+    """
+
+    policy: RestartPolicy = RestartPolicy(max_restarts=3, window_s=600.0, backoff_s=(0.0, 2.0, 10.0))
+    clock: Callable[[], float] = time.monotonic
+    restarts: int = 0
+    exit_codes: list[int] = field(default_factory=list)  # every exit seen, in order
+    restarting: bool = False  # between an exit and the restarted server's readiness
+    _times: list[float] = field(default_factory=list)
+
+    def exited(self, code: int) -> float | None:
+        """The server exited with ``code``: seconds to wait before restarting it, or None to give up."""
+        now = self.clock()
+        self.exit_codes.append(code)
+        self._times = [t for t in self._times if now - t < self.policy.window_s]
+        if len(self._times) >= self.policy.max_restarts:
+            self.restarting = False
+            return None
+        self.restarting = True
+        return self.policy.backoff(len(self._times))
+
+    def restarted(self) -> None:
+        """The restarted server is ready."""
+        self._times.append(self.clock())
+        self.restarts += 1
+        self.restarting = False
+
+    def metrics_text(self) -> str:
+        """Prometheus text: the restarts, and 1 while a restart is under way."""
+        return (
+            "# HELP offramp_server_restarts_total tritonserver restarted after it exited on its own\n"
+            "# TYPE offramp_server_restarts_total counter\n"
+            f"offramp_server_restarts_total {self.restarts}\n"
+            "# HELP offramp_server_restarting 1 while tritonserver is down and being restarted\n"
+            "# TYPE offramp_server_restarting gauge\n"
+            f"offramp_server_restarting {int(self.restarting)}\n"
+        )
+
+
+@dataclass
 class ModelRecord:
     """What the supervisor knows of one model."""
 
