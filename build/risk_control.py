@@ -144,6 +144,13 @@ def fixed_sequence_test(p_values: Any, delta: float) -> np.ndarray:
     return run.sum(axis=-1) - 1
 
 
+def within_reach(epsilon: float, rows: int, delta: float, p_value: str = "binomial") -> bool:
+    """Whether ``rows`` rows without a single loss would reject ``H: risk > epsilon`` at ``delta``: if
+    not, no candidate past "no early exit" can be certified on that many rows, whatever they hold
+    (binomial: ``(1 - epsilon) ** rows <= delta``, so at least ``log(delta) / log(1 - epsilon)`` rows)."""
+    return bool(p_values_of(np.zeros((1, rows)), "error_increase", p_value, epsilon)[0] <= delta)
+
+
 def p_values_of(losses: np.ndarray, risk: str, p_value: str, epsilon: float) -> np.ndarray:
     """p-values (K,) of ``H_j: risk > epsilon`` from per-row losses (K, n) of one group."""
     if p_value not in P_VALUES:
@@ -649,6 +656,14 @@ class CalibratedExitPolicy:
     def fit_rows(self) -> int:
         """The rows temperatures and the path's shape were fitted on, kept out of the certification."""
         return len(self.split.fit)
+
+    @property
+    def accuracy_bound_in_reach(self) -> bool:
+        """False when the certifying rows could not show the accuracy bound whatever they held (see
+        :func:`within_reach`): then nothing past "no early exit" was certified, for want of rows."""
+        if self.max_accuracy_loss is None or self.method != LearnThenTest.name:
+            return True
+        return within_reach(self.max_accuracy_loss, self.calibration_rows, self.result.delta, self.p_value)
 
     @property
     def thresholds(self) -> tuple[float | tuple[float, ...], ...]:
@@ -1165,7 +1180,15 @@ def calibrate_exit_policy(
         )
         for epsilon in levels
     )
-    for message in certified.warnings:
+    notes = certified.warnings
+    if max_accuracy_loss is not None and isinstance(method, LearnThenTest):
+        rows_held = len(candidates.split.certify)
+        if not within_reach(max_accuracy_loss, rows_held, method.delta, method.p_value):
+            notes += (
+                f"the accuracy bound {max_accuracy_loss:g} is out of reach of {rows_held} certifying rows at "
+                f"delta {method.delta:.4g}: even rows without a loss would not show it",
+            )
+    for message in notes:
         warnings.warn(message, CalibrationWarning, stacklevel=2)
     return CalibratedExitPolicy(
         metric=candidates.path.metric,
@@ -1184,7 +1207,7 @@ def calibrate_exit_policy(
         split=candidates.split,
         exit_costs=tuple(float(c) for c in costs),
         data_fingerprint=data_fingerprint(rows.exit_logits, rows.labels, rows.cohorts),
-        warnings=certified.warnings,
+        warnings=notes,
         rungs=rungs,
         rule=rule,
         max_accuracy_loss=max_accuracy_loss,

@@ -777,3 +777,24 @@ def test_a_measurement_that_cannot_go_on_exits_1_with_one_line(capsys):
     assert bench.measurement_status("offramp tune", lambda: None) == 0
     assert bench.measurement_status("offramp tune", fails) == 1
     assert capsys.readouterr().err == "offramp tune: error: no manifest.json in /x\n"
+
+
+@pytest.mark.filterwarnings("ignore::offramp.build.risk_control.CalibrationWarning")
+def test_the_bench_policy_certifies_the_accuracy_goal_where_the_rows_can_show_it():
+    """With rows enough, the policy states the workload's accuracy bound with the disagreement; where
+    loss-free certifying rows could not show it (TREC's 602 at half a point), the bound would certify no
+    early exit at all, so the policy is certified on disagreement alone and says so (no bound)."""
+    from types import SimpleNamespace
+
+    from tests.fakes import synthetic_exits
+
+    artifacts = SimpleNamespace(exit_costs=(0.3, 0.6, 1.0), fingerprint="fp")
+    logits, labels = synthetic_exits(rows=6000)
+    bounded = bench.bench_policy(artifacts, logits, labels, max_accuracy_loss=0.02)
+    assert bounded.provenance["max_accuracy_loss"] == 0.02
+    assert bounded.provenance["achieved_accuracy_loss"] <= 0.02
+    plain = bench.bench_policy(artifacts, logits, labels)
+    assert plain.provenance["max_accuracy_loss"] is None
+    assert bounded.provenance["expected_cost"] >= plain.provenance["expected_cost"]
+    few = bench.bench_policy(artifacts, logits[:, :800], labels[:800], max_accuracy_loss=0.005)
+    assert few.provenance["max_accuracy_loss"] is None and few.provenance["expected_cost"] < 1.0

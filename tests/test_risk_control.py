@@ -41,6 +41,7 @@ from offramp.build.risk_control import (
     hoeffding_bentkus_p_value,
     shared_path,
     validated_calibration_rows,
+    within_reach,
 )
 from offramp.build.rule_families import rule_template
 from offramp.build.temperature import (
@@ -296,6 +297,22 @@ def test_an_accuracy_bound_needs_labels_and_a_fraction():
     # A bound of 0 is never shown by finitely many rows: nothing leaves early.
     none = calibrate_exit_policy(logits, costs, LearnThenTest(0.2), labels=labels, max_accuracy_loss=0.0)
     assert none.result.candidate == 0 and "accuracy lost" in none.guarantee
+
+
+def test_an_accuracy_bound_out_of_reach_of_the_rows_is_said_so():
+    """A bound that loss-free rows could not show (binomial: (1 - bound) ** rows > delta) certifies no
+    early exit whatever the data; the calibration warns, and the result says the bound was out of reach."""
+    assert not within_reach(0.005, 874, 0.0125) and within_reach(0.005, 875, 0.0125)
+    logits, labels = synthetic_exits(rows=800)  # 600 certifying rows: half a point needs 598 at delta 0.05
+    with pytest.warns(CalibrationWarning, match="out of reach of 600 certifying rows"):
+        result = calibrate_exit_policy(
+            logits, (0.3, 0.6, 1.0), LearnThenTest(0.05, 0.01), labels=labels, max_accuracy_loss=0.005
+        )
+    assert result.result.candidate == 0 and not result.accuracy_bound_in_reach
+    reachable = calibrate_exit_policy(
+        logits, (0.3, 0.6, 1.0), LearnThenTest(0.05, 0.05), labels=labels, max_accuracy_loss=0.005
+    )
+    assert reachable.accuracy_bound_in_reach
 
 
 LADDER = (0.005, 0.01, 0.02, 0.05)

@@ -109,6 +109,27 @@ def _pct(value: Any, digits: int = 1) -> str:
     return _f(None if value is None else value * 100, f".{digits}f", "%")
 
 
+def _machine(machine: Mapping) -> str:
+    return (
+        f"{machine['nproc']} cores ({machine['cpu_model']}), {machine['memory_gib']} GiB, "
+        f"Linux {machine['kernel']}, Python {machine['python']}; load average at start "
+        f"{' '.join(machine['loadavg_at_start'])}"
+    )
+
+
+def _machines(summaries: Sequence[Mapping]) -> str:
+    """One machine line, or one per workload where workloads rerun alone ran on other machines (ratios
+    are within a workload's own run, so they stay comparable; absolute rows/s across workloads do not)."""
+    kinds = {(s["machine"]["cpu_model"], s["machine"]["kernel"]) for s in summaries}
+    if len(kinds) == 1:
+        return f"- Machine: {_machine(summaries[0]['machine'])}."
+    return (
+        "- Machines (workloads rerun alone ran on another): "
+        + "; ".join(f"{s['workload']}: {_machine(s['machine'])}" for s in summaries)
+        + "."
+    )
+
+
 def header(summaries: Sequence[Mapping]) -> str:
     first = summaries[0]
     machine, versions, config = first["machine"], first["versions"], first["config"]
@@ -128,11 +149,7 @@ def header(summaries: Sequence[Mapping]) -> str:
         "- Date (UTC) and duration of each workload's run: "
         + "; ".join(f"{s['workload']} {s['date']}, {s['duration_s'] / 60:.1f} min" for s in summaries)
         + ".",
-        (
-            f"- Machine: {machine['nproc']} cores ({machine['cpu_model']}), {machine['memory_gib']} GiB, "
-            f"Linux {machine['kernel']}, Python {machine['python']}; load average at start "
-            f"{' '.join(machine['loadavg_at_start'])}."
-        ),
+        _machines(summaries),
         "- Load by other processes during the runs (cores busy outside the server and perf_analyzer, "
         "median [min, max] over runs): "
         + "; ".join(
@@ -188,6 +205,10 @@ def workload_section(s: Mapping, images: Mapping[str, str], tuned: Sequence[Mapp
 
     rules = policy["exits"]
     thresholds = ", ".join(_f(r["threshold"], ".4g") for r in rules[:-1])
+    provenance = policy["provenance"]
+    certified = f"{provenance.get('risk', 'disagreement')} <= {_f(provenance.get('epsilon'), '.3g')}"
+    if provenance.get("max_accuracy_loss") is not None:
+        certified += f" and accuracy loss <= {_f(provenance['max_accuracy_loss'] * 100, '.3g')} points"
     parts += [
         (
             f"Model: {exits} exits at compute fractions "
@@ -196,10 +217,11 @@ def workload_section(s: Mapping, images: Mapping[str, str], tuned: Sequence[Mapp
             f"{', '.join(_pct(a, 2) for a in model['exit_test_accuracy'])}."
         ),
         (
-            f"Policy: `{policy['version']}`, {policy['provenance'].get('method', '?')}, rule family "
+            f"Policy: `{policy['version']}`, {provenance.get('method', '?')} (certified: {certified}), "
+            "rule family "
             f"{policy.get('rule', 'confidence')}; {rule_value(rules[0])} thresholds "
             f"{thresholds} at exits 0..{exits - 2}; expected compute on calibration "
-            f"{_f(policy['provenance'].get('expected_cost'), '.3f')}."
+            f"{_f(provenance.get('expected_cost'), '.3f')}."
         ),
         "",
         (
