@@ -183,15 +183,17 @@ def calibrated_set(
     kept: tuple[int, ...],
     method: LearnThenTest | EmpiricalSearch,
     rule: str = "confidence",
+    max_accuracy_loss: float | None = None,
 ) -> Candidate:
-    """The set ``kept`` calibrated by ``method`` under the ``rule`` family. exit_logits: (E, N, C) every
-    exit's logits."""
+    """The set ``kept`` calibrated by ``method`` under the ``rule`` family, with the accuracy bound where
+    one is given (``calibrate_exit_policy``). exit_logits: (E, N, C) every exit's logits."""
     with warnings.catch_warnings():
         if len(kept) == 1:  # the full model alone: that nothing leaves early is the point, not news
             warnings.simplefilter("ignore", CalibrationWarning)
         calibrated = calibrate_exit_policy(
-            exit_logits[list(kept)], [exit_costs[k] for k in kept], method, labels=labels, rule=rule
-        )
+            exit_logits[list(kept)], [exit_costs[k] for k in kept], method, labels=labels, rule=rule,
+            max_accuracy_loss=max_accuracy_loss,
+        )  # fmt: skip
     return Candidate(kept, calibrated, survival(calibrated.result.exit_rates))
 
 
@@ -202,11 +204,15 @@ def estimated_candidates(
     epsilon: float,
     sets: Sequence[tuple[int, ...]],
     rules: Sequence[str] = TUNED_RULES,
+    max_accuracy_loss: float | None = None,
 ) -> list[Candidate]:
-    """Every set under every family of ``rules`` by a plain search at ``epsilon`` on the selection rows:
-    estimates to rank by. The last exit alone answers every row whatever the family: it is listed once."""
+    """Every set under every family of ``rules`` by a plain search at ``epsilon`` (and the accuracy bound
+    where one is given) on the selection rows: estimates to rank by. The last exit alone answers every
+    row whatever the family: it is listed once."""
     return [
-        calibrated_set(exit_logits, exit_costs, labels, kept, EmpiricalSearch(epsilon), rule)
+        calibrated_set(
+            exit_logits, exit_costs, labels, kept, EmpiricalSearch(epsilon), rule, max_accuracy_loss
+        )
         for kept in sets
         for rule in (rules if len(kept) > 1 else rules[:1])
     ]

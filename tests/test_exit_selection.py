@@ -143,6 +143,27 @@ def test_sets_are_estimated_on_the_selection_rows_and_the_pick_certified_on_the_
     assert patient.rule == "patience" and all(r.patience for r in patient.calibrated.rules()[:-1])
 
 
+def test_an_accuracy_bound_is_estimated_and_certified_with_the_disagreement() -> None:
+    """``offramp tune --max-accuracy-loss``: the estimates rank the sets under both bounds, and the pick is
+    certified under both; a bound tighter than the disagreement's only ever costs compute."""
+    logits, labels = _logits()
+    select, certify = selection_split(len(labels))
+    sets = exit_sets(3)
+    plain = estimated_candidates(logits[:, select], (0.3, 0.6, 1.0), labels[select], 0.05, sets)
+    bounded = estimated_candidates(
+        logits[:, select], (0.3, 0.6, 1.0), labels[select], 0.05, sets, max_accuracy_loss=0.01
+    )
+    assert [c.kept for c in bounded] == [c.kept for c in plain]
+    assert all(b.expected_compute >= p.expected_compute for b, p in zip(bounded, plain, strict=True))
+    assert any(b.expected_compute > p.expected_compute for b, p in zip(bounded, plain, strict=True))
+    pick = calibrated_set(
+        logits[:, certify], (0.3, 0.6, 1.0), labels[certify], (0, 2), LearnThenTest(0.05, 0.05),
+        max_accuracy_loss=0.01,
+    )  # fmt: skip
+    assert pick.calibrated.max_accuracy_loss == 0.01
+    assert pick.calibrated.result.accuracy_loss <= 0.01
+
+
 def test_choose_ranks_by_cpu_and_falls_back_to_the_full_model_when_hops_cost_too_much() -> None:
     early = Candidate((0, 2), None, (1.0, 0.2))  # type: ignore[arg-type]
     last = Candidate((2,), None, (1.0,))  # type: ignore[arg-type]

@@ -46,6 +46,10 @@ class TuneConfig:
     artifacts: Path = option(DEFAULT_WORKDIR / "fashion_cnn", help="the build's folder")
     out: Path | None = option(None, parse=Path, shown="<artifacts>-tuned", help="the tuned build's folder")
     epsilon: float = option(0.01, help="allowed disagreement with the full model")
+    max_accuracy_loss: float | None = option(
+        None, parse=float, shown="none",
+        help="also certify that accuracy falls at most this far below the full model's (0.005: half a point)",
+    )  # fmt: skip
     delta: float = option(0.05, help="the pick's guarantee holds with probability 1-delta")
     concurrency: int = option(8, help="requests in flight while the serving costs are measured")
     rows_per_request: int = option(8, help="rows per request")
@@ -69,6 +73,8 @@ class TuneConfig:
             raise ValueError(f"modes must be among {list(SEGMENT_MODES)}, not {sorted(unknown)}")
         if not 0 < self.epsilon < 1 or not 0 < self.delta < 1:
             raise ValueError("epsilon and delta must lie in (0, 1)")
+        if self.max_accuracy_loss is not None and not 0 < self.max_accuracy_loss < 1:
+            raise ValueError("max_accuracy_loss must lie in (0, 1)")
 
     @property
     def out_dir(self) -> Path:
@@ -263,6 +269,8 @@ def write_markdown(report: Mapping[str, Any], path: Path) -> Path:
     from offramp.build.markdown import markdown_table
 
     costs = report["costs"]
+    bound = report["config"].get("max_accuracy_loss")
+    accuracy_bound = "" if bound is None else f" with accuracy lost against the full model at most {bound:g}"
     decision = report["decision"]
     lines = [
         f"# offramp tune: {report['model']}",
@@ -279,9 +287,9 @@ def write_markdown(report: Mapping[str, Any], path: Path) -> Path:
         "",
         f"Every exit set ({report['sets']}), under each rule family "
         f"({', '.join(report['rules'])}), calibrated by a plain search at epsilon "
-        f"{report['config']['epsilon']} on {report['selection_rows']} selection rows (an estimate, no "
-        f"guarantee: the ranking's input), and ranked by predicted CPU per row; the pick alone is then "
-        f"certified by Learn-then-Test (delta {report['config']['delta']}) on the other "
+        f"{report['config']['epsilon']}{accuracy_bound} on {report['selection_rows']} selection rows (an "
+        f"estimate, no guarantee: the ranking's input), and ranked by predicted CPU per row; the pick alone "
+        f"is then certified by Learn-then-Test (delta {report['config']['delta']}) on the other "
         f"{report['certification_rows']} calibration rows.",
         "",
         "Estimated, best first:",
@@ -361,8 +369,9 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     select, certify = selection_split(len(labels))
     sets = exit_sets(artifacts.num_exits)
     candidates = estimated_candidates(
-        logits[:, select], artifacts.exit_costs, labels[select], config.epsilon, sets
-    )
+        logits[:, select], artifacts.exit_costs, labels[select], config.epsilon, sets,
+        max_accuracy_loss=config.max_accuracy_loss,
+    )  # fmt: skip
     print("[tune] in process: every range of segments merged, and the full model", flush=True)
     ranges, full = range_costs(artifacts, directory, workload.test_inputs, config.batch_sizes)
     print(f"[tune] served: three arms at concurrency {config.concurrency}", flush=True)
@@ -394,8 +403,9 @@ def run_tune(config: TuneConfig) -> dict[str, Any]:
     # The pick alone, certified on the rows the choice never saw; predicted again with its own exit rates.
     method = LearnThenTest(config.epsilon, config.delta)
     best = calibrated_set(
-        logits[:, certify], artifacts.exit_costs, labels[certify], best.kept, method, best.rule
-    )
+        logits[:, certify], artifacts.exit_costs, labels[certify], best.kept, method, best.rule,
+        config.max_accuracy_loss,
+    )  # fmt: skip
     cpu = cpu_per_row(best.kept, best.entering, mode, costs)
     summary += (
         f", {best.rule} rule, segments {mode.replace('_', ' ')}: certified compute "
