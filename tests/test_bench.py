@@ -666,12 +666,16 @@ def test_report_from_saved_results(tmp_path):
     for run, model, modes, decision, verified in (
         ("m_bls", "m", ["bls"], {"serves_full_model": True}, {"throughput_ratio": 0.74, "rounds": 3}),
         ("m", "m", ["bls", "in_process"],
-         {"serves_full_model": False, "kept_exits": [0, 2], "mode": "in_process"},
+         {"serves_full_model": False, "kept_exits": [0, 2], "mode": "in_process", "rule": "patience"},
          {"throughput_ratio": 1.33, "rounds": 3}),
+        ("m_accuracy", "m", ["in_process"],
+         {"serves_full_model": False, "kept_exits": [0, 1, 2], "mode": "in_process", "rule": "confidence"},
+         {"throughput_ratio": 1.2, "rounds": 3}),
         ("other", "n", ["bls"], {"serves_full_model": True}, {}),
     ):  # fmt: skip
         (tmp_path / "tune" / run).mkdir(parents=True)
-        record = {"model": model, "date": run, "config": {"modes": modes}, "decision": decision,
+        config = {"modes": modes, "max_accuracy_loss": 0.005 if run.endswith("accuracy") else None}
+        record = {"model": model, "date": run, "config": config, "decision": decision,
                   "verified": verified, "candidates": candidates}  # fmt: skip
         (tmp_path / "tune" / run / "tune.json").write_text(json.dumps(record))
     text = write_report(tmp_path).read_text()
@@ -680,8 +684,10 @@ def test_report_from_saved_results(tmp_path):
         "| the full model, called directly: 1.00x (no set of exits predicted above 0.90x; the early-exit "
         "interface kept at least cost measured 0.74x) | yes |"
     ) in text
-    chosen = "exits [0, 2] in process: 1.33x (3 rounds) | yes |"
+    chosen = "exits [0, 2] in process, patience rule: 1.33x (3 rounds) | yes |"
     assert f"segments over BLS and in process (`tune/m`) | >= 1x | {chosen}" in text
+    bounded = "exits [0, 1, 2] in process, confidence rule, accuracy loss <= 0.5 points: 1.20x (3 rounds)"
+    assert f"segments in process (`tune/m_accuracy`) | >= 1x | {bounded} | yes |" in text
     assert "tune/other" not in text
     assert "| 8 | 250 | 100 | 2.50x |" in text  # medians and the paired ratio
     assert "rule family patience; max-prob (discounted where the label held at the last 2 exits)" in text

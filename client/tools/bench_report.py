@@ -87,7 +87,11 @@ def tune_goal_row(run: Mapping) -> list[str]:
         kept = f"; the early-exit interface kept at least cost measured {measured:.2f}x" if measured else ""
         shown = f"the full model, called directly: 1.00x (no set of exits predicted above {best:.2f}x{kept})"
         return [goal, ">= 1x", shown, "yes"]
-    chosen = f"exits {decision['kept_exits']} {MODE_NAMES.get(decision['mode'], decision['mode'])}"
+    bound = run["config"].get("max_accuracy_loss")
+    chosen = (
+        f"exits {decision['kept_exits']} {MODE_NAMES.get(decision['mode'], decision['mode'])}, "
+        f"{decision['rule']} rule" + ("" if bound is None else f", accuracy loss <= {bound * 100:g} points")
+    )
     if measured is None:
         shown, met = f"{chosen}: not measured (predicted {decision['predicted_speedup']:.2f}x)", "n/a"
     else:
