@@ -114,6 +114,15 @@ def http_get(url: str) -> str:
         return response.read().decode()
 
 
+def serve_command(repository: Path, ports: ServerPorts, log: Path) -> list[str]:
+    """``offramp serve`` on ``repository`` at ``ports`` (the health endpoint on any free port) as a child."""
+    return [
+        sys.executable, "-m", "offramp.client.cli.main", "serve", "--repository", str(repository),
+        "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
+        "--health-port", "0", "--log", str(log),
+    ]  # fmt: skip
+
+
 def infer_add_one(grpc_url: str, x: np.ndarray) -> tuple[np.ndarray, dict[str, str]]:
     import tritonclient.grpc as grpcclient
 
@@ -356,11 +365,7 @@ def test_a_model_failing_to_initialize_fails_start_fast(tmp_path: Path, executio
 def test_serve_runs_until_sigterm_and_stops_cleanly(add_one_repository: Path, tmp_path: Path) -> None:
     ports = ServerPorts.free()
     log = tmp_path / "serve.log"
-    command = [
-        sys.executable, "-m", "offramp.client.cli.main", "serve", "--repository", str(add_one_repository),
-        "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
-        "--health-port", "0", "--log", str(log),
-    ]  # fmt: skip
+    command = serve_command(add_one_repository, ports, log)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # Ready once `offramp serve` says so (the server's own health endpoint answers a moment before
@@ -396,11 +401,7 @@ def test_a_server_dies_with_the_process_that_started_it(add_one_repository: Path
     """``offramp serve`` SIGKILLed (it cannot stop its server then): tritonserver gets SIGTERM from the
     kernel (PR_SET_PDEATHSIG, set by setpriv before the exec) and exits instead of holding its ports."""
     ports = ServerPorts.free()
-    command = [
-        sys.executable, "-m", "offramp.client.cli.main", "serve", "--repository", str(add_one_repository),
-        "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
-        "--health-port", "0", "--log", str(tmp_path / "serve.log"),
-    ]  # fmt: skip
+    command = serve_command(add_one_repository, ports, tmp_path / "serve.log")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in process.stdout:
@@ -430,11 +431,7 @@ def test_serve_restarts_a_server_that_died_and_serves_again(add_one_repository: 
 
     ports = ServerPorts.free()
     log = tmp_path / "serve.log"
-    command = [
-        sys.executable, "-m", "offramp.client.cli.main", "serve", "--repository", str(add_one_repository),
-        "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
-        "--health-port", "0", "--log", str(log),
-    ]  # fmt: skip
+    command = serve_command(add_one_repository, ports, log)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True)
