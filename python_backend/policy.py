@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,11 @@ class Policy:
         total = float(sum(profile))
         return tuple(float(p) / total for p in profile) if total > 0 else None
 
+    @property
+    def certified_bounds(self) -> str:
+        """What the calibration certified, in words (:func:`certified_bounds`)."""
+        return certified_bounds(self.provenance)
+
     @classmethod
     def fixed(
         cls, fingerprint: str, num_exits: int, metric: str = "max_prob", threshold: float = 0.9
@@ -251,6 +257,17 @@ class Policy:
         except (OSError, json.JSONDecodeError) as error:
             raise PolicyError(f"policy {path}: {error}") from error
         return cls.from_dict(data)
+
+
+def certified_bounds(provenance: Mapping[str, Any]) -> str:
+    """What a policy's calibration certified, from its provenance, in words ("disagreement <= 0.01 and
+    accuracy loss <= 0.5 points"); "no certified bound" without one (a fixed policy, an empirical search)."""
+    if provenance.get("method") != "learn_then_test" or provenance.get("epsilon") is None:
+        return "no certified bound"
+    text = f"{provenance.get('risk', 'disagreement')} <= {provenance['epsilon']:g}"
+    if provenance.get("max_accuracy_loss") is not None:
+        text += f" and accuracy loss <= {provenance['max_accuracy_loss'] * 100:g} points"
+    return text
 
 
 def _rules(items: list[dict[str, Any]]) -> tuple[ExitRule, ...]:

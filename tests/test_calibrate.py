@@ -132,6 +132,10 @@ def test_calibrate_certifies_an_accuracy_bound_with_the_risk(quick_cnn, calibrat
     assert 0 <= joint.provenance["achieved_accuracy_loss"] <= 0.01
     assert "achieved_accuracy_loss" not in plain
     assert joint.provenance["expected_cost"] >= plain["expected_cost"]
+    # What `offramp policy list` and the bench report say each policy holds.
+    assert joint.certified_bounds == "disagreement <= 0.05 and accuracy loss <= 1 points"
+    assert Policy.load(tmp_path / "plain.json").certified_bounds == "disagreement <= 0.05"
+    assert Policy.fixed("fp", artifacts.num_exits).certified_bounds == "no certified bound"
     printed = capsys.readouterr().out
     assert "accuracy lost against the full model is <= 0.01" in printed
     assert "achieved calibration accuracy loss" in printed

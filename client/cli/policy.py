@@ -56,7 +56,8 @@ class PolicyCommand(Subcommand):
                     cost = provenance.get("expected_cost", float("nan"))
                     print(
                         f"{version.number:>4} {'*' if version.active else ' '} {version.policy.version:<24} "
-                        f"{provenance.get('method', '?')}, expected compute {cost:.3f}"
+                        f"{provenance.get('method', '?')} ({version.policy.certified_bounds}), "
+                        f"expected compute {cost:.3f}"
                     )
             elif args.action == "show":
                 print(control.policy(args.version).to_json())

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from offramp.backend.policy import certified_bounds
 from offramp.build.markdown import markdown_table
 from offramp.client.serving.statistics import ORCHESTRATOR_PARTS
 from offramp.client.tools.bench_summary import (
@@ -210,9 +211,7 @@ def workload_section(s: Mapping, images: Mapping[str, str], tuned: Sequence[Mapp
     rules = policy["exits"]
     thresholds = ", ".join(_f(r["threshold"], ".4g") for r in rules[:-1])
     provenance = policy["provenance"]
-    certified = f"{provenance.get('risk', 'disagreement')} <= {_f(provenance.get('epsilon'), '.3g')}"
-    if provenance.get("max_accuracy_loss") is not None:
-        certified += f" and accuracy loss <= {_f(provenance['max_accuracy_loss'] * 100, '.3g')} points"
+    certified = certified_bounds(provenance)
     parts += [
         (
             f"Model: {exits} exits at compute fractions "
