@@ -30,7 +30,7 @@ from offramp.build.repository import RepositoryOptions, full_model_name, segment
 from offramp.client.serving.health import HealthEndpoint, ServiceHealth, check_service
 from offramp.client.serving.processes import python_stubs
 from offramp.client.serving.server import SHM_DIR, EmbeddedTritonServer, ServerPorts
-from offramp.client.serving.supervisor import RestartPolicy, Supervisor, supervised
+from offramp.client.serving.supervisor import RestartPolicy, ServerRestarts, Supervisor, supervised
 from tests.reliability_support import Traffic, assert_rows_match, wait_for
 from tests.served_reference import Reference, spread_policy
 
@@ -311,3 +311,11 @@ def test_the_health_endpoint_says_down_when_the_server_is_gone(repository, tmp_p
         status, body = _get(endpoint, "/health/live")
         assert status == 503 and body["status"] == "down" and "does not answer" in body["notes"][0]
         assert _get(endpoint, "/nowhere")[0] == 404
+        # Gone while `offramp serve` restarts it: recovering, so live (a probe must not kill the replica
+        # mid-restart) and not ready, with a note and the gauge saying so.
+        endpoint.server_restarts = ServerRestarts()
+        endpoint.server_restarts.exited(-9)
+        status, body = _get(endpoint, "/health/live")
+        assert status == 200 and "tritonserver exited with code -9; being restarted" in body["notes"]
+        assert _get(endpoint, "/health/ready")[0] == 503
+        assert "offramp_server_restarting 1" in endpoint.respond("/metrics")[1]

@@ -277,7 +277,13 @@ class HealthEndpoint:
                 JSON,
             )
         health = self.health()
-        passed = {"/health": True, "/health/live": health.live, "/health/ready": health.ready}[path]
+        # While serve restarts a server that died, the replica is recovering, not dead: live (a liveness
+        # probe that killed it would only restart it again, slower), not ready (no traffic yet). Serve's
+        # own restart budget ends a replica that keeps dying.
+        recovering = self.server_restarts is not None and self.server_restarts.restarting
+        passed = {"/health": True, "/health/live": health.live or recovering, "/health/ready": health.ready}[
+            path
+        ]
         return (200 if passed else 503), json.dumps(health.to_dict(), indent=2) + "\n", JSON
 
     def __enter__(self) -> HealthEndpoint:
