@@ -22,6 +22,7 @@ from offramp.build.risk_control import (
     LearnThenTest,
     calibrate_best_rule,
     calibrate_exit_policy,
+    check_accuracy_bound,
 )
 from offramp.build.rule_families import scaled_exits
 from offramp.build.tabular import read_columns
@@ -281,6 +282,7 @@ class CalibrationSettings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        check_accuracy_bound(self.max_accuracy_loss)  # here, before the rows run through the segments
         if self.ladder and self.rule == "all":
             raise ValueError("a ladder is certified for one rule family: name it with rule, not 'all'")
         if self.metric != "max_prob" and self.rule not in ("confidence", "all"):

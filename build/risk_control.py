@@ -144,6 +144,12 @@ def fixed_sequence_test(p_values: Any, delta: float) -> np.ndarray:
     return run.sum(axis=-1) - 1
 
 
+def check_accuracy_bound(max_accuracy_loss: float | None) -> None:
+    """ValueError unless ``max_accuracy_loss`` is None or a fraction in [0, 1)."""
+    if max_accuracy_loss is not None and not 0 <= max_accuracy_loss < 1:
+        raise ValueError(f"max_accuracy_loss must lie in [0, 1), not {max_accuracy_loss}")
+
+
 def within_reach(epsilon: float, rows: int, delta: float, p_value: str = "binomial") -> bool:
     """Whether ``rows`` rows without a single loss would reject ``H: risk > epsilon`` at ``delta``: if
     not, no candidate past "no early exit" can be certified on that many rows, whatever they hold
@@ -806,11 +812,9 @@ def validated_calibration_rows(
             raise ValueError(f"labels {labels.shape} for {rows} rows")
     if risk != "disagreement" and labels is None:
         raise ValueError(f"risk {risk!r} needs labels")
-    if max_accuracy_loss is not None:
-        if labels is None:
-            raise ValueError("an accuracy bound (max_accuracy_loss) needs labels")
-        if not 0 <= max_accuracy_loss < 1:
-            raise ValueError(f"max_accuracy_loss must lie in [0, 1), not {max_accuracy_loss}")
+    check_accuracy_bound(max_accuracy_loss)
+    if max_accuracy_loss is not None and labels is None:
+        raise ValueError("an accuracy bound (max_accuracy_loss) needs labels")
     if cohorts is not None:
         cohorts = np.array(["" if c is None else str(c) for c in cohorts])
         if cohorts.shape != (rows,):
@@ -1180,17 +1184,7 @@ def calibrate_exit_policy(
         )
         for epsilon in levels
     )
-    notes = certified.warnings
-    if max_accuracy_loss is not None and isinstance(method, LearnThenTest):
-        rows_held = len(candidates.split.certify)
-        if not within_reach(max_accuracy_loss, rows_held, method.delta, method.p_value):
-            notes += (
-                f"the accuracy bound {max_accuracy_loss:g} is out of reach of {rows_held} certifying rows at "
-                f"delta {method.delta:.4g}: even rows without a loss would not show it",
-            )
-    for message in notes:
-        warnings.warn(message, CalibrationWarning, stacklevel=2)
-    return CalibratedExitPolicy(
+    calibrated = CalibratedExitPolicy(
         metric=candidates.path.metric,
         temperatures=candidates.temperatures,
         path=candidates.path,
@@ -1207,11 +1201,20 @@ def calibrate_exit_policy(
         split=candidates.split,
         exit_costs=tuple(float(c) for c in costs),
         data_fingerprint=data_fingerprint(rows.exit_logits, rows.labels, rows.cohorts),
-        warnings=notes,
+        warnings=certified.warnings,
         rungs=rungs,
         rule=rule,
         max_accuracy_loss=max_accuracy_loss,
     )
+    if not calibrated.accuracy_bound_in_reach:
+        out_of_reach = (
+            f"the accuracy bound {max_accuracy_loss:g} is out of reach of {calibrated.calibration_rows} "
+            f"certifying rows at delta {method.delta:.4g}: even rows without a loss would not show it"
+        )
+        calibrated = replace(calibrated, warnings=(*calibrated.warnings, out_of_reach))
+    for message in calibrated.warnings:
+        warnings.warn(message, CalibrationWarning, stacklevel=2)
+    return calibrated
 
 
 def calibrate_best_rule(

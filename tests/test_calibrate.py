@@ -139,6 +139,9 @@ def test_calibrate_certifies_an_accuracy_bound_with_the_risk(quick_cnn, calibrat
     printed = capsys.readouterr().out
     assert "accuracy lost against the full model is <= 0.01" in printed
     assert "achieved calibration accuracy loss" in printed
+    # A bound that is no fraction is refused on one line before any row is run.
+    assert main([*common, "--max-accuracy-loss", "1.5"]) == 2
+    assert "max_accuracy_loss must lie in [0, 1), not 1.5" in capsys.readouterr().err
 
 
 def table_rows(markdown: str, heading: str) -> list[list[str]]:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from offramp.build.exit_selection import SEGMENT_MODES, CallCost, Candidate, Choice, ServingCosts
+from offramp.build.risk_control import check_accuracy_bound
 from offramp.client.cli.options import comma_list, option, positive_int
 from offramp.client.cli.subcommand import DEFAULT_WORKDIR
 
@@ -73,8 +74,7 @@ class TuneConfig:
             raise ValueError(f"modes must be among {list(SEGMENT_MODES)}, not {sorted(unknown)}")
         if not 0 < self.epsilon < 1 or not 0 < self.delta < 1:
             raise ValueError("epsilon and delta must lie in (0, 1)")
-        if self.max_accuracy_loss is not None and not 0 < self.max_accuracy_loss < 1:
-            raise ValueError("max_accuracy_loss must lie in (0, 1)")
+        check_accuracy_bound(self.max_accuracy_loss)
 
     @property
     def out_dir(self) -> Path:
