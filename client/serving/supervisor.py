@@ -68,6 +68,11 @@ class RestartPolicy:
     def backoff(self, restarts_in_window: int) -> float:
         return self.backoff_s[min(restarts_in_window, len(self.backoff_s) - 1)]
 
+    def in_window(self, restart_times: list[float], now: float) -> list[float]:
+        """The restarts of ``restart_times`` still inside the window before ``now``: once they number
+        ``max_restarts`` the budget is spent."""
+        return [t for t in restart_times if now - t < self.window_s]
+
 
 @dataclass
 class ServerRestarts:
@@ -92,7 +97,7 @@ class ServerRestarts:
         """The server exited with ``code``: seconds to wait before restarting it, or None to give up."""
         now = self.clock()
         self.exit_codes.append(code)
-        self._times = [t for t in self._times if now - t < self.policy.window_s]
+        self._times = self.policy.in_window(self._times, now)
         if len(self._times) >= self.policy.max_restarts:
             self.restarting = False
             return None
@@ -201,8 +206,7 @@ class Supervisor:
             self._clean_up(record)
             record.broken_since = None
             return
-        recent = [t for t in record.restart_times if now - t < self.policy.window_s]
-        record.restart_times = recent
+        recent = record.restart_times = self.policy.in_window(record.restart_times, now)
         if len(recent) >= self.policy.max_restarts:
             record.gave_up = True
             self._event(
