@@ -1207,9 +1207,16 @@ def calibrate_exit_policy(
         max_accuracy_loss=max_accuracy_loss,
     )
     if not calibrated.accuracy_bound_in_reach:
+        assert max_accuracy_loss is not None  # in reach otherwise
+        needed = (  # loss-free rows the binomial test needs; a bound of 0 no finite number shows
+            f"the binomial test needs {math.ceil(math.log(method.delta) / math.log(1 - max_accuracy_loss))}"
+            if max_accuracy_loss > 0
+            else "no number of rows shows a bound of 0"
+        )
         out_of_reach = (
             f"the accuracy bound {max_accuracy_loss:g} is out of reach of {calibrated.calibration_rows} "
-            f"certifying rows at delta {method.delta:.4g}: even rows without a loss would not show it"
+            f"certifying rows at delta {method.delta:.4g}: even rows without a loss would not show it "
+            f"({needed}: calibrate on more labelled rows, or state a looser bound)"
         )
         calibrated = replace(calibrated, warnings=(*calibrated.warnings, out_of_reach))
     for message in calibrated.warnings:
