@@ -23,6 +23,7 @@ from offramp.build.risk_control import (
     calibrate_best_rule,
     calibrate_exit_policy,
     check_accuracy_bound,
+    exit_loss,
 )
 from offramp.build.rule_families import scaled_exits
 from offramp.build.tabular import read_columns
@@ -227,23 +228,44 @@ def shadow_rows(artifacts: ModelArtifacts, directory: Path, since: float | None 
     )
 
 
-def evaluate_policy(
-    artifacts: ModelArtifacts, artifacts_dir: Path, policy: Policy, data: CalibrationData
-) -> dict[str, float]:
-    """The policy on other held-out rows, through the exported segments: accuracy, disagreement with
-    the full model, mean compute fraction."""
-    logits = exit_logits_from_onnx(artifacts, artifacts_dir, data.inputs)
-    taken = simulate_exits(logits, policy.exits)
-    rows = np.arange(len(taken))
-    answer = logits[taken, rows].argmax(axis=1)
-    full = logits[-1].argmax(axis=1)
-    return {
-        "rows": len(taken),
-        "accuracy": float((answer == data.labels).mean()),
-        "full_accuracy": float((full == data.labels).mean()),
-        "disagreement": float((answer != full).mean()),
-        "compute": float(np.asarray(artifacts.exit_costs)[taken].mean()),
-    }
+@dataclass(frozen=True)
+class RungFigures:
+    """One rung of a policy on labelled rows."""
+
+    disagreement: float  # with the full model
+    accuracy: float
+    full_accuracy: float
+    accuracy_loss: float  # the share of rows the rung gets wrong and the full model right
+    compute: float  # mean compute fraction per row
+
+    def risk(self, kind: str) -> float:
+        """The risk ``kind`` (``--risk``) of the rung's answers."""
+        if kind == "error_increase_net":
+            return self.full_accuracy - self.accuracy
+        return self.accuracy_loss if kind == "error_increase" else self.disagreement
+
+
+def rung_figures(
+    policy: Policy, logits: np.ndarray, exit_costs: Sequence[float], labels: np.ndarray
+) -> list[RungFigures]:
+    """Each rung of ``policy``, rung 0 first, on recorded exit logits (E, N, C) with ``labels`` (N,)."""
+    full = logits[-1].argmax(axis=1)  # (N,)
+    rows = np.arange(logits.shape[1])
+    costs = np.asarray(exit_costs, dtype=np.float64)
+    figures = []
+    for rules in policy.rung_rules:
+        taken = simulate_exits(logits, rules)  # (N,)
+        answer = logits[taken, rows].argmax(axis=1)
+        figures.append(
+            RungFigures(
+                disagreement=float(exit_loss(answer, full, labels, "disagreement").mean()),
+                accuracy=float((answer == labels).mean()),
+                full_accuracy=float((full == labels).mean()),
+                accuracy_loss=float(exit_loss(answer, full, labels, "error_increase").mean()),
+                compute=float(costs[taken].mean()),
+            )
+        )
+    return figures
 
 
 def policy_version(method: str, rules: Sequence[ExitRule], cohorts: dict, rungs: Sequence[Rung] = ()) -> str:

@@ -438,7 +438,7 @@ def fitted_path(
     thresholds = np.empty(shape)
     for k in range(num_exits - 1):
         label, value, valid = evidence.label[k], evidence.value[k], evidence.gate[k]
-        loss = _exit_loss(label, full, truth, risk)
+        loss = exit_loss(label, full, truth, risk)
         pooled = _risk_matched_thresholds(value[valid], loss[valid], rows, metric, levels)
         if not per_class:
             thresholds[:, k] = pooled
@@ -520,7 +520,8 @@ def exits_taken(evidence: ExitEvidence, path: CandidatePath) -> np.ndarray:
     return taken
 
 
-def _exit_loss(answer: np.ndarray, full: np.ndarray, truth: np.ndarray | None, risk: str) -> np.ndarray:
+def exit_loss(answer: np.ndarray, full: np.ndarray, truth: np.ndarray | None, risk: str) -> np.ndarray:
+    """(N,) each row's loss under ``risk`` from its answer, the full model's and the true label (N,) each."""
     if risk == "disagreement":
         return (answer != full).astype(np.float64)
     if truth is None:
@@ -540,7 +541,7 @@ def candidate_losses(
 ) -> np.ndarray:
     """(K, N) per-row loss of every candidate, from the exits taken (K, N) and every exit's labels (E, N)."""
     answer = exit_labels[taken, np.arange(taken.shape[1])]  # (K, N)
-    return _exit_loss(answer, exit_labels[-1], None if labels is None else np.asarray(labels), risk)
+    return exit_loss(answer, exit_labels[-1], None if labels is None else np.asarray(labels), risk)
 
 
 @dataclass(frozen=True, eq=False)  # arrays inside: compared by identity

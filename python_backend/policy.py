@@ -176,6 +176,11 @@ class Policy:
             provenance={"method": f"fixed {metric} threshold {threshold}, not calibrated"},
         )
 
+    @property
+    def rung_rules(self) -> tuple[tuple[ExitRule, ...], ...]:
+        """Each rung's exit rules, rung 0 (the policy's own) first."""
+        return (self.exits, *(r.exits for r in self.rungs))
+
     def rules_for(self, cohort: str | None) -> tuple[ExitRule, ...]:
         """The exit rules of ``cohort``, or the global ones where it has no override."""
         return self.cohorts.get(cohort, self.exits) if cohort else self.exits

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 # gRPC's fork handlers (grpcio reads this when it is first imported, which is below) wait for its
@@ -100,6 +101,25 @@ def quick_cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
     directory = tmp_path_factory.mktemp("quick_cnn")
     return build_fashion_mnist_cnn(directory, train=quick_train_config(), progress=False), directory
+
+
+@pytest.fixture(scope="session")
+def real_exits(quick_cnn, fashion_test):
+    """Exit logits of the quick CNN on the Fashion-MNIST test images, cached in its tmp folder.
+
+    Returns (logits (E, N, C), labels (N,), exit costs (E,)).
+    """
+    artifacts, directory = quick_cnn
+    images, labels = fashion_test
+    cache = directory / f"exit_logits_test_{artifacts.fingerprint[:12]}.npz"
+    if cache.exists():
+        logits = np.load(cache)["logits"]
+    else:
+        from offramp.build.calibrate import exit_logits_from_onnx
+
+        logits = exit_logits_from_onnx(artifacts, directory, {"IMAGE": images})
+        np.savez(cache, logits=logits)
+    return logits, labels, np.asarray(artifacts.exit_costs)
 
 
 @pytest.fixture(scope="session")

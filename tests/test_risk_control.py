@@ -21,7 +21,7 @@ import pytest
 from scipy.stats import binom
 
 from offramp.backend.policy import RULE_FAMILIES, Policy
-from offramp.build.calibrate import exit_logits_from_onnx, simulate_exits
+from offramp.build.calibrate import simulate_exits
 from offramp.build.risk_control import (
     NEVER,
     CalibrationWarning,
@@ -59,23 +59,6 @@ DRAWS, CALIBRATION_ROWS, MIN_GROUP_ROWS = 400, 2000, 50
 
 # ---------------------------------------------------------------------------------------------
 # (a) the guarantee, in simulation on real exit logits
-
-
-@pytest.fixture(scope="module")
-def real_exits(quick_cnn, fashion_test):
-    """Exit logits of the quick CNN on the Fashion-MNIST test images, cached in its tmp folder.
-
-    Returns (logits (E, N, C), labels (N,), exit costs (E,)).
-    """
-    artifacts, directory = quick_cnn
-    images, labels = fashion_test
-    cache = directory / f"exit_logits_test_{artifacts.fingerprint[:12]}.npz"
-    if cache.exists():
-        logits = np.load(cache)["logits"]
-    else:
-        logits = exit_logits_from_onnx(artifacts, directory, {"IMAGE": images})
-        np.savez(cache, logits=logits)
-    return logits, labels, np.asarray(artifacts.exit_costs)
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,14 @@ class CalibrateCommand(Subcommand):
         add("--min-group-rows", type=int, default=50, help="smaller cohorts fall back to global")
         add("--report", help="folder for report.md and its plots")
         add("--evaluate-test", action="store_true", help="also judge the policy on the build's test split")
+        add("--evaluate-data", metavar="PATH",
+            help="also judge the policy (every rung) on other labelled rows of yours, "
+            "of --data's kinds")  # fmt: skip
+        add("--check-draws", type=int, metavar="N",
+            help="check the guarantee on data calibration did not use: N calibration draws (with "
+            "replacement) from the judged rows (--evaluate-test or --evaluate-data; else the calibration "
+            "rows), each calibrated with these settings, every rung's risk measured on all the judged "
+            "rows; says whether the share of draws breaking a bound stays within delta")  # fmt: skip
         add("--quiet", action="store_true", help="no progress bars")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -117,18 +125,39 @@ class CalibrateCommand(Subcommand):
                   "use them alone (no --data), with --risk disagreement and no --max-accuracy-loss",
                   file=sys.stderr)  # fmt: skip
             return 2
+        if args.evaluate_test and args.evaluate_data:
+            print("offramp calibrate: error: judge on one set of rows: --evaluate-test or --evaluate-data",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        if args.check_draws is not None and args.check_draws < 1:
+            print(f"offramp calibrate: error: --check-draws needs at least 1 draw: {args.check_draws}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        columns = (args.text_column, args.label_column)
         try:
             if args.shadow:
                 since = None if args.shadow_since_h is None else time.time() - args.shadow_since_h * 3600.0
                 data = shadow_rows(artifacts, Path(args.shadow), since)
             elif args.data:
-                columns = (args.text_column, args.label_column)
                 data = data_file_rows(artifacts, artifacts_dir, Path(args.data), *columns)
             else:
                 data = held_out_data(artifacts, artifacts_dir)
-            test = held_out_data(artifacts, artifacts_dir, "test") if args.evaluate_test else None
+            judged = None
+            if args.evaluate_test:
+                judged = ("test split", held_out_data(artifacts, artifacts_dir, "test"))
+            elif args.evaluate_data:
+                judged = (
+                    args.evaluate_data,
+                    data_file_rows(artifacts, artifacts_dir, Path(args.evaluate_data), *columns),
+                )
         except (*user_errors(), ValueError) as error:
             print(f"offramp calibrate: error: {error}", file=sys.stderr)
+            return 2
+        # The rows --check-draws draws from and judges on: the judged ones, else the calibration rows.
+        checked = judged[1] if judged is not None else data
+        if args.check_draws and checked.cohorts is not None:
+            print("offramp calibrate: error: --check-draws checks a policy without cohorts: judge rows "
+                  "without a cohort column", file=sys.stderr)  # fmt: skip
             return 2
         policy, calibrated, logits = calibrate_artifacts(
             artifacts, artifacts_dir, data, progress=not args.quiet, **asdict(settings)
@@ -154,16 +183,38 @@ class CalibrateCommand(Subcommand):
             )
         for warning in calibrated.warnings:
             print(f"  warning: {warning}")
-        if test is not None:
-            from offramp.build.calibrate import evaluate_policy
+        checked_logits = logits
+        if judged is not None:
+            from offramp.build.calibrate import exit_logits_from_onnx, rung_figures
 
-            figures = evaluate_policy(artifacts, artifacts_dir, policy, test)
-            print(
-                f"  test split ({figures['rows']} rows): disagreement with full "
-                f"{figures['disagreement']:.2%}, "
-                f"accuracy {figures['accuracy']:.2%} (full {figures['full_accuracy']:.2%}), "
-                f"compute {figures['compute']:.3f}"
+            where, rows = judged
+            checked_logits = exit_logits_from_onnx(
+                artifacts, artifacts_dir, rows.inputs, progress=not args.quiet
             )
+            epsilons = (args.epsilon, *(r.epsilon for r in policy.rungs))
+            figures = rung_figures(policy, checked_logits, artifacts.exit_costs, rows.labels)
+            for rung, (epsilon, f) in enumerate(zip(epsilons, figures, strict=True)):
+                which = (
+                    f"{where} ({len(rows.labels)} rows)"
+                    if rung == 0
+                    else f"{where}, rung {rung} (epsilon {epsilon:g})"
+                )
+                print(
+                    f"  {which}: disagreement with full {f.disagreement:.2%}, "
+                    f"accuracy {f.accuracy:.2%} (full {f.full_accuracy:.2%}), compute {f.compute:.3f}"
+                )
+        if args.check_draws:
+            from tqdm import tqdm
+
+            from offramp.build.guarantee_check import check_guarantee
+
+            with tqdm(total=args.check_draws, desc="calibration draws", disable=args.quiet) as bar:
+                check = check_guarantee(
+                    checked_logits, artifacts.exit_costs, checked.labels, settings, args.check_draws,
+                    draw_rows=len(data.labels), progress=lambda _: bar.update(),
+                )  # fmt: skip
+            for line in check.lines():
+                print(f"  {line}")
         if args.report:
             from offramp.build.calibration_report import write_calibration_report
 
