@@ -117,6 +117,17 @@ carries at saturation missed the target in the step's first second in 4 of 10 on
 queue builds before the climb (Rotten Tomatoes' rung 1 at 2x); ``headroom_load`` holds the risen load
 to a smaller share of a rung than a load of now (``SloConfig``).
 
+Every throughput test takes the steady load with its Poisson noise (``_steady``): the requests of the
+last ``descend_windows`` windows, ``STEADY_BOUND`` standard errors of that count up where a rung must
+carry it (a descent's rung, a climb's target, the quiet test of a lower rung) and down where it is to
+make the ladder climb. Three-second means of a steady 10 requests/s range 7-13, about the distance
+between a rung's climb and descent points: compared as they were, a steady load twice which filled
+75% of Rotten Tomatoes' rung 0 moved the served ladder's rung 17 times in 90 s, and three lull
+seconds in a 1x step (9-11/s in 14.9/s) took ladders down to rung 0 just before a 2x step, which then
+found it full (measured). One standard error each way asks a move to see the count about 1.3 standard
+errors from the mean instead of 0.4: in scripted windows at that load, 15-20 moves in 300 windows
+against 50-75. More (two) kept ladders from climbing at a 1x step in simulation.
+
 The gap between the two fractions, the run of quiet windows needed to descend and the capacity check
 are the hysteresis: a load near a boundary does not make the rung flap. A window without requests
 counts as quiet. Requests that carry ``force_full`` and cohorts the policy pins stay at rung 0 whatever the
@@ -139,6 +150,11 @@ import numpy as np
 # The share of the instances' time spent in executes from which a window shows what its rung carries:
 # below it the answered rate is the load, not a limit (dynamic batching keeps a saturated instance busy).
 SATURATED = 0.8
+
+# Poisson standard errors between the steady load and the bound a throughput test takes of it: a climb
+# on it asks its lower bound to pass the rung's climb point, a rung is said to carry it where it carries
+# its upper bound (module doc).
+STEADY_BOUND = 1.0
 
 
 def is_expected_cost(value: object) -> bool:
@@ -402,20 +418,29 @@ class SloController:
         while self._answered and self._answered[0][0] < since:
             self._answered.popleft()
 
-    def _demand(self, load: float) -> float:
+    def _steady(self, side: int) -> float:
+        """The steady load (requests/s over the last ``descend_windows`` windows), ``side`` (+1: upper,
+        -1: lower) ``STEADY_BOUND`` Poisson standard errors of its count away from the mean."""
+        if not self._recent_loads:
+            return 0.0
+        seconds = len(self._recent_loads) * self.config.window_s
+        count = float(np.sum(self._recent_loads)) * self.config.window_s  # requests that came
+        return max(0.0, count + side * STEADY_BOUND * math.sqrt(max(count, 1.0))) / seconds
+
+    def _demand(self, load: float, side: int) -> float:
         """The requests/s a rung must carry to be served at ``load`` requests/s now: that load, or
-        ``headroom`` times the mean load of the last ``descend_windows`` windows where more. The headroom
-        multiplies a steady load, not a one-second count: at TREC's half load (13.6/s) counts of 6 to 21
-        per second came, and twice the highest crossed what rung 0 carries, which kept the ladder off
-        rung 0 after a spike (measured with a headroom of 2). A step in the load shows in the count of
-        now, at once, as without headroom. The risen load is scaled by ``descend_load / headroom_load``,
-        so that every throughput test, made with the margins of a load of now, holds it to
-        ``headroom_load`` of a rung."""
-        steady = float(np.mean(self._recent_loads)) if self._recent_loads else 0.0
+        ``headroom`` times the steady load (its bound on ``side``, :meth:`_steady`) where more. The
+        headroom multiplies a steady load, not a one-second count: at TREC's half load (13.6/s) counts of
+        6 to 21 per second came, and twice the highest crossed what rung 0 carries, which kept the ladder
+        off rung 0 after a spike (measured with a headroom of 2). A step in the load shows in the count
+        of now, at once, as without headroom. The risen load is scaled by ``descend_load /
+        headroom_load``, so that every throughput test, made with the margins of a load of now, holds it
+        to ``headroom_load`` of a rung."""
+        steady = self._steady(side)
         config = self.config
         margin = config.descend_load if config.headroom_load is None else config.headroom_load
         # The risen load against the throughput margins: filling headroom_load of a rung counts as
-        # filling descend_load of it. Never under the steady load (headroom >= 1, margin <= descend_load).
+        # filling descend_load of it (headroom >= 1, margin <= descend_load).
         risen = config.headroom * steady * config.descend_load / margin
         return max(load, risen)
 
@@ -423,7 +448,7 @@ class SloController:
         """Whether ``load`` requests/s coming (what ``_demand`` makes of it) pass ``climb_load`` of what the
         rung of now carries: a queue builds within seconds, before the latency shows it (module doc).
         Unknown capacity (inf): never."""
-        return self._demand(load) > self.config.climb_load * self.carries(self.rung)
+        return self._demand(load, -1) > self.config.climb_load * self.carries(self.rung)
 
     def _check_backlog(self) -> None:
         """Between windows: to the top rung at once where the pending requests alone put a request
@@ -521,7 +546,7 @@ class SloController:
     def _carries_with_margin(self, rung: int, load: float) -> bool:
         """Whether ``rung`` carries ``load`` requests/s (what ``_demand`` makes of it) within
         ``descend_load`` of what it carries: the throughput test of every climb's and descent's rung."""
-        return self._demand(load) < self.config.descend_load * self.carries(rung)
+        return self._demand(load, +1) < self.config.descend_load * self.carries(rung)
 
     def _holds(self, rung: int, load: float) -> bool:
         """Whether ``rung`` was seen to hold a mean ``load`` requests/s: up to ``1 / descend_load`` of a
