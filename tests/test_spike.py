@@ -31,6 +31,7 @@ from offramp.client.tools.spike import (
     pending_requests,
     row_index,
     rung_0_from,
+    rung_changes,
     rung_from_metrics,
     slo_gauges,
     spike_goals,
@@ -345,6 +346,23 @@ def test_the_report_marks_each_step_against_the_slo():
     assert "Each rung alone, rung 0 first: 80, 120, 201 rows/s" in text
     assert "| ∞ | NO |" in full_row
     assert "| 390.0 | yes | 0.970 (800); rung rows 0.990 |" in ladder_row and "| 3 |" in ladder_row
+
+
+def test_rung_changes_are_counted_per_instance_and_reported():
+    """The gauges polled every half second: instance b went 0, 1, 1, 0, 2 (three changes), a stayed."""
+    trace = [(t, {"b": {"rung": r}, "a": {"rung": 0.0}}) for t, r in enumerate((0.0, 1.0, 1.0, 0.0, 2.0))]
+    assert rung_changes(trace) == [0, 3]
+    steps = [step(FULL, 3.0, math.inf), step(LADDER, 3.0, 390, 0.97, (3,))]
+    summary = {
+        "workload": "w", "slo_p99_ms": 400.0, "full_light_p99_ms": 200.0, "full_capacity_rows_per_s": 90.0,
+        "ladder": [{"epsilon": 0.01, "expected_cost": 0.66}], "schedule": {"requests": 200},
+        "config": {"spike": {"slo_factor": 2.0, "spike_step_s": 15.0}, "rows_per_request": 8},
+        "arms": {FULL: {"drain_s": 40.0}, LADDER: {"drain_s": 0.2, "controller_trace": trace}},
+        "saturating_concurrency": 16, "steps": [s.__dict__ for s in steps],
+        "goals": spike_goals(steps, 400.0, [0.01, 0.02, 0.05, 0.1]),
+    }  # fmt: skip
+    text = spike_markdown(summary)
+    assert "Rung changes over the schedule, per orchestrator instance: ladder 0, 3." in text
 
 
 def test_a_late_answer_counts_in_the_step_that_sent_it_and_in_the_throughput_of_the_step_it_arrived():

@@ -28,6 +28,7 @@ Writes ``<out>/spike/<workload>/summary.json``, ``SPIKE.md`` and a plot, and pri
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -708,6 +709,16 @@ def spike_goals(steps: Sequence[Step], slo_ms: float, epsilons: Sequence[float])
     return goals
 
 
+def rung_changes(controller_trace: Sequence[tuple[float, Mapping[str, Mapping[str, float]]]]) -> list[int]:
+    """How many times each orchestrator instance's rung changed over a run, instances by name, from the
+    gauges polled every half second (``controller_trace``): what a steady load must keep low."""
+    rungs: dict[str, list[float]] = {}
+    for _, gauges in controller_trace:
+        for instance, gauge in gauges.items():
+            rungs.setdefault(instance, []).append(gauge["rung"])
+    return [sum(a != b for a, b in itertools.pairwise(rungs[i])) for i in sorted(rungs)]
+
+
 def _cell(value: float, digits: int = 1) -> str:
     return "n/a" if math.isnan(value) else "∞" if math.isinf(value) else f"{value:.{digits}f}"
 
@@ -726,6 +737,11 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
     ]  # fmt: skip
     ladder = ", ".join(f"ε={r['epsilon']:g}: compute {r['expected_cost']:.3f}" for r in summary["ladder"])
     drains = ", ".join(f"{arm} {a['drain_s']:.1f} s" for arm, a in summary["arms"].items())
+    changes = "; ".join(
+        f"{arm} {', '.join(map(str, rung_changes(a['controller_trace'])))}"
+        for arm, a in summary["arms"].items()
+        if a.get("controller_trace")
+    )
     goals = "\n".join(f"- {k}: {v}" for k, v in summary["goals"].items())
     spike = summary["config"]["spike"]
     capacities = summary.get("capacity_rows_per_s", {})
@@ -783,7 +799,9 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
             ],
             rows,
         )  # fmt: skip
-        + f"\n\nThe last answer after the schedule's end: {drains}.\n\nGoals:\n{goals}\n"
+        + f"\n\nThe last answer after the schedule's end: {drains}."
+        + (f" Rung changes over the schedule, per orchestrator instance: {changes}." if changes else "")
+        + f"\n\nGoals:\n{goals}\n"
     )
 
 
