@@ -119,8 +119,8 @@ to a smaller share of a rung than a load of now (``SloConfig``).
 
 Every throughput test takes the steady load with its Poisson noise (``_steady``): the requests of the
 last ``descend_windows`` windows, ``STEADY_BOUND`` standard errors of that count up where a rung must
-carry it (a descent's rung, a climb's target, the quiet test of a lower rung) and down where it is to
-make the ladder climb. Three-second means of a steady 10 requests/s range 7-13, about the distance
+carry it (a descent's rung, a climb's target) and down where it is to make the ladder climb; the test
+that lets a window count as quiet because a lower rung carries its load takes the mean (``_lower_carries``). Three-second means of a steady 10 requests/s range 7-13, about the distance
 between a rung's climb and descent points: compared as they were, a steady load twice which filled
 75% of Rotten Tomatoes' rung 0 moved the served ladder's rung 17 times in 90 s, and three lull
 seconds in a 1x step (9-11/s in 14.9/s) took ladders down to rung 0 just before a 2x step, which then
@@ -420,7 +420,7 @@ class SloController:
 
     def _steady(self, side: int) -> float:
         """The steady load (requests/s over the last ``descend_windows`` windows), ``side`` (+1: upper,
-        -1: lower) ``STEADY_BOUND`` Poisson standard errors of its count away from the mean."""
+        -1: lower, 0: the mean) ``STEADY_BOUND`` Poisson standard errors of its count away from the mean."""
         if not self._recent_loads:
             return 0.0
         seconds = len(self._recent_loads) * self.config.window_s
@@ -543,10 +543,11 @@ class SloController:
             return below
         return self.rung
 
-    def _carries_with_margin(self, rung: int, load: float) -> bool:
-        """Whether ``rung`` carries ``load`` requests/s (what ``_demand`` makes of it) within
-        ``descend_load`` of what it carries: the throughput test of every climb's and descent's rung."""
-        return self._demand(load, +1) < self.config.descend_load * self.carries(rung)
+    def _carries_with_margin(self, rung: int, load: float, side: int = +1) -> bool:
+        """Whether ``rung`` carries ``load`` requests/s (what ``_demand`` makes of it, the steady load's
+        bound on ``side``) within ``descend_load`` of what it carries: the throughput test of every climb's
+        and descent's rung."""
+        return self._demand(load, side) < self.config.descend_load * self.carries(rung)
 
     def _holds(self, rung: int, load: float) -> bool:
         """Whether ``rung`` was seen to hold a mean ``load`` requests/s: up to ``1 / descend_load`` of a
@@ -679,8 +680,12 @@ class SloController:
         """A rung below was seen overloaded at a load well above this one (a lower rung carries less than
         any above it, so that bounds the next one down): a window under ``climb_at`` counts as quiet
         then. Under a target of twice the light-load p99 the light load itself can sit over
-        ``descend_at``, and the ladder stayed up after a spike had passed (measured on TREC)."""
-        return any(self._carries_with_margin(rung, load) for rung in self.capacity if rung < self.rung)
+        ``descend_at``, and the ladder stayed up after a spike had passed (measured on TREC). The steady
+        load is taken at its mean here: this only lets a window count as quiet, and the descent it may
+        lead to tests its rung with the upper bound itself. With the upper bound here, TREC's half load
+        after a spike, whose own p99 at rungs 0 and 1 sat near half a tight target, broke the quiet runs
+        and kept a ladder at rung 1 to the end (measured)."""
+        return any(self._carries_with_margin(rung, load, 0) for rung in self.capacity if rung < self.rung)
 
 
 def shed_compute(exit_rates: Sequence[float], exit_costs: Sequence[float], shed_max_exit: int) -> float:

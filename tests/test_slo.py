@@ -771,3 +771,14 @@ def test_a_lull_in_a_steady_load_does_not_bring_the_ladder_down_to_a_rung_a_doub
     assert min(lull) > 0 and light == 0
     monkeypatch.setattr(slo_module, "STEADY_BOUND", 0.0)  # the mean alone: down to rung 0 in the lull
     assert lull_then_light()[0][-1] == 0
+
+
+def test_a_window_counts_as_quiet_when_a_lower_rung_carries_the_mean_load_the_descent_asks_more():
+    """At rung 1 under a target of 1 s, windows at 555 ms (over half the target: not quiet by their
+    latency) at 22/s count as quiet because rung 0 carries 22/s within 80% of its 30; the descent at the
+    end of the run tests rung 0 with the load one Poisson standard error up, 24.7/s, and stays. With the
+    upper bound in the quiet test too, TREC's half load after a spike broke its quiet runs (measured)."""
+    slo, script = controller(p99_ms=1000.0, rung_capacity=MEASURED, descend_windows=3)
+    slo.rung = 1
+    run = [window(slo, script, queue_ms=5, own_ms=550, requests=22, busy=0.6) for _ in range(3)]
+    assert [(w.rung, w.quiet) for w in run] == [(1, 1), (1, 2), (1, 0)]
