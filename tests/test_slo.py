@@ -732,7 +732,7 @@ RT_CARRIES = (26.6, 29.9, 42.6, 80.4)  # requests/s each rung carries alone, Rot
 def test_a_steady_poisson_load_at_a_rungs_boundary_seldom_moves_the_rung(seed, monkeypatch):
     """Rotten Tomatoes' rungs, a headroom of 2, a share of 0.7: a steady 10 requests/s sits where twice it
     fills rung 0 to 75%. Three-second means of Poisson counts at 10/s range 7-13: compared as they are
-    with the climb and descent points they moved the rung 17 times in 90 windows on the served ladder
+    with the climb and descent points they moved the rung 15-16 times in 90 windows on the served ladder
     (an `offramp bench --spike` run at 0.7x steady, 2026-12-05) and 50-75 times in 300 scripted windows
     here. Taken one Poisson standard error up for a descent and down for a climb, a move needs the
     three-second count about 1.3 standard errors from the mean instead of 0.4: 15-20 moves here (seeds
