@@ -89,11 +89,15 @@ No one work figure fits every rung, though: on Rotten Tomatoes the full model, r
 carried 123, 232 and 847 rows/s, which wants a fixed cost of 0.03 from the top rung and 0.29 from rung
 0 (a deeper rung makes more segment calls). Where the deployment measured what each rung carries
 (``rung_capacity``), those figures are the capacities from the start, and a rung's time per request is
-scaled by their ratio rather than by the work model; windows that overload a rung still replace its
-figure. With what a rung carries known, the controller also climbs before the latency shows a queue:
-a window whose load passes ``climb_load`` of what its rung carries climbs as a window over ``climb_at``
-would (a rung at 95% of its capacity builds its queue slowly, and the window's mean wait lags it: rung 0
-of Rotten Tomatoes sat two seconds at the onset of a 2x step, p99 635 ms against 279). The gap between
+scaled by their ratio rather than by the work model; two windows in a row that overload a rung still
+replace its figure, one does not: a step's first window answers at the rate of its burst, and in a
+TREC run (40) instances that met the 1x step on rung 0 and jumped to the top from that one window
+learnt from it a figure that the half load's doubling never fitted again, and stayed off rung 0 after
+the spike (measured). With what a rung carries known, the controller also climbs before the latency
+shows a queue: a window whose load passes ``climb_load`` of what its rung carries climbs as a window
+over ``climb_at`` would (a rung at 95% of its capacity builds its queue slowly, and the window's mean
+wait lags it: rung 0 of Rotten Tomatoes sat two seconds at the onset of a 2x step, p99 635 ms against
+279). The gap between
 ``climb_load`` and ``descend_load`` keeps a steady load near a capacity from flapping between rungs.
 
 Between windows, every quarter window, the controller looks at the pending requests alone: where the
@@ -315,8 +319,10 @@ class SloController:
         # The model's loads of the last ``descend_windows`` windows, for the steady load ``headroom``
         # multiplies (``_demand``)...
         self._recent_loads: deque[float] = deque(maxlen=self.config.descend_windows)
-        # ...and whether the last window at this rung was over ``climb_at`` with its instances idle
+        # ...and whether the last window at this rung was over ``climb_at`` with its instances idle, or
+        # the rung at which the last window was over it with its instances saturated (None: it was not)
         self._slow_idle = False
+        self._overloaded: int | None = None
 
     def record(self, seconds: float, requests: int) -> None:
         """One execute's time, the time of each of its requests (they wait for the whole batch)."""
@@ -490,10 +496,15 @@ class SloController:
         answered, load = rates
         self._learn_held(estimate if steady and not self.shedding else math.nan, load, saturated)
         slow_idle_before, self._slow_idle = self._slow_idle, False
+        overloaded_before, self._overloaded = self._overloaded, None
         if busy and estimate > config.climb_at * target:
             self._reset_quiet()
             if saturated and not self.shedding:  # what this rung answers overloaded is what it carries
-                self.capacity[self.rung] = answered
+                self._overloaded = self.rung
+                # A measured capacity gives way to two such windows in a row at the rung, not to one: a
+                # step's first window answers the rate of its burst, not what the rung carries (module doc).
+                if not config.rung_capacity or overloaded_before == self.rung:
+                    self.capacity[self.rung] = answered
             if self.rung < self.top_rung:
                 # With idle instances and under the target, a second such window in a row (module doc).
                 self._slow_idle = not saturated

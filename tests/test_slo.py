@@ -782,3 +782,30 @@ def test_a_window_counts_as_quiet_when_a_lower_rung_carries_the_mean_load_the_de
     slo.rung = 1
     run = [window(slo, script, queue_ms=5, own_ms=550, requests=22, busy=0.6) for _ in range(3)]
     assert [(w.rung, w.quiet) for w in run] == [(1, 1), (1, 2), (1, 0)]
+
+
+def test_one_overloaded_window_at_a_steps_onset_does_not_replace_a_measured_capacity():
+    """TREC 40's rungs (requests/s alone). At the 1x step's onset one window at rung 0 came over the
+    target with its instances saturated, answering 25/s while its queue grew: the controller went to the
+    top rung. Had that window replaced rung 0's measured 48.6/s, the half load's doubling after the spike
+    (2 x 14/s, upper bound, over 70% of 25) would never fit rung 0 again, as two instances of TREC 40
+    stayed off it (measured); kept, the ladder is back at rung 0 within the light step. Two such windows
+    in a row at one rung do replace it."""
+    slo, script = controller(
+        p99_ms=153.0, rung_capacity=(48.6, 60.2, 100.5, 146.0), headroom=2, headroom_load=0.7, instances=2
+    )
+    light = dict(queue_ms=3, own_ms=45, busy=0.3)
+    for load in [14] * 15 + [17, 20, 23]:
+        window(slo, script, requests=load, **light)
+    script.pending += 9  # 34 came, 25 were answered
+    assert window(slo, script, queue_ms=60, own_ms=100, requests=25, busy=0.95).rung == 3
+    assert slo.carries(0) == 48.6
+    script.pending = 0
+    for load in [28] * 10 + [56] * 15 + [28] * 15:
+        window(slo, script, queue_ms=3, own_ms=30, requests=load, busy=0.5)
+    assert [window(slo, script, requests=14, **light).rung for _ in range(15)][-1] == 0
+    twice, script = controller(p99_ms=100.0, rung_capacity=MEASURED, descend_windows=3, top=3)
+    twice.rung = 3
+    for _ in range(2):
+        window(twice, script, queue_ms=150, own_ms=20, requests=80)
+    assert twice.carries(3) == 80.0
