@@ -237,18 +237,18 @@ class RungFigures:
     full_accuracy: float
     accuracy_loss: float  # the share of rows the rung gets wrong and the full model right
     compute: float  # mean compute fraction per row
-
-    def risk(self, kind: str) -> float:
-        """The risk ``kind`` (``--risk``) of the rung's answers."""
-        if kind == "error_increase_net":
-            return self.full_accuracy - self.accuracy
-        return self.accuracy_loss if kind == "error_increase" else self.disagreement
+    risk: float  # under the ``risk`` rung_figures was given (``--risk``)
 
 
 def rung_figures(
-    policy: Policy, logits: np.ndarray, exit_costs: Sequence[float], labels: np.ndarray
+    policy: Policy,
+    logits: np.ndarray,
+    exit_costs: Sequence[float],
+    labels: np.ndarray,
+    risk: str = "disagreement",
 ) -> list[RungFigures]:
-    """Each rung of ``policy``, rung 0 first, on recorded exit logits (E, N, C) with ``labels`` (N,)."""
+    """Each rung of ``policy``, rung 0 first, on recorded exit logits (E, N, C) with ``labels`` (N,);
+    ``risk``: the kind of risk (``--risk``) each figure's ``risk`` measures."""
     full = logits[-1].argmax(axis=1)  # (N,)
     rows = np.arange(logits.shape[1])
     costs = np.asarray(exit_costs, dtype=np.float64)
@@ -263,6 +263,7 @@ def rung_figures(
                 full_accuracy=float((full == labels).mean()),
                 accuracy_loss=float(exit_loss(answer, full, labels, "error_increase").mean()),
                 compute=float(costs[taken].mean()),
+                risk=float(exit_loss(answer, full, labels, risk).mean()),
             )
         )
     return figures

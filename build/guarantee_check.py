@@ -117,8 +117,8 @@ def check_guarantee(
             policy, _ = calibrate_logits(
                 logits[:, rows], exit_costs, "guarantee-check", labels[rows], None, drawn
             )
-        figures = rung_figures(policy, logits, exit_costs, labels)
-        outcomes.append([(f.risk(settings.risk), f.accuracy_loss, f.compute) for f in figures])
+        figures = rung_figures(policy, logits, exit_costs, labels, settings.risk)
+        outcomes.append([(f.risk, f.accuracy_loss, f.compute) for f in figures])
         if progress is not None:
             progress(draw)
     stacked = np.array(outcomes)  # (draws, rungs, 3)
