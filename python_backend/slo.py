@@ -319,10 +319,10 @@ class SloController:
         # The model's loads of the last ``descend_windows`` windows, for the steady load ``headroom``
         # multiplies (``_demand``)...
         self._recent_loads: deque[float] = deque(maxlen=self.config.descend_windows)
-        # ...and whether the last window at this rung was over ``climb_at`` with its instances idle, or
-        # the rung at which the last window was over it with its instances saturated (None: it was not)
-        self._slow_idle = False
-        self._overloaded: int | None = None
+        # ...and, where the last window was over ``climb_at``, its rung and whether its instances were
+        # saturated (not shedding): a second such window in a row at a rung climbs with idle instances,
+        # or replaces a measured capacity with saturated ones (``_decide``). None: it was not.
+        self._last_over: tuple[int, bool] | None = None
 
     def record(self, seconds: float, requests: int) -> None:
         """One execute's time, the time of each of its requests (they wait for the whole batch)."""
@@ -495,20 +495,19 @@ class SloController:
         missed = busy and self.rung == self.top_rung and estimate > target
         answered, load = rates
         self._learn_held(estimate if steady and not self.shedding else math.nan, load, saturated)
-        slow_idle_before, self._slow_idle = self._slow_idle, False
-        overloaded_before, self._overloaded = self._overloaded, None
+        over_before, self._last_over = self._last_over, None
         if busy and estimate > config.climb_at * target:
             self._reset_quiet()
-            if saturated and not self.shedding:  # what this rung answers overloaded is what it carries
-                self._overloaded = self.rung
+            overloaded = saturated and not self.shedding
+            self._last_over = (self.rung, overloaded)
+            if overloaded:  # what this rung answers overloaded is what it carries
                 # A measured capacity gives way to two such windows in a row at the rung, not to one: a
                 # step's first window answers the rate of its burst, not what the rung carries (module doc).
-                if not config.rung_capacity or overloaded_before == self.rung:
+                if not config.rung_capacity or over_before == (self.rung, True):
                     self.capacity[self.rung] = answered
             if self.rung < self.top_rung:
                 # With idle instances and under the target, a second such window in a row (module doc).
-                self._slow_idle = not saturated
-                if saturated or estimate > target or slow_idle_before:
+                if saturated or estimate > target or over_before == (self.rung, False):
                     over = estimate > target and saturated  # a backlog, which drains fastest at the top
                     self._move(self.top_rung if over else self._rung_that_carries(load))
             elif config.shed_max_exit is not None:  # shedding is the step past the top rung
@@ -604,7 +603,6 @@ class SloController:
         if rung != self.rung:
             self._moved = True
             self._held_run.clear()
-            self._slow_idle = False
         self.rung = rung
         self._reset_quiet()
 
