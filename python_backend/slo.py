@@ -38,7 +38,8 @@ could never be seen. Then, once per window:
 - under ``descend_at`` of the target for ``descend_windows`` windows in a row: stop shedding, or
   descend, but not to a rung that was seen overloaded at the load of now: to the lowest rung that was
   seen to hold a load as high (a run of ``descend_windows`` windows served there whole, under
-  ``descend_at`` of the target, at that mean load, or a quarter more: ``held_load``; not within
+  ``descend_at`` of the target, at that mean load, which the rung carries with the headroom's margins
+  at that mean, or a quarter more: ``held_load``; not within
   ``descend_load`` of a load it was seen over ``climb_at`` at), else a rung where predicted to
   fit (below). What a rung was seen to hold is the evidence that brings the ladder back to rung 0 after
   a spike: the prediction alone judged rung 0 from the top rung's figures, too far off to trust, and
@@ -288,7 +289,7 @@ class SloController:
     history: list[SloWindow] = field(default_factory=list)
     capacity: dict[int, float] = field(default_factory=dict)  # rung -> requests/s it answered overloaded
     # rung -> the highest mean load (requests/s) of a run of ``descend_windows`` windows it answered
-    # whole under ``descend_at`` of the target (``_learn_held``)...
+    # whole under ``descend_at`` of the target, and carries with the headroom (``_learn_held``)...
     held_load: dict[int, float] = field(default_factory=dict)
     # ...and the lowest load of a window it answered whole over ``climb_at`` since (``_holds``)
     overloaded_at: dict[int, float] = field(default_factory=dict)
@@ -597,7 +598,8 @@ class SloController:
     def _learn_held(self, estimate: float, load: float, saturated: bool) -> None:
         """What a window served at one rung from start to end (``estimate``; NaN: it was not, or had no
         request) shows: a run of ``descend_windows`` of them quiet by their latency (under ``descend_at``
-        of the target) at a mean ``load`` is a load the rung holds with room to spare, and clears a load
+        of the target) at a mean ``load`` is a load the rung holds with room to spare where the rung
+        also carries it with the headroom's margins (``_carries_with_margin`` at that mean), and clears a load
         under it that the rung was seen overloaded at (one slow window); one over ``climb_at`` with its
         instances saturated records its load as one the rung was overloaded at (with idle instances it is
         slow requests, not load: as for ``capacity``, module doc). Runs under ``climb_at`` alone were no
@@ -615,7 +617,11 @@ class SloController:
             self._held_run.append(load)
             if len(self._held_run) >= self.config.descend_windows:
                 held = float(np.mean(self._held_run[-self.config.descend_windows :]))
-                self.held_load[self.rung] = max(self.held_load.get(self.rung, 0.0), held)
+                # With room to spare by throughput too (the headroom's test at that mean): rung 0 answered
+                # a 1x step's first seconds quietly before the steady load showed the step, and a lull
+                # later in the step took the ladder back there on the mean (Rotten Tomatoes 24, measured).
+                if self._carries_with_margin(self.rung, held, held):
+                    self.held_load[self.rung] = max(self.held_load.get(self.rung, 0.0), held)
                 if held > self.overloaded_at.get(self.rung, math.inf):
                     del self.overloaded_at[self.rung]
 
