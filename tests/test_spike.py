@@ -26,6 +26,7 @@ from offramp.client.tools.spike import (
     Step,
     distinct_rows,
     latency_trace,
+    median_capacities,
     nearest_rank,
     parse_profile_export,
     pending_requests,
@@ -423,3 +424,17 @@ def test_the_ladders_headroom_load_is_checked_before_any_measuring():
     assert SpikeConfig().spike_headroom_load == 0.7
     with pytest.raises(ValueError, match="headroom_load must lie in"):
         SpikeConfig(spike_headroom_load=0.9)
+
+
+def test_capacities_are_medians_of_rounds_that_take_every_model_in_turn():
+    """A slow spell of the machine (the second call here) falls on one round of one model, and the
+    median of three rounds sets it aside; the models are measured in turn, not each three times over."""
+    calls: list[str] = []
+    figures = iter([200.0, 90.0, 210.0, 410.0, 205.0, 400.0])  # full, rung 0; three rounds
+
+    def measure(model: str) -> float:
+        calls.append(model)
+        return next(figures)
+
+    assert median_capacities(measure, ["full", "rung_0"], rounds=3) == [205.0, 400.0]
+    assert calls == ["full", "rung_0"] * 3
