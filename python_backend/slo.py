@@ -148,7 +148,11 @@ steady load's mean, as the climb test that kept the ladder there then tested a b
 41's figures the ladder comes back in the light step's sixth window, and a steady load at Rotten
 Tomatoes' rung-0 boundary moves the rung 8-14 times in 300 scripted windows, against 15-20 over three
 seconds (``tests/test_slo.py``); a three-second lull in a 1x step still leaves the ladder off rung 0
-(its six-second mean is not a lull).
+(its six-second mean is not a lull). Served, TREC's ladders were back at rung 0 4.1-7.2 s into the
+light step wherever its doubling filled under 70% of rung 0 (``benchmarks/spike/README.md``). The price:
+a step shows in a six-second steady load later, so the headroom's climb at a 1x step came 4-6 s into
+it (the load of now and the backlog check still climb at once where the rung cannot carry the step
+itself), and rung 0's quiet answers of those seconds must not count as a load it held (``_learn_held``).
 
 The gap between the two fractions, the run of quiet windows needed to descend and the capacity check
 are the hysteresis: a load near a boundary does not make the rung flap. A window without requests
