@@ -87,18 +87,17 @@ descents waited for loads far under what the rungs below carried (measured on TR
 the estimate with the ``descend_load`` margin.
 
 No one work figure fits every rung, though: on Rotten Tomatoes the full model, rung 0 and the top rung
-carried 123, 232 and 847 rows/s, which wants a fixed cost of 0.03 from the top rung and 0.29 from rung
-0 (a deeper rung makes more segment calls). Where the deployment measured what each rung carries
+carried 123, 232 and 847 rows/s, which wants a fixed cost of 0.03 from the top rung and 0.29 from rung 0
+(a deeper rung makes more segment calls). Where the deployment measured what each rung carries
 (``rung_capacity``), those figures are the capacities from the start, and a rung's time per request is
 scaled by their ratio rather than by the work model; two windows in a row that overload a rung still
-replace its figure, one does not: a step's first window answers at the rate of its burst, and in a
-TREC run (40) instances that met the 1x step on rung 0 and jumped to the top from that one window
-learnt from it a figure that the half load's doubling never fitted again, and stayed off rung 0 after
-the spike (measured). With what a rung carries known, the controller also climbs before the latency
-shows a queue: a window whose load passes ``climb_load`` of what its rung carries climbs as a window
-over ``climb_at`` would (a rung at 95% of its capacity builds its queue slowly, and the window's mean
-wait lags it: rung 0 of Rotten Tomatoes sat two seconds at the onset of a 2x step, p99 635 ms against
-279). The gap between
+replace its figure, one does not: a step's first window answers at the rate of its burst, and in a TREC
+run (40) instances that met the 1x step on rung 0 and jumped to the top from that one window learnt from
+it a figure that the half load's doubling never fitted again, and stayed off rung 0 after the spike
+(measured). With what a rung carries known, the controller also climbs before the latency shows a queue:
+a window whose load passes ``climb_load`` of what its rung carries climbs as a window over ``climb_at``
+would (a rung at 95% of its capacity builds its queue slowly, and the window's mean wait lags it: rung 0
+of Rotten Tomatoes sat two seconds at the onset of a 2x step, p99 635 ms against 279). The gap between
 ``climb_load`` and ``descend_load`` keeps a steady load near a capacity from flapping between rungs.
 
 Between windows, every quarter window, the controller looks at the pending requests alone: where the
@@ -148,7 +147,7 @@ steady load's mean, as the climb test that kept the ladder there then tested a b
 41's figures the ladder comes back in the light step's sixth window, and a steady load at Rotten
 Tomatoes' rung-0 boundary moves the rung 8-14 times in 300 scripted windows, against 15-20 over three
 seconds (``tests/test_slo.py``); a three-second lull in a 1x step still leaves the ladder off rung 0
-(its six-second mean is not a lull). Served, TREC's ladders were back at rung 0 4.1-7.2 s into the
+(its six-second mean is not a lull). Served, TREC's ladders were back at rung 0 3.8-9.2 s into the
 light step wherever its doubling filled under 70% of rung 0 (``benchmarks/spike/README.md``). The price:
 a step shows in a six-second steady load later, so the headroom's climb at a 1x step came 4-6 s into
 it (the load of now and the backlog check still climb at once where the rung cannot carry the step

@@ -36,7 +36,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -460,7 +460,9 @@ def pending_requests(metrics_text: str) -> float | None:
 CAPACITY_ROUNDS = 3
 
 
-def median_capacities(measure: Any, models: Sequence[str], rounds: int = CAPACITY_ROUNDS) -> list[float]:
+def median_capacities(
+    measure: Callable[[str], float], models: Sequence[str], rounds: int = CAPACITY_ROUNDS
+) -> list[float]:
     """Rows/s each of ``models`` answers at saturation (``measure(model)``), the median of ``rounds``
     rounds that take every model in turn, so that a slow spell of the machine falls on one round of
     each rather than on all of one model's: measured once each, TREC's rung 0 came out at 264 rows/s
