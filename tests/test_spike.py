@@ -26,6 +26,7 @@ from offramp.client.tools.spike import (
     Step,
     distinct_rows,
     latency_trace,
+    main_spike,
     median_capacities,
     nearest_rank,
     parse_profile_export,
@@ -438,3 +439,12 @@ def test_capacities_are_medians_of_rounds_that_take_every_model_in_turn():
 
     assert median_capacities(measure, ["full", "rung_0"], rounds=3) == [205.0, 400.0]
     assert calls == ["full", "rung_0"] * 3
+
+
+def test_an_unknown_workload_is_refused_before_any_run_with_what_there_is(capsys):
+    from types import SimpleNamespace
+
+    bench = SimpleNamespace(workloads=("trec", "no_such_workload"), workdir=".", quick=True, epochs=1)
+    assert main_spike(bench, SpikeConfig(spike=True)) == 2
+    error = capsys.readouterr().err
+    assert "unknown workload 'no_such_workload'" in error and "a build's folder" in error

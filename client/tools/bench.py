@@ -268,6 +268,14 @@ def register_workload(name: str, factory: WorkloadFactory) -> None:
     WORKLOADS[name] = factory
 
 
+class UnknownWorkload(KeyError):
+    """A workload spec that names no registered workload, build folder or factory; its message says
+    which ones there are (the CLI prints it, without a traceback)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def resolve_workload(spec: str) -> WorkloadFactory:
     """A registered name, a build's folder, or ``package.module:function`` naming a factory."""
     if spec in WORKLOADS:
@@ -277,7 +285,7 @@ def resolve_workload(spec: str) -> WorkloadFactory:
     if ":" in spec:
         module, _, attribute = spec.partition(":")
         return getattr(importlib.import_module(module), attribute)
-    raise KeyError(
+    raise UnknownWorkload(
         f"unknown workload {spec!r}; known: {sorted(WORKLOADS)}, a build's folder, or module:function"
     )
 

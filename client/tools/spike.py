@@ -34,6 +34,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -874,11 +875,14 @@ def write_spike_plot(summary: Mapping[str, Any], path: Path) -> Path:
 
 
 def main_spike(bench: Any, spike: SpikeConfig) -> int:
-    from offramp.client.tools.bench import WorkloadSettings, resolve_workload
+    from offramp.client.tools.bench import UnknownWorkload, WorkloadSettings, resolve_workload
 
-    for spec in bench.workloads:
-        workload = resolve_workload(spec)(
-            WorkloadSettings(workdir=bench.workdir, quick=bench.quick, epochs=bench.epochs)
-        )
+    try:  # every workload before the first run: a typo in the second should not wait for the first's
+        factories = [resolve_workload(spec) for spec in bench.workloads]
+    except UnknownWorkload as error:
+        print(f"offramp bench --spike: error: {error}", file=sys.stderr)
+        return 2
+    for factory in factories:
+        workload = factory(WorkloadSettings(workdir=bench.workdir, quick=bench.quick, epochs=bench.epochs))
         run_spike(workload, bench, spike, progress=bench.progress)
     return 0
