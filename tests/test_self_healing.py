@@ -131,6 +131,12 @@ def _early_exit_path(sent: Any, expected: Any) -> bool:
     return True
 
 
+def _back_on_path(traffic: Traffic, since: float, expected: Any, last: int = 8) -> bool:
+    """The ``last`` latest requests started after ``since`` all took the early-exit path."""
+    after = sorted(traffic.between(since, float("inf")), key=lambda s: s.started)
+    return len(after) >= last and all(_early_exit_path(s, expected) for s in after[-last:])
+
+
 def _health(service: HealingService) -> ServiceHealth:
     return check_service(service.server.grpc_url, [service.artifacts.name], timeout_s=TIMEOUT_S)
 
@@ -167,14 +173,21 @@ def _kill_under_load(service: HealingService, model: str, forced_traffic: bool =
         if not restarted and UPSTREAM_ABORT in server.log_path.read_text(errors="replace"):
             pytest.xfail(f"tritonserver aborted when the {model} stub was killed: {UPSTREAM_ABORT}")
         assert restarted, f"{model} was not restarted within {RECOVERY_GOAL_S} s: {supervisor.events[-3:]}"
-        time.sleep(2.0)
+        # Until the early-exit path is back, not a fixed pause: under CPU contention (a CI run beside other
+        # work) the last requests of a two-second pause were still rerouted, and no request run took the
+        # path to the end.
+        wait_for(lambda: _back_on_path(traffic, killed, service.expected), timeout_s=RECOVERY_GOAL_S)
         if forced is not None:
             forced.stop()
     health_after = _health(service)
     after_kill = sorted(traffic.between(killed, float("inf")), key=lambda s: s.started)
     on_path = [_early_exit_path(s, service.expected) for s in after_kill]
     # Recovered at the first request from which on every request took the early-exit path.
-    first = next(i for i in range(len(on_path)) if all(on_path[i:]))
+    first = next((i for i in range(len(on_path)) if all(on_path[i:])), None)
+    assert first is not None, (
+        f"{model}: the early-exit path was not back {RECOVERY_GOAL_S} s after the restart "
+        f"({sum(on_path)} of {len(on_path)} requests after the kill took it)"
+    )
     everything = traffic.sent + (forced.sent if forced is not None else [])
     if forced is not None:
         for sent in forced.sent:  # forced rows: the full network's answer, whichever way it came
