@@ -164,7 +164,7 @@ rung 0 for good in the last step in a median 4-5 windows against 5-6 where its f
 against 19). At Rotten Tomatoes' rung-0 boundary it moved the rung 9-23 times in 300 windows (seeds 0-9)
 against 8-15: the detector's false alarms. At 2 standard errors the median there was 19 moves against
 13; at 3 the return was no faster than without the detector. Served, the first 1x step's p99 was within
-the target in 7 of 8 ladders, against 6 of 12 without it (``benchmarks/spike/README.md``).
+the target in 7 of 10 ladders, against 6 of 12 without it (``benchmarks/spike/README.md``).
 
 The gap between the two fractions, the run of quiet windows needed to descend and the capacity check
 are the hysteresis: a load near a boundary does not make the rung flap. A window without requests
