@@ -131,9 +131,14 @@ def _early_exit_path(sent: Any, expected: Any) -> bool:
     return True
 
 
+def _sent_since(traffic: Traffic, since: float) -> list[Any]:
+    """The requests started after ``since`` (each recorded once it ended, failed or not), in send order."""
+    return sorted(traffic.between(since, float("inf")), key=lambda s: s.started)
+
+
 def _back_on_path(traffic: Traffic, since: float, expected: Any, last: int = 8) -> bool:
     """The ``last`` latest requests started after ``since`` all took the early-exit path."""
-    after = sorted(traffic.between(since, float("inf")), key=lambda s: s.started)
+    after = _sent_since(traffic, since)
     return len(after) >= last and all(_early_exit_path(s, expected) for s in after[-last:])
 
 
@@ -180,7 +185,7 @@ def _kill_under_load(service: HealingService, model: str, forced_traffic: bool =
         if forced is not None:
             forced.stop()
     health_after = _health(service)
-    after_kill = sorted(traffic.between(killed, float("inf")), key=lambda s: s.started)
+    after_kill = _sent_since(traffic, killed)
     on_path = [_early_exit_path(s, service.expected) for s in after_kill]
     # Recovered at the first request from which on every request took the early-exit path.
     first = next((i for i in range(len(on_path)) if all(on_path[i:])), None)
