@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,25 @@ def test_request_rate_mode_is_open_loop_and_its_report_parses(tmp_path):
     (result,) = parse_perf_csv(report, batch_size=8)
     assert result.request_rate == 312.5 and result.concurrency == 0
     assert result.requests_per_s == pytest.approx(312.5) and result.p99_ms == pytest.approx(20.295)
+
+
+def test_a_rate_search_steps_through_poisson_rates_up_to_a_latency_threshold(tmp_path):
+    options = PerfAnalyzerOptions(
+        "127.0.0.1:9001", "trec", tmp_path / "data.json", batch_size=8, percentile=99,
+        request_rate_range=(4.0, 20.0, 2.5), latency_threshold_ms=216.9,
+    )  # fmt: skip
+    text = " ".join(options.command(Path("/bin/perf_analyzer"), tmp_path / "out.csv"))
+    assert "--request-rate-range 4.000:20.000:2.500 --async --request-distribution poisson" in text
+    # whole milliseconds, rounded down: no rate over the threshold asked is let through
+    assert "--percentile 99" in text and "--latency-threshold 216" in text
+    for bad in (
+        {"request_rate": 5.0, "request_rate_range": (4.0, 20.0, 2.5)},
+        {"request_rate_range": (4.0, 2.0, 1.0)},
+        {"request_rate_range": (4.0, 20.0, 0.0)},
+        {"latency_threshold_ms": 0.5},
+    ):
+        with pytest.raises(ValueError):
+            PerfAnalyzerOptions("u", "m", tmp_path, **bad)
 
 
 def test_a_schedule_is_sent_open_loop_and_every_request_is_exported(tmp_path):
@@ -547,6 +567,42 @@ def test_perf_analyzer_against_a_real_server(
                 assert delta[f"{artifacts.name}_full"]["success"] > 0
             cpu = bench.server_cpu_seconds_by_role(server.pid, server.repository)
             assert cpu["tritonserver"] > 0 and cpu[model] > 0
+
+
+@pytest.mark.integration
+def test_a_rate_search_against_a_real_server_stops_at_its_latency_threshold(
+    quick_cnn, fashion_test, running_server, execution_env, tmp_path
+):
+    """perf_analyzer's own search: under a threshold no request reaches, a result per rate asked; under
+    one every request passes (1 ms: a request through Triton's gRPC takes more here), none, and no
+    error (perf_analyzer then writes no CSV)."""
+    from offramp.build.repository import RepositoryOptions, write_repository
+    from offramp.client.tools.perf_analyzer import check_perf_analyzer, search_request_rate
+
+    try:
+        check_perf_analyzer()
+    except PerfAnalyzerError as error:
+        pytest.skip(str(error))
+    artifacts, directory = quick_cnn
+    workload = _quick_workload(quick_cnn, fashion_test)
+    repository = tmp_path / "repo"
+    write_repository(
+        artifacts, directory, workload.policy, repository, RepositoryOptions(execution_env=execution_env)
+    )
+    data = write_input_data(
+        tmp_path / "data.json", {"IMAGE": fashion_test[0][bench.pick_data_rows(10000, 64, 0)]}
+    )
+    with running_server(repository) as server:
+        search = PerfAnalyzerOptions(
+            url=server.grpc_url, model=artifacts.name, input_data=data, batch_size=4,
+            shapes={"IMAGE": [1, 28, 28]}, measurement_interval_ms=500, max_trials=3, percentile=99,
+            request_rate_range=(10.0, 30.0, 10.0), latency_threshold_ms=60_000,
+        )  # fmt: skip
+        within = search_request_rate(search, tmp_path / "all.csv", timeout_s=120)
+        assert [r.request_rate for r in within] == [10.0, 20.0, 30.0]
+        assert all(r.p99_ms < 60_000 and r.batch_size == 4 for r in within)
+        tight = replace(search, latency_threshold_ms=1)
+        assert search_request_rate(tight, tmp_path / "none.csv", timeout_s=120) == []
 
 
 @pytest.mark.integration

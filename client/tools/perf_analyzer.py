@@ -7,7 +7,9 @@ and :func:`perf_analyzer_environment` puts it on ``LD_LIBRARY_PATH``. Later whee
 
 One run measures one model at one concurrency: :func:`run_perf_analyzer` returns a
 :class:`PerfResult` (throughput in rows per second, latency percentiles in milliseconds, and
-perf_analyzer's own client/server split of the average latency).
+perf_analyzer's own client/server split of the average latency). :func:`search_request_rate` runs
+perf_analyzer's own search over Poisson request rates, which stops at the first rate whose latency
+passes a threshold, and returns a result per rate within it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import math
 import os
 import resource
 import shutil
@@ -175,6 +178,11 @@ class PerfAnalyzerOptions:
     # Requests per second, sent on schedule whether or not earlier ones were answered (open loop, as
     # real users arrive), instead of ``concurrency`` requests in flight; asynchronous, Poisson arrivals.
     request_rate: float | None = None
+    # Or perf_analyzer's own search over rates (start, end, step, requests/s), each measured in turn,
+    # that stops at the first whose latency (the p99 where ``percentile`` is 99) passes
+    # ``latency_threshold_ms``: :func:`search_request_rate`.
+    request_rate_range: tuple[float, float, float] | None = None
+    latency_threshold_ms: float | None = None
     # Or a schedule: a ``--request-intervals`` file (the gaps between successive sends, in microseconds),
     # open loop and asynchronous like a request rate, over ``max_threads`` sending threads.
     request_intervals: Path | None = None
@@ -183,14 +191,26 @@ class PerfAnalyzerOptions:
     # Where perf_analyzer writes every request's send time, response times, inputs and outputs (JSON).
     profile_export: Path | None = None
 
+    def __post_init__(self) -> None:
+        loads = [self.request_rate, self.request_rate_range, self.request_intervals]
+        if sum(load is not None for load in loads) > 1:
+            raise ValueError("give one of request_rate, request_rate_range and request_intervals")
+        if self.request_rate_range is not None:
+            start, end, step = self.request_rate_range
+            if not 0 < start <= end or not step > 0:
+                raise ValueError(f"need 0 < start <= end and step > 0: request_rate_range={start, end, step}")
+        if self.latency_threshold_ms is not None and not self.latency_threshold_ms >= 1:
+            raise ValueError(f"perf_analyzer's latency threshold is >= 1 ms: {self.latency_threshold_ms}")
+
     def command(self, binary: Path, csv_path: Path) -> list[str]:
         load = ["--concurrency-range", str(self.concurrency)]
+        rates = (self.request_rate,) if self.request_rate is not None else self.request_rate_range
         if self.request_intervals is not None:
             load = ["--request-intervals", str(self.request_intervals), "--async",
                     "--max-threads", str(self.max_threads)]  # fmt: skip
-        elif self.request_rate is not None:
-            load = ["--request-rate-range", f"{self.request_rate:.3f}", "--async", "--request-distribution",
-                    "poisson", "--max-threads", str(self.max_threads)]  # fmt: skip
+        elif rates is not None:
+            load = ["--request-rate-range", ":".join(f"{rate:.3f}" for rate in rates), "--async",
+                    "--request-distribution", "poisson", "--max-threads", str(self.max_threads)]  # fmt: skip
         command = [
             str(binary),
             "-i", self.protocol,
@@ -208,6 +228,9 @@ class PerfAnalyzerOptions:
             command += ["--shape", f"{name}:{','.join(str(d) for d in shape)}"]
         if self.percentile is not None:
             command += ["--percentile", str(self.percentile)]
+        if self.latency_threshold_ms is not None:
+            # Whole milliseconds, rounded down: a rate it lets through is within the threshold asked.
+            command += ["--latency-threshold", str(math.floor(self.latency_threshold_ms))]
         if self.request_count:
             command += ["--request-count", str(self.request_count)]
         if self.profile_export is not None:
@@ -362,6 +385,68 @@ def run_perf_analyzer(
             its install step), a request failed, or the run timed out; the message carries the end
             of perf_analyzer's output.
     """
+    finished = _run(options, csv_path, timeout_s, binary, hang_grace_s)
+    if finished.csv_text is None:
+        raise PerfAnalyzerError(
+            f"perf_analyzer on {options.model} (concurrency {options.concurrency}) exited with "
+            f"{finished.returncode}:\n{_tail(finished.output)}"
+        )
+    (result,) = parse_perf_csv(finished.csv_text, options.batch_size)
+    return PerfRun(
+        result, finished.command, finished.wall_s, finished.cpu_s, finished.output, finished.csv_text
+    )
+
+
+# What perf_analyzer prints where a rate search stopped at a rate over its latency threshold.
+_OVER_THRESHOLD = "Measured latency went over the set limit"
+
+
+def search_request_rate(
+    options: PerfAnalyzerOptions, csv_path: Path, timeout_s: float = 600.0, binary: Path | None = None
+) -> list[PerfResult]:
+    """perf_analyzer's own search (``options.request_rate_range`` with ``latency_threshold_ms``): the
+    rates it measured within the threshold, lowest first; empty where the first one was over it
+    already (perf_analyzer then writes no CSV).
+
+    Raises:
+        PerfAnalyzerError: as :func:`run_perf_analyzer`, or a run that stopped without a CSV for
+            another reason than the threshold.
+    """
+    if options.request_rate_range is None or options.latency_threshold_ms is None:
+        raise ValueError("a rate search needs request_rate_range and latency_threshold_ms")
+    finished = _run(options, csv_path, timeout_s, binary)
+    if finished.csv_text is not None:
+        return parse_perf_csv(finished.csv_text, options.batch_size)
+    if finished.returncode == 0 and _OVER_THRESHOLD in finished.output:
+        return []
+    raise PerfAnalyzerError(
+        f"perf_analyzer's rate search on {options.model} exited with {finished.returncode} without a "
+        f"report:\n{_tail(finished.output)}"
+    )
+
+
+@dataclass(frozen=True)
+class _Finished:
+    command: list[str]
+    returncode: int  # negative: killed (after it wrote its CSV: the hang of run_perf_analyzer)
+    wall_s: float
+    cpu_s: float
+    output: str
+    csv_text: str | None  # None: it wrote no CSV
+
+
+def _tail(output: str, lines: int = 15) -> str:
+    return "\n".join(output.strip().splitlines()[-lines:])
+
+
+def _run(
+    options: PerfAnalyzerOptions,
+    csv_path: Path,
+    timeout_s: float,
+    binary: Path | None = None,
+    hang_grace_s: float = 20.0,
+) -> _Finished:
+    """Runs perf_analyzer to its end (or to ``hang_grace_s`` past its CSV, :func:`run_perf_analyzer`)."""
     binary = binary or perf_analyzer_binary()
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -392,16 +477,11 @@ def run_perf_analyzer(
     problem = explain_start_failure(output)
     if problem:
         raise PerfAnalyzerError(f"{binary} does not start: {problem}")
-    if (process.returncode != 0 and written_at is None) or not csv_path.exists():
-        tail = "\n".join(output.strip().splitlines()[-15:])
-        raise PerfAnalyzerError(
-            f"perf_analyzer on {options.model} (concurrency {options.concurrency}) exited with "
-            f"{process.returncode}:\n{tail}"
-        )
-    csv_text = csv_path.read_text()
-    (result,) = parse_perf_csv(csv_text, options.batch_size)
+    # A CSV counts where the run ended well or hung after writing it; a failed run's stale CSV does not.
+    written = csv_path.exists() and (process.returncode == 0 or written_at is not None)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return PerfRun(result, command, wall, cpu, output, csv_text)
+    csv_text = csv_path.read_text() if written else None
+    return _Finished(command, process.returncode, wall, cpu, output, csv_text)
 
 
 # --- Input data ---------------------------------------------------------------------------------------
