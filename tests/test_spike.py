@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from offramp.client.tools.perf_analyzer import PerfResult
 from offramp.client.tools.spike import (
     FIXED,
     FLAG_SHED,
@@ -42,6 +43,7 @@ from offramp.client.tools.spike import (
     steepest_rise,
     step_statistics,
     wait_until_idle,
+    within_slo,
     write_request_intervals,
 )
 
@@ -348,6 +350,28 @@ def test_the_report_marks_each_step_against_the_slo():
     assert "Each rung alone, rung 0 first: 80, 120, 201 rows/s" in text
     assert "| ∞ | NO |" in full_row
     assert "| 390.0 | yes | 0.970 (800); rung rows 0.990 |" in ladder_row and "| 3 |" in ladder_row
+    assert "Within the SLO" not in text  # a summary from before the bench searched for it
+    within = {
+        "full_within_slo_rows_per_s": 0.0, "rung_within_slo_rows_per_s": [40.0, 72.2, 160.8],
+        "within_slo_shares": (0.2, 1.0, 0.1),
+    }  # fmt: skip
+    assert (
+        "Within the SLO alone (Poisson arrivals; the highest rate of perf_analyzer's search over 20%, "
+        "30%, ... 100% of what each carries at saturation whose p99 was within it), full model / rungs 0-2: "
+        "under 20% / 40 (50%) / 72 (60%) / 161 (80%) rows/s; the schedule's 1x is 225% of rung 0's."
+    ) in spike_markdown({**summary, **within})
+    config = {
+        **summary["config"],
+        "spike": {**summary["config"]["spike"], "spike_headroom": 2.0, "spike_headroom_load": 0.7},
+    }
+    headroom = "The ladders serve a rung only where 2 x the steady load fills at most 70% of what it carries"
+    assert f"{headroom} (slo_headroom, slo_headroom_load)." in spike_markdown({**summary, "config": config})
+
+
+def test_what_a_model_holds_within_the_slo_is_the_highest_rate_of_the_search_in_rows():
+    found = [PerfResult(0, 41.0, 20.0, 30.0, 35.0, 90.0, batch_size=8, request_rate=r) for r in (4.0, 6.0)]
+    assert within_slo(found, batch=8) == 48.0  # 6 requests/s of 8 rows
+    assert within_slo([], batch=8) == 0.0  # the first rate was over the SLO already
 
 
 def test_rung_changes_are_counted_per_instance_and_reported():

@@ -7,21 +7,25 @@ For each workload, one server holds the models over the same segments:
     <name>_ladder        early exit under the whole ladder, with the SLO controller on
     <name>_ladder_shed   the same, shedding past the top rung (only with ``shed_max_exit`` >= 0)
 
-The SLO is ``slo_factor`` times the full model's p99 at light load (concurrency 1), both measured
-first, with the full model's capacity (rows per second at saturation), and the capacity of the fixed
-policy and of the ladder's top rung alone at the same concurrency. Each model then meets the same
-schedule of offered load, in multiples of that capacity (``spike_steps``, default comfortable, at
-capacity, twice, three times, back), ``spike_step_s`` per step: one perf_analyzer run per model
-sends the whole schedule (a ``--request-intervals`` file of Poisson arrivals, the same file for every
-model), open loop: a request is sent on time whether or not the earlier ones were answered, so
-overload queues up as it would with real users, and the run ends when every request is answered.
-Its profile export holds each request's send and response times and its answers, from which each
-step's statistics come (:func:`step_statistics`): by send time, p50/p99 latency, requests not
-answered, agreement of every answered row with the full model's label (computed offline on the same
-rows), the mean compute and the share of rows shed; by response time, rows answered per second; and
-how late the client sent against the schedule. For the ladders, their rung over time (the
-orchestrators' ``offramp_slo_rung`` gauge, polled). Between models the server is left to go idle, so
-one model's backlog never reaches the next one's measurement.
+The SLO is ``slo_factor`` times the full model's p99 at light load (concurrency 1), both measured first,
+with the full model's capacity (rows per second at saturation) and the capacity of each rung of the
+ladder alone at the same concurrency (rung 0 is the fixed policy); then what the full model and each
+rung hold within the SLO alone under Poisson arrivals (perf_analyzer's own search over rates,
+:data:`WITHIN_SLO_SHARES` of the capacity, that stops at the first whose p99 passes the SLO): a rung
+answers its tail over the target well before it is saturated, and a step's onset lands on the rung of
+the step before. Each model then meets the same schedule of offered load, in multiples of the full
+model's capacity (``spike_steps``, default comfortable, at capacity, twice, three times, back),
+``spike_step_s`` per step: one perf_analyzer run per model sends the whole schedule (a
+``--request-intervals`` file of Poisson arrivals, the same file for every model), open loop: a request
+is sent on time whether or not the earlier ones were answered, so overload queues up as it would with
+real users, and the run ends when every request is answered. Its profile export holds each request's
+send and response times and its answers, from which each step's statistics come
+(:func:`step_statistics`): by send time, p50/p99 latency, requests not answered, agreement of every
+answered row with the full model's label (computed offline on the same rows), the mean compute and the
+share of rows shed; by response time, rows answered per second; and how late the client sent against the
+schedule. For the ladders, their rung over time (the orchestrators' ``offramp_slo_rung`` gauge, polled).
+Between models the server is left to go idle, so one model's backlog never reaches the next one's
+measurement.
 
 Writes ``<out>/spike/<workload>/summary.json``, ``SPIKE.md`` and a plot, and prints the table.
 """
@@ -460,6 +464,20 @@ def pending_requests(metrics_text: str) -> float | None:
 # Interleaved rounds of each capacity measurement, of which the bench takes the median (below).
 CAPACITY_ROUNDS = 3
 
+# The Poisson request rates, as shares of what a model carries at saturation, that the search for the
+# load it holds within the SLO steps through (start, end, step), and its measurement window: three
+# 4-second windows hold some 150 requests at a fifth of TREC's rung 0, whose p99 is then their second
+# slowest (:func:`within_slo`).
+WITHIN_SLO_SHARES = (0.2, 1.0, 0.1)
+WITHIN_SLO_WINDOW_MS = 4000
+
+
+def within_slo(results: Sequence[Any], batch: int) -> float:
+    """Rows per second a model holds within the SLO: the highest Poisson rate of a search
+    (:func:`offramp.client.tools.perf_analyzer.search_request_rate`, ``results``) whose p99 stayed within
+    it, times the rows per request; 0 where even the first rate was over."""
+    return max((r.request_rate for r in results), default=0.0) * batch
+
 
 def median_capacities(
     measure: Callable[[str], float], models: Sequence[str], rounds: int = CAPACITY_ROUNDS
@@ -520,7 +538,12 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
     from offramp.build.repository import write_orchestrator, write_repository
     from offramp.client.serving.server import EmbeddedTritonServer, ServerPorts
     from offramp.client.tools.bench import pick_data_rows, repository_options
-    from offramp.client.tools.perf_analyzer import PerfAnalyzerOptions, run_perf_analyzer, write_input_data
+    from offramp.client.tools.perf_analyzer import (
+        PerfAnalyzerOptions,
+        run_perf_analyzer,
+        search_request_rate,
+        write_input_data,
+    )
 
     def say(message: str) -> None:
         if progress:
@@ -600,9 +623,6 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
         full_rows_per_s, *rung_rows_per_s = median_capacities(
             lambda model: perf(model, concurrency=saturating).rows_per_s, [f"{name}_full", *rung_models]
         )
-        with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            for model in rung_models[1:]:  # no idle stubs beside the arms under the spike
-                client.unload_model(model)
         capacity = full_rows_per_s / batch  # requests per second
         say(f"[{name}] full model: p99 {light.p99_ms:.1f} ms at concurrency 1 (SLO {slo_ms:.1f} ms); "
             f"capacity {full_rows_per_s:.0f} rows/s (medians of {CAPACITY_ROUNDS} interleaved rounds, "
@@ -613,6 +633,32 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
         say(f"[{name}] capacity of each rung alone: {', '.join(f'{rows:.0f}' for rows in rung_rows_per_s)} "
             f"rows/s (the top {top_ratio:.1f}x the full model); at {batch} rows per request, serve with "
             f"--serving slo_rung_capacity={rung_capacity}")  # fmt: skip
+
+        def search_within_slo(model: str, rows_per_s: float) -> list[Any]:
+            start, end, step = (share * rows_per_s / batch for share in WITHIN_SLO_SHARES)
+            options = PerfAnalyzerOptions(
+                url=server.grpc_url, model=model, input_data=data, batch_size=batch, percentile=99,
+                request_rate_range=(start, end, step), latency_threshold_ms=slo_ms,
+                measurement_interval_ms=WITHIN_SLO_WINDOW_MS,
+            )  # fmt: skip
+            return search_request_rate(options, out / "perf" / f"{model}-within-slo.csv")
+
+        # What each holds within the SLO under Poisson arrivals, alone: an onset's tail is a latency, and
+        # a rung answers its tail over the target well before it is saturated (README).
+        models = [f"{name}_full", *rung_models]
+        searches = {
+            model: search_within_slo(model, rows)
+            for model, rows in zip(models, [full_rows_per_s, *rung_rows_per_s], strict=True)
+        }
+        full_within_slo, *rung_within_slo = (within_slo(found, batch) for found in searches.values())
+        rungs_within_slo = " / ".join(f"{rows:.0f}" for rows in rung_within_slo)
+        say(f"[{name}] within the SLO alone (Poisson, perf_analyzer's search over "
+            f"{WITHIN_SLO_SHARES[0]:.0%}-{WITHIN_SLO_SHARES[1]:.0%} of saturation): full model "
+            f"{full_within_slo:.0f} rows/s, rungs {rungs_within_slo} rows/s")  # fmt: skip
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            for model in rung_models[1:]:  # no idle stubs beside the arms under the spike
+                client.unload_model(model)
+        ladder_slo: dict[str, dict[str, Any]] = {}  # arm -> its SLO controller's serving options
         for arm in (a for a in arms if a in LADDERS):
             serving = ServingOptions(
                 slo_p99_ms=slo_ms,
@@ -627,6 +673,7 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
                                arms[arm], artifacts_dir=workload.artifacts_dir)  # fmt: skip
             load(arms[arm])
             perf(arms[arm], concurrency=2, seconds=3.0)
+            ladder_slo[arm] = {k: v for k, v in asdict(serving).items() if k.startswith("slo_")}
         ladders = [model for arm, model in arms.items() if arm in LADDERS]
         rates = [multiple * capacity for multiple in spike.spike_steps]
         schedule = spike_schedule(rates, spike.spike_step_s, seed=bench.seed)
@@ -687,8 +734,17 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
         "full_capacity_rows_per_s": full_rows_per_s,
         "capacity_rows_per_s": {FULL: full_rows_per_s, **capacities},  # at the same concurrency
         "rung_capacity_rows_per_s": rung_rows_per_s,  # rung 0 first, given to the ladders' controllers
+        # Alone, under Poisson arrivals, the highest rate whose p99 stayed within the SLO (rows/s)...
+        "full_within_slo_rows_per_s": full_within_slo,
+        "rung_within_slo_rows_per_s": rung_within_slo,  # rung 0 first
+        # ...from perf_analyzer's search: model -> [(requests/s asked, p99 ms)] for the rates within it
+        "within_slo_shares": WITHIN_SLO_SHARES,  # the search's (start, end, step), shares of saturation
+        "within_slo_search": {
+            m: [(r.request_rate, r.p99_ms) for r in found] for m, found in searches.items()
+        },
         "saturating_concurrency": saturating,
         "rule": policy.rule,
+        "ladder_slo_options": ladder_slo,
         "ladder": [{"epsilon": spike.ladder[0], "expected_cost": policy.provenance["expected_cost"]}]
         + [{"epsilon": r.epsilon, "expected_cost": r.expected_cost} for r in policy.rungs],
         "config": {"spike": asdict(spike), "rows_per_request": batch, "data_rows": len(full_labels)},
@@ -746,6 +802,31 @@ def _cell(value: float, digits: int = 1) -> str:
     return "n/a" if math.isnan(value) else "∞" if math.isinf(value) else f"{value:.{digits}f}"
 
 
+def _within_slo_sentence(summary: Mapping[str, Any]) -> str:
+    """What each model held within the SLO alone, as rows/s and shares of its capacity; empty for
+    summaries from before the bench searched for it."""
+    rungs = summary.get("rung_within_slo_rows_per_s")
+    if rungs is None:
+        return ""
+    saturation = [summary["full_capacity_rows_per_s"], *summary["rung_capacity_rows_per_s"]]
+    held = [summary["full_within_slo_rows_per_s"], *rungs]
+    start, end, step = summary["within_slo_shares"]
+    shares = " / ".join(
+        f"{rows:.0f} ({rows / top:.0%})" if rows else f"under {start:.0%}"
+        for rows, top in zip(held, saturation, strict=True)
+    )
+    one_x = (
+        f"; the schedule's 1x is {summary['full_capacity_rows_per_s'] / rungs[0]:.0%} of rung 0's"
+        if rungs[0]
+        else ""
+    )
+    return (
+        " Within the SLO alone (Poisson arrivals; the highest rate of perf_analyzer's search over "
+        f"{start:.0%}, {start + step:.0%}, ... {end:.0%} of what each carries at saturation whose p99 was "
+        f"within it), full model / rungs 0-{len(rungs) - 1}: {shares} rows/s{one_x}."
+    )
+
+
 def spike_markdown(summary: Mapping[str, Any]) -> str:
     slo = summary["slo_p99_ms"]
     rows = [
@@ -781,6 +862,7 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
             f" Each rung alone, rung 0 first: {', '.join(f'{rows:.0f}' for rows in rungs)} rows/s "
             "(the ladders' controllers are given these)."
         )
+    capacity += _within_slo_sentence(summary)
     headroom = spike.get("spike_headroom", 1.0)
     if headroom != 1.0:
         # Summaries from before slo_headroom_load held the risen load to the descent's margin, 80%.
