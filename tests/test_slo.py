@@ -873,6 +873,34 @@ def test_a_load_a_rung_answered_quietly_but_without_the_headroom_is_not_one_it_h
     assert rungs([5] * 3)[-1] == 0
 
 
+def test_a_rise_in_one_window_shows_in_the_steady_load_at_once_a_fall_does_not(monkeypatch):
+    """TREC 51's rungs (41.9, 56.2, 85.0 and 125.3 requests/s), headroom 2, share 0.7: the half load
+    (13/s) on rung 0, then 1x (26/s) on rung 2, then 2x. The first 2x window, 52 against 26/s over the
+    five before, is 3.4 standard errors up: the steady load is that window alone, its lower bound
+    doubled (89.6/s) passes rung 2's climb point (70% x 90 / 80 of 85/s, 66.9/s) and no rung carries
+    twice its upper bound within 70%: the top rung, a window after the step came. Without the one-window
+    test the six-window steady load (30.3/s, 28.1 one standard error down, doubled 56.2/s) holds rung 2
+    and the climb comes a window later: TREC 51's plain ladder climbed 1.8 s into the step and missed
+    it, its first second on rung 2 at 259 ms (measured). A fall in one window (10 after 26/s) leaves the
+    steady load at six windows: a lull second is no step down."""
+    trec_51 = (41.9, 56.2, 85.0, 125.3)
+    ladder = {"p99_ms": 198.0, "rung_capacity": trec_51, "headroom": 2, "headroom_load": 0.7, "instances": 2}
+
+    def rungs(loads: list[int]) -> list[int]:
+        slo, script = controller(**ladder)
+        return [window(slo, script, queue_ms=5, own_ms=40, requests=r, busy=0.4).rung for r in loads]
+
+    loads = [13] * 6 + [26] * 8 + [52] * 2
+    assert rungs(loads) == [0] * 7 + [2] * 7 + [3] * 2
+    monkeypatch.setattr(slo_module, "STEP_Z_WINDOW", math.inf)
+    assert rungs(loads) == [0] * 7 + [2] * 8 + [3]
+    monkeypatch.undo()
+    slo, script = controller(**ladder)
+    for r in [26] * 6 + [10]:
+        window(slo, script, queue_ms=5, own_ms=40, requests=r, busy=0.4)
+    assert slo._steady(0) == pytest.approx((5 * 26 + 10) / 6)
+
+
 def test_a_step_in_the_load_shows_in_the_steady_load_three_windows_in_not_six(monkeypatch):
     """TREC 46's rungs (requests/s alone), a headroom of 2, a share of 0.7. Its half load, 11/s, holds
     rung 0; at the 1x step, 22/s, twice the load fills rung 0 past the share and the ladder must climb
