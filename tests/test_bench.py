@@ -520,12 +520,11 @@ def _quick_workload(quick_cnn, fashion_test):
     )  # fmt: skip
 
 
-@pytest.mark.integration
-def test_perf_analyzer_against_a_real_server(
-    quick_cnn, fashion_test, running_server, execution_env, tmp_path
-):
+def _cnn_for_perf_analyzer(quick_cnn, fashion_test, execution_env, tmp_path: Path) -> tuple:
+    """The quick CNN's repository and 64 real rows as perf_analyzer's input data: (artifacts, repository
+    folder, input data file); skips the test where perf_analyzer cannot start here."""
     from offramp.build.repository import RepositoryOptions, write_repository
-    from offramp.client.tools.perf_analyzer import check_perf_analyzer, run_perf_analyzer
+    from offramp.client.tools.perf_analyzer import check_perf_analyzer
 
     try:
         check_perf_analyzer()
@@ -540,6 +539,16 @@ def test_perf_analyzer_against_a_real_server(
     data = write_input_data(
         tmp_path / "data.json", {"IMAGE": fashion_test[0][bench.pick_data_rows(10000, 64, 0)]}
     )
+    return artifacts, repository, data
+
+
+@pytest.mark.integration
+def test_perf_analyzer_against_a_real_server(
+    quick_cnn, fashion_test, running_server, execution_env, tmp_path
+):
+    from offramp.client.tools.perf_analyzer import run_perf_analyzer
+
+    artifacts, repository, data = _cnn_for_perf_analyzer(quick_cnn, fashion_test, execution_env, tmp_path)
     with running_server(repository) as server:
         for model, parameters in (
             (artifacts.name, {}),
@@ -576,22 +585,9 @@ def test_a_rate_search_against_a_real_server_stops_at_its_latency_threshold(
     """perf_analyzer's own search: under a threshold no request reaches, a result per rate asked; under
     one every request passes (1 ms: a request through Triton's gRPC takes more here), none, and no
     error (perf_analyzer then writes no CSV)."""
-    from offramp.build.repository import RepositoryOptions, write_repository
-    from offramp.client.tools.perf_analyzer import check_perf_analyzer, search_request_rate
+    from offramp.client.tools.perf_analyzer import search_request_rate
 
-    try:
-        check_perf_analyzer()
-    except PerfAnalyzerError as error:
-        pytest.skip(str(error))
-    artifacts, directory = quick_cnn
-    workload = _quick_workload(quick_cnn, fashion_test)
-    repository = tmp_path / "repo"
-    write_repository(
-        artifacts, directory, workload.policy, repository, RepositoryOptions(execution_env=execution_env)
-    )
-    data = write_input_data(
-        tmp_path / "data.json", {"IMAGE": fashion_test[0][bench.pick_data_rows(10000, 64, 0)]}
-    )
+    artifacts, repository, data = _cnn_for_perf_analyzer(quick_cnn, fashion_test, execution_env, tmp_path)
     with running_server(repository) as server:
         search = PerfAnalyzerOptions(
             url=server.grpc_url, model=artifacts.name, input_data=data, batch_size=4,
