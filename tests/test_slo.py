@@ -882,7 +882,8 @@ def test_a_rise_in_one_window_shows_in_the_steady_load_at_once_a_fall_does_not(m
     test the six-window steady load (30.3/s, 28.1 one standard error down, doubled 56.2/s) holds rung 2
     and the climb comes a window later: TREC 51's plain ladder climbed 1.8 s into the step and missed
     it, its first second on rung 2 at 259 ms (measured). A fall in one window (10 after 26/s) leaves the
-    steady load at six windows: a lull second is no step down."""
+    steady load at six windows: a lull second is no step down; nor does a rise lower the steady load that
+    a larger step in the last three windows makes."""
     trec_51 = (41.9, 56.2, 85.0, 125.3)
     ladder = {"p99_ms": 198.0, "rung_capacity": trec_51, "headroom": 2, "headroom_load": 0.7, "instances": 2}
 
@@ -899,6 +900,12 @@ def test_a_rise_in_one_window_shows_in_the_steady_load_at_once_a_fall_does_not(m
     for r in [26] * 6 + [10]:
         window(slo, script, queue_ms=5, own_ms=40, requests=r, busy=0.4)
     assert slo._steady(0) == pytest.approx((5 * 26 + 10) / 6)
+    # A window that rises over the five before, but after a step that the last three show higher (69
+    # after 90 and 90, over 10s), leaves the steady load at those three.
+    slo, script = controller(**ladder)
+    for r in (10, 10, 10, 90, 90, 69):
+        window(slo, script, queue_ms=5, own_ms=40, requests=r, busy=0.4)
+    assert slo._steady(0) == pytest.approx((90 + 90 + 69) / 3)
 
 
 def test_a_step_in_the_load_shows_in_the_steady_load_three_windows_in_not_six(monkeypatch):
