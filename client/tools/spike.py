@@ -658,7 +658,6 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
             for model in rung_models[1:]:  # no idle stubs beside the arms under the spike
                 client.unload_model(model)
-        ladder_slo: dict[str, dict[str, Any]] = {}  # arm -> its SLO controller's serving options
         for arm in (a for a in arms if a in LADDERS):
             serving = ServingOptions(
                 slo_p99_ms=slo_ms,
@@ -673,7 +672,6 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
                                arms[arm], artifacts_dir=workload.artifacts_dir)  # fmt: skip
             load(arms[arm])
             perf(arms[arm], concurrency=2, seconds=3.0)
-            ladder_slo[arm] = {k: v for k, v in asdict(serving).items() if k.startswith("slo_")}
         ladders = [model for arm, model in arms.items() if arm in LADDERS]
         rates = [multiple * capacity for multiple in spike.spike_steps]
         schedule = spike_schedule(rates, spike.spike_step_s, seed=bench.seed)
@@ -744,7 +742,6 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
         },
         "saturating_concurrency": saturating,
         "rule": policy.rule,
-        "ladder_slo_options": ladder_slo,
         "ladder": [{"epsilon": spike.ladder[0], "expected_cost": policy.provenance["expected_cost"]}]
         + [{"epsilon": r.epsilon, "expected_cost": r.expected_cost} for r in policy.rungs],
         "config": {"spike": asdict(spike), "rows_per_request": batch, "data_rows": len(full_labels)},
