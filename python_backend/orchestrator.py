@@ -172,6 +172,8 @@ class ServingOptions:
     # The share of what a rung carries that the risen load may fill (SloConfig.headroom_load); 0: the
     # descent's margin, as for a load of now.
     slo_headroom_load: float = 0.0
+    # The same share for the rungs above rung 0 (SloConfig.headroom_load_above); 0: slo_headroom_load.
+    slo_headroom_load_above: float = 0.0
     # Where the controller reads Triton's queue counters for this model (Triton's metrics port).
     metrics_url: str = "http://127.0.0.1:8002/metrics"
     # Shadow checks of early answers at full depth and the live risk alarm (offramp.backend.shadow),
@@ -196,6 +198,7 @@ class ServingOptions:
             rung_capacity=self._rung_capacity(),
             headroom=self.slo_headroom,
             headroom_load=self.slo_headroom_load or None,
+            headroom_load_above=self.slo_headroom_load_above or None,
         )
 
     def check_against(self, policy: Policy) -> None:

@@ -119,7 +119,20 @@ first), and a rung chosen for 1x, at 78-117% of what it carries at 2x, built its
 Carrying it within the throughput margin is not enough, though: a rung that a step finds at 74-89% of
 what it carries at saturation missed the target in the step's first second in 4 of 10 onsets, since the
 queue builds before the climb (Rotten Tomatoes' rung 1 at 2x); ``headroom_load`` holds the risen load to
-a smaller share of a rung than a load of now (``SloConfig``).
+a smaller share of a rung than a load of now (``SloConfig``). That share is bounded from above by the
+onsets and from below by the return to rung 0 after a spike (the half load's doubling fills rung 0 to
+43-65%); only rung 0 is held by the return, so the rungs above may take a smaller one
+(``headroom_load_above``). At a share of 0.7 for every rung the 2x onsets still missed found the rung
+chosen for 1x at 52-60% of what it carries (TREC 51, 52, Rotten Tomatoes 27): the first second of a
+doubling, not a steady load, and a rung holds its p99 within a target of twice the light-load p99
+only at 20-90% of what it carries at saturation (perf_analyzer's search, ``offramp bench --spike``).
+With 0.5 above rung 0, in scripted Poisson schedules at the capacities of eight served runs (30 each;
+a script, not in the repository) the 2x onset found its rung at a median 30-44% of what it carries
+against 52-60% (Rotten Tomatoes 25, whose ladder stays at rung 0 through 1x in half the schedules,
+at 79% either way), the return to rung 0 took the same median windows, and a steady load at Rotten
+Tomatoes' rung-0 boundary moved the rung as often (13-16 times in 300 windows). The price: the 1x step
+is served by the top rung in most schedules (rung 2 before), a higher certified risk at a load that
+the full model alone cannot answer.
 
 Every throughput test takes the steady load with its Poisson noise (``_steady``): the requests of the
 last six windows (``STEADY_RUNS`` runs of ``descend_windows``), ``STEADY_BOUND`` standard errors of
@@ -255,6 +268,11 @@ class SloConfig:
     # 10; the half load's doubling fills rung 0 to 54-65%, which the return to rung 0 needs. 0.7 lies
     # between (``offramp bench --spike`` gives its ladders 0.7).
     headroom_load: float | None = None
+    # The same share for the rungs above rung 0; None: headroom_load. Only rung 0's share is held up by
+    # the return after a spike (above); a ladder above rung 0 is there because load came, and a 2x onset
+    # found its rung at 52-60% in the runs that still missed it (TREC 51, 52, Rotten Tomatoes 27). At
+    # 0.5 the 1x rung is one the doubling fills to about half or less (module doc).
+    headroom_load_above: float | None = None
 
     def __post_init__(self) -> None:
         if not self.p99_ms > 0 or not self.window_s > 0:
@@ -275,10 +293,17 @@ class SloConfig:
             raise ValueError("need descend_load < climb_load <= 1 (the gap is the hysteresis)")
         if not (math.isfinite(self.headroom) and self.headroom >= 1):
             raise ValueError(f"headroom must be a load multiple >= 1: {self.headroom}")
-        if self.headroom_load is not None and not 0 < self.headroom_load <= self.descend_load:
-            raise ValueError(
-                f"headroom_load must lie in (0, descend_load = {self.descend_load:g}]: {self.headroom_load}"
-            )
+        for name in ("headroom_load", "headroom_load_above"):
+            share = getattr(self, name)
+            if share is not None and not 0 < share <= self.descend_load:
+                raise ValueError(f"{name} must lie in (0, descend_load = {self.descend_load:g}]: {share}")
+
+    def headroom_share(self, rung: int) -> float:
+        """The share of what ``rung`` carries that the risen load may fill (``headroom_load`` at rung 0,
+        ``headroom_load_above`` above it, ``descend_load`` where not given)."""
+        above = self.headroom_load if self.headroom_load_above is None else self.headroom_load_above
+        share = self.headroom_load if rung == 0 else above
+        return self.descend_load if share is None else share
 
     def check_ladder(self, rungs: int) -> None:
         """Refuses measured capacities for another number of rungs than the ladder's ``rungs``."""
@@ -517,27 +542,27 @@ class SloController:
         error = math.sqrt(sum(c / t**2 for c, t in zip(counts, seconds, strict=True)))
         return (rates[0] - rates[1]) / error
 
-    def _demand(self, load: float, steady: float) -> float:
-        """The requests/s a rung must carry to be served at ``load`` requests/s now: that load, or
+    def _demand(self, rung: int, load: float, steady: float) -> float:
+        """The requests/s ``rung`` must carry to be served at ``load`` requests/s now: that load, or
         ``headroom`` times the ``steady`` load (a bound of it, :meth:`_steady`) where more. The
         headroom multiplies a steady load, not a one-second count: at TREC's half load (13.6/s) counts of
         6 to 21 per second came, and twice the highest crossed what rung 0 carries, which kept the ladder
         off rung 0 after a spike (measured with a headroom of 2). A step in the load shows in the count
         of now, at once, as without headroom. The risen load is scaled by ``descend_load /
         headroom_load``, so that every throughput test, made with the margins of a load of now, holds it
-        to ``headroom_load`` of a rung."""
+        to the rung's headroom share (:meth:`SloConfig.headroom_share`)."""
         config = self.config
-        margin = config.descend_load if config.headroom_load is None else config.headroom_load
-        # The risen load against the throughput margins: filling headroom_load of a rung counts as
-        # filling descend_load of it (headroom >= 1, margin <= descend_load).
-        risen = config.headroom * steady * config.descend_load / margin
+        # The risen load against the throughput margins: filling the rung's share counts as filling
+        # descend_load of it (headroom >= 1, share <= descend_load).
+        risen = config.headroom * steady * config.descend_load / config.headroom_share(rung)
         return max(load, risen)
 
     def _near_capacity(self, load: float) -> bool:
         """Whether ``load`` requests/s coming (what ``_demand`` makes of it) pass ``climb_load`` of what the
         rung of now carries: a queue builds within seconds, before the latency shows it (module doc).
         Unknown capacity (inf): never."""
-        return self._demand(load, self._steady(-1)) > self.config.climb_load * self.carries(self.rung)
+        demand = self._demand(self.rung, load, self._steady(-1))
+        return demand > self.config.climb_load * self.carries(self.rung)
 
     def _check_backlog(self) -> None:
         """Between windows: to the top rung at once where the pending requests alone put a request
@@ -645,7 +670,7 @@ class SloController:
         """Whether ``rung`` carries ``load`` requests/s (what ``_demand`` makes of it with the ``steady``
         load, a bound of it) within ``descend_load`` of what it carries: the throughput test of every
         climb's and descent's rung."""
-        return self._demand(load, steady) < self.config.descend_load * self.carries(rung)
+        return self._demand(rung, load, steady) < self.config.descend_load * self.carries(rung)
 
     def _holds(self, rung: int, load: float) -> bool:
         """Whether ``rung`` was seen to hold a mean ``load`` requests/s: up to ``1 / descend_load`` of a

@@ -681,10 +681,35 @@ def test_a_headroom_load_holds_the_risen_load_to_a_smaller_share_of_a_rung():
     ]
 
 
+@pytest.mark.parametrize("name", ["headroom_load", "headroom_load_above"])
 @pytest.mark.parametrize("share", [0.0, 0.9, math.nan])
-def test_a_headroom_load_outside_the_descents_margin_is_refused(share):
-    with pytest.raises(ValueError, match="headroom_load must lie in"):
-        SloConfig(p99_ms=100, headroom=2, headroom_load=share)
+def test_a_headroom_load_outside_the_descents_margin_is_refused(name, share):
+    with pytest.raises(ValueError, match=f"{name} must lie in"):
+        SloConfig(p99_ms=100, headroom=2, **{name: share})
+
+
+def test_the_rungs_above_rung_0_may_keep_a_smaller_headroom_share_and_the_return_to_rung_0_is_unchanged():
+    """TREC 52's rungs (requests/s alone) and its 243 ms target, a headroom of 2. At the 1x step (24/s)
+    rung 0 cannot carry the doubling; with a share of 0.7 for every rung the ladder serves rung 2, which
+    the 2x step then finds at 55% of what it carries (TREC 52's plain ladder missed its 2x onset there,
+    442 ms in the step's second second, measured). With 0.5 above rung 0 it serves the top rung (44% at
+    2x). Rung 0 keeps 0.7: at the half load after the step both are back at rung 0 in the same window,
+    the half load's eighth (the fall shows in the steady load three windows in, then three quiet windows
+    and the descent)."""
+    trec_52 = (42.61, 49.83, 87.36, 110.25)
+    loads = [12] * 6 + [24] * 10 + [12] * 12
+
+    def rungs(above: float | None) -> list[int]:
+        slo, script = controller(
+            p99_ms=243.0, rung_capacity=trec_52, headroom=2, headroom_load=0.7, headroom_load_above=above,
+            instances=2,
+        )  # fmt: skip
+        return [window(slo, script, queue_ms=5, own_ms=40, requests=r, busy=0.4).rung for r in loads]
+
+    assert rungs(None) == [0] * 8 + [2] * 15 + [0] * 5
+    assert rungs(0.5) == [0] * 8 + [3] * 15 + [0] * 5
+    assert SloConfig(p99_ms=100, headroom_load=0.7).headroom_share(3) == 0.7  # None above: rung 0's share
+    assert SloConfig(p99_ms=100).headroom_share(0) == 0.8  # none given: the descent's margin
 
 
 def test_one_slow_window_with_idle_instances_does_not_climb_two_in_a_row_at_one_rung_do():

@@ -365,7 +365,11 @@ def test_the_report_marks_each_step_against_the_slo():
         "spike": {**summary["config"]["spike"], "spike_headroom": 2.0, "spike_headroom_load": 0.7},
     }
     headroom = "The ladders serve a rung only where 2 x the steady load fills at most 70% of what it carries"
-    assert f"{headroom} (slo_headroom, slo_headroom_load)." in spike_markdown({**summary, "config": config})
+    settings = "(slo_headroom, slo_headroom_load, slo_headroom_load_above)."
+    assert f"{headroom} {settings}" in spike_markdown({**summary, "config": config})
+    config["spike"]["spike_headroom_load_above"] = 0.5
+    shares = "fills at most 70% (rung 0) or 50% (the rungs above) of what it carries"
+    assert f"{shares} {settings}" in spike_markdown({**summary, "config": config})
 
 
 def test_what_a_model_holds_within_the_slo_is_the_highest_rate_of_the_search_in_rows():
@@ -444,11 +448,14 @@ def test_the_ladders_headroom_is_the_schedules_steepest_rise_unless_given():
         SpikeConfig(spike_headroom=0.5)
 
 
-def test_the_ladders_headroom_load_is_checked_before_any_measuring():
-    """0.7 by default; a share over the descent's margin (80%) is refused when the options are read."""
-    assert SpikeConfig().spike_headroom_load == 0.7
+def test_the_ladders_headroom_loads_are_checked_before_any_measuring():
+    """0.7 for rung 0 and 0.5 above by default; a share over the descent's margin (80%) is refused when
+    the options are read."""
+    assert (SpikeConfig().spike_headroom_load, SpikeConfig().spike_headroom_load_above) == (0.7, 0.5)
     with pytest.raises(ValueError, match="headroom_load must lie in"):
         SpikeConfig(spike_headroom_load=0.9)
+    with pytest.raises(ValueError, match="headroom_load_above must lie in"):
+        SpikeConfig(spike_headroom_load_above=0.0)
 
 
 def test_capacities_are_medians_of_rounds_that_take_every_model_in_turn():

@@ -85,13 +85,22 @@ class SpikeConfig:
         0.7,
         help="the ladders' slo_headroom_load: the share of what a rung carries that the risen load may fill",
     )
+    spike_headroom_load_above: float = option(
+        0.5,
+        help="the ladders' slo_headroom_load_above: that share for the rungs above rung 0",
+    )
 
     def __post_init__(self) -> None:
         from offramp.backend.slo import SloConfig
 
         # Refused here, not after minutes of measuring: the ladders' own settings check these.
         headroom = 1.0 if self.spike_headroom is None else self.spike_headroom
-        SloConfig(p99_ms=1.0, headroom=headroom, headroom_load=self.spike_headroom_load)
+        SloConfig(
+            p99_ms=1.0,
+            headroom=headroom,
+            headroom_load=self.spike_headroom_load,
+            headroom_load_above=self.spike_headroom_load_above,
+        )
 
     def resolved(self) -> SpikeConfig:
         """This configuration with its headroom decided: where not given, the steepest rise from one step
@@ -665,6 +674,7 @@ def run_spike(workload: Any, bench: Any, spike: SpikeConfig, progress: bool = Tr
                 slo_rung_capacity=rung_capacity,
                 slo_headroom=spike.spike_headroom,
                 slo_headroom_load=spike.spike_headroom_load,
+                slo_headroom_load_above=spike.spike_headroom_load_above,
                 metrics_url=server.metrics_url,
                 segments_in_process=bench.segments_in_process,
             )
@@ -864,9 +874,14 @@ def spike_markdown(summary: Mapping[str, Any]) -> str:
     if headroom != 1.0:
         # Summaries from before slo_headroom_load held the risen load to the descent's margin, 80%.
         share = spike.get("spike_headroom_load", 0.8)
+        # ...and from before the rungs above rung 0 had a share of their own, the same share.
+        above = spike.get("spike_headroom_load_above", share)
+        shares = f"{share:.0%}"
+        if above != share:
+            shares += f" (rung 0) or {above:.0%} (the rungs above)"
         capacity += (
-            f" The ladders serve a rung only where {headroom:g} x the steady load fills at most {share:.0%} "
-            "of what it carries (slo_headroom, slo_headroom_load)."
+            f" The ladders serve a rung only where {headroom:g} x the steady load fills at most {shares} "
+            "of what it carries (slo_headroom, slo_headroom_load, slo_headroom_load_above)."
         )
     return (
         f"# Spike: {summary['workload']}\n\n"
