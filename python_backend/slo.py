@@ -132,10 +132,10 @@ against 52-60% (Rotten Tomatoes 25, whose ladder stays at rung 0 through 1x in h
 at 79% either way), the return to rung 0 took the same median windows, and a steady load at Rotten
 Tomatoes' rung-0 boundary moved the rung as often (13-16 times in 300 windows). The price: the 1x step
 is served by the top rung in most schedules (rung 2 before), a higher certified risk at a load that
-the full model alone cannot answer. Served (TREC 53-55, Rotten Tomatoes 29-31): every 2x onset but one
-(held) met on the top rung at 32-38% or on rung 2 at 50-54%; 2x and 3x each held by 11 of 12 ladders, both misses
-on the top rung in seconds when the instances' own time jumped; back at rung 0 12 of 12
-(``benchmarks/spike/README.md``).
+the full model alone cannot answer. Served (TREC 53-55, Rotten Tomatoes 29-31): every 2x onset but
+one (held) met on the top rung at 32-38% or on rung 2 at 50-54%; 2x and 3x each held by 11 of 12
+ladders, both misses on the top rung in seconds when the instances' own time jumped; back at rung 0
+12 of 12 (``benchmarks/spike/README.md``).
 
 Every throughput test takes the steady load with its Poisson noise (``_steady``): the requests of the
 last six windows (``STEADY_RUNS`` runs of ``descend_windows``), ``STEADY_BOUND`` standard errors of
