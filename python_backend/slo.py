@@ -551,9 +551,9 @@ class SloController:
         headroom multiplies a steady load, not a one-second count: at TREC's half load (13.6/s) counts of
         6 to 21 per second came, and twice the highest crossed what rung 0 carries, which kept the ladder
         off rung 0 after a spike (measured with a headroom of 2). A step in the load shows in the count
-        of now, at once, as without headroom. The risen load is scaled by ``descend_load /
-        headroom_load``, so that every throughput test, made with the margins of a load of now, holds it
-        to the rung's headroom share (:meth:`SloConfig.headroom_share`)."""
+        of now, at once, as without headroom. The risen load is scaled by ``descend_load`` over the
+        rung's headroom share (:meth:`SloConfig.headroom_share`), so that every throughput test, made
+        with the margins of a load of now, holds it to that share of the rung."""
         config = self.config
         # The risen load against the throughput margins: filling the rung's share counts as filling
         # descend_load of it (headroom >= 1, share <= descend_load).
