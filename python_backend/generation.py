@@ -159,11 +159,9 @@ class RowGroup:
         """One step of every row: (row, committed tokens, their exits) each; advances ``row.length``."""
         raise NotImplementedError
 
-
-class FullGroup(RowGroup):
-    """``full``: the pending token of every row through every layer; the last exit picks the next."""
-
-    def step(self) -> list[tuple[Row, list[int], list[int]]]:
+    def full_depth_step(self) -> list[tuple[Row, list[int], list[int]]]:
+        """``full``'s step: the pending token of every row through every layer; the last exit picks the
+        next."""
         decoder = self.decoder
         positions = self._positions()
         embedded = decoder.embed(self._pending(), positions)
@@ -173,6 +171,13 @@ class FullGroup(RowGroup):
         for row in self.rows:
             row.length += 1
         return [(row, [token], [last_exit]) for row, token in zip(self.rows, tokens, strict=True)]
+
+
+class FullGroup(RowGroup):
+    """``full``: ordinary greedy decoding, every token at full depth."""
+
+    def step(self) -> list[tuple[Row, list[int], list[int]]]:
+        return self.full_depth_step()
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,8 @@ class ConfidentGroup(RowGroup):
         self.thresholds = tuple(float(t) for t in thresholds)
         self.cheapest = (ALWAYS,) + (NEVER,) * (early - 1)  # past a deadline: every token at the first exit
         self.check_head = decoder.head_of(list(check_vocabulary)) if check_vocabulary else None
+        # A policy whose calibration found no threshold cheaper than full sets every one to NEVER.
+        self.never_leaves = all(t > 1.0 for t in self.thresholds)
         self.work = decoder.work
         self.spent = 0  # multiply-accumulates of every step so far
 
@@ -332,6 +339,12 @@ class ConfidentGroup(RowGroup):
         decoder, work = self.decoder, self.work
         spec = decoder.spec
         n = len(self.rows)
+        if self.never_leaves and not any(r.past_deadline for r in self.rows):
+            # No exit can let a token leave: full's step without the exits' bookkeeping, which cost
+            # 7% of full's step at batch 1 and 2.5% at batch 8 on the code model (in process, medians
+            # of 9 shuffled rounds; 0.99 and 1.01 of full's with this path).
+            self.spent += n * work.full_token
+            return self.full_depth_step()
         positions = self._positions()
         rules = torch.tensor(
             [self.cheapest if r.past_deadline else self.thresholds for r in self.rows]
