@@ -22,8 +22,17 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from offramp.backend.generation_contract import ERROR_ID_PREFIX, OUTPUTS
+
+
+class StreamFailed(RuntimeError):
+    """The stream itself broke (the server unreachable, or gone mid-stream): no request on it can finish."""
+
+    def __init__(self, url: str, why: Any) -> None:
+        text = why.message() if hasattr(why, "message") else str(why)
+        super().__init__(f"the stream to {url} failed: {text}")
 
 
 @dataclass
@@ -135,14 +144,19 @@ class GenerationClient:
                             request_id, prompt, dict(parameters), time.perf_counter()
                         )
                     order.append(request_id)
-                    client.async_stream_infer(
-                        self.model,
-                        [prompt_input],
-                        request_id=request_id,
-                        enable_empty_final_response=True,
-                        parameters={k: v for k, v in parameters.items() if k != "request_id"}
-                        | {"request_id": request_id},
-                    )
+                    try:
+                        client.async_stream_infer(
+                            self.model,
+                            [prompt_input],
+                            request_id=request_id,
+                            enable_empty_final_response=True,
+                            parameters={k: v for k, v in parameters.items() if k != "request_id"}
+                            | {"request_id": request_id},
+                        )
+                    except InferenceServerException as error:
+                        # The stream broke before this request went out; tritonclient then only says
+                        # that it is "no longer in valid state": why is what the callback received.
+                        raise StreamFailed(self.url, _stream_error(finished) or error) from None
                     in_flight += 1
                 try:
                     done = finished.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -151,12 +165,26 @@ class GenerationClient:
                         f"{in_flight} completions unfinished after {timeout_s:.0f} s"
                     ) from None
                 if not isinstance(done, str):
-                    raise RuntimeError(f"the stream failed: {done}")
+                    raise StreamFailed(self.url, done)
                 in_flight -= 1
         finally:
             client.stop_stream()
             client.close()
         return [completions[r] for r in order]
+
+
+def _stream_error(finished: queue.Queue) -> Any:
+    """What broke the stream, as its callback received it (waiting briefly: the callback runs on
+    tritonclient's own thread); None if it does not come."""
+    deadline = time.monotonic() + 1.0
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            item = finished.get(timeout=left)
+        except queue.Empty:
+            return None
+        if not isinstance(item, str):
+            return item
+    return None
 
 
 def _request_id_of(error: Any) -> str | None:

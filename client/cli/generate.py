@@ -83,7 +83,7 @@ def _repository(args: argparse.Namespace) -> int:
 
 
 def _complete(args: argparse.Namespace) -> int:
-    from offramp.client.generation_client import GenerationClient
+    from offramp.client.generation_client import GenerationClient, StreamFailed
 
     prompt = Path(args.file).read_text() if args.file else args.prompt
     if prompt is None:
@@ -94,7 +94,11 @@ def _complete(args: argparse.Namespace) -> int:
         "check": args.check, "check_schema": args.check_schema, "check_pattern": args.check_pattern,
         "request_id": args.request_id,
     }.items() if v is not None}  # fmt: skip
-    completion = GenerationClient(args.url, args.model).complete(prompt, **parameters)
+    try:
+        completion = GenerationClient(args.url, args.model).complete(prompt, **parameters)
+    except StreamFailed as error:
+        print(f"offramp generate complete: {error}", file=sys.stderr)
+        return 1
     if completion.error:
         print(f"offramp generate complete: {completion.error}", file=sys.stderr)
         return 1
