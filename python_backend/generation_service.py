@@ -8,9 +8,10 @@ A request is parsed and checked where it arrives (:func:`parse_request`); a bad 
 its error at once and never reaches the batch. The serving loop admits waiting requests between
 steps (a prefill per mode, at most ``max_prefill_tokens`` prompt tokens per round so running rows
 keep their pace), steps the engine, and streams what each row produced. A finished row's
-completion goes through its check: a failure in ``confident`` mode (before its deadline) starts the
-request again at full depth (``ATTEMPT`` 1, ``FLAG_ESCALATED``); a failure at full depth, in any mode,
-is answered with ``FLAG_CHECK_FAILED``. Only the request that failed is regenerated.
+completion goes through its check: a failure in ``confident`` mode (before its deadline, with a token
+taken at an early exit) starts the request again at full depth (``ATTEMPT`` 1, ``FLAG_ESCALATED``); a
+failure at full depth, in any mode, is answered with ``FLAG_CHECK_FAILED``. Only the request that failed
+is regenerated.
 
 What each response carries is ``offramp.backend.generation_contract``'s. A stream whose client went
 away (its ``send`` raises) loses its row at once; the others go on. The Triton adapter sends through
@@ -519,7 +520,11 @@ class GenerationService:
             result = check(job.request.prompt, row.text, ended_line)
             if not result.passed:
                 job.check_reason = result.reason
-                if row.mode == "confident" and not row.past_deadline and job.attempt == 0:
+                last_exit = len(self.engine.decoder.spec.exit_layers) - 1
+                # A confident attempt whose every token came from the last exit already ran at full
+                # depth (a policy that never leaves early): running it again would answer the same.
+                shallow = any(e != last_exit for e in row.exits)
+                if row.mode == "confident" and shallow and not row.past_deadline and job.attempt == 0:
                     job.flags |= FLAG_ESCALATED
                     self._send(job, event, final=False)
                     job.attempt += 1

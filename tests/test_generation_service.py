@@ -231,6 +231,19 @@ def test_a_failed_check_in_confident_mode_regenerates_that_request_at_full_depth
     assert records["other0"]["tokens_by_exit"]["0"] == 9 and records["other0"]["policy_version"] == "test"
 
 
+def test_a_confident_completion_that_ran_at_full_depth_is_not_regenerated(artifacts):
+    # A policy that never leaves early: every token of the confident attempt comes from the last exit,
+    # so its failed check is a failure at full depth, flagged without a second attempt.
+    service, sink = make_service(artifacts, thresholds=(NEVER, NEVER))
+    impossible = submit(service, PROMPTS[2], max_tokens=10, mode="confident", check="json_schema",
+                        check_schema="false")  # fmt: skip
+    run(service, [impossible])
+    assert {int(r["ATTEMPT"][0]) for r in impossible.responses} == {0}
+    assert impossible.final["FLAGS"][0] == FLAG_CHECK_FAILED
+    assert sink.total("offramp_generation_escalations_total") == 0
+    assert sink.total("offramp_generation_check_failures_total", check="json_schema") == 1
+
+
 def test_checks(artifacts):
     assert python_prefix_error("def f(x):\n    return x +") is None  # the line goes on
     assert python_prefix_error("x = 'abc") is None  # a string not closed yet
