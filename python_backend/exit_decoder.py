@@ -114,6 +114,11 @@ class DecoderSpec:
     norm_eps: float
     rope_theta: float  # Llama only
 
+    @property
+    def last_exit(self) -> int:
+        """The index of the last exit (full depth) among ``exit_layers``, as a token's exit records it."""
+        return len(self.exit_layers) - 1
+
     @classmethod
     def from_config(
         cls, config: dict, exit_layers: tuple[int, ...], context: int | None = None

@@ -167,7 +167,7 @@ class RowGroup:
         embedded = decoder.embed(self._pending(), positions)
         hidden = decoder.layers(0, decoder.spec.layers, embedded, self.cache, decoder.place(0, positions))
         tokens = decoder.exit_logits(hidden[:, 0]).argmax(dim=-1).tolist()
-        last_exit = len(decoder.spec.exit_layers) - 1
+        last_exit = decoder.spec.last_exit
         for row in self.rows:
             row.length += 1
         return [(row, [token], [last_exit]) for row, token in zip(self.rows, tokens, strict=True)]
@@ -267,7 +267,7 @@ class SpeculativeGroup(RowGroup):
         accepted = torch.cumprod((drafted == verified).int(), dim=1).sum(dim=1).tolist()
         drafted_confidence = torch.stack(confidences, dim=1).tolist()  # (B, d)
         self.last_pass = Verification(drafts_wanted, tuple(accepted), tuple(map(tuple, drafted_confidence)))
-        last_exit = len(spec.exit_layers) - 1
+        last_exit = spec.last_exit
         committed = []
         for row, count, proposed, checked in zip(
             self.rows, accepted, drafted.tolist(), verified.tolist(), strict=True
@@ -350,7 +350,7 @@ class ConfidentGroup(RowGroup):
             [self.cheapest if r.past_deadline else self.thresholds for r in self.rows]
         )  # (B, E-1)
         tokens = torch.zeros(n, dtype=torch.long)
-        exits = torch.full((n,), len(spec.exit_layers) - 1, dtype=torch.long)
+        exits = torch.full((n,), spec.last_exit, dtype=torch.long)
         moving = torch.arange(n)
         placement = decoder.place(0, positions)
         hidden = decoder.embed(self._pending(), positions)
@@ -454,7 +454,7 @@ class GenerationEngine:
             if row.max_tokens < 1:
                 raise ValueError("max_tokens must be at least 1")
         emitted = []
-        last_exit = len(self.decoder.spec.exit_layers) - 1
+        last_exit = self.decoder.spec.last_exit
         for mode, group in self.groups.items():
             joining = [r for r in rows if r.mode == mode]
             if not joining:

@@ -520,10 +520,9 @@ class GenerationService:
             result = check(job.request.prompt, row.text, ended_line)
             if not result.passed:
                 job.check_reason = result.reason
-                last_exit = len(self.engine.decoder.spec.exit_layers) - 1
                 # A confident attempt whose every token came from the last exit already ran at full
                 # depth (a policy that never leaves early): running it again would answer the same.
-                shallow = any(e != last_exit for e in row.exits)
+                shallow = any(e != self.engine.decoder.spec.last_exit for e in row.exits)
                 if row.mode == "confident" and shallow and not row.past_deadline and job.attempt == 0:
                     job.flags |= FLAG_ESCALATED
                     self._send(job, event, final=False)
